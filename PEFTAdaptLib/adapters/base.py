@@ -1,0 +1,248 @@
+"""Weight-space adapter machinery shared by every adapter type.
+
+An `AdapterUnit` is one trainable transform of one layer's parameters, (W, b) -> (W', b'). An `AdaptedLayer` wraps
+a frozen Linear / ConvNd / ConvTransposeNd and runs it with the composition of its *active* units, through
+`torch.func.functional_call`, so one layer can hold several units (an allocator's pool) and each can be switched off
+without losing its trained weights. Weight-space form costs one small matrix product per layer per step, merges for
+free and works for any layer type whose forward reads `weight`/`bias` (see peft-methods.md §7 for measurements).
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+#: layer types whose weight can be adapted
+ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+
+UNIT_TYPES: dict[str, type["AdapterUnit"]] = {}
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter type shares: which layers it goes on (fnmatch patterns over module names)."""
+
+    target_modules: Sequence[str] = ("*",)
+    exclude_modules: Sequence[str] = ()
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.target_modules) and not any(
+            fnmatch.fnmatchcase(name, p) for p in self.exclude_modules
+        )
+
+
+class AdapterUnit(nn.Module):
+    """One adapter on one layer. Subclasses set `kind`, `config_class` and implement `apply`."""
+
+    kind: ClassVar[str] = ""
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: additive units (W + ΔW) commute; non-additive ones (SALT, SVD) run first, on the base weight
+    additive: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            UNIT_TYPES[cls.kind] = cls
+
+    def __init__(self, layer: nn.Module, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+
+    def apply(self, params: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class UnitRecord:
+    """Where a unit lives: `layer` is the module name in the model, `name` the unit's key inside the layer."""
+
+    layer: str
+    name: str
+    unit: AdapterUnit = field(repr=False)
+    owner: "AdaptedLayer" = field(repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.owner.is_active(self.name)
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen layer plus named adapter units; forward uses the composition of the active ones."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.units = nn.ModuleDict()
+        self._active: dict[str, bool] = {}
+        self._original: dict[str, torch.Tensor] | None = None  # base tensors saved by merge()
+
+    # -- units ---------------------------------------------------------------------------------------------------
+    def add_unit(self, name: str, unit: AdapterUnit, active: bool = True) -> None:
+        if self.merged:
+            raise RuntimeError("unmerge() before adding adapter units")
+        if name in self.units:
+            raise ValueError(f"adapter unit '{name}' already exists on this layer")
+        self.units[name] = unit
+        self._active[name] = active
+
+    def is_active(self, name: str) -> bool:
+        return self._active[name]
+
+    def set_active(self, name: str, active: bool) -> None:
+        """Gate a unit on or off; its trained weights are kept either way."""
+        if self.merged:
+            raise RuntimeError("unmerge() before toggling adapter units")
+        self._active[name] = bool(active)
+
+    def active_units(self) -> list[AdapterUnit]:
+        units = [u for n, u in self.units.items() if self._active[n]]
+        return [u for u in units if not u.additive] + [u for u in units if u.additive]
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def base_params(self) -> dict[str, torch.Tensor | None]:
+        return {"weight": self.base.weight, "bias": self.base.bias}
+
+    def effective_params(self) -> dict[str, torch.Tensor | None]:
+        params = self.base_params()
+        for unit in self.active_units():
+            params = unit.apply(params)
+        return params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        units = self.active_units()
+        if self.merged or not units:
+            return self.base(x)
+        params = {k: v for k, v in self.effective_params().items() if v is not None}
+        return functional_call(self.base, params, (x,))
+
+    # -- merge ---------------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._original is not None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the adapted weights into the base layer (plain inference speed); unmerge() restores them exactly."""
+        if self.merged:
+            return
+        effective = self.effective_params()
+        self._original = {k: v.detach().clone() for k, v in self.base_params().items() if v is not None}
+        for key, value in effective.items():
+            if value is None:
+                continue
+            if getattr(self.base, key) is None:  # a unit added a bias the base layer lacked
+                setattr(self.base, key, nn.Parameter(value.detach().clone(), requires_grad=False))
+            else:
+                getattr(self.base, key).copy_(value)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for key in ("weight", "bias"):
+            if key in self._original:
+                getattr(self.base, key).copy_(self._original[key])
+            elif getattr(self.base, key, None) is not None:
+                setattr(self.base, key, None)
+        self._original = None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def base_layer_names(model: nn.Module) -> list[str]:
+    """Names of adaptable layers, as they are named in the un-adapted model (AdaptedLayer's `.base` hidden)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            names.append(name)
+        elif isinstance(module, ADAPTABLE_TYPES) and not name.endswith(".base") and ".units." not in f".{name}.":
+            names.append(name)
+    return names
+
+
+def add_units(
+    model: nn.Module,
+    config: AdapterConfig,
+    unit_class: type[AdapterUnit],
+    name: str,
+    active: bool = True,
+    layers: Sequence[str] | None = None,
+) -> list[UnitRecord]:
+    """Put one `unit_class` unit named `name` on every matching layer (or on the given `layers`)."""
+    chosen = [n for n in base_layer_names(model) if (n in layers if layers is not None else config.matches(n))]
+    records = []
+    for layer_name in chosen:
+        module = model.get_submodule(layer_name)
+        if not isinstance(module, AdaptedLayer):
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module = AdaptedLayer(module)
+            _set_submodule(model, layer_name, module)
+        base = module.base
+        unit = unit_class(base, config).to(base.weight.device)
+        module.add_unit(name, unit, active=active)
+        records.append(UnitRecord(layer_name, name, unit, module))
+    return records
+
+
+def iter_units(model: nn.Module) -> Iterator[UnitRecord]:
+    for layer_name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            for unit_name, unit in module.units.items():
+                yield UnitRecord(layer_name, unit_name, unit, module)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Make only adapter units trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for record in iter_units(model):
+        for p in record.unit.parameters():
+            p.requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module, active_only: bool = True) -> list[nn.Parameter]:
+    return [p for r in iter_units(model) if r.active or not active_only for p in r.unit.parameters()]
+
+
+def count_trainable(model: nn.Module, active_only: bool = True) -> int:
+    return sum(r.unit.num_trainable() for r in iter_units(model) if r.active or not active_only)
+
+
+def count_base_parameters(model: nn.Module) -> int:
+    unit_params = {id(p) for r in iter_units(model) for p in r.unit.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in unit_params)
+
+
+def merge_all(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.unmerge()

@@ -1,0 +1,1 @@
+"""Image I/O, geometry-preserving resampling, intensity normalisation and patch sampling."""

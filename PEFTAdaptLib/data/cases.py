@@ -1,0 +1,58 @@
+"""A case: one image (one or more channels) and its optional label, on the user's grid and on the model's grid."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..models.card import ModelCard
+from .io import read_image, read_label, same_geometry
+from .transforms import normalize_intensity, onto_grid, to_array, to_model_space
+
+
+@dataclass
+class Case:
+    name: str
+    image: sitk.Image  # first channel on the user's grid: the geometry predictions are written with
+    model_image: sitk.Image  # first channel on the model's grid: the geometry of `array`
+    array: np.ndarray  # (C, x, y, z) float32, normalised
+    label: np.ndarray | None = None  # (1, x, y, z) uint8 class indices (card.labels order) on the model's grid
+    label_image: sitk.Image | None = None  # label on the user's grid (for evaluation)
+
+
+def prepare_case(
+    name: str, channels: Sequence[sitk.Image], card: ModelCard, label: sitk.Image | None = None
+) -> Case:
+    """Move images (and label) to the model's grid and normalise intensities as the card says."""
+    if len(channels) != card.input_channels:
+        raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {card.input_channels}")
+    model_image = to_model_space(
+        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None
+    )
+    arrays = [to_array(model_image)] + [to_array(onto_grid(c, model_image)) for c in channels[1:]]
+    array = np.stack([normalize_intensity(a, card.normalization) for a in arrays]).astype(np.float32)
+    label_array = None
+    if label is not None:
+        values = to_array(onto_grid(label, model_image, is_label=True), np.int64)
+        lookup = np.zeros(max(card.label_values) + 1, dtype=np.uint8)
+        for index, info in enumerate(card.labels):
+            lookup[info.value] = index
+        label_array = lookup[np.clip(values, 0, len(lookup) - 1)][None]
+    return Case(name, channels[0], model_image, array, label_array, label)
+
+
+def load_case(
+    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None
+) -> Case:
+    """Read a case from files, checking every channel and the label against the first channel's grid."""
+    paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
+    channels = [read_image(p) for p in paths]
+    for path, channel in zip(paths[1:], channels[1:]):
+        if not same_geometry(channel, channels[0]):
+            raise InputError(f"{path}: geometry differs from the first channel {paths[0]}; co-register the channels")
+    label = read_label(label_path, channels[0], paths[0], card.label_values) if label_path is not None else None
+    return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label)

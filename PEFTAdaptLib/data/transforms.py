@@ -1,0 +1,106 @@
+"""Geometry and intensity transforms between a user's image grid and the grid a model expects.
+
+Arrays here are in SimpleITK index order (x, y, z), i.e. the transpose of `sitk.GetArrayFromImage`, so that array
+axis i walks along image axis i — the layout networks trained on nibabel arrays (deepbet, MeshNet) expect.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import PEFTAdaptError
+
+
+def to_array(image: sitk.Image, dtype=np.float32) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(dtype, copy=False)
+
+
+def from_array(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Wrap an (x, y, z) array into an image carrying `reference`'s geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.CopyInformation(reference)
+    return image
+
+
+def to_model_space(
+    image: sitk.Image,
+    spacing: Sequence[float] | None,
+    orientation: str = "RAS",
+    fit_size: Sequence[int] | None = None,
+    margin: float = 0.1,
+) -> sitk.Image:
+    """Reorient to `orientation` (DICOM letters, as nibabel's canonical 'RAS') and resample (linear).
+
+    With `spacing`, the physical extent is kept and the grid gets that spacing (mm). With `fit_size`, the bounding box
+    of the foreground (Otsu threshold, robust to background noise), grown by `margin` on each side, is resampled to
+    exactly `fit_size` voxels — the framing networks such as deepbet were trained with.
+    """
+    oriented = sitk.DICOMOrient(image, orientation) if orientation else image
+    size = np.array(oriented.GetSize())
+    old_spacing = np.array(oriented.GetSpacing())
+    direction = np.array(oriented.GetDirection()).reshape(3, 3)
+    if fit_size is not None:
+        otsu = sitk.OtsuThresholdImageFilter()
+        otsu.Execute(sitk.Cast(oriented, sitk.sitkFloat32))
+        coords = np.argwhere(to_array(oriented) > otsu.GetThreshold())
+        low, high = (coords.min(0), coords.max(0) + 1) if len(coords) else (np.zeros(3, int), size)
+        grow = np.round((high - low) * margin).astype(int)
+        low, high = low - grow, high + grow  # may reach beyond the image: filled with background
+        new_size = np.array(fit_size, dtype=int)
+        new_spacing = (high - low) * old_spacing / new_size
+        first_centre = np.array(oriented.TransformContinuousIndexToPhysicalPoint((low - 0.5).tolist()))
+        new_origin = first_centre + direction @ (new_spacing / 2)
+    elif spacing is not None and not np.allclose(old_spacing, spacing, rtol=1e-3):
+        new_spacing = np.array(spacing, dtype=float)
+        new_size = np.maximum(1, np.round(size * old_spacing / new_spacing)).astype(int)
+        # keep the centre of the field of view where it was
+        old_centre = np.array(oriented.GetOrigin()) + direction @ ((size - 1) * old_spacing / 2)
+        new_origin = old_centre - direction @ ((new_size - 1) * new_spacing / 2)
+    else:
+        return oriented
+    background = float(sitk.GetArrayViewFromImage(oriented).min())
+    return sitk.Resample(
+        oriented, [int(s) for s in new_size], sitk.Transform(), sitk.sitkLinear, [float(o) for o in new_origin],
+        [float(s) for s in new_spacing], oriented.GetDirection(), background, oriented.GetPixelID(),
+    )
+
+
+def onto_grid(image: sitk.Image, reference: sitk.Image, is_label: bool = False) -> sitk.Image:
+    """Resample `image` onto `reference`'s grid (size, spacing, origin, direction) in physical space."""
+    return sitk.Resample(
+        image, reference, sitk.Transform(), sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear, 0.0
+    )
+
+
+def probabilities_onto_grid(probs: np.ndarray, model_space: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """Resample per-class probabilities (C, x, y, z) from the model grid onto the user's image grid."""
+    return np.stack([to_array(onto_grid(from_array(p, model_space), reference)) for p in probs])
+
+
+def normalize_intensity(array: np.ndarray, scheme: dict) -> np.ndarray:
+    """Intensity normalisation named by a model card.
+
+    - `zscore`: (x - mean) / std over the volume (or over voxels > `nonzero` if given);
+    - `clip_scale`: clip to [lower, upper] (e.g. CT HU) then scale to [0, 1];
+    - `percentile_zscore`: clip to percentiles [p_low, p_high], scale to [0, 1], z-score, then `scale`·z + `shift`
+      (deepbet's own normalisation: percentiles 0.5/99.5, scale 0.226, shift 0.449);
+    - `none`.
+    """
+    name = scheme.get("name", "none")
+    x = array.astype(np.float32, copy=True)
+    if name == "none":
+        return x
+    if name == "zscore":
+        region = x[x > scheme["nonzero"]] if "nonzero" in scheme else x
+        return (x - region.mean()) / max(float(region.std()), 1e-8)
+    if name == "clip_scale":
+        lo, hi = scheme["lower"], scheme["upper"]
+        return (np.clip(x, lo, hi) - lo) / (hi - lo)
+    if name == "percentile_zscore":
+        lo, hi = np.percentile(x, [scheme.get("p_low", 0.5), scheme.get("p_high", 99.5)])
+        x = np.clip((x - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+        x = (x - x.mean()) / max(float(x.std()), 1e-8)
+        return scheme.get("scale", 1.0) * x + scheme.get("shift", 0.0)
+    raise PEFTAdaptError(f"unknown intensity normalisation '{name}' in the model card")

@@ -1,0 +1,76 @@
+"""Model card: everything a pipeline needs to feed a network and present its output."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import ModelError
+
+
+@dataclass
+class LabelInfo:
+    value: int
+    name: str
+    color: tuple[float, float, float] = (1.0, 0.0, 0.0)  # RGB in [0, 1]
+    #: Slicer terminology entry string (context~category~type~modifier~anatomic~region~regionModifier), optional
+    terminology: str = ""
+
+
+@dataclass
+class ModelCard:
+    id: str
+    title: str
+    description: str
+    modality: str
+    input_channels: int
+    spacing: tuple[float, float, float] | None  # mm; None keeps the image's own spacing (or fits, see fit_to_roi)
+    orientation: str  # DICOM letters as nibabel's canonical "RAS"; "" keeps the image's own
+    normalization: dict
+    patch_size: tuple[int, int, int]  # training patch
+    inference_roi: tuple[int, int, int]  # sliding-window ROI
+    labels: list[LabelInfo]  # background (0) first
+    license: str
+    source: str
+    version: str = "1"
+    divisible_by: int = 1  # spatial size multiple the network needs
+    #: frame the foreground bounding box (+10 % margin) into exactly `inference_roi` voxels instead of a fixed spacing
+    fit_to_roi: bool = False
+    citation: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def label_values(self) -> set[int]:
+        return {label.value for label in self.labels}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model card") -> "ModelCard":
+        try:
+            data = dict(data)
+            data["labels"] = [LabelInfo(**{**lab, "color": tuple(lab.get("color", (1, 0, 0)))}) for lab in data["labels"]]
+            for key in ("spacing", "patch_size", "inference_roi"):
+                if data.get(key) is not None:
+                    data[key] = tuple(data[key])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"{source}: invalid model card ({exc})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelCard":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model card not found")
+        try:
+            return cls.from_dict(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path}: model card is not valid JSON ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))

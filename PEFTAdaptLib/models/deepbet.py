@@ -1,0 +1,70 @@
+"""The default foundation model: deepbet's pretrained LinkNet3d brain-extraction network, shipped in its wheel."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from ..adapters.io import fingerprint
+from ..errors import ModelError
+from .card import LabelInfo, ModelCard
+from .foundation import FoundationModel
+from .linknet3d import load_from_torchscript
+
+MODEL_ID = "deepbet-brain"
+#: sha256 of data/models/model.pt in deepbet 1.0.2
+MODEL_SHA256 = "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd"
+
+CARD = ModelCard(
+    id=MODEL_ID,
+    title="deepbet brain extraction (LinkNet3d)",
+    description="Brain mask from a T1-weighted MRI. deepbet's pretrained 3D LinkNet (Fisch et al., 2024), trained on "
+    "7837 T1w images from 191 datasets; about 2.1 M parameters.",
+    modality="MR (T1w)",
+    input_channels=1,
+    spacing=None,
+    orientation="RAS",
+    normalization={"name": "percentile_zscore", "p_low": 0.5, "p_high": 99.5, "scale": 0.226, "shift": 0.449},
+    patch_size=(128, 128, 128),
+    inference_roi=(256, 256, 256),
+    labels=[
+        LabelInfo(0, "background", (0.0, 0.0, 0.0)),
+        LabelInfo(1, "brain", (0.87, 0.68, 0.55),
+                  "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+                  "~SCT^12738006^Brain~^^~Anatomic codes - DICOM master list~^^~^^"),
+    ],
+    license="MIT",
+    source="PyPI package deepbet 1.0.2 (data/models/model.pt), https://github.com/wwu-mmll/deepbet",
+    divisible_by=32,
+    fit_to_roi=True,
+    citation="Fisch L. et al., deepbet: Fast brain extraction of T1-weighted MRI using Convolutional Neural Networks, "
+    "Computers in Biology and Medicine 179 (2024).",
+)
+
+
+def deepbet_weights_path() -> Path:
+    spec = importlib.util.find_spec("deepbet")
+    if spec is None or spec.origin is None:
+        raise ModelError("deepbet is not installed: `pip install deepbet` provides the default model's weights")
+    path = Path(spec.origin).resolve().parents[1] / "data" / "models" / "model.pt"
+    if not path.is_file():
+        raise ModelError(f"{path}: deepbet's model file is missing; reinstall with `pip install --force-reinstall deepbet`")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_deepbet() -> FoundationModel:
+    path = deepbet_weights_path()
+    actual = sha256_file(path)
+    if actual != MODEL_SHA256:
+        raise ModelError(f"{path}: checksum mismatch (sha256 {actual[:12]}…, expected {MODEL_SHA256[:12]}…); "
+                         "the file is corrupt or not deepbet 1.0.2's model")
+    network = load_from_torchscript(str(path))
+    return FoundationModel(network, CARD, fingerprint(network), {"weights": str(path)})
