@@ -25,13 +25,16 @@ class Case:
 
 
 def prepare_case(
-    name: str, channels: Sequence[sitk.Image], card: ModelCard, label: sitk.Image | None = None
+    name: str, channels: Sequence[sitk.Image], card: ModelCard, label: sitk.Image | None = None, locate=None
 ) -> Case:
-    """Move images (and label) to the model's grid and normalise intensities as the card says."""
+    """Move images (and label) to the model's grid and normalise intensities as the card says.
+
+    `locate` (a FoundationModel's) finds the box a `fit_to_roi` model frames; None falls back to an Otsu head box.
+    """
     if len(channels) != card.input_channels:
         raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {card.input_channels}")
     model_image = to_model_space(
-        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None
+        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate
     )
     arrays = [to_array(model_image)] + [to_array(onto_grid(c, model_image)) for c in channels[1:]]
     array = np.stack([normalize_intensity(a, card.normalization) for a in arrays]).astype(np.float32)
@@ -46,7 +49,7 @@ def prepare_case(
 
 
 def load_case(
-    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None
+    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None, locate=None
 ) -> Case:
     """Read a case from files, checking every channel and the label against the first channel's grid."""
     paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
@@ -55,4 +58,4 @@ def load_case(
         if not same_geometry(channel, channels[0]):
             raise InputError(f"{path}: geometry differs from the first channel {paths[0]}; co-register the channels")
     label = read_label(label_path, channels[0], paths[0], card.label_values) if label_path is not None else None
-    return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label)
+    return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label, locate)

@@ -5,7 +5,7 @@ axis i walks along image axis i — the layout networks trained on nibabel array
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,24 +30,30 @@ def to_model_space(
     orientation: str = "RAS",
     fit_size: Sequence[int] | None = None,
     margin: float = 0.1,
+    locate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> sitk.Image:
     """Reorient to `orientation` (DICOM letters, as nibabel's canonical 'RAS') and resample (linear).
 
     With `spacing`, the physical extent is kept and the grid gets that spacing (mm). With `fit_size`, the bounding box
-    of the foreground (Otsu threshold, robust to background noise), grown by `margin` on each side, is resampled to
-    exactly `fit_size` voxels — the framing networks such as deepbet were trained with.
+    of the foreground — found by `locate(array)` (e.g. deepbet's brain locator) or else by an Otsu threshold — grown by
+    `margin` on each side and clipped to the image, is resampled to exactly `fit_size` voxels: the framing networks
+    such as deepbet were trained with.
     """
     oriented = sitk.DICOMOrient(image, orientation) if orientation else image
     size = np.array(oriented.GetSize())
     old_spacing = np.array(oriented.GetSpacing())
     direction = np.array(oriented.GetDirection()).reshape(3, 3)
     if fit_size is not None:
-        otsu = sitk.OtsuThresholdImageFilter()
-        otsu.Execute(sitk.Cast(oriented, sitk.sitkFloat32))
-        coords = np.argwhere(to_array(oriented) > otsu.GetThreshold())
-        low, high = (coords.min(0), coords.max(0) + 1) if len(coords) else (np.zeros(3, int), size)
-        grow = np.round((high - low) * margin).astype(int)
-        low, high = low - grow, high + grow  # may reach beyond the image: filled with background
+        if locate is not None:
+            low, high = locate(to_array(oriented))
+        else:
+            otsu = sitk.OtsuThresholdImageFilter()
+            otsu.Execute(sitk.Cast(oriented, sitk.sitkFloat32))
+            coords = np.argwhere(to_array(oriented) > otsu.GetThreshold())
+            low, high = (coords.min(0), coords.max(0) + 1) if len(coords) else (np.zeros(3, int), size)
+        grow = (high - low) * margin
+        low = np.maximum(0, np.round(low - grow)).astype(int)
+        high = np.minimum(size, np.round(high + grow)).astype(int)
         new_size = np.array(fit_size, dtype=int)
         new_spacing = (high - low) * old_spacing / new_size
         first_centre = np.array(oriented.TransformContinuousIndexToPhysicalPoint((low - 0.5).tolist()))

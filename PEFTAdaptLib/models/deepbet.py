@@ -8,6 +8,7 @@ from pathlib import Path
 from ..adapters.io import fingerprint
 from ..errors import ModelError
 from .card import LabelInfo, ModelCard
+from .deepbet_locator import BBOX_SHA256, DeepbetLocator
 from .foundation import FoundationModel
 from .linknet3d import load_from_torchscript
 
@@ -60,11 +61,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_deepbet() -> FoundationModel:
-    path = deepbet_weights_path()
+def _verified(path: Path, expected: str) -> Path:
     actual = sha256_file(path)
-    if actual != MODEL_SHA256:
-        raise ModelError(f"{path}: checksum mismatch (sha256 {actual[:12]}…, expected {MODEL_SHA256[:12]}…); "
-                         "the file is corrupt or not deepbet 1.0.2's model")
+    if actual != expected:
+        raise ModelError(f"{path}: checksum mismatch (sha256 {actual[:12]}…, expected {expected[:12]}…); "
+                         "the file is corrupt or not deepbet 1.0.2's")
+    return path
+
+
+def load_deepbet() -> FoundationModel:
+    path = _verified(deepbet_weights_path(), MODEL_SHA256)
+    locator_path = _verified(path.with_name("bbox_model.pt"), BBOX_SHA256)
     network = load_from_torchscript(str(path))
-    return FoundationModel(network, CARD, fingerprint(network), {"weights": str(path)})
+    return FoundationModel(network, CARD, fingerprint(network), {"weights": str(path), "locator": str(locator_path)},
+                           locate=DeepbetLocator(str(locator_path)))

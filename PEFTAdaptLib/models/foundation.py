@@ -1,7 +1,10 @@
 """A foundation model: an eager network that returns logits, with the card that says how to feed it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from torch import nn
 
@@ -16,6 +19,8 @@ class FoundationModel:
     base_fingerprint: str = ""
     #: files the network came from (shown by `peftadapt models`, recorded in job outputs)
     files: dict[str, str] = field(default_factory=dict)
+    #: finds the (low, high) voxel box a `fit_to_roi` card frames, on the reoriented array; None: Otsu head box
+    locate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     def num_parameters(self) -> int:
         from ..adapters import count_base_parameters

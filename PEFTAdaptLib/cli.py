@@ -1,0 +1,182 @@
+"""`peftadapt` command line: adapt, predict, demo, models. Failures end with one line and a non-zero exit code."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import PEFTAdaptError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+class TqdmProgress:
+    """Training events → a tqdm bar (loss, audit Dice)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+        self.last_dice = None
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+
+        if event["event"] == "audit":
+            self.last_dice = event["dice"]
+        if event["event"] == "step":
+            if self.bar is None:
+                self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr)
+            postfix = {"loss": f"{event['loss']:.3f}"}
+            if self.last_dice is not None:
+                postfix["audit_dice"] = f"{self.last_dice:.3f}"
+            self.bar.set_postfix(postfix)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _case_arg(values: Sequence[str]):
+    from .pipeline import LabelledCase
+
+    image, label = values
+    return LabelledCase(image.split(","), label)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.registry import BUILTIN, DEFAULT_MODEL
+
+    for model_id, entry in BUILTIN.items():
+        card = entry.card
+        default = " (default)" if model_id == DEFAULT_MODEL else ""
+        print(f"{model_id}{default}: {card.title}")
+        print(f"    modality {card.modality}; labels {', '.join(l.name for l in card.labels[1:])}; license {card.license}")
+        print(f"    status: {entry.availability()}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .models.registry import load_model
+    from .pipeline import predict_file, with_adapter
+
+    model = with_adapter(load_model(args.model), args.adapter)
+    path, _ = predict_file(model, args.image.split(","), args.output, args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .methods import MethodConfig
+    from .models.registry import load_model
+    from .pipeline import adapt_files, predict_file
+    from .training import TrainConfig
+
+    model = load_model(args.model)
+    progress = TqdmProgress("adapting")
+    try:
+        result = adapt_files(
+            model,
+            [_case_arg(v) for v in args.train],
+            [_case_arg(v) for v in args.audit],
+            MethodConfig(args.method, rank=args.rank),
+            TrainConfig(
+                steps=args.steps, lr=args.lr, audit_every=args.audit_every, seed=args.seed, device=args.device
+            ),
+            args.output,
+            on_event=progress,
+        )
+    finally:
+        progress.close()
+    print(f"adapter: {result.adapter_dir} ({result.trainable:,} trainable of {result.total:,} parameters)")
+    print(f"audit Dice: {result.summary['history'][0][1]:.4f} → {result.summary['best_dice']:.4f} "
+          f"(best at step {result.summary['best_step']})")
+    for image in args.predict or []:
+        name = Path(image.split(",")[0]).name.split(".")[0]
+        path, _ = predict_file(model, image.split(","), Path(args.output) / f"{name}_seg.nii.gz", args.device)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    progress = TqdmProgress("adapting deepbet")
+    try:
+        result = run_demo(args.output, steps=args.steps, rank=args.rank, seed=args.seed, progress=progress)
+    finally:
+        progress.close()
+    print(format_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.registry import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="peftadapt", description="Adapt a pretrained 3D segmentation model to your site with a few labelled volumes."
+    )
+    parser.add_argument("--version", action="version", version=f"peftadapt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list the foundation models and whether each can be loaded here")
+    models.set_defaults(func=cmd_models)
+
+    predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
+    predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`)")
+    predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
+    predict.add_argument("--image", required=True, help="input volume (NIfTI/NRRD/MHA); channels comma-separated")
+    predict.add_argument("--output", required=True, help="output label map path (.nii.gz, .nrrd, .mha)")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    predict.set_defaults(func=cmd_predict)
+
+    adapt = sub.add_parser("adapt", help="fine-tune adapters on a few labelled target volumes")
+    adapt.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`)")
+    adapt.add_argument("--train", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"),
+                       help="a support case (repeatable); channels comma-separated")
+    adapt.add_argument("--audit", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"),
+                       help="a held-out case whose Dice is audited during adaptation (repeatable)")
+    adapt.add_argument("--method", default="lora", help="adaptation method (lora)")
+    adapt.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    adapt.add_argument("--steps", type=int, default=200)
+    adapt.add_argument("--lr", type=float, default=2e-3)
+    adapt.add_argument("--audit-every", type=int, default=20)
+    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    adapt.add_argument("--predict", action="append", metavar="IMAGE", help="segment this volume afterwards (repeatable)")
+    adapt.add_argument("--output", required=True, help="output folder (adapter/, predictions)")
+    adapt.set_defaults(func=cmd_adapt)
+
+    demo = sub.add_parser("demo", help="adapt the default model to a shifted MRI contrast, using installed files only")
+    demo.add_argument("--output", default="peftadapt-demo", help="output folder (default: ./peftadapt-demo)")
+    demo.add_argument("--steps", type=int, default=80)
+    demo.add_argument("--rank", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PEFTAdaptError as exc:
+        print(f"peftadapt: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("peftadapt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line for the user, traceback to a file
+        with tempfile.NamedTemporaryFile("w", prefix="peftadapt-", suffix=".log", delete=False) as log:
+            traceback.print_exc(file=log)
+        print(f"peftadapt: internal error: {type(exc).__name__}: {exc} (traceback: {log.name})", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

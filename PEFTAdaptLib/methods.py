@@ -1,0 +1,31 @@
+"""Fixed-topology adaptation methods: which adapter units a method puts on a network."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .adapters import LoRAConfig, LoRAUnit, add_units, count_trainable
+from .errors import PEFTAdaptError
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    rank: int = 4
+    alpha: float | None = None  # defaults to the rank (scaling 1)
+    target_modules: tuple[str, ...] = ("*",)
+
+
+METHODS = ("lora",)
+
+
+def apply_method(network: nn.Module, config: MethodConfig) -> int:
+    """Add the method's adapter units to `network`; return the number of trainable parameters."""
+    if config.name == "lora":
+        lora = LoRAConfig(r=config.rank, alpha=config.alpha or config.rank, target_modules=config.target_modules)
+        if not add_units(network, lora, LoRAUnit, "lora"):
+            raise PEFTAdaptError(f"no layer matches {list(config.target_modules)}; nothing to adapt")
+    else:
+        raise PEFTAdaptError(f"unknown method '{config.name}'; choose one of {', '.join(METHODS)}")
+    return count_trainable(network)

@@ -1,0 +1,83 @@
+"""The `peftadapt` console script: help, model list, and one-line errors naming the bad file (exit code ≠ 0)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import shared
+
+PEFTADAPT = shutil.which("peftadapt")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    assert PEFTADAPT, "the peftadapt console script is installed by `pip install -e .`"
+    return subprocess.run([PEFTADAPT, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", ["adapt", "predict", "demo", "models"])
+def test_every_command_has_help(command):
+    result = run(command, "--help")
+    assert result.returncode == 0 and "usage: peftadapt" in result.stdout
+
+
+def test_models_lists_the_default_model_as_available():
+    result = run("models")
+    assert result.returncode == 0
+    assert "deepbet-brain (default)" in result.stdout and "status: available" in result.stdout
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("peftadapt: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_image_is_named(tmp_path):
+    missing = tmp_path / "nowhere.nii.gz"
+    assert_one_line_error(run("predict", "--image", str(missing), "--output", str(tmp_path / "o.nii.gz")),
+                          str(missing), "not found")
+
+
+def test_2d_image_is_refused(tmp_path):
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(32, 32).astype(np.float32)), str(flat))
+    assert_one_line_error(run("predict", "--image", str(flat), "--output", str(tmp_path / "o.nii.gz")),
+                          str(flat), "2D")
+
+
+def test_label_of_another_size_is_refused(tmp_path):
+    brats = shared("brats/brats_2013_pat0003_1")
+    image = str(brats / "T1c_subtrMeanDivStd.nii.gz")
+    label = sitk.ReadImage(str(brats / "brainmask.nii.gz"))[:, :, :100]
+    wrong = tmp_path / "cropped_mask.nii.gz"
+    sitk.WriteImage(label, str(wrong))
+    result = run("adapt", "--train", image, str(wrong), "--audit", image, str(brats / "brainmask.nii.gz"),
+                 "--output", str(tmp_path / "out"), "--steps", "1")
+    assert_one_line_error(result, str(wrong), "differs from image")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_nan_intensities_are_refused(tmp_path):
+    image = sitk.ReadImage(str(shared("spine/t2/t2.nii.gz")), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[3, 4, 5] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    path = tmp_path / "nan.nrrd"
+    sitk.WriteImage(broken, str(path))
+    assert_one_line_error(run("predict", "--image", str(path), "--output", str(tmp_path / "o.nii.gz")),
+                          str(path), "NaN")
+
+
+def test_corrupt_file_is_named(tmp_path):
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    assert_one_line_error(run("predict", "--image", str(corrupt), "--output", str(tmp_path / "o.nii.gz")),
+                          str(corrupt), "cannot read")
