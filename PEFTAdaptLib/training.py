@@ -6,6 +6,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -55,6 +56,34 @@ class PatchSampler:
         return image.float(), label.long()
 
 
+@dataclass
+class TrainingContext:
+    """What a hook sees: the network being adapted, its card, the audit cases and the event sink."""
+
+    network: nn.Module
+    card: ModelCard
+    audit: Sequence[Case]
+    device: str
+    emit: EventCallback
+
+    def audit_dice(self) -> float:
+        return audit_dice(self.network, self.audit, self.card, self.device)
+
+
+class TrainingHook(Protocol):
+    """Changes the adapter topology while training (e.g. the SEA-PEFT allocator toggling units).
+
+    All units of the pool sit in the optimizer from the start; inactive ones get no gradient, so AdamW leaves them
+    (and their moments) untouched until they are switched on.
+    """
+
+    def after_step(self, step: int, context: TrainingContext) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:
     """Mean foreground Dice (all non-background classes together) over whole audit volumes on the model grid."""
     scores = []
@@ -73,6 +102,7 @@ def adapt(
     config: TrainConfig,
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    hooks: Sequence[TrainingHook] = (),
 ) -> dict:
     """Train the active adapter units of `network` in place; leave it at the best audited state.
 
@@ -83,7 +113,7 @@ def adapt(
     device = torch.device(config.device)
     network.to(device)
     freeze_base(network)
-    params = trainable_parameters(network)
+    params = trainable_parameters(network, active_only=False)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     sampler = PatchSampler(support, card.patch_size, config.patches_per_step, config.pos_fraction, config.seed)
@@ -94,6 +124,7 @@ def adapt(
     history = [(0, audit_dice(network, audit, card, config.device))]
     emit({"event": "audit", "step": 0, "dice": history[0][1]})
     best_dice, best_step, best_state = history[0][1], 0, unit_state()
+    context = TrainingContext(network, card, audit, config.device, emit)
     start, losses = time.monotonic(), []
     for step in range(1, config.steps + 1):
         if should_stop is not None and should_stop():
@@ -108,6 +139,8 @@ def adapt(
         elapsed = time.monotonic() - start
         emit({"event": "step", "step": step, "steps": config.steps, "loss": losses[-1],
               "eta_s": elapsed / step * (config.steps - step)})
+        for hook in hooks:
+            hook.after_step(step, context)
         if step % config.audit_every == 0 or step == config.steps:
             score = audit_dice(network, audit, card, config.device)
             history.append((step, score))
