@@ -1,0 +1,93 @@
+"""Worker events → MRML table, plot and allocation nodes: the live Dice audit and the allocator's choices.
+
+The nodes are ordinary scene nodes, so the curves are saved with the scene and stay reproducible.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import vtk
+
+DICE_COLUMNS = ("step", "dice")
+LOSS_COLUMNS = ("step", "loss")
+UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delta_dice", "state")
+
+
+def _new_table(scene, name: str, columns: Sequence[str], string_columns: Sequence[str] = ()):
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    for column in columns:
+        array = vtk.vtkStringArray() if column in string_columns else vtk.vtkDoubleArray()
+        array.SetName(column)
+        table.AddColumn(array)
+    return table
+
+
+def _append_row(table_node, values: Sequence) -> None:
+    table = table_node.GetTable()
+    row = table.InsertNextBlankRow()
+    for column, value in enumerate(values):
+        table.SetValue(row, column, vtk.vtkVariant(value))
+    table.Modified()
+    table_node.Modified()
+
+
+class AdaptationMonitor:
+    """Owns the table/plot nodes of one adaptation run and turns events into rows."""
+
+    def __init__(self, scene, name: str = "PEFTAdapt"):
+        self.scene = scene
+        self.dice_table = _new_table(scene, f"{name} audit Dice", DICE_COLUMNS)
+        self.loss_table = _new_table(scene, f"{name} training loss", LOSS_COLUMNS)
+        self.units_table = _new_table(scene, f"{name} adapter units", UNIT_COLUMNS,
+                                      string_columns=("unit", "site", "family", "state"))
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} audit Dice")
+        self.chart.SetTitle("Audit Dice during adaptation")
+        self.chart.SetXAxisTitle("training step")
+        self.chart.SetYAxisTitle("Dice (held-out audit volume)")
+        self.dice_series = self._series(self.dice_table, "audit Dice", "step", "dice", (0.1, 0.4, 0.9))
+        self.chart.AddAndObservePlotSeriesNodeID(self.dice_series.GetID())
+        self._units: dict[str, dict] = {}
+
+    def _series(self, table, name: str, x: str, y: str, color):
+        series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName(x)
+        series.SetYColumnName(y)
+        series.SetPlotType(series.PlotTypeScatter)
+        series.SetMarkerStyle(series.MarkerStyleCircle)
+        series.SetColor(*color)
+        return series
+
+    def handle(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind in ("audit", "validation") and "dice" in event:
+            _append_row(self.dice_table, (event["step"], event["dice"]))
+        elif kind == "step" and "loss" in event:
+            _append_row(self.loss_table, (event["step"], event["loss"]))
+        elif kind in ("unit_audit", "allocation") and "unit" in event:
+            self._update_unit(event)
+
+    def _update_unit(self, event: dict) -> None:
+        """One row per unit; an event updates only the fields it carries."""
+        fields = {"unit": "unit", "site": "site", "family": "family", "rank": "rank", "parameters": "cost",
+                  "utility": "utility", "delta_dice": "delta_dice", "state": "state"}
+        unit = event["unit"]
+        known = self._units.setdefault(unit, {"row": None, "unit": unit, "site": "", "family": "", "rank": 0,
+                                              "parameters": 0, "utility": 0.0, "delta_dice": 0.0, "state": ""})
+        for column, key in fields.items():
+            if event.get(key) is not None:
+                known[column] = event[key]
+        values = [known[column] for column in UNIT_COLUMNS]
+        if known["row"] is None:
+            known["row"] = self.units_table.GetTable().GetNumberOfRows()
+            _append_row(self.units_table, values)
+            return
+        table = self.units_table.GetTable()
+        for column, value in enumerate(values):
+            table.SetValue(known["row"], column, vtk.vtkVariant(value))
+        table.Modified()
+        self.units_table.Modified()
+
+    def dice_values(self) -> list[tuple[float, float]]:
+        table = self.dice_table.GetTable()
+        return [(table.GetValue(r, 0).ToDouble(), table.GetValue(r, 1).ToDouble()) for r in range(table.GetNumberOfRows())]

@@ -1,0 +1,172 @@
+"""MRML nodes ⇄ files: volumes and segmentations out to a job folder, predictions back in as segmentation nodes."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import slicer
+import vtk
+
+
+class SceneError(Exception):
+    """A problem with the user's nodes, phrased for the panel (names the node)."""
+
+
+@dataclass
+class SegmentLabel:
+    """How a model's class appears in Slicer."""
+
+    value: int
+    name: str
+    color: tuple[float, float, float]
+    terminology: str = ""
+
+
+def _segmentations_logic(scene) -> slicer.vtkSlicerSegmentationsModuleLogic:
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    return logic
+
+
+def write_volume(volume_node, path: Path) -> Path:
+    """Write a scalar or label volume with its full geometry (IJK→RAS) through Slicer's own storage node."""
+    scene = volume_node.GetScene()
+    if volume_node.GetImageData() is None:
+        raise SceneError(f"volume '{volume_node.GetName()}' has no image data")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    try:
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(True)
+        if not storage.WriteData(volume_node):
+            raise SceneError(f"could not write volume '{volume_node.GetName()}' to {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return path
+
+
+def read_labelmap(scene, path: Path, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    try:
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            scene.RemoveNode(node)
+            raise SceneError(f"could not read the prediction {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return node
+
+
+def write_segmentation_as_labelmap(
+    segmentation_node, reference_volume, labels: Sequence[SegmentLabel], path: Path
+) -> Path:
+    """Export the segments whose names match the model's classes onto the reference volume's grid.
+
+    Segments are matched to classes by name (case-insensitive); with a single foreground class and a single segment,
+    that segment is taken whatever its name. Unmatched segments are reported, not silently dropped.
+    """
+    scene = segmentation_node.GetScene()
+    segmentation = segmentation_node.GetSegmentation()
+    segments = {segmentation.GetNthSegmentID(i): segmentation.GetNthSegment(i).GetName()
+                for i in range(segmentation.GetNumberOfSegments())}
+    if not segments:
+        raise SceneError(f"segmentation '{segmentation_node.GetName()}' has no segment to train on")
+    foreground = [label for label in labels if label.value != 0]
+    by_name = {label.name.lower(): label for label in foreground}
+    assignment: dict[str, SegmentLabel] = {}
+    for segment_id, name in segments.items():
+        if name.lower() in by_name:
+            assignment[segment_id] = by_name[name.lower()]
+    if not assignment and len(foreground) == 1 and len(segments) == 1:
+        assignment = {next(iter(segments)): foreground[0]}
+    unmatched = sorted(set(segments.values()) - {segments[s] for s in assignment})
+    if unmatched:
+        raise SceneError(
+            f"segmentation '{segmentation_node.GetName()}': segments {unmatched} match no class of the model "
+            f"({', '.join(l.name for l in foreground)}); rename or remove them"
+        )
+    logic = _segmentations_logic(scene)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation_node.GetName()}_export")
+    color_table = _color_table(scene, labels, f"{segmentation_node.GetName()}_colors")
+    try:
+        ids = vtk.vtkStringArray()
+        for segment_id in assignment:
+            ids.InsertNextValue(segment_id)
+        # the colour table maps each segment (by name) to the model's label value
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume,
+                                                  slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, color_table):
+            raise SceneError(f"could not export segmentation '{segmentation_node.GetName()}'")
+        return write_volume(labelmap, path)
+    finally:
+        scene.RemoveNode(labelmap)
+        scene.RemoveNode(color_table)
+
+
+def _color_table(scene, labels: Sequence[SegmentLabel], name: str):
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    table.SetTypeToUser()
+    table.SetNumberOfColors(max(l.value for l in labels) + 1)
+    for label in labels:
+        table.SetColor(label.value, label.name, *label.color, 1.0)
+    return table
+
+
+def import_prediction(
+    scene, label_path: Path, reference_volume, labels: Sequence[SegmentLabel], name: str, segmentation_node=None
+):
+    """Load a predicted label map as a segmentation node: the model's segment names, colours and terminology, the
+    reference geometry of `reference_volume`, placed under the volume's study in the subject hierarchy."""
+    labelmap = read_labelmap(scene, label_path, f"{name}_labelmap")
+    color_table = _color_table(scene, labels, f"{name}_colors")
+    try:
+        labelmap.GetDisplayNode() or labelmap.CreateDefaultDisplayNodes()
+        if segmentation_node is None:
+            segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            segmentation_node.CreateDefaultDisplayNodes()
+        else:
+            segmentation_node.GetSegmentation().RemoveAllSegments()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        segmentation_node.SetNodeReferenceID(
+            segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_volume.GetID()
+        )
+        labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
+        if not _segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ""):
+            raise SceneError(f"could not import the prediction {label_path}")
+        _style_segments(segmentation_node, labels)
+        _place_under_study(scene, segmentation_node, reference_volume)
+        return segmentation_node
+    finally:
+        scene.RemoveNode(labelmap)
+        scene.RemoveNode(color_table)
+
+
+def _style_segments(segmentation_node, labels: Sequence[SegmentLabel]) -> None:
+    segmentation = segmentation_node.GetSegmentation()
+    by_name = {label.name: label for label in labels}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        label = by_name.get(segment.GetName())
+        if label is None:
+            continue
+        segment.SetColor(*label.color)
+        if label.terminology:
+            segment.SetTag(segment.GetTerminologyEntryTagName(), label.terminology)
+
+
+def _place_under_study(scene, node, volume) -> None:
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    volume_item = hierarchy.GetItemByDataNode(volume)
+    parent = hierarchy.GetItemParent(volume_item) if volume_item else 0
+    if not parent or parent == hierarchy.GetSceneItemID():
+        return
+    node_item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+    hierarchy.SetItemParent(node_item, parent)
+
+
+def labels_from_card(card_labels: Sequence[dict]) -> list[SegmentLabel]:
+    """Model-card label dicts (value, name, color, terminology) → SegmentLabel list."""
+    return [SegmentLabel(int(l["value"]), l["name"], tuple(l.get("color", (1, 0, 0))), l.get("terminology", ""))
+            for l in card_labels]

@@ -1,0 +1,101 @@
+"""Slicer-side logic on real MRML nodes (slicer-core wheel): export/import with geometry, segment styling,
+subject hierarchy placement, live tables from events, and the panel's run state."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import vtk
+
+from conftest import shared
+from slicer_scene import load_segmentation, load_volume, new_scene
+
+from PEFTAdaptSlicer.monitor import AdaptationMonitor  # noqa: E402
+from PEFTAdaptSlicer.runstate import RunState  # noqa: E402
+from PEFTAdaptSlicer.scene_io import (  # noqa: E402
+    SceneError, SegmentLabel, import_prediction, write_segmentation_as_labelmap, write_volume,
+)
+
+CORD = [SegmentLabel(0, "background", (0, 0, 0)),
+        SegmentLabel(1, "spinal cord", (1.0, 0.8, 0.2), "SCT^123037004^Anatomical Structure~SCT^2748008^Spinal cord")]
+
+
+def physically_equal(path_a, path_b) -> bool:
+    """Same voxel values at the same physical points (Slicer may store an equivalent, re-ordered voxel grid)."""
+    a, b = sitk.ReadImage(str(path_a), sitk.sitkFloat32), sitk.ReadImage(str(path_b), sitk.sitkFloat32)
+    resampled = sitk.Resample(a, b, sitk.Transform(), sitk.sitkNearestNeighbor, -12345.0)
+    return np.array_equal(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(b))
+
+
+def test_volume_export_keeps_geometry_and_values(tmp_path):
+    scene = new_scene()
+    source = shared("spine/t2/t2.nii.gz")  # rotated axes: a real geometry test
+    volume = load_volume(scene, source)
+    written = write_volume(volume, tmp_path / "t2.nrrd")
+    assert physically_equal(written, source)
+
+
+def test_prediction_import_names_colours_geometry_and_study(tmp_path):
+    scene = new_scene()
+    volume = load_volume(scene, shared("spine/t2/t2.nii.gz"))
+    hierarchy = scene.GetSubjectHierarchyNode()
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study")
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(volume), study)
+
+    segmentation = import_prediction(scene, shared("spine/t2/t2_seg-manual.nii.gz"), volume, CORD, "cord result")
+    segments = segmentation.GetSegmentation()
+    assert segments.GetNumberOfSegments() == 1
+    segment = segments.GetNthSegment(0)
+    assert segment.GetName() == "spinal cord"
+    assert np.allclose(segment.GetColor(), (1.0, 0.8, 0.2))
+    tag = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and "Spinal cord" in str(tag)
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
+    # the temporary label map and colour table are gone
+    assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
+
+    # and the segmentation exports back onto the volume's grid with the card's label values
+    exported = write_segmentation_as_labelmap(segmentation, volume, CORD, tmp_path / "label.nii.gz")
+    assert physically_equal(exported, shared("spine/t2/t2_seg-manual.nii.gz"))
+
+
+def test_segment_names_that_match_no_class_are_reported(tmp_path):
+    scene = new_scene()
+    volume = load_volume(scene, shared("spine/t2/t2.nii.gz"))
+    segmentation = load_segmentation(scene, shared("spine/t2/t2_seg-manual.nii.gz"), volume, "two", "cord")
+    segmentation.GetSegmentation().AddEmptySegment("", "oedema")
+    with pytest.raises(SceneError, match="'two'.*match no class"):
+        write_segmentation_as_labelmap(segmentation, volume, CORD, tmp_path / "x.nii.gz")
+
+
+def test_monitor_turns_events_into_table_and_plot_rows():
+    scene = new_scene()
+    monitor = AdaptationMonitor(scene, "run1")
+    for step, dice in [(0, 0.61), (10, 0.72), (20, 0.70)]:
+        monitor.handle({"event": "audit", "step": step, "dice": dice})
+    monitor.handle({"event": "step", "step": 1, "steps": 20, "loss": 0.9})
+    monitor.handle({"event": "unit_audit", "unit": "down0::lora_r4", "site": "down0", "family": "lora", "rank": 4,
+                    "cost": 1024, "utility": 1e-5, "delta_dice": 0.01, "state": "inactive"})
+    monitor.handle({"event": "allocation", "unit": "down0::lora_r4", "state": "active"})
+    assert monitor.dice_values() == [(0, 0.61), (10, 0.72), (20, 0.70)]
+    assert monitor.loss_table.GetTable().GetNumberOfRows() == 1
+    units = monitor.units_table.GetTable()
+    assert units.GetNumberOfRows() == 1
+    assert units.GetValueByName(0, "state").ToString() == "active"
+    assert units.GetValueByName(0, "family").ToString() == "lora"  # kept from the earlier event
+    series = scene.GetNodeByID(monitor.chart.GetNthPlotSeriesNodeID(0))
+    assert series.GetTableNodeID() == monitor.dice_table.GetID() and series.GetYColumnName() == "dice"
+
+
+def test_run_state_folds_events_for_the_panel():
+    state = RunState()
+    state.update({"event": "started", "steps": 50})
+    state.update({"event": "audit", "step": 0, "dice": 0.8})
+    state.update({"event": "step", "step": 10, "steps": 50, "loss": 0.4, "eta_s": 125})
+    state.update({"event": "audit", "step": 10, "dice": 0.9})
+    assert state.describe() == "Training, step 10/50, about 2 min 05 s left, loss 0.400"
+    assert (state.first_dice, state.best_dice) == (0.8, 0.9)
+    state.update({"event": "failed", "message": "out of memory: use a smaller patch or the CPU"})
+    assert state.finished and state.describe().startswith("Failed: out of memory")
+    assert not RunState().finished
