@@ -4,17 +4,13 @@ The Widget only wires Qt to the Logic. Everything below it — exporting nodes, 
 turning its events into table/plot rows, importing predictions — lives in `PEFTAdaptSlicer` (MRML only, scene
 passed in) and in the engine `PEFTAdaptLib`, both tested outside Slicer.
 """
-from __future__ import annotations
 
 import enum
-import importlib
-import logging
 import os
 import shutil
 import sys
 from typing import Annotated
 
-import ctk
 import qt
 import slicer
 import vtk
