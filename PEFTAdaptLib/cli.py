@@ -42,11 +42,30 @@ class TqdmProgress:
             self.bar.close()
 
 
-def _case_arg(values: Sequence[str]):
-    from .pipeline import LabelledCase
+def _case(values: Sequence[str]):
+    from .jobs import CaseSpec
 
     image, label = values
-    return LabelledCase(image.split(","), label)
+    return CaseSpec([str(Path(p).resolve()) for p in image.split(",")], str(Path(label).resolve()))
+
+
+def run_worker_with_progress(job_dir: Path, description: str, resume: bool = False) -> dict:
+    """Run a job in this process through the worker's own path, showing a tqdm bar; return the final status."""
+    import json
+
+    from .jobs.events import STATUS_FILE
+    from .worker import EXIT_FINISHED, run_job
+
+    progress = TqdmProgress(description)
+    try:
+        code = run_job(job_dir, resume=resume, emit_extra=progress, echo=False)
+    finally:
+        progress.close()
+    status = json.loads((job_dir / STATUS_FILE).read_text()) if (job_dir / STATUS_FILE).exists() else {}
+    if code != EXIT_FINISHED:
+        reason = status.get("message") or status.get("reason") or f"worker exit code {code}"
+        raise PEFTAdaptError(f"adaptation did not finish ({status.get('state', 'error')}): {reason}")
+    return status
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -72,34 +91,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .methods import MethodConfig
-    from .models.registry import load_model
-    from .pipeline import adapt_files, predict_file
-    from .training import TrainConfig
+    from .jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
 
-    model = load_model(args.model)
-    progress = TqdmProgress("adapting")
-    try:
-        result = adapt_files(
-            model,
-            [_case_arg(v) for v in args.train],
-            [_case_arg(v) for v in args.audit],
-            MethodConfig(args.method, rank=args.rank),
-            TrainConfig(
-                steps=args.steps, lr=args.lr, audit_every=args.audit_every, seed=args.seed, device=args.device
-            ),
-            args.output,
-            on_event=progress,
-        )
-    finally:
-        progress.close()
-    print(f"adapter: {result.adapter_dir} ({result.trainable:,} trainable of {result.total:,} parameters)")
-    print(f"audit Dice: {result.summary['history'][0][1]:.4f} → {result.summary['best_dice']:.4f} "
-          f"(best at step {result.summary['best_step']})")
-    for image in args.predict or []:
-        name = Path(image.split(",")[0]).name.split(".")[0]
-        path, _ = predict_file(model, image.split(","), Path(args.output) / f"{name}_seg.nii.gz", args.device)
-        print(f"wrote {path}")
+    job_dir = Path(args.output).resolve()
+    spec = JobSpec(
+        model=args.model,
+        support=[_case(v) for v in args.train],
+        audit=[_case(v) for v in args.audit],
+        method=MethodSpec(args.method, rank=args.rank, budget=args.budget),
+        train=TrainSpec(steps=args.steps, lr=args.lr, audit_every=args.audit_every, seed=args.seed, device=args.device),
+        predict=[CaseSpec([str(Path(p).resolve()) for p in image.split(",")]) for image in args.predict or []],
+    )
+    if not args.resume:
+        write_job(job_dir, spec)
+    status = run_worker_with_progress(job_dir, "adapting", resume=args.resume)
+    print(f"adapter: {job_dir / 'adapter'}")
+    print(f"audit Dice: best {status.get('best_dice', float('nan')):.4f}, final {status.get('last_dice', float('nan')):.4f}")
+    for prediction in sorted((job_dir / "predictions").glob("*")) if (job_dir / "predictions").exists() else []:
+        print(f"wrote {prediction}")
     return 0
 
 
@@ -143,13 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a held-out case whose Dice is audited during adaptation (repeatable)")
     adapt.add_argument("--method", default="lora", help="adaptation method (lora)")
     adapt.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    adapt.add_argument("--budget", type=float, help="trainable-parameter budget: fraction of the model (≤ 1) or count")
     adapt.add_argument("--steps", type=int, default=200)
     adapt.add_argument("--lr", type=float, default=2e-3)
     adapt.add_argument("--audit-every", type=int, default=20)
     adapt.add_argument("--seed", type=int, default=0)
-    adapt.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    adapt.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    adapt.add_argument("--resume", action="store_true", help="continue the job in --output from its last checkpoint")
     adapt.add_argument("--predict", action="append", metavar="IMAGE", help="segment this volume afterwards (repeatable)")
-    adapt.add_argument("--output", required=True, help="output folder (adapter/, predictions)")
+    adapt.add_argument("--output", required=True, help="job folder: job.json, events.jsonl, checkpoint/, adapter/, predictions/")
     adapt.set_defaults(func=cmd_adapt)
 
     demo = sub.add_parser("demo", help="adapt the default model to a shifted MRI contrast, using installed files only")

@@ -1,6 +1,7 @@
 """`peftadapt demo`: adapt deepbet to a T2-like, bias-corrupted, noisy target domain, from installed files only."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,11 +10,10 @@ import torch
 from .data.io import read_image, write_image
 from .data.transforms import to_array
 from .demo_data import shifted_case
-from .methods import MethodConfig
+from .errors import PEFTAdaptError
 from .models.registry import DEFAULT_MODEL, load_model
-from .pipeline import LabelledCase, adapt_files, evaluate, predict_file
+from .pipeline import evaluate, predict_file
 from .plots import dice_curve, overlay_slices
-from .training import TrainConfig
 
 SEEDS = {"support": 1, "audit": 2, "test": 3}
 
@@ -30,41 +30,51 @@ def write_demo_data(folder: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def run_demo(output_dir: str | Path, steps: int = 80, rank: int = 4, seed: int = 0, progress=None) -> dict:
-    """Run the whole demo; returns the table's numbers. `progress(event)` receives training events."""
+    """Run the whole demo through the background worker's path (the output folder is the job folder)."""
+    from .jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
+    from .jobs.events import STATUS_FILE
+    from .worker import EXIT_FINISHED, run_job
+
     torch.manual_seed(seed)
-    out = Path(output_dir)
+    out = Path(output_dir).resolve()
     start = time.monotonic()
     data = write_demo_data(out / "data")
-    test_image, test_mask = data["test"]
-    reference = read_image(test_mask, what="label")
-
-    model = load_model(DEFAULT_MODEL)
-    _, zero_shot = predict_file(model, [test_image], out / "test_prediction_zeroshot.nii.gz")
+    relative = {role: [str(p.relative_to(out)) for p in paths] for role, paths in data.items()}
+    reference = read_image(data["test"][1], what="label")
+    _, zero_shot = predict_file(load_model(DEFAULT_MODEL), [data["test"][0]], out / "test_prediction_zeroshot.nii.gz")
     zero = evaluate(zero_shot, reference, [1])
 
-    result = adapt_files(
-        model,
-        [LabelledCase([data["support"][0]], data["support"][1])],
-        [LabelledCase([data["audit"][0]], data["audit"][1])],
-        MethodConfig("lora", rank=rank),
-        TrainConfig(steps=steps, lr=2e-3, audit_every=10, seed=seed),
-        out,
-        on_event=progress,
-    )
-    prediction_path, adapted = predict_file(model, [test_image], out / "test_prediction_adapted.nii.gz")
+    write_job(out, JobSpec(
+        model=DEFAULT_MODEL,
+        support=[CaseSpec([relative["support"][0]], relative["support"][1])],
+        audit=[CaseSpec([relative["audit"][0]], relative["audit"][1])],
+        method=MethodSpec("lora", rank=rank),
+        train=TrainSpec(steps=steps, lr=2e-3, audit_every=10, checkpoint_every=20, seed=seed, device="cpu"),
+        predict=[CaseSpec([relative["test"][0]])],
+    ))
+    code = run_job(out, emit_extra=progress, echo=False)
+    status = json.loads((out / STATUS_FILE).read_text())
+    if code != EXIT_FINISHED:
+        raise PEFTAdaptError(f"demo adaptation did not finish: {status.get('message', code)}")
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    started = next(e for e in events if e["event"] == "started")
+    finished = next(e for e in events if e["event"] == "finished")
+    history = [(e["step"], e["dice"]) for e in events if e["event"] == "audit"]
+    prediction_path = out / next(e for e in events if e["event"] == "prediction")["path"]
+    adapted = read_image(prediction_path, what="label")
     tuned = evaluate(adapted, reference, [1])
-    dice_curve(result.summary["history"], out / "dice_curve.png", "deepbet + LoRA: audit Dice")
+    dice_curve(history, out / "dice_curve.png", "deepbet + LoRA: audit Dice")
     overlay_slices(
-        to_array(read_image(test_image)),
+        to_array(read_image(data["test"][0])),
         {"zero-shot": to_array(zero_shot) == 1, "adapted": to_array(adapted) == 1},
         to_array(reference) == 1,
         out / "overlay.png",
     )
     return {
-        "zero_shot": zero, "adapted": tuned, "trainable": result.trainable, "total": result.total,
-        "seconds": time.monotonic() - start, "train_seconds": result.summary["seconds"],
-        "best_step": result.summary["best_step"], "output_dir": str(out), "prediction": str(prediction_path),
-        "adapter": str(result.adapter_dir),
+        "zero_shot": zero, "adapted": tuned, "trainable": started["trainable"], "total": started["total"],
+        "seconds": time.monotonic() - start, "train_seconds": finished["seconds"],
+        "best_step": finished["best_step"], "output_dir": str(out), "prediction": str(prediction_path),
+        "adapter": str(out / finished["adapter"]),
     }
 
 
@@ -80,6 +90,7 @@ def format_table(r: dict) -> str:
         f"Dice gain on the held-out test volume: {gain:+.4f}",
         f"trainable parameters: {r['trainable']:,} of {r['total']:,} ({100 * r['trainable'] / r['total']:.2f} %)",
         f"wall time: {r['seconds']:.0f} s (training {r['train_seconds']:.0f} s, best audit at step {r['best_step']})",
-        f"outputs in {r['output_dir']}: test_prediction_adapted.nii.gz, adapter/, dice_curve.png, overlay.png",
+        f"outputs in {r['output_dir']}: predictions/test_t2like_seg.nii.gz, adapter/, dice_curve.png, overlay.png,"
+        " events.jsonl",
     ]
     return "\n".join(lines)

@@ -36,7 +36,9 @@ def predict_probabilities(
         background = float(x.min())  # pad with the normalised background value, not 0
         x, crop = _pad_to_multiple(x, card.divisible_by, background)
         roi = [min(r, s) for r, s in zip(card.inference_roi, x.shape[2:])]
-        logits = sliding_window_inference(x, roi, 1, network, overlap=overlap, mode="gaussian", cval=background)
+        on_gpu = torch.device(device).type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            logits = sliding_window_inference(x, roi, 1, network, overlap=overlap, mode="gaussian", cval=background)
         probs = torch.softmax(logits.float(), dim=1)[0][(slice(None), *crop)]
         return probs.cpu().numpy()
     finally:

@@ -20,6 +20,26 @@ class MethodConfig:
 METHODS = ("lora",)
 
 
+RANKS = (1, 2, 4, 8, 16, 32)
+
+
+def rank_for_budget(network: nn.Module, config: MethodConfig, budget: int) -> int:
+    """The largest LoRA rank whose exact trainable-parameter count fits `budget` (a fixed-topology method)."""
+    import copy
+
+    best = None
+    for rank in RANKS:
+        trial = copy.deepcopy(network)
+        cost = apply_method(trial, MethodConfig(config.name, rank, config.alpha, config.target_modules))
+        if cost > budget:
+            break
+        best = rank
+    if best is None:
+        raise PEFTAdaptError(f"a budget of {budget:,} parameters is smaller than {config.name} at rank 1 on every "
+                             "layer needs; raise the budget or let sea-peft choose the layers")
+    return best
+
+
 def apply_method(network: nn.Module, config: MethodConfig) -> int:
     """Add the method's adapter units to `network`; return the number of trainable parameters."""
     if config.name == "lora":

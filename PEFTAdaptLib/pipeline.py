@@ -1,71 +1,21 @@
-"""File-to-file adaptation and prediction: the path the CLI, the background worker and the Slicer Logic share."""
+"""File-to-file prediction and evaluation (adaptation itself runs as a job: `PEFTAdaptLib.worker`)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .adapters import load_adapters, save_adapters
-from .data.cases import Case, load_case
+from .adapters import load_adapters
+from .data.cases import load_case
 from .data.io import write_image
 from .data.transforms import to_array
-from .errors import InputError
 from .inference import predict_case
-from .methods import MethodConfig, apply_method
 from .metrics import dice, hd95
 from .models.foundation import FoundationModel
-from .training import EventCallback, TrainConfig, adapt
 
 ImagePaths = Sequence[str | Path]
-
-
-@dataclass
-class LabelledCase:
-    images: ImagePaths  # one path per input channel
-    label: str | Path
-
-
-@dataclass
-class AdaptationResult:
-    trainable: int
-    total: int
-    summary: dict
-    adapter_dir: Path
-    predictions: list[Path] = field(default_factory=list)
-
-
-def load_labelled(cases: Sequence[LabelledCase], model: FoundationModel) -> list[Case]:
-    return [load_case(c.images, model.card, c.label, model.locate) for c in cases]
-
-
-def adapt_files(
-    model: FoundationModel,
-    support: Sequence[LabelledCase],
-    audit: Sequence[LabelledCase],
-    method: MethodConfig,
-    train: TrainConfig,
-    output_dir: str | Path,
-    on_event: EventCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> AdaptationResult:
-    """Validate inputs, add the method's adapters, train, and save the best audited adapter to output_dir/adapter."""
-    if not support:
-        raise InputError("no support (training) case given; at least one labelled volume is needed")
-    if not audit:
-        raise InputError("no audit case given; one labelled volume is held out to measure Dice during adaptation")
-    support_cases = load_labelled(support, model)
-    audit_cases = load_labelled(audit, model)
-    trainable = apply_method(model.network, method)
-    summary = adapt(model.network, model.card, support_cases, audit_cases, train, on_event, should_stop)
-    adapter_dir = save_adapters(
-        model.network, Path(output_dir) / "adapter", model.base_fingerprint,
-        {"model": model.card.id, "method": method.name, "rank": method.rank, "best_audit_dice": summary["best_dice"],
-         "best_step": summary["best_step"], "steps": train.steps, "seed": train.seed},
-    )
-    return AdaptationResult(trainable, model.num_parameters(), summary, adapter_dir)
 
 
 def predict_file(

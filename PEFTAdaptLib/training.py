@@ -2,7 +2,6 @@
 with a periodic Dice audit on a held-out case and selection of the best audited adapter state."""
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,16 @@ class TrainConfig:
     device: str = "cpu"
 
 
+def _random_state_to_json(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _random_state_from_json(state: list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
 class PatchSampler:
     """Random patches, half centred on foreground, via MONAI's RandCropByPosNegLabeld (seeded)."""
 
@@ -47,6 +56,14 @@ class PatchSampler:
             pos=pos_fraction, neg=1.0 - pos_fraction, num_samples=count, allow_smaller=True,
         )
         self.crop.set_random_state(seed=seed)
+
+    def state_dict(self) -> dict:
+        return {"chooser": self.rng.bit_generator.state,
+                "crop": _random_state_to_json(self.crop.cropper.R.get_state())}  # the inner cropper draws
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["chooser"]
+        self.crop.cropper.R.set_state(_random_state_from_json(state["crop"]))
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         case = self.cases[self.rng.integers(len(self.cases))]
@@ -94,6 +111,127 @@ def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, devic
     return float(np.mean(scores))
 
 
+class Trainer:
+    """The adaptation loop as an object whose whole state can be checkpointed and restored.
+
+    State: step, Dice history, losses, best audited unit tensors, optimizer moments, every RNG the loop draws from
+    (torch, the case chooser, MONAI's crop) and each hook's state — so a resumed run continues the same sequence.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        card: ModelCard,
+        support: Sequence[Case],
+        audit: Sequence[Case],
+        config: TrainConfig,
+        on_event: EventCallback | None = None,
+        hooks: Sequence[TrainingHook] = (),
+    ):
+        self.network, self.card, self.audit, self.config = network, card, audit, config
+        self.emit = on_event or (lambda event: None)
+        self.hooks = list(hooks)
+        torch.manual_seed(config.seed)
+        self.device = torch.device(config.device)
+        network.to(self.device)
+        freeze_base(network)
+        self.optimizer = torch.optim.AdamW(
+            trainable_parameters(network, active_only=False), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.sampler = PatchSampler(support, card.patch_size, config.patches_per_step, config.pos_fraction, config.seed)
+        self.context = TrainingContext(network, card, audit, config.device, self.emit)
+        self.step = 0
+        self.history: list[tuple[int, float]] = []
+        self.losses: list[float] = []
+        self.best_dice, self.best_step, self.best_state = -1.0, 0, self._unit_state()
+        self.seconds = 0.0
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _unit_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {f"{r.layer}::{r.name}": {k: v.detach().clone() for k, v in r.unit.state_dict().items()}
+                for r in iter_units(self.network)}
+
+    def _load_unit_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        units = {f"{r.layer}::{r.name}": r.unit for r in iter_units(self.network)}
+        for key, tensors in state.items():
+            units[key].load_state_dict(tensors)
+
+    def state_dict(self) -> dict:
+        """Everything but the current unit tensors (saved as the adapter itself)."""
+        return {
+            "step": self.step, "history": self.history, "losses": self.losses, "best_dice": self.best_dice,
+            "best_step": self.best_step, "best_state": self.best_state, "seconds": self.seconds,
+            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "sampler": self.sampler.state_dict(), "hooks": [h.state_dict() for h in self.hooks],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.history, self.losses = state["step"], [tuple(h) for h in state["history"]], state["losses"]
+        self.best_dice, self.best_step, self.best_state = state["best_dice"], state["best_step"], state["best_state"]
+        self.seconds = state["seconds"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.sampler.load_state_dict(state["sampler"])
+        for hook, hook_state in zip(self.hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+    def _audit(self) -> float:
+        score = self.context.audit_dice()
+        self.history.append((self.step, score))
+        self.emit({"event": "audit", "step": self.step, "dice": score})
+        if score > self.best_dice:
+            self.best_dice, self.best_step, self.best_state = score, self.step, self._unit_state()
+        return score
+
+    def _train_step(self) -> float:
+        self.network.train()
+        image, label = self.sampler()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.network(image.to(self.device))
+        loss = self.loss_fn(logits.float(), label.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def run(
+        self,
+        should_stop: Callable[[], bool] | None = None,
+        on_checkpoint: Callable[["Trainer"], None] | None = None,
+        checkpoint_every: int = 0,
+    ) -> bool:
+        """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume)."""
+        config = self.config
+        if not self.history:
+            self._audit()
+        session_start, seconds_before, first = time.monotonic(), self.seconds, self.step
+        while self.step < config.steps:
+            if should_stop is not None and should_stop():
+                return False
+            self.step += 1
+            self.losses.append(self._train_step())
+            elapsed = time.monotonic() - session_start
+            self.seconds = seconds_before + elapsed
+            self.emit({"event": "step", "step": self.step, "steps": config.steps, "loss": self.losses[-1],
+                       "eta_s": elapsed / (self.step - first) * (config.steps - self.step)})
+            for hook in self.hooks:
+                hook.after_step(self.step, self.context)
+            if self.step % config.audit_every == 0 or self.step == config.steps:
+                self._audit()
+            if on_checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                on_checkpoint(self)
+        return True
+
+    def finish(self) -> dict:
+        """Leave the network at the best audited state and summarise."""
+        self._load_unit_state(self.best_state)
+        self.network.eval()
+        return {"history": self.history, "losses": self.losses, "best_dice": self.best_dice,
+                "best_step": self.best_step, "seconds": self.seconds}
+
+
 def adapt(
     network: nn.Module,
     card: ModelCard,
@@ -108,48 +246,6 @@ def adapt(
 
     Emits events: `audit` (step, dice), `step` (step, loss, eta_s). Returns a summary with the Dice history.
     """
-    emit = on_event or (lambda event: None)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    network.to(device)
-    freeze_base(network)
-    params = trainable_parameters(network, active_only=False)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    sampler = PatchSampler(support, card.patch_size, config.patches_per_step, config.pos_fraction, config.seed)
-
-    def unit_state() -> dict:
-        return {f"{r.layer}::{r.name}": copy.deepcopy(r.unit.state_dict()) for r in iter_units(network)}
-
-    history = [(0, audit_dice(network, audit, card, config.device))]
-    emit({"event": "audit", "step": 0, "dice": history[0][1]})
-    best_dice, best_step, best_state = history[0][1], 0, unit_state()
-    context = TrainingContext(network, card, audit, config.device, emit)
-    start, losses = time.monotonic(), []
-    for step in range(1, config.steps + 1):
-        if should_stop is not None and should_stop():
-            break
-        network.train()
-        image, label = sampler()
-        loss = loss_fn(network(image.to(device)), label.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        elapsed = time.monotonic() - start
-        emit({"event": "step", "step": step, "steps": config.steps, "loss": losses[-1],
-              "eta_s": elapsed / step * (config.steps - step)})
-        for hook in hooks:
-            hook.after_step(step, context)
-        if step % config.audit_every == 0 or step == config.steps:
-            score = audit_dice(network, audit, card, config.device)
-            history.append((step, score))
-            emit({"event": "audit", "step": step, "dice": score})
-            if score > best_dice:
-                best_dice, best_step, best_state = score, step, unit_state()
-    units = {f"{r.layer}::{r.name}": r.unit for r in iter_units(network)}
-    for key, state in best_state.items():
-        units[key].load_state_dict(state)
-    network.eval()
-    return {"history": history, "losses": losses, "best_dice": best_dice, "best_step": best_step,
-            "seconds": time.monotonic() - start}
+    trainer = Trainer(network, card, support, audit, config, on_event, hooks)
+    trainer.run(should_stop)
+    return trainer.finish()

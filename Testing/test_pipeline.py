@@ -59,7 +59,7 @@ def test_demo_writes_a_reloadable_adapter_and_a_prediction_on_the_input_grid(tmp
 
     result = run_demo(tmp_path, steps=2)
     test_image = read_image(tmp_path / "data" / "test_t2like.nii.gz")
-    adapted = read_image(tmp_path / "test_prediction_adapted.nii.gz", what="label")
+    adapted = read_image(tmp_path / "predictions" / "test_t2like_seg.nii.gz", what="label")
     assert same_geometry(adapted, test_image)
     for name in ("dice_curve.png", "overlay.png", "adapter/adapter.safetensors"):
         assert (tmp_path / name).stat().st_size > 1000

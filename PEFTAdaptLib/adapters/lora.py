@@ -34,10 +34,11 @@ class LoRAUnit(AdapterUnit):
         super().__init__(layer, config)
         weight = layer.weight
         rows, cols = weight.shape[0], weight[0].numel()
-        r = config.r
-        if r < 1 or r > min(rows, cols):
-            raise ValueError(f"LoRA rank {r} must be between 1 and {min(rows, cols)} for a {tuple(weight.shape)} weight")
-        self.scaling = config.alpha / (math.sqrt(r) if config.use_rslora else r)
+        if config.r < 1:
+            raise ValueError(f"LoRA rank must be ≥ 1, got {config.r}")
+        # a rank above the layer's full rank only over-parameterises it: cap it (thin 1×1 convs, output heads)
+        r = self.rank = min(config.r, rows, cols)
+        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         self.lora_A = nn.Parameter(torch.empty(r, cols, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=weight.dtype))
         # principal part removed from the base when PiSSA initialises (zero otherwise): W' = W - P + s·BA
@@ -54,7 +55,7 @@ class LoRAUnit(AdapterUnit):
     @torch.no_grad()
     def _pissa_init(self, matrix: torch.Tensor) -> None:
         u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-        r = self.config.r
+        r = self.rank
         s_r = s[:r] / self.scaling
         self.lora_A.copy_((torch.diag(s_r.sqrt()) @ vh[:r]).to(self.lora_A.dtype))
         self.lora_B.copy_((u[:, :r] @ torch.diag(s_r.sqrt())).to(self.lora_B.dtype))

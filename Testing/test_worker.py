@@ -1,0 +1,259 @@
+"""The background worker as the GUI uses it: real subprocesses, the real default model, real BraTS files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from safetensors.torch import load_file
+
+from conftest import shared
+from PEFTAdaptLib.jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
+from PEFTAdaptLib.jobs.checkpoint import latest_checkpoint
+from PEFTAdaptLib.jobs.events import read_events
+from PEFTAdaptLib.worker import EXIT_CANCELLED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED, run_job
+
+
+def brats(case: int, name: str) -> str:
+    return str(shared(f"brats/brats_2013_pat000{case}_1/{name}"))
+
+
+def case(n: int, label: bool = True) -> CaseSpec:
+    return CaseSpec([brats(n, "T1c_subtrMeanDivStd.nii.gz")], brats(n, "brainmask.nii.gz") if label else None)
+
+
+def spec(steps=6, checkpoint_every=2, support=(3,), audit=4, **train) -> JobSpec:
+    return JobSpec(
+        model="deepbet-brain", support=[case(n) for n in support], audit=[case(audit)],
+        method=MethodSpec("lora", rank=2),
+        train=TrainSpec(steps=steps, lr=3e-3, patch_size=[64, 64, 64], patches_per_step=1, audit_every=100,
+                        checkpoint_every=checkpoint_every, seed=7, device="cpu", **train),
+    )
+
+
+def launch(job_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "PEFTAdaptLib.worker", str(job_dir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def events(job_dir: Path) -> list[dict]:
+    return read_events(job_dir)[0]
+
+
+def wait_for(job_dir: Path, predicate, timeout=300) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = events(job_dir)
+        if predicate(seen):
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; events so far: {[e['event'] for e in events(job_dir)]}")
+
+
+def adapter_tensors(folder: Path) -> dict:
+    return load_file(str(folder / "adapter.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """A reference run, also the 'previous round' of the re-adapt test."""
+    job = tmp_path_factory.mktemp("reference")
+    write_job(job, spec())
+    process = launch(job)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == EXIT_FINISHED, stderr
+    assert '"event": "finished"' in stdout  # events are echoed on stdout too
+    return job
+
+
+def test_events_arrive_live_and_the_job_finishes(tmp_path):
+    write_job(tmp_path, spec(steps=4))
+    process = launch(tmp_path)
+    live = wait_for(tmp_path, lambda seen: any(e["event"] == "step" for e in seen))
+    assert process.poll() is None, "a step event was readable while the worker still ran"
+    assert live[0]["event"] == "started" or live[0]["event"] == "audit"
+    assert process.wait(timeout=600) == EXIT_FINISHED
+    kinds = [e["event"] for e in events(tmp_path)]
+    for kind in ("started", "audit", "step", "checkpoint", "validation", "finished"):
+        assert kind in kinds
+    steps = [e for e in events(tmp_path) if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(e["eta_s"] >= 0 for e in steps)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 4
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_cancel_keeps_a_loadable_checkpoint_and_reports_cancelled(tmp_path):
+    write_job(tmp_path, spec(steps=200, checkpoint_every=2))
+    process = launch(tmp_path)
+    wait_for(tmp_path, lambda seen: any(e["event"] == "checkpoint" for e in seen))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == EXIT_CANCELLED
+    last = events(tmp_path)[-1]
+    assert last["event"] == "cancelled" and last["step"] < 200
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint is not None and adapter_tensors(checkpoint / "adapter")
+    # and it resumes from there
+    resumed = launch(tmp_path, "--resume")
+    (tmp_path / "cancel").touch()  # the cancel file works too
+    assert resumed.wait(timeout=300) == EXIT_CANCELLED
+    started = [e for e in events(tmp_path) if e["event"] == "started"]
+    assert started[-1]["resumed_from_step"] == last["step"]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    write_job(tmp_path, spec())
+    process = launch(tmp_path)
+    wait_for(tmp_path, lambda seen: any(e["event"] == "step" and e["step"] >= 3 for e in seen))
+    process.kill()  # SIGKILL: no handler runs
+    process.wait(timeout=60)
+    assert not any(e["event"] in ("finished", "cancelled") for e in events(tmp_path))
+    resumed = launch(tmp_path, "--resume")
+    assert resumed.wait(timeout=600) == EXIT_FINISHED
+    started = [e for e in events(tmp_path) if e["event"] == "started"]
+    assert started[-1]["resumed_from_step"] >= 2
+    ours, reference = adapter_tensors(tmp_path / "adapter"), adapter_tensors(uninterrupted / "adapter")
+    assert ours.keys() == reference.keys()
+    for key in ours:  # stated tolerance (docs/worker.md): 1e-5 absolute
+        assert np.allclose(ours[key].numpy(), reference[key].numpy(), atol=1e-5), key
+
+
+def test_two_jobs_run_side_by_side_and_one_job_takes_one_worker(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    write_job(first, spec(steps=3))
+    write_job(second, spec(steps=3))
+    a, b = launch(first), launch(second)
+    wait_for(first, lambda seen: len(seen) > 0)
+    intruder = launch(first)
+    assert intruder.wait(timeout=120) == EXIT_LOCKED
+    assert a.wait(timeout=600) == EXIT_FINISHED and b.wait(timeout=600) == EXIT_FINISHED
+    assert events(first)[-1]["event"] == "finished" and events(second)[-1]["event"] == "finished"
+
+
+def test_readapt_warm_starts_from_the_previous_adapter_and_improves_the_corrected_case(tmp_path, uninterrupted):
+    previous_final = next(e for e in events(uninterrupted) if e["event"] == "validation")["dice"]
+    job = spec(steps=12, support=(3, 6))  # case 6: the "corrected" volume, added for the new round
+    job.warm_start = str(uninterrupted / "adapter")
+    job.predict = [case(6, label=False)]
+    write_job(tmp_path, job)
+    assert run_job(tmp_path, echo=False) == EXIT_FINISHED
+    audits = [e for e in events(tmp_path) if e["event"] == "audit"]
+    assert audits[0]["step"] == 0 and audits[0]["dice"] == pytest.approx(previous_final, abs=1e-9)
+
+    from PEFTAdaptLib.models.deepbet import load_deepbet
+    from PEFTAdaptLib.pipeline import evaluate, predict_file, with_adapter
+
+    reference = sitk.ReadImage(brats(6, "brainmask.nii.gz"))
+    before = with_adapter(load_deepbet(), uninterrupted / "adapter")
+    _, old = predict_file(before, [brats(6, "T1c_subtrMeanDivStd.nii.gz")], tmp_path / "old.nii.gz")
+    new = sitk.ReadImage(str(tmp_path / "predictions" / "T1c_subtrMeanDivStd_seg.nii.gz"))
+    assert evaluate(new, reference, [1])["dice"] > evaluate(old, reference, [1])["dice"]
+
+
+def _bad_job(tmp_path: Path, mutate) -> tuple[int, list[dict], set[str]]:
+    job = spec(steps=2)
+    mutate(job, tmp_path)
+    write_job(tmp_path, job)
+    code = run_job(tmp_path, echo=False)
+    return code, events(tmp_path), {p.name for p in tmp_path.iterdir()}
+
+
+def _write(path: Path, array: np.ndarray, like: str | None = None) -> str:
+    image = sitk.GetImageFromArray(array)
+    if like:
+        image.CopyInformation(sitk.ReadImage(like))
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _shifted_label(job, tmp):
+    label = sitk.ReadImage(brats(3, "brainmask.nii.gz"))
+    label.SetOrigin((5.0, 0.0, 0.0))
+    sitk.WriteImage(label, str(tmp / "moved.nii.gz"))
+    job.support[0].label = str(tmp / "moved.nii.gz")
+
+
+def _label_values(job, tmp):
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(brats(3, "brainmask.nii.gz"))).astype(np.uint8) * 7
+    job.support[0].label = _write(tmp / "sevens.nii.gz", mask, brats(3, "brainmask.nii.gz"))
+
+
+def _empty_label(job, tmp):
+    empty = np.zeros(sitk.GetArrayFromImage(sitk.ReadImage(brats(3, "brainmask.nii.gz"))).shape, np.uint8)
+    job.support[0].label = _write(tmp / "empty.nii.gz", empty, brats(3, "brainmask.nii.gz"))
+
+
+def _nan_image(job, tmp):
+    array = sitk.GetArrayFromImage(sitk.ReadImage(brats(3, "T1c_subtrMeanDivStd.nii.gz")))
+    array[70, 100, 100] = np.inf
+    job.support[0].images = [_write(tmp / "inf.nrrd", array, brats(3, "T1c_subtrMeanDivStd.nii.gz"))]
+
+
+def _two_channels(job, tmp):
+    job.support[0].images = job.support[0].images * 2
+
+
+def _flat_image(job, tmp):
+    job.audit[0].images = [_write(tmp / "flat.nii.gz", np.random.rand(40, 40).astype(np.float32))]
+
+
+def _missing(job, tmp):
+    job.audit[0].label = str(tmp / "absent_mask.nii.gz")
+
+
+def _corrupt(job, tmp):
+    (tmp / "broken.nrrd").write_text("NRRD0004\ntype: float\nsizes: 9 9\n")
+    job.support[0].images = [str(tmp / "broken.nrrd")]
+
+
+def _budget_zero(job, tmp):
+    job.method.budget = 0
+
+
+def _budget_too_big(job, tmp):
+    job.method.budget = 10_000_000
+
+
+def _unknown_model(job, tmp):
+    job.model = "no-such-model"
+
+
+def _escape(job, tmp):
+    job.support[0].images = ["../../etc/passwd.nii.gz"]
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (_shifted_label, "moved.nii.gz: label geometry"),
+    (_label_values, "sevens.nii.gz: label values [7]"),
+    (_empty_label, "empty.nii.gz: label is empty"),
+    (_nan_image, "inf.nrrd: image contains NaN or infinite"),
+    (_two_channels, "2 image channel(s) given"),
+    (_flat_image, "flat.nii.gz: image is 2D"),
+    (_missing, "absent_mask.nii.gz: label file not found"),
+    (_corrupt, "broken.nrrd: cannot read image"),
+    (_budget_zero, "budget 0"),
+    (_budget_too_big, "budget 10000000"),
+    (_unknown_model, "unknown model 'no-such-model'"),
+    (_escape, "escapes the job folder"),
+])
+def test_bad_input_is_refused_before_training_and_writes_only_the_event_log(tmp_path, mutate, fragment):
+    code, seen, files = _bad_job(tmp_path, mutate)
+    assert code == EXIT_INVALID
+    assert [e["event"] for e in seen] == ["failed"]
+    assert fragment in seen[0]["message"]
+    created_by_test = {"moved.nii.gz", "sevens.nii.gz", "empty.nii.gz", "inf.nrrd", "flat.nii.gz", "broken.nrrd"}
+    assert files - created_by_test == {"job.json", "events.jsonl", "status.json", ".lock"}
+
+
+def test_unwritable_job_folder_is_reported(tmp_path):
+    write_job(tmp_path, spec())
+    (tmp_path / ".write-test").mkdir()  # the worker's write probe cannot be created: as for a read-only folder
+    assert run_job(tmp_path, echo=False) == EXIT_INVALID
+    assert "output folder is not writable" in events(tmp_path)[-1]["message"]
