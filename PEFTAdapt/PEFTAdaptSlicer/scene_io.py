@@ -23,6 +23,21 @@ class SegmentLabel:
     terminology: str = ""
 
 
+def remove_node(scene, node) -> None:
+    """Remove a temporary node with the display and storage nodes it brought along."""
+    if node is None:
+        return
+    dependents = []
+    for getter in ("GetNumberOfDisplayNodes", "GetNumberOfStorageNodes"):
+        if hasattr(node, getter):
+            kind = "Display" if "Display" in getter else "Storage"
+            dependents += [getattr(node, f"GetNth{kind}Node")(i) for i in range(getattr(node, getter)())]
+    scene.RemoveNode(node)
+    for dependent in dependents:
+        if dependent is not None and scene.IsNodePresent(dependent):
+            scene.RemoveNode(dependent)
+
+
 def _segmentations_logic(scene) -> slicer.vtkSlicerSegmentationsModuleLogic:
     logic = slicer.vtkSlicerSegmentationsModuleLogic()
     logic.SetMRMLScene(scene)
@@ -53,7 +68,7 @@ def read_labelmap(scene, path: Path, name: str):
     try:
         storage.SetFileName(str(path))
         if not storage.ReadData(node):
-            scene.RemoveNode(node)
+            remove_node(scene, node)
             raise SceneError(f"could not read the prediction {path}")
     finally:
         scene.RemoveNode(storage)
@@ -89,6 +104,7 @@ def write_segmentation_as_labelmap(
             f"({', '.join(l.name for l in foreground)}); rename or remove them"
         )
     logic = _segmentations_logic(scene)
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation_node.GetName()}_export")
     color_table = _color_table(scene, labels, f"{segmentation_node.GetName()}_colors")
     try:
@@ -101,8 +117,12 @@ def write_segmentation_as_labelmap(
             raise SceneError(f"could not export segmentation '{segmentation_node.GetName()}'")
         return write_volume(labelmap, path)
     finally:
-        scene.RemoveNode(labelmap)
-        scene.RemoveNode(color_table)
+        remove_node(scene, labelmap)
+        remove_node(scene, color_table)
+        # the export logic may add a `<segmentation>_ColorTable` for the temporary label map: leave no trace
+        for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+            if node.GetID() not in before and node.IsA("vtkMRMLColorTableNode"):
+                scene.RemoveNode(node)
 
 
 def _color_table(scene, labels: Sequence[SegmentLabel], name: str):
@@ -139,8 +159,8 @@ def import_prediction(
         _place_under_study(scene, segmentation_node, reference_volume)
         return segmentation_node
     finally:
-        scene.RemoveNode(labelmap)
-        scene.RemoveNode(color_table)
+        remove_node(scene, labelmap)
+        remove_node(scene, color_table)
 
 
 def _style_segments(segmentation_node, labels: Sequence[SegmentLabel]) -> None:

@@ -5,12 +5,11 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-from ..adapters.io import fingerprint
 from ..errors import ModelError
 from .card import LabelInfo, ModelCard
-from .deepbet_locator import BBOX_SHA256, DeepbetLocator
 from .foundation import FoundationModel
-from .linknet3d import load_from_torchscript
+
+BBOX_SHA256 = "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa"
 
 MODEL_ID = "deepbet-brain"
 #: sha256 of data/models/model.pt in deepbet 1.0.2
@@ -38,6 +37,7 @@ CARD = ModelCard(
     source="PyPI package deepbet 1.0.2 (data/models/model.pt), https://github.com/wwu-mmll/deepbet",
     divisible_by=32,
     fit_to_roi=True,
+    extra={"parameters": 2_126_258},
     citation="Fisch L. et al., deepbet: Fast brain extraction of T1-weighted MRI using Convolutional Neural Networks, "
     "Computers in Biology and Medicine 179 (2024).",
 )
@@ -70,6 +70,11 @@ def _verified(path: Path, expected: str) -> Path:
 
 
 def load_deepbet() -> FoundationModel:
+    # torch is imported here, not at module level: listing model cards must work before torch is installed
+    from ..adapters.io import fingerprint
+    from .deepbet_locator import DeepbetLocator
+    from .linknet3d import load_from_torchscript
+
     path = _verified(deepbet_weights_path(), MODEL_SHA256)
     locator_path = _verified(path.with_name("bbox_model.pt"), BBOX_SHA256)
     network = load_from_torchscript(str(path))

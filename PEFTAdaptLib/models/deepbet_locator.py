@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-BBOX_SHA256 = "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa"
 THUMBNAIL = (128, 128, 128)
 
 

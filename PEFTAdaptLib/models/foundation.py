@@ -3,17 +3,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from torch import nn
+if TYPE_CHECKING:  # torch stays unimported until a network is loaded
+    from torch import nn
 
 from .card import ModelCard
 
 
 @dataclass
 class FoundationModel:
-    network: nn.Module
+    network: "nn.Module"
     card: ModelCard
     #: sha256 of the pristine base weights; adapters record it so they only load onto this model
     base_fingerprint: str = ""

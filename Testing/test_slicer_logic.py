@@ -1,0 +1,116 @@
+"""The module's Logic on real MRML nodes (slicer-core) driving the real background worker on BraTS volumes."""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import shared
+from slicer_scene import load_segmentation, load_volume, new_scene
+
+from PEFTAdaptSlicer.logic import AdaptationRequest, PEFTAdaptSceneLogic  # noqa: E402
+from PEFTAdaptSlicer.scene_io import labels_from_card, write_segmentation_as_labelmap  # noqa: E402
+
+
+def brats(case: int, name: str):
+    return shared(f"brats/brats_2013_pat000{case}_1/{name}")
+
+
+@pytest.fixture
+def scene_logic(tmp_path):
+    scene = new_scene()
+    return PEFTAdaptSceneLogic(scene, pythonExecutable=sys.executable, workRoot=str(tmp_path / "jobs"))
+
+
+def pair(logic, case: int):
+    volume = load_volume(logic.scene, brats(case, "T1c_subtrMeanDivStd.nii.gz"), f"T1c {case}")
+    segmentation = load_segmentation(logic.scene, brats(case, "brainmask.nii.gz"), volume, f"brain {case}", "brain")
+    return volume, segmentation
+
+
+def request(logic, steps=4, **changes) -> AdaptationRequest:
+    values = dict(modelId="deepbet-brain", trainingPairs=[pair(logic, 3)], auditPair=pair(logic, 4), method="lora",
+                  rank=2, steps=steps, patchSize=64, device="cpu", seed=1, auditEvery=2, learningRate=3e-3)
+    values.update(changes)
+    return AdaptationRequest(**values)
+
+
+def dice_of(logic, segmentation, volume, reference_path, tmp_path) -> float:
+    labels = labels_from_card(logic.card("deepbet-brain")["labels"])
+    exported = write_segmentation_as_labelmap(segmentation, volume, labels, tmp_path / "check.nrrd")
+    ours = sitk.ReadImage(str(exported))
+    reference = sitk.Resample(sitk.ReadImage(str(reference_path)), ours, sitk.Transform(), sitk.sitkNearestNeighbor)
+    a, b = sitk.GetArrayFromImage(ours) > 0, sitk.GetArrayFromImage(reference) > 0
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_adaptation_fills_the_dice_table_live_and_imports_a_segmentation(scene_logic, tmp_path):
+    target = load_volume(scene_logic.scene, brats(6, "T1c_subtrMeanDivStd.nii.gz"), "T1c 6")
+    run = scene_logic.launch(request(scene_logic, targetVolumes=[target]))
+    rows_while_running = 0
+    deadline = time.monotonic() + 600
+    while not run.poll().finished and time.monotonic() < deadline:
+        if run.process.poll() is None:
+            rows_while_running = max(rows_while_running, len(run.monitor.dice_values()))
+        time.sleep(0.3)
+    assert run.state.outcome == "finished", run.state.message
+    assert rows_while_running >= 1, "the audit table gained rows while the worker was still running"
+    assert [step for step, _ in run.monitor.dice_values()][:3] == [0, 2, 4]
+    assert run.monitor.loss_table.GetTable().GetNumberOfRows() == 4
+
+    [segmentation] = run.importResults()
+    segment = segmentation.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == "brain"
+    assert np.allclose(segment.GetColor(), scene_logic.card("deepbet-brain")["labels"][1]["color"])
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is target
+    assert dice_of(scene_logic, segmentation, target, brats(6, "brainmask.nii.gz"), tmp_path) > 0.8
+
+
+def test_corrected_segmentation_feeds_a_warm_started_readapt(scene_logic):
+    first = scene_logic.launch(request(scene_logic))
+    assert first.wait(600).outcome == "finished", first.state.message
+    volume, corrected = pair(scene_logic, 6)  # the user's corrected segmentation of a new case
+    second = scene_logic.launch(request(
+        scene_logic, trainingPairs=[pair(scene_logic, 3), (volume, corrected)],
+        warmStartAdapter=str(first.adapterFolder)))
+    assert second.wait(600).outcome == "finished", second.state.message
+    previous_final = [e for e in _events(first) if e["event"] == "validation"][0]["dice"]
+    assert second.monitor.dice_values()[0][1] == pytest.approx(previous_final, abs=1e-9)
+    assert [e for e in _events(second) if e["event"] == "started"][0]["warm_start"]
+
+
+def test_cancel_leaves_the_scene_consistent(scene_logic):
+    job = request(scene_logic, steps=500)
+    nodes_before = scene_logic.scene.GetNumberOfNodes()
+    run = scene_logic.launch(job)
+    deadline = time.monotonic() + 300
+    while run.poll().step < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.cancel()
+    assert run.wait(120).outcome == "cancelled"
+    assert run.importResults() == []
+    # only the run's own monitor nodes were added: tables, chart, series — no half-imported segmentation
+    added = [scene_logic.scene.GetNthNode(i) for i in range(nodes_before, scene_logic.scene.GetNumberOfNodes())]
+    assert {n.GetClassName() for n in added} <= {"vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode"}
+    assert scene_logic.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
+
+
+def test_worker_failure_reaches_the_logic_as_a_readable_error(scene_logic):
+    volume, segmentation = pair(scene_logic, 3)
+    segmentation.GetSegmentation().GetNthSegment(0).SetName("brain")
+    empty = scene_logic.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    empty.GetSegmentation().AddEmptySegment("", "brain")
+    run = scene_logic.launch(request(scene_logic, trainingPairs=[(volume, empty)]))
+    state = run.wait(300)
+    assert state.outcome == "failed"
+    assert "train0_label.nrrd: label is empty" in state.message
+    assert state.describe().startswith("Failed: ")
+
+
+def _events(run):
+    from PEFTAdaptLib.jobs.events import read_events
+
+    return read_events(run.jobDir)[0]
