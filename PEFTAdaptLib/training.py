@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.transforms import RandCropByPosNegLabeld
+from monai.transforms.utils import map_binary_to_indices
 from torch import nn
 
 from .adapters import freeze_base, iter_units, trainable_parameters
@@ -54,8 +55,11 @@ class PatchSampler:
         self.crop = RandCropByPosNegLabeld(
             keys=("image", "label"), label_key="label", spatial_size=list(patch_size),
             pos=pos_fraction, neg=1.0 - pos_fraction, num_samples=count, allow_smaller=True,
+            fg_indices_key="fg", bg_indices_key="bg",
         )
         self.crop.set_random_state(seed=seed)
+        # foreground/background voxel indices once per case, not at every draw (it dominated a GPU step)
+        self.indices = [map_binary_to_indices(case.label > 0) for case in self.cases]
 
     def state_dict(self) -> dict:
         return {"chooser": self.rng.bit_generator.state,
@@ -66,8 +70,9 @@ class PatchSampler:
         self.crop.cropper.R.set_state(_random_state_from_json(state["crop"]))
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        case = self.cases[self.rng.integers(len(self.cases))]
-        samples = self.crop({"image": case.array, "label": case.label})
+        index = int(self.rng.integers(len(self.cases)))
+        case, (fg, bg) = self.cases[index], self.indices[index]
+        samples = self.crop({"image": case.array, "label": case.label, "fg": fg, "bg": bg})
         image = torch.stack([torch.as_tensor(np.asarray(s["image"])) for s in samples])
         label = torch.stack([torch.as_tensor(np.asarray(s["label"])) for s in samples])
         return image.float(), label.long()

@@ -1,8 +1,9 @@
 """The `peftadapt` console script: help, model list, and one-line errors naming the bad file (exit code ≠ 0)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +11,13 @@ import SimpleITK as sitk
 
 from conftest import shared
 
-PEFTADAPT = shutil.which("peftadapt")
+# the console script pip installed beside this interpreter (the venv need not be activated)
+PEFTADAPT = Path(sys.executable).with_name("peftadapt.exe" if sys.platform == "win32" else "peftadapt")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    assert PEFTADAPT, "the peftadapt console script is installed by `pip install -e .`"
-    return subprocess.run([PEFTADAPT, *args], capture_output=True, text=True, timeout=600)
+    assert PEFTADAPT.is_file(), f"{PEFTADAPT}: the peftadapt console script is installed by `pip install -e .`"
+    return subprocess.run([str(PEFTADAPT), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("command", ["adapt", "predict", "demo", "models"])
