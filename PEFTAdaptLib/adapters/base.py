@@ -18,9 +18,18 @@ from torch import nn
 from torch.func import functional_call
 
 #: layer types whose weight can be adapted
-ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (
+WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.GroupNorm, nn.LayerNorm,
+)
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ADAPTABLE_TYPES = WEIGHT_TYPES + NORM_TYPES
+#: tensors of a layer a unit may transform (parameters, and the running statistics of batch norms)
+LAYER_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 UNIT_TYPES: dict[str, type["AdapterUnit"]] = {}
 
@@ -49,6 +58,10 @@ class AdapterUnit(nn.Module):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     #: additive units (W + ΔW) commute; non-additive ones (SALT, SVD) run first, on the base weight
     additive: ClassVar[bool] = True
+    #: the layer types this unit can go on
+    layer_types: ClassVar[tuple[type[nn.Module], ...]] = WEIGHT_TYPES
+    #: False for output-space units (AdaptFormer): they add to the layer's output and cannot merge into weights
+    mergeable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -60,7 +73,12 @@ class AdapterUnit(nn.Module):
         self.config = config
 
     def apply(self, params: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
-        raise NotImplementedError
+        """Weight-space units transform the layer's tensors; output-space units return them unchanged."""
+        return params
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Output-space units add to the layer's output; weight-space units leave it."""
+        return y
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -114,7 +132,7 @@ class AdaptedLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------------
     def base_params(self) -> dict[str, torch.Tensor | None]:
-        return {"weight": self.base.weight, "bias": self.base.bias}
+        return {key: getattr(self.base, key, None) for key in LAYER_TENSORS if hasattr(self.base, key)}
 
     def effective_params(self) -> dict[str, torch.Tensor | None]:
         params = self.base_params()
@@ -127,7 +145,10 @@ class AdaptedLayer(nn.Module):
         if self.merged or not units:
             return self.base(x)
         params = {k: v for k, v in self.effective_params().items() if v is not None}
-        return functional_call(self.base, params, (x,))
+        y = functional_call(self.base, params, (x,))
+        for unit in units:
+            y = unit.adapt_output(x, y)
+        return y
 
     # -- merge ---------------------------------------------------------------------------------------------------
     @property
@@ -139,6 +160,9 @@ class AdaptedLayer(nn.Module):
         """Write the adapted weights into the base layer (plain inference speed); unmerge() restores them exactly."""
         if self.merged:
             return
+        blocking = [n for n, u in self.units.items() if self._active[n] and not u.mergeable]
+        if blocking:
+            raise RuntimeError(f"active units {blocking} act on the output and cannot be merged into the weights")
         effective = self.effective_params()
         self._original = {k: v.detach().clone() for k, v in self.base_params().items() if v is not None}
         for key, value in effective.items():
@@ -153,10 +177,10 @@ class AdaptedLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        for key in ("weight", "bias"):
+        for key in LAYER_TENSORS:
             if key in self._original:
                 getattr(self.base, key).copy_(self._original[key])
-            elif getattr(self.base, key, None) is not None:
+            elif getattr(self.base, key, None) is not None:  # a unit had added it (e.g. an affine on a plain norm)
                 setattr(self.base, key, None)
         self._original = None
 
@@ -167,13 +191,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def base_layer_names(model: nn.Module) -> list[str]:
-    """Names of adaptable layers, as they are named in the un-adapted model (AdaptedLayer's `.base` hidden)."""
+def base_layer_names(model: nn.Module, types: tuple[type[nn.Module], ...] = ADAPTABLE_TYPES) -> list[str]:
+    """Names of adaptable layers of `types`, as named in the un-adapted model (AdaptedLayer's `.base` hidden)."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            names.append(name)
-        elif isinstance(module, ADAPTABLE_TYPES) and not name.endswith(".base") and ".units." not in f".{name}.":
+        if ".units." in f".{name}." or name.endswith(".base"):
+            continue
+        layer = module.base if isinstance(module, AdaptedLayer) else module
+        if isinstance(layer, types):
             names.append(name)
     return names
 
@@ -187,7 +212,8 @@ def add_units(
     layers: Sequence[str] | None = None,
 ) -> list[UnitRecord]:
     """Put one `unit_class` unit named `name` on every matching layer (or on the given `layers`)."""
-    chosen = [n for n in base_layer_names(model) if (n in layers if layers is not None else config.matches(n))]
+    names = base_layer_names(model, unit_class.layer_types)
+    chosen = [n for n in names if (n in layers if layers is not None else config.matches(n))]
     records = []
     for layer_name in chosen:
         module = model.get_submodule(layer_name)
@@ -197,7 +223,8 @@ def add_units(
             module = AdaptedLayer(module)
             _set_submodule(model, layer_name, module)
         base = module.base
-        unit = unit_class(base, config).to(base.weight.device)
+        tensors = [t for t in list(base.parameters()) + list(base.buffers())]
+        unit = unit_class(base, config).to(tensors[0].device if tensors else "cpu")
         module.add_unit(name, unit, active=active)
         records.append(UnitRecord(layer_name, name, unit, module))
     return records

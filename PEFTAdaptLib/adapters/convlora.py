@@ -1,0 +1,44 @@
+"""ConvLoRA in the ConvLoRA paper's factorisation (Aleem et al., ISBI 2024): ΔW = view(B A) · α/r with
+A ∈ R^{(r·k) × (C_in·k^{d-1})}, B ∈ R^{(C_out·k) × (r·k)} — a rank ≤ r·k update in a (C_out·k) × (C_in·k^{d-1})
+matricisation (the paper's 2D code, generalised to d spatial dims). HF peft's factorisation (k^d conv to r channels,
+then 1×1) is `LoRAUnit` on a conv; `ConvLoRAConfig(factorisation="peft")` selects it through `unit_class_for`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import CONV_TYPES, AdapterConfig, AdapterUnit
+
+
+@dataclass
+class ConvLoRAConfig(AdapterConfig):
+    r: int = 2
+    alpha: float = 2.0
+    #: "paper" (this class) or "peft" (LoRA-conv, `LoRAUnit`)
+    factorisation: str = "paper"
+
+
+class ConvLoRAUnit(AdapterUnit):
+    kind = "convlora"
+    config_class = ConvLoRAConfig
+    layer_types = CONV_TYPES
+
+    def __init__(self, layer: nn.Module, config: ConvLoRAConfig):
+        super().__init__(layer, config)
+        c_out, c_in_per_group, *kernel = layer.weight.shape
+        if len(set(kernel)) != 1:
+            raise ValueError(f"ConvLoRA needs a cubic kernel, got {tuple(kernel)}")
+        k, d = kernel[0], len(kernel)
+        self.scaling = config.alpha / config.r
+        dtype = layer.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(config.r * k, c_in_per_group * k ** (d - 1), dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(c_out * k, config.r * k, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def apply(self, params):
+        weight = params["weight"]
+        return {**params, "weight": weight + self.scaling * (self.lora_B @ self.lora_A).view(weight.shape)}

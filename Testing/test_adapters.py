@@ -1,0 +1,198 @@
+"""Every adapter type: identity at initialisation, gates, merge/unmerge, closed-form parameter counts,
+save/load round trips, and independent checks of SALT's formula and AdaBN's statistics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from PEFTAdaptLib.adapters import (
+    AdaBNConfig, AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, LoRAConfig, NormAffineConfig, SALTConfig,
+    SVDConfig, apply_adapter, count_trainable, estimate_adabn, fingerprint, freeze_base, iter_units, load_adapters,
+    merge_all, save_adapters, unmerge_all,
+)
+from PEFTAdaptLib.errors import ModelError
+
+
+class Net(nn.Module):
+    """Every layer family the library adapts: conv, batch/instance/layer norm, transposed conv, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm3d(6)
+        self.inorm = nn.InstanceNorm3d(6)  # no affine: norm-affine must add one
+        self.up = nn.ConvTranspose3d(6, 4, 2, stride=2)
+        self.fc = nn.Linear(4, 5)
+        self.ln = nn.LayerNorm(5)
+
+    def forward(self, x):
+        h = self.inorm(torch.relu(self.bn(self.conv(x))))
+        h = self.up(h).amax(dim=(2, 3, 4))  # max, not mean: the instance norm would cancel a mean
+        return self.ln(self.fc(h))
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():  # non-trivial BN statistics, as in a trained network
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+# (config, {layer: closed-form trainable count})
+CASES = {
+    "lora": (LoRAConfig(r=2, alpha=4), {"conv": 2 * (2 * 27 + 6), "up": 2 * (6 + 4 * 8), "fc": 2 * (4 + 5)}),
+    "lora_rs_pissa": (LoRAConfig(r=2, alpha=4, use_rslora=True, init="pissa", target_modules=("conv", "fc")),
+                      {"conv": 2 * (2 * 27 + 6), "fc": 2 * (4 + 5)}),
+    "convlora_paper": (ConvLoRAConfig(r=2, alpha=2), {"conv": 2 * 3 * (2 * 9 + 6 * 3)}),
+    "convlora_peft": (ConvLoRAConfig(r=2, alpha=2, factorisation="peft", target_modules=("conv",)),
+                      {"conv": 2 * (2 * 27 + 6)}),
+    "salt": (SALTConfig(rank=2, lora_rank=2), {"conv": 2 * 2 + 2 * 4 * 2, "up": 2 * 2 + 2 * 4 * 2,
+                                               "fc": 2 * 2 + 2 * 2 * 2}),
+    "svd": (SVDConfig(), {"conv": 2 * 6, "up": 2 * 6, "fc": 2 * 4}),
+    "norm_affine": (NormAffineConfig(), {"bn": 12, "inorm": 12, "ln": 10}),
+    "bitfit": (BitFitConfig(), {"conv": 6, "up": 4, "fc": 5}),
+    "adaptformer": (AdaptFormerConfig(bottleneck=3), {"fc": 4 * 3 + 3 + 3 * 5 + 5}),
+    "adabn": (AdaBNConfig(), {"bn": 0}),
+}
+
+
+def adapted(name: str):
+    net = make_net()
+    config, _ = CASES[name]
+    apply_adapter(net, copy.deepcopy(config), "unit")
+    freeze_base(net)
+    return net
+
+
+def perturb(net: nn.Module) -> None:
+    """Stand-in for training steps: move every unit tensor (AdaBN statistics included) off its start."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for record in iter_units(net):
+            statistics = [b for n, b in record.unit.named_buffers() if n.startswith("running_")]
+            for tensor in list(record.unit.parameters()) + statistics:
+                tensor.add_(0.3 * torch.rand(tensor.shape, generator=generator) * tensor.abs().mean().clamp(min=0.1))
+
+
+X = torch.randn(3, 2, 6, 6, 6, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_identity_at_initialisation(name):
+    assert (adapted(name)(X) - make_net()(X)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_exact_parameter_count(name):
+    net = adapted(name)
+    counts = {r.layer: r.unit.num_trainable() for r in iter_units(net)}
+    assert counts == CASES[name][1]
+    assert count_trainable(net) == sum(CASES[name][1].values())
+    assert count_trainable(net) == sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gate_off_restores_the_base_and_keeps_trained_weights(name):
+    net = adapted(name)
+    perturb(net)
+    trained = net(X)
+    assert (trained - make_net()(X)).abs().max() > 1e-4, "perturbed units change the output"
+    for record in iter_units(net):
+        record.owner.set_active(record.name, False)
+    assert torch.allclose(net(X), make_net()(X), atol=1e-6)
+    for record in iter_units(net):
+        record.owner.set_active(record.name, True)
+    assert torch.equal(net(X), trained)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "adaptformer"])
+def test_merge_matches_and_unmerge_restores_the_base_exactly(name):
+    net = adapted(name)
+    perturb(net)
+    expected = net(X)
+    base_state = {k: v.clone() for k, v in make_net().state_dict().items()}
+    merge_all(net)
+    merged = net(X)
+    assert ((merged - expected).norm() / expected.norm()).item() <= 1e-4
+    # the merged layers run as plain layers: a copy of the bare base modules gives the same output
+    plain = make_net()
+    for layer_name, layer in net.named_modules():
+        if hasattr(layer, "base") and hasattr(layer, "units"):
+            parent, _, child = layer_name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, copy.deepcopy(layer.base))
+    assert torch.allclose(plain(X), merged, rtol=1e-5, atol=1e-6)
+    unmerge_all(net)
+    restored = {k.replace(".base.", ".").replace("base.", ""): v for k, v in net.state_dict().items()
+                if ".units." not in f".{k}."}
+    for key, value in base_state.items():
+        assert torch.equal(restored[key], value), key
+    assert getattr(net.inorm, "base", net.inorm).weight is None  # the added affine is gone again
+
+
+def test_output_space_adapter_refuses_to_merge():
+    net = adapted("adaptformer")
+    with pytest.raises(RuntimeError, match="cannot be merged"):
+        merge_all(net)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_save_load_round_trip_and_wrong_base(tmp_path, name):
+    net = adapted(name)
+    perturb(net)
+    expected = net(X)
+    save_adapters(net, tmp_path / "adapter", fingerprint(make_net()), {"case": name})
+    fresh = make_net()
+    load_adapters(fresh, tmp_path / "adapter", fingerprint(make_net()))
+    assert torch.equal(fresh(X), expected)
+    other = make_net()
+    with torch.no_grad():
+        other.fc.weight.add_(1e-3)
+    with pytest.raises(ModelError, match="different base model"):
+        load_adapters(other, tmp_path / "adapter", fingerprint(other))
+
+
+def test_salt_equals_a_dense_evaluation_of_its_formula():
+    torch.manual_seed(3)
+    layer = nn.Linear(7, 9)
+    net = nn.Sequential(copy.deepcopy(layer))
+    [record] = apply_adapter(net, SALTConfig(rank=3, lora_rank=2), "salt")
+    unit = record.unit
+    with torch.no_grad():
+        unit.scale.copy_(torch.tensor([1.5, 0.2, -0.4]))  # -0.4 drives a singular value negative: ReLU clips
+        unit.shift.copy_(torch.tensor([0.1, -0.3, 0.05]))
+        unit.X.normal_()
+        unit.Y.normal_()
+    # independent dense formula: W' = U ReLU(Σ') Vᵀ, Σ' = diag(aσ_top + b) ⊕ (diag σ_rest + X Y)
+    u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    a, b = unit.scale.detach().double(), unit.shift.detach().double()
+    xy = unit.X.detach().double() @ unit.Y.detach().double()
+    sigma = torch.zeros(7, 7, dtype=torch.double)
+    sigma[:3, :3] = torch.diag(a * s[:3] + b)
+    sigma[3:, 3:] = torch.diag(s[3:]) + xy
+    weight = u @ torch.relu(sigma) @ vh
+    x = torch.randn(4, 7)
+    expected = x.double() @ weight.T + layer.bias.detach().double()
+    assert torch.allclose(net(x).double(), expected, atol=1e-5)
+
+
+def test_adabn_estimates_target_batch_statistics():
+    net = adapted("adabn")
+    target = [torch.randn(2, 2, 6, 6, 6) * 3 + 1 for _ in range(3)]
+    assert estimate_adabn(net, target) == 3
+    [record] = list(iter_units(net))
+    with torch.no_grad():
+        inputs = [net.conv(t) for t in target]
+    dims = (0, 2, 3, 4)
+    expected_mean = torch.stack([i.mean(dim=dims) for i in inputs]).mean(0)
+    expected_var = torch.stack([i.var(dim=dims) for i in inputs]).mean(0)
+    assert torch.allclose(record.unit.running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(record.unit.running_var, expected_var, atol=1e-4)
+    # the gate switches between source and target statistics
+    source = make_net().bn.running_mean
+    assert not torch.allclose(record.unit.running_mean, source)
+    assert count_trainable(net) == 0
