@@ -17,7 +17,7 @@ class MethodConfig:
     target_modules: tuple[str, ...] = ("*",)
 
 
-METHODS = ("lora",)
+METHODS = ("lora", "sea-peft")
 
 
 RANKS = (1, 2, 4, 8, 16, 32)
@@ -38,6 +38,22 @@ def rank_for_budget(network: nn.Module, config: MethodConfig, budget: int) -> in
         raise PEFTAdaptError(f"a budget of {budget:,} parameters is smaller than {config.name} at rank 1 on every "
                              "layer needs; raise the budget or let sea-peft choose the layers")
     return best
+
+
+def build_method(network: nn.Module, config: MethodConfig, budget: int | None, lr: float, seed: int,
+                 audit_every: int = 10) -> tuple[int, list]:
+    """Add the method's units; return (trainable parameters at start, training hooks). SEA-PEFT returns its
+    allocator as a hook and needs a parameter `budget`."""
+    if config.name != "sea-peft":
+        return apply_method(network, config), []
+    from .seapeft import SeaPeftConfig, SeaPeftHook, build_pool
+
+    if budget is None:
+        raise PEFTAdaptError("sea-peft needs a parameter budget (a fraction of the model or a count)")
+    pool = build_pool(network)
+    hook = SeaPeftHook(network, pool, SeaPeftConfig(budget=budget, lr=lr, seed=seed, audit_every=audit_every,
+                                                    allocate_every=2 * audit_every))
+    return 0, [hook]
 
 
 def apply_method(network: nn.Module, config: MethodConfig) -> int:

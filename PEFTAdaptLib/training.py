@@ -101,6 +101,8 @@ class TrainingHook(Protocol):
 
     def after_step(self, step: int, context: TrainingContext) -> None: ...
 
+    # optional: `on_start(context)`, called once before the step-0 audit
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -153,14 +155,17 @@ class Trainer:
         self.seconds = 0.0
 
     # -- state ---------------------------------------------------------------------------------------------------
-    def _unit_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {f"{r.layer}::{r.name}": {k: v.detach().clone() for k, v in r.unit.state_dict().items()}
+    def _unit_state(self) -> dict[str, dict]:
+        """Every unit's tensors and gate: an allocator changes both, and the best state needs both."""
+        return {f"{r.layer}::{r.name}": {"tensors": {k: v.detach().clone() for k, v in r.unit.state_dict().items()},
+                                         "active": r.active}
                 for r in iter_units(self.network)}
 
-    def _load_unit_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        units = {f"{r.layer}::{r.name}": r.unit for r in iter_units(self.network)}
-        for key, tensors in state.items():
-            units[key].load_state_dict(tensors)
+    def _load_unit_state(self, state: dict[str, dict]) -> None:
+        records = {f"{r.layer}::{r.name}": r for r in iter_units(self.network)}
+        for key, saved in state.items():
+            records[key].unit.load_state_dict(saved["tensors"])
+            records[key].owner.set_active(records[key].name, saved["active"])
 
     def state_dict(self) -> dict:
         """Everything but the current unit tensors (saved as the adapter itself)."""
@@ -210,6 +215,9 @@ class Trainer:
         """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume)."""
         config = self.config
         if not self.history:
+            for hook in self.hooks:
+                if hasattr(hook, "on_start"):
+                    hook.on_start(self.context)
             self._audit()
         session_start, seconds_before, first = time.monotonic(), self.seconds, self.step
         while self.step < config.steps:

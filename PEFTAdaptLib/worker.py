@@ -25,7 +25,7 @@ from .jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .jobs.events import EventLog
 from .jobs.lock import JobLock, JobLocked
 from .jobs.spec import CaseSpec, JobSpec, inside_job, load_job, resolve_input
-from .methods import MethodConfig, apply_method, rank_for_budget
+from .methods import METHODS, MethodConfig, build_method, rank_for_budget
 from .models.foundation import FoundationModel
 from .models.registry import load_model
 from .training import TrainConfig, Trainer
@@ -91,17 +91,21 @@ def _check_writable(job_dir: Path) -> None:
         raise InputError(f"{job_dir}: output folder is not writable ({exc.strerror})") from None
 
 
-def _method_config(spec: JobSpec, model: FoundationModel) -> MethodConfig:
+def _method_config(spec: JobSpec, model: FoundationModel) -> tuple[MethodConfig, int | None]:
+    """The method and its parameter budget (a count); fixed LoRA with a budget takes the largest rank that fits."""
     method = MethodConfig(spec.method.name, rank=spec.method.rank)
+    if method.name not in METHODS:
+        raise InputError(f"unknown method '{method.name}'; choose one of {', '.join(METHODS)}")
     budget = spec.method.budget
     if budget is None:
-        return method
+        return method, (int(0.01 * model.num_parameters()) if method.name == "sea-peft" else None)
     total = model.num_parameters()
     count = budget * total if budget <= 1 else budget
     if budget <= 0 or count > total:
         raise InputError(f"budget {budget} must be > 0 and at most the model's {total:,} parameters (or a fraction ≤ 1)")
-    method.rank = rank_for_budget(model.network, method, int(count))
-    return method
+    if method.name == "lora":
+        method.rank = rank_for_budget(model.network, method, int(count))
+    return method, int(count)
 
 
 def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None,
@@ -169,13 +173,15 @@ def _run(job_dir: Path, resume: bool, device_override: str | None, emit, running
     for images in predict_inputs:
         for path in images:
             read_image(path)
-    method = _method_config(spec, model)
+    method, budget = _method_config(spec, model)
     warm = resolve_input(job_dir, spec.warm_start) if spec.warm_start else None
     torch.manual_seed(spec.train.seed)  # adapter initialisation is part of the seeded run
+    hooks = []
     if warm is not None:
         load_adapters(model.network, warm, model.base_fingerprint)
     else:
-        apply_method(model.network, method)
+        _, hooks = build_method(model.network, method, budget, spec.train.lr, spec.train.seed,
+                                spec.train.audit_every)
     card = model.card
     if spec.train.patch_size:
         from dataclasses import replace
@@ -183,7 +189,7 @@ def _run(job_dir: Path, resume: bool, device_override: str | None, emit, running
         card = replace(card, patch_size=tuple(spec.train.patch_size))
     config = TrainConfig(steps=spec.train.steps, lr=spec.train.lr, patches_per_step=spec.train.patches_per_step,
                          audit_every=spec.train.audit_every, seed=spec.train.seed, device=device)
-    trainer = Trainer(model.network, card, support, audit, config, emit)
+    trainer = Trainer(model.network, card, support, audit, config, emit, hooks)
     trainer.base_fingerprint = model.base_fingerprint
     trainer.metadata = {"model": model.card.id, "method": method.name, "rank": method.rank, "seed": config.seed}
     running["trainer"] = trainer
@@ -194,7 +200,7 @@ def _run(job_dir: Path, resume: bool, device_override: str | None, emit, running
         load_checkpoint(checkpoint, trainer, model.base_fingerprint)
     emit({"event": "started", "model": model.card.id, "method": method.name, "rank": method.rank,
           "device": device, "steps": config.steps, "resumed_from_step": trainer.step,
-          "trainable": count_trainable(model.network), "total": model.num_parameters(),
+          "trainable": count_trainable(model.network), "total": model.num_parameters(), "budget": budget,
           "warm_start": str(warm) if warm else None})
 
     def checkpoint_now(t: Trainer) -> None:

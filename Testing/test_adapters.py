@@ -196,3 +196,14 @@ def test_adabn_estimates_target_batch_statistics():
     source = make_net().bn.running_mean
     assert not torch.allclose(record.unit.running_mean, source)
     assert count_trainable(net) == 0
+
+
+def test_merge_and_unload_leaves_plain_layers_with_the_adapted_function():
+    from PEFTAdaptLib.adapters import AdaptedLayer, merge_and_unload
+
+    net = adapted("lora")
+    perturb(net)
+    expected = net(X)
+    merge_and_unload(net)
+    assert not any(isinstance(m, AdaptedLayer) for m in net.modules())
+    assert torch.allclose(net(X), expected, rtol=1e-5, atol=1e-6)

@@ -30,8 +30,9 @@ def build(variant: str):
     net = UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
     from PEFTAdaptLib import adapters as A
 
+    convs = tuple(n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d))  # the layers peft adapts too
     configs = {
-        "lora_r4": A.LoRAConfig(r=4, alpha=4, target_modules=("*conv*",)),
+        "lora_r4": A.LoRAConfig(r=4, alpha=4, target_modules=convs),
         "convlora_paper_r2": A.ConvLoRAConfig(r=2, alpha=2),
         "salt": A.SALTConfig(ratio=0.1, lora_rank=4),
         "svd": A.SVDConfig(),
@@ -45,11 +46,10 @@ def build(variant: str):
     elif variant == "peft_lora_r4":
         from peft import LoraConfig, get_peft_model
 
-        names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d) and "conv" in n]
-        net = get_peft_model(net, LoraConfig(r=4, lora_alpha=4, target_modules=names))
+        net = get_peft_model(net, LoraConfig(r=4, lora_alpha=4, target_modules=list(convs)))
     elif variant == "merged_inference":
-        A.apply_adapter(net, A.LoRAConfig(r=4, alpha=4, target_modules=("*conv*",)), "bench")
-        A.merge_all(net)
+        A.apply_adapter(net, A.LoRAConfig(r=4, alpha=4, target_modules=convs), "bench")
+        A.merge_and_unload(net)
     elif variant in ("frozen_base", "base_inference"):
         for p in net.parameters():
             p.requires_grad_(False)

@@ -8,7 +8,7 @@ from torch import nn
 from .adaptformer import AdaptFormerConfig, AdaptFormerUnit
 from .base import (
     AdaptedLayer, AdapterConfig, AdapterUnit, UNIT_TYPES, UnitRecord, add_units, count_base_parameters,
-    count_trainable, freeze_base, iter_units, merge_all, trainable_parameters, unmerge_all,
+    count_trainable, freeze_base, iter_units, merge_all, merge_and_unload, trainable_parameters, unmerge_all,
 )
 from .bitfit import BitFitConfig, BitFitUnit
 from .convlora import ConvLoRAConfig, ConvLoRAUnit
@@ -41,6 +41,6 @@ __all__ = [
     "AdapterUnit", "BitFitConfig", "BitFitUnit", "ConvLoRAConfig", "ConvLoRAUnit", "LoRAConfig", "LoRAUnit",
     "NormAffineConfig", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit", "UNIT_TYPES",
     "UnitRecord", "add_units", "apply_adapter", "count_base_parameters", "count_trainable", "estimate_adabn",
-    "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "save_adapters",
+    "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "merge_and_unload", "save_adapters",
     "trainable_parameters", "unit_class_for", "unmerge_all",
 ]

@@ -270,6 +270,15 @@ def merge_all(model: nn.Module) -> None:
         layer.merge()
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapted layer and put its plain base layer back in its place: a model with no adapter
+    machinery left, running at the base model's speed (for deployment; not reversible)."""
+    for name, layer in list(adapted_layers(model)):
+        layer.merge()
+        _set_submodule(model, name, layer.base)
+    return model
+
+
 def unmerge_all(model: nn.Module) -> None:
     for _, layer in adapted_layers(model):
         layer.unmerge()
