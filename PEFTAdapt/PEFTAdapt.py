@@ -61,8 +61,7 @@ class AdaptationMethod(enum.Enum):
     SALT = "salt"
     LORA = "lora"
     CONVLORA = "convlora"
-    ADABN = "adabn"
-    LABEL_FREE = "label-free"
+    NORM_AFFINE = "norm-affine"
 
 
 @parameterNodeWrapper

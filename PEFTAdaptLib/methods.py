@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import LoRAConfig, LoRAUnit, add_units, count_trainable
+from .adapters import ConvLoRAConfig, LoRAConfig, NormAffineConfig, SALTConfig, apply_adapter, count_trainable
 from .errors import PEFTAdaptError
 
 
@@ -17,14 +17,14 @@ class MethodConfig:
     target_modules: tuple[str, ...] = ("*",)
 
 
-METHODS = ("lora", "sea-peft")
+METHODS = ("lora", "sea-peft", "salt", "convlora", "norm-affine")
 
 
 RANKS = (1, 2, 4, 8, 16, 32)
 
 
 def rank_for_budget(network: nn.Module, config: MethodConfig, budget: int) -> int:
-    """The largest LoRA rank whose exact trainable-parameter count fits `budget` (a fixed-topology method)."""
+    """The largest rank (LoRA, ConvLoRA, SALT residual rank) whose exact trainable-parameter count fits `budget`."""
     import copy
 
     best = None
@@ -57,11 +57,17 @@ def build_method(network: nn.Module, config: MethodConfig, budget: int | None, l
 
 
 def apply_method(network: nn.Module, config: MethodConfig) -> int:
-    """Add the method's adapter units to `network`; return the number of trainable parameters."""
-    if config.name == "lora":
-        lora = LoRAConfig(r=config.rank, alpha=config.alpha or config.rank, target_modules=config.target_modules)
-        if not add_units(network, lora, LoRAUnit, "lora"):
-            raise PEFTAdaptError(f"no layer matches {list(config.target_modules)}; nothing to adapt")
-    else:
+    """Add a fixed-topology method's adapter units to `network`; return the number of trainable parameters."""
+    configs = {
+        "lora": lambda: LoRAConfig(r=config.rank, alpha=config.alpha or config.rank,
+                                   target_modules=config.target_modules),
+        "salt": lambda: SALTConfig(ratio=0.1, lora_rank=config.rank, target_modules=config.target_modules),
+        "convlora": lambda: ConvLoRAConfig(r=config.rank, alpha=config.alpha or config.rank,
+                                           target_modules=config.target_modules),
+        "norm-affine": lambda: NormAffineConfig(target_modules=config.target_modules),
+    }
+    if config.name not in configs:
         raise PEFTAdaptError(f"unknown method '{config.name}'; choose one of {', '.join(METHODS)}")
+    if not apply_adapter(network, configs[config.name](), config.name.replace("-", "_")):
+        raise PEFTAdaptError(f"{config.name}: no layer of this model can take it (patterns {list(config.target_modules)})")
     return count_trainable(network)

@@ -103,7 +103,7 @@ def _method_config(spec: JobSpec, model: FoundationModel) -> tuple[MethodConfig,
     count = budget * total if budget <= 1 else budget
     if budget <= 0 or count > total:
         raise InputError(f"budget {budget} must be > 0 and at most the model's {total:,} parameters (or a fraction ≤ 1)")
-    if method.name == "lora":
+    if method.name in ("lora", "convlora", "salt"):
         method.rank = rank_for_budget(model.network, method, int(count))
     return method, int(count)
 

@@ -77,7 +77,7 @@ def test_monitor_turns_events_into_table_and_plot_rows():
     monitor.handle({"event": "step", "step": 1, "steps": 20, "loss": 0.9})
     monitor.handle({"event": "unit_audit", "unit": "down0::lora_r4", "site": "down0", "family": "lora", "rank": 4,
                     "cost": 1024, "utility": 1e-5, "delta_dice": 0.01, "state": "inactive"})
-    monitor.handle({"event": "allocation", "unit": "down0::lora_r4", "state": "active"})
+    monitor.handle({"event": "unit_state", "unit": "down0::lora_r4", "state": "active"})
     assert monitor.dice_values() == [(0, 0.61), (10, 0.72), (20, 0.70)]
     assert monitor.loss_table.GetTable().GetNumberOfRows() == 1
     units = monitor.units_table.GetTable()

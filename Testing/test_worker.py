@@ -257,3 +257,15 @@ def test_unwritable_job_folder_is_reported(tmp_path):
     (tmp_path / ".write-test").mkdir()  # the worker's write probe cannot be created: as for a read-only folder
     assert run_job(tmp_path, echo=False) == EXIT_INVALID
     assert "output folder is not writable" in events(tmp_path)[-1]["message"]
+
+
+@pytest.mark.parametrize("method, kind", [("salt", "salt"), ("convlora", "convlora"), ("norm-affine", "norm_affine")])
+def test_fixed_methods_run_through_the_worker(tmp_path, method, kind):
+    job = spec(steps=2)
+    job.method = MethodSpec(method, rank=2)
+    write_job(tmp_path, job)
+    assert run_job(tmp_path, echo=False) == EXIT_FINISHED
+    started = next(e for e in events(tmp_path) if e["event"] == "started")
+    assert started["method"] == method and 0 < started["trainable"] < 0.05 * started["total"]
+    saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert {u["kind"] for u in saved["units"]} == {kind}

@@ -64,7 +64,7 @@ class AdaptationMonitor:
             _append_row(self.dice_table, (event["step"], event["dice"]))
         elif kind == "step" and "loss" in event:
             _append_row(self.loss_table, (event["step"], event["loss"]))
-        elif kind in ("unit_audit", "allocation") and "unit" in event:
+        elif kind in ("unit_audit", "unit_state") and "unit" in event:
             self._update_unit(event)
 
     def _update_unit(self, event: dict) -> None:
