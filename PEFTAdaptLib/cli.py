@@ -125,6 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
     from .models.registry import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
@@ -150,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a support case (repeatable); channels comma-separated")
     adapt.add_argument("--audit", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"),
                        help="a held-out case whose Dice is audited during adaptation (repeatable)")
-    adapt.add_argument("--method", default="lora", help="adaptation method (lora)")
-    adapt.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    adapt.add_argument("--method", default="lora", choices=METHODS,
+                       help="sea-peft chooses adapters under --budget; the others are fixed topologies")
+    adapt.add_argument("--rank", type=int, default=4, help="rank of lora / convlora / salt's residual update")
     adapt.add_argument("--budget", type=float, help="trainable-parameter budget: fraction of the model (≤ 1) or count")
     adapt.add_argument("--steps", type=int, default=200)
     adapt.add_argument("--lr", type=float, default=2e-3)
