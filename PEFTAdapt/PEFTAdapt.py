@@ -125,6 +125,10 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.plotWidget.setMRMLScene(slicer.mrmlScene)
         self.plotViewNode = None
         qt.QVBoxLayout(self.ui.plotContainer).addWidget(self.plotWidget)
+        self.allocationPlotWidget = slicer.qMRMLPlotWidget()
+        self.allocationPlotWidget.setMRMLScene(slicer.mrmlScene)
+        self.allocationPlotViewNode = None
+        qt.QVBoxLayout(self.ui.allocationPlotContainer).addWidget(self.allocationPlotWidget)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -256,6 +260,10 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.plotViewNode.SetPlotChartNodeID(self._run.monitor.chart.GetID())
             self.plotWidget.setMRMLPlotViewNode(self.plotViewNode)
             self.ui.unitsTableView.setMRMLTableNode(self._run.monitor.units_table)
+            self.allocationPlotViewNode = self.allocationPlotViewNode or slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLPlotViewNode")
+            self.allocationPlotViewNode.SetPlotChartNodeID(self._run.monitor.layers_chart.GetID())
+            self.allocationPlotWidget.setMRMLPlotViewNode(self.allocationPlotViewNode)
             self.ui.progressBar.setRange(0, self._parameterNode.steps)
             self._pollTimer.start()
             self._checkCanApply()

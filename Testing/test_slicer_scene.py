@@ -84,6 +84,12 @@ def test_monitor_turns_events_into_table_and_plot_rows():
     assert units.GetNumberOfRows() == 1
     assert units.GetValueByName(0, "state").ToString() == "active"
     assert units.GetValueByName(0, "family").ToString() == "lora"  # kept from the earlier event
+    monitor.handle({"event": "allocation", "step": 20, "active_units": 1, "budget_used": 1024, "budget": 2000})
+    timeline = monitor.timeline_table.GetTable()
+    assert timeline.GetNumberOfRows() == 1 and timeline.GetValueByName(0, "budget_used").ToInt() == 1024
+    layers = monitor.layers_table.GetTable()
+    assert layers.GetNumberOfRows() == 1 and layers.GetValueByName(0, "layer").ToString() == "down0"
+    assert layers.GetValueByName(0, "active_parameters").ToInt() == 1024
     series = scene.GetNodeByID(monitor.chart.GetNthPlotSeriesNodeID(0))
     assert series.GetTableNodeID() == monitor.dice_table.GetID() and series.GetYColumnName() == "dice"
 

@@ -11,6 +11,8 @@ import vtk
 DICE_COLUMNS = ("step", "dice")
 LOSS_COLUMNS = ("step", "loss")
 UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delta_dice", "state")
+LAYER_COLUMNS = ("layer", "active_parameters")
+TIMELINE_COLUMNS = ("step", "active_units", "budget_used")
 
 
 def _new_table(scene, name: str, columns: Sequence[str], string_columns: Sequence[str] = ()):
@@ -40,12 +42,25 @@ class AdaptationMonitor:
         self.loss_table = _new_table(scene, f"{name} training loss", LOSS_COLUMNS)
         self.units_table = _new_table(scene, f"{name} adapter units", UNIT_COLUMNS,
                                       string_columns=("unit", "site", "family", "state"))
+        self.layers_table = _new_table(scene, f"{name} parameters per layer", LAYER_COLUMNS, string_columns=("layer",))
+        self.timeline_table = _new_table(scene, f"{name} allocation timeline", TIMELINE_COLUMNS)
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} audit Dice")
         self.chart.SetTitle("Audit Dice during adaptation")
         self.chart.SetXAxisTitle("training step")
         self.chart.SetYAxisTitle("Dice (held-out audit volume)")
         self.dice_series = self._series(self.dice_table, "audit Dice", "step", "dice", (0.1, 0.4, 0.9))
         self.chart.AddAndObservePlotSeriesNodeID(self.dice_series.GetID())
+        self.layers_chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} parameters per layer")
+        self.layers_chart.SetTitle("Active adapter parameters per layer")
+        layers = self._series(self.layers_table, "active parameters", "layer", "active_parameters", (0.9, 0.5, 0.1))
+        layers.SetPlotType(layers.PlotTypeBar)
+        layers.SetLabelColumnName("layer")
+        self.layers_chart.AddAndObservePlotSeriesNodeID(layers.GetID())
+        self.timeline_chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} allocation timeline")
+        self.timeline_chart.SetTitle("Active adapter units over training")
+        timeline = self._series(self.timeline_table, "active units", "step", "active_units", (0.2, 0.6, 0.2))
+        timeline.SetPlotType(timeline.PlotTypeLine)
+        self.timeline_chart.AddAndObservePlotSeriesNodeID(timeline.GetID())
         self._units: dict[str, dict] = {}
 
     def _series(self, table, name: str, x: str, y: str, color):
@@ -66,6 +81,9 @@ class AdaptationMonitor:
             _append_row(self.loss_table, (event["step"], event["loss"]))
         elif kind in ("unit_audit", "unit_state") and "unit" in event:
             self._update_unit(event)
+        elif kind == "allocation" and "active_units" in event:
+            _append_row(self.timeline_table, (event["step"], event["active_units"], event.get("budget_used", 0)))
+            self._update_layers()
 
     def _update_unit(self, event: dict) -> None:
         """One row per unit; an event updates only the fields it carries."""
@@ -87,6 +105,18 @@ class AdaptationMonitor:
             table.SetValue(known["row"], column, vtk.vtkVariant(value))
         table.Modified()
         self.units_table.Modified()
+
+    def _update_layers(self) -> None:
+        """Active parameters per site, from the units' latest states (bar chart of the allocation)."""
+        per_layer: dict[str, int] = {}
+        for unit in self._units.values():
+            if unit["state"].startswith("active") or unit["state"] == "demoting":
+                per_layer[unit["site"]] = per_layer.get(unit["site"], 0) + int(unit["parameters"])
+        table = self.layers_table.GetTable()
+        table.SetNumberOfRows(0)
+        for layer, count in sorted(per_layer.items()):
+            _append_row(self.layers_table, (layer, count))
+        self.layers_table.Modified()
 
     def dice_values(self) -> list[tuple[float, float]]:
         table = self.dice_table.GetTable()
