@@ -1,31 +1,32 @@
-"""Robust utility of a unit from noisy audit measurements: EMA, then a pessimistic median − λ·IQR over a window."""
+"""Robust utility of a unit from noisy audit measurements (reference `sea_peft/utility.py`): an EMA of the
+measurements, a window of the last EMA values, a pessimistic score median − λ·IQR (inclusive quartiles), and the
+residual |EMA − score| as the uncertainty the knapsack rewards with an exploration bonus."""
 from __future__ import annotations
 
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
 
 
-@dataclass
 class RobustUtility:
-    beta: float = 0.93  # EMA decay (0.95 for one-shot in the reference)
-    window: int = 5
-    iqr_weight: float = 0.25
-    ema: float | None = None
-    history: deque = field(default_factory=lambda: deque(maxlen=5))
-    observations: int = 0
-
-    def __post_init__(self):
-        self.history = deque(self.history, maxlen=self.window)
+    def __init__(self, beta: float = 0.93, window: int = 5, iqr_weight: float = 0.25):
+        self.beta, self.window, self.iqr_weight = beta, window, iqr_weight
+        self.ema: float | None = None
+        self.history: deque[float] = deque(maxlen=window)
+        self.observations = 0
 
     def update(self, value: float) -> None:
-        self.ema = value if self.ema is None else self.beta * self.ema + (1 - self.beta) * value
+        self.ema = float(value) if self.ema is None else self.beta * self.ema + (1 - self.beta) * float(value)
         self.history.append(self.ema)
         self.observations += 1
 
+    def reset(self) -> None:
+        """Forget everything (a unit whose evidence changes kind: first-order estimates → toggle measurements)."""
+        self.ema, self.observations = None, 0
+        self.history.clear()
+
     @property
     def score(self) -> float:
-        """median(W) − λ·IQR(W) of the EMA window; 0 before any observation."""
+        """median(W) − λ·IQR(W) over the window W of EMA values; 0 before any observation."""
         if not self.history:
             return 0.0
         values = list(self.history)

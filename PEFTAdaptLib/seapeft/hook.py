@@ -1,0 +1,193 @@
+"""SEA-PEFT as a training hook: search → audit → allocate on the live network, with events and checkpointable state.
+
+Schedule (steps are optimizer steps; `training.Trainer` calls `after_step` after each one):
+
+- start (`on_start`): draw the fixed audit buffer; first-order estimate for every unit (all are untrained);
+  the first allocation is switched on at once and guarded (warm-up: nothing is re-allocated before `warmup`);
+- every `audit_every` steps: toggle a sample of trained units on the buffer (ΔDice), update their utilities;
+- every `allocate_every` steps from `warmup` on (not at the last step): re-estimate the untrained units, solve the
+  knapsack, let the controller flip gates;
+- at the last step (`config.steps`): the final configuration sweep sets the gates of the best candidate, which
+  the trainer's own audit then compares with its best state so far.
+
+All pool units sit in the optimizer from the start; a gated-off unit gets no gradient, so AdamW leaves it alone.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..adapters.base import iter_units
+from .allocator import Allocator
+from .audit import AuditBuffer
+from .config import SeaPeftConfig
+from .estimate import first_order_gain
+from .pool import PoolUnit
+
+PHASES = ("audit", "estimate", "allocate", "final")
+
+
+class SeaPeftHook:
+    def __init__(self, network: nn.Module, pool: Sequence[PoolUnit], config: SeaPeftConfig):
+        self.network, self.config = network, config
+        self.allocator = Allocator(pool, config)
+        self.records = {f"{r.layer}::{r.name}": r for r in iter_units(network)}
+        missing = [u.name for u in pool if u.name not in self.records]
+        if missing:
+            raise ValueError(f"pool units not in the network: {missing[:3]}")
+        self.buffer: AuditBuffer | None = None
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.final: dict | None = None
+
+    # -- gates -------------------------------------------------------------------------------------------------------
+    def _gate(self, name: str, on: bool) -> None:
+        record = self.records[name]
+        record.owner.set_active(record.name, on)
+
+    def _sync_gates(self, names=None) -> None:
+        active = self.allocator.active() if names is None else set(names)
+        for name in self.allocator.units:
+            self._gate(name, name in active)
+
+    def active_units(self) -> list[str]:
+        return sorted(n for n in self.allocator.units if self.records[n].active)
+
+    def _ensure_buffer(self, context) -> None:
+        if self.buffer is None:
+            self.buffer = AuditBuffer(context.audit, context.card.patch_size, self.config.audit_patches,
+                                      self.config.seed, context.device)
+
+    def _timed(self, phase: str, start: float) -> None:
+        self.seconds[phase] += time.monotonic() - start
+
+    # -- loop --------------------------------------------------------------------------------------------------------
+    def on_start(self, context) -> None:
+        self._ensure_buffer(context)
+        self._estimate(0, context)
+        start = time.monotonic()
+        flips = self.allocator.start()
+        self._sync_gates()
+        self._timed("allocate", start)
+        self._emit_allocation(0, context, set(flips), flips)
+
+    def after_step(self, step: int, context) -> None:
+        self._ensure_buffer(context)
+        self.allocator.mark_trained()
+        last = self.config.steps is not None and step >= self.config.steps
+        if step % self.config.audit_every == 0 or last:
+            self._audit(step, context)
+        if step >= self.config.warmup and step % self.config.allocate_every == 0 and not last:
+            self._estimate(step, context)
+            start = time.monotonic()
+            desired, flips = self.allocator.allocate()
+            self._sync_gates()
+            self._timed("allocate", start)
+            self._emit_allocation(step, context, desired, flips)
+        if last and self.final is None:
+            self._final(step, context)
+
+    def _audit(self, step: int, context) -> None:
+        start = time.monotonic()
+        sample = self.allocator.plan_audit()
+        if not sample:
+            self._timed("audit", start)
+            return
+        base = self.buffer.dice(self.network)
+        active = set(self.active_units())
+        by_key = {self.allocator.units[n].key: n for n in active}
+        events = []
+        for name in sample:
+            if name in active:
+                self._gate(name, False)
+                delta = base - self.buffer.dice(self.network)
+                self._gate(name, True)
+            else:  # measured in the place it would take: instead of the active variant of its (site, family)
+                occupant = by_key.get(self.allocator.units[name].key)
+                reference = base
+                if occupant is not None:
+                    self._gate(occupant, False)
+                    reference = self.buffer.dice(self.network)
+                self._gate(name, True)
+                delta = self.buffer.dice(self.network) - reference
+                self._gate(name, False)
+                if occupant is not None:
+                    self._gate(occupant, True)
+            self.allocator.observe_toggle(name, delta)
+            events.append(self.allocator.unit_event("unit_audit", name, step, delta_dice=delta, estimate="toggle",
+                                                    base_dice=base))
+        self._timed("audit", start)
+        for event in events:
+            context.emit(event)
+
+    def _estimate(self, step: int, context) -> None:
+        """First-order ΔDice of every untrained unit, all switched on at once (they are identities)."""
+        start = time.monotonic()
+        fresh = self.allocator.fresh()
+        if not fresh:
+            return
+        for name in fresh:
+            self._gate(name, True)
+        try:
+            params = {n: list(self.records[n].unit.parameters()) for n in fresh}
+            base, norms = self.buffer.gradients(self.network, params)
+        finally:
+            self._sync_gates()
+        horizon = self.config.allocate_every
+        gains = {n: self.allocator.observe_estimate(n, first_order_gain(norms[n], self.config.lr, horizon), base)
+                 for n in fresh}
+        self._timed("estimate", start)
+        for name in fresh:
+            context.emit(self.allocator.unit_event("unit_audit", name, step, delta_dice=gains[name],
+                                                   estimate="first_order", base_dice=base))
+
+    def _emit_allocation(self, step: int, context, desired: set[str], flips: dict[str, bool]) -> None:
+        for name in sorted(flips):
+            context.emit(self.allocator.unit_event("unit_state", name, step))
+        active = self.active_units()
+        context.emit({
+            "event": "allocation", "step": step, "round": self.allocator.rounds, "active_units": len(active),
+            "units": active, "desired": len(desired), "budget_used": self.allocator.budget_used(),
+            "budget": self.config.budget, "changes": {n: ("on" if on else "off") for n, on in sorted(flips.items())},
+            "calibration": self.allocator.calibration.factor, "seconds": dict(self.seconds),
+        })
+
+    def _final(self, step: int, context) -> None:
+        start = time.monotonic()
+        scored = []
+        for label, names in self.allocator.final_candidates():
+            self._sync_gates(names)
+            scored.append({"label": label, "units": sorted(names), "dice": self.buffer.dice(self.network),
+                           "cost": self.allocator.budget_used(names), "vote_rate": self.allocator.vote_rate(names)})
+        best = max(scored, key=lambda c: (round(c["dice"], 6), -c["cost"], c["vote_rate"]))
+        before = self.allocator.active()
+        self.allocator.controller.finish(best["units"])
+        self._sync_gates()
+        self._timed("final", start)
+        for name in sorted(before.symmetric_difference(best["units"])):  # the GUI's unit table ends on the final set
+            context.emit(self.allocator.unit_event("unit_state", name, step))
+        self.final = {"event": "final_selection", "step": step, "chosen": best["label"], "units": best["units"],
+                      "dice": best["dice"], "budget_used": best["cost"], "budget": self.config.budget,
+                      "candidates": [{k: c[k] for k in ("label", "dice", "cost")} for c in scored],
+                      "seconds": dict(self.seconds)}
+        context.emit(self.final)
+
+    # -- reporting ---------------------------------------------------------------------------------------------------
+    def overhead_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def allocation(self) -> list[dict]:
+        """The active units with their descriptors and utilities (for tables and reports)."""
+        return [{**self.allocator.units[n].describe(), "utility": self.allocator.utilities[n].score}
+                for n in self.active_units()]
+
+    # -- checkpoint --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"allocator": self.allocator.state_dict(), "seconds": dict(self.seconds), "final": self.final}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.allocator.load_state_dict(state["allocator"])
+        self.seconds = dict(state["seconds"])
+        self.final = state["final"]
+        self._sync_gates()
