@@ -1,13 +1,13 @@
 """The default foundation model: deepbet's pretrained LinkNet3d brain-extraction network, shipped in its wheel."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 from ..errors import ModelError
 from .card import LabelInfo, ModelCard
 from .foundation import FoundationModel
+from .safe_load import sha256_file
 
 BBOX_SHA256 = "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa"
 
@@ -51,14 +51,6 @@ def deepbet_weights_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{path}: deepbet's model file is missing; reinstall with `pip install --force-reinstall deepbet`")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verified(path: Path, expected: str) -> Path:

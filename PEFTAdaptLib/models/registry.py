@@ -1,8 +1,12 @@
-"""Model registry: the models PEFTAdapt can load, and why one is unavailable."""
+"""Model registry: the models PEFTAdapt can load, and why one is unavailable.
+
+Built-in models (deepbet) first, then the user's model folder (see catalog.py); `load_model` also takes a path.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ModelError, PEFTAdaptError
 from .card import ModelCard
@@ -29,7 +33,46 @@ BUILTIN: dict[str, RegistryEntry] = {DEEPBET_CARD.id: RegistryEntry(DEEPBET_CARD
 DEFAULT_MODEL = DEEPBET_CARD.id
 
 
-def load_model(model_id: str) -> FoundationModel:
-    if model_id not in BUILTIN:
-        raise ModelError(f"unknown model '{model_id}'; `peftadapt models` lists the available ones")
-    return BUILTIN[model_id].loader()
+@dataclass
+class ModelListing:
+    id: str
+    format: str
+    card: ModelCard | None  # None when the card itself cannot be read (the status says why)
+    status: str  # "available" or the reason it is not
+    path: str = ""
+
+
+def list_models(folder: Path | None = None) -> tuple[list[ModelListing], list[str]]:
+    """Every model `peftadapt models` shows, with its status; plus problems met while scanning the model folder."""
+    from .catalog import scan
+
+    rows = [ModelListing(model_id, "builtin", entry.card, entry.availability()) for model_id, entry in BUILTIN.items()]
+    entries, problems = scan(folder)
+    for model_id, entry in entries.items():
+        if model_id in BUILTIN:
+            problems.append(f"{entry.path}: model id '{model_id}' is a built-in model's; rename the folder or entry")
+            continue
+        status = entry.availability()
+        try:
+            card = entry.card()
+        except PEFTAdaptError:
+            card = None
+        rows.append(ModelListing(model_id, entry.format, card, status, str(entry.path)))
+    return rows, problems
+
+
+def load_model(id_or_path: str | Path, folder: Path | None = None) -> FoundationModel:
+    """A built-in model id, an id from the user's model folder, or a model folder/file path (format detected)."""
+    from .catalog import entry_for_path, scan
+
+    key = str(id_or_path)
+    if key in BUILTIN:
+        return BUILTIN[key].loader()
+    path = Path(key).expanduser()
+    if path.exists():
+        return entry_for_path(path).load()
+    entries, _ = scan(folder)
+    if key in entries:
+        return entries[key].load()
+    raise ModelError(f"unknown model '{key}' (not a built-in id, not in the model folder, not an existing path); "
+                     "`peftadapt models` lists the available ones")

@@ -1,0 +1,253 @@
+"""MONAI bundles (model-zoo layout): configs/inference.json + configs/metadata.json + models/model.pt (or .ts).
+
+A bundle config is a small program: `$` strings are Python expressions and `_target_` names any callable. Only the
+network definition is instantiated, from a fresh parser holding nothing else, after checking that every `_target_`
+in it is a MONAI component and that it contains no expression. Everything else (spacing, intensity scaling,
+orientation, ROI) is read as plain values, never evaluated.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from .card import LabelInfo, ModelCard
+from .foundation import FoundationModel
+
+CONFIG_NAMES = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
+METADATA = "configs/metadata.json"
+WEIGHT_NAMES = ("models/model.safetensors", "models/model.pt", "models/model.ts")
+#: transform names (MONAI dictionary transforms) the card is read from
+SPACING, ORIENTATION = "Spacingd", "Orientationd"
+SCALE_RANGE, NORMALIZE = "ScaleIntensityRanged", "NormalizeIntensityd"
+
+
+def config_path(folder: Path) -> Path | None:
+    return next((folder / name for name in CONFIG_NAMES if (folder / name).is_file()), None)
+
+
+def weights_path(folder: Path) -> Path | None:
+    return next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
+
+
+def is_bundle_folder(folder: Path) -> bool:
+    return config_path(folder) is not None or (folder / METADATA).is_file()
+
+
+def _load(path: Path) -> dict:
+    """JSON without MONAI (cards are listed before torch is installed); YAML through MONAI's reader."""
+    if not path.is_file():
+        raise ModelError(f"{path}: file is missing")
+    try:
+        if path.suffix == ".json":
+            content = json.loads(path.read_text())
+        else:
+            from monai.bundle import ConfigParser
+
+            content = ConfigParser.load_config_file(str(path))
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise ModelError(f"{path}: not a readable bundle config ({exc})") from None
+    if not isinstance(content, dict):
+        raise ModelError(f"{path}: top level is not a mapping")
+    return content
+
+
+def _lookup(config: dict, ref: str, path: Path) -> Any:
+    node: Any = config
+    for part in ref.split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ModelError(f"{path}: reference '@{ref}' points to no key")
+    return node
+
+
+def _expand(value: Any, config: dict, path: Path, depth: int = 0) -> Any:
+    """Substitute plain `@id` references by their raw content (no evaluation)."""
+    if depth > 20:
+        raise ModelError(f"{path}: references nest too deep (a cycle?)")
+    if isinstance(value, str) and value.startswith("@"):
+        return _expand(_lookup(config, value[1:], path), config, path, depth + 1)
+    if isinstance(value, dict):
+        return {k: _expand(v, config, path, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, config, path, depth + 1) for v in value]
+    return value
+
+
+def _check_network_def(value: Any, path: Path, where: str = "network_def") -> None:
+    """Refuse expressions and non-MONAI `_target_`s: instantiating them would run arbitrary code."""
+    from monai.bundle.config_item import ComponentLocator
+
+    if isinstance(value, str) and value[:1] in ("$", "%"):
+        raise ModelError(f"{path}: refused to evaluate '{value[:60]}' at {where}: the network definition may only "
+                         "hold plain values and MONAI classes")
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_network_def(item, path, f"{where}#{index}")
+    if isinstance(value, dict):
+        target = value.get("_target_")
+        if target is not None:
+            known = "." not in target and ComponentLocator().get_component_module_name(target) is not None
+            if not (known or str(target).startswith("monai.")):
+                raise ModelError(f"{path}: refused to instantiate '{target}' at {where}: only MONAI components")
+        for key, item in value.items():
+            _check_network_def(item, path, f"{where}#{key}")
+
+
+def _transforms(config: dict, path: Path) -> list[dict]:
+    """Every transform dict under `preprocessing` (references followed, expressions skipped)."""
+    found: list[dict] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("_target_"), str):
+                found.append(node)
+            for item in node.values():
+                walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(_expand(config.get("preprocessing", {}), config, path))
+    return found
+
+
+def _named(transforms: list[dict], name: str) -> dict | None:
+    return next((t for t in transforms if t["_target_"].rsplit(".", 1)[-1] == name), None)
+
+
+def _plain(value: Any, key: str, path: Path) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        raise ModelError(f"{path}: '{key}' is an expression ({value[:60]}); the card needs a plain value there")
+    return value
+
+
+def _normalization(transforms: list[dict], path: Path) -> dict:
+    scale = _named(transforms, SCALE_RANGE)
+    if scale is not None:
+        values = {k: _plain(scale.get(k, d), f"{SCALE_RANGE}.{k}", path)
+                  for k, d in (("a_min", None), ("a_max", None), ("b_min", None), ("b_max", None), ("clip", False))}
+        if values["a_min"] is None or values["a_max"] is None:
+            raise ModelError(f"{path}: {SCALE_RANGE} without 'a_min'/'a_max'")
+        scheme = {"name": "clip_scale", "lower": values["a_min"], "upper": values["a_max"], "clip": bool(values["clip"])}
+        if values["b_min"] is not None and values["b_max"] is not None:
+            scheme.update(out_min=values["b_min"], out_max=values["b_max"])
+        return scheme
+    normalize = _named(transforms, NORMALIZE)
+    if normalize is not None:
+        return {"name": "zscore", "nonzero": 0} if _plain(normalize.get("nonzero", False), NORMALIZE, path) \
+            else {"name": "zscore"}
+    return {"name": "none"}
+
+
+def _labels(metadata: dict, path: Path) -> list[LabelInfo]:
+    try:
+        outputs = metadata["network_data_format"]["outputs"]
+        output = outputs.get("pred") or next(iter(outputs.values()))
+        channel_def = output["channel_def"]
+    except (KeyError, StopIteration, AttributeError):
+        raise ModelError(f"{path}: key 'network_data_format#outputs#pred#channel_def' is missing") from None
+    labels = []
+    for index, (key, name) in enumerate(sorted(channel_def.items(), key=lambda item: int(item[0]))):
+        color = (0.0, 0.0, 0.0) if index == 0 else ((index * 0.37) % 1.0, (index * 0.61) % 1.0, (index * 0.83) % 1.0)
+        labels.append(LabelInfo(int(key), str(name), color))
+    return labels
+
+
+def _input(metadata: dict) -> dict:
+    inputs = metadata.get("network_data_format", {}).get("inputs", {})
+    return inputs.get("image") or next(iter(inputs.values()), {})
+
+
+def _divisible_by(metadata: dict, network_def: dict) -> int:
+    """From metadata's 'spatial_shape' written as "16*n", else the product of a UNet-style `strides` list."""
+    for size in _input(metadata).get("spatial_shape", []):
+        match = re.fullmatch(r"\s*(\d+)\s*\*\s*n\s*", str(size))
+        if match:
+            return int(match.group(1))
+    strides = network_def.get("strides") if isinstance(network_def, dict) else None
+    product = 1
+    for stride in strides if isinstance(strides, list) and all(isinstance(s, int) for s in strides) else []:
+        product *= stride
+    return product
+
+
+def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
+    """The card of a bundle, from its config files alone (nothing instantiated, torch not needed)."""
+    path = config_path(folder)
+    if path is None:
+        raise ModelError(f"{folder / CONFIG_NAMES[0]}: file is missing")
+    config, metadata = _load(path), _load(folder / METADATA)
+    transforms = _transforms(config, path)
+    spacing = _named(transforms, SPACING)
+    orientation = _named(transforms, ORIENTATION)
+    roi = _expand(config.get("inferer", {}), config, path).get("roi_size") or _input(metadata).get("spatial_shape")
+    roi = _plain(roi, "inferer#roi_size", path)
+    if not isinstance(roi, list) or len(roi) != 3 or not all(isinstance(r, int) for r in roi):
+        raise ModelError(f"{path}: key 'inferer#roi_size' is missing or not three integers")
+    pixdim = _plain(spacing.get("pixdim"), f"{SPACING}.pixdim", path) if spacing else None
+    input_info = _input(metadata)
+    return ModelCard(
+        id=model_id or f"bundle-{metadata.get('name', folder.name)}".replace(" ", "_"),
+        title=str(metadata.get("name", folder.name)),
+        description=str(metadata.get("description", metadata.get("task", ""))),
+        modality=str(input_info.get("modality", "unknown")),
+        input_channels=int(input_info.get("num_channels", 1)),
+        spacing=tuple(float(p) for p in pixdim) if pixdim else None,
+        orientation=str(_plain(orientation.get("axcodes", ""), f"{ORIENTATION}.axcodes", path)) if orientation else "",
+        normalization=_normalization(transforms, path),
+        patch_size=tuple(roi),
+        inference_roi=tuple(roi),
+        labels=_labels(metadata, folder / METADATA),
+        license=str(metadata.get("license", metadata.get("copyright", "see the bundle's LICENSE"))),
+        source=str(folder),
+        version=str(metadata.get("version", "1")),
+        divisible_by=_divisible_by(metadata, config.get("network_def", {})),
+        citation="; ".join(metadata.get("references", [])) if isinstance(metadata.get("references"), list) else "",
+        extra={"format": "monai_bundle"},
+    )
+
+
+def build_network(folder: Path):
+    """Instantiate `network_def` alone, after the safety check."""
+    from monai.bundle import ConfigParser
+
+    path = config_path(folder)
+    config = _load(path)
+    if "network_def" not in config:
+        raise ModelError(f"{path}: key 'network_def' is missing")
+    network_def = _expand(config["network_def"], config, path)
+    _check_network_def(network_def, path)
+    try:
+        return ConfigParser({"network_def": network_def}).get_parsed_content("network_def")
+    except Exception as exc:  # noqa: BLE001 - MONAI raises many types for a bad definition; all mean the same here
+        raise ModelError(f"{path}: cannot build network_def ({type(exc).__name__}: {exc})") from None
+
+
+def load_bundle(folder: str | Path, model_id: str | None = None) -> FoundationModel:
+    """Eager network + state dict where the bundle has one; a TorchScript bundle gives a scripted network."""
+    import torch
+
+    from ..adapters.io import fingerprint
+    from .safe_load import load_into, load_state_dict_file
+
+    folder = Path(folder)
+    card = bundle_card(folder, model_id)
+    weights = weights_path(folder)
+    if weights is None:
+        raise ModelError(f"{folder / WEIGHT_NAMES[1]}: file is missing (nor model.safetensors / model.ts)")
+    if weights.suffix == ".ts":
+        try:
+            network = torch.jit.load(str(weights), map_location="cpu")
+        except RuntimeError as exc:
+            raise ModelError(f"{weights}: not a readable TorchScript file ({exc})") from None
+        card.extra["torchscript"] = True
+    else:
+        network = load_into(build_network(folder), load_state_dict_file(weights), weights)
+    files = {"config": str(config_path(folder)), "metadata": str(folder / METADATA), "weights": str(weights)}
+    return FoundationModel(network.eval(), card, fingerprint(network), files)

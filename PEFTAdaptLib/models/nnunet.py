@@ -1,0 +1,265 @@
+"""nnU-Net v2 trained-model folders (the format TotalSegmentator and most nnU-Net releases ship).
+
+Layout: `dataset.json` (channel names, labels name → value), `plans.json` (per-configuration spacing, patch size,
+normalisation, network architecture) and `fold_k/checkpoint_final.pth` (a dict whose `network_weights` is the state
+dict). The network is rebuilt with `dynamic_network_architectures` — only classes from that package and layer types
+from `torch.nn` are accepted from the plans, so a plans file cannot name arbitrary code to run.
+
+Axes: nnU-Net works on SimpleITK's (z, y, x) array permuted by `transpose_forward`, and its spacings and patch sizes
+are in that order; PEFTAdapt arrays are (x, y, z). The network is wrapped in a fixed axis permutation, and the card's
+spacing and patch size are given in PEFTAdapt's order.
+"""
+from __future__ import annotations
+
+import colorsys
+import importlib
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from .card import LabelInfo, ModelCard
+from .foundation import FoundationModel
+from .safe_load import read_json
+
+DATASET_JSON = "dataset.json"
+PLANS_JSON = "plans.json"
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
+ARCHITECTURE_PACKAGE = "dynamic_network_architectures.architectures."
+#: plans written before nnU-Net 2.4 name the U-Net by short class name
+LEGACY_CLASSES = {"PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                  "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
+
+
+def checkpoint_path(folder: Path, fold: str | None) -> Path | None:
+    folds = [folder / f"fold_{fold}"] if fold is not None else sorted(folder.glob("fold_*"))
+    for fold_dir in folds:
+        for name in CHECKPOINTS:
+            if (fold_dir / name).is_file():
+                return fold_dir / name
+    return None
+
+
+def is_nnunet_folder(folder: Path) -> bool:
+    return (folder / DATASET_JSON).is_file() and (folder / PLANS_JSON).is_file()
+
+
+def configuration_name(folder: Path, plans: dict) -> str:
+    """From the trained-model folder name `Trainer__Plans__configuration`, else the only/3d_fullres configuration."""
+    configurations = plans.get("configurations", {})
+    parts = folder.name.split("__")
+    if len(parts) == 3 and parts[2] in configurations:
+        return parts[2]
+    if "3d_fullres" in configurations or len(configurations) != 1:
+        return "3d_fullres"
+    return next(iter(configurations))
+
+
+def _configuration(plans: dict, name: str, path: Path) -> dict:
+    """A configuration with its `inherits_from` chain resolved (e.g. 3d_cascade_fullres builds on 3d_fullres)."""
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict) or name not in configurations:
+        raise ModelError(f"{path}: no configuration '{name}' under 'configurations'")
+    config = dict(configurations[name])
+    parent = config.pop("inherits_from", None)
+    return {**_configuration(plans, parent, path), **config} if parent else config
+
+
+def _need(mapping: dict, key: str, path: Path, where: str = "") -> Any:
+    if key not in mapping:
+        raise ModelError(f"{path}: key '{key}' is missing{where}")
+    return mapping[key]
+
+
+def _axis_order(plans: dict) -> list[int]:
+    """For each network axis, the PEFTAdapt (x, y, z) axis it reads."""
+    transpose = plans.get("transpose_forward", [0, 1, 2])
+    return [2 - int(axis) for axis in transpose]
+
+
+def _in_our_order(values: list, order: list[int]) -> tuple:
+    ours = [None] * 3
+    for network_axis, our_axis in enumerate(order):
+        ours[our_axis] = values[network_axis]
+    return tuple(ours)
+
+
+def _normalization(plans: dict, config: dict, path: Path) -> dict:
+    schemes = _need(config, "normalization_schemes", path, " in the configuration")
+    if len(set(schemes)) != 1:
+        raise ModelError(f"{path}: per-channel normalisation schemes {schemes} are not supported (one scheme for all)")
+    scheme, use_mask = schemes[0], bool(config.get("use_mask_for_norm", [False])[0])
+    if scheme == "CTNormalization":
+        properties = _need(plans, "foreground_intensity_properties_per_channel", path)
+        channel = properties.get("0") or _need(properties, "0", path, " in foreground_intensity_properties_per_channel")
+        try:
+            return {"name": "ct_zscore", "lower": channel["percentile_00_5"], "upper": channel["percentile_99_5"],
+                    "mean": channel["mean"], "std": channel["std"]}
+        except KeyError as exc:
+            raise ModelError(f"{path}: key {exc} is missing in foreground_intensity_properties_per_channel") from None
+    if scheme == "ZScoreNormalization":
+        return {"name": "zscore", "nonzero": 0} if use_mask else {"name": "zscore"}
+    if scheme == "NoNormalization":
+        return {"name": "none"}
+    if scheme == "RescaleTo01Normalization":
+        return {"name": "minmax"}
+    if scheme == "RGBTo01Normalization":
+        return {"name": "clip_scale", "lower": 0, "upper": 255}
+    raise ModelError(f"{path}: normalisation scheme '{scheme}' is not supported")
+
+
+def _labels(dataset: dict, path: Path) -> list[LabelInfo]:
+    labels = _need(dataset, "labels", path)
+    if any(not isinstance(value, int) for value in labels.values()):
+        raise ModelError(f"{path}: region-based labels (lists of values) are not supported; labels must be integers")
+    ordered = sorted(labels.items(), key=lambda item: item[1])
+    if [value for _, value in ordered] != list(range(len(ordered))):
+        raise ModelError(f"{path}: label values must be 0, 1, 2, … without gaps (nnU-Net requires it too)")
+    infos = []
+    for name, value in ordered:
+        hue = (value * 0.618034) % 1.0  # golden-ratio hues: neighbouring labels get distinct colours
+        color = (0.0, 0.0, 0.0) if value == 0 else colorsys.hsv_to_rgb(hue, 0.65, 0.9)
+        infos.append(LabelInfo(value, name, tuple(round(c, 3) for c in color)))
+    return infos
+
+
+def nnunet_card(folder: Path, model_id: str | None = None) -> ModelCard:
+    """The card of an nnU-Net folder, from the JSON files alone (no torch, no checkpoint read)."""
+    dataset_path, plans_path = folder / DATASET_JSON, folder / PLANS_JSON
+    dataset, plans = read_json(dataset_path), read_json(plans_path)
+    name = configuration_name(folder, plans)
+    config = _configuration(plans, name, plans_path)
+    order = _axis_order(plans)
+    spacing = _in_our_order(_need(config, "spacing", plans_path, f" in configuration '{name}'"), order)
+    patch = _in_our_order(_need(config, "patch_size", plans_path, f" in configuration '{name}'"), order)
+    if len(patch) != 3 or None in patch:
+        raise ModelError(f"{plans_path}: configuration '{name}' is not 3D (patch size {config['patch_size']})")
+    channels = dataset.get("channel_names") or _need(dataset, "modality", dataset_path)
+    reader = plans.get("image_reader_writer", "SimpleITKIO")
+    strides = _strides(config, plans_path)
+    divisible = max(_product([s[axis] for s in strides]) for axis in range(3))
+    return ModelCard(
+        id=model_id or f"nnunet-{folder.name}",
+        title=f"nnU-Net {plans.get('dataset_name', folder.parent.name)} ({name})",
+        description=f"nnU-Net v2 model, plans '{plans.get('plans_name', '?')}', configuration '{name}'.",
+        modality=", ".join(str(v) for v in channels.values()),
+        input_channels=len(channels),
+        spacing=tuple(float(s) for s in spacing),
+        orientation="RAS" if reader == "NibabelIOWithReorient" else "",
+        normalization=_normalization(plans, config, plans_path),
+        patch_size=tuple(int(p) for p in patch),
+        inference_roi=tuple(int(p) for p in patch),
+        labels=_labels(dataset, dataset_path),
+        license=str(dataset.get("licence", dataset.get("license", "see the model's release"))),
+        source=str(folder),
+        divisible_by=divisible,
+        extra={"format": "nnunet_v2", "configuration": name, "axis_order": order, "image_reader_writer": reader},
+    )
+
+
+def _product(values: list[int]) -> int:
+    result = 1
+    for value in values:
+        result *= int(value)
+    return result
+
+
+def _strides(config: dict, path: Path) -> list[list[int]]:
+    arch = config.get("architecture")
+    strides = arch.get("arch_kwargs", {}).get("strides") if isinstance(arch, dict) else config.get("pool_op_kernel_sizes")
+    if not strides:
+        raise ModelError(f"{path}: the configuration names no strides ('architecture.arch_kwargs.strides' or "
+                         "'pool_op_kernel_sizes')")
+    return [[s] * 3 if isinstance(s, int) else s for s in strides]
+
+
+def _import_allowed(dotted: str, prefixes: tuple[str, ...], path: Path) -> Any:
+    """Import a class named in the plans, only from packages that cannot run surprise code."""
+    from torch import nn
+
+    if not dotted.startswith(prefixes):
+        raise ModelError(f"{path}: refused to import '{dotted}': plans may only name classes from {', '.join(prefixes)}")
+    module_name, _, attribute = dotted.rpartition(".")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except ModuleNotFoundError as exc:
+        package = "dynamic_network_architectures" if "dynamic_network" in str(exc) else exc.name
+        raise ModelError(f"{path}: '{dotted}' needs the missing package {package} "
+                         "(`pip install --no-deps dynamic-network-architectures`)") from None
+    except AttributeError:
+        raise ModelError(f"{path}: '{dotted}' does not exist in the installed packages") from None
+    if not (isinstance(value, type) and issubclass(value, nn.Module)):
+        raise ModelError(f"{path}: '{dotted}' is not a network layer class")
+    return value
+
+
+def _architecture(config: dict, num_inputs: int, num_classes: int, path: Path) -> tuple[type, dict]:
+    """(network class, keyword arguments) from new-style `architecture` or the older flat U-Net keys."""
+    import torch
+
+    arch = config.get("architecture")
+    if isinstance(arch, dict):
+        cls = _import_allowed(_need(arch, "network_class_name", path, " in 'architecture'"), (ARCHITECTURE_PACKAGE,), path)
+        kwargs = dict(_need(arch, "arch_kwargs", path, " in 'architecture'"))
+        for key in arch.get("_kw_requires_import", []):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _import_allowed(kwargs[key], ("torch.nn.",), path)
+    else:
+        class_name = _need(config, "UNet_class_name", path, " (neither 'architecture' nor 'UNet_class_name')")
+        if class_name not in LEGACY_CLASSES:
+            raise ModelError(f"{path}: U-Net class '{class_name}' is not supported")
+        cls = _import_allowed(LEGACY_CLASSES[class_name], (ARCHITECTURE_PACKAGE,), path)
+        kernels = _need(config, "conv_kernel_sizes", path)
+        base, top = _need(config, "UNet_base_num_features", path), config.get("unet_max_num_features", 320)
+        encoder_key = "n_conv_per_stage_encoder" if class_name == "PlainConvUNet" else "n_blocks_per_stage"
+        kwargs = {
+            "n_stages": len(kernels), "features_per_stage": [min(base * 2 ** i, top) for i in range(len(kernels))],
+            "conv_op": torch.nn.Conv3d, "kernel_sizes": kernels, "strides": _need(config, "pool_op_kernel_sizes", path),
+            "n_conv_per_stage": _need(config, encoder_key, path), "n_conv_per_stage_decoder":
+            _need(config, "n_conv_per_stage_decoder", path), "conv_bias": True, "norm_op": torch.nn.InstanceNorm3d,
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": torch.nn.LeakyReLU, "nonlin_kwargs": {"inplace": True},
+        }
+        if class_name == "ResidualEncoderUNet":
+            kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
+    return cls, {**kwargs, "input_channels": num_inputs, "num_classes": num_classes, "deep_supervision": False}
+
+
+def _numpy_scalar_globals() -> list:
+    """numpy types nnU-Net's training log pickles (float64 scalars): data, not code, so they may be unpickled."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar  # numpy ≥ 2
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    return [scalar, np.dtype, *(getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType"))]
+
+
+def load_nnunet(folder: str | Path, fold: str | None = None, model_id: str | None = None) -> FoundationModel:
+    from ..adapters.io import fingerprint
+    from .nnunet_network import AxisPermuted
+    from .safe_load import load_checkpoint, load_into
+
+    folder = Path(folder)
+    card = nnunet_card(folder, model_id)
+    weights = checkpoint_path(folder, fold)
+    if weights is None:
+        where = folder / (f"fold_{fold}" if fold is not None else "fold_*")
+        raise ModelError(f"{where}: no {' or '.join(CHECKPOINTS)}")
+    checkpoint = load_checkpoint(weights, _numpy_scalar_globals())
+    state = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ModelError(f"{weights}: key 'network_weights' is missing (not an nnU-Net v2 checkpoint)")
+    plans_path = folder / PLANS_JSON
+    config = _configuration(read_json(plans_path), card.extra["configuration"], plans_path)
+    cls, kwargs = _architecture(config, card.input_channels, card.num_classes, plans_path)
+    try:
+        inner = cls(**kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelError(f"{plans_path}: cannot build {cls.__name__} from the plans ({exc})") from None
+    load_into(inner, state, weights)
+    network = AxisPermuted(inner, card.extra["axis_order"]).eval()
+    card.extra["mirroring_axes"] = list(checkpoint.get("inference_allowed_mirroring_axes") or [])
+    card.extra["trainer"] = str(checkpoint.get("trainer_name", ""))
+    files = {"dataset": str(folder / DATASET_JSON), "plans": str(plans_path), "weights": str(weights)}
+    return FoundationModel(network, card, fingerprint(network), files)
