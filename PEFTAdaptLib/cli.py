@@ -49,6 +49,12 @@ def _case(values: Sequence[str]):
     return CaseSpec([str(Path(p).resolve()) for p in image.split(",")], str(Path(label).resolve()))
 
 
+def _images(image: str):
+    from .jobs import CaseSpec
+
+    return CaseSpec([str(Path(p).resolve()) for p in image.split(",")])
+
+
 def run_worker_with_progress(job_dir: Path, description: str, resume: bool = False) -> dict:
     """Run a job in this process through the worker's own path, showing a tqdm bar; return the final status."""
     import json
@@ -69,14 +75,21 @@ def run_worker_with_progress(job_dir: Path, description: str, resume: bool = Fal
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.registry import BUILTIN, DEFAULT_MODEL
+    from .models.catalog import models_dir
+    from .models.registry import DEFAULT_MODEL, list_models
 
-    for model_id, entry in BUILTIN.items():
-        card = entry.card
-        default = " (default)" if model_id == DEFAULT_MODEL else ""
-        print(f"{model_id}{default}: {card.title}")
-        print(f"    modality {card.modality}; labels {', '.join(l.name for l in card.labels[1:])}; license {card.license}")
-        print(f"    status: {entry.availability()}")
+    rows, problems = list_models()
+    for row in rows:
+        default = " (default)" if row.id == DEFAULT_MODEL else ""
+        card = row.card
+        print(f"{row.id}{default}: {card.title if card else row.path} [{row.format}]")
+        if card is not None:
+            labels = ", ".join(label.name for label in card.labels[1:])
+            print(f"    modality {card.modality}; labels {labels}; license {card.license}")
+        print(f"    status: {row.status}")
+    print(f"model folder: {models_dir()} (set PEFTADAPT_MODELS to use another)")
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 
@@ -91,22 +104,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
+    from .jobs import JobSpec, MethodSpec, TrainSpec, write_job
 
+    label_free = args.method == "label-free"
+    if args.target and not label_free:
+        raise PEFTAdaptError("--target (an unlabelled volume) is for --method label-free; "
+                             "other methods need --train IMAGE LABEL")
+    if not label_free and not args.train:
+        raise PEFTAdaptError("adapt needs --train IMAGE LABEL (or --method label-free with --target IMAGE)")
     job_dir = Path(args.output).resolve()
     spec = JobSpec(
         model=args.model,
-        support=[_case(v) for v in args.train],
-        audit=[_case(v) for v in args.audit],
+        support=[_case(v) for v in args.train or []] + [_images(image) for image in args.target or []],
+        audit=[_case(v) for v in args.audit or []],
+        source=[_case(v) for v in args.source or []],
         method=MethodSpec(args.method, rank=args.rank, budget=args.budget),
         train=TrainSpec(steps=args.steps, lr=args.lr, audit_every=args.audit_every, seed=args.seed, device=args.device),
-        predict=[CaseSpec([str(Path(p).resolve()) for p in image.split(",")]) for image in args.predict or []],
+        predict=[_images(image) for image in args.predict or []],
     )
     if not args.resume:
         write_job(job_dir, spec)
     status = run_worker_with_progress(job_dir, "adapting", resume=args.resume)
     print(f"adapter: {job_dir / 'adapter'}")
-    print(f"audit Dice: best {status.get('best_dice', float('nan')):.4f}, final {status.get('last_dice', float('nan')):.4f}")
+    if label_free:
+        print(f"ESH/decoder agreement: best {status.get('best_agreement', float('nan')):.4f}")
+    if not label_free or args.audit:
+        best, last = status.get("best_dice", float("nan")), status.get("last_dice", float("nan"))
+        print(f"audit Dice: best {best:.4f}, final {last:.4f}")
     for prediction in sorted((job_dir / "predictions").glob("*")) if (job_dir / "predictions").exists() else []:
         print(f"wrote {prediction}")
     return 0
@@ -138,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
-    predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`)")
+    predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
     predict.add_argument("--image", required=True, help="input volume (NIfTI/NRRD/MHA); channels comma-separated")
     predict.add_argument("--output", required=True, help="output label map path (.nii.gz, .nrrd, .mha)")
@@ -146,13 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     adapt = sub.add_parser("adapt", help="fine-tune adapters on a few labelled target volumes")
-    adapt.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`)")
-    adapt.add_argument("--train", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"),
-                       help="a support case (repeatable); channels comma-separated")
-    adapt.add_argument("--audit", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"),
-                       help="a held-out case whose Dice is audited during adaptation (repeatable)")
+    adapt.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
+    adapt.add_argument("--train", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
+                       help="a support case (repeatable, required unless label-free); channels comma-separated")
+    adapt.add_argument("--audit", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
+                       help="a held-out case whose Dice is audited during adaptation (repeatable; required unless "
+                            "label-free, where it is evaluation only)")
+    adapt.add_argument("--target", action="append", metavar="IMAGE",
+                       help="label-free: an unlabelled target volume to adapt to (repeatable)")
+    adapt.add_argument("--source", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
+                       help="label-free: a labelled source-like case to train the early segmentation head (optional)")
     adapt.add_argument("--method", default="lora", choices=METHODS,
-                       help="sea-peft chooses adapters under --budget; the others are fixed topologies")
+                       help="sea-peft chooses adapters under --budget; label-free needs only --target volumes "
+                            "(docs/labelfree.md); the others are fixed topologies")
     adapt.add_argument("--rank", type=int, default=4, help="rank of lora / convlora / salt's residual update")
     adapt.add_argument("--budget", type=float, help="trainable-parameter budget: fraction of the model (≤ 1) or count")
     adapt.add_argument("--steps", type=int, default=200)

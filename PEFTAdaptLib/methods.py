@@ -17,7 +17,8 @@ class MethodConfig:
     target_modules: tuple[str, ...] = ("*",)
 
 
-METHODS = ("lora", "sea-peft", "salt", "convlora", "norm-affine")
+#: "label-free" needs no labelled support and runs its own loop (PEFTAdaptLib/labelfree, docs/labelfree.md)
+METHODS = ("lora", "sea-peft", "salt", "convlora", "norm-affine", "label-free")
 
 
 RANKS = (1, 2, 4, 8, 16, 32)
@@ -41,19 +42,21 @@ def rank_for_budget(network: nn.Module, config: MethodConfig, budget: int) -> in
 
 
 def build_method(network: nn.Module, config: MethodConfig, budget: int | None, lr: float, seed: int,
-                 audit_every: int = 10) -> tuple[int, list]:
-    """Add the method's units; return (trainable parameters at start, training hooks). SEA-PEFT returns its
-    allocator as a hook and needs a parameter `budget`."""
+                 steps: int | None = None) -> tuple[int, list]:
+    """Add the method's units; return (trainable parameters at start, training hooks). SEA-PEFT puts its whole
+    pool on the network (inactive), returns its allocator as a hook and needs a parameter `budget` (a count);
+    with the run's `steps` its schedule is scaled to the run and the final configuration sweep runs at the end."""
     if config.name != "sea-peft":
         return apply_method(network, config), []
-    from .seapeft import SeaPeftConfig, SeaPeftHook, build_pool
+    from .seapeft import SeaPeftConfig, build_sea_peft
 
     if budget is None:
         raise PEFTAdaptError("sea-peft needs a parameter budget (a fraction of the model or a count)")
-    pool = build_pool(network)
-    hook = SeaPeftHook(network, pool, SeaPeftConfig(budget=budget, lr=lr, seed=seed, audit_every=audit_every,
-                                                    allocate_every=2 * audit_every))
-    return 0, [hook]
+    if steps:
+        sea = SeaPeftConfig.for_steps(budget, steps, lr=lr, seed=seed)
+    else:  # schedule unknown: the defaults, no final sweep (the trainer's best audited state is the selection)
+        sea = SeaPeftConfig(budget=budget, lr=lr, seed=seed)
+    return 0, [build_sea_peft(network, sea)]
 
 
 def apply_method(network: nn.Module, config: MethodConfig) -> int:

@@ -19,7 +19,7 @@ import torch
 from .adapters import count_trainable, load_adapters, save_adapters
 from .data.cases import Case, load_case
 from .data.io import SUPPORTED_SUFFIXES, read_image, write_image
-from .errors import InputError, PEFTAdaptError
+from .errors import InputError, ModelError, PEFTAdaptError
 from .inference import predict_case
 from .jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .jobs.events import EventLog
@@ -162,6 +162,14 @@ def _run(job_dir: Path, resume: bool, device_override: str | None, emit, running
     _check_writable(job_dir)
     device = select_device(device_override or spec.train.device)
     model = load_model(spec.model)
+    if isinstance(model.network, torch.jit.ScriptModule):
+        raise ModelError(f"{model.files.get('network', spec.model)}: a TorchScript model predicts (`peftadapt predict`) "
+                         "and takes weight-space adapters through the Python API (models.torchscript_card.with_adapter), "
+                         "but adaptation jobs need an eager network: give its MONAI bundle or nnU-Net folder instead")
+    if spec.method.name == "label-free":  # no labelled support: its own loop (PEFTAdaptLib/labelfree/job.py)
+        from .labelfree.job import run_label_free
+
+        return run_label_free(job_dir, spec, model, device, emit, CancelWatch(job_dir), resume)
     # validate every input before any training or output
     support = _load_cases(job_dir, spec.support, model, "support", labelled=True)
     audit = _load_cases(job_dir, spec.audit, model, "audit", labelled=True)
@@ -181,7 +189,7 @@ def _run(job_dir: Path, resume: bool, device_override: str | None, emit, running
         load_adapters(model.network, warm, model.base_fingerprint)
     else:
         _, hooks = build_method(model.network, method, budget, spec.train.lr, spec.train.seed,
-                                spec.train.audit_every)
+                                spec.train.steps)
     card = model.card
     if spec.train.patch_size:
         from dataclasses import replace

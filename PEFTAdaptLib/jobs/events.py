@@ -46,9 +46,12 @@ class EventLog:
         for key in ("step", "steps", "loss", "eta_s", "message", "reason", "exit_code"):
             if key in event:
                 status[key] = event[key]
-        if kind in ("audit", "validation"):
+        if kind in ("audit", "validation") and "dice" in event:
             status["last_dice"] = event["dice"]
             status["best_dice"] = max(event["dice"], status.get("best_dice", -1.0))
+        if "agreement" in event:  # label-free: ESH/decoder agreement in place of a Dice audit
+            status["last_agreement"] = event["agreement"]
+            status["best_agreement"] = max(event["agreement"], status.get("best_agreement", -1.0))
         if kind == "checkpoint":
             status["checkpoint"] = event["path"]
         status["updated"] = event["time"]

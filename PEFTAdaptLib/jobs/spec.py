@@ -46,6 +46,8 @@ class JobSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     predict: list[CaseSpec] = field(default_factory=list)
     warm_start: str | None = None  # an earlier job's adapter folder
+    #: label-free only: labelled source-like cases that train its early segmentation head (optional)
+    source: list[CaseSpec] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -61,7 +63,8 @@ class JobSpec:
             return cls(
                 model=data["model"], support=cases("support"), audit=cases("audit"),
                 method=MethodSpec(**data.get("method", {})), train=TrainSpec(**data.get("train", {})),
-                predict=cases("predict"), warm_start=data.get("warm_start"), schema_version=version,
+                predict=cases("predict"), warm_start=data.get("warm_start"), source=cases("source"),
+                schema_version=version,
             )
         except (KeyError, TypeError) as exc:
             raise InputError(f"{source}: invalid job description ({exc})") from None

@@ -1,0 +1,174 @@
+"""Label-free adaptation (ConvLoRA + AdaBN self-training against an early segmentation head): where the head
+attaches, that pseudo-labels carry no gradient, that agreement-based selection restores the state it reports, and
+a real worker job on an unlabelled volume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.networks.nets import BasicUNet, UNet
+
+from conftest import shared
+from PEFTAdaptLib.adapters import ConvLoRAUnit, NormAffineUnit, iter_units
+from PEFTAdaptLib.data.cases import prepare_case
+from PEFTAdaptLib.jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
+from PEFTAdaptLib.jobs.events import read_events
+from PEFTAdaptLib.labelfree import (
+    ESH_SOURCE_CONFIDENT, FeatureTap, LabelFreeAdaptation, LabelFreeConfig, build_head, choose_stage,
+    find_encoder_stages, self_training_loss,
+)
+from PEFTAdaptLib.labelfree.selftrain import unit_state
+from PEFTAdaptLib.models.card import LabelInfo, ModelCard
+from PEFTAdaptLib.worker import EXIT_FINISHED, run_job
+
+SPINE_CARD = ModelCard(
+    id="test-spine", title="spinal cord", description="", modality="MR", input_channels=1, spacing=(1.0, 1.0, 1.0),
+    orientation="RAS", normalization={"name": "percentile_zscore", "p_low": 0.5, "p_high": 99.5},
+    patch_size=(32, 32, 16), inference_roi=(64, 64, 32), labels=[LabelInfo(0, "background"), LabelInfo(1, "cord")],
+    license="MIT", source="test", divisible_by=8,
+)
+
+
+def small_unet() -> UNet:
+    torch.manual_seed(0)
+    return UNet(3, 1, 2, (8, 16, 32, 64), (2, 2, 2), num_res_units=1)
+
+
+def central(image: sitk.Image) -> sitk.Image:
+    nx, ny, _ = image.GetSize()
+    return image[(nx - 64) // 2:(nx + 64) // 2, (ny - 64) // 2:(ny + 64) // 2, :]
+
+
+@pytest.fixture(scope="module")
+def spine_t2():
+    """Subject A's real T2 spinal-cord volume (central 64 mm) on a 1 mm grid; no label."""
+    image = sitk.ReadImage(str(shared("spine/t2/t2.nii.gz")), sitk.sitkFloat32)
+    return prepare_case("A_t2", [central(image)], SPINE_CARD)
+
+
+@pytest.fixture(scope="module")
+def spine_t1_reference():
+    """Subject A's T1 with its manual cord label: a reference for evaluation-only Dice."""
+    image = sitk.ReadImage(str(shared("spine/t1/t1w.nii.gz")), sitk.sitkFloat32)
+    label = sitk.Cast(sitk.ReadImage(str(shared("spine/t1/t1w_seg-manual.nii.gz"))) > 0.5, sitk.sitkUInt8)
+    label.CopyInformation(image)
+    return prepare_case("A_t1", [central(image)], SPINE_CARD, central(label))
+
+
+def test_esh_attaches_to_the_second_encoder_stage_of_a_monai_unet():
+    network = small_unet()
+    assert find_encoder_stages(network) == ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.0",
+                                            "model.1.submodule.1.submodule.1.submodule"]
+    stage = choose_stage(network)
+    assert stage == "model.1.submodule.0"
+    tap = FeatureTap(network, stage)
+    x = torch.randn(1, 1, 32, 32, 16)
+    head = build_head(network, tap, x, num_classes=2)
+    assert tap.features.shape == (1, 16, 8, 8, 4)  # the second stage: 16 channels at 1/4 resolution
+    assert head(tap.features, x.shape[2:]).shape == (1, 2, 32, 32, 16)
+    assert choose_stage(network, "model.0") == "model.0"  # override by module name
+
+
+def test_basic_unet_stages_are_found():
+    network = BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4))
+    assert find_encoder_stages(network) == ["conv_0", "down_1", "down_2", "down_3", "down_4"]
+    assert choose_stage(network) == "down_1"
+
+
+def test_esh_attaches_to_deepbet_and_adapters_stay_upstream_of_it(deepbet):
+    network = deepbet.network
+    assert choose_stage(network) == "down0"
+    tap = FeatureTap(network, "down0")
+    x = torch.randn(1, 1, 64, 64, 64)
+    build_head(network, tap, x, num_classes=2)
+    assert tap.features.shape == (1, 16, 16, 16, 16)
+    from PEFTAdaptLib.labelfree import attach_adapters
+
+    records = attach_adapters(network, ["init", "down0"], LabelFreeConfig())
+    kinds = {type(r.unit) for r in records}
+    assert kinds == {ConvLoRAUnit, NormAffineUnit}  # instance norm: norm-affine, no AdaBN
+    assert all(r.layer.split(".")[0] in ("init", "down0") for r in records)
+
+
+def test_pseudo_labels_carry_no_gradient(spine_t2):
+    network = small_unet()
+    config = LabelFreeConfig(steps=0, esh_steps=0, held_patches=1)
+    adaptation = LabelFreeAdaptation(network, SPINE_CARD, [spine_t2], config)
+    decoder = network.get_submodule("model.2.0.conv").weight  # the last up-sampling conv: decoder only
+    decoder.requires_grad_(True)
+    image = adaptation.sampler()
+    loss, pseudo = self_training_loss(network, adaptation.head, adaptation.tap, image)
+    assert not pseudo.requires_grad and pseudo.grad_fn is None
+    loss.backward()
+    assert decoder.grad is None  # no path from the loss through the pseudo-labels into the decoder
+    lora_grads = [p.grad for r in iter_units(network) if isinstance(r.unit, ConvLoRAUnit) for p in r.unit.parameters()]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert any(float(g.abs().sum()) > 0 for g in lora_grads)
+    assert all(p.grad is None for p in adaptation.head.parameters())  # the ESH is frozen
+
+
+def test_agreement_selection_restores_the_state_of_the_reported_step(spine_t2, spine_t1_reference):
+    network = small_unet()
+    snapshots: dict[int, dict] = {}
+    events: list[dict] = []
+    config = LabelFreeConfig(steps=12, lr=2e-2, eval_every=3, esh_steps=8, held_patches=2, seed=3)
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "agreement":
+            snapshots[event["step"]] = unit_state(network)
+
+    adaptation = LabelFreeAdaptation(network, SPINE_CARD, [spine_t2], config, reference=[spine_t1_reference],
+                                     on_event=on_event)
+    assert adaptation.train_head()["source"] == ESH_SOURCE_CONFIDENT
+    assert adaptation.run()
+    final_state = unit_state(network)
+    summary = adaptation.finish()
+    steps = [s for s, _ in summary["history"]]
+    assert steps == [0, 3, 6, 9, 12] and sorted(snapshots) == steps
+    scores = [a for _, a in summary["history"]]
+    assert summary["best_step"] == steps[scores.index(max(scores))]
+    assert summary["best_agreement"] == max(scores)
+    restored = unit_state(network)
+    expected = snapshots[summary["best_step"]]
+    assert restored.keys() == expected.keys()
+    for key in expected:
+        for name, tensor in expected[key].items():
+            assert torch.equal(restored[key][name], tensor), (key, name)
+    # the reference Dice is reported with every agreement, and plays no part in the selection above
+    assert all(0.0 <= e["dice"] <= 1.0 for e in events if e["event"] == "agreement")
+    if summary["best_step"] != config.steps:  # a real rewind, not the last state
+        assert any(not torch.equal(final_state[k][n], t) for k in expected for n, t in expected[k].items())
+
+
+def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
+    """The real default model on a real brain volume given without any label (no audit either)."""
+    image = str(shared("brats/brats_2013_pat0003_1/T1c_subtrMeanDivStd.nii.gz"))
+    spec = JobSpec(
+        model="deepbet-brain", support=[CaseSpec([image])], audit=[], method=MethodSpec("label-free", rank=2),
+        train=TrainSpec(steps=4, lr=1e-3, patch_size=[64, 64, 64], patches_per_step=1, audit_every=2, seed=0,
+                        device="cpu"),
+    )
+    write_job(tmp_path, spec)
+    assert run_job(tmp_path, echo=False) == EXIT_FINISHED
+    events = read_events(tmp_path)[0]
+    kinds = [e["event"] for e in events]
+    assert "audit" not in kinds and kinds[-1] == "finished"
+    started = next(e for e in events if e["event"] == "started")
+    assert started["method"] == "label-free" and started["esh_stage"] == "down0" and started["trainable"] > 0
+    esh = next(e for e in events if e["event"] == "esh")
+    assert esh["source"] == ESH_SOURCE_CONFIDENT
+    agreement = [e for e in events if e["event"] == "agreement"]
+    assert [e["step"] for e in agreement] == [0, 2, 4]
+    assert all(0.0 <= e["agreement"] <= 1.0 and "dice" not in e for e in agreement)  # no reference, no Dice
+    metadata = json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]
+    assert metadata["esh_source"] == ESH_SOURCE_CONFIDENT and metadata["esh_stage"] == "down0"
+    finished = events[-1]
+    assert finished["best_agreement"] == max(e["agreement"] for e in agreement)
+    assert metadata["final"] is True
+    # every improvement of agreement rewrote the adapter while running: a cancelled job keeps its best one
+    best_so_far = [e for i, e in enumerate(agreement) if e["agreement"] > max([x["agreement"] for x in agreement[:i]],
+                                                                               default=-1.0)]
+    assert [e.get("adapter") for e in best_so_far] == ["adapter"] * len(best_so_far)
