@@ -62,6 +62,7 @@ class AdaptationMethod(enum.Enum):
     LORA = "lora"
     CONVLORA = "convlora"
     NORM_AFFINE = "norm-affine"
+    LABEL_FREE = "label-free"  # no annotation: ConvLoRA + AdaBN self-training on the target volume
 
 
 @parameterNodeWrapper
@@ -188,11 +189,15 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
         running = self._run is not None and not self._run.state.finished
-        ready = bool(p and p.trainingVolumes and p.auditVolume and p.auditSegmentation)
+        if p and p.method == AdaptationMethod.LABEL_FREE:
+            ready = bool(p.targetVolume)
+        else:
+            ready = bool(p and p.trainingVolumes and p.auditVolume and p.auditSegmentation)
         self.ui.applyButton.enabled = running or ready
         self.ui.applyButton.text = _("Cancel") if running else _("Start")
         self.ui.applyButton.toolTip = _("Stop the background adaptation, keeping its last checkpoint") if running else (
             _("Start adaptation in a background process") if ready
+            else _("Label-free: choose the target volume to adapt to") if p and p.method == AdaptationMethod.LABEL_FREE
             else _("Add at least one training pair and choose an audit volume and segmentation"))
         budget = self.logic.budgetParameters(p.modelId, p.budgetPercent) if p else None
         self.ui.budgetCountLabel.text = _("{count:,} trainable parameters").format(count=budget) if budget else ""

@@ -1,6 +1,7 @@
 """The module's Logic on real MRML nodes (slicer-core) driving the real background worker on BraTS volumes."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -114,3 +115,45 @@ def _events(run):
     from PEFTAdaptLib.jobs.events import read_events
 
     return read_events(run.jobDir)[0]
+
+
+def test_a_model_loaded_from_a_folder_segments_a_volume_with_its_own_labels(scene_logic):
+    """"Load from folder…" with a real brainchop MeshNet (grey/white matter): the card joins the model list, and
+    Segment runs the worker's predict on the folder and imports the model's own label names."""
+    card = scene_logic.registerModelFolder(str(shared("meshnet/model5_gw_ae")))
+    assert card["id"] in {c["id"] for c in scene_logic.modelCards()}
+    assert scene_logic.modelReference(card["id"]) == str(shared("meshnet/model5_gw_ae").resolve())
+    volume = load_volume(scene_logic.scene, shared("meshnet/t1_crop.nii.gz"), "T1")
+    segmentation = scene_logic.segment(card["id"], volume, None)
+    names = {segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())}
+    assert names == {label["name"] for label in card["labels"] if label["value"] != 0}
+    assert len(names) == 2
+
+
+def test_a_folder_that_holds_no_model_is_refused_with_the_reason(scene_logic, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(Exception, match="no recognised model"):
+        scene_logic.registerModelFolder(str(tmp_path))
+    broken = tmp_path / "meshnet"
+    broken.mkdir()
+    (broken / "model.json").write_text((shared("meshnet/model5_gw_ae") / "model.json").read_text())
+    with pytest.raises(Exception, match="model.pth"):
+        scene_logic.registerModelFolder(str(broken))
+
+
+def test_label_free_adaptation_needs_only_the_target_volume(scene_logic):
+    """The "no annotations" mode: the target volume is all it trains on; the audit pair is evaluation only. The chart
+    gains ESH/decoder agreement rows (and Dice from the reference) and the target's segmentation is imported."""
+    target = load_volume(scene_logic.scene, brats(5, "T1c_subtrMeanDivStd.nii.gz"), "T1c 5")
+    job = request(scene_logic, steps=4, method="label-free", trainingPairs=[], targetVolumes=[target])
+    run = scene_logic.launch(job)
+    assert run.wait(600).outcome == "finished", run.state.message
+    spec = json.loads((run.jobDir / "job.json").read_text())
+    assert [c["label"] for c in spec["support"]] == [None] and spec["support"][0]["images"] == spec["predict"][0]["images"]
+    assert run.monitor.agreement_table.GetTable().GetNumberOfRows() >= 2
+    assert len(run.monitor.dice_values()) >= 2  # evaluation against the audit reference, never used for training
+    [segmentation] = run.importResults()
+    assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "brain"
+    with pytest.raises(Exception, match="target volume"):
+        scene_logic.writeJob(request(scene_logic, method="label-free", trainingPairs=[], targetVolumes=[]))

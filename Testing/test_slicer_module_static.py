@@ -64,3 +64,17 @@ def test_scene_connections_reach_every_node_selector():
                  if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView", "qMRMLSegmentEditorWidget")}
     connected = {c.findtext("receiver") for c in UI.iter("connection") if c.findtext("signal").startswith("mrmlSceneChanged")}
     assert selectors and selectors <= connected
+
+
+def test_extensions_index_entry_matches_the_extension_cmake():
+    """The catalog entry submitted to Slicer/ExtensionsIndex must agree with the CMake metadata (the build farm reads
+    one, the Extensions Manager shows the other)."""
+    import json
+
+    root = MODULE.parent
+    entry = json.loads((root / "Resources" / "ExtensionsIndex" / "PEFTAdapt.json").read_text())
+    cmake = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', (root / "CMakeLists.txt").read_text()))
+    assert {"$schema", "category", "scm_url"} <= entry.keys()  # the schema's required fields
+    assert entry["category"] == cmake["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == cmake["EXTENSION_DEPENDS"].split()
+    assert entry["scm_url"].removesuffix(".git") == cmake["EXTENSION_HOMEPAGE"]

@@ -144,18 +144,47 @@ class PEFTAdaptSceneLogic:
         self.pythonExecutable = pythonExecutable
         self.enginePath = enginePath
         self.workRoot = Path(workRoot) if workRoot else Path.cwd() / "PEFTAdapt-jobs"
+        self._folderCards: dict[str, dict] = {}
 
     # -- models ----------------------------------------------------------------------------------------------------
     def modelCards(self) -> list[dict]:
-        from PEFTAdaptLib.models.registry import BUILTIN
+        """Built-in models, the available ones of the user's model folder (PEFTADAPT_MODELS), and folders loaded with
+        "Load from folder…" in this session. Reads JSON only: works before torch is installed."""
+        from PEFTAdaptLib.models.registry import list_models
 
-        return [entry.card.to_dict() for entry in BUILTIN.values()]
+        rows, _ = list_models()
+        cards = [{**row.card.to_dict(), "path": row.path} for row in rows
+                 if row.card is not None and (row.status == "available" or row.format == "builtin")]
+        known = {card["id"] for card in cards}
+        return cards + [card for card in self._folderCards.values() if card["id"] not in known]
 
     def card(self, modelId: str) -> dict:
         for card in self.modelCards():
             if card["id"] == modelId:
                 return card
         raise SceneError(f"unknown model '{modelId}'")
+
+    def modelReference(self, modelId: str) -> str:
+        """What the worker loads: the id of a built-in model, else the model's folder (ids of folders are local)."""
+        return self.card(modelId).get("path") or modelId
+
+    def registerModelFolder(self, folder: str) -> dict:
+        """A MONAI bundle, nnU-Net v2 folder, TorchScript + card or MeshNet folder; refused with the reason if its
+        files are missing, corrupt or need a package that is not installed."""
+        from PEFTAdaptLib.errors import PEFTAdaptError
+        from PEFTAdaptLib.models.catalog import entry_for_path
+
+        try:
+            entry = entry_for_path(Path(folder))
+            card = entry.card().to_dict()
+        except PEFTAdaptError as exc:
+            raise SceneError(str(exc)) from None
+        status = entry.availability()
+        if status != "available":
+            raise SceneError(f"{folder}: {status}")
+        card["path"] = str(Path(folder).resolve())
+        self._folderCards[card["id"]] = card
+        return card
 
     def budgetParameters(self, modelId: str, percent: float) -> int | None:
         total = self.card(modelId).get("extra", {}).get("parameters")
@@ -171,10 +200,6 @@ class PEFTAdaptSceneLogic:
             capability = ".".join(map(str, torch.cuda.get_device_capability(0)))
             return f"torch {torch.__version__}, CUDA {torch.version.cuda}: {name} (compute capability {capability})"
         return f"torch {torch.__version__}: no CUDA GPU usable, adaptation runs on the CPU"
-
-    def registerModelFolder(self, folder: str) -> dict:
-        raise SceneError(f"{folder}: loading model folders (MONAI bundle, nnU-Net, TorchScript, MeshNet) is not "
-                         "available in this version; use a registered model")
 
     def checkAdapter(self, modelId: str, folder: str) -> dict:
         path = Path(folder) / "adapter.json"
@@ -208,17 +233,24 @@ class PEFTAdaptSceneLogic:
     def writeJob(self, request: AdaptationRequest) -> Path:
         """Export the nodes with their geometry and write job.json; returns the job folder."""
         jobs, _ = _engine()
-        if not request.trainingPairs:
+        labelFree = request.method == "label-free"
+        if labelFree and not request.targetVolumes:
+            raise SceneError("label-free adaptation needs the target volume(s) to adapt to (no annotation needed)")
+        if not labelFree and not request.trainingPairs:
             raise SceneError("add at least one training pair (volume + segmentation)")
         labels = labels_from_card(self.card(request.modelId)["labels"])
         jobDir = self._newJobDir()
         (jobDir / "inputs").mkdir()
-        support = [self._exportPair(jobDir, v, s, labels, f"train{i}") for i, (v, s) in enumerate(request.trainingPairs)]
-        audit = [self._exportPair(jobDir, *request.auditPair, labels, "audit")]
+        pairs = [self._exportPair(jobDir, v, s, labels, f"train{i}") for i, (v, s) in enumerate(request.trainingPairs)]
+        hasAudit = all(node is not None for node in request.auditPair)
+        audit = [self._exportPair(jobDir, *request.auditPair, labels, "audit")] if hasAudit or not labelFree else []
         targets = [jobs.CaseSpec([str(write_volume(v, jobDir / "inputs" / f"target{i}_image.nrrd").relative_to(jobDir))])
                    for i, v in enumerate(request.targetVolumes)]
+        # label-free: the targets are what it adapts to; labelled pairs, if any, train its early segmentation head and
+        # the audit pair is evaluation only (docs/labelfree.md)
+        support, source = (targets, pairs) if labelFree else (pairs, [])
         spec = jobs.JobSpec(
-            model=request.modelId, support=support, audit=audit, predict=targets,
+            model=self.modelReference(request.modelId), support=support, audit=audit, predict=targets, source=source,
             method=jobs.MethodSpec(request.method, rank=request.rank,
                                    budget=request.budgetPercent / 100 if request.budgetPercent else None),
             train=jobs.TrainSpec(steps=request.steps, lr=request.learningRate,
@@ -248,7 +280,7 @@ class PEFTAdaptSceneLogic:
         folder = self._newJobDir()
         image = write_volume(volume, folder / "image.nrrd")
         output = folder / "segmentation.nrrd"
-        command = [self.pythonExecutable, "-m", "PEFTAdaptLib.cli", "predict", "--model", modelId,
+        command = [self.pythonExecutable, "-m", "PEFTAdaptLib.cli", "predict", "--model", self.modelReference(modelId),
                    "--image", str(image), "--output", str(output)]
         if adapterFolder:
             command += ["--adapter", str(adapterFolder)]

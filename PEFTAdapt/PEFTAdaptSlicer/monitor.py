@@ -10,6 +10,7 @@ import vtk
 
 DICE_COLUMNS = ("step", "dice")
 LOSS_COLUMNS = ("step", "loss")
+AGREEMENT_COLUMNS = ("step", "agreement")
 UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delta_dice", "state")
 LAYER_COLUMNS = ("layer", "active_parameters")
 TIMELINE_COLUMNS = ("step", "active_units", "budget_used")
@@ -50,6 +51,10 @@ class AdaptationMonitor:
         self.chart.SetYAxisTitle("Dice (held-out audit volume)")
         self.dice_series = self._series(self.dice_table, "audit Dice", "step", "dice", (0.1, 0.4, 0.9))
         self.chart.AddAndObservePlotSeriesNodeID(self.dice_series.GetID())
+        self.agreement_table = _new_table(scene, f"{name} ESH agreement", AGREEMENT_COLUMNS)
+        self.agreement_series = self._series(self.agreement_table, "ESH/decoder agreement (label-free)", "step",
+                                             "agreement", (0.8, 0.2, 0.6))
+        self.chart.AddAndObservePlotSeriesNodeID(self.agreement_series.GetID())
         self.layers_chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} parameters per layer")
         self.layers_chart.SetTitle("Active adapter parameters per layer")
         layers = self._series(self.layers_table, "active parameters", "layer", "active_parameters", (0.9, 0.5, 0.1))
@@ -77,6 +82,10 @@ class AdaptationMonitor:
         kind = event.get("event")
         if kind in ("audit", "validation") and "dice" in event:
             _append_row(self.dice_table, (event["step"], event["dice"]))
+        elif kind == "agreement":  # label-free: ESH/decoder agreement, plus Dice when an evaluation reference exists
+            _append_row(self.agreement_table, (event["step"], event["agreement"]))
+            if event.get("dice") is not None:
+                _append_row(self.dice_table, (event["step"], event["dice"]))
         elif kind == "step" and "loss" in event:
             _append_row(self.loss_table, (event["step"], event["loss"]))
         elif kind in ("unit_audit", "unit_state") and "unit" in event:
