@@ -270,7 +270,7 @@ def run_shift(name: str, args) -> dict:
     path = CACHE / f"allocation-{name}.json"
     if args.resume and path.is_file():  # keep the runs of an interrupted invocation with the same settings
         previous = json.loads(path.read_text())
-        if all(previous.get(k) == out[k] for k in ("budget", "settings", "device", "quick")):
+        if all(previous.get(k) == json.loads(json.dumps(out[k])) for k in ("budget", "settings", "device", "quick")):
             out["runs"] = previous["runs"]
     done = {(r["method"], r["seed"]) for r in out["runs"]}
     CACHE.mkdir(parents=True, exist_ok=True)
