@@ -274,7 +274,10 @@ def run_shift(name: str, args) -> dict:
             out["runs"] = previous["runs"]
     done = {(r["method"], r["seed"]) for r in out["runs"]}
     CACHE.mkdir(parents=True, exist_ok=True)
-    for label, spec in method_list(shift, budget, args.quick):
+    methods = method_list(shift, budget, args.quick)
+    if args.kinds:  # a subset, in the given order (the table keeps whatever has run)
+        methods = [m for kind in args.kinds for m in methods if m[1]["kind"] == kind]
+    for label, spec in methods:
         seeds = [0] if spec["kind"] in ("zero-shot", "adabn") else list(range(args.seeds))
         for seed in (seed for seed in seeds if (label, seed) not in done):
             run = run_one(shift, label, spec, seed, budget, s, args.device, zero_audit)
@@ -384,6 +387,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.01, help="fraction of the parameters (≤ 1) or a count")
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
     parser.add_argument("--render", action="store_true", help="only rebuild the tables from bench/.cache")
+    parser.add_argument("--kinds", nargs="+", help="only these method kinds, in this order (e.g. sea-peft lora full)")
     parser.add_argument("--resume", action="store_true", help="skip the runs already in bench/.cache (same settings)")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the SEA-PEFT section of docs/benchmarks.md")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the development machine has 2 cores)")
