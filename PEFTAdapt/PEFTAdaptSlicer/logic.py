@@ -145,18 +145,20 @@ class PEFTAdaptSceneLogic:
         self.enginePath = enginePath
         self.workRoot = Path(workRoot) if workRoot else Path.cwd() / "PEFTAdapt-jobs"
         self._folderCards: dict[str, dict] = {}
+        self._listedCards: list[dict] | None = None
 
     # -- models ----------------------------------------------------------------------------------------------------
     def modelCards(self) -> list[dict]:
         """Built-in models, the available ones of the user's model folder (PEFTADAPT_MODELS), and folders loaded with
         "Load from folder…" in this session. Reads JSON only: works before torch is installed."""
-        from PEFTAdaptLib.models.registry import list_models
+        if self._listedCards is None:  # scanned once: the panel asks on every parameter change
+            from PEFTAdaptLib.models.registry import list_models
 
-        rows, _ = list_models()
-        cards = [{**row.card.to_dict(), "path": row.path} for row in rows
-                 if row.card is not None and (row.status == "available" or row.format == "builtin")]
-        known = {card["id"] for card in cards}
-        return cards + [card for card in self._folderCards.values() if card["id"] not in known]
+            rows, _ = list_models()
+            self._listedCards = [{**row.card.to_dict(), "path": row.path} for row in rows
+                                 if row.card is not None and (row.status == "available" or row.format == "builtin")]
+        known = {card["id"] for card in self._listedCards}
+        return self._listedCards + [card for card in self._folderCards.values() if card["id"] not in known]
 
     def card(self, modelId: str) -> dict:
         for card in self.modelCards():

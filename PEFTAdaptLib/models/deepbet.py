@@ -61,14 +61,19 @@ def _verified(path: Path, expected: str) -> Path:
     return path
 
 
+def verified_deepbet_files() -> tuple[Path, Path]:
+    """(network, locator) files of the installed deepbet, checksums verified; no torch needed (model listing)."""
+    path = _verified(deepbet_weights_path(), MODEL_SHA256)
+    return path, _verified(path.with_name("bbox_model.pt"), BBOX_SHA256)
+
+
 def load_deepbet() -> FoundationModel:
     # torch is imported here, not at module level: listing model cards must work before torch is installed
     from ..adapters.io import fingerprint
     from .deepbet_locator import DeepbetLocator
     from .linknet3d import load_from_torchscript
 
-    path = _verified(deepbet_weights_path(), MODEL_SHA256)
-    locator_path = _verified(path.with_name("bbox_model.pt"), BBOX_SHA256)
+    path, locator_path = verified_deepbet_files()
     network = load_from_torchscript(str(path))
     return FoundationModel(network, CARD, fingerprint(network), {"weights": str(path), "locator": str(locator_path)},
                            locate=DeepbetLocator(str(locator_path)))

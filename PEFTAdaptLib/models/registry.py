@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import ModelError, PEFTAdaptError
 from .card import ModelCard
 from .deepbet import CARD as DEEPBET_CARD
-from .deepbet import load_deepbet
+from .deepbet import load_deepbet, verified_deepbet_files
 from .foundation import FoundationModel
 
 
@@ -19,17 +19,20 @@ from .foundation import FoundationModel
 class RegistryEntry:
     card: ModelCard
     loader: Callable[[], FoundationModel]
+    #: raises a PEFTAdaptError naming what is missing or corrupt; reads files only (no network is built)
+    check: Callable[[], object]
 
     def availability(self) -> str:
         """'available', or the reason the model cannot be loaded on this machine."""
         try:
-            self.loader()
+            self.check()
         except PEFTAdaptError as exc:
             return str(exc)
         return "available"
 
 
-BUILTIN: dict[str, RegistryEntry] = {DEEPBET_CARD.id: RegistryEntry(DEEPBET_CARD, load_deepbet)}
+BUILTIN: dict[str, RegistryEntry] = {
+    DEEPBET_CARD.id: RegistryEntry(DEEPBET_CARD, load_deepbet, verified_deepbet_files)}
 DEFAULT_MODEL = DEEPBET_CARD.id
 
 
