@@ -14,7 +14,7 @@ from monai.transforms import RandCropByPosNegLabeld
 from monai.transforms.utils import map_binary_to_indices
 from torch import nn
 
-from .adapters import freeze_base, iter_units, trainable_parameters
+from .adapters import freeze_base, iter_units, parameter_groups
 from .data.cases import Case
 from .inference import predict_probabilities
 from .metrics import dice
@@ -142,9 +142,7 @@ class Trainer:
         self.device = torch.device(config.device)
         network.to(self.device)
         freeze_base(network)
-        self.optimizer = torch.optim.AdamW(
-            trainable_parameters(network, active_only=False), lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(parameter_groups(network, config.lr), weight_decay=config.weight_decay)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.sampler = PatchSampler(support, card.patch_size, config.patches_per_step, config.pos_fraction, config.seed)
         self.context = TrainingContext(network, card, audit, config.device, self.emit)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from PEFTAdaptLib.adapters import (
-    AdaBNConfig, AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, LoRAConfig, NormAffineConfig, SALTConfig,
-    SVDConfig, apply_adapter, count_trainable, estimate_adabn, fingerprint, freeze_base, iter_units, load_adapters,
-    merge_all, save_adapters, unmerge_all,
+    AdaBNConfig, AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, DenseConfig, LoRAConfig, NormAffineConfig,
+    SALTConfig, SVDConfig, apply_adapter, count_trainable, estimate_adabn, fingerprint, freeze_base, iter_units, load_adapters,
+    merge_all, parameter_groups, save_adapters, unmerge_all,
 )
 from PEFTAdaptLib.errors import ModelError
 
@@ -56,6 +56,7 @@ CASES = {
     "svd": (SVDConfig(), {"conv": 2 * 6, "up": 2 * 6, "fc": 2 * 4}),
     "norm_affine": (NormAffineConfig(), {"bn": 12, "inorm": 12, "ln": 10}),
     "bitfit": (BitFitConfig(), {"conv": 6, "up": 4, "fc": 5}),
+    "dense": (DenseConfig(), {"conv": 6 * 2 * 27 + 6, "up": 6 * 4 * 8 + 4, "fc": 5 * 4 + 5}),
     "adaptformer": (AdaptFormerConfig(bottleneck=3), {"fc": 4 * 3 + 3 + 3 * 5 + 5}),
     "adabn": (AdaBNConfig(), {"bn": 0}),
 }
@@ -207,3 +208,27 @@ def test_merge_and_unload_leaves_plain_layers_with_the_adapted_function():
     merge_and_unload(net)
     assert not any(isinstance(m, AdaptedLayer) for m in net.modules())
     assert torch.allclose(net(X), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_delta_trains_exactly_like_fine_tuning_the_layer_at_a_third_of_the_rate():
+    """W + ΔW with ΔW = 0 is fine-tuning W; its optimizer group runs at lr × DenseUnit.lr_scale (= 1/3)."""
+    net, reference = make_net(), make_net()
+    apply_adapter(net, DenseConfig(target_modules=("conv",)), "dense")
+    apply_adapter(net, LoRAConfig(r=2, alpha=2, target_modules=("fc",)), "lora")
+    freeze_base(net)
+    groups = parameter_groups(net, lr=3e-3)
+    assert sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in groups) == [
+        (pytest.approx(1e-3), 6 * 2 * 27 + 6), (pytest.approx(3e-3), 2 * (4 + 5))]
+    for p in reference.parameters():
+        p.requires_grad_(p is reference.conv.weight or p is reference.conv.bias)
+    net.get_submodule("fc").set_active("lora", False)  # gated off: no gradient, so the network is the reference's
+    mine = torch.optim.AdamW(groups, weight_decay=0.0)
+    theirs = torch.optim.AdamW([reference.conv.weight, reference.conv.bias], lr=1e-3, weight_decay=0.0)
+    for _ in range(3):
+        for model, optimizer in ((net, mine), (reference, theirs)):
+            optimizer.zero_grad()
+            model(X)[:, 0].sum().backward()
+            optimizer.step()
+    adapted_conv = net.get_submodule("conv").effective_params()
+    assert torch.allclose(adapted_conv["weight"], reference.conv.weight, atol=1e-6)
+    assert torch.allclose(adapted_conv["bias"], reference.conv.bias, atol=1e-6)

@@ -85,13 +85,13 @@ def test_pool_covers_every_site_and_family_with_exact_costs_and_leaves_the_netwo
     assert not any(r.active for r in records.values()), "the pool starts inactive"
     assert all(u.cost == records[u.name].unit.num_trainable() > 0 for u in pool)
     families = {u.family for u in pool}
-    assert families == {"lora", "convlora", "salt", "bitfit", "norm_affine"}  # no Linear: no AdaptFormer
+    assert families == {"lora", "convlora", "salt", "bitfit", "norm_affine", "dense"}  # no Linear: no AdaptFormer
     for site, kind in sites.items():
         mine = {u.unit for u in pool if u.site == site}
         if kind == "norm":
             assert mine == {"sea_norm_affine"}
         else:
-            assert {"sea_lora_r1", "sea_lora_r2", "sea_lora_r4", "sea_salt_r2", "sea_bitfit"} <= mine
+            assert {"sea_lora_r1", "sea_lora_r2", "sea_lora_r4", "sea_salt_r2", "sea_bitfit", "sea_dense"} <= mine
             cubic = records[f"{site}::sea_lora_r1"].owner.base.weight.shape[2] > 1
             assert ("sea_convlora_r1" in mine) == (cubic and kind == "conv")
     assert torch.equal(net(x), reference)
@@ -100,6 +100,9 @@ def test_pool_covers_every_site_and_family_with_exact_costs_and_leaves_the_netwo
     assert torch.allclose(net(x), reference, atol=1e-5)
     cheap = build_pool(small_unet(), max_cost=200)
     assert cheap and all(u.cost <= 200 for u in cheap) and len(cheap) < len(pool)
+    dense = {u.site for u in cheap if u.family == "dense"}  # a whole layer's weight: only the small layers fit
+    assert dense and dense == {s for s, k in sites.items()
+                               if k != "norm" and records[f"{s}::sea_dense"].unit.num_trainable() <= 200}
 
 
 def test_transformer_pool_uses_attention_qkv_and_mlp_sites():
@@ -147,7 +150,7 @@ def _buffer_case(seed: int, invert: bool = False):
 def test_first_order_estimate_matches_the_hand_computed_value_and_leaves_gates_off():
     torch.manual_seed(0)
     net = Tiny()
-    pool = build_pool(net, families=("lora", "salt", "norm_affine", "bitfit"))
+    pool = build_pool(net, families=("lora", "salt", "norm_affine", "bitfit", "dense"))
     freeze_base(net)
     hook = SeaPeftHook(net, pool, SeaPeftConfig(budget=10_000, lr=1e-3, allocate_every=20))
     hook.buffer = AuditBuffer([_buffer_case(0)], (16, 16, 16), 2, seed=0)
@@ -157,12 +160,13 @@ def test_first_order_estimate_matches_the_hand_computed_value_and_leaves_gates_o
     assert not any(r.active for r in hook.records.values()), "estimation leaves every gate off"
     gains = {e["unit"]: e["delta_dice"] for e in events}
     assert all(g > 0 for g in gains.values()), "every identity-initialised unit has a gradient: never 0"
-    for name in ("conv1::sea_lora_r1", "norm::sea_norm_affine", "head::sea_salt_r2"):
+    for name in ("conv1::sea_lora_r1", "norm::sea_norm_affine", "head::sea_salt_r2", "conv2::sea_dense"):
         hook._gate(name, True)
         value = hook.buffer._pooled(net)
         grads = torch.autograd.grad(value, list(hook.records[name].unit.parameters()), allow_unused=True)
         hook._gate(name, False)
-        expected = 1e-3 * 20 * sum(float(g.abs().sum()) for g in grads if g is not None)
+        lr = 1e-3 * (1 / 3 if name.endswith("dense") else 1)  # a dense delta trains at a third of the rate
+        expected = lr * 20 * sum(float(g.abs().sum()) for g in grads if g is not None)
         assert gains[name] == pytest.approx(min(expected, 1 - float(value.detach())), rel=1e-4)
 
 

@@ -4,7 +4,10 @@
     python bench/allocation.py --device cuda --seeds 3 --steps 200 --update-docs
 
 Methods (same budget, 1 % of the model's parameters unless `--budget`): zero-shot, AdaBN, norm-affine, LoRA at
-every rank of the sweep, ConvLoRA and SALT at the largest rank that fits the budget, SEA-PEFT, full fine-tuning.
+every rank of the sweep, ConvLoRA and SALT at the largest rank that fits the budget, SEA-PEFT at the budget and at
+a quarter of it (the budget is a ceiling: with one support volume, fewer parameters can generalise better), the
+hand-picked "shallow fine-tuning" recipe on the MONAI UNet sources (a reference, not a fixed-topology PEFT: it was
+chosen by looking at this benchmark), full fine-tuning.
 Every method trains through the engine's `Trainer` (same support patches, optimizer, steps and best-audited-state
 selection); Dice and HD95 are measured on the held-out test cases on their own grids. Prints Markdown tables;
 `--update-docs` also rewrites the `## Allocation (SEA-PEFT)` section of docs/benchmarks.md. Raw results go to
@@ -30,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shifts import CACHE, SHIFTS, Shift  # noqa: E402
 
 from PEFTAdaptLib import adapters as A  # noqa: E402
-from PEFTAdaptLib.adapters.base import AdapterConfig, AdapterUnit  # noqa: E402
 from PEFTAdaptLib.pipeline import evaluate  # noqa: E402
 from PEFTAdaptLib.inference import predict_case  # noqa: E402
 from PEFTAdaptLib.seapeft import SeaPeftConfig, build_sea_peft  # noqa: E402
@@ -39,28 +41,9 @@ from PEFTAdaptLib.training import TrainConfig, Trainer  # noqa: E402
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Allocation (SEA-PEFT)"
 RANKS = (1, 2, 4)
-
-
-# -- full fine-tuning as a unit: W + ΔW with ΔW = 0 at start is exactly fine-tuning W (AdamW, no weight decay) ------
-@dataclass
-class FullDeltaConfig(AdapterConfig):
-    pass
-
-
-class FullDeltaUnit(AdapterUnit):
-    kind = "bench_full_delta"
-    config_class = FullDeltaConfig
-
-    def __init__(self, layer: nn.Module, config: FullDeltaConfig):
-        super().__init__(layer, config)
-        self.dw = nn.Parameter(torch.zeros_like(layer.weight))
-        self.db = nn.Parameter(torch.zeros_like(layer.bias)) if getattr(layer, "bias", None) is not None else None
-
-    def apply(self, params):
-        out = {**params, "weight": params["weight"] + self.dw}
-        if self.db is not None:
-            out["bias"] = params["bias"] + self.db
-        return out
+#: the first and the last block of a MONAI UNet (input and output convolutions): dense deltas + norm-affine is the
+#: "fine-tune the shallow layers" recipe for contrast shifts (Shirokikh et al., MICCAI 2020), picked by hand
+SHALLOW_BLOCKS = ("model.0.*", "model.2.*")
 
 
 # -- settings -----------------------------------------------------------------------------------------------------
@@ -72,7 +55,7 @@ class Settings:
     audit_every: int  # the trainer's whole-volume audits (best-state selection)
     lr: float = 3e-3  # PEFT methods and SEA-PEFT
     lr_norm: float = 1e-2  # norm-affine (the reference's Affine setting)
-    lr_full: float = 5e-4  # full fine-tuning
+    lr_full: float = 5e-4  # full fine-tuning (dense deltas on every layer)
 
 
 def settings(shift: str, quick: bool, steps: int | None) -> Settings:
@@ -171,7 +154,11 @@ def method_list(shift: Shift, budget: int, quick: bool) -> list[tuple[str, dict]
                               ("SALT", "salt", lambda r: A.SALTConfig(ratio=0.1, lora_rank=r))):
         rank, _, _ = _largest_rank(shift, make, budget)
         methods.append((f"{label} r{rank}", {"kind": kind, "rank": rank}))
-    methods += [("SEA-PEFT", {"kind": "sea-peft"}), ("full fine-tuning", {"kind": "full"})]
+    methods += [("SEA-PEFT", {"kind": "sea-peft"}),
+                ("SEA-PEFT, ¼ budget", {"kind": "sea-peft", "budget_share": 0.25})]
+    if shift.name in ("brats", "spine"):  # MONAI UNet: its first and last blocks
+        methods.append(("shallow fine-tuning (hand-picked)", {"kind": "shallow"}))
+    methods.append(("full fine-tuning", {"kind": "full"}))
     return methods
 
 
@@ -189,12 +176,15 @@ def build(network: nn.Module, spec: dict, budget: int, settings_: Settings, seed
         A.apply_adapter(network, A.ConvLoRAConfig(r=rank, alpha=rank), "convlora")
     elif kind == "salt":
         A.apply_adapter(network, A.SALTConfig(ratio=0.1, lora_rank=rank), "salt")
-    elif kind == "full":
-        A.add_units(network, FullDeltaConfig(), FullDeltaUnit, "full")
-        return settings_.lr_full, []
+    elif kind == "full":  # W + ΔW with ΔW = 0 at start is exactly fine-tuning W (AdamW, no weight decay)
+        A.apply_adapter(network, A.DenseConfig(), "full")
+        return settings_.lr_full / A.DenseUnit.lr_scale, []
+    elif kind == "shallow":
+        A.apply_adapter(network, A.DenseConfig(target_modules=SHALLOW_BLOCKS), "dense")
+        A.apply_adapter(network, A.NormAffineConfig(), "norm_affine")
     elif kind == "sea-peft":
-        config = SeaPeftConfig.for_steps(budget, settings_.steps, train_patches=settings_.patches,
-                                         lr=settings_.lr, seed=seed)
+        config = SeaPeftConfig.for_steps(int(budget * spec.get("budget_share", 1.0)), settings_.steps,
+                                         train_patches=settings_.patches, lr=settings_.lr, seed=seed)
         return settings_.lr, [build_sea_peft(network, config)]
     return settings_.lr, []
 
@@ -297,13 +287,21 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _standard_error(a: list[float], b: list[float]) -> float:
+    """Standard error of the difference of two means (Welch); 0 where a side has one value."""
+    if len(a) < 2 or len(b) < 2:
+        return 0.0
+    return (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+
+
 def summarise(result: dict) -> tuple[list[dict], dict]:
     """Per-method rows and the goal check of one shift."""
     total, budget = result["total_parameters"], result["budget"]
     rows, by_method = [], {}
     for run in result["runs"]:
         by_method.setdefault(run["method"], []).append(run)
-    for method, runs in by_method.items():
+    order = ("zero-shot", "adabn", "norm-affine", "lora", "convlora", "salt", "sea-peft", "shallow", "full")
+    for method, runs in sorted(by_method.items(), key=lambda item: order.index(item[1][0]["kind"])):
         if "na" in runs[0]:
             rows.append({"method": method, "na": runs[0]["na"]})
             continue
@@ -321,14 +319,15 @@ def summarise(result: dict) -> tuple[list[dict], dict]:
     within = [r for r in fixed if r["within"]]
     best = max(within, key=lambda r: statistics.mean(r["dice"])) if within else None
     best_any = max(fixed, key=lambda r: statistics.mean(r["dice"])) if fixed else None
-    sea = next((r for r in rows if r.get("kind") == "sea-peft"), None)
     goal = {}
-    if sea and best:
+    if best:
         goal = {"best_fixed": best["method"], "best_fixed_dice": statistics.mean(best["dice"]),
-                "sea_dice": statistics.mean(sea["dice"]),
-                "margin_points": 100 * (statistics.mean(sea["dice"]) - statistics.mean(best["dice"])),
-                "sea_fraction": sea["fraction"], "overhead": sea["overhead"],
-                "best_any": best_any["method"], "best_any_dice": statistics.mean(best_any["dice"])}
+                "best_any": best_any["method"], "best_any_dice": statistics.mean(best_any["dice"]),
+                "sea": {r["method"]: {"dice": statistics.mean(r["dice"]), "fraction": r["fraction"],
+                                      "overhead": r["overhead"],
+                                      "margin_points": 100 * (statistics.mean(r["dice"]) - statistics.mean(best["dice"])),
+                                      "margin_se": 100 * _standard_error(r["dice"], best["dice"])}
+                        for r in rows if r.get("kind") == "sea-peft"}}
     return rows, goal
 
 
@@ -353,13 +352,16 @@ def markdown(results: list[dict]) -> str:
             name = f"**{row['method']}**" if row["kind"] == "sea-peft" else row["method"]
             lines.append(f"| {name} | {row['trainable']:,} ({100 * row['fraction']:.2f} %){flag} | {_fmt(row['dice'])} | "
                          f"{_fmt(row['hd95'], 1)} | {row['seconds']:.0f} | {row['memory']:.0f} |")
-        sea = next((r for r in rows if r.get("kind") == "sea-peft"), None)
-        if sea:
-            lines += ["", f"SEA-PEFT allocation (seed 0): {sea['allocation']}; allocator overhead "
-                          f"{100 * sea['overhead']:.0f} % of the adaptation wall time."]
+        lines.append("")
+        for sea in (r for r in rows if r.get("kind") == "sea-peft"):
+            lines.append(f"- {sea['method']} allocation (seed 0): {sea['allocation']}; allocator overhead "
+                         f"{100 * sea['overhead']:.0f} % of the adaptation wall time.")
         if goal:
-            lines += [f"Best fixed topology within the budget: {goal['best_fixed']} ({goal['best_fixed_dice']:.3f}); "
-                      f"SEA-PEFT − best fixed = **{goal['margin_points']:+.1f} Dice points**."]
+            margins = "; ".join(f"{name} − best fixed = **{g['margin_points']:+.1f} Dice points**"
+                                + (f" (s.e. {g['margin_se']:.1f})" if g["margin_se"] else "")
+                                for name, g in goal["sea"].items())
+            lines.append(f"- Best fixed topology within the budget: {goal['best_fixed']} "
+                         f"({goal['best_fixed_dice']:.3f}); {margins}.")
         lines.append("")
     return "\n".join(lines)
 

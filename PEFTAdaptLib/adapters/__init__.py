@@ -8,10 +8,12 @@ from torch import nn
 from .adaptformer import AdaptFormerConfig, AdaptFormerUnit
 from .base import (
     AdaptedLayer, AdapterConfig, AdapterUnit, UNIT_TYPES, UnitRecord, add_units, count_base_parameters,
-    count_trainable, freeze_base, iter_units, merge_all, merge_and_unload, trainable_parameters, unmerge_all,
+    count_trainable, freeze_base, iter_units, merge_all, merge_and_unload, parameter_groups, trainable_parameters,
+    unmerge_all,
 )
 from .bitfit import BitFitConfig, BitFitUnit
 from .convlora import ConvLoRAConfig, ConvLoRAUnit
+from .dense import DenseConfig, DenseUnit
 from .io import fingerprint, load_adapters, save_adapters
 from .lora import LoRAConfig, LoRAUnit
 from .norm import AdaBNConfig, AdaBNUnit, NormAffineConfig, NormAffineUnit, estimate_adabn
@@ -38,9 +40,9 @@ def apply_adapter(model: nn.Module, config: AdapterConfig, name: str = "default"
 
 __all__ = [
     "AdaBNConfig", "AdaBNUnit", "AdaptFormerConfig", "AdaptFormerUnit", "AdaptedLayer", "AdapterConfig",
-    "AdapterUnit", "BitFitConfig", "BitFitUnit", "ConvLoRAConfig", "ConvLoRAUnit", "LoRAConfig", "LoRAUnit",
-    "NormAffineConfig", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit", "UNIT_TYPES",
-    "UnitRecord", "add_units", "apply_adapter", "count_base_parameters", "count_trainable", "estimate_adabn",
-    "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "merge_and_unload", "save_adapters",
-    "trainable_parameters", "unit_class_for", "unmerge_all",
+    "AdapterUnit", "BitFitConfig", "BitFitUnit", "ConvLoRAConfig", "ConvLoRAUnit", "DenseConfig", "DenseUnit",
+    "LoRAConfig", "LoRAUnit", "NormAffineConfig", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit",
+    "UNIT_TYPES", "UnitRecord", "add_units", "apply_adapter", "count_base_parameters", "count_trainable",
+    "estimate_adabn", "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "merge_and_unload",
+    "parameter_groups", "save_adapters", "trainable_parameters", "unit_class_for", "unmerge_all",
 ]

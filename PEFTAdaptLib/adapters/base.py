@@ -62,6 +62,10 @@ class AdapterUnit(nn.Module):
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = WEIGHT_TYPES
     #: False for output-space units (AdaptFormer): they add to the layer's output and cannot merge into weights
     mergeable: ClassVar[bool] = True
+    #: the unit's learning rate relative to the run's, which is tuned for low-rank factors that start at zero;
+    #: a dense delta (full fine-tuning of a layer) needs smaller steps (MED-PEFT's baselines: full fine-tuning at
+    #: 0.1× the LoRA rate; on our spine shift 1/3 was best of 1/6, 1/3, 1: docs/seapeft.md)
+    lr_scale: ClassVar[float] = 1.0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -254,6 +258,14 @@ def freeze_base(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module, active_only: bool = True) -> list[nn.Parameter]:
     return [p for r in iter_units(model) if r.active or not active_only for p in r.unit.parameters()]
+
+
+def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Every unit's parameters (active or not) in optimizer groups by learning rate (`lr` × the unit's scale)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for record in iter_units(model):
+        groups.setdefault(record.unit.lr_scale, []).extend(record.unit.parameters())
+    return [{"params": params, "lr": lr * scale} for scale, params in sorted(groups.items()) if params]
 
 
 def count_trainable(model: nn.Module, active_only: bool = True) -> int:

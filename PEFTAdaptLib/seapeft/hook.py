@@ -135,7 +135,8 @@ class SeaPeftHook:
         finally:
             self._sync_gates()
         horizon = self.config.allocate_every
-        gains = {n: self.allocator.observe_estimate(n, first_order_gain(norms[n], self.config.lr, horizon), base)
+        gains = {n: self.allocator.observe_estimate(
+                     n, first_order_gain(norms[n], self.config.lr * self.records[n].unit.lr_scale, horizon), base)
                  for n in fresh}
         self._timed("estimate", start)
         for name in fresh:

@@ -28,7 +28,7 @@ class PoolUnit:
     name: str  # "layer::unit", the key of the unit's gate
     site: str  # the layer's module name
     site_kind: str  # conv | conv_transpose | linear | attn_qkv | mlp | norm
-    family: str  # lora | convlora | salt | adaptformer | norm_affine | bitfit
+    family: str  # lora | convlora | salt | adaptformer | norm_affine | bitfit | dense
     kind: str  # the adapter kind in UNIT_TYPES
     unit: str  # the unit's name inside its layer
     rank: int  # LoRA/ConvLoRA rank, SALT residual rank, AdaptFormer bottleneck; 0 where none
@@ -99,7 +99,9 @@ def _cubic_kernel(layer: nn.Module) -> bool:
 
 
 def _families() -> list[Family]:
-    from ..adapters import AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, LoRAConfig, NormAffineConfig, SALTConfig
+    from ..adapters import (
+        AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, DenseConfig, LoRAConfig, NormAffineConfig, SALTConfig,
+    )
 
     weight_sites = ("conv", "conv_transpose", "linear", "attn_qkv", "mlp")
     return [
@@ -114,10 +116,11 @@ def _families() -> list[Family]:
                ("linear", "attn_qkv", "mlp")),
         Family("norm_affine", "norm_affine", lambda o: [("", 0, NormAffineConfig())], ("norm",)),
         Family("bitfit", "bitfit", lambda o: [("", 0, BitFitConfig())], weight_sites),
+        Family("dense", "dense", lambda o: [("", 0, DenseConfig())], weight_sites),
     ]
 
 
-FAMILIES = ("lora", "convlora", "salt", "adaptformer", "norm_affine", "bitfit")
+FAMILIES = ("lora", "convlora", "salt", "adaptformer", "norm_affine", "bitfit", "dense")
 
 
 def build_pool(
