@@ -42,7 +42,7 @@ from PEFTAdaptLib.training import TrainConfig, Trainer  # noqa: E402
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Allocation (SEA-PEFT)"
 RANKS = (1, 2, 4)
-#: seeds per shift unless --seeds (≥ 3 everywhere; a deepbet run takes ~3 min on 2 cores, a spine run ~10 s)
+#: seeds per shift unless --seeds (≥ 3 everywhere; a deepbet run takes ~4 min on 2 cores, a spine run ~15 s)
 SEEDS = {"brats": 3, "spine": 5, "deepbet": 3}
 #: the first and the last block of a MONAI UNet (input and output convolutions): dense deltas + norm-affine is the
 #: "fine-tune the shallow layers" recipe for contrast shifts (Shirokikh et al., MICCAI 2020), picked by hand
