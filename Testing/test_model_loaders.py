@@ -199,12 +199,12 @@ def test_torchscript_bundle_and_torchscript_card_adapt_in_weight_space(tmp_path)
     sys.path.insert(0, str(Path(__file__).parent))
     from test_worker import events, spec
 
-    from PEFTAdaptLib.jobs import write_job
+    from PEFTAdaptLib.jobs import create_job
     from PEFTAdaptLib.worker import EXIT_INVALID, run_job
 
     job = spec()
     job.model = str(card_folder)
-    write_job(tmp_path / "job", job)
+    create_job(tmp_path / "job", job)
     assert run_job(tmp_path / "job", echo=False) == EXIT_INVALID
     message = events(tmp_path / "job")[-1]["message"]
     assert "model.ts" in message and "TorchScript" in message
