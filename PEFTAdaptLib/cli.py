@@ -93,6 +93,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace) -> int:
+    from .models.catalog import torchscript_file
+    from .models.trust import store_path, trust_file
+
+    path = torchscript_file(Path(args.path).resolve())
+    digest = trust_file(path)
+    print(f"trusted {path}\n    sha256 {digest}\n    recorded in {store_path()}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .models.registry import load_model
     from .pipeline import predict_file, with_adapter
@@ -160,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the foundation models and whether each can be loaded here")
     models.set_defaults(func=cmd_models)
+
+    trust = sub.add_parser("trust", help="allow a TorchScript model file to run (it is code: only from a source you "
+                                         "trust); remembered by its sha256")
+    trust.add_argument("path", help="the TorchScript file, or the model folder holding it")
+    trust.set_defaults(func=cmd_trust)
 
     predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")

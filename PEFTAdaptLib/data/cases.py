@@ -34,7 +34,8 @@ def prepare_case(
     if len(channels) != card.input_channels:
         raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {card.input_channels}")
     model_image = to_model_space(
-        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate
+        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate,
+        what=name,
     )
     arrays = [to_array(model_image)] + [to_array(onto_grid(c, model_image)) for c in channels[1:]]
     array = np.stack([normalize_intensity(a, card.normalization) for a in arrays]).astype(np.float32)
