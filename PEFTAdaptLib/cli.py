@@ -64,8 +64,8 @@ def _case(values: Sequence[str], labelled: bool = True):
     from .jobs import CaseSpec
 
     image, label = (values if labelled else (values, None))
-    return CaseSpec([str(Path(p).expanduser().absolute()) for p in image.split(",")],
-                    str(Path(label).expanduser().absolute()) if label else None)
+    return CaseSpec([str(Path(p).expanduser().resolve()) for p in image.split(",")],
+                    str(Path(label).expanduser().resolve()) if label else None)
 
 
 def _patch_size(text: str) -> list[int]:
@@ -203,6 +203,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace) -> int:
+    from .models.catalog import torchscript_file
+    from .models.trust import store_path, trust_file
+
+    path = torchscript_file(Path(args.path).resolve())
+    digest = trust_file(path)
+    print(f"trusted {path}\n    sha256 {digest}\n    recorded in {store_path()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .jobs.spec import DEVICES, TrainSpec
     from .methods import DEFAULT_METHOD, method_class, method_names
@@ -217,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the foundation models and whether each can be loaded here")
     models.set_defaults(func=cmd_models)
+
+    trust = sub.add_parser("trust", help="allow a TorchScript model file to run (it is code: only from a source you "
+                                         "trust); remembered by its sha256")
+    trust.add_argument("path", help="the TorchScript file, or the model folder holding it")
+    trust.set_defaults(func=cmd_trust)
 
     predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")

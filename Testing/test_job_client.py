@@ -75,7 +75,7 @@ def test_a_non_empty_folder_is_never_mixed_with_a_new_job(tmp_path):
 
 def test_a_refused_request_leaves_no_job_behind(tmp_path):
     bad = request(audit=[CaseSpec([brats(4, "T1c_subtrMeanDivStd.nii.gz")], str(tmp_path / "missing.nii.gz"))])
-    with pytest.raises(InputError, match="missing.nii.gz: file not found"):
+    with pytest.raises(InputError, match="missing.nii.gz: label file not found"):
         JobClient(tmp_path).create(bad, tmp_path / "job")
     assert not (tmp_path / "job" / "job.json").exists() and not (tmp_path / "job" / "inputs").exists()
 

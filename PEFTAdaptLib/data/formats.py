@@ -7,6 +7,9 @@ from ..errors import InputError
 
 #: longest first, so `.nii.gz` is recognised before `.nii`
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
+MGH_SUFFIXES = (".mgz", ".mgh")  # FreeSurfer's, read and written through nibabel
+#: formats whose readers do not notice truncation or NaN: checked against their header first (`integrity.py`)
+CHECKED_AGAINST_HEADER = (".nii.gz", ".nii", *MGH_SUFFIXES)
 
 
 def image_suffix(path: str | Path) -> str:

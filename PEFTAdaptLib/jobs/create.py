@@ -81,10 +81,7 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
     The folder must be new or empty (`overwrite=True` replaces an earlier job that is not running)."""
     job_dir = Path(job_dir).expanduser().absolute()
     request.check("request")
-    for path in _input_files(request):
-        if not Path(path).expanduser().is_file():
-            raise InputError(f"{path}: file not found")
-        image_suffix(path)
+    check_inputs(request)
     _prepare_folder(job_dir, overwrite)
     try:
         roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
@@ -104,5 +101,15 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
 ROLES = ("support", "audit", "source", "predict")
 
 
-def _input_files(request: JobSpec) -> list[str]:
-    return [p for role in ROLES for case in getattr(request, role) for p in case.images + [case.label] if p]
+def check_inputs(request: JobSpec) -> None:
+    """Read every input as the worker will (model card known, files named as the user gave them), so that a bad
+    file is refused in one line before a job folder exists."""
+    from ..data.cases import read_case_files
+    from ..models.registry import model_card
+
+    card = model_card(request.model)
+    labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
+                "predict": False}
+    for role in ROLES:
+        for case in getattr(request, role):
+            read_case_files(case.images, card, case.label if labelled[role] else None)
