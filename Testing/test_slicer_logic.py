@@ -156,7 +156,7 @@ def test_label_free_adaptation_needs_only_the_target_volume(scene_logic):
     assert run.wait(600).outcome == "finished", run.state.message
     spec = json.loads((run.jobDir / "job.json").read_text())
     assert [c["label"] for c in spec["support"]] == [None] and len(spec["predict"]) == 1
-    assert spec["method"] == {"name": "label-free", "rank": 2, "budget": None}
+    assert spec["method"] == {"name": "label-free", "rank": 2, "budget": None, "convlora": True, "norm": "auto"}
     assert run.monitor.agreement_table.GetTable().GetNumberOfRows() >= 2
     assert len(run.monitor.dice_values()) >= 2  # evaluation against the audit reference, never used for training
     [segmentation] = run.importResults()
