@@ -11,6 +11,12 @@
   audit = middle slab; test = lower slab + the T1w of a second subject from another site (`ivadomed/spine_unf01`,
   seen by no model in any contrast; central 64 × 64 mm in-plane crop, like subject A's field of view). 1 mm grid,
   percentile z-score.
+- `spine-t2s`: the same source model on T2* (the check shift of the SEA-PEFT development, chosen on `spine` only).
+  Subject A's T2* (`spine/t2s`: 9 axial slices of 7.5 mm, 0.5 mm in plane) cut into three slabs of 3 slices
+  (22.5 mm) along the cord, in the order of the T1 slabs: support, audit, test; test also has subject B's T2*w
+  (`ivadomed/spine_unf01`, central 64 × 64 mm). Subject A's in-plane field of view (25 × 27 mm) is smaller than the
+  card's 32 × 32 patch and the trainer does not pad patches yet (issue 18: the UNet's skips then fail to match), so
+  subject A's slabs are padded on the model grid, after normalisation, with their minimum to the patch size.
 - `deepbet`: the real pretrained deepbet brain-extraction network on its demo shift (T2-like contrast, bias field,
   noise, motion: `PEFTAdaptLib.demo_data.shifted_case`), support seed 1, audit seed 2, test seeds 3 and 4.
 
@@ -120,6 +126,33 @@ def spine_target_cases() -> dict[str, list[Case]]:
     }
 
 
+SPINE_T2S_SLABS = {"support": (0, 3), "audit": (3, 6), "test": (6, 9)}
+
+
+def _padded_to_patch(case: Case, patch) -> Case:
+    """The case on a model grid grown (symmetrically, with the normalised minimum; label 0) to at least `patch`."""
+    lower = [max(0, p - n) // 2 for p, n in zip(patch, case.array.shape[1:])]
+    upper = [max(0, p - n) - low for p, n, low in zip(patch, case.array.shape[1:], lower)]
+    widths = [(0, 0)] + list(zip(lower, upper))
+    array = np.pad(case.array, widths, constant_values=float(case.array.min()))
+    label = np.pad(case.label, widths)
+    model_image = sitk.ConstantPad(case.model_image, lower, upper, float(case.array.min()))
+    return Case(case.name, case.image, model_image, array, label, case.label_image)
+
+
+def spine_t2s_target_cases() -> dict[str, list[Case]]:
+    t2s = _read_pair("spine/t2s/t2s.nii.gz", "spine/t2s/t2s_seg.nii.gz")
+    other = _central(*_read_pair("ivadomed/spine_unf01/sub-unf01_T2star.nii.gz",
+                                 "ivadomed/spine_unf01/sub-unf01_T2star_seg-manual.nii.gz"))
+    patch = CARDS["spine"].patch_size
+
+    def slab(name: str, part: str) -> Case:
+        return _padded_to_patch(spine_case(*t2s, name, SPINE_T2S_SLABS[part]), patch)
+
+    return {"support": [slab("A_t2s_upper", "support")], "audit": [slab("A_t2s_middle", "audit")],
+            "test": [slab("A_t2s_lower", "test"), spine_case(*other, "B_t2s")]}
+
+
 # -- shifts -------------------------------------------------------------------------------------------------------
 @dataclass
 class Shift:
@@ -143,13 +176,20 @@ def brats_shift(device: str = "cpu") -> Shift:
                  [cases[3]], [cases[4]], [cases[5], cases[6]], sum(p.numel() for p in source.parameters()))
 
 
-def spine_shift(device: str = "cpu") -> Shift:
+def _spine_shift(name: str, title: str, cases: dict[str, list[Case]], device: str) -> Shift:
     from train_source import load_source
 
     source = load_source("spine", device)
-    cases = spine_target_cases()
-    return Shift("spine", "spinal cord T2 → T1", CARDS["spine"], lambda: copy.deepcopy(source),
-                 cases["support"], cases["audit"], cases["test"], sum(p.numel() for p in source.parameters()))
+    return Shift(name, title, CARDS["spine"], lambda: copy.deepcopy(source), cases["support"], cases["audit"],
+                 cases["test"], sum(p.numel() for p in source.parameters()))
+
+
+def spine_shift(device: str = "cpu") -> Shift:
+    return _spine_shift("spine", "spinal cord T2 → T1", spine_target_cases(), device)
+
+
+def spine_t2s_shift(device: str = "cpu") -> Shift:
+    return _spine_shift("spine-t2s", "spinal cord T2 → T2*", spine_t2s_target_cases(), device)
 
 
 def deepbet_shift(device: str = "cpu") -> Shift:
@@ -168,7 +208,7 @@ def deepbet_shift(device: str = "cpu") -> Shift:
                  [case(3, "test3"), case(4, "test4")], model.num_parameters())
 
 
-SHIFTS = {"brats": brats_shift, "spine": spine_shift, "deepbet": deepbet_shift}
+SHIFTS = {"brats": brats_shift, "spine": spine_shift, "spine-t2s": spine_t2s_shift, "deepbet": deepbet_shift}
 
 
 def foreground_fraction(case: Case) -> float:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..adapters.base import iter_units
+from ..adapters.shallow import shallow_layers
 from .allocator import Allocator
 from .audit import AuditBuffer
 from .config import SeaPeftConfig
@@ -57,7 +58,7 @@ class SeaPeftHook:
     def _ensure_buffer(self, context) -> None:
         if self.buffer is None:
             self.buffer = AuditBuffer(context.audit, context.card.patch_size, self.config.audit_patches,
-                                      self.config.seed, context.device)
+                                      self.config.seed, context.device, context.card.divisible_by)
 
     def _timed(self, phase: str, start: float) -> None:
         self.seconds[phase] += time.monotonic() - start
@@ -67,7 +68,7 @@ class SeaPeftHook:
         self._ensure_buffer(context)
         self._estimate(0, context)
         start = time.monotonic()
-        flips = self.allocator.start()
+        flips = self.allocator.start(self._prior())
         self._sync_gates()
         self._timed("allocate", start)
         self._emit_allocation(0, context, set(flips), flips)
@@ -143,6 +144,15 @@ class SeaPeftHook:
             context.emit(self.allocator.unit_event("unit_audit", name, step, delta_dice=gains[name],
                                                    estimate="first_order", base_dice=base))
 
+    def _prior(self) -> list[str]:
+        """The shallow recipe's units in the pool: dense deltas on the layers nearest the input and the output (by
+        depth on the computation graph, adapters/shallow.py) and norm-affine on every norm."""
+        if self.config.prior != "shallow":
+            return []
+        layers = set(shallow_layers(self.network, self.buffer.batches[0][0]))
+        return [u.name for u in self.allocator.pool
+                if u.family == "norm_affine" or (u.family == "dense" and u.site in layers)]
+
     def _emit_allocation(self, step: int, context, desired: set[str], flips: dict[str, bool]) -> None:
         for name in sorted(flips):
             context.emit(self.allocator.unit_event("unit_state", name, step))
@@ -151,7 +161,7 @@ class SeaPeftHook:
             "event": "allocation", "step": step, "round": self.allocator.rounds, "active_units": len(active),
             "units": active, "desired": len(desired), "budget_used": self.allocator.budget_used(),
             "budget": self.config.budget, "changes": {n: ("on" if on else "off") for n, on in sorted(flips.items())},
-            "calibration": self.allocator.calibration.factor, "seconds": dict(self.seconds),
+            "calibration": self.allocator.calibration.factors(), "seconds": dict(self.seconds),
         })
 
     def _final(self, step: int, context) -> None:
@@ -169,6 +179,7 @@ class SeaPeftHook:
         for name in sorted(before.symmetric_difference(best["units"])):  # the GUI's unit table ends on the final set
             context.emit(self.allocator.unit_event("unit_state", name, step))
         self.final = {"event": "final_selection", "step": step, "chosen": best["label"], "units": best["units"],
+                      "previous_units": sorted(before),
                       "dice": best["dice"], "budget_used": best["cost"], "budget": self.config.budget,
                       "candidates": [{k: c[k] for k in ("label", "dice", "cost")} for c in scored],
                       "seconds": dict(self.seconds)}
