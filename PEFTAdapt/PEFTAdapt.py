@@ -25,8 +25,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from PEFTAdaptSlicer import logic as sceneLogic
-from PEFTAdaptSlicer.runstate import RunState
+from PEFTAdaptLib.jobs import JobClient, RunState, SubprocessRunner
+from PEFTAdaptLib.mrml import logic as sceneLogic
 
 
 #
@@ -113,7 +113,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = PEFTAdaptLogic()
 
-        for model in self.logic.modelCards():
+        for model in self.logic.sceneLogic.modelCards():
             self.ui.modelComboBox.addItem(model["title"], model["id"])
         for method in AdaptationMethod:
             self.ui.methodComboBox.addItem(method.value)
@@ -199,14 +199,14 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Start adaptation in a background process") if ready
             else _("Label-free: choose the target volume to adapt to") if p and p.method == AdaptationMethod.LABEL_FREE
             else _("Add at least one training pair and choose an audit volume and segmentation"))
-        budget = self.logic.budgetParameters(p.modelId, p.budgetPercent) if p else None
+        budget = self.logic.sceneLogic.budgetParameters(p.modelId, p.budgetPercent) if p else None
         self.ui.budgetCountLabel.text = _("{count:,} trainable parameters").format(count=budget) if budget else ""
         self.ui.readaptButton.enabled = bool(p and p.adapterFolder and not running)
         self.ui.segmentButton.enabled = bool(p and p.targetVolume and not running)
 
     def updateModelDescription(self, index=None) -> None:
         modelId = self.ui.modelComboBox.currentData
-        card = next((m for m in self.logic.modelCards() if m["id"] == modelId), None)
+        card = next((m for m in self.logic.sceneLogic.modelCards() if m["id"] == modelId), None)
         if card:
             labels = ", ".join(label["name"] for label in card["labels"][1:])
             self.ui.modelDescriptionLabel.text = f"{card['description']}\n{_('Modality')}: {card['modality']} — " \
@@ -298,7 +298,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
             p = self._parameterNode
-            segmentation = self.logic.segment(p.modelId, p.targetVolume, p.adapterFolder or None, p.outputSegmentation)
+            run = self.logic.sceneLogic.segment(p.modelId, p.targetVolume, p.adapterFolder or None)
+            run.wait()
+            [segmentation] = run.importResults(p.outputSegmentation)
             p.outputSegmentation = segmentation
             self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
             self.ui.segmentEditorWidget.setSourceVolumeNode(p.targetVolume)
@@ -308,7 +310,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not load the model."), waitCursor=True):
-            card = self.logic.registerModelFolder(folder)
+            card = self.logic.sceneLogic.registerModelFolder(folder)
             self.ui.modelComboBox.addItem(card["title"], card["id"])
             self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.count - 1)
 
@@ -321,7 +323,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Adapter folder (adapter.json + adapter.safetensors)"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("Not a usable adapter."), waitCursor=True):
-                self.logic.checkAdapter(self._parameterNode.modelId, folder)
+                self.logic.sceneLogic.checkAdapter(self._parameterNode.modelId, folder)
                 self._parameterNode.adapterFolder = folder
 
     def _appendLog(self, line: str) -> None:
@@ -333,16 +335,15 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class PEFTAdaptLogic(ScriptedLoadableModuleLogic, sceneLogic.PEFTAdaptSceneLogic):
-    """The scene logic of `PEFTAdaptSlicer` bound to Slicer's scene, parameter node and Python launcher."""
+class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
+    """The shared scene logic (`PEFTAdaptLib.mrml.logic`) bound to Slicer's scene, parameter node and PythonSlicer."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         moduleDir = os.path.dirname(slicer.modules.peftadapt.path)
-        sceneLogic.PEFTAdaptSceneLogic.__init__(
-            self, slicer.mrmlScene, pythonExecutable=shutil.which("PythonSlicer") or sys.executable,
-            enginePath=moduleDir, workRoot=slicer.util.tempDirectory("PEFTAdapt"),
-        )
+        runner = SubprocessRunner(python=shutil.which("PythonSlicer") or sys.executable, python_path=[moduleDir])
+        self.sceneLogic = sceneLogic.SceneLogic(slicer.mrmlScene, JobClient(slicer.util.tempDirectory("PEFTAdapt"),
+                                                                             runner))
 
     def getParameterNode(self):
         return PEFTAdaptParameterNode(super().getParameterNode())
@@ -385,7 +386,9 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic, sceneLogic.PEFTAdaptSceneLogic
             targetVolumes=[p.targetVolume] if p.targetVolume else [],
         )
         environment = {"CUDA_VISIBLE_DEVICES": "-1"} if p.forceCpu else None
-        return self.launch(request, log=log, environment=environment)
+        if environment:
+            self.sceneLogic.client.runner.environment.update(environment)
+        return self.sceneLogic.startAdaptation(request, log=log)
 
 
 #
@@ -412,7 +415,9 @@ class PEFTAdaptTest(ScriptedLoadableModuleTest):
         if not logic.ensureDependencies():
             self.skipTest("dependencies not installed")
         self.delayDisplay("Zero-shot brain mask as the starting annotation")
-        reference = logic.segment("deepbet-brain", volume, None, None)
+        segmentRun = logic.sceneLogic.segment("deepbet-brain", volume, None)
+        segmentRun.wait()
+        [reference] = segmentRun.importResults()
         self.assertGreater(reference.GetSegmentation().GetNumberOfSegments(), 0)
         parameterNode = logic.getParameterNode()
         parameterNode.trainingVolumes = [volume]

@@ -1,5 +1,7 @@
-"""Few-shot adaptation loop: random patches from the support cases, Dice + CE, AdamW on the adapter units only,
-with a periodic Dice audit on a held-out case and selection of the best audited adapter state."""
+"""The one adaptation loop: an objective trains the active adapter units, a scorer audits the network every few
+steps, and the best audited state is kept. Supervised adaptation (patches of annotated volumes, Dice + CE, audit
+Dice on held-out volumes) and label-free self-training (docs/labelfree.md) are two objective/scorer pairs of the
+same `Trainer`; SEA-PEFT's allocator is a hook. One loop means one checkpoint format and one best-state mechanism."""
 from __future__ import annotations
 
 import time
@@ -26,14 +28,14 @@ EventCallback = Callable[[Event], None]
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patches_per_step: int = 2
-    pos_fraction: float = 0.5  # share of patches centred on foreground
-    audit_every: int = 25
-    seed: int = 0
+    steps: int
+    lr: float
+    patches_per_step: int
+    audit_every: int
+    seed: int
     device: str = "cpu"
+    weight_decay: float = 0.0
+    pos_fraction: float = 0.5  # share of patches centred on foreground
 
 
 def _random_state_to_json(state: tuple) -> list:
@@ -78,34 +80,48 @@ class PatchSampler:
         return image.float(), label.long()
 
 
-@dataclass
-class TrainingContext:
-    """What a hook sees: the network being adapted, its card, the audit cases and the event sink."""
-
-    network: nn.Module
-    card: ModelCard
-    audit: Sequence[Case]
-    device: str
-    emit: EventCallback
-
-    def audit_dice(self) -> float:
-        return audit_dice(self.network, self.audit, self.card, self.device)
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op elsewhere (CPU bf16 convolutions are slower than fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-class TrainingHook(Protocol):
-    """Changes the adapter topology while training (e.g. the SEA-PEFT allocator toggling units).
+class Objective(Protocol):
+    """What one training step minimises; draws its own batch (its RNG state is part of the checkpoint)."""
 
-    All units of the pool sit in the optimizer from the start; inactive ones get no gradient, so AdamW leaves them
-    (and their moments) untouched until they are switched on.
-    """
-
-    def after_step(self, step: int, context: TrainingContext) -> None: ...
-
-    # optional: `on_start(context)`, called once before the step-0 audit
+    def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor: ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class SupervisedObjective:
+    """Dice + cross-entropy on random patches of the annotated support volumes."""
+
+    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int):
+        self.sampler = PatchSampler(cases, patch_size, count, pos_fraction, seed)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor:
+        image, label = self.sampler()
+        with autocast(device):
+            logits = network(image.to(device))
+        return self.loss_fn(logits.float(), label.to(device))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class Scorer(Protocol):
+    """Audits the network; `event` names the event it emits, `key` the field the best state is chosen by."""
+
+    event: str
+    key: str
+
+    def __call__(self, network: nn.Module) -> dict: ...
 
 
 def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:
@@ -118,38 +134,67 @@ def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, devic
     return float(np.mean(scores))
 
 
+class AuditScorer:
+    """Dice on whole held-out annotated volumes (model grid)."""
+
+    event, key = "audit", "dice"
+
+    def __init__(self, cases: Sequence[Case], card: ModelCard, device: str):
+        self.cases, self.card, self.device = list(cases), card, device
+
+    def __call__(self, network: nn.Module) -> dict:
+        return {"dice": audit_dice(network, self.cases, self.card, self.device)}
+
+
+@dataclass
+class TrainingContext:
+    """What a hook sees: the network being adapted, its card, the audit cases and the event sink."""
+
+    network: nn.Module
+    card: ModelCard
+    audit: Sequence[Case]
+    device: str
+    emit: EventCallback
+
+
+class TrainingHook(Protocol):
+    """Acts on the network while it trains (e.g. the SEA-PEFT allocator toggling units).
+
+    All units sit in the optimizer from the start; inactive ones get no gradient, so AdamW leaves them (and their
+    moments) untouched until they are switched on.
+    """
+
+    def after_step(self, step: int, context: TrainingContext) -> None: ...
+
+    # optional: `on_start(context)`, called once before the step-0 audit
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Trainer:
     """The adaptation loop as an object whose whole state can be checkpointed and restored.
 
-    State: step, Dice history, losses, best audited unit tensors, optimizer moments, every RNG the loop draws from
-    (torch, the case chooser, MONAI's crop) and each hook's state — so a resumed run continues the same sequence.
+    State: step, score history, losses, best audited unit tensors, optimizer moments, every RNG the loop draws from
+    (torch, the objective's sampler) and each hook's state — so a resumed run continues the same sequence.
     """
 
-    def __init__(
-        self,
-        network: nn.Module,
-        card: ModelCard,
-        support: Sequence[Case],
-        audit: Sequence[Case],
-        config: TrainConfig,
-        on_event: EventCallback | None = None,
-        hooks: Sequence[TrainingHook] = (),
-    ):
-        self.network, self.card, self.audit, self.config = network, card, audit, config
-        self.emit = on_event or (lambda event: None)
+    def __init__(self, objective: Objective, scorer: Scorer, context: TrainingContext, config: TrainConfig,
+                 hooks: Sequence[TrainingHook] = ()):
+        self.objective, self.scorer, self.context, self.config = objective, scorer, context, config
+        self.network, self.emit = context.network, context.emit
         self.hooks = list(hooks)
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
-        network.to(self.device)
-        freeze_base(network)
-        self.optimizer = torch.optim.AdamW(parameter_groups(network, config.lr), weight_decay=config.weight_decay)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.sampler = PatchSampler(support, card.patch_size, config.patches_per_step, config.pos_fraction, config.seed)
-        self.context = TrainingContext(network, card, audit, config.device, self.emit)
+        self.network.to(self.device)
+        freeze_base(self.network)
+        groups = parameter_groups(self.network, config.lr)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay) if groups else None
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self.losses: list[float] = []
-        self.best_dice, self.best_step, self.best_state = -1.0, 0, self._unit_state()
+        self.best_score, self.best_step, self.best_state = -1.0, 0, self._unit_state()
         self.seconds = 0.0
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -168,37 +213,36 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything but the current unit tensors (saved as the adapter itself)."""
         return {
-            "step": self.step, "history": self.history, "losses": self.losses, "best_dice": self.best_dice,
+            "step": self.step, "history": self.history, "losses": self.losses, "best_score": self.best_score,
             "best_step": self.best_step, "best_state": self.best_state, "seconds": self.seconds,
-            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "sampler": self.sampler.state_dict(), "hooks": [h.state_dict() for h in self.hooks],
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None, "torch_rng": torch.get_rng_state(),
+            "objective": self.objective.state_dict(), "hooks": [h.state_dict() for h in self.hooks],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.losses = state["step"], [tuple(h) for h in state["history"]], state["losses"]
-        self.best_dice, self.best_step, self.best_state = state["best_dice"], state["best_step"], state["best_state"]
+        self.best_score, self.best_step, self.best_state = state["best_score"], state["best_step"], state["best_state"]
         self.seconds = state["seconds"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.objective.load_state_dict(state["objective"])
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
 
     # -- loop ----------------------------------------------------------------------------------------------------
-    def _audit(self) -> float:
-        score = self.context.audit_dice()
+    def audit(self) -> float:
+        fields = self.scorer(self.network)
+        score = fields[self.scorer.key]
         self.history.append((self.step, score))
-        self.emit({"event": "audit", "step": self.step, "dice": score})
-        if score > self.best_dice:
-            self.best_dice, self.best_step, self.best_state = score, self.step, self._unit_state()
+        self.emit({"event": self.scorer.event, "step": self.step, **fields})
+        if score > self.best_score:
+            self.best_score, self.best_step, self.best_state = score, self.step, self._unit_state()
         return score
 
     def _train_step(self) -> float:
         self.network.train()
-        image, label = self.sampler()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.network(image.to(self.device))
-        loss = self.loss_fn(logits.float(), label.to(self.device))
+        loss = self.objective.loss(self.network, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -210,13 +254,16 @@ class Trainer:
         on_checkpoint: Callable[["Trainer"], None] | None = None,
         checkpoint_every: int = 0,
     ) -> bool:
-        """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume)."""
+        """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume).
+        With nothing trainable (e.g. statistics-only units) only the step-0 audit runs."""
         config = self.config
         if not self.history:
             for hook in self.hooks:
                 if hasattr(hook, "on_start"):
                     hook.on_start(self.context)
-            self._audit()
+            self.audit()
+        if self.optimizer is None:
+            return True
         session_start, seconds_before, first = time.monotonic(), self.seconds, self.step
         while self.step < config.steps:
             if should_stop is not None and should_stop():
@@ -230,33 +277,36 @@ class Trainer:
             for hook in self.hooks:
                 hook.after_step(self.step, self.context)
             if self.step % config.audit_every == 0 or self.step == config.steps:
-                self._audit()
+                self.audit()
             if on_checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
                 on_checkpoint(self)
         return True
 
-    def finish(self) -> dict:
-        """Leave the network at the best audited state and summarise."""
+    def restore_best(self) -> None:
+        """Leave the network at the best audited state."""
         self._load_unit_state(self.best_state)
         self.network.eval()
-        return {"history": self.history, "losses": self.losses, "best_dice": self.best_dice,
+
+    def summary(self) -> dict:
+        return {"history": self.history, "losses": self.losses, "best_score": self.best_score,
                 "best_step": self.best_step, "seconds": self.seconds}
 
 
-def adapt(
-    network: nn.Module,
-    card: ModelCard,
-    support: Sequence[Case],
-    audit: Sequence[Case],
-    config: TrainConfig,
-    on_event: EventCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    hooks: Sequence[TrainingHook] = (),
-) -> dict:
-    """Train the active adapter units of `network` in place; leave it at the best audited state.
+def supervised_trainer(network: nn.Module, card: ModelCard, support: Sequence[Case], audit: Sequence[Case],
+                       config: TrainConfig, on_event: EventCallback | None = None,
+                       hooks: Sequence[TrainingHook] = ()) -> Trainer:
+    """A trainer on annotated support volumes, audited by Dice on annotated audit volumes."""
+    objective = SupervisedObjective(support, card.patch_size, config.patches_per_step, config.pos_fraction,
+                                    config.seed)
+    context = TrainingContext(network, card, audit, config.device, on_event or (lambda event: None))
+    return Trainer(objective, AuditScorer(audit, card, config.device), context, config, hooks)
 
-    Emits events: `audit` (step, dice), `step` (step, loss, eta_s). Returns a summary with the Dice history.
-    """
-    trainer = Trainer(network, card, support, audit, config, on_event, hooks)
+
+def adapt(network: nn.Module, card: ModelCard, support: Sequence[Case], audit: Sequence[Case], config: TrainConfig,
+          on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
+          hooks: Sequence[TrainingHook] = ()) -> dict:
+    """Train the adapter units of `network` in place (API use); leave it at the best audited state."""
+    trainer = supervised_trainer(network, card, support, audit, config, on_event, hooks)
     trainer.run(should_stop)
-    return trainer.finish()
+    trainer.restore_best()
+    return trainer.summary()

@@ -19,7 +19,7 @@ from PEFTAdaptLib.data.cases import prepare_case
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 from PEFTAdaptLib.seapeft import SeaPeftConfig, SeaPeftHook, build_pool, build_sea_peft, site_kinds
 from PEFTAdaptLib.seapeft.audit import AuditBuffer
-from PEFTAdaptLib.training import TrainConfig, Trainer
+from PEFTAdaptLib.training import TrainConfig, supervised_trainer
 
 CARD = ModelCard(id="test-spine", title="", description="", modality="MR", input_channels=1, spacing=(1.0, 1.0, 1.0),
                  orientation="RAS", normalization={"name": "percentile_zscore"}, patch_size=(16, 16, 16),
@@ -272,8 +272,9 @@ def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: P
                            guard=1, audit_units=3, lr=5e-3, seed=5)
     hook = build_sea_peft(net, config)
     events = [] if events is None else events
-    trainer = Trainer(net, CARD, support, audit, TrainConfig(steps=stop_at or steps, lr=5e-3, audit_every=4,
-                                                             patches_per_step=1, seed=5), events.append, [hook])
+    trainer = supervised_trainer(net, CARD, support, audit, TrainConfig(steps=stop_at or steps, lr=5e-3, audit_every=4,
+                                                                        patches_per_step=1, seed=5),
+                                 events.append, [hook])
     if state is not None:
         load_adapters(net, tmp, "test")
         trainer.load_state_dict(state)
@@ -328,13 +329,14 @@ def test_real_allocation_run_through_the_worker_keeps_the_budget(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_worker import events, spec
 
-    from PEFTAdaptLib.jobs import MethodSpec, write_job
+    from PEFTAdaptLib.jobs import create_job
+    from PEFTAdaptLib.methods import Budget, make_method
     from PEFTAdaptLib.worker import EXIT_FINISHED, run_job
 
     job = spec(steps=16, checkpoint_every=16)
-    job.method = MethodSpec("sea-peft", budget=0.01)
+    job.method = make_method("sea-peft", budget=Budget(fraction=0.01))
     job.train.audit_every = 16
-    write_job(tmp_path, job)
+    create_job(tmp_path, job)
     assert run_job(tmp_path, echo=False) == EXIT_FINISHED
     seen = events(tmp_path)
     budget = next(e for e in seen if e["event"] == "started")["budget"]

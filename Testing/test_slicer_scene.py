@@ -10,9 +10,9 @@ import vtk
 from conftest import shared
 from slicer_scene import load_segmentation, load_volume, new_scene
 
-from PEFTAdaptSlicer.monitor import AdaptationMonitor  # noqa: E402
-from PEFTAdaptSlicer.runstate import RunState  # noqa: E402
-from PEFTAdaptSlicer.scene_io import (  # noqa: E402
+from PEFTAdaptLib.jobs import RunState  # noqa: E402
+from PEFTAdaptLib.mrml.monitor import AdaptationMonitor  # noqa: E402
+from PEFTAdaptLib.mrml.scene_io import (  # noqa: E402
     SceneError, SegmentLabel, import_prediction, write_segmentation_as_labelmap, write_volume,
 )
 

@@ -1,14 +1,21 @@
-"""The panel's view of one background run, folded from the worker's events (no Qt, no MRML)."""
+"""A run as a front-end shows it, folded from the worker's events (no Qt, no MRML, no torch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TERMINAL = {"finished", "failed", "cancelled"}
+TERMINAL = ("finished", "failed", "cancelled")
 
 
 @dataclass
 class RunState:
     phase: str = "starting"
+    task: str = "adapt"
+    method: str = ""
+    rank: int | None = None
+    rank_reason: str = ""
+    budget_reason: str = ""
+    trainable: int | None = None
+    total: int | None = None
     step: int = 0
     steps: int = 0
     eta_s: float | None = None
@@ -16,8 +23,12 @@ class RunState:
     first_dice: float | None = None
     last_dice: float | None = None
     best_dice: float | None = None
+    first_agreement: float | None = None
+    last_agreement: float | None = None
+    best_agreement: float | None = None
     outcome: str | None = None  # finished / failed / cancelled
     message: str = ""
+    exit_code: int | None = None  # the worker's (PEFTAdaptLib.worker)
     active_units: int | None = None
     budget_used: float | None = None
     budget: float | None = None
@@ -28,22 +39,27 @@ class RunState:
     def finished(self) -> bool:
         return self.outcome is not None
 
+    @property
+    def trainable_text(self) -> str:
+        if self.trainable is None or not self.total:
+            return ""
+        return f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f} %)"
+
     def update(self, event: dict) -> None:
         kind = event.get("event", "")
         if kind == "started":
-            self.phase = "training"
-            self.steps = int(event.get("steps", self.steps) or 0)
+            self.phase = "training" if event.get("task", "adapt") == "adapt" else "predicting"
+            self.task = event.get("task", self.task)
+            self.steps = int(event.get("steps") or self.steps or 0)
+            for key in ("method", "rank", "rank_reason", "budget_reason", "trainable", "total"):
+                if event.get(key) is not None:
+                    setattr(self, key, event[key])
         elif kind == "step":
             self.phase = "training"
             self.step = int(event["step"])
-            self.steps = int(event.get("steps", self.steps) or self.steps)
+            self.steps = int(event.get("steps") or self.steps)
             self.loss = event.get("loss", self.loss)
             self.eta_s = event.get("eta_s", self.eta_s)
-        elif kind in ("audit", "validation") and event.get("dice") is not None:
-            dice = float(event["dice"])
-            self.first_dice = dice if self.first_dice is None else self.first_dice
-            self.last_dice = dice
-            self.best_dice = dice if self.best_dice is None else max(self.best_dice, dice)
         elif kind == "allocation":
             self.active_units = event.get("active_units", self.active_units)
             self.budget_used = event.get("budget_used", self.budget_used)
@@ -53,10 +69,22 @@ class RunState:
         elif kind == "prediction" and event.get("path"):
             self.phase = "predicting"
             self.predictions.append(event["path"])
+        if kind in ("audit", "agreement", "validation"):
+            for key in ("dice", "agreement"):
+                if event.get(key) is not None:
+                    self._score(key, float(event[key]))
         if kind in TERMINAL:
             self.outcome = kind
             self.phase = kind
             self.message = event.get("message") or event.get("reason") or ""
+            self.exit_code = event.get("exit_code", self.exit_code)
+
+    def _score(self, key: str, value: float) -> None:
+        if getattr(self, f"first_{key}") is None:
+            setattr(self, f"first_{key}", value)
+        setattr(self, f"last_{key}", value)
+        best = getattr(self, f"best_{key}")
+        setattr(self, f"best_{key}", value if best is None else max(best, value))
 
     def fail(self, message: str) -> None:
         """The process ended without a terminal event (killed, crashed before writing one)."""

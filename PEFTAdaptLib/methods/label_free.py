@@ -1,0 +1,41 @@
+"""Label-free adaptation: ConvLoRA + AdaBN self-training against an early segmentation head, for target volumes
+without annotation (docs/labelfree.md). Audit cases, if any, are scored for the user and never select."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import BuildContext, Cases, MethodConfig, MethodError, Plan, register_method
+
+#: ESH training steps: the run's steps, at most this many (the head is small; it converges quickly)
+MAX_ESH_STEPS = 60
+
+
+@register_method
+@dataclass
+class LabelFree(MethodConfig):
+    name = "label-free"
+    label = "Label-free: self-training on unannotated target volumes (ConvLoRA + AdaBN)"
+    ranks = (1, 2, 4, 8)
+    default_rank = 2  # the paper's
+    needs_labels = False
+    warm_startable = False
+    default_lr = 1e-3
+
+    def check_cases(self, cases: Cases, where: str = "job") -> None:
+        super().check_cases(cases, where)
+        if any(not case.label for case in cases.source):
+            raise MethodError(f"{where}: a source case has no label; source-like cases train the early "
+                              "segmentation head from their annotation")
+
+    def build(self, context: BuildContext) -> Plan:
+        from ..labelfree import LabelFreeConfig, build_label_free
+
+        rank = self.rank or self.default_rank
+        config = LabelFreeConfig(rank=rank, patches_per_step=context.patches_per_step,
+                                 esh_steps=min(MAX_ESH_STEPS, context.steps), seed=context.seed,
+                                 device=context.device)
+        cases = context.cases
+        parts = build_label_free(context.network, context.card, cases.support, config, cases.source, cases.audit)
+        reason = f"rank {rank}: " + ("given" if self.rank else "the method's default (the paper's)")
+        return Plan(hooks=[parts.start], objective=parts.objective, scorer=parts.scorer, rank=rank,
+                    info={**parts.info, "rank_reason": reason})
