@@ -16,6 +16,7 @@ from torch import nn
 from conftest import shared
 from PEFTAdaptLib.adapters import UNIT_TYPES, freeze_base, iter_units, load_adapters, save_adapters
 from PEFTAdaptLib.data.cases import prepare_case
+from PEFTAdaptLib.errors import PEFTAdaptError
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 from PEFTAdaptLib.seapeft import SeaPeftConfig, SeaPeftHook, build_pool, build_sea_peft, site_kinds
 from PEFTAdaptLib.seapeft.audit import AuditBuffer
@@ -260,6 +261,8 @@ def test_the_first_allocation_starts_from_the_shallow_recipe_one_unit_per_layer(
     assert hook.allocator.budget_used() <= hook.config.budget
     assert set(hook._prior()) == {f"{site}::sea_dense" for site in shallow} | norms
     assert build_sea_peft(small_unet(), SeaPeftConfig(budget=1000, prior="none"))._prior() == []
+    with pytest.raises(PEFTAdaptError, match="prior 'shalow' unknown"):
+        build_sea_peft(small_unet(), SeaPeftConfig(budget=1000, prior="shalow"))
 
 
 # -- the hook in the trainer -----------------------------------------------------------------------------------------

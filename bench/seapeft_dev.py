@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocation import BenchTrainer, build, evaluate_cases, settings  # noqa: E402
+from allocation import build, evaluate_cases, settings  # noqa: E402
 from shifts import CACHE, SHIFTS  # noqa: E402
 
 from PEFTAdaptLib import adapters as A  # noqa: E402
 from PEFTAdaptLib.adapters.shallow import ShallowConfig, apply_shallow  # noqa: E402
 from PEFTAdaptLib.seapeft import SeaPeftConfig, build_sea_peft  # noqa: E402
-from PEFTAdaptLib.training import TrainConfig, audit_dice  # noqa: E402
+from PEFTAdaptLib.training import TrainConfig, audit_dice, supervised_trainer  # noqa: E402
 
 FIXED = {"norm-affine": {"kind": "norm-affine"}, "lora": {"kind": "lora", "rank": 1},
          "convlora": {"kind": "convlora", "rank": 1}, "salt": {"kind": "salt", "rank": 4}}
@@ -78,7 +78,7 @@ def measure(network, shift, device) -> dict:
             "per_case": test, "trainable": A.count_trainable(network)}
 
 
-def run(shift, method: str, seed: int, budget: int, s, device: str, zero_audit: float, keep_events: bool) -> dict:
+def run(shift, method: str, seed: int, budget: int, s, device: str, keep_events: bool) -> dict:
     kind, options = parse_method(method)
     torch.manual_seed(seed)
     network = shift.make_network().to(device)
@@ -86,8 +86,7 @@ def run(shift, method: str, seed: int, budget: int, s, device: str, zero_audit: 
     events: list[dict] = []
     config = TrainConfig(steps=s.steps, lr=lr, patches_per_step=s.patches, audit_every=s.audit_every, seed=seed,
                          device=device)
-    trainer = BenchTrainer(network, shift.card, shift.support, shift.audit, config, events.append, hooks)
-    trainer.zero_audit = zero_audit
+    trainer = supervised_trainer(network, shift.card, shift.support, shift.audit, config, events.append, hooks)
     start = time.monotonic()
     trainer.run()
     seconds = time.monotonic() - start
@@ -98,7 +97,8 @@ def run(shift, method: str, seed: int, budget: int, s, device: str, zero_audit: 
         hook._sync_gates(hook.final["previous_units"])
         before_sweep = measure(network, shift, device)
         hook._sync_gates()
-    summary = trainer.finish()
+    trainer.restore_best()
+    summary = trainer.summary()
     selected = measure(network, shift, device)
     row = {"shift": shift.name, "method": method, "seed": seed, "final": final, "selected": selected,
            "before_sweep": before_sweep,
@@ -152,11 +152,10 @@ def main() -> None:
         shift = SHIFTS[args.shift](args.device)
         s = settings("spine", quick=True, steps=None)
         budget = int(args.budget * shift.total_parameters)
-        zero_audit = audit_dice(shift.make_network().to(args.device), shift.audit, shift.card, args.device)
         CACHE.mkdir(parents=True, exist_ok=True)
         for method in args.methods:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                row = {**run(shift, method, seed, budget, s, args.device, zero_audit, args.events), "tag": args.tag}
+                row = {**run(shift, method, seed, budget, s, args.device, args.events), "tag": args.tag}
                 with path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k not in ("events", "audits")}), flush=True)

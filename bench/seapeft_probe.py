@@ -29,7 +29,7 @@ from PEFTAdaptLib.adapters import freeze_base, iter_units  # noqa: E402
 from PEFTAdaptLib.adapters.shallow import shallow_layers  # noqa: E402
 from PEFTAdaptLib.seapeft import build_pool  # noqa: E402
 from PEFTAdaptLib.seapeft.audit import AuditBuffer  # noqa: E402
-from PEFTAdaptLib.training import PatchSampler, TrainConfig, Trainer, audit_dice  # noqa: E402
+from PEFTAdaptLib.training import PatchSampler, TrainConfig, audit_dice, supervised_trainer  # noqa: E402
 
 
 def support_direction(network, records, sampler, batches: int) -> dict[str, list[torch.Tensor]]:
@@ -94,7 +94,7 @@ def main() -> None:
         record = next(r for r in iter_units(trial) if f"{r.layer}::{r.name}" == unit.name)
         record.owner.set_active(record.name, True)
         config = TrainConfig(steps=args.steps, lr=s.lr, patches_per_step=s.patches, audit_every=10_000, seed=0)
-        trainer = Trainer(trial, shift.card, shift.support, shift.audit, config)
+        trainer = supervised_trainer(trial, shift.card, shift.support, shift.audit, config)
         trainer.history.append((0, zero_audit))  # skip the step-0 audit: the source's is known
         trainer.run()
         trial.eval()

@@ -62,8 +62,8 @@ class SeaPeftConfig:
           counts as its voxels in patches, at most B), P = train_patches; so
           a ≥ B·(2(1 + k) + 4.5) / (6·P·target_overhead). B is the buffer's bound; the actual buffer is often
           smaller (spine: the whole audit slab, 7.5 patches), so the measured share stays under the target: on the
-          spine benchmark (a = 22) 31 % of the wall time with 5 final-sweep swaps, hence 2 swaps and the 0.33
-          default (docs/seapeft.md). With the former 2-patch buffer, whose passes are too small for their fixed
+          spine benchmark (a = 22) 31 % of the wall time with 5 final-sweep swaps and 30 % with 2, hence 2 swaps
+          and the 0.33 default (docs/seapeft.md). With the former 2-patch buffer, whose passes are too small for their fixed
           costs, the measured share was twice the model;
         - one allocation per 2 audits and a warm-up of one allocation period (as the reference);
         - votes = guard = 1/5 of the allocation rounds (the reference: 3 of 15), at least 1;

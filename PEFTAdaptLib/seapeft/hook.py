@@ -2,8 +2,9 @@
 
 Schedule (steps are optimizer steps; `training.Trainer` calls `after_step` after each one):
 
-- start (`on_start`): draw the fixed audit buffer; first-order estimate for every unit (all are untrained);
-  the first allocation is switched on at once and guarded (warm-up: nothing is re-allocated before `warmup`);
+- start (`on_start`): the fixed audit buffer (the whole audit volume where it fits); first-order estimate for
+  every unit (all are untrained); the first allocation — the shallow recipe's units, then the rest of the budget —
+  is switched on at once and guarded (warm-up: nothing is re-allocated before `warmup`);
 - every `audit_every` steps: toggle a sample of trained units on the buffer (ΔDice), update their utilities;
 - every `allocate_every` steps from `warmup` on (not at the last step): re-estimate the untrained units, solve the
   knapsack, let the controller flip gates;
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..adapters.base import iter_units
 from ..adapters.shallow import shallow_layers
+from ..errors import PEFTAdaptError
 from .allocator import Allocator
 from .audit import AuditBuffer
 from .config import SeaPeftConfig
@@ -28,10 +30,13 @@ from .estimate import first_order_gain
 from .pool import PoolUnit
 
 PHASES = ("audit", "estimate", "allocate", "final")
+PRIORS = ("shallow", "none")
 
 
 class SeaPeftHook:
     def __init__(self, network: nn.Module, pool: Sequence[PoolUnit], config: SeaPeftConfig):
+        if config.prior not in PRIORS:
+            raise PEFTAdaptError(f"SEA-PEFT prior '{config.prior}' unknown; choose one of {', '.join(PRIORS)}")
         self.network, self.config = network, config
         self.allocator = Allocator(pool, config)
         self.records = {f"{r.layer}::{r.name}": r for r in iter_units(network)}
