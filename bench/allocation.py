@@ -5,8 +5,9 @@ own path (the method registry, the job client and the background worker; bench/p
     python bench/allocation.py --device cuda --seeds 3 --update-docs
 
 Methods (the budget is 1 % of the model's parameters unless `--budget`): zero-shot (a predict job), norm-affine,
-LoRA at ranks 1, 2, 4 (given), ConvLoRA and SALT at the largest rank that fits the budget, SEA-PEFT at the budget
-and at a quarter of it, full fine-tuning. Every run uses the product's defaults (learning rates, audit, selection);
+LoRA at ranks 1, 2, 4 (given), ConvLoRA and SALT at the largest rank that fits the budget, shallow fine-tuning
+(first and last layers by graph depth + norm-affine), SEA-PEFT at the budget and at a quarter of it, full
+fine-tuning. Every run uses the product's defaults (learning rates, audit, selection);
 the settings below only size the runs. Test cases are predicted by the job and scored on their own grids. Results
 go to bench/.cache/jobs/<shift>/<method>-seed<k>/ (the job folder and `bench-result.json`); a rerun reuses the
 results whose request is unchanged. Prints Markdown tables; `--update-docs` rewrites the `## Allocation (SEA-PEFT)`
@@ -45,6 +46,7 @@ def methods(budget: Budget) -> list[tuple[str, object]]:
     return [("zero-shot", None), ("norm-affine", make_method("norm-affine")),
             *[(f"LoRA r{rank}", make_method("lora", rank=rank)) for rank in (1, 2, 4)],
             ("ConvLoRA", make_method("convlora", budget=budget)), ("SALT", make_method("salt", budget=budget)),
+            ("shallow fine-tuning", make_method("shallow")),
             ("SEA-PEFT", make_method("sea-peft", budget=budget)),
             ("SEA-PEFT, ¼ budget", make_method("sea-peft", budget=quarter)),
             ("full fine-tuning", make_method("full"))]
