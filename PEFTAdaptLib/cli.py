@@ -116,7 +116,13 @@ def report(job) -> int:
     if state.trainable_text:
         print(f"trainable: {state.trainable_text}")
     if state.first_dice is not None:
-        print(f"audit Dice: zero-shot {state.first_dice:.4f}, best {state.best_dice:.4f}, final {state.last_dice:.4f}")
+        print(f"audit Dice: start {state.first_dice:.4f}, kept {state.last_dice:.4f}"
+              + (f" — {state.gain_text}" if state.gain_text else ""))
+    if len(state.classes) > 1:
+        print("audit Dice per class: " + ", ".join(f"{name} {value:.4f}" for name, value in state.classes.items()
+                                                  if value is not None))
+    if state.message and state.outcome == "finished":
+        print(f"result: {state.message}")
     if state.best_agreement is not None:
         print(f"ESH/decoder agreement: best {state.best_agreement:.4f}")
     if job.adapter_folder.is_dir():

@@ -18,8 +18,10 @@ import torch
 
 from .adapters import count_trainable, load_adapters, save_adapters
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
 from .data.formats import image_suffix
+from .data.holdout import split_for_audit
 from .data.io import read_image, write_image
 from .errors import InputError, ModelError, PEFTAdaptError
 from .inference import predict_case
@@ -164,6 +166,9 @@ class Run:
                                                        "give them as audit cases to see their Dice"})
         cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
                       self.cases(spec.source, model, True))
+        held_out = []
+        if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
+            cases.support, cases.audit, held_out = split_for_audit(cases.support)
         predict_inputs = self.predict_inputs(spec)
         card = model.card
         if spec.train.patch_size:
@@ -182,7 +187,8 @@ class Run:
         config = TrainConfig(steps=spec.train.steps, lr=spec.lr, patches_per_step=spec.train.patches_per_step,
                              audit_every=spec.train.audit_every, seed=spec.train.seed, device=device)
         objective = plan.objective or SupervisedObjective(cases.support, card.patch_size, config.patches_per_step,
-                                                          config.pos_fraction, config.seed)
+                                                          config.pos_fraction, config.seed,
+                                                          AugmentationConfig.from_card(card.extra))
         scorer = plan.scorer or AuditScorer(cases.audit, card, device)
         context = TrainingContext(model.network, card, cases.audit, device, self.emit)
         trainer = Trainer(objective, scorer, context, config, plan.hooks)
@@ -195,10 +201,11 @@ class Run:
             self.emit({"event": "warning", "message": "no checkpoint to resume from; starting from the beginning"})
         if checkpoint is not None:
             load_checkpoint(checkpoint, trainer, model.base_fingerprint)
+        trainer.prepare()  # e.g. SEA-PEFT's first allocation: the trainable count below is the real one
         self.emit({"event": "started", "task": "adapt", "model": model.card.id, "method": method.name,
                    "rank": plan.rank, "budget": plan.budget, "device": device, "steps": config.steps, "lr": config.lr,
                    "resumed_from_step": trainer.step, "trainable": count_trainable(model.network), "total": total,
-                   "pid": os.getpid(), **plan.info})
+                   "pid": os.getpid(), **({"audit_held_out": held_out} if held_out else {}), **plan.info})
 
         def checkpoint_now(t: Trainer) -> None:
             folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, trainer.metadata)
@@ -215,12 +222,26 @@ class Run:
             self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
                        "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
-        self.emit({"event": "validation", "step": config.steps, **scorer(model.network), "adapter": ADAPTER_DIR})
+        outcome = self.outcome(summary, warm is not None, len(trainer.history))
+        final = scorer(model.network)
+        self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
+                   "adapter": ADAPTER_DIR})
         self.write_predictions(spec, predict_inputs, model, device)
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
-                   "seconds": summary["seconds"], "exit_code": EXIT_FINISHED})
+                   "trainable": count_trainable(model.network), "seconds": summary["seconds"], **outcome,
+                   "exit_code": EXIT_FINISHED})
         return EXIT_FINISHED
+
+    @staticmethod
+    def outcome(summary: dict, warm: bool, audits: int) -> dict:
+        """What the run gives the user, in words: the adapted state, or the starting model kept."""
+        start = "the adapter it started from" if warm else "the source model"
+        if not summary["kept_start"]:
+            return {"kept": "adapted", "message": f"adapted state of step {summary['best_step']} kept"}
+        if audits < 2:
+            return {"kept": "start", "message": f"no audit after training: {start} is kept"}
+        return {"kept": "start", "message": f"no reliable gain on the audit: {start} is kept"}
 
     # -- predict -------------------------------------------------------------------------------------------------
     def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:

@@ -100,16 +100,17 @@ def test_cancel_leaves_the_scene_consistent(scene_logic):
     assert scene_logic.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
 
 
-def test_worker_failure_reaches_the_logic_as_a_readable_error(scene_logic):
+def test_an_empty_segmentation_is_refused_in_one_line_before_any_worker_starts(scene_logic):
+    """The job builder reads every exported file as the worker will: an empty label stops the request where it is
+    made, naming the file, and leaves no job folder behind."""
+    from PEFTAdaptLib.errors import InputError
+
     volume, segmentation = pair(scene_logic, 3)
-    segmentation.GetSegmentation().GetNthSegment(0).SetName("brain")
     empty = scene_logic.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     empty.GetSegmentation().AddEmptySegment("", "brain")
-    run = scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, empty)]))
-    state = run.wait(300)
-    assert state.outcome == "failed"
-    assert "support0_label.nrrd: label is empty" in state.message
-    assert state.describe().startswith("Failed: ")
+    with pytest.raises(InputError, match=r"train0_label\.nrrd: label is empty"):
+        scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, empty)]))
+    assert list(scene_logic.client.work_dir.iterdir()) == []
 
 
 def _events(run):
@@ -156,7 +157,7 @@ def test_label_free_adaptation_needs_only_the_target_volume(scene_logic):
     assert run.wait(600).outcome == "finished", run.state.message
     spec = json.loads((run.jobDir / "job.json").read_text())
     assert [c["label"] for c in spec["support"]] == [None] and len(spec["predict"]) == 1
-    assert spec["method"] == {"name": "label-free", "rank": 2, "budget": None}
+    assert spec["method"] == {"name": "label-free", "rank": 2, "budget": None, "convlora": True, "norm": "auto"}
     assert run.monitor.agreement_table.GetTable().GetNumberOfRows() >= 2
     assert len(run.monitor.dice_values()) >= 2  # evaluation against the audit reference, never used for training
     [segmentation] = run.importResults()

@@ -123,3 +123,10 @@ def normalize_intensity(array: np.ndarray, scheme: dict) -> np.ndarray:
         x = (x - x.mean()) / max(float(x.std()), 1e-8)
         return scheme.get("scale", 1.0) * x + scheme.get("shift", 0.0)
     raise PEFTAdaptError(f"unknown intensity normalisation '{name}' in the model card")
+
+
+def pad_to_size(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
+    """Pad a (C, x, y, z) array at the end of each spatial axis up to `size` with `value` (a volume smaller than the
+    training patch still trains, on the patch the model expects)."""
+    pads = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(size, array.shape[1:])]
+    return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array

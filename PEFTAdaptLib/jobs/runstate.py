@@ -29,6 +29,11 @@ class RunState:
     outcome: str | None = None  # finished / failed / cancelled
     message: str = ""
     exit_code: int | None = None  # the worker's (PEFTAdaptLib.worker)
+    kept: str = ""  # "adapted", or "start": no state passed the selection rule, the starting model is kept
+    gain: float | None = None  # audit Dice gain of the kept state over the start, with its lower confidence bound
+    gain_low: float | None = None
+    classes: dict = field(default_factory=dict)  # audit Dice per class of the kept state
+    warnings: list[str] = field(default_factory=list)
     active_units: int | None = None
     budget_used: float | None = None
     budget: float | None = None
@@ -38,6 +43,10 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome == "finished"
 
     @property
     def trainable_text(self) -> str:
@@ -66,9 +75,17 @@ class RunState:
             self.budget = event.get("budget", self.budget)
         elif kind == "checkpoint":
             self.checkpoints += 1
+        elif kind == "validation":
+            self.kept = event.get("kept", self.kept)
+            self.gain, self.gain_low = event.get("gain"), event.get("gain_low")
+            self.classes = event.get("classes") or self.classes
+        elif kind == "warning" and event.get("message"):
+            self.warnings.append(event["message"])
         elif kind == "prediction" and event.get("path"):
             self.phase = "predicting"
             self.predictions.append(event["path"])
+            if self.task == "predict":  # a predict job's steps are its volumes
+                self.step = len(self.predictions)
         if kind in ("audit", "agreement", "validation"):
             for key in ("dice", "agreement"):
                 if event.get(key) is not None:
@@ -97,7 +114,7 @@ class RunState:
         if self.outcome == "cancelled":
             return "Cancelled — the last checkpoint was kept"
         if self.outcome == "finished":
-            return "Finished" + (f" — best audit Dice {self.best_dice:.3f}" if self.best_dice is not None else "")
+            return "Finished" + (f" — {self.message}" if self.message else "")
         parts = [self.phase.capitalize()]
         if self.steps:
             parts.append(f"step {self.step}/{self.steps}")
@@ -107,6 +124,14 @@ class RunState:
         if self.loss is not None:
             parts.append(f"loss {self.loss:.3f}")
         return ", ".join(parts)
+
+    @property
+    def gain_text(self) -> str:
+        """The audit's verdict in one line, e.g. `audit Dice +2.3 points (95 % lower bound +0.8)`."""
+        if self.gain is None:
+            return ""
+        low = f" (95 % lower bound {100 * self.gain_low:+.1f})" if self.gain_low is not None else ""
+        return f"audit Dice {100 * self.gain:+.1f} points{low}"
 
     @property
     def allocation_summary(self) -> str:

@@ -26,7 +26,7 @@ from ..adapters.base import BATCH_NORM_TYPES, NORM_TYPES, base_layer_names
 from ..data.cases import Case
 from ..metrics import dice
 from ..models.card import ModelCard
-from ..training import PatchSampler, TrainingContext, audit_dice, autocast
+from ..training import PatchSampler, Score, TrainingContext, audit_dice, autocast
 from .esh import (
     ESH_SOURCE_CONFIDENT, ESH_SOURCE_LABELLED, EarlySegmentationHead, FeatureTap, build_head, choose_stage,
     stages_up_to, train_head,
@@ -138,11 +138,15 @@ class AgreementScorer:
         esh_all, decoder_all = np.concatenate(esh), np.concatenate(decoder)
         return float(np.mean([dice(esh_all == c, decoder_all == c) for c in range(1, self.card.num_classes)]))
 
-    def __call__(self, network: nn.Module) -> dict:
-        fields = {"agreement": self.agreement(network)}
+    def __call__(self, network: nn.Module) -> Score:
+        agreement = self.agreement(network)
+        fields = {"agreement": agreement}
         if self.reference:
             fields["dice"] = audit_dice(network, self.reference, self.card, self.device)
-        return fields
+        return Score(agreement, fields)
+
+    def judge(self, score: Score, baseline: Score) -> None:
+        return None  # no reference to test a gain against: the highest agreement wins
 
 
 def set_units_active(network: nn.Module, active: bool) -> None:

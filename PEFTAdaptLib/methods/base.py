@@ -133,9 +133,6 @@ class MethodConfig:
             if unlabelled:
                 raise MethodError(f"{where}: support case {unlabelled[0]} has no label; method '{self.name}' trains "
                                   "on annotated volumes (label-free adapts without them)")
-            if not cases.audit:
-                raise MethodError(f"{where}: no audit case; method '{self.name}' measures Dice on a held-out "
-                                  "annotated volume to decide whether the adapted model is better")
         if any(not case.label for case in cases.audit):
             raise MethodError(f"{where}: an audit case has no label; audit volumes need their annotation")
         if cases.source and self.needs_labels:

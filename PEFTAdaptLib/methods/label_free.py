@@ -8,6 +8,7 @@ from .base import BuildContext, Cases, MethodConfig, MethodError, Plan, register
 
 #: ESH training steps: the run's steps, at most this many (the head is small; it converges quickly)
 MAX_ESH_STEPS = 60
+NORMS = ("auto", "adabn", "affine", "none")
 
 
 @register_method
@@ -21,6 +22,20 @@ class LabelFree(MethodConfig):
     warm_startable = False
     default_lr = 1e-3
 
+    #: the adapters: ConvLoRA on the stages the ESH reads (or not), and what the norms get — "auto": AdaBN on
+    #: BatchNorm + norm-affine on the others; "adabn", "affine" or "none" (ablations)
+    convlora: bool = True
+    norm: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.norm not in NORMS:
+            raise MethodError(f"method '{self.name}': norm '{self.norm}' is not one of {', '.join(NORMS)} (field 'norm')")
+        if not isinstance(self.convlora, bool):
+            raise MethodError(f"method '{self.name}': convlora must be true or false (field 'convlora')")
+        if not self.convlora and self.rank is not None:
+            raise MethodError(f"method '{self.name}': a rank is for ConvLoRA, which is off (fields 'rank', 'convlora')")
+
     def check_cases(self, cases: Cases, where: str = "job") -> None:
         super().check_cases(cases, where)
         if any(not case.label for case in cases.source):
@@ -31,7 +46,8 @@ class LabelFree(MethodConfig):
         from ..labelfree import LabelFreeConfig, build_label_free
 
         rank = self.rank or self.default_rank
-        config = LabelFreeConfig(rank=rank, patches_per_step=context.patches_per_step,
+        config = LabelFreeConfig(rank=rank, convlora=self.convlora, norm=self.norm,
+                                 patches_per_step=context.patches_per_step,
                                  esh_steps=min(MAX_ESH_STEPS, context.steps), seed=context.seed,
                                  device=context.device)
         cases = context.cases

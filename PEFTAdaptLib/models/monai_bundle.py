@@ -30,6 +30,10 @@ WEIGHT_NAMES = ("models/model.safetensors", "models/model.pt", "models/model.ts"
 #: transform names (MONAI dictionary transforms) the card is read from
 SPACING, ORIENTATION = "Spacingd", "Orientationd"
 SCALE_RANGE, NORMALIZE = "ScaleIntensityRanged", "NormalizeIntensityd"
+PERCENTILES = "ScaleIntensityRangePercentilesd"
+#: the training config, and the crop transforms whose `spatial_size` is the training patch
+TRAIN_CONFIG = "configs/train.json"
+TRAINING_CROPS = ("RandCropByPosNegLabeld", "RandCropByLabelClassesd", "RandSpatialCropd", "RandSpatialCropSamplesd")
 #: packages whose network classes a `network_def` may name; a bare name (MONAI's "UNet") is looked up in the modules
 NETWORK_PACKAGES = ("monai.networks.", "dynamic_network_architectures.")
 BARE_NAME_MODULES = ("monai.networks.nets", "monai.networks.blocks")
@@ -158,8 +162,8 @@ def _network_def(folder: Path) -> tuple[Path, Any]:
     return path, network_def
 
 
-def _transforms(config: dict, path: Path) -> list[dict]:
-    """Every transform dict under `preprocessing` (references followed, expressions skipped)."""
+def _transforms(config: dict, path: Path, key: str = "preprocessing") -> list[dict]:
+    """Every transform dict under `key` (references followed, expressions skipped)."""
     found: list[dict] = []
 
     def walk(node: Any) -> None:
@@ -172,7 +176,7 @@ def _transforms(config: dict, path: Path) -> list[dict]:
             for item in node:
                 walk(item)
 
-    walk(_expand(config.get("preprocessing", {}), config, path))
+    walk(_expand(config.get(key, {}), config, path))
     return found
 
 
@@ -187,6 +191,12 @@ def _plain(value: Any, key: str, path: Path) -> Any:
 
 
 def _normalization(transforms: list[dict], path: Path) -> dict:
+    percentiles = _named(transforms, PERCENTILES)
+    if percentiles is not None:  # percentiles → [0, 1], then z-score: the spinal-cord networks' scheme
+        if _named(transforms, NORMALIZE) is None:
+            raise ModelError(f"{path}: {PERCENTILES} without a following {NORMALIZE} is not supported")
+        lower, upper = (_plain(percentiles.get(k), f"{PERCENTILES}.{k}", path) for k in ("lower", "upper"))
+        return {"name": "percentile_zscore", "p_low": float(lower), "p_high": float(upper)}
     scale = _named(transforms, SCALE_RANGE)
     if scale is not None:
         values = {k: _plain(scale.get(k, d), f"{SCALE_RANGE}.{k}", path)
@@ -236,6 +246,20 @@ def _divisible_by(metadata: dict, network_def: dict) -> int:
     return product
 
 
+def _training_patch(folder: Path) -> list[int] | None:
+    """The crop size of the bundle's training config, if it has one: the patch adaptation trains on."""
+    path = folder / TRAIN_CONFIG
+    if not path.is_file():
+        return None
+    config = _load(path)
+    crops = [t for t in _transforms(config, path, "train") if t["_target_"].rsplit(".", 1)[-1] in TRAINING_CROPS]
+    size = _plain(crops[0].get("spatial_size") or crops[0].get("roi_size"), "train crop spatial_size", path) \
+        if crops else None
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
+        raise ModelError(f"{path}: the training crop size {size!r} is not three integers")
+    return size
+
+
 def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
     """The card of a bundle, from its config files alone (nothing instantiated, torch not needed)."""
     path = config_path(folder)
@@ -260,7 +284,7 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
         spacing=tuple(float(p) for p in pixdim) if pixdim else None,
         orientation=str(_plain(orientation.get("axcodes", ""), f"{ORIENTATION}.axcodes", path)) if orientation else "",
         normalization=_normalization(transforms, path),
-        patch_size=tuple(roi),
+        patch_size=tuple(_training_patch(folder) or roi),
         inference_roi=tuple(roi),
         labels=_labels(metadata, folder / METADATA),
         license=str(metadata.get("license", metadata.get("copyright", "see the bundle's LICENSE"))),

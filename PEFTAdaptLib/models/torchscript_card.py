@@ -16,7 +16,6 @@ from .foundation import FoundationModel
 from .trust import load_trusted_torchscript, require_trusted
 
 SUFFIXES = (".ts", ".pt", ".jit")
-CARD_NAMES = ("card.json", "model.card.json")
 
 
 def _network_file(folder: Path) -> Path | None:

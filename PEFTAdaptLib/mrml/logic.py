@@ -154,6 +154,27 @@ class SceneLogic:
         self._folderCards[card["id"]] = card
         return card
 
+    def untrustedTorchScript(self, folder: str) -> tuple[str, str] | None:
+        """(file, sha256) of the TorchScript file a model folder would run when the user has not trusted it yet, so
+        that a panel can ask before `trustTorchScript`; None for the formats that are loaded as data."""
+        from ..errors import ModelError
+        from ..models.catalog import torchscript_file
+        from ..models.safe_load import sha256_file
+        from ..models.trust import is_trusted
+
+        try:
+            path = torchscript_file(Path(folder))
+        except ModelError:
+            return None
+        digest = sha256_file(path)
+        return None if is_trusted(digest) else (str(path), digest)
+
+    def trustTorchScript(self, path: str) -> str:
+        """Record the file's current bytes as trusted (the user agreed); returns their sha256."""
+        from ..models.trust import trust_file
+
+        return trust_file(Path(path))
+
     def budgetParameters(self, modelId: str, percent: float) -> int | None:
         total = self.card(modelId).get("extra", {}).get("parameters")
         return int(total * percent / 100) if total else None
