@@ -372,8 +372,11 @@ def bare_slicer_python(tmp_path: Path) -> list[str]:
 
     site = tmp_path / "slicer-site"
     site.mkdir()
-    for name in ("slicer", "slicer_core", "vtkmodules", "numpy", "SimpleITK", "packaging", "requests", "vtk"):
+    for name in ("slicer", "slicer_core", "slicer_layer_dm", "vtkmodules", "numpy", "SimpleITK", "packaging",
+                 "requests", "vtk"):
         spec = importlib.util.find_spec(name)
+        if spec is None:  # slicer_layer_dm: installed with the web extra, where `import slicer` loads it
+            continue
         origin = Path(spec.origin)
         source = origin.parent if origin.name == "__init__.py" else origin
         (site / source.name).symlink_to(source)
