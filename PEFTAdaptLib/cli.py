@@ -15,8 +15,9 @@ from .errors import InputError, PEFTAdaptError
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 CLI_TRACEBACK = "cli-traceback.txt"
-#: `adapt` options that describe the job (and a resume therefore refuses), with the TrainSpec field each sets
+#: `adapt` options that describe the job, which a resume therefore refuses (it continues the job as written)
 JOB_OPTIONS = ("train", "target", "audit", "source", "predict", "method", "rank", "budget", "model")
+#: `adapt` options that set the TrainSpec field of the same name (unset: TrainSpec's default)
 TRAIN_OPTIONS = ("steps", "lr", "patch_size", "patches_per_step", "audit_every", "checkpoint_every", "seed", "device")
 
 

@@ -30,7 +30,6 @@ from PEFTAdaptLib.adapters.base import base_layer_names
 from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.jobs import Job, JobClient, JobSpec, SubprocessRunner, create_job, load_job
 from PEFTAdaptLib.jobs.events import EventLog
-from PEFTAdaptLib.jobs.files import open_job_file, replace_folder, write_file
 from PEFTAdaptLib.jobs.lock import JobLock
 from PEFTAdaptLib.methods import Plan, method_class, register_method
 from PEFTAdaptLib.training import SupervisedObjective, audit_dice
@@ -144,7 +143,7 @@ def test_overwriting_a_job_folder_removes_its_links_without_following_them(tmp_p
 
 
 def _events(job: Path):
-    EventLog(job)
+    EventLog(job, echo=False)({"event": "started"})
 
 
 def _lock(job: Path):
@@ -152,21 +151,28 @@ def _lock(job: Path):
 
 
 def _cancel(job: Path):
+    from PEFTAdaptLib.jobs.files import open_job_file
+
     open_job_file(job / "cancel", "a")
 
 
 def _status(job: Path):
+    from PEFTAdaptLib.jobs.files import write_file
+
     write_file(job / "status.json", "{}")
     assert not (job / "status.json").is_symlink()
 
 
 def _checkpoint(job: Path):
+    from PEFTAdaptLib.jobs.files import replace_folder
+
     replace_folder(job, "checkpoint", lambda folder: (folder / "adapter.json").write_text("{}"))
     assert (job / "checkpoint" / "adapter.json").is_file() and not (job / "checkpoint").is_symlink()
 
 
 def _worker_log(job: Path):
-    SubprocessRunner(python="/bin/true").start([], job, job / "worker.log", job / "worker.err.log")
+    runner = SubprocessRunner(python=shutil.which("echo"))  # a "worker" that prints its arguments to worker.log
+    runner.start([], job, job / "worker.log", job / "worker.err.log").wait(timeout=60)
 
 
 @pytest.mark.parametrize("name, write", [
@@ -190,6 +196,18 @@ def test_a_planted_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "events.jsonl")
     with pytest.raises(InputError, match="not a regular file"):
         EventLog(tmp_path)
+
+
+def test_a_hard_link_to_a_users_file_is_not_written_through(tmp_path, victims):
+    job = tmp_path / "job"
+    job.mkdir()
+    os.link(victims[0], job / "events.jsonl")
+    os.link(victims[0], job / ".lock")
+    with pytest.raises(InputError, match="hard link"):
+        EventLog(job)
+    with pytest.raises(InputError, match="hard link"):
+        JobLock(job).__enter__()
+    assert_untouched(victims)
 
 
 # -- 6: numbers, divergence, the audit ------------------------------------------------------------------------------

@@ -101,22 +101,23 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
     check_inputs(request)
     lock = _lock(job_dir)
     try:
-        _check_folder(job_dir, overwrite)
+        _check_folder(job_dir, overwrite)  # again: another request may have written a job here meanwhile
         for child in job_dir.iterdir():
             if child.name != LOCK_FILE:
                 remove(child)  # links removed, never followed
         (job_dir / INPUTS_DIR).mkdir()
-        roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
-                 for role in ROLES}
-        staged = replace(
-            request, **roles,
-            warm_start=_stage_adapter(request.warm_start, job_dir, "warm_start") if request.warm_start else None,
-            adapter=_stage_adapter(request.adapter, job_dir, "adapter") if request.adapter else None,
-        )
-        write_spec(job_dir, staged)
-    except BaseException:
-        shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)  # a refused request leaves no half-made job
-        raise
+        try:
+            roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
+                     for role in ROLES}
+            staged = replace(
+                request, **roles,
+                warm_start=_stage_adapter(request.warm_start, job_dir, "warm_start") if request.warm_start else None,
+                adapter=_stage_adapter(request.adapter, job_dir, "adapter") if request.adapter else None,
+            )
+            write_spec(job_dir, staged)
+        except BaseException:
+            shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)  # a refused request leaves no half-made job
+            raise
     finally:
         lock.__exit__(None, None, None)
     return job_dir

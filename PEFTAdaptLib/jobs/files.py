@@ -29,12 +29,13 @@ def _link_error(path: Path) -> InputError:
 
 
 def _not_regular(path: Path) -> InputError:
-    return InputError(f"{path}: is not a regular file; a job folder holds only files PEFTAdapt wrote")
+    return InputError(f"{path}: is not a regular file of its own (a device, a pipe or a hard link to another file); "
+                      "a job folder holds only files PEFTAdapt wrote — remove it")
 
 
 def open_job_file(path: Path, mode: str = "a"):
-    """Open a job file for appending (`a`, `ab`) or for reading and writing (`r+`), creating it; a link or anything
-    but a regular file at `path` is refused (InputError) instead of being followed."""
+    """Open a job file for appending (`a`, `ab`) or for reading and writing (`r+`), creating it; a link, a hard link
+    or anything but a regular file at `path` is refused (InputError) instead of being written through."""
     flags = {"a": os.O_WRONLY | os.O_APPEND, "r+": os.O_RDWR}[mode.rstrip("b")]
     if not NOFOLLOW and os.path.islink(path):  # Windows: no O_NOFOLLOW
         raise _link_error(path)
@@ -46,7 +47,8 @@ def open_job_file(path: Path, mode: str = "a"):
         if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
             raise _not_regular(path) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a hard link shares another file's bytes
         os.close(fd)
         raise _not_regular(path)
     if NONBLOCK:
