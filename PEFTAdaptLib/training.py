@@ -176,13 +176,15 @@ class AuditScorer:
 
 @dataclass
 class TrainingContext:
-    """What a hook sees: the network being adapted, its card, the audit cases and the event sink."""
+    """What a hook sees: the network being adapted, its card, the audit cases, the event sink, and the trainer's
+    `judge` (the network's audit score now, and the selection rule's verdict against the start)."""
 
     network: nn.Module
     card: ModelCard
     audit: Sequence[Case]
     device: str
     emit: EventCallback
+    judge: Callable[[], tuple["Score", Verdict | None]] | None = None
 
 
 class TrainingHook(Protocol):
@@ -232,6 +234,7 @@ class Trainer:
         self.flagged = False
         self.prepared = False
         self.seconds = 0.0
+        context.judge = self.judge
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _unit_state(self) -> dict[str, dict]:
@@ -277,6 +280,11 @@ class Trainer:
             hook.load_state_dict(hook_state)
 
     # -- loop ----------------------------------------------------------------------------------------------------
+    def judge(self) -> tuple[Score, Verdict | None]:
+        """The network's audit score now, and whether the rule would let it replace the start."""
+        score = self.scorer(self.network)
+        return score, (self.scorer.judge(score, self.baseline) if self.baseline is not None else None)
+
     def audit(self) -> float:
         """Score the network; the first score is the baseline, a later one becomes the best state only if the
         scorer's rule accepts it against the baseline (and it beats the best so far)."""

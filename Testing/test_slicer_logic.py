@@ -100,16 +100,17 @@ def test_cancel_leaves_the_scene_consistent(scene_logic):
     assert scene_logic.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
 
 
-def test_worker_failure_reaches_the_logic_as_a_readable_error(scene_logic):
+def test_an_empty_segmentation_is_refused_in_one_line_before_any_worker_starts(scene_logic):
+    """The job builder reads every exported file as the worker will: an empty label stops the request where it is
+    made, naming the file, and leaves no job folder behind."""
+    from PEFTAdaptLib.errors import InputError
+
     volume, segmentation = pair(scene_logic, 3)
-    segmentation.GetSegmentation().GetNthSegment(0).SetName("brain")
     empty = scene_logic.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     empty.GetSegmentation().AddEmptySegment("", "brain")
-    run = scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, empty)]))
-    state = run.wait(300)
-    assert state.outcome == "failed"
-    assert "support0_label.nrrd: label is empty" in state.message
-    assert state.describe().startswith("Failed: ")
+    with pytest.raises(InputError, match=r"train0_label\.nrrd: label is empty"):
+        scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, empty)]))
+    assert list(scene_logic.client.work_dir.iterdir()) == []
 
 
 def _events(run):

@@ -45,6 +45,10 @@ class RunState:
         return self.outcome is not None
 
     @property
+    def succeeded(self) -> bool:
+        return self.outcome == "finished"
+
+    @property
     def trainable_text(self) -> str:
         if self.trainable is None or not self.total:
             return ""
@@ -80,6 +84,8 @@ class RunState:
         elif kind == "prediction" and event.get("path"):
             self.phase = "predicting"
             self.predictions.append(event["path"])
+            if self.task == "predict":  # a predict job's steps are its volumes
+                self.step = len(self.predictions)
         if kind in ("audit", "agreement", "validation"):
             for key in ("dice", "agreement"):
                 if event.get(key) is not None:
