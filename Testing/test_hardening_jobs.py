@@ -89,12 +89,13 @@ def victims(tmp_path) -> tuple[Path, Path]:
 def plant(job: Path, name: str, victims: tuple[Path, Path]) -> Path:
     """A link named `name` in `job` to the victim file, or to the victim folder for the folders the worker writes."""
     link = job / name
+    link.parent.mkdir(exist_ok=True)
     if link.is_dir():
         shutil.rmtree(link)
     elif link.exists():
         link.unlink()
     folders = ("checkpoint", ".checkpoint.writing", ".checkpoint.previous", "adapter", ".adapter.writing",
-               "predictions", "inputs")
+               ".adapter.previous", "predictions", "inputs")
     link.symlink_to(victims[1] if name in folders else victims[0])
     return link
 
@@ -105,9 +106,10 @@ def assert_untouched(victims: tuple[Path, Path]) -> None:
     assert (victims[1] / "kept.txt").read_text() == VICTIM_TEXT
 
 
-WORKER_FILES = [".lock", "events.jsonl", "status.json", "status.json.tmp", "traceback.txt", "cancel", "checkpoint",
-                ".checkpoint.writing", ".checkpoint.previous", "adapter", ".adapter.writing", "predictions", "inputs",
-                "worker.log", "worker.err.log", "job.json.tmp"]
+WORKER_FILES = [".lock", "events.jsonl", "status.json", "status.json.tmp", "traceback.txt", "traceback.txt.tmp",
+                "cancel", "checkpoint", ".checkpoint.writing", ".checkpoint.previous", "adapter", ".adapter.writing",
+                ".adapter.previous", "predictions", "predictions/T1c_subtrMeanDivStd_seg.nii.gz", "inputs",
+                "worker.log", "worker.err.log", "job.json.tmp", "cli-traceback.txt"]
 
 
 @pytest.mark.parametrize("name", WORKER_FILES)
