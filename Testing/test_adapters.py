@@ -170,6 +170,10 @@ def test_salt_equals_a_dense_evaluation_of_its_formula():
         unit.Y.normal_()
     # independent dense formula: W' = U ReLU(Σ') Vᵀ, Σ' = diag(aσ_top + b) ⊕ (diag σ_rest + X Y)
     u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    # the unit's basis is this SVD up to the sign of each pair (its canonical choice, tested elsewhere)
+    signs = torch.sign((u * unit.U.double()).sum(0))
+    assert torch.allclose(u * signs, unit.U.double(), atol=1e-5)
+    u, vh = u * signs, vh * signs[:, None]
     a, b = unit.scale.detach().double(), unit.shift.detach().double()
     xy = unit.X.detach().double() @ unit.Y.detach().double()
     sigma = torch.zeros(7, 7, dtype=torch.double)
