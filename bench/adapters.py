@@ -1,10 +1,16 @@
-"""Adapter cost on a MONAI 3D UNet at 96³: train-step time and peak memory as ratios to the frozen base, our LoRA
-against HF peft's LoRA at the same rank, and merged inference against base inference.
+"""Adapter cost on a MONAI 3D UNet at 96³: train-step time and peak memory as ratios to the frozen base, the dense
+weight-gradient path against the factored (low-rank) one, our LoRA against HF peft's LoRA at the same rank, and
+merged inference against base inference.
 
-    python bench/adapters.py [--steps 4] [--device cpu|cuda]
+    python bench/adapters.py [--steps 5] [--repeats 3] [--device cpu|cuda]
+    python bench/adapters.py --layers [--steps 5]   # per-layer calibration of the factored path's cost rule
 
 Each variant runs in its own subprocess (clean peak-memory reading: RSS growth over the step loop on CPU, the CUDA
-allocator's peak on GPU); times are medians of `--steps` steps after one warm-up. Prints a Markdown table.
+allocator's peak on GPU); times are medians of `--steps` steps after one warm-up. Variants whose units are low-rank
+run twice, with the factored backward (the default) and forced onto the dense weight-gradient path (the library's
+behaviour before the factored path). With `--repeats`, every variant runs that many times, interleaved, and each
+ratio is the median over repeats of the ratio within one repeat (robust to load drifting on a shared machine).
+Prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -18,18 +24,27 @@ import time
 
 VARIANTS = [
     "frozen_base", "full_finetune", "lora_r4", "peft_lora_r4", "convlora_paper_r2", "salt", "svd", "norm_affine",
-    "bitfit", "adabn", "merged_inference", "base_inference",
+    "bitfit", "adabn", "sea_pool_lora_r2_bitfit", "merged_inference", "base_inference",
 ]
+#: variants with low-rank units: measured on both paths
+FACTORED = ("lora_r4", "convlora_paper_r2", "sea_pool_lora_r2_bitfit")
+INPUT = (96, 96, 96)
 
 
-def build(variant: str):
+def unet():
     import torch
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
-    net = UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
+    return UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
+
+
+def build(variant: str):
+    import torch
+
     from PEFTAdaptLib import adapters as A
 
+    net = unet()
     convs = tuple(n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d))  # the layers peft adapts too
     configs = {
         "lora_r4": A.LoRAConfig(r=4, alpha=4, target_modules=convs),
@@ -43,6 +58,14 @@ def build(variant: str):
     if variant in configs:
         A.apply_adapter(net, configs[variant], "bench")
         A.freeze_base(net)
+    elif variant == "sea_pool_lora_r2_bitfit":
+        # SEA-PEFT's whole pool on the network (every family, inactive), with LoRA r2 and BitFit switched on
+        from PEFTAdaptLib.seapeft.pool import build_pool
+
+        build_pool(net)
+        A.freeze_base(net)
+        for record in A.iter_units(net):
+            record.owner.set_active(record.name, record.name in ("sea_lora_r2", "sea_bitfit"))
     elif variant == "peft_lora_r4":
         from peft import LoraConfig, get_peft_model
 
@@ -56,14 +79,24 @@ def build(variant: str):
     return net
 
 
-def run_variant(variant: str, steps: int, device: str) -> dict:
+def force_dense_path() -> None:
+    """The library's behaviour before the factored path: every adapted layer takes the dense weight gradient."""
+    from PEFTAdaptLib.adapters import lowrank
+
+    lowrank.FORCE = "dense"
+
+
+def run_variant(variant: str, steps: int, device: str, dense: bool) -> dict:
     import psutil
     import torch
 
-    torch.set_num_threads(torch.get_num_threads())
+    from PEFTAdaptLib.adapters import count_trainable
+
+    if dense:
+        force_dense_path()
     net = build(variant).to(device)
-    x = torch.randn(1, 1, 96, 96, 96, device=device)
-    target = torch.randint(0, 2, (1, 96, 96, 96), device=device)
+    x = torch.randn(1, 1, *INPUT, device=device)
+    target = torch.randint(0, 2, (1, *INPUT), device=device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     inference = variant.endswith("inference")
@@ -99,36 +132,118 @@ def run_variant(variant: str, steps: int, device: str) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    counted = count_trainable(net) if variant.startswith("sea_pool") else sum(p.numel() for p in trainable)
     return {"variant": variant, "seconds": statistics.median(times), "peak_bytes": max(peak, 0),
-            "trainable": sum(p.numel() for p in trainable) if not inference else 0}
+            "trainable": counted if not inference else 0}
+
+
+def layer_table(steps: int) -> None:
+    """Per conv geometry of the UNet and LoRA rank: the extra time of the factored backward over the frozen layer's
+    forward+backward against the dense path's, beside what the cost rule (`lowrank.factored_is_cheaper`) picks."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from PEFTAdaptLib import adapters as A
+    from PEFTAdaptLib.adapters import lowrank
+
+    shapes = {}
+
+    def record(module, inputs, output):
+        key = (type(module).__name__, tuple(module.weight.shape), module.stride, tuple(inputs[0].shape[1:]))
+        shapes.setdefault(key, module)
+
+    net = unet()
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    with torch.no_grad():
+        net(torch.randn(1, 1, *INPUT))
+    for hook in hooks:
+        hook.remove()
+
+    def timed(runs: dict, x: torch.Tensor) -> dict:
+        """Fastest of `steps` forward+backward passes per (layer, path), interleaved: on a shared machine the
+        minimum is the least disturbed reading."""
+        best = {key: float("inf") for key in runs}
+        for _ in range(steps + 1):
+            for key, (layer, path) in runs.items():
+                lowrank.FORCE = path
+                inputs = x.clone().requires_grad_(True)
+                start = time.perf_counter()
+                layer(inputs).square().mean().backward()
+                best[key] = min(best[key], time.perf_counter() - start)
+        return best
+
+    print("| layer | weight | input | rank | rule picks | extra time factored / dense | dense step / frozen "
+          "| factored step / frozen |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (kind, weight, stride, size), module in shapes.items():
+        x = torch.randn(1, *size)
+        runs = {"frozen": (module.requires_grad_(False), "dense")}
+        for rank in (1, 2, 4, 8, 16):
+            layer = nn.Sequential(copy.deepcopy(module))
+            A.apply_adapter(layer, A.LoRAConfig(r=rank, alpha=rank), "bench")
+            A.freeze_base(layer)
+            if next(A.iter_units(layer)).unit.rank == rank:
+                runs[(rank, "dense")], runs[(rank, "factored")] = (layer, "dense"), (layer, "factored")
+        best = timed(runs, x)
+        frozen = best["frozen"]
+        for rank in sorted({key[0] for key in runs if key != "frozen"}):
+            dense, factored = best[(rank, "dense")], best[(rank, "factored")]
+            lowrank.FORCE = None
+            pick = "factored" if lowrank.factored_is_cheaper(module, rank) else "dense"
+            print(f"| {kind} s{stride[0]} | {weight} | {size} | {rank} | {pick} | "
+                  f"{(factored - frozen) / max(dense - frozen, 1e-9):.2f} | {dense / frozen:.2f} | {factored / frozen:.2f} |",
+                  flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", action="store_true", help="per-layer calibration table of the factored path")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps, args.device)))
+    if args.layers:
+        layer_table(args.steps)
         return
-    results = {}
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.steps, args.device, args.dense)))
+        return
+    runs = [(v, False) for v in VARIANTS] + [(v, True) for v in FACTORED]
+    results: dict[tuple[str, bool], list[dict]] = {run: [] for run in runs}
+    for _ in range(args.repeats):
+        for variant, dense in runs:
+            command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
+                       "--device", args.device] + (["--dense"] if dense else [])
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            results[(variant, dense)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def ratio(run, reference, key="seconds") -> float:
+        """Median over repeats of the within-repeat ratio."""
+        pairs = zip(results[run], results[reference])
+        return statistics.median(a[key] / b[key] if b[key] else float("nan") for a, b in pairs)
+
+    def seconds(run) -> float:
+        return statistics.median(r["seconds"] for r in results[run])
+
+    print("| variant | trainable | step (s) | step / frozen base | step / full fine-tuning | dense path: step (s) "
+          "| dense path / frozen base | peak memory / frozen base |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-                              "--device", args.device], capture_output=True, text=True, check=True)
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    base, infer = results["frozen_base"], results["base_inference"]
-    print(f"| variant | trainable | step (s) | step / frozen base | peak memory / frozen base |")
-    print("|---|---|---|---|---|")
-    for variant in VARIANTS:
-        r = results[variant]
-        reference = infer if variant.endswith("inference") else base
-        memory = r["peak_bytes"] / reference["peak_bytes"] if reference["peak_bytes"] else float("nan")
-        print(f"| {variant} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / reference['seconds']:.2f} "
-              f"| {memory:.2f} |")
-    ours, theirs = results["lora_r4"], results["peft_lora_r4"]
-    print(f"\nour LoRA r4 step / HF peft LoRA r4 step: {ours['seconds'] / theirs['seconds']:.2f} (target ≤ 1.05)")
-    print(f"merged inference / base inference: {results['merged_inference']['seconds'] / infer['seconds']:.2f} "
+        run = (variant, False)
+        inference = variant.endswith("inference")
+        reference = ("base_inference" if inference else "frozen_base", False)
+        versus_full = "—" if inference else f"{ratio(run, ('full_finetune', False)):.2f}"
+        dense = (variant, True)
+        dense_cells = (f"{seconds(dense):.3f} | {ratio(dense, reference):.2f}" if dense in results
+                       else "— | —")
+        print(f"| {variant} | {results[run][0]['trainable']:,} | {seconds(run):.3f} | {ratio(run, reference):.2f} "
+              f"| {versus_full} | {dense_cells} | {ratio(run, reference, 'peak_bytes'):.2f} |")
+    print(f"\nour LoRA r4 step / HF peft LoRA r4 step: {ratio(('lora_r4', False), ('peft_lora_r4', False)):.2f}")
+    print(f"merged inference / base inference: {ratio(('merged_inference', False), ('base_inference', False)):.2f} "
           "(target ≤ 1.02)")
 
 

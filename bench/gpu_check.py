@@ -3,8 +3,11 @@ network and a synthetic head volume (runs where only torch, MONAI and SimpleITK 
 
     python bench/gpu_check.py --weights PATH/TO/deepbet/model.pt [--steps 10]
 
-Prints a Markdown table: step time and inference time per device, and how far the GPU's bf16 outputs are from
-the CPU's fp32 outputs (max probability difference, Dice between the two masks).
+Prints Markdown tables: step time and inference time per device, and how far the GPU's bf16 outputs are from
+the CPU's fp32 outputs (max probability difference, Dice between the two masks); then, per device, one LoRA r4
+forward+backward on the same patches with the dense weight-gradient path and with the factored one (the adapter
+library's cost rule), against the frozen network's forward+backward (the floor), and how far the two paths'
+gradients are apart.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from PEFTAdaptLib.adapters import LoRAConfig, LoRAUnit, add_units
+from PEFTAdaptLib.adapters import LoRAConfig, LoRAUnit, add_units, iter_units, lowrank
 from PEFTAdaptLib.data.cases import prepare_case
 from PEFTAdaptLib.inference import predict_probabilities
 from PEFTAdaptLib.metrics import dice
@@ -51,6 +54,33 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def backward_paths(network: torch.nn.Module, trainer: Trainer, device: str, repeat: int) -> tuple:
+    """(frozen, dense, factored) forward+backward seconds on one batch, and the largest relative difference between
+    the dense and the factored path's unit gradients."""
+    image, label = trainer.sampler()
+    image, label = image.to(device), label.to(device)
+    units = list(iter_units(network))
+    network.train()
+
+    def step(path: str | None, frozen: bool = False) -> None:
+        lowrank.FORCE = path
+        for record in units:
+            record.owner.set_active(record.name, not frozen)
+            for parameter in record.unit.parameters():
+                parameter.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = network(image.clone().requires_grad_(frozen))
+        trainer.loss_fn(logits.float(), label).backward()
+
+    seconds = [timed(lambda: step("dense", frozen=True), repeat), timed(lambda: step("dense"), repeat)]
+    dense = [p.grad.clone() for r in units for p in r.unit.parameters()]
+    seconds.append(timed(lambda: step(None), repeat))
+    factored = [p.grad for r in units for p in r.unit.parameters()]
+    difference = max(float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in zip(factored, dense))
+    lowrank.FORCE = None
+    return (*seconds, difference)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", required=True)
@@ -59,13 +89,14 @@ def main() -> None:
     image, label = synthetic_head()
     case = prepare_case("synthetic", [image], CARD, label)
     base = load_from_torchscript(args.weights)
-    rows, outputs = [], {}
+    rows, outputs, paths = [], {}, []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         network = copy.deepcopy(base)
         add_units(network, LoRAConfig(r=4, alpha=4), LoRAUnit, "lora")
         trainer = Trainer(network, CARD, [case], [types.SimpleNamespace(array=case.array, label=case.label)],
                           TrainConfig(steps=args.steps, audit_every=10**9, seed=0, device=device))
         step = timed(lambda: trainer._train_step(), args.steps)
+        paths.append((device, *backward_paths(network, trainer, device, args.steps)))
         network.eval()
         probs = predict_probabilities(copy.deepcopy(base).to(device), case.array, CARD, device)
         infer = timed(lambda: predict_probabilities(network, case.array, CARD, device), 2)
@@ -77,6 +108,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for device, step, infer, peak, _ in rows:
         print(f"| {device} | {step:.3f} | {infer:.3f} | {peak:.2f} |")
+    print("\n| device | frozen fwd+bwd (s) | LoRA r4, dense path (s) | LoRA r4, factored (s) | dense / frozen "
+          "| factored / frozen | gradients, max relative difference |")
+    print("|---|---|---|---|---|---|---|")
+    for device, frozen, dense, factored, difference in paths:
+        print(f"| {device} | {frozen:.3f} | {dense:.3f} | {factored:.3f} | {dense / frozen:.2f} | "
+              f"{factored / frozen:.2f} | {difference:.1e} |")
     if "cuda" in outputs:
         diff = float(np.abs(outputs["cuda"] - outputs["cpu"]).max())
         agreement = dice(outputs["cuda"].argmax(0) == 1, outputs["cpu"].argmax(0) == 1)

@@ -5,6 +5,10 @@ a frozen Linear / ConvNd / ConvTransposeNd and runs it with the composition of i
 `torch.func.functional_call`, so one layer can hold several units (an allocator's pool) and each can be switched off
 without losing its trained weights. Weight-space form costs one small matrix product per layer per step, merges for
 free and works for any layer type whose forward reads `weight`/`bias` (see peft-methods.md §7 for measurements).
+
+A `LowRankUnit` gives its update as factors, ΔW = P Q: where the layer allows it and it is cheaper, the layer then
+trains them without the dense weight gradient (`lowrank.py`), the forward still being one call with the composed
+weight.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from .lowrank import Factors, factored_forward, factored_is_cheaper, fold
 
 #: layer types whose weight can be adapted
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
@@ -88,6 +94,19 @@ class AdapterUnit(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class LowRankUnit(AdapterUnit):
+    """A weight-space unit whose trained update is a product of factors, ΔW = P Q in the layer's (shape[0], rest)
+    matricisation (plus, at most, a fixed change of the weight)."""
+
+    def split(self, params: dict[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor | None], Factors]:
+        """(params with the fixed part of the update applied, (P, Q))."""
+        raise NotImplementedError
+
+    def apply(self, params):
+        params, factors = self.split(params)
+        return {**params, "weight": fold(params["weight"], [factors])}
+
+
 @dataclass
 class UnitRecord:
     """Where a unit lives: `layer` is the module name in the model, `name` the unit's key inside the layer."""
@@ -138,18 +157,41 @@ class AdaptedLayer(nn.Module):
     def base_params(self) -> dict[str, torch.Tensor | None]:
         return {key: getattr(self.base, key, None) for key in LAYER_TENSORS if hasattr(self.base, key)}
 
+    def _compose(self, units: Sequence[AdapterUnit]) -> tuple[dict[str, torch.Tensor | None], list[Factors]]:
+        """The layer's tensors with every unit applied, low-rank updates kept apart as factors."""
+        params, factors = self.base_params(), []
+        for unit in units:
+            if isinstance(unit, LowRankUnit):
+                params, unit_factors = unit.split(params)
+                factors.append(unit_factors)
+            else:
+                params = unit.apply(params)
+        return params, factors
+
     def effective_params(self) -> dict[str, torch.Tensor | None]:
-        params = self.base_params()
-        for unit in self.active_units():
-            params = unit.apply(params)
-        return params
+        params, factors = self._compose(self.active_units())
+        return {**params, "weight": fold(params["weight"], factors)} if factors else params
+
+    def _factored(self, weight: torch.Tensor, factors: list[Factors]) -> bool:
+        """Train the factors without the dense weight gradient: only when nothing needs that gradient anyway, on a
+        plain torch layer (a subclass may override the forward) with numeric padding (a string may be asymmetric),
+        and where the cost rule says it is cheaper."""
+        return (bool(factors) and torch.is_grad_enabled() and not weight.requires_grad
+                and any(t.requires_grad for pair in factors for t in pair)
+                and type(self.base) in WEIGHT_TYPES and not isinstance(getattr(self.base, "padding", 0), str)
+                and factored_is_cheaper(self.base, sum(p.shape[1] for p, _ in factors)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self.active_units()
         if self.merged or not units:
             return self.base(x)
-        params = {k: v for k, v in self.effective_params().items() if v is not None}
-        y = functional_call(self.base, params, (x,))
+        params, factors = self._compose(units)
+        if self._factored(params["weight"], factors):
+            y = factored_forward(self.base, x, params["weight"], params.get("bias"), factors)
+        else:
+            if factors:
+                params["weight"] = fold(params["weight"], factors)
+            y = functional_call(self.base, {k: v for k, v in params.items() if v is not None}, (x,))
         for unit in units:
             y = unit.adapt_output(x, y)
         return y

@@ -1,0 +1,215 @@
+"""Low-rank gradients for adapted Linear / ConvNd / ConvTransposeNd layers, without the dense weight gradient.
+
+A low-rank unit's update is ΔW = P Q in the layer's (shape[0], rest) matricisation: (C_out, C_in/g·kᵈ) for a
+convolution, (C_in, C_out/g·kᵈ) for a transposed one. The forward pass runs the layer once with the composed weight
+W + Σ P Q, as the dense path does; the backward pass gives the input and bias gradients with the composed weight,
+and the factors' gradients ∂L/∂P = G Qᵀ, ∂L/∂Q = Pᵀ G without forming G = ∂L/∂W:
+
+- convolution y = W ⋆ x: G Qᵀ is the 1×1 weight gradient of z = Q ⋆ x (x convolved with Q's p rows as filters,
+  same stride, padding, dilation and groups), ∂L/∂P[o, j] = Σ dy_o z_j; Pᵀ G is the weight gradient of that
+  p-filter convolution for the output gradient dz = Pᵀ dy (1×1, per group);
+- transposed convolution y = W ⋆ᵀ x (W's first axis is on the input side), whose adjoint is the plain
+  convolution of dy with W: the same with the roles of x and dy swapped, ∂L/∂P[c, j] = Σ x_c w_j with
+  w = Q ⋆ dy, and ∂L/∂Q the weight gradient of Q ⋆ dy for u = Pᵀ x;
+- Linear: the same as plain matrix products over the flattened leading dimensions.
+
+Per output position this costs about 2p·(C_in·kᵈ + C_out) multiply-adds against C_out·C_in·kᵈ/g for G, but on a
+CPU the passes with few channels run far below the dense gradient's rate, so a layer takes this path only where
+the measured cost rule (`factored_is_cheaper`) says it is cheaper. Several units on one layer share it: their
+factors are concatenated into one P and one Q.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+#: convolution kernels produce output channels in blocks (oneDNN on AVX-512: 16), so a p-channel convolution or
+#: weight gradient costs about what a 16-channel one does, however small p is
+CHANNEL_BLOCK = 16
+#: the factored backward runs two p-channel passes (z, ∂L/∂Q) where the dense one runs one rows-channel weight
+#: gradient: it is taken where the rows span at least this many times the factors' channel blocks ...
+FACTORED_MIN_BLOCKS = 4
+#: ... and each weight row sums at least this many terms (C_in·kᵈ): below, the dense gradient is cheap and the
+#: extra passes over the activations dominate (1×1 convolutions, thin transposed outputs). Both constants come
+#: from `python bench/adapters.py --layers` on CPU (docs/benchmarks.md); a GPU may want others
+FACTORED_MIN_REDUCTION = 256
+#: "factored" or "dense" forces a path wherever the layer allows it (benchmarks and tests compare the two);
+#: None lets the cost rule decide
+FORCE: str | None = None
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def fold(weight: torch.Tensor, factors: Sequence[Factors]) -> torch.Tensor:
+    """W + Σ P Q, reshaped to the weight's shape: the composed weight both paths run the forward with."""
+    for p, q in factors:
+        weight = weight + (p @ q).reshape(weight.shape)
+    return weight
+
+
+def factored_is_cheaper(layer: nn.Module, rank: int) -> bool:
+    """The cost rule: channel blocks of the dense weight gradient against the factors', and its reduction length."""
+    if FORCE is not None:
+        return FORCE == "factored"
+    rows, cols = layer.weight.shape[0], layer.weight[0].numel()
+    blocks = lambda channels: -(-channels // CHANNEL_BLOCK)  # noqa: E731
+    return blocks(rows) >= FACTORED_MIN_BLOCKS * blocks(rank) and cols >= FACTORED_MIN_REDUCTION
+
+
+def factored_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     factors: Sequence[Factors]) -> torch.Tensor:
+    """`layer` run with weight W + Σ P Q and `bias`, its backward through the factors (W gets no gradient)."""
+    p = torch.cat([f[0] for f in factors], dim=1)
+    q = torch.cat([f[1] for f in factors], dim=0)
+    geometry = None
+    if not isinstance(layer, nn.Linear):
+        padding = layer.padding
+        if layer.padding_mode != "zeros":  # as the layer's own forward: pad first, then convolve unpadded
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = (0,) * len(layer.kernel_size)
+        geometry = _Conv(tuple(layer.stride), tuple(padding), tuple(layer.dilation), bool(layer.transposed),
+                         tuple(layer.output_padding), int(layer.groups))
+    device = x.device.type
+    compute = _autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _FactoredLayer.apply(x, weight, bias, p, q, geometry, compute)
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast would run a convolution in on `device`, None outside autocast."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch ≥ 2.4
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if device == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """A convolution's geometry. `conv` and `weight_grad` are the plain (not transposed) convolution with it, which
+    for a transposed layer is its adjoint: the map from the output gradient back to the input side."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool
+    output_padding: tuple[int, ...]
+    groups: int
+
+    def layer(self, x, weight, bias):
+        return torch.convolution(x, weight, bias, self.stride, self.padding, self.dilation, self.transposed,
+                                 self.output_padding, self.groups)
+
+    def conv(self, x, weight, groups):
+        return torch.convolution(x, weight, None, self.stride, self.padding, self.dilation, False,
+                                 (0,) * len(self.stride), groups)
+
+    def weight_grad(self, x, grad_out, weight):
+        """∂/∂weight of Σ grad_out · conv(x, weight)."""
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, self.stride, self.padding, self.dilation, False, (0,) * len(self.stride),
+            self.groups, [False, True, False])[1]
+
+
+def _filters(q: torch.Tensor, kernel: torch.Size, groups: int) -> torch.Tensor:
+    """Q's rows as p filters of the layer's kernel, one copy per group."""
+    return q.reshape(q.shape[0], -1, *kernel).repeat(groups, *[1] * (len(kernel) + 1))
+
+
+class _FactoredLayer(torch.autograd.Function):
+    """y = layer(x; W + P Q, b), backward through P and Q. Under autocast the layer runs in the autocast dtype (as
+    the dense path's would), its composed weight formed in full precision first.
+
+    For an ungrouped convolution the forward also computes z = Q ⋆ x, as extra output channels of the same call
+    (one pass over x instead of two), and keeps it for ∂L/∂P; a transposed one gets w = Q ⋆ dy the same way,
+    beside the input gradient, in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, q, geometry, compute):
+        full = fold(weight, [(p, q)])
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, p.dtype, q.dtype)
+        if compute is not None:
+            x, full, p, q = x.to(compute), full.to(compute), p.to(compute), q.to(compute)
+            bias = None if bias is None else bias.to(compute)
+        ctx.geometry = geometry
+        z = None
+        if geometry is None:
+            y = F.linear(x, full, bias)
+        elif not geometry.transposed and geometry.groups == 1 and ctx.needs_input_grad[3]:
+            rows = full.shape[0]
+            extended_bias = None if bias is None else torch.cat([bias, bias.new_zeros(q.shape[0])])
+            both = geometry.layer(x, torch.cat([full, _filters(q, full.shape[2:], 1)]), extended_bias)
+            y, z = both[:, :rows].contiguous(), both[:, rows:]
+        else:
+            y = geometry.layer(x, full, bias)
+        ctx.save_for_backward(x, full, p, q, z)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, full, p, q, z = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        needs = ctx.needs_input_grad[:5]
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.geometry is None:
+                grads = _linear_backward(needs, dy, x, full, p, q)
+            else:
+                grads = _conv_backward(needs, ctx.geometry, dy, x, full, p, q, z)
+        grad_x, grad_bias, grad_p, grad_q = (g if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return grad_x, None, grad_bias, grad_p, grad_q, None, None
+
+
+def _linear_backward(needs, dy, x, full, p, q):
+    need_x, _, need_bias, need_p, need_q = needs
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return (dy @ full if need_x else None,
+            dy2.sum(0) if need_bias else None,
+            dy2.T @ (x2 @ q.T) if need_p else None,
+            (dy2 @ p).T @ x2 if need_q else None)
+
+
+def _conv_backward(needs, geometry: _Conv, dy, x, full, p, q, z):
+    """Both convolutions in one frame: the activation on the weight's first axis ("rows": dy for y = W ⋆ x, x for
+    y = W ⋆ᵀ x) and the one Q's filters read ("filtered": x, or dy, the transposed layer's adjoint being the
+    plain convolution of dy). ∂L/∂P = Σ rows · (Q ⋆ filtered)ᵀ; ∂L/∂Q = weight gradient of Q ⋆ filtered for
+    Pᵀ rows."""
+    need_x, _, need_bias, need_p, need_q = needs
+    groups, rank, rows = geometry.groups, p.shape[1], full.shape[0]
+    filters = _filters(q, full.shape[2:], groups)
+    grad_x = None
+    if not geometry.transposed:
+        rows_side, filtered = dy, x
+        if need_x:
+            grad_x = torch.ops.aten.convolution_backward(
+                dy, x, full, None, geometry.stride, geometry.padding, geometry.dilation, False,
+                geometry.output_padding, groups, [True, False, False])[0]
+    else:
+        rows_side, filtered = x, dy
+        if need_x and need_p and groups == 1:  # ∂L/∂x = W ⋆ dy and Q ⋆ dy in one call
+            both = geometry.conv(dy, torch.cat([full, filters]), 1)
+            grad_x, z = both[:, :rows], both[:, rows:]
+        elif need_x:
+            grad_x = geometry.conv(dy, full, groups)
+    batch = rows_side.shape[0]
+    rows_grouped = rows_side.reshape(batch, groups, -1, rows_side[0, 0].numel())
+    grad_p = grad_q = None
+    if need_p:
+        z = geometry.conv(filtered, filters, groups) if z is None else z
+        grad_p = torch.einsum("ngcs,ngjs->gcj", rows_grouped, z.reshape(batch, groups, rank, -1)).reshape(p.shape)
+    if need_q:
+        projected = torch.einsum("gcj,ngcs->ngjs", p.reshape(groups, -1, rank), rows_grouped)
+        projected = projected.reshape(batch, groups * rank, *rows_side.shape[2:])
+        q_grad = geometry.weight_grad(filtered, projected, filters)
+        grad_q = q_grad.reshape(groups, rank, -1).sum(0)
+    return grad_x, _bias_grad(dy) if need_bias else None, grad_p, grad_q
+
+
+def _bias_grad(dy):
+    return dy.sum(dim=[0, *range(2, dy.dim())])
