@@ -2,15 +2,16 @@
 weight-gradient path against the factored (low-rank) one, our LoRA against HF peft's LoRA at the same rank, and
 merged inference against base inference.
 
-    python bench/adapters.py [--steps 5] [--repeats 3] [--device cpu|cuda]
-    python bench/adapters.py --layers [--steps 5]   # per-layer calibration of the factored path's cost rule
+    python bench/adapters.py [--rounds 7] [--device cpu|cuda]
+    python bench/adapters.py --layers [--rounds 5]   # per-layer calibration of the factored path's cost rule
 
-Each variant runs in its own subprocess (clean peak-memory reading: RSS growth over the step loop on CPU, the CUDA
-allocator's peak on GPU); times are medians of `--steps` steps after one warm-up. Variants whose units are low-rank
-run twice, with the factored backward (the default) and forced onto the dense weight-gradient path (the library's
-behaviour before the factored path). With `--repeats`, every variant runs that many times, interleaved, and each
-ratio is the median over repeats of the ratio within one repeat (robust to load drifting on a shared machine).
-Prints Markdown tables.
+Times: every variant is built in one process and the steps run round-robin (one step of each variant per round,
+after one warm-up round), so a load that drifts on a shared machine hits all variants alike. A step time is the
+median over rounds; a ratio is the median over rounds of the ratio within one round (both steps seconds apart).
+Variants whose units are low-rank run twice, with the factored backward (the default) and forced onto the dense
+weight-gradient path (the library's behaviour before the factored path).
+Peak memory: each variant in its own subprocess (RSS growth over two steps on CPU, the CUDA allocator's peak on
+GPU). Prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -79,21 +80,20 @@ def build(variant: str):
     return net
 
 
-def force_dense_path() -> None:
-    """The library's behaviour before the factored path: every adapted layer takes the dense weight gradient."""
+def use_path(dense: bool) -> None:
+    """Dense: the library's behaviour before the factored path (every adapted layer takes the dense weight
+    gradient); otherwise the cost rule decides."""
     from PEFTAdaptLib.adapters import lowrank
 
-    lowrank.FORCE = "dense"
+    lowrank.FORCE = "dense" if dense else None
 
 
-def run_variant(variant: str, steps: int, device: str, dense: bool) -> dict:
-    import psutil
+def make_step(variant: str, device: str):
+    """(one training step — or inference pass — of the variant, its trainable parameter count)."""
     import torch
 
     from PEFTAdaptLib.adapters import count_trainable
 
-    if dense:
-        force_dense_path()
     net = build(variant).to(device)
     x = torch.randn(1, 1, *INPUT, device=device)
     target = torch.randint(0, 2, (1, *INPUT), device=device)
@@ -105,39 +105,53 @@ def run_variant(variant: str, steps: int, device: str, dense: bool) -> dict:
         if inference:
             with torch.no_grad():
                 net(x)
-            return
-        inputs = x.clone().requires_grad_(not trainable)  # frozen base: backward to the input only
-        loss = torch.nn.functional.cross_entropy(net(inputs), target)
-        loss.backward()
-        if optimizer:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    def sync():
+        else:
+            inputs = x.clone().requires_grad_(not trainable)  # frozen base: backward to the input only
+            torch.nn.functional.cross_entropy(net(inputs), target).backward()
+            if optimizer:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
 
+    counted = count_trainable(net) if variant.startswith("sea_pool") else sum(p.numel() for p in trainable)
+    return step, 0 if inference else counted
+
+
+def peak_memory(variant: str, device: str, dense: bool) -> int:
+    import psutil
+    import torch
+
+    use_path(dense)
+    step, _ = make_step(variant, device)
     step()
-    sync()
     rss_before = psutil.Process().memory_info().rss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    for _ in range(2):
         step()
-        sync()
-        times.append(time.perf_counter() - start)
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    counted = count_trainable(net) if variant.startswith("sea_pool") else sum(p.numel() for p in trainable)
-    return {"variant": variant, "seconds": statistics.median(times), "peak_bytes": max(peak, 0),
-            "trainable": counted if not inference else 0}
+        return torch.cuda.max_memory_allocated()
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before, 0)
 
 
-def layer_table(steps: int) -> None:
+def interleaved_times(runs: list[tuple[str, bool]], rounds: int, device: str) -> tuple[dict, dict]:
+    """Seconds per step of every run, one step of each per round (after a warm-up round); trainable counts."""
+    steps, trainable = {}, {}
+    for variant, dense in runs:
+        steps[(variant, dense)], trainable[variant] = make_step(variant, device)
+    times: dict[tuple[str, bool], list[float]] = {run: [] for run in runs}
+    for round_ in range(rounds + 1):
+        for run in runs:
+            use_path(run[1])
+            start = time.perf_counter()
+            steps[run]()
+            if round_:
+                times[run].append(time.perf_counter() - start)
+    return times, trainable
+
+
+def layer_table(rounds: int) -> None:
     """Per conv geometry of the UNet and LoRA rank: the extra time of the factored backward over the frozen layer's
     forward+backward against the dense path's, beside what the cost rule (`lowrank.factored_is_cheaper`) picks."""
     import copy
@@ -162,10 +176,10 @@ def layer_table(steps: int) -> None:
         hook.remove()
 
     def timed(runs: dict, x: torch.Tensor) -> dict:
-        """Fastest of `steps` forward+backward passes per (layer, path), interleaved: on a shared machine the
+        """Fastest of `rounds` forward+backward passes per (layer, path), interleaved: on a shared machine the
         minimum is the least disturbed reading."""
         best = {key: float("inf") for key in runs}
-        for _ in range(steps + 1):
+        for _ in range(rounds + 1):
             for key, (layer, path) in runs.items():
                 lowrank.FORCE = path
                 inputs = x.clone().requires_grad_(True)
@@ -199,35 +213,31 @@ def layer_table(steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", action="store_true", help="per-layer calibration table of the factored path")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layers:
-        layer_table(args.steps)
+        layer_table(args.rounds)
         return
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps, args.device, args.dense)))
+    if args.memory:
+        print(json.dumps(peak_memory(args.memory, args.device, args.dense)))
         return
     runs = [(v, False) for v in VARIANTS] + [(v, True) for v in FACTORED]
-    results: dict[tuple[str, bool], list[dict]] = {run: [] for run in runs}
-    for _ in range(args.repeats):
-        for variant, dense in runs:
-            command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-                       "--device", args.device] + (["--dense"] if dense else [])
-            out = subprocess.run(command, capture_output=True, text=True, check=True)
-            results[(variant, dense)].append(json.loads(out.stdout.strip().splitlines()[-1]))
-
-    def ratio(run, reference, key="seconds") -> float:
-        """Median over repeats of the within-repeat ratio."""
-        pairs = zip(results[run], results[reference])
-        return statistics.median(a[key] / b[key] if b[key] else float("nan") for a, b in pairs)
+    memory = {}
+    for variant, dense in runs:
+        command = [sys.executable, __file__, "--memory", variant, "--device", args.device] + (["--dense"] * dense)
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        memory[(variant, dense)] = json.loads(out.stdout.strip().splitlines()[-1])
+    times, trainable = interleaved_times(runs, args.rounds, args.device)
 
     def seconds(run) -> float:
-        return statistics.median(r["seconds"] for r in results[run])
+        return statistics.median(times[run])
+
+    def ratio(run, reference) -> float:
+        return statistics.median(a / b for a, b in zip(times[run], times[reference]))
 
     print("| variant | trainable | step (s) | step / frozen base | step / full fine-tuning | dense path: step (s) "
           "| dense path / frozen base | peak memory / frozen base |")
@@ -238,10 +248,10 @@ def main() -> None:
         reference = ("base_inference" if inference else "frozen_base", False)
         versus_full = "—" if inference else f"{ratio(run, ('full_finetune', False)):.2f}"
         dense = (variant, True)
-        dense_cells = (f"{seconds(dense):.3f} | {ratio(dense, reference):.2f}" if dense in results
-                       else "— | —")
-        print(f"| {variant} | {results[run][0]['trainable']:,} | {seconds(run):.3f} | {ratio(run, reference):.2f} "
-              f"| {versus_full} | {dense_cells} | {ratio(run, reference, 'peak_bytes'):.2f} |")
+        dense_cells = f"{seconds(dense):.3f} | {ratio(dense, reference):.2f}" if dense in times else "— | —"
+        peak = memory[run] / memory[reference] if memory[reference] else float("nan")
+        print(f"| {variant} | {trainable[variant]:,} | {seconds(run):.3f} | {ratio(run, reference):.2f} "
+              f"| {versus_full} | {dense_cells} | {peak:.2f} |")
     print(f"\nour LoRA r4 step / HF peft LoRA r4 step: {ratio(('lora_r4', False), ('peft_lora_r4', False)):.2f}")
     print(f"merged inference / base inference: {ratio(('merged_inference', False), ('base_inference', False)):.2f} "
           "(target ≤ 1.02)")

@@ -231,10 +231,13 @@ class AdaptedLayer(nn.Module):
         self._original = None
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is registered: a module can sit under several names (nnU-Net's conv blocks hold
+    their convolution as `conv` and as `all_modules.0`, and run the latter), and replacing one name only would leave
+    the forward on the plain layer."""
+    places = [(parent, key) for parent in model.modules() for key, child in parent._modules.items() if child is old]
+    for parent, key in places:
+        setattr(parent, key, new)
 
 
 def base_layer_names(model: nn.Module, types: tuple[type[nn.Module], ...] = ADAPTABLE_TYPES) -> list[str]:
@@ -266,8 +269,8 @@ def add_units(
         if not isinstance(module, AdaptedLayer):
             for p in module.parameters():
                 p.requires_grad_(False)
-            module = AdaptedLayer(module)
-            _set_submodule(model, layer_name, module)
+            plain, module = module, AdaptedLayer(module)
+            _replace_module(model, plain, module)
         base = module.base
         tensors = [t for t in list(base.parameters()) + list(base.buffers())]
         unit = unit_class(base, config).to(tensors[0].device if tensors else "cpu")
@@ -327,9 +330,9 @@ def merge_all(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapted layer and put its plain base layer back in its place: a model with no adapter
     machinery left, running at the base model's speed (for deployment; not reversible)."""
-    for name, layer in list(adapted_layers(model)):
+    for _, layer in list(adapted_layers(model)):
         layer.merge()
-        _set_submodule(model, name, layer.base)
+        _replace_module(model, layer, layer.base)
     return model
 
 
