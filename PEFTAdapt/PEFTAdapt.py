@@ -1,14 +1,23 @@
 """PEFTAdapt: adapt a pretrained segmentation model to your site inside 3D Slicer.
 
-The Widget only wires Qt to the Logic. Everything below it — exporting nodes, running the background worker,
-turning its events into table/plot rows, importing predictions — lives in `PEFTAdaptSlicer` (MRML only, scene
-passed in) and in the engine `PEFTAdaptLib`, both tested outside Slicer.
-"""
+The Widget maps Qt signals to Logic calls and a run's state (`RunState`) to widgets. The Logic binds the shared scene
+logic (`PEFTAdaptLib.mrml.logic.SceneLogic`: nodes → job → background worker → tables, plots, segmentations) to
+Slicer's scene, parameter node and PythonSlicer. Jobs are built, launched, polled and cancelled by the engine's job
+client; nothing here starts a process or reads a worker's events.
 
-import enum
+Supported: 3D Slicer 5.10 or later (Python 3.12). This file stays valid Python 3.9 and imports the engine only on a
+supported Slicer, so that Slicer 5.6/5.8 load it and say what to install instead of printing a traceback.
+"""
+import importlib
+import importlib.metadata
+import logging
 import os
 import shutil
 import sys
+import tempfile
+import time
+import unittest
+from pathlib import Path
 from typing import Annotated
 
 import qt
@@ -16,7 +25,6 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,8 +33,85 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from PEFTAdaptSlicer import logic as sceneLogic
-from PEFTAdaptSlicer.runstate import RunState
+#: the oldest Slicer this module runs on: 5.10 ships Python 3.12 (5.6 and 5.8 ship 3.9, too old for the engine)
+MINIMUM_SLICER = (5, 10)
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: the panel's own Segment Editor parameter node (the Segment Editor module keeps its singleton to itself)
+SEGMENT_EDITOR_TAG = "PEFTAdaptSegmentEditor"
+#: packages that Slicer or the PyTorch extension own: pip may not replace them while installing the requirements
+KEEP_INSTALLED = ("torch", "numpy", "scipy", "SimpleITK", "requests")
+
+
+def unsupportedReason() -> str:
+    """Why this Slicer cannot run PEFTAdapt, or "" when it can."""
+    version = (slicer.app.majorVersion, slicer.app.minorVersion)
+    if version >= MINIMUM_SLICER:
+        return ""
+    return _("PEFTAdapt needs 3D Slicer {minimum} or later (Python 3.12); this is Slicer {version} with Python "
+             "{python}. Install a current release from https://download.slicer.org").format(
+        minimum=".".join(map(str, MINIMUM_SLICER)), version=".".join(map(str, version)),
+        python=".".join(map(str, sys.version_info[:2])))
+
+
+def engineFolder() -> str:
+    """The folder holding the engine package PEFTAdaptLib: beside this file in an installed extension, the
+    repository root when the module is used from a checkout (Additional module paths → <checkout>/PEFTAdapt)."""
+    for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(folder, "PEFTAdaptLib", "__init__.py")):
+            return folder
+    return MODULE_DIR
+
+
+def installedVersion(distribution: str):
+    """The installed version of a Python distribution from its metadata, or None: nothing is imported (importing
+    torch would load CUDA into Slicer's process and block a later upgrade)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+UNSUPPORTED = unsupportedReason()
+
+if not UNSUPPORTED:
+    if engineFolder() not in sys.path:
+        sys.path.insert(0, engineFolder())
+
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+
+    from PEFTAdaptLib.jobs import JobClient, SubprocessRunner
+    from PEFTAdaptLib.jobs.spec import DEVICES, TrainSpec
+    from PEFTAdaptLib.methods import DEFAULT_METHOD, Budget, default_budget, method_class, method_names
+    from PEFTAdaptLib.models.registry import DEFAULT_MODEL
+    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic
+    from PEFTAdaptLib.mrml.scene_io import SceneError, import_prediction, labels_from_card, write_volume
+
+    TRAIN_DEFAULTS = TrainSpec()
+
+    @parameterNodeWrapper
+    class PEFTAdaptParameterNode:
+        """Scene-saved settings of the panel. Model, method and rank are mapped to their combo boxes by the Widget
+        (their choices come from the model catalog and the method registry, which a `Choice` cannot list)."""
+
+        modelId: str = DEFAULT_MODEL
+        method: str = DEFAULT_METHOD
+        trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
+        trainingSegmentations: list[slicer.vtkMRMLSegmentationNode]
+        auditVolume: slicer.vtkMRMLScalarVolumeNode
+        auditSegmentation: slicer.vtkMRMLSegmentationNode
+        #: percent of the model's parameters; 0 takes the model's default budget
+        budgetPercent: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
+        #: 0 lets the method choose (from the budget, or its default rank)
+        rank: int = 0
+        steps: Annotated[int, WithinRange(1, 100000)] = TRAIN_DEFAULTS.steps
+        #: edge of the cubic training patch in voxels; 0 takes the model card's
+        patchSize: Annotated[int, WithinRange(0, 512)] = 0
+        device: Annotated[str, Choice(list(DEVICES))] = TRAIN_DEFAULTS.device
+        seed: Annotated[int, WithinRange(0, 2147483647)] = TRAIN_DEFAULTS.seed
+        targetVolume: slicer.vtkMRMLScalarVolumeNode
+        outputSegmentation: slicer.vtkMRMLSegmentationNode
+        useCorrectedForTraining: bool = True
+        adapterFolder: str = ""
 
 
 #
@@ -43,48 +128,15 @@ class PEFTAdapt(ScriptedLoadableModule):
         self.parent.contributors = ["The PEFTAdapt authors"]
         self.parent.helpText = _(
             "Adapt a pretrained 3D segmentation model to your images from a few annotated volumes. Pick a model, "
-            "training pairs, an audit volume and a parameter budget; adapters train in a background process while "
-            "the audit Dice is plotted live. Correct the result in the Segment Editor and re-adapt."
+            "training pairs, an audit volume and a method; adapters train in a background process while the audit "
+            "Dice is plotted live. Correct the result in the Segment Editor and re-adapt."
         )
+        if UNSUPPORTED:
+            logging.error(UNSUPPORTED)
+            self.parent.helpText = UNSUPPORTED + "\n\n" + self.parent.helpText
         self.parent.acknowledgementText = _(
             "Default model: deepbet (Fisch et al. 2024, MIT). Methods: SEA-PEFT, SALT, LoRA, ConvLoRA, AdaBN."
         )
-
-
-#
-# Parameter node
-#
-
-
-class AdaptationMethod(enum.Enum):
-    AUTOMATIC = "sea-peft"
-    SALT = "salt"
-    LORA = "lora"
-    CONVLORA = "convlora"
-    NORM_AFFINE = "norm-affine"
-    LABEL_FREE = "label-free"  # no annotation: ConvLoRA + AdaBN self-training on the target volume
-
-
-@parameterNodeWrapper
-class PEFTAdaptParameterNode:
-    """Scene-saved settings of the panel. Training pairs are node lists kept in step with the table."""
-
-    modelId: str = "deepbet-brain"
-    trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
-    trainingSegmentations: list[slicer.vtkMRMLSegmentationNode]
-    auditVolume: slicer.vtkMRMLScalarVolumeNode
-    auditSegmentation: slicer.vtkMRMLSegmentationNode
-    method: AdaptationMethod = AdaptationMethod.AUTOMATIC
-    budgetPercent: Annotated[float, WithinRange(0.01, 20.0)] = 1.0
-    steps: Annotated[int, WithinRange(1, 100000)] = 200
-    patchSize: Annotated[int, WithinRange(16, 512)] = 128
-    device: str = "auto"
-    forceCpu: bool = False
-    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
-    targetVolume: slicer.vtkMRMLScalarVolumeNode
-    outputSegmentation: slicer.vtkMRMLSegmentationNode
-    useCorrectedForTraining: bool = True
-    adapterFolder: str = ""
 
 
 #
@@ -99,10 +151,13 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._run = None
+        self._run = None  # the SceneRun the panel follows
+        self._runIsSegmentation = False
+        self._cancelRequested = False
+        self._rankMethod = None  # the method whose ranks the rank combo box lists
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(500)
-        self._pollTimer.timeout.connect(self.onPoll)
+        self._pollTimer.connect("timeout()", self.onPoll)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -110,27 +165,22 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = PEFTAdaptLogic()
 
-        for model in self.logic.modelCards():
-            self.ui.modelComboBox.addItem(model["title"], model["id"])
-        for method in AdaptationMethod:
-            self.ui.methodComboBox.addItem(method.value)
-        for device in ("auto", "cuda", "mps", "cpu"):
-            self.ui.deviceComboBox.addItem(device)
+        for card in self.logic.sceneLogic.modelCards():
+            self.ui.modelComboBox.addItem(card["title"], card["id"])
+        for name in method_names():
+            self.ui.methodComboBox.addItem(method_class(name).label, name)
         self.ui.trainingTable.setHorizontalHeaderLabels([_("Volume"), _("Segmentation")])
         self.ui.trainingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.plotWidget = self._addPlotWidget(self.ui.plotContainer)
+        self.allocationPlotWidget = self._addPlotWidget(self.ui.allocationPlotContainer)
 
-        self.plotWidget = slicer.qMRMLPlotWidget()
-        self.plotWidget.setMRMLScene(slicer.mrmlScene)
-        self.plotViewNode = None
-        qt.QVBoxLayout(self.ui.plotContainer).addWidget(self.plotWidget)
-        self.allocationPlotWidget = slicer.qMRMLPlotWidget()
-        self.allocationPlotWidget.setMRMLScene(slicer.mrmlScene)
-        self.allocationPlotViewNode = None
-        qt.QVBoxLayout(self.ui.allocationPlotContainer).addWidget(self.allocationPlotWidget)
+        # the embedded Segment Editor, set up as Modules/Scripted/SegmentEditor sets up its own
+        self.ui.segmentEditorWidget.setMaximumNumberOfUndoStates(10)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.effectFactory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+        self.effectFactory.connect("effectRegistered(QString)", self.onEffectRegistered)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -143,33 +193,62 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.readaptButton.connect("clicked(bool)", self.onReadapt)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.loadAdapterButton.connect("clicked(bool)", self.onLoadAdapter)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateModelDescription)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodSelected)
+        self.ui.rankComboBox.connect("currentIndexChanged(int)", self.onRankSelected)
 
-        self.initializeParameterNode()
-        self.updateModelDescription()
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        self.initializeParameterNode()
+
+    def _addPlotWidget(self, container: "qt.QWidget") -> "slicer.qMRMLPlotWidget":
+        plotWidget = slicer.qMRMLPlotWidget()
+        plotWidget.setMRMLScene(slicer.mrmlScene)
+        qt.QVBoxLayout(container).addWidget(plotWidget)
+        return plotWidget
 
     def cleanup(self) -> None:
-        self._pollTimer.stop()
+        """The module is unloaded (Slicer closes, or the module is reloaded): stop the worker with it."""
+        self._stopFollowing()
         self.removeObservers()
+        self.effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        editor.installKeyboardShortcuts()
+        editor.updateWidgetFromMRML()
 
     def exit(self) -> None:
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onEffectRegistered(self, effectName=None) -> None:
+        self.ui.segmentEditorWidget.updateEffectList()
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        """The scene's nodes are about to go: stop following the run (cancelling it only if its worker still runs)
+        and let go of every node of the closing scene."""
+        self._stopFollowing()
         self.setParameterNode(None)
+        self.plotWidget.setMRMLPlotViewNode(None)
+        self.allocationPlotWidget.setMRMLPlotViewNode(None)
+        self.ui.unitsTableView.setMRMLTableNode(None)
+        editor = self.ui.segmentEditorWidget
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+            self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
@@ -177,40 +256,56 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                    self.updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._refreshTrainingTable()
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
 
-    # -- panel state ---------------------------------------------------------------------------------------------
-    def _checkCanApply(self, caller=None, event=None) -> None:
+    # -- parameter node → widgets ---------------------------------------------------------------------------------
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        """The widgets the parameter node wrapper does not bind: model, method and rank combo boxes, the fields the
+        chosen method takes, the model description, the training table and the buttons."""
         p = self._parameterNode
-        running = self._run is not None and not self._run.state.finished
-        if p and p.method == AdaptationMethod.LABEL_FREE:
-            ready = bool(p.targetVolume)
-        else:
-            ready = bool(p and p.trainingVolumes and p.auditVolume and p.auditSegmentation)
-        self.ui.applyButton.enabled = running or ready
-        self.ui.applyButton.text = _("Cancel") if running else _("Start")
-        self.ui.applyButton.toolTip = _("Stop the background adaptation, keeping its last checkpoint") if running else (
-            _("Start adaptation in a background process") if ready
-            else _("Label-free: choose the target volume to adapt to") if p and p.method == AdaptationMethod.LABEL_FREE
-            else _("Add at least one training pair and choose an audit volume and segmentation"))
-        budget = self.logic.budgetParameters(p.modelId, p.budgetPercent) if p else None
-        self.ui.budgetCountLabel.text = _("{count:,} trainable parameters").format(count=budget) if budget else ""
-        self.ui.readaptButton.enabled = bool(p and p.adapterFolder and not running)
-        self.ui.segmentButton.enabled = bool(p and p.targetVolume and not running)
+        if p is None:
+            return
+        self._selectData(self.ui.modelComboBox, p.modelId)
+        self._selectData(self.ui.methodComboBox, p.method)
+        method = method_class(p.method)
+        self._listRanks(method)
+        self._selectData(self.ui.rankComboBox, p.rank)
+        for widget in (self.ui.budgetLabel, self.ui.budgetSlider, self.ui.budgetCountLabel):
+            widget.visible = method.takes_budget
+        for widget in (self.ui.rankLabel, self.ui.rankComboBox):
+            widget.visible = bool(method.ranks)
+        self.ui.budgetCountLabel.text = self.logic.budgetText(p) if method.takes_budget else ""
+        self.ui.modelDescriptionLabel.text = self.logic.modelDescription(p.modelId)
+        self._refreshTrainingTable()
+        self._updateButtons()
 
-    def updateModelDescription(self, index=None) -> None:
-        modelId = self.ui.modelComboBox.currentData
-        card = next((m for m in self.logic.modelCards() if m["id"] == modelId), None)
-        if card:
-            labels = ", ".join(label["name"] for label in card["labels"][1:])
-            self.ui.modelDescriptionLabel.text = f"{card['description']}\n{_('Modality')}: {card['modality']} — " \
-                f"{_('labels')}: {labels} — {_('license')}: {card['license']}"
+    @staticmethod
+    def _selectData(comboBox: "qt.QComboBox", data) -> None:
+        index = comboBox.findData(data)
+        if index != comboBox.currentIndex:
+            comboBox.setCurrentIndex(index)
+
+    def _listRanks(self, method) -> None:
+        if self._rankMethod is method:
+            return
+        self._rankMethod = method
+        comboBox = self.ui.rankComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.clear()
+        if method.takes_budget:
+            comboBox.addItem(_("Automatic (from the budget)"), 0)
+        else:
+            comboBox.addItem(_("Default ({rank})").format(rank=method.default_rank), 0)
+        for rank in method.ranks:
+            comboBox.addItem(str(rank), rank)
+        comboBox.blockSignals(wasBlocked)
 
     def _refreshTrainingTable(self) -> None:
         p = self._parameterNode
@@ -220,39 +315,70 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainingTable.setItem(row, 0, qt.QTableWidgetItem(volume.GetName() if volume else ""))
             self.ui.trainingTable.setItem(row, 1, qt.QTableWidgetItem(segmentation.GetName() if segmentation else ""))
 
+    def _running(self) -> bool:
+        return self._run is not None and not self._run.state.finished
+
+    def _updateButtons(self) -> None:
+        p = self._parameterNode
+        running = self._running()
+        problem = self.logic.startProblem(p) if p else _("No parameter node")
+        self.ui.applyButton.enabled = (running and not self._cancelRequested) or (not running and not problem)
+        if running:
+            self.ui.applyButton.text = _("Cancelling…") if self._cancelRequested else _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the background job, keeping its last checkpoint")
+        else:
+            self.ui.applyButton.text = _("Start")
+            self.ui.applyButton.toolTip = problem or _("Start adaptation in a background process")
+        self.ui.segmentButton.enabled = bool(p and p.targetVolume) and not running
+        self.ui.readaptButton.enabled = bool(p and p.adapterFolder and method_class(p.method).warm_startable) \
+            and not running
+
+    # -- widgets → parameter node ---------------------------------------------------------------------------------
+    def onModelSelected(self, index) -> None:
+        modelId = self.ui.modelComboBox.itemData(index)
+        if self._parameterNode and modelId and modelId != self._parameterNode.modelId:
+            self._parameterNode.modelId = modelId
+
+    def onMethodSelected(self, index) -> None:
+        name = self.ui.methodComboBox.itemData(index)
+        p = self._parameterNode
+        if p and name and name != p.method:
+            with slicer.util.NodeModify(p):
+                p.method = name
+                if p.rank not in method_class(name).ranks:
+                    p.rank = 0
+
+    def onRankSelected(self, index) -> None:
+        rank = self.ui.rankComboBox.itemData(index)
+        if self._parameterNode and rank is not None and rank != self._parameterNode.rank:
+            self._parameterNode.rank = rank
+
     def onAddPair(self) -> None:
         volume = self.ui.pairVolumeSelector.currentNode()
         segmentation = self.ui.pairSegmentationSelector.currentNode()
         if not volume or not segmentation:
             slicer.util.warningDisplay(_("Select a volume and its segmentation first."))
             return
-        self._parameterNode.trainingVolumes = list(self._parameterNode.trainingVolumes) + [volume]
-        self._parameterNode.trainingSegmentations = list(self._parameterNode.trainingSegmentations) + [segmentation]
-        self._refreshTrainingTable()
+        self.logic.addTrainingPair(self._parameterNode, volume, segmentation)
 
     def onRemovePair(self) -> None:
         row = self.ui.trainingTable.currentRow()
-        if row < 0:
-            return
-        volumes, segmentations = list(self._parameterNode.trainingVolumes), list(self._parameterNode.trainingSegmentations)
-        del volumes[row], segmentations[row]
-        self._parameterNode.trainingVolumes, self._parameterNode.trainingSegmentations = volumes, segmentations
-        self._refreshTrainingTable()
+        if row >= 0:
+            self.logic.removeTrainingPair(self._parameterNode, row)
 
-    # -- actions -------------------------------------------------------------------------------------------------
+    # -- actions --------------------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        if self._run is not None and not self._run.state.finished:
+        if self._running():
             self._run.cancel()
-            self.ui.applyButton.text = _("Cancelling…")
+            self._cancelRequested = True
+            self._updateButtons()
             return
         self._start(warmStart=False)
 
     def onReadapt(self) -> None:
         p = self._parameterNode
         if p.useCorrectedForTraining and p.outputSegmentation and p.targetVolume:
-            p.trainingVolumes = list(p.trainingVolumes) + [p.targetVolume]
-            p.trainingSegmentations = list(p.trainingSegmentations) + [p.outputSegmentation]
-            self._refreshTrainingTable()
+            self.logic.addTrainingPair(p, p.targetVolume, p.outputSegmentation)
         self._start(warmStart=True)
 
     def _start(self, warmStart: bool) -> None:
@@ -260,72 +386,126 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies():
                 return
             self.ui.logTextEdit.clear()
-            self._run = self.logic.startAdaptation(self._parameterNode, warmStart=warmStart, log=self._appendLog)
-            self.plotViewNode = self.plotViewNode or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode")
-            self.plotViewNode.SetPlotChartNodeID(self._run.monitor.chart.GetID())
-            self.plotWidget.setMRMLPlotViewNode(self.plotViewNode)
-            self.ui.unitsTableView.setMRMLTableNode(self._run.monitor.units_table)
-            self.allocationPlotViewNode = self.allocationPlotViewNode or slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLPlotViewNode")
-            self.allocationPlotViewNode.SetPlotChartNodeID(self._run.monitor.layers_chart.GetID())
-            self.allocationPlotWidget.setMRMLPlotViewNode(self.allocationPlotViewNode)
-            self.ui.progressBar.setRange(0, self._parameterNode.steps)
-            self._pollTimer.start()
-            self._checkCanApply()
-
-    def onPoll(self) -> None:
-        state: RunState = self._run.poll()
-        self.ui.progressBar.value = state.step
-        self.ui.progressBar.setFormat(f"{state.phase} %v/%m")
-        self.ui.statusLabel.text = state.describe()
-        if state.best_dice is not None:
-            self.ui.bestDiceLabel.text = _("Audit Dice: current {current:.3f}, best {best:.3f} (zero-shot {zero:.3f})").format(
-                current=state.last_dice, best=state.best_dice, zero=state.first_dice)
-        self.ui.allocationSummaryLabel.text = state.allocation_summary
-        if state.finished:
-            self._pollTimer.stop()
-            if state.outcome == "finished":
-                with slicer.util.tryWithErrorDisplay(_("Failed to load results."), waitCursor=True):
-                    segmentations = self._run.importResults()
-                    self._parameterNode.adapterFolder = str(self._run.adapterFolder)
-                    if segmentations:
-                        self._parameterNode.outputSegmentation = segmentations[0]
-                        self.ui.segmentEditorWidget.setSegmentationNode(segmentations[0])
-            elif state.outcome == "failed":
-                slicer.util.errorDisplay(_("Adaptation failed: {reason}").format(reason=state.message))
-            self._checkCanApply()
+            run = self.logic.startAdaptation(self._parameterNode, warmStart, log=self.ui.logTextEdit.appendPlainText)
+            self._follow(run, isSegmentation=False)
 
     def onSegment(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            p = self._parameterNode
-            segmentation = self.logic.segment(p.modelId, p.targetVolume, p.adapterFolder or None, p.outputSegmentation)
-            p.outputSegmentation = segmentation
-            self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
-            self.ui.segmentEditorWidget.setSourceVolumeNode(p.targetVolume)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            self.ui.logTextEdit.clear()
+            self._follow(self.logic.segment(self._parameterNode, log=self.ui.logTextEdit.appendPlainText),
+                         isSegmentation=True)
+
+    def _follow(self, run, isSegmentation: bool) -> None:
+        """Show a background job's tables and plots and poll it from the timer (the GUI stays responsive)."""
+        self._run, self._runIsSegmentation, self._cancelRequested = run, isSegmentation, False
+        if not isSegmentation:
+            self._showChart(self.plotWidget, run.monitor.chart)
+            self._showChart(self.allocationPlotWidget, run.monitor.layers_chart)
+            self.ui.unitsTableView.setMRMLTableNode(run.monitor.units_table)
+        self._showState(run.state)
+        self._pollTimer.start()
+        self._updateButtons()
+
+    def _showChart(self, plotWidget: "slicer.qMRMLPlotWidget", chartNode) -> None:
+        viewNode = plotWidget.mrmlPlotViewNode()
+        if viewNode is None:
+            viewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+            plotWidget.setMRMLPlotViewNode(viewNode)
+        viewNode.SetPlotChartNodeID(chartNode.GetID())
+
+    def _stopFollowing(self) -> None:
+        """Stop polling; cancel the run only if its worker still runs (a finished worker's PID may be reused)."""
+        self._pollTimer.stop()
+        if self._running():
+            self._run.cancel()
+        self._run = None
+
+    def onPoll(self) -> None:
+        run = self._run
+        state = run.poll()
+        self._showState(state)
+        if state.finished:
+            self._pollTimer.stop()
+            self._run = None
+            if state.succeeded:
+                with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
+                    segmentation = self.logic.importResults(self._parameterNode, run, self._runIsSegmentation)
+                    if segmentation is not None:
+                        self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
+                        self.ui.segmentEditorWidget.setSourceVolumeNode(self._parameterNode.targetVolume)
+            elif not self._cancelRequested:
+                slicer.util.errorDisplay(state.describe())
+        self._updateButtons()
+
+    def _showState(self, state) -> None:
+        if state.steps:
+            self.ui.progressBar.setRange(0, state.steps)
+            self.ui.progressBar.value = state.step
+        else:  # busy until the worker reports its steps; a prediction has none
+            self.ui.progressBar.setRange(0, 1 if state.finished else 0)
+            self.ui.progressBar.value = 1 if state.finished else 0
+        self.ui.progressBar.setFormat(state.phase + (" %v/%m" if state.steps else ""))
+        self.ui.statusLabel.text = state.describe()
+        self.ui.runInfoLabel.text = "\n".join(
+            text for text in (state.trainable_text, state.rank_reason, state.budget_reason) if text)
+        if state.best_dice is not None:
+            self.ui.bestDiceLabel.text = _("Audit Dice: current {current:.3f}, best {best:.3f} (zero-shot {zero:.3f})")\
+                .format(current=state.last_dice, best=state.best_dice, zero=state.first_dice)
+        self.ui.allocationSummaryLabel.text = state.allocation_summary
 
     def onLoadModelFolder(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder"))
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not load the model."), waitCursor=True):
-            card = self.logic.registerModelFolder(folder)
-            self.ui.modelComboBox.addItem(card["title"], card["id"])
-            self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.count - 1)
+            untrusted = self.logic.sceneLogic.untrustedTorchScript(folder)
+            if untrusted:
+                path, digest = untrusted
+                if not slicer.util.confirmOkCancelDisplay(
+                        _("{path} is a TorchScript model: a program that can read and write your files when it is "
+                          "loaded or run. Load it only if you trust where it came from.\n\nsha256 {digest}\n\n"
+                          "Trust this exact file?").format(path=path, digest=digest),
+                        _("Trust this TorchScript model?")):
+                    return
+                self.logic.sceneLogic.trustTorchScript(path)
+            card = self.logic.sceneLogic.registerModelFolder(folder)
+            if self.ui.modelComboBox.findData(card["id"]) < 0:
+                self.ui.modelComboBox.addItem(card["title"], card["id"])
+            self._parameterNode.modelId = card["id"]
 
     def onSaveAdapter(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Save adapter to folder"))
         if folder and self._parameterNode.adapterFolder:
-            shutil.copytree(self._parameterNode.adapterFolder, folder, dirs_exist_ok=True)
+            with slicer.util.tryWithErrorDisplay(_("Could not save the adapter."), waitCursor=True):
+                self.logic.saveAdapter(self._parameterNode.adapterFolder, folder)
 
     def onLoadAdapter(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Adapter folder (adapter.json + adapter.safetensors)"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("Not a usable adapter."), waitCursor=True):
-                self.logic.checkAdapter(self._parameterNode.modelId, folder)
+                self.logic.sceneLogic.checkAdapter(self._parameterNode.modelId, folder)
                 self._parameterNode.adapterFolder = folder
 
-    def _appendLog(self, line: str) -> None:
-        self.ui.logTextEdit.appendPlainText(line)
+
+class PEFTAdaptUnsupportedWidget(ScriptedLoadableModuleWidget):
+    """What Slicer older than MINIMUM_SLICER shows instead of the panel."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.moduleName = "PEFTAdapt"  # the base class derives it from the class name
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        label = qt.QLabel(UNSUPPORTED)
+        label.wordWrap = True
+        self.layout.addWidget(label)
+        self.layout.addStretch(1)
+
+
+if UNSUPPORTED:
+    PEFTAdaptWidget = PEFTAdaptUnsupportedWidget  # noqa: F811 - the panel needs the engine, which needs Python 3.12
 
 
 #
@@ -333,59 +513,237 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class PEFTAdaptLogic(ScriptedLoadableModuleLogic, sceneLogic.PEFTAdaptSceneLogic):
-    """The scene logic of `PEFTAdaptSlicer` bound to Slicer's scene, parameter node and Python launcher."""
+class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
+    """The shared scene logic bound to Slicer's scene, the panel's parameter node and PythonSlicer; what needs Slicer
+    itself (installing packages, Segment Editor node) lives here, the rest in `PEFTAdaptLib.mrml.logic`."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        moduleDir = os.path.dirname(slicer.modules.peftadapt.path)
-        sceneLogic.PEFTAdaptSceneLogic.__init__(
-            self, slicer.mrmlScene, pythonExecutable=shutil.which("PythonSlicer") or sys.executable,
-            enginePath=moduleDir, workRoot=slicer.util.tempDirectory("PEFTAdapt"),
-        )
+        runner = SubprocessRunner(python=shutil.which("PythonSlicer") or sys.executable, python_path=[engineFolder()])
+        self.sceneLogic = SceneLogic(slicer.mrmlScene, JobClient(self.workFolder(), runner))
+
+    @staticmethod
+    def workFolder() -> str:
+        """Where job folders go: <Slicer temporary folder>/PEFTAdapt (Application settings → General)."""
+        return slicer.util.tempDirectory("PEFTAdapt", includeDateTime=False)
+
+    @staticmethod
+    def resourcePath(relativePath: str) -> str:
+        return os.path.join(MODULE_DIR, "Resources", relativePath)
 
     def getParameterNode(self):
         return PEFTAdaptParameterNode(super().getParameterNode())
 
-    def segmentEditorNode(self):
-        node = self.scene.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
-        return node or self.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "PEFTAdapt segment editor")
+    @staticmethod
+    def segmentEditorNode():
+        node = slicer.mrmlScene.GetSingletonNode(SEGMENT_EDITOR_TAG, "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(SEGMENT_EDITOR_TAG)
+            node = slicer.mrmlScene.AddNode(node)
+        return node
 
-    def ensureDependencies(self) -> bool:
-        """Install torch (PyTorch extension picks the CUDA build) and the engine's requirements on first Start."""
+    # -- what the panel shows ---------------------------------------------------------------------------------------
+    def modelDescription(self, modelId: str) -> str:
         try:
-            import PyTorchUtils  # noqa: F401 - provided by the PyTorch extension
-        except ImportError:
-            slicer.util.errorDisplay(_("PEFTAdapt needs the PyTorch extension: install it from the Extensions Manager."))
-            return False
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
-                return False
-        requirements = slicer.packaging.load_requirements(self.resourcePath("requirements.txt"))
-        slicer.packaging.pip_ensure(requirements, requester="PEFTAdapt", skip_packages=["torch", "SimpleITK", "requests"])
-        return True
+            card = self.sceneLogic.card(modelId)
+        except SceneError as exc:
+            return str(exc)
+        labels = ", ".join(label["name"] for label in card["labels"] if label["value"] != 0)
+        return _("{description}\nModality: {modality} — labels: {labels} — license: {license}").format(
+            description=card["description"], modality=card["modality"], labels=labels, license=card["license"])
 
-    def resourcePath(self, relativePath: str) -> str:
-        return os.path.join(os.path.dirname(slicer.modules.peftadapt.path), "Resources", relativePath)
+    def budgetText(self, p) -> str:
+        try:
+            extra = self.sceneLogic.card(p.modelId).get("extra", {})
+        except SceneError:
+            return ""
+        text = (Budget(fraction=p.budgetPercent / 100) if p.budgetPercent else default_budget(extra)).describe(
+            extra.get("parameters"))
+        return text if p.budgetPercent else _("Model default: {budget}").format(budget=text)
 
-    def startAdaptation(self, parameterNode, warmStart: bool, log=None):
-        p = parameterNode
-        request = sceneLogic.AdaptationRequest(
+    @staticmethod
+    def startProblem(p) -> str:
+        """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs."""
+        if method_class(p.method).needs_labels:
+            if not p.trainingVolumes:
+                return _("Add at least one training pair (volume and segmentation)")
+            if not (p.auditVolume and p.auditSegmentation):
+                return _("Choose an audit volume and its segmentation")
+        elif not p.targetVolume:
+            return _("Label-free: choose the volume to adapt to (Segment volume)")
+        return ""
+
+    def deviceDescription(self) -> str:
+        """The installed PyTorch build, read from package metadata; the worker's `started` line in the log names
+        the device a run actually uses."""
+        from packaging.version import Version
+
+        version = installedVersion("torch")
+        if version is None:
+            return _("PyTorch is not installed yet: it is installed when you first press Start.")
+        local = Version(version).local or ""
+        if local == "cpu":
+            build = _("CPU-only build")
+        elif local.startswith("cu") and local[2:].isdigit():
+            build = _("CUDA {cuda} build").format(cuda=f"{local[2:-1]}.{local[-1]}")
+        elif local.startswith("rocm"):
+            build = _("ROCm build")
+        else:
+            build = _("default build for this platform")
+        return _("PyTorch {version} ({build}). The log of each run names the device it uses.").format(
+            version=version, build=build)
+
+    # -- parameter node edits -----------------------------------------------------------------------------------------
+    @staticmethod
+    def addTrainingPair(p, volume, segmentation) -> None:
+        pairs = list(zip(p.trainingVolumes, p.trainingSegmentations))
+        if (volume, segmentation) in pairs:
+            return
+        with slicer.util.NodeModify(p):
+            p.trainingVolumes = [v for v, _s in pairs] + [volume]
+            p.trainingSegmentations = [s for _v, s in pairs] + [segmentation]
+
+    @staticmethod
+    def removeTrainingPair(p, row: int) -> None:
+        volumes, segmentations = list(p.trainingVolumes), list(p.trainingSegmentations)
+        del volumes[row], segmentations[row]
+        with slicer.util.NodeModify(p):
+            p.trainingVolumes, p.trainingSegmentations = volumes, segmentations
+
+    # -- jobs -------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def request(p, warmStart: bool = False):
+        return AdaptationRequest(
             modelId=p.modelId,
             trainingPairs=list(zip(p.trainingVolumes, p.trainingSegmentations)),
             auditPair=(p.auditVolume, p.auditSegmentation),
-            method=p.method.value,
-            budgetPercent=p.budgetPercent,
+            method=p.method,
+            budgetPercent=p.budgetPercent or None,
+            rank=p.rank or None,
             steps=p.steps,
-            patchSize=p.patchSize,
-            device="cpu" if p.forceCpu else p.device,
+            patchSize=p.patchSize or None,
+            device=p.device,
             seed=p.seed,
             warmStartAdapter=p.adapterFolder if warmStart and p.adapterFolder else None,
             targetVolumes=[p.targetVolume] if p.targetVolume else [],
         )
-        environment = {"CUDA_VISIBLE_DEVICES": "-1"} if p.forceCpu else None
-        return self.launch(request, log=log, environment=environment)
+
+    def _useDevice(self, device: str) -> None:
+        """`cpu` also hides the GPUs from the worker, so a broken CUDA driver cannot stop a CPU run."""
+        environment = self.sceneLogic.client.runner.environment
+        if device == "cpu":
+            environment["CUDA_VISIBLE_DEVICES"] = "-1"
+        else:
+            environment.pop("CUDA_VISIBLE_DEVICES", None)
+
+    def startAdaptation(self, p, warmStart: bool = False, log=None):
+        """Export the nodes, make the job and start its worker in the background; returns the SceneRun to poll."""
+        self._useDevice(p.device)
+        return self.sceneLogic.startAdaptation(self.request(p, warmStart), log=log)
+
+    def segment(self, p, log=None):
+        """Segment the target volume with the model (and adapter, if any) in a background predict job."""
+        self._useDevice(p.device)
+        return self.sceneLogic.segment(p.modelId, p.targetVolume, p.adapterFolder or None, device=p.device, log=log)
+
+    @staticmethod
+    def importResults(p, run, isSegmentation: bool):
+        """Load a finished run's segmentation into the output node; an adaptation also becomes the current adapter.
+        Returns the segmentation node, or None when the run predicted nothing."""
+        if not isSegmentation:
+            p.adapterFolder = str(run.adapterFolder)
+        segmentations = run.importResults(p.outputSegmentation)
+        if not segmentations:
+            return None
+        p.outputSegmentation = segmentations[0]
+        return segmentations[0]
+
+    @staticmethod
+    def saveAdapter(adapterFolder: str, destination: str) -> None:
+        shutil.copytree(adapterFolder, destination, dirs_exist_ok=True)
+
+    # -- dependencies -------------------------------------------------------------------------------------------------
+    def requirements(self) -> list:
+        """The worker's packages (Resources/requirements.txt, the engine's dependencies less Slicer's own)."""
+        from packaging.requirements import Requirement
+
+        with open(self.resourcePath("requirements.txt")) as file:
+            lines = [line.split("#")[0].strip() for line in file]
+        return [Requirement(line) for line in lines if line]
+
+    def missingDependencies(self) -> list:
+        """The requirements that are not installed at a suitable version (read from package metadata)."""
+        missing = []
+        for requirement in self.requirements():
+            version = installedVersion(requirement.name)
+            if version is None or not requirement.specifier.contains(version, prereleases=True):
+                missing.append(requirement)
+        return missing
+
+    def ensureDependencies(self) -> bool:
+        """Install what the worker needs, once, after the user agreed: torch through the PyTorch extension (it
+        picks the build for the GPU and driver), then the rest of requirements.txt. Nothing is imported here."""
+        requirements = self.requirements()
+        torch = next(requirement for requirement in requirements if requirement.name == "torch")
+        if not self._ensureTorch(torch):
+            return False
+        return self._ensurePackages([requirement for requirement in requirements if requirement.name != "torch"])
+
+    @staticmethod
+    def _ensureTorch(requirement) -> bool:
+        version = installedVersion("torch")
+        if version is not None:
+            if requirement.specifier.contains(version, prereleases=True):
+                return True
+            slicer.util.errorDisplay(_(
+                "PyTorch {version} is installed, but PEFTAdapt needs torch{specifier}. In the PyTorch Utils module, "
+                "uninstall PyTorch, install it again with the version requirement {specifier}, then restart "
+                "Slicer.").format(version=version, specifier=requirement.specifier))
+            return False
+        try:
+            import PyTorchUtils  # the PyTorch extension
+        except ImportError:
+            slicer.util.errorDisplay(_("PEFTAdapt needs the PyTorch extension: install it from the Extensions Manager "
+                                       "and restart Slicer."))
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        return torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=str(requirement.specifier)) \
+            is not None
+
+    def _ensurePackages(self, requirements) -> bool:
+        constraints = self._constraintsFile()
+        try:
+            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12 and later
+        except ImportError:
+            packaging = None
+        if packaging is not None:
+            try:
+                packaging.pip_ensure(requirements, constraints=constraints, requester="PEFTAdapt")
+            except RuntimeError:  # the user declined
+                return False
+            return True
+        missing = [requirement for requirement in requirements if requirement in self.missingDependencies()]
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                _("PEFTAdapt needs these Python packages to run its background worker. Install them now (needs a "
+                  "network connection, takes a few minutes)?"),
+                _("PEFTAdapt - Install Python packages"),
+                detailedText="\n".join(str(requirement) for requirement in missing)):
+            return False
+        slicer.util.pip_install([str(requirement) for requirement in missing] + ["--constraint", constraints])
+        return True
+
+    def _constraintsFile(self) -> str:
+        """A pip constraints file pinning the installed versions of the packages Slicer and the PyTorch extension
+        own: installing the requirements may not replace them (a conflict fails instead of breaking Slicer)."""
+        pins = [f"{name}=={installedVersion(name)}" for name in KEEP_INSTALLED if installedVersion(name)]
+        path = os.path.join(self.workFolder(), "constraints.txt")
+        with open(path, "w") as file:
+            file.write("\n".join(pins) + "\n")
+        return path
 
 
 #
@@ -394,38 +752,105 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic, sceneLogic.PEFTAdaptSceneLogic
 
 
 class PEFTAdaptTest(ScriptedLoadableModuleTest):
-    """Module self-test: a short real adaptation of the default model on CPU with the MRHead sample."""
+    """The module self-test. `test_PanelWithoutDownloads` needs no network, no torch and no worker: scene export and
+    import, the parameter node and the panel's state. `test_ShortAdaptation` runs a real adaptation on the CPU and
+    skips, saying why, where its packages or sample data are missing (it installs nothing)."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
-        self.setUp()
-        self.test_ShortAdaptationOnCPU()
+        for test in (self.test_PanelWithoutDownloads, self.test_ShortAdaptation):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as reason:
+                self.delayDisplay(f"{test.__name__} skipped: {reason}")
 
-    def test_ShortAdaptationOnCPU(self):
+    def test_PanelWithoutDownloads(self):
+        import numpy as np
+
+        self.delayDisplay("Synthetic volume and segmentation")
+        logic = PEFTAdaptLogic()
+        volume, segmentation = self._syntheticCase(logic, np)
+        p = logic.getParameterNode()
+        p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]
+        p.auditVolume, p.auditSegmentation = volume, segmentation
+
+        self.delayDisplay("Scene export into a job folder, checked as the worker will read it")
+        folder = Path(logic.sceneLogic.client.new_folder("selftest"))
+        try:
+            with tempfile.TemporaryDirectory() as export:
+                spec = logic.sceneLogic.jobRequest(logic.request(p), Path(export))
+                logic.sceneLogic.client.create(spec, folder)
+            label = next((folder / "inputs").glob("support0_label*"))
+            self.delayDisplay("Import of a label file as a segmentation with the model's segment names")
+            labels = labels_from_card(logic.sceneLogic.card(p.modelId)["labels"])
+            imported = import_prediction(slicer.mrmlScene, label, volume, labels, "self-test import")
+            names = {imported.GetSegmentation().GetNthSegment(i).GetName()
+                     for i in range(imported.GetSegmentation().GetNumberOfSegments())}
+            self.assertEqual(names, {label.name for label in labels if label.value != 0})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+        self.delayDisplay("Panel state follows the parameter node")
+        widget = slicer.modules.peftadapt.widgetRepresentation().self()
+        widget.setParameterNode(p)
+        self.assertTrue(widget.ui.applyButton.enabled)
+        p.method = "label-free"  # isHidden: `visible` is also false while the module panel is not shown
+        self.assertTrue(widget.ui.budgetSlider.isHidden())
+        self.assertFalse(widget.ui.rankComboBox.isHidden())
+        self.assertFalse(widget.ui.applyButton.enabled)  # label-free needs the volume to adapt to
+        p.targetVolume = volume
+        self.assertTrue(widget.ui.applyButton.enabled)
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _syntheticCase(logic, np):
+        """A 64³ volume with a bright sphere and its segmentation, named after the default model's first class."""
+        grid = np.mgrid[:64, :64, :64]
+        sphere = ((grid - 32) ** 2).sum(axis=0) < 18 ** 2
+        volume = slicer.util.addVolumeFromArray((sphere * 100.0 + 10.0).astype(np.float32), name="self-test volume")
+        labels = labels_from_card(logic.sceneLogic.card(DEFAULT_MODEL)["labels"])
+        labelmap = slicer.util.addVolumeFromArray(sphere.astype(np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+        with tempfile.TemporaryDirectory() as folder:
+            path = write_volume(labelmap, Path(folder) / "label.nrrd")
+            segmentation = import_prediction(slicer.mrmlScene, path, volume, labels, "self-test segmentation")
+        slicer.mrmlScene.RemoveNode(labelmap)
+        return volume, segmentation
+
+    def test_ShortAdaptation(self):
+        logic = PEFTAdaptLogic()
+        missing = logic.missingDependencies()
+        if missing:
+            self.skipTest(f"needs {', '.join(map(str, missing))} (installed by pressing Start in the panel)")
         import SampleData
 
-        self.delayDisplay("Loading sample data")
-        volume = SampleData.downloadSample("MRHead")
-        logic = PEFTAdaptLogic()
-        if not logic.ensureDependencies():
-            self.skipTest("dependencies not installed")
-        self.delayDisplay("Zero-shot brain mask as the starting annotation")
-        reference = logic.segment("deepbet-brain", volume, None, None)
+        try:
+            volume = SampleData.downloadSample("MRHead")
+        except Exception as exc:  # no network: a skip, not a failure of the module
+            self.skipTest(f"the MRHead sample could not be downloaded ({exc})")
+        p = logic.getParameterNode()
+        p.targetVolume, p.device = volume, "cpu"
+        self.delayDisplay("Zero-shot brain mask as the starting annotation (background predict job)")
+        reference = logic.importResults(p, self._waitFor(logic.segment(p)), isSegmentation=True)
         self.assertGreater(reference.GetSegmentation().GetNumberOfSegments(), 0)
-        parameterNode = logic.getParameterNode()
-        parameterNode.trainingVolumes = [volume]
-        parameterNode.trainingSegmentations = [reference]
-        parameterNode.auditVolume = volume
-        parameterNode.auditSegmentation = reference
-        parameterNode.method = AdaptationMethod.LORA
-        parameterNode.steps = 3
-        parameterNode.patchSize = 64
-        parameterNode.forceCpu = True
-        self.delayDisplay("Adapting for 3 steps on CPU")
-        run = logic.startAdaptation(parameterNode, warmStart=False)
-        state = run.wait(timeoutSeconds=900)
-        self.assertEqual(state.outcome, "finished", state.message)
+        p.trainingVolumes, p.trainingSegmentations = [volume], [reference]
+        p.auditVolume, p.auditSegmentation = volume, reference
+        p.targetVolume, p.outputSegmentation = None, None
+        p.method, p.rank, p.steps, p.patchSize = "lora", 2, 3, 64
+        self.delayDisplay("Adapting for 3 steps on the CPU")
+        run = self._waitFor(logic.startAdaptation(p))
         self.assertGreaterEqual(len(run.monitor.dice_values()), 2)
         self.delayDisplay("Test passed")
+
+    def _waitFor(self, run, seconds: float = 900):
+        """Poll a run, keeping the application responsive; fail with the worker's message if it does not succeed."""
+        deadline = time.monotonic() + seconds
+        while not run.poll().finished and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.2)
+        if not run.state.finished:
+            run.cancel()
+        self.assertTrue(run.state.succeeded, run.state.describe())
+        return run

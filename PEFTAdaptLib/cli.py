@@ -1,4 +1,4 @@
-"""`peftadapt` command line: adapt, predict, demo, models. Failures end with one line and a non-zero exit code."""
+"""`peftadapt` command line: adapt, predict, jobs, demo, models. Failures end with one line and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
@@ -9,69 +9,185 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import PEFTAdaptError
+from .errors import InputError, PEFTAdaptError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
 
 class TqdmProgress:
-    """Training events → a tqdm bar (loss, audit Dice)."""
+    """Worker events → a tqdm bar (loss, audit Dice or agreement)."""
 
     def __init__(self, description: str):
         self.description = description
         self.bar = None
-        self.last_dice = None
+        self.score: tuple[str, float] | None = None
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, events: list[dict]) -> None:
         from tqdm import tqdm
 
-        if event["event"] == "audit":
-            self.last_dice = event["dice"]
-        if event["event"] == "step":
-            if self.bar is None:
-                self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr)
-            postfix = {"loss": f"{event['loss']:.3f}"}
-            if self.last_dice is not None:
-                postfix["audit_dice"] = f"{self.last_dice:.3f}"
-            self.bar.set_postfix(postfix)
-            self.bar.update(1)
+        for event in events:
+            if event["event"] in ("audit", "agreement"):
+                key = "dice" if event["event"] == "audit" else "agreement"
+                self.score = (f"audit_{key}" if key == "dice" else key, event[key])
+            if event["event"] == "step":
+                if self.bar is None:
+                    self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr,
+                                    initial=event["step"] - 1)
+                postfix = {"loss": f"{event['loss']:.3f}"}
+                if self.score is not None:
+                    postfix[self.score[0]] = f"{self.score[1]:.3f}"
+                self.bar.set_postfix(postfix)
+                self.bar.update(1)
+            if event["event"] in ("warning",):
+                print(f"peftadapt: warning: {event['message']}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _case(values: Sequence[str]):
-    from .jobs import CaseSpec
-
-    image, label = values
-    return CaseSpec([str(Path(p).resolve()) for p in image.split(",")], str(Path(label).resolve()))
-
-
-def _images(image: str):
-    from .jobs import CaseSpec
-
-    return CaseSpec([str(Path(p).resolve()) for p in image.split(",")])
-
-
-def run_worker_with_progress(job_dir: Path, description: str, resume: bool = False) -> dict:
-    """Run a job in this process through the worker's own path, showing a tqdm bar; return the final status."""
-    import json
-
-    from .jobs.events import STATUS_FILE
-    from .worker import EXIT_FINISHED, run_job
-
+def follow(job, description: str):
+    """Show a job's progress until it ends; Ctrl-C cancels it (the worker keeps its last checkpoint)."""
     progress = TqdmProgress(description)
     try:
-        code = run_job(job_dir, resume=resume, emit_extra=progress, echo=False)
+        try:
+            return job.wait(on_events=progress)
+        except KeyboardInterrupt:
+            job.cancel()
+            return job.wait(on_events=progress)
     finally:
         progress.close()
-    status = json.loads((job_dir / STATUS_FILE).read_text()) if (job_dir / STATUS_FILE).exists() else {}
-    if code != EXIT_FINISHED:
-        reason = status.get("message") or status.get("reason") or f"worker exit code {code}"
-        raise PEFTAdaptError(f"adaptation did not finish ({status.get('state', 'error')}): {reason}")
-    return status
+
+
+def _case(values: Sequence[str], labelled: bool = True):
+    from .jobs import CaseSpec
+
+    image, label = (values if labelled else (values, None))
+    return CaseSpec([str(Path(p).expanduser().resolve()) for p in image.split(",")],
+                    str(Path(label).expanduser().resolve()) if label else None)
+
+
+def _patch_size(text: str) -> list[int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not N or X,Y,Z (whole numbers)") from None
+    if len(sizes) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"'{text}' is not N or X,Y,Z")
+    return sizes * 3 if len(sizes) == 1 else sizes
+
+
+def adapt_request(args: argparse.Namespace):
+    """The job request the arguments describe (validated: a bad combination fails here, naming the option)."""
+    from .jobs import JobSpec, TrainSpec
+    from .methods import Budget, make_method
+
+    budget = Budget.parse(args.budget) if args.budget is not None else None
+    if budget is not None:
+        print(f"peftadapt: budget {args.budget!r} understood as {budget.describe()}", file=sys.stderr)
+    fields = {"rank": args.rank, "budget": budget}
+    method = make_method(args.method, **{k: v for k, v in fields.items() if v is not None})
+    return JobSpec(
+        model=args.model,
+        support=[_case(v) for v in args.train or []] + [_case(v, labelled=False) for v in args.target or []],
+        audit=[_case(v) for v in args.audit or []],
+        source=[_case(v) for v in args.source or []],
+        predict=[_case(v, labelled=False) for v in args.predict or []],
+        method=method,
+        train=TrainSpec(steps=args.steps, lr=args.lr, patch_size=args.patch_size,
+                        patches_per_step=args.patches_per_step, audit_every=args.audit_every,
+                        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device),
+    )
+
+
+def report(job) -> int:
+    """Print what the run did; returns the exit code."""
+    from .jobs.client import EXIT_CANCELLED, EXIT_FAILED
+
+    state = job.state
+    if state.outcome == "failed":
+        print(f"peftadapt: error: {state.message or 'the worker failed'}", file=sys.stderr)
+        return state.exit_code or EXIT_FAILED
+    if state.method:
+        how = state.rank_reason or state.budget_reason
+        print(f"method: {state.method}" + (f" — {how}" if how else ""))
+    if state.trainable_text:
+        print(f"trainable: {state.trainable_text}")
+    if state.first_dice is not None:
+        print(f"audit Dice: start {state.first_dice:.4f}, kept {state.last_dice:.4f}"
+              + (f" — {state.gain_text}" if state.gain_text else ""))
+    if len(state.classes) > 1:
+        print("audit Dice per class: " + ", ".join(f"{name} {value:.4f}" for name, value in state.classes.items()
+                                                  if value is not None))
+    if state.message and state.outcome == "finished":
+        print(f"result: {state.message}")
+    if state.best_agreement is not None:
+        print(f"ESH/decoder agreement: best {state.best_agreement:.4f}")
+    if job.adapter_folder.is_dir():
+        print(f"adapter: {job.adapter_folder}")
+    for path in job.prediction_paths():
+        print(f"wrote {path}")
+    if state.outcome == "cancelled":
+        print(f"cancelled; resume with: peftadapt adapt --resume --output {job.folder}", file=sys.stderr)
+        return EXIT_CANCELLED
+    return 0 if state.outcome == "finished" else EXIT_FAILED
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .jobs import JobClient
+
+    folder = Path(args.output).expanduser().absolute()
+    client = JobClient(folder.parent)
+    if args.resume:
+        given = [o for o in ("train", "target", "audit", "source", "predict", "rank", "budget") if getattr(args, o)]
+        if given:
+            raise InputError(f"--resume continues the job in {folder} as it was written; drop --{given[0]}")
+        job = client.resume(folder, device=None if args.device == "auto" else args.device)
+    else:
+        if not args.train and not args.target:
+            raise InputError("adapt needs --train IMAGE LABEL (or --target IMAGE for label-free methods)")
+        job = client.submit(adapt_request(args), folder, overwrite=args.overwrite)
+    follow(job, "adapting")
+    return report(job)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .models.registry import load_model
+    from .pipeline import predict_file, with_adapter
+
+    model = with_adapter(load_model(args.model), args.adapter)
+    path, _ = predict_file(model, args.image.split(","), args.output, args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from .jobs import JobClient
+
+    infos = JobClient(args.work).jobs()
+    for info in infos:
+        progress = f"step {info.step}/{info.steps}" if info.steps else ""
+        dice = f", best audit Dice {info.best_dice:.3f}" if info.best_dice is not None else ""
+        print(f"{info.folder.name}: {info.task} {info.method} on {info.model} — {info.state} {progress}{dice}")
+        if info.message and info.state in ("failed", "interrupted", "invalid"):
+            print(f"    {info.message}")
+    if not infos:
+        print(f"no job in {Path(args.work).absolute()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    progress = TqdmProgress("adapting deepbet")
+    try:
+        result = run_demo(args.output, steps=args.steps, seed=args.seed, progress=progress)
+    finally:
+        progress.close()
+    print(format_table(result))
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -93,65 +209,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .models.registry import load_model
-    from .pipeline import predict_file, with_adapter
+def cmd_trust(args: argparse.Namespace) -> int:
+    from .models.catalog import torchscript_file
+    from .models.trust import store_path, trust_file
 
-    model = with_adapter(load_model(args.model), args.adapter)
-    path, _ = predict_file(model, args.image.split(","), args.output, args.device)
-    print(f"wrote {path}")
-    return 0
-
-
-def cmd_adapt(args: argparse.Namespace) -> int:
-    from .jobs import JobSpec, MethodSpec, TrainSpec, write_job
-
-    label_free = args.method == "label-free"
-    if args.target and not label_free:
-        raise PEFTAdaptError("--target (an unlabelled volume) is for --method label-free; "
-                             "other methods need --train IMAGE LABEL")
-    if not label_free and not args.train:
-        raise PEFTAdaptError("adapt needs --train IMAGE LABEL (or --method label-free with --target IMAGE)")
-    job_dir = Path(args.output).resolve()
-    spec = JobSpec(
-        model=args.model,
-        support=[_case(v) for v in args.train or []] + [_images(image) for image in args.target or []],
-        audit=[_case(v) for v in args.audit or []],
-        source=[_case(v) for v in args.source or []],
-        method=MethodSpec(args.method, rank=args.rank, budget=args.budget),
-        train=TrainSpec(steps=args.steps, lr=args.lr, audit_every=args.audit_every, seed=args.seed, device=args.device),
-        predict=[_images(image) for image in args.predict or []],
-    )
-    if not args.resume:
-        write_job(job_dir, spec)
-    status = run_worker_with_progress(job_dir, "adapting", resume=args.resume)
-    print(f"adapter: {job_dir / 'adapter'}")
-    if label_free:
-        print(f"ESH/decoder agreement: best {status.get('best_agreement', float('nan')):.4f}")
-    if not label_free or args.audit:
-        best, last = status.get("best_dice", float("nan")), status.get("last_dice", float("nan"))
-        print(f"audit Dice: best {best:.4f}, final {last:.4f}")
-    for prediction in sorted((job_dir / "predictions").glob("*")) if (job_dir / "predictions").exists() else []:
-        print(f"wrote {prediction}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_table, run_demo
-
-    progress = TqdmProgress("adapting deepbet")
-    try:
-        result = run_demo(args.output, steps=args.steps, rank=args.rank, seed=args.seed, progress=progress)
-    finally:
-        progress.close()
-    print(format_table(result))
+    path = torchscript_file(Path(args.path).resolve())
+    digest = trust_file(path)
+    print(f"trusted {path}\n    sha256 {digest}\n    recorded in {store_path()}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
+    from .jobs.spec import DEVICES, TrainSpec
+    from .methods import DEFAULT_METHOD, method_class, method_names
     from .models.registry import DEFAULT_MODEL
 
+    defaults = TrainSpec()
     parser = argparse.ArgumentParser(
         prog="peftadapt", description="Adapt a pretrained 3D segmentation model to your site with a few labelled volumes."
     )
@@ -161,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the foundation models and whether each can be loaded here")
     models.set_defaults(func=cmd_models)
 
+    trust = sub.add_parser("trust", help="allow a TorchScript model file to run (it is code: only from a source you "
+                                         "trust); remembered by its sha256")
+    trust.add_argument("path", help="the TorchScript file, or the model folder holding it")
+    trust.set_defaults(func=cmd_trust)
+
     predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
@@ -169,36 +247,45 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     predict.set_defaults(func=cmd_predict)
 
-    adapt = sub.add_parser("adapt", help="fine-tune adapters on a few labelled target volumes")
+    methods = "; ".join(f"{name}: {method_class(name).label}" for name in method_names())
+    adapt = sub.add_parser("adapt", help="fine-tune adapters on a few labelled target volumes",
+                           description=f"Methods — {methods}.")
     adapt.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     adapt.add_argument("--train", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
-                       help="a support case (repeatable, required unless label-free); channels comma-separated")
+                       help="an annotated training case (repeatable); channels comma-separated")
     adapt.add_argument("--audit", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
-                       help="a held-out case whose Dice is audited during adaptation (repeatable; required unless "
-                            "label-free, where it is evaluation only)")
+                       help="a held-out annotated case whose Dice decides whether the adapted model is better "
+                            "(repeatable; for label-free, evaluation only)")
     adapt.add_argument("--target", action="append", metavar="IMAGE",
-                       help="label-free: an unlabelled target volume to adapt to (repeatable)")
+                       help="an unannotated target volume (repeatable; label-free)")
     adapt.add_argument("--source", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
-                       help="label-free: a labelled source-like case to train the early segmentation head (optional)")
-    adapt.add_argument("--method", default="lora", choices=METHODS,
-                       help="sea-peft chooses adapters under --budget; label-free needs only --target volumes "
-                            "(docs/labelfree.md); the others are fixed topologies")
-    adapt.add_argument("--rank", type=int, default=4, help="rank of lora / convlora / salt's residual update")
-    adapt.add_argument("--budget", type=float, help="trainable-parameter budget: fraction of the model (≤ 1) or count")
-    adapt.add_argument("--steps", type=int, default=200)
-    adapt.add_argument("--lr", type=float, default=2e-3)
-    adapt.add_argument("--audit-every", type=int, default=20)
-    adapt.add_argument("--seed", type=int, default=0)
-    adapt.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    adapt.add_argument("--resume", action="store_true", help="continue the job in --output from its last checkpoint")
+                       help="label-free: an annotated source-like case to train the early segmentation head (optional)")
+    adapt.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(), help="adaptation method")
+    adapt.add_argument("--rank", type=int, help="rank of lora / convlora / salt / label-free (default: the largest "
+                                                "that fits the budget, or the method's default)")
+    adapt.add_argument("--budget", help="trainable-parameter budget: 1%%, 0.01 (fraction) or 21262 (count); "
+                                        "default: the model's (1 %%)")
+    adapt.add_argument("--steps", type=int, default=defaults.steps)
+    adapt.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    adapt.add_argument("--patch-size", type=_patch_size, help="training patch: N or X,Y,Z (default: the model's)")
+    adapt.add_argument("--patches-per-step", type=int, default=defaults.patches_per_step)
+    adapt.add_argument("--audit-every", type=int, default=defaults.audit_every)
+    adapt.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    adapt.add_argument("--seed", type=int, default=defaults.seed)
+    adapt.add_argument("--device", default=defaults.device, choices=DEVICES)
     adapt.add_argument("--predict", action="append", metavar="IMAGE", help="segment this volume afterwards (repeatable)")
     adapt.add_argument("--output", required=True, help="job folder: job.json, events.jsonl, checkpoint/, adapter/, predictions/")
+    adapt.add_argument("--resume", action="store_true", help="continue the job in --output from its last checkpoint")
+    adapt.add_argument("--overwrite", action="store_true", help="replace an earlier (not running) job in --output")
     adapt.set_defaults(func=cmd_adapt)
+
+    jobs = sub.add_parser("jobs", help="list the jobs in a work folder and their state")
+    jobs.add_argument("--work", default=".", help="folder holding job folders (default: here)")
+    jobs.set_defaults(func=cmd_jobs)
 
     demo = sub.add_parser("demo", help="adapt the default model to a shifted MRI contrast, using installed files only")
     demo.add_argument("--output", default="peftadapt-demo", help="output folder (default: ./peftadapt-demo)")
     demo.add_argument("--steps", type=int, default=80)
-    demo.add_argument("--rank", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
     return parser

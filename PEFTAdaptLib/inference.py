@@ -12,7 +12,7 @@ from .data.transforms import from_array, probabilities_onto_grid
 from .models.card import ModelCard
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch.Tensor, tuple[slice, ...]]:
     if multiple <= 1:
         return x, tuple(slice(None) for _ in x.shape[2:])
     pads, crop = [], []
@@ -34,7 +34,7 @@ def predict_probabilities(
     try:
         x = torch.from_numpy(array)[None].to(device)
         background = float(x.min())  # pad with the normalised background value, not 0
-        x, crop = _pad_to_multiple(x, card.divisible_by, background)
+        x, crop = pad_to_multiple(x, card.divisible_by, background)
         roi = [min(r, s) for r, s in zip(card.inference_roi, x.shape[2:])]
         on_gpu = torch.device(device).type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):

@@ -31,7 +31,3 @@ def hd95(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]
         return float("inf")
     distances = np.concatenate([_surface_distances(p, r, spacing), _surface_distances(r, p, spacing)])
     return float(np.percentile(distances, 95))
-
-
-def per_class_dice(prediction: np.ndarray, reference: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
-    return {c: dice(prediction == c, reference == c) for c in classes}

@@ -1,5 +1,7 @@
-"""Few-shot adaptation loop: random patches from the support cases, Dice + CE, AdamW on the adapter units only,
-with a periodic Dice audit on a held-out case and selection of the best audited adapter state."""
+"""The one adaptation loop: an objective trains the active adapter units, a scorer audits the network every few
+steps, and the best audited state is kept. Supervised adaptation (patches of annotated volumes, Dice + CE, audit
+Dice on held-out volumes) and label-free self-training (docs/labelfree.md) are two objective/scorer pairs of the
+same `Trainer`; SEA-PEFT's allocator is a hook. One loop means one checkpoint format and one best-state mechanism."""
 from __future__ import annotations
 
 import time
@@ -15,10 +17,12 @@ from monai.transforms.utils import map_binary_to_indices
 from torch import nn
 
 from .adapters import freeze_base, iter_units, parameter_groups
+from .data.augment import Augmentation, AugmentationConfig
 from .data.cases import Case
+from .data.transforms import pad_to_size
 from .inference import predict_probabilities
-from .metrics import dice
 from .models.card import ModelCard
+from .selection import AuditCounts, SelectionRule, Verdict
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -26,14 +30,14 @@ EventCallback = Callable[[Event], None]
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patches_per_step: int = 2
-    pos_fraction: float = 0.5  # share of patches centred on foreground
-    audit_every: int = 25
-    seed: int = 0
+    steps: int
+    lr: float
+    patches_per_step: int
+    audit_every: int
+    seed: int
     device: str = "cpu"
+    weight_decay: float = 0.0
+    pos_fraction: float = 0.5  # share of patches centred on foreground
 
 
 def _random_state_to_json(state: tuple) -> list:
@@ -47,10 +51,12 @@ def _random_state_from_json(state: list) -> tuple:
 
 
 class PatchSampler:
-    """Random patches, half centred on foreground, via MONAI's RandCropByPosNegLabeld (seeded)."""
+    """Random patches, half centred on foreground, via MONAI's RandCropByPosNegLabeld (seeded). A case smaller than
+    the patch is padded (image with its minimum, the normalised background; label with background)."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int):
-        self.cases = list(cases)
+        self.cases = [(pad_to_size(c.array, patch_size, float(c.array.min())), pad_to_size(c.label, patch_size, 0))
+                      for c in cases]
         self.rng = np.random.default_rng(seed)
         self.crop = RandCropByPosNegLabeld(
             keys=("image", "label"), label_key="label", spatial_size=list(patch_size),
@@ -59,7 +65,7 @@ class PatchSampler:
         )
         self.crop.set_random_state(seed=seed)
         # foreground/background voxel indices once per case, not at every draw (it dominated a GPU step)
-        self.indices = [map_binary_to_indices(case.label > 0) for case in self.cases]
+        self.indices = [map_binary_to_indices(label > 0) for _, label in self.cases]
 
     def state_dict(self) -> dict:
         return {"chooser": self.rng.bit_generator.state,
@@ -71,32 +77,120 @@ class PatchSampler:
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = int(self.rng.integers(len(self.cases)))
-        case, (fg, bg) = self.cases[index], self.indices[index]
-        samples = self.crop({"image": case.array, "label": case.label, "fg": fg, "bg": bg})
+        (array, label), (fg, bg) = self.cases[index], self.indices[index]
+        samples = self.crop({"image": array, "label": label, "fg": fg, "bg": bg})
         image = torch.stack([torch.as_tensor(np.asarray(s["image"])) for s in samples])
         label = torch.stack([torch.as_tensor(np.asarray(s["label"])) for s in samples])
         return image.float(), label.long()
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op elsewhere (CPU bf16 convolutions are slower than fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class Objective(Protocol):
+    """What one training step minimises; draws its own batch (its RNG state is part of the checkpoint)."""
+
+    def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class SupervisedObjective:
+    """Dice + cross-entropy on random, augmented patches of the annotated support volumes."""
+
+    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int,
+                 augmentation: AugmentationConfig | None = None):
+        self.sampler = PatchSampler(cases, patch_size, count, pos_fraction, seed)
+        self.augment = Augmentation(augmentation or AugmentationConfig(), seed)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor:
+        image, label = self.augment(*self.sampler())
+        with autocast(device):
+            logits = network(image.to(device))
+        return self.loss_fn(logits.float(), label.to(device))
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "augment": self.augment.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.augment.load_state_dict(state["augment"])
+
+
+@dataclass
+class Score:
+    """One audit: the value the best state is chosen by, the event's fields, and what a verdict compares."""
+
+    value: float
+    fields: dict
+    counts: AuditCounts | None = None
+
+
+class Scorer(Protocol):
+    """Audits the network; `event` names the event it emits, `key` the field of its value. `judge` says whether a
+    score may replace the baseline (None: the higher value wins)."""
+
+    event: str
+    key: str
+
+    def __call__(self, network: nn.Module) -> Score: ...
+
+    def judge(self, score: Score, baseline: Score) -> Verdict | None: ...
+
+
+def audit_counts(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> AuditCounts:
+    """Per-slab overlap and volume counts of every audit case's prediction (whole volumes, model grid)."""
+    return AuditCounts([AuditCounts.measure(predict_probabilities(network, case.array, card, device).argmax(0),
+                                            case.label[0], card.num_classes) for case in cases])
+
+
+def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:
+    """Mean Dice over the audit volumes of the classes present in each one's reference (model grid)."""
+    return audit_counts(network, cases, card, device).dice()
+
+
+class AuditScorer:
+    """Dice on whole held-out annotated volumes (model grid); a state replaces the baseline only when the rule
+    finds its gain reliable (`selection.py`)."""
+
+    event, key = "audit", "dice"
+
+    def __init__(self, cases: Sequence[Case], card: ModelCard, device: str, rule: SelectionRule | None = None):
+        self.cases, self.card, self.device = list(cases), card, device
+        self.rule = rule or SelectionRule()
+
+    def __call__(self, network: nn.Module) -> Score:
+        counts = audit_counts(network, self.cases, self.card, self.device)
+        classes = {label.name: value for label, value in zip(self.card.labels[1:], counts.class_dice())}
+        return Score(counts.dice(), {"dice": counts.dice(), "cases": counts.case_dice(), "classes": classes}, counts)
+
+    def judge(self, score: Score, baseline: Score) -> Verdict:
+        return self.rule.judge(score.counts, baseline.counts)
+
+
 @dataclass
 class TrainingContext:
-    """What a hook sees: the network being adapted, its card, the audit cases and the event sink."""
+    """What a hook sees: the network being adapted, its card, the audit cases, the event sink, and the trainer's
+    `judge` (the network's audit score now, and the selection rule's verdict against the start)."""
 
     network: nn.Module
     card: ModelCard
     audit: Sequence[Case]
     device: str
     emit: EventCallback
-
-    def audit_dice(self) -> float:
-        return audit_dice(self.network, self.audit, self.card, self.device)
+    judge: Callable[[], tuple["Score", Verdict | None]] | None = None
 
 
 class TrainingHook(Protocol):
-    """Changes the adapter topology while training (e.g. the SEA-PEFT allocator toggling units).
+    """Acts on the network while it trains (e.g. the SEA-PEFT allocator toggling units).
 
-    All units of the pool sit in the optimizer from the start; inactive ones get no gradient, so AdamW leaves them
-    (and their moments) untouched until they are switched on.
+    All units sit in the optimizer from the start; inactive ones get no gradient, so AdamW leaves them (and their
+    moments) untouched until they are switched on.
     """
 
     def after_step(self, step: int, context: TrainingContext) -> None: ...
@@ -108,49 +202,34 @@ class TrainingHook(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:
-    """Mean foreground Dice (all non-background classes together) over whole audit volumes on the model grid."""
-    scores = []
-    for case in cases:
-        probs = predict_probabilities(network, case.array, card, device)
-        prediction = probs.argmax(0)
-        scores.append(np.mean([dice(prediction == c, case.label[0] == c) for c in range(1, card.num_classes)]))
-    return float(np.mean(scores))
-
-
 class Trainer:
     """The adaptation loop as an object whose whole state can be checkpointed and restored.
 
-    State: step, Dice history, losses, best audited unit tensors, optimizer moments, every RNG the loop draws from
-    (torch, the case chooser, MONAI's crop) and each hook's state — so a resumed run continues the same sequence.
+    State: step, score history, losses, best audited unit tensors, optimizer moments, every RNG the loop draws from
+    (torch, the objective's sampler) and each hook's state — so a resumed run continues the same sequence.
     """
 
-    def __init__(
-        self,
-        network: nn.Module,
-        card: ModelCard,
-        support: Sequence[Case],
-        audit: Sequence[Case],
-        config: TrainConfig,
-        on_event: EventCallback | None = None,
-        hooks: Sequence[TrainingHook] = (),
-    ):
-        self.network, self.card, self.audit, self.config = network, card, audit, config
-        self.emit = on_event or (lambda event: None)
+    def __init__(self, objective: Objective, scorer: Scorer, context: TrainingContext, config: TrainConfig,
+                 hooks: Sequence[TrainingHook] = ()):
+        self.objective, self.scorer, self.context, self.config = objective, scorer, context, config
+        self.network, self.emit = context.network, context.emit
         self.hooks = list(hooks)
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
-        network.to(self.device)
-        freeze_base(network)
-        self.optimizer = torch.optim.AdamW(parameter_groups(network, config.lr), weight_decay=config.weight_decay)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.sampler = PatchSampler(support, card.patch_size, config.patches_per_step, config.pos_fraction, config.seed)
-        self.context = TrainingContext(network, card, audit, config.device, self.emit)
+        self.network.to(self.device)
+        freeze_base(self.network)
+        groups = parameter_groups(self.network, config.lr)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay) if groups else None
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self.losses: list[float] = []
-        self.best_dice, self.best_step, self.best_state = -1.0, 0, self._unit_state()
+        self.best_score, self.best_step, self.best_state = -1.0, 0, self._unit_state()
+        self.baseline: Score | None = None  # the state the run started from (step 0)
+        self.best_verdict: dict = {}
+        self.flagged = False
+        self.prepared = False
         self.seconds = 0.0
+        context.judge = self.judge
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _unit_state(self) -> dict[str, dict]:
@@ -167,42 +246,78 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything but the current unit tensors (saved as the adapter itself)."""
+        baseline = self.baseline
         return {
-            "step": self.step, "history": self.history, "losses": self.losses, "best_dice": self.best_dice,
+            "step": self.step, "history": self.history, "losses": self.losses, "best_score": self.best_score,
             "best_step": self.best_step, "best_state": self.best_state, "seconds": self.seconds,
-            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "sampler": self.sampler.state_dict(), "hooks": [h.state_dict() for h in self.hooks],
+            "baseline": None if baseline is None else {
+                "value": baseline.value, "fields": baseline.fields,
+                "counts": baseline.counts.to_state() if baseline.counts is not None else None},
+            "best_verdict": self.best_verdict, "flagged": self.flagged,
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None, "torch_rng": torch.get_rng_state(),
+            "objective": self.objective.state_dict(), "hooks": [h.state_dict() for h in self.hooks],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.losses = state["step"], [tuple(h) for h in state["history"]], state["losses"]
-        self.best_dice, self.best_step, self.best_state = state["best_dice"], state["best_step"], state["best_state"]
+        self.best_score, self.best_step, self.best_state = state["best_score"], state["best_step"], state["best_state"]
         self.seconds = state["seconds"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["baseline"]
+        self.baseline = None if saved is None else Score(
+            saved["value"], saved["fields"], AuditCounts.from_state(saved["counts"]) if saved["counts"] else None)
+        self.best_verdict, self.flagged = state["best_verdict"], state["flagged"]
+        self.prepared = True
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.objective.load_state_dict(state["objective"])
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
 
     # -- loop ----------------------------------------------------------------------------------------------------
-    def _audit(self) -> float:
-        score = self.context.audit_dice()
-        self.history.append((self.step, score))
-        self.emit({"event": "audit", "step": self.step, "dice": score})
-        if score > self.best_dice:
-            self.best_dice, self.best_step, self.best_state = score, self.step, self._unit_state()
-        return score
+    def judge(self) -> tuple[Score, Verdict | None]:
+        """The network's audit score now, and whether the rule would let it replace the start."""
+        score = self.scorer(self.network)
+        return score, (self.scorer.judge(score, self.baseline) if self.baseline is not None else None)
+
+    def audit(self) -> float:
+        """Score the network; the first score is the baseline, a later one becomes the best state only if the
+        scorer's rule accepts it against the baseline (and it beats the best so far)."""
+        score = self.scorer(self.network)
+        fields = dict(score.fields)
+        self.history.append((self.step, score.value))
+        if self.baseline is None:
+            self.baseline = score
+            self.best_score, self.best_step, self.best_state = score.value, self.step, self._unit_state()
+        else:
+            verdict = self.scorer.judge(score, self.baseline)
+            accepted = verdict is None or verdict.reliable
+            if verdict is not None:
+                fields.update(verdict.fields())
+                if verdict.flag and not self.flagged:
+                    self.flagged = True
+                    self.emit({"event": "warning", "step": self.step, "message": verdict.flag})
+            if accepted and score.value > self.best_score:
+                self.best_score, self.best_step, self.best_state = score.value, self.step, self._unit_state()
+                self.best_verdict = verdict.fields() if verdict is not None else {}
+        self.emit({"event": self.scorer.event, "step": self.step, **fields})
+        return score.value
 
     def _train_step(self) -> float:
         self.network.train()
-        image, label = self.sampler()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.network(image.to(self.device))
-        loss = self.loss_fn(logits.float(), label.to(self.device))
+        loss = self.objective.loss(self.network, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+    def prepare(self) -> None:
+        """The hooks' start (e.g. SEA-PEFT's first allocation), once per run, before the step-0 audit."""
+        if not self.prepared:
+            self.prepared = True
+            for hook in self.hooks:
+                if hasattr(hook, "on_start"):
+                    hook.on_start(self.context)
 
     def run(
         self,
@@ -210,13 +325,14 @@ class Trainer:
         on_checkpoint: Callable[["Trainer"], None] | None = None,
         checkpoint_every: int = 0,
     ) -> bool:
-        """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume)."""
+        """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume).
+        With nothing trainable (e.g. statistics-only units) only the step-0 audit runs."""
         config = self.config
+        self.prepare()
         if not self.history:
-            for hook in self.hooks:
-                if hasattr(hook, "on_start"):
-                    hook.on_start(self.context)
-            self._audit()
+            self.audit()
+        if self.optimizer is None:
+            return True
         session_start, seconds_before, first = time.monotonic(), self.seconds, self.step
         while self.step < config.steps:
             if should_stop is not None and should_stop():
@@ -230,33 +346,38 @@ class Trainer:
             for hook in self.hooks:
                 hook.after_step(self.step, self.context)
             if self.step % config.audit_every == 0 or self.step == config.steps:
-                self._audit()
+                self.audit()
             if on_checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
                 on_checkpoint(self)
         return True
 
-    def finish(self) -> dict:
-        """Leave the network at the best audited state and summarise."""
+    def restore_best(self) -> None:
+        """Leave the network at the best audited state."""
         self._load_unit_state(self.best_state)
         self.network.eval()
-        return {"history": self.history, "losses": self.losses, "best_dice": self.best_dice,
-                "best_step": self.best_step, "seconds": self.seconds}
+
+    def summary(self) -> dict:
+        """The run's outcome; `kept_start` says the starting state was kept (no state passed the rule)."""
+        return {"history": self.history, "losses": self.losses, "best_score": self.best_score,
+                "best_step": self.best_step, "seconds": self.seconds, "kept_start": self.best_step == 0,
+                "verdict": self.best_verdict}
 
 
-def adapt(
-    network: nn.Module,
-    card: ModelCard,
-    support: Sequence[Case],
-    audit: Sequence[Case],
-    config: TrainConfig,
-    on_event: EventCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    hooks: Sequence[TrainingHook] = (),
-) -> dict:
-    """Train the active adapter units of `network` in place; leave it at the best audited state.
+def supervised_trainer(network: nn.Module, card: ModelCard, support: Sequence[Case], audit: Sequence[Case],
+                       config: TrainConfig, on_event: EventCallback | None = None,
+                       hooks: Sequence[TrainingHook] = ()) -> Trainer:
+    """A trainer on annotated support volumes, audited by Dice on annotated audit volumes."""
+    objective = SupervisedObjective(support, card.patch_size, config.patches_per_step, config.pos_fraction,
+                                    config.seed, AugmentationConfig.from_card(card.extra))
+    context = TrainingContext(network, card, audit, config.device, on_event or (lambda event: None))
+    return Trainer(objective, AuditScorer(audit, card, config.device), context, config, hooks)
 
-    Emits events: `audit` (step, dice), `step` (step, loss, eta_s). Returns a summary with the Dice history.
-    """
-    trainer = Trainer(network, card, support, audit, config, on_event, hooks)
+
+def adapt(network: nn.Module, card: ModelCard, support: Sequence[Case], audit: Sequence[Case], config: TrainConfig,
+          on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
+          hooks: Sequence[TrainingHook] = ()) -> dict:
+    """Train the adapter units of `network` in place (API use); leave it at the best audited state."""
+    trainer = supervised_trainer(network, card, support, audit, config, on_event, hooks)
     trainer.run(should_stop)
-    return trainer.finish()
+    trainer.restore_best()
+    return trainer.summary()

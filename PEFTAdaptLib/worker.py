@@ -1,8 +1,8 @@
-"""Background adaptation worker: `python -m PEFTAdaptLib.worker JOBDIR [--resume] [--device cpu]`.
+"""Background worker: `python -m PEFTAdaptLib.worker JOBDIR [--resume] [--device cpu]`.
 
-Reads `JOBDIR/job.json`, validates every input before training, trains with checkpoints, writes the adapter and
-predictions, and reports through `events.jsonl` / `status.json` (docs/worker.md). Exit codes: 0 finished,
-2 invalid input, 3 failed, 4 cancelled, 5 job folder locked by another worker.
+The same steps for every method: validate every input → build the method's units → train (checkpointed,
+cancellable) → export the adapter and predictions; reports through `events.jsonl` / `status.json`
+(docs/worker.md). Exit codes: 0 finished, 2 invalid input, 3 failed, 4 cancelled, 5 job folder locked.
 """
 from __future__ import annotations
 
@@ -17,23 +17,26 @@ from pathlib import Path
 import torch
 
 from .adapters import count_trainable, load_adapters, save_adapters
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
-from .data.io import SUPPORTED_SUFFIXES, read_image, write_image
+from .data.formats import image_suffix
+from .data.holdout import split_for_audit
+from .data.io import read_image, write_image
 from .errors import InputError, ModelError, PEFTAdaptError
 from .inference import predict_case
-from .jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .jobs.client import (
+    ADAPTER_DIR, CANCEL_FILE, EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED,
+)
 from .jobs.events import EventLog
 from .jobs.lock import JobLock, JobLocked
 from .jobs.spec import CaseSpec, JobSpec, inside_job, load_job, resolve_input
-from .methods import METHODS, MethodConfig, build_method, rank_for_budget
+from .methods import BuildContext, Cases, Plan
 from .models.foundation import FoundationModel
 from .models.registry import load_model
-from .training import TrainConfig, Trainer
+from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext
 
-EXIT_FINISHED, EXIT_INVALID, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOCKED = 0, 2, 3, 4, 5
-CANCEL_FILE = "cancel"
 TRACEBACK_FILE = "traceback.txt"
-ADAPTER_DIR = "adapter"
 PREDICTIONS_DIR = "predictions"
 
 
@@ -65,52 +68,9 @@ class CancelWatch:
         return self.signalled or self.file.exists()
 
 
-def _load_cases(job_dir: Path, specs: list[CaseSpec], model: FoundationModel, role: str, labelled: bool) -> list[Case]:
-    cases = []
-    for spec in specs:
-        if labelled and not spec.label:
-            raise InputError(f"{role} case {spec.images}: a label file is required")
-        images = [resolve_input(job_dir, p) for p in spec.images]
-        label = resolve_input(job_dir, spec.label) if spec.label else None
-        cases.append(load_case(images, model.card, label, model.locate))
-    return cases
-
-
-def _output_name(spec: CaseSpec) -> str:
-    first = Path(spec.images[0]).name
-    suffix = next((s for s in SUPPORTED_SUFFIXES if first.lower().endswith(s)), ".nii.gz")
-    return first[: -len(suffix)] + "_seg" + suffix
-
-
-def _check_writable(job_dir: Path) -> None:
-    probe = job_dir / ".write-test"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"{job_dir}: output folder is not writable ({exc.strerror})") from None
-
-
-def _method_config(spec: JobSpec, model: FoundationModel) -> tuple[MethodConfig, int | None]:
-    """The method and its parameter budget (a count); fixed LoRA with a budget takes the largest rank that fits."""
-    method = MethodConfig(spec.method.name, rank=spec.method.rank)
-    if method.name not in METHODS:
-        raise InputError(f"unknown method '{method.name}'; choose one of {', '.join(METHODS)}")
-    budget = spec.method.budget
-    if budget is None:
-        return method, (int(0.01 * model.num_parameters()) if method.name == "sea-peft" else None)
-    total = model.num_parameters()
-    count = budget * total if budget <= 1 else budget
-    if budget <= 0 or count > total:
-        raise InputError(f"budget {budget} must be > 0 and at most the model's {total:,} parameters (or a fraction ≤ 1)")
-    if method.name in ("lora", "convlora", "salt"):
-        method.rank = rank_for_budget(model.network, method, int(count))
-    return method, int(count)
-
-
 def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None,
             emit_extra: Callable[[dict], None] | None = None, echo: bool = True) -> int:
-    """Run one job to its end; returns the exit code. `emit_extra` also receives every event (CLI progress)."""
+    """Run one job to its end; returns the exit code. `emit_extra` also receives every event."""
     job_dir = Path(job_dir).resolve()
     if not job_dir.is_dir():
         print(f"peftadapt worker: {job_dir}: job folder not found", file=sys.stderr)
@@ -120,7 +80,15 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
     except JobLocked as exc:
         print(f"peftadapt worker: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    log = EventLog(job_dir, echo=echo)
+    except OSError as exc:
+        print(f"peftadapt worker: {job_dir}: cannot write in the job folder ({exc})", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        log = EventLog(job_dir, echo=echo)
+    except OSError as exc:
+        lock.__exit__(None, None, None)
+        print(f"peftadapt worker: {exc.filename}: cannot write the event log ({exc.strerror})", file=sys.stderr)
+        return EXIT_INVALID
 
     def emit(event: dict) -> None:
         log(event)
@@ -129,7 +97,7 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
 
     running: dict[str, Trainer] = {}
     try:
-        return _run(job_dir, resume, device, emit, running)
+        return Run(job_dir, emit, CancelWatch(job_dir)).execute(resume, device, running)
     except PEFTAdaptError as exc:
         emit({"event": "failed", "message": str(exc), "exit_code": EXIT_INVALID})
         return EXIT_INVALID
@@ -141,7 +109,11 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
                        f"(--device cpu) — {message}")
         trainer = running.get("trainer")
         if trainer is not None and trainer.step > 0:
-            _safe_checkpoint(job_dir, trainer, emit)
+            try:
+                folder = save_checkpoint(job_dir, trainer, trainer.base_fingerprint, trainer.metadata)
+                emit({"event": "checkpoint", "step": trainer.step, "path": str(folder.relative_to(job_dir))})
+            except Exception:  # noqa: BLE001 - the previous checkpoint stays in place
+                pass
         emit({"event": "failed", "message": message, "traceback": TRACEBACK_FILE, "exit_code": EXIT_FAILED})
         return EXIT_FAILED
     finally:
@@ -149,93 +121,166 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
         lock.__exit__(None, None, None)
 
 
-def _safe_checkpoint(job_dir: Path, trainer: Trainer, emit) -> None:
-    try:
-        folder = save_checkpoint(job_dir, trainer, trainer.base_fingerprint, trainer.metadata)
-        emit({"event": "checkpoint", "step": trainer.step, "path": str(folder.relative_to(job_dir))})
-    except Exception:  # noqa: BLE001 - the previous checkpoint stays in place
-        pass
+class Run:
+    """One job, step by step: validate → build → train → export."""
 
+    def __init__(self, job_dir: Path, emit: Callable[[dict], None], should_stop: Callable[[], bool]):
+        self.job_dir, self.emit, self.should_stop = job_dir, emit, should_stop
 
-def _run(job_dir: Path, resume: bool, device_override: str | None, emit, running: dict) -> int:
-    spec = load_job(job_dir)
-    _check_writable(job_dir)
-    device = select_device(device_override or spec.train.device)
-    model = load_model(spec.model)
-    if isinstance(model.network, torch.jit.ScriptModule):
-        raise ModelError(f"{model.files.get('network', spec.model)}: a TorchScript model predicts (`peftadapt predict`) "
-                         "and takes weight-space adapters through the Python API (models.torchscript_card.with_adapter), "
-                         "but adaptation jobs need an eager network: give its MONAI bundle or nnU-Net folder instead")
-    if spec.method.name == "label-free":  # no labelled support: its own loop (PEFTAdaptLib/labelfree/job.py)
-        from .labelfree.job import run_label_free
+    # -- validate ------------------------------------------------------------------------------------------------
+    def cases(self, specs: list[CaseSpec], model: FoundationModel, labelled: bool) -> list[Case]:
+        cases = []
+        for spec in specs:
+            images = [resolve_input(self.job_dir, p) for p in spec.images]
+            label = resolve_input(self.job_dir, spec.label) if labelled and spec.label else None
+            cases.append(load_case(images, model.card, label, model.locate))
+        return cases
 
-        return run_label_free(job_dir, spec, model, device, emit, CancelWatch(job_dir), resume)
-    # validate every input before any training or output
-    support = _load_cases(job_dir, spec.support, model, "support", labelled=True)
-    audit = _load_cases(job_dir, spec.audit, model, "audit", labelled=True)
-    if not support:
-        raise InputError("job has no support (training) case")
-    if not audit:
-        raise InputError("job has no audit case: one labelled volume must be held out to measure Dice")
-    predict_inputs = [[resolve_input(job_dir, p) for p in c.images] for c in spec.predict]
-    for images in predict_inputs:
-        for path in images:
-            read_image(path)
-    method, budget = _method_config(spec, model)
-    warm = resolve_input(job_dir, spec.warm_start) if spec.warm_start else None
-    torch.manual_seed(spec.train.seed)  # adapter initialisation is part of the seeded run
-    hooks = []
-    if warm is not None:
-        load_adapters(model.network, warm, model.base_fingerprint)
-    else:
-        _, hooks = build_method(model.network, method, budget, spec.train.lr, spec.train.seed,
-                                spec.train.steps)
-    card = model.card
-    if spec.train.patch_size:
-        from dataclasses import replace
+    def predict_inputs(self, spec: JobSpec) -> list[list[Path]]:
+        inputs = [[resolve_input(self.job_dir, p) for p in case.images] for case in spec.predict]
+        for images in inputs:
+            for path in images:
+                read_image(path)
+        return inputs
 
-        card = replace(card, patch_size=tuple(spec.train.patch_size))
-    config = TrainConfig(steps=spec.train.steps, lr=spec.train.lr, patches_per_step=spec.train.patches_per_step,
-                         audit_every=spec.train.audit_every, seed=spec.train.seed, device=device)
-    trainer = Trainer(model.network, card, support, audit, config, emit, hooks)
-    trainer.base_fingerprint = model.base_fingerprint
-    trainer.metadata = {"model": model.card.id, "method": method.name, "rank": method.rank, "seed": config.seed}
-    running["trainer"] = trainer
-    checkpoint = latest_checkpoint(job_dir) if resume else None
-    if resume and checkpoint is None:
-        emit({"event": "warning", "message": "no checkpoint to resume from; starting from the beginning"})
-    if checkpoint is not None:
-        load_checkpoint(checkpoint, trainer, model.base_fingerprint)
-    emit({"event": "started", "model": model.card.id, "method": method.name, "rank": method.rank,
-          "device": device, "steps": config.steps, "resumed_from_step": trainer.step,
-          "trainable": count_trainable(model.network), "total": model.num_parameters(), "budget": budget,
-          "warm_start": str(warm) if warm else None})
+    def execute(self, resume: bool, device_override: str | None, running: dict) -> int:
+        spec = load_job(self.job_dir)
+        if resume:
+            (self.job_dir / CANCEL_FILE).unlink(missing_ok=True)  # the request that stopped the last session
+        device = select_device(device_override or spec.train.device)
+        model = load_model(spec.model)
+        if isinstance(model.network, torch.jit.ScriptModule) and spec.task == "adapt":
+            raise ModelError(f"{model.files.get('network', spec.model)}: a TorchScript model predicts "
+                             "(`peftadapt predict`) but adaptation jobs need an eager network: give its MONAI bundle "
+                             "or nnU-Net folder instead")
+        if spec.task == "predict":
+            return self.predict_task(spec, model, device)
+        return self.adapt_task(spec, model, device, resume, running)
 
-    def checkpoint_now(t: Trainer) -> None:
-        folder = save_checkpoint(job_dir, t, model.base_fingerprint, trainer.metadata)
-        emit({"event": "checkpoint", "step": t.step, "path": str(folder.relative_to(job_dir))})
+    # -- adapt ---------------------------------------------------------------------------------------------------
+    def adapt_task(self, spec: JobSpec, model: FoundationModel, device: str, resume: bool, running: dict) -> int:
+        method = spec.method
+        labelled = method.needs_labels
+        if not labelled and any(case.label for case in spec.support):
+            self.emit({"event": "warning", "message": f"{method.name} ignores the labels of the support volumes; "
+                                                       "give them as audit cases to see their Dice"})
+        cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
+                      self.cases(spec.source, model, True))
+        held_out = []
+        if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
+            cases.support, cases.audit, held_out = split_for_audit(cases.support)
+        predict_inputs = self.predict_inputs(spec)
+        card = model.card
+        if spec.train.patch_size:
+            from dataclasses import replace
 
-    cancel = CancelWatch(job_dir)
-    completed = trainer.run(cancel, checkpoint_now, spec.train.checkpoint_every)
-    if not completed:
+            card = replace(card, patch_size=tuple(spec.train.patch_size))
+        total = model.num_parameters()
+        torch.manual_seed(spec.train.seed)  # adapter initialisation is part of the seeded run
+        warm = resolve_input(self.job_dir, spec.warm_start) if spec.warm_start else None
+        if warm is not None:  # the units (and gates) of the earlier round, trained further as they are
+            load_adapters(model.network, warm, model.base_fingerprint)
+            plan = Plan(info={"warm_start": spec.warm_start})
+        else:
+            plan = method.build(BuildContext(model.network, card, total, spec.lr, spec.train.steps,
+                                             spec.train.patches_per_step, spec.train.seed, device, cases, self.emit))
+        config = TrainConfig(steps=spec.train.steps, lr=spec.lr, patches_per_step=spec.train.patches_per_step,
+                             audit_every=spec.train.audit_every, seed=spec.train.seed, device=device)
+        objective = plan.objective or SupervisedObjective(cases.support, card.patch_size, config.patches_per_step,
+                                                          config.pos_fraction, config.seed,
+                                                          AugmentationConfig.from_card(card.extra))
+        scorer = plan.scorer or AuditScorer(cases.audit, card, device)
+        context = TrainingContext(model.network, card, cases.audit, device, self.emit)
+        trainer = Trainer(objective, scorer, context, config, plan.hooks)
+        trainer.base_fingerprint = model.base_fingerprint
+        trainer.metadata = {"model": model.card.id, "method": method.to_dict(), "rank": plan.rank, "seed": config.seed,
+                            **plan.info}
+        running["trainer"] = trainer
+        checkpoint = latest_checkpoint(self.job_dir) if resume else None
+        if resume and checkpoint is None:
+            self.emit({"event": "warning", "message": "no checkpoint to resume from; starting from the beginning"})
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, trainer, model.base_fingerprint)
+        trainer.prepare()  # e.g. SEA-PEFT's first allocation: the trainable count below is the real one
+        self.emit({"event": "started", "task": "adapt", "model": model.card.id, "method": method.name,
+                   "rank": plan.rank, "budget": plan.budget, "device": device, "steps": config.steps, "lr": config.lr,
+                   "resumed_from_step": trainer.step, "trainable": count_trainable(model.network), "total": total,
+                   "pid": os.getpid(), **({"audit_held_out": held_out} if held_out else {}), **plan.info})
+
+        def checkpoint_now(t: Trainer) -> None:
+            folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, trainer.metadata)
+            self.emit({"event": "checkpoint", "step": t.step, "path": str(folder.relative_to(self.job_dir))})
+
+        completed = trainer.run(self.should_stop, checkpoint_now, spec.train.checkpoint_every)
         checkpoint_now(trainer)
-        emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step, "exit_code": EXIT_CANCELLED})
-        return EXIT_CANCELLED
-    checkpoint_now(trainer)
-    summary = trainer.finish()
-    adapter = save_adapters(model.network, inside_job(job_dir, ADAPTER_DIR), model.base_fingerprint,
-                            {**trainer.metadata, "best_audit_dice": summary["best_dice"],
-                             "best_step": summary["best_step"], "steps": config.steps})
-    final_dice = trainer.context.audit_dice()
-    emit({"event": "validation", "step": config.steps, "dice": final_dice, "adapter": ADAPTER_DIR})
-    for case_spec, images in zip(spec.predict, predict_inputs):
-        case = load_case(images, model.card, locate=model.locate)
-        _, label = predict_case(model.network, case, model.card, device)
-        path = write_image(label, inside_job(job_dir, f"{PREDICTIONS_DIR}/{_output_name(case_spec)}"))
-        emit({"event": "prediction", "input": str(images[0]), "path": str(path.relative_to(job_dir))})
-    emit({"event": "finished", "adapter": str(adapter.relative_to(job_dir)), "best_dice": summary["best_dice"],
-          "best_step": summary["best_step"], "seconds": summary["seconds"], "exit_code": EXIT_FINISHED})
-    return EXIT_FINISHED
+        summary = trainer.summary()
+        trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
+        adapter = save_adapters(model.network, inside_job(self.job_dir, ADAPTER_DIR), model.base_fingerprint,
+                                {**trainer.metadata, f"best_{scorer.key}": summary["best_score"],
+                                 "best_step": summary["best_step"], "steps": config.steps, "final": completed})
+        if not completed:
+            self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
+                       "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "exit_code": EXIT_CANCELLED})
+            return EXIT_CANCELLED
+        outcome = self.outcome(summary, warm is not None, len(trainer.history))
+        final = scorer(model.network)
+        self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
+                   "adapter": ADAPTER_DIR})
+        self.write_predictions(spec, predict_inputs, model, device)
+        self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
+                   f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
+                   "trainable": count_trainable(model.network), "seconds": summary["seconds"], **outcome,
+                   "exit_code": EXIT_FINISHED})
+        return EXIT_FINISHED
+
+    @staticmethod
+    def outcome(summary: dict, warm: bool, audits: int) -> dict:
+        """What the run gives the user, in words: the adapted state, or the starting model kept."""
+        start = "the adapter it started from" if warm else "the source model"
+        if not summary["kept_start"]:
+            return {"kept": "adapted", "message": f"adapted state of step {summary['best_step']} kept"}
+        if audits < 2:
+            return {"kept": "start", "message": f"no audit after training: {start} is kept"}
+        return {"kept": "start", "message": f"no reliable gain on the audit: {start} is kept"}
+
+    # -- predict -------------------------------------------------------------------------------------------------
+    def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:
+        inputs = self.predict_inputs(spec)
+        if spec.adapter:
+            load_adapters(model.network, resolve_input(self.job_dir, spec.adapter), model.base_fingerprint)
+        self.emit({"event": "started", "task": "predict", "model": model.card.id, "device": device,
+                   "steps": len(inputs), "adapter": spec.adapter, "pid": os.getpid()})
+        if not self.write_predictions(spec, inputs, model, device):
+            self.emit({"event": "cancelled", "reason": "cancel requested", "exit_code": EXIT_CANCELLED})
+            return EXIT_CANCELLED
+        self.emit({"event": "finished", "exit_code": EXIT_FINISHED})
+        return EXIT_FINISHED
+
+    def write_predictions(self, spec: JobSpec, inputs: list[list[Path]], model: FoundationModel, device: str) -> bool:
+        """Segment every predict case; returns False when cancelled in between."""
+        model.network.eval()
+        names: set[str] = set()
+        for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):
+            if self.should_stop():
+                return False
+            case = load_case(images, model.card, locate=model.locate)
+            _, label = predict_case(model.network, case, model.card, device)
+            path = write_image(label, inside_job(self.job_dir, f"{PREDICTIONS_DIR}/{output_name(case_spec, names)}"))
+            self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
+                       "path": str(path.relative_to(self.job_dir)), "index": index})
+        return True
+
+
+def output_name(case: CaseSpec, taken: set[str]) -> str:
+    """`<case name>_seg<input suffix>`, made unique among this job's predictions."""
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in case.name) or "prediction"
+    suffix = image_suffix(case.images[0])
+    name, index = f"{base}_seg", 1
+    while name in taken:
+        index += 1
+        name = f"{base}_seg{index}"
+    taken.add(name)
+    return name + suffix
 
 
 def main(argv=None) -> int:

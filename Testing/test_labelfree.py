@@ -13,14 +13,15 @@ from monai.networks.nets import BasicUNet, UNet
 from conftest import shared
 from PEFTAdaptLib.adapters import ConvLoRAUnit, NormAffineUnit, iter_units
 from PEFTAdaptLib.data.cases import prepare_case
-from PEFTAdaptLib.jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
+from PEFTAdaptLib.jobs import CaseSpec, JobSpec, TrainSpec, create_job
 from PEFTAdaptLib.jobs.events import read_events
 from PEFTAdaptLib.labelfree import (
-    ESH_SOURCE_CONFIDENT, FeatureTap, LabelFreeAdaptation, LabelFreeConfig, build_head, choose_stage,
+    ESH_SOURCE_CONFIDENT, FeatureTap, LabelFreeConfig, build_head, build_label_free, choose_stage,
     find_encoder_stages, self_training_loss,
 )
-from PEFTAdaptLib.labelfree.selftrain import unit_state
+from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
+from PEFTAdaptLib.training import TrainConfig, Trainer, TrainingContext
 from PEFTAdaptLib.worker import EXIT_FINISHED, run_job
 
 SPINE_CARD = ModelCard(
@@ -92,45 +93,56 @@ def test_esh_attaches_to_deepbet_and_adapters_stay_upstream_of_it(deepbet):
     assert all(r.layer.split(".")[0] in ("init", "down0") for r in records)
 
 
+def unit_state(network) -> dict:
+    return {f"{r.layer}::{r.name}": {k: v.detach().clone() for k, v in r.unit.state_dict().items()}
+            for r in iter_units(network)}
+
+
 def test_pseudo_labels_carry_no_gradient(spine_t2):
     network = small_unet()
-    config = LabelFreeConfig(steps=0, esh_steps=0, held_patches=1)
-    adaptation = LabelFreeAdaptation(network, SPINE_CARD, [spine_t2], config)
+    parts = build_label_free(network, SPINE_CARD, [spine_t2], LabelFreeConfig(esh_steps=0, held_patches=1))
     decoder = network.get_submodule("model.2.0.conv").weight  # the last up-sampling conv: decoder only
     decoder.requires_grad_(True)
-    image = adaptation.sampler()
-    loss, pseudo = self_training_loss(network, adaptation.head, adaptation.tap, image)
+    for record in iter_units(network):
+        for parameter in record.unit.parameters():
+            parameter.requires_grad_(True)
+    image = parts.objective.sampler()
+    loss, pseudo = self_training_loss(network, parts.start.head, parts.start.tap, image)
     assert not pseudo.requires_grad and pseudo.grad_fn is None
     loss.backward()
     assert decoder.grad is None  # no path from the loss through the pseudo-labels into the decoder
     lora_grads = [p.grad for r in iter_units(network) if isinstance(r.unit, ConvLoRAUnit) for p in r.unit.parameters()]
     assert lora_grads and all(g is not None for g in lora_grads)
     assert any(float(g.abs().sum()) > 0 for g in lora_grads)
-    assert all(p.grad is None for p in adaptation.head.parameters())  # the ESH is frozen
+    assert all(p.grad is None for p in parts.start.head.parameters())  # the ESH is frozen
 
 
 def test_agreement_selection_restores_the_state_of_the_reported_step(spine_t2, spine_t1_reference):
+    """Label-free runs in the one `Trainer`: agreement is its score, and the best-state mechanism is the same."""
     network = small_unet()
     snapshots: dict[int, dict] = {}
     events: list[dict] = []
-    config = LabelFreeConfig(steps=12, lr=2e-2, eval_every=3, esh_steps=8, held_patches=2, seed=3)
 
     def on_event(event: dict) -> None:
         events.append(event)
         if event["event"] == "agreement":
             snapshots[event["step"]] = unit_state(network)
 
-    adaptation = LabelFreeAdaptation(network, SPINE_CARD, [spine_t2], config, reference=[spine_t1_reference],
-                                     on_event=on_event)
-    assert adaptation.train_head()["source"] == ESH_SOURCE_CONFIDENT
-    assert adaptation.run()
+    parts = build_label_free(network, SPINE_CARD, [spine_t2], LabelFreeConfig(esh_steps=8, held_patches=2, seed=3),
+                             reference=[spine_t1_reference])
+    context = TrainingContext(network, SPINE_CARD, [], "cpu", on_event)
+    trainer = Trainer(parts.objective, parts.scorer, context,
+                      TrainConfig(steps=12, lr=2e-2, patches_per_step=2, audit_every=3, seed=3), [parts.start])
+    assert trainer.run()
+    assert next(e for e in events if e["event"] == "esh")["source"] == ESH_SOURCE_CONFIDENT
     final_state = unit_state(network)
-    summary = adaptation.finish()
+    trainer.restore_best()
+    summary = trainer.summary()
     steps = [s for s, _ in summary["history"]]
     assert steps == [0, 3, 6, 9, 12] and sorted(snapshots) == steps
     scores = [a for _, a in summary["history"]]
     assert summary["best_step"] == steps[scores.index(max(scores))]
-    assert summary["best_agreement"] == max(scores)
+    assert summary["best_score"] == max(scores)
     restored = unit_state(network)
     expected = snapshots[summary["best_step"]]
     assert restored.keys() == expected.keys()
@@ -139,7 +151,7 @@ def test_agreement_selection_restores_the_state_of_the_reported_step(spine_t2, s
             assert torch.equal(restored[key][name], tensor), (key, name)
     # the reference Dice is reported with every agreement, and plays no part in the selection above
     assert all(0.0 <= e["dice"] <= 1.0 for e in events if e["event"] == "agreement")
-    if summary["best_step"] != config.steps:  # a real rewind, not the last state
+    if summary["best_step"] != 12:  # a real rewind, not the last state
         assert any(not torch.equal(final_state[k][n], t) for k in expected for n, t in expected[k].items())
 
 
@@ -147,11 +159,11 @@ def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
     """The real default model on a real brain volume given without any label (no audit either)."""
     image = str(shared("brats/brats_2013_pat0003_1/T1c_subtrMeanDivStd.nii.gz"))
     spec = JobSpec(
-        model="deepbet-brain", support=[CaseSpec([image])], audit=[], method=MethodSpec("label-free", rank=2),
+        model="deepbet-brain", support=[CaseSpec([image])], audit=[], method=make_method("label-free", rank=2),
         train=TrainSpec(steps=4, lr=1e-3, patch_size=[64, 64, 64], patches_per_step=1, audit_every=2, seed=0,
                         device="cpu"),
     )
-    write_job(tmp_path, spec)
+    create_job(tmp_path, spec)
     assert run_job(tmp_path, echo=False) == EXIT_FINISHED
     events = read_events(tmp_path)[0]
     kinds = [e["event"] for e in events]
@@ -168,7 +180,5 @@ def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
     finished = events[-1]
     assert finished["best_agreement"] == max(e["agreement"] for e in agreement)
     assert metadata["final"] is True
-    # every improvement of agreement rewrote the adapter while running: a cancelled job keeps its best one
-    best_so_far = [e for i, e in enumerate(agreement) if e["agreement"] > max([x["agreement"] for x in agreement[:i]],
-                                                                               default=-1.0)]
-    assert [e.get("adapter") for e in best_so_far] == ["adapter"] * len(best_so_far)
+    # one loop, one checkpoint format: a label-free job resumes like any other
+    assert any(e["event"] == "checkpoint" for e in events) and (tmp_path / "checkpoint").is_dir()

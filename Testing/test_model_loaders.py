@@ -27,6 +27,7 @@ from PEFTAdaptLib.models.catalog import registry_schema, validate
 from PEFTAdaptLib.models.registry import list_models, load_model
 from PEFTAdaptLib.models.safe_load import load_checkpoint, load_into, load_state_dict_file, sha256_file, verify_sha256
 from PEFTAdaptLib.models.torchscript_card import with_adapter
+from PEFTAdaptLib.models.trust import trust_file
 
 SPLEEN_CT = "ivadomed/spleen_ct/sub-spleen2_ct.nii.gz"  # 164×166×26, 0.79×0.79×5 mm, HU
 
@@ -172,12 +173,14 @@ def test_monai_bundle_loads_with_its_card_and_segments_a_real_ct(tmp_path):
     _lora_is_identity_at_init(model.network, x)
 
 
-def test_torchscript_bundle_and_torchscript_card_adapt_in_weight_space(tmp_path):
+def test_torchscript_bundle_and_torchscript_card_adapt_in_weight_space(tmp_path, monkeypatch):
     folder = tmp_path / "bundle_ts"
     network = _write_bundle(folder)
     scripted = torch.jit.script(network)
     (folder / "models" / "model.pt").unlink()
     torch.jit.save(scripted, str(folder / "models" / "model.ts"))
+    monkeypatch.setenv("PEFTADAPT_HOME", str(tmp_path / "home"))  # TorchScript is code: loaded once trusted
+    trust_file(folder / "models" / "model.ts")
     model = load_model(folder)
     assert isinstance(model.network, torch.jit.ScriptModule) and model.card.extra["torchscript"]
     # the same network as a TorchScript file with a card beside it
@@ -199,12 +202,12 @@ def test_torchscript_bundle_and_torchscript_card_adapt_in_weight_space(tmp_path)
     sys.path.insert(0, str(Path(__file__).parent))
     from test_worker import events, spec
 
-    from PEFTAdaptLib.jobs import write_job
+    from PEFTAdaptLib.jobs import create_job
     from PEFTAdaptLib.worker import EXIT_INVALID, run_job
 
     job = spec()
     job.model = str(card_folder)
-    write_job(tmp_path / "job", job)
+    create_job(tmp_path / "job", job)
     assert run_job(tmp_path / "job", echo=False) == EXIT_INVALID
     message = events(tmp_path / "job")[-1]["message"]
     assert "model.ts" in message and "TorchScript" in message
@@ -219,7 +222,7 @@ def test_bundle_code_in_the_network_definition_is_refused(tmp_path):
         load_model(tmp_path / "expr")
     assert "inference.json" in str(error.value)
     _write_bundle(tmp_path / "target", network_def={"_target_": "os.system", "command": f"touch {marker}"})
-    with pytest.raises(ModelError, match="refused to instantiate 'os.system'"):
+    with pytest.raises(ModelError, match="refused to import 'os.system'"):
         load_model(tmp_path / "target")
     assert not marker.exists()
 

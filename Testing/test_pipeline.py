@@ -13,7 +13,7 @@ from conftest import shared
 from PEFTAdaptLib.data.cases import load_case
 from PEFTAdaptLib.data.io import read_image, same_geometry
 from PEFTAdaptLib.data.transforms import to_array
-from PEFTAdaptLib.methods import MethodConfig, apply_method
+from PEFTAdaptLib.adapters import LoRAConfig, apply_adapter
 from PEFTAdaptLib.pipeline import predict_file, with_adapter
 from PEFTAdaptLib.training import PatchSampler, TrainConfig, adapt
 
@@ -36,7 +36,7 @@ def test_prediction_file_keeps_the_input_geometry(deepbet, tmp_path, suffix):
 def test_few_step_adaptation_lowers_the_training_loss(deepbet):
     brats = "brats/brats_2013_pat0003_1"
     case = load_case([shared(f"{brats}/T1c_subtrMeanDivStd.nii.gz")], deepbet.card, shared(f"{brats}/brainmask.nii.gz"))
-    apply_method(deepbet.network, MethodConfig("lora", rank=4))
+    apply_adapter(deepbet.network, LoRAConfig(r=4, alpha=4), "lora")
     image, label = PatchSampler([case], deepbet.card.patch_size, 2, 0.5, seed=3)()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -46,7 +46,8 @@ def test_few_step_adaptation_lowers_the_training_loss(deepbet):
             return float(loss_fn(deepbet.network(image), label))
 
     before = fixed_batch_loss()
-    summary = adapt(deepbet.network, deepbet.card, [case], [case], TrainConfig(steps=8, lr=3e-3, audit_every=100, seed=3))
+    summary = adapt(deepbet.network, deepbet.card, [case], [case], TrainConfig(steps=8, lr=3e-3, patches_per_step=2,
+                                                                                  audit_every=100, seed=3))
     after = fixed_batch_loss()
     assert len(summary["losses"]) == 8 and all(np.isfinite(summary["losses"]))
     assert after < before
@@ -59,15 +60,15 @@ def test_demo_writes_a_reloadable_adapter_and_a_prediction_on_the_input_grid(tmp
 
     result = run_demo(tmp_path, steps=2)
     test_image = read_image(tmp_path / "data" / "test_t2like.nii.gz")
-    adapted = read_image(tmp_path / "predictions" / "test_t2like_seg.nii.gz", what="label")
+    adapted = read_image(tmp_path / "job" / "predictions" / "test_t2like_seg.nii.gz", what="label")
     assert same_geometry(adapted, test_image)
-    for name in ("dice_curve.png", "overlay.png", "adapter/adapter.safetensors"):
+    for name in ("dice_curve.png", "overlay.png", "job/adapter/adapter.safetensors"):
         assert (tmp_path / name).stat().st_size > 1000
-    meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    meta = json.loads((tmp_path / "job" / "adapter" / "adapter.json").read_text())
     assert meta["metadata"]["model"] == "deepbet-brain" and meta["units"] and all(u["kind"] == "lora" for u in meta["units"])
     assert 0 < result["trainable"] < 0.1 * result["total"]
     assert "zero-shot deepbet" in format_table(result)
     # the saved adapter reloads onto a fresh model and reproduces the adapted prediction exactly
-    fresh = with_adapter(load_deepbet(), tmp_path / "adapter")
+    fresh = with_adapter(load_deepbet(), tmp_path / "job" / "adapter")
     _, again = predict_file(fresh, [tmp_path / "data" / "test_t2like.nii.gz"], tmp_path / "again.nii.gz")
     assert np.array_equal(to_array(again), to_array(adapted))

@@ -9,7 +9,7 @@ import pytest
 
 from PEFTAdaptLib.seapeft import Allocator, PoolUnit, SeaPeftConfig
 from PEFTAdaptLib.seapeft.controller import ACTIVE_GUARD, INACTIVE_GUARD, Controller
-from PEFTAdaptLib.seapeft.estimate import Calibration, first_order_gain
+from PEFTAdaptLib.seapeft.estimate import Calibration, FamilyCalibration, first_order_gain
 from PEFTAdaptLib.seapeft.knapsack import PER, Candidate, allocate, greedy
 from PEFTAdaptLib.seapeft.sampler import AuditSampler
 from PEFTAdaptLib.seapeft.utility import RobustUtility
@@ -46,6 +46,23 @@ def test_calibration_is_the_clipped_median_ratio():
     calibration.add(1.0, -1.0)
     assert calibration.factor == 0.1  # median −1 clipped to the lower bound
     assert first_order_gain(gradient_l1=4.0, lr=1e-3, horizon=10) == pytest.approx(0.04)
+
+
+def test_each_family_has_its_own_calibration_and_an_unmeasured_one_borrows_the_pooled_pairs():
+    calibration = FamilyCalibration(window=4, bounds=(0.01, 20.0))
+    assert calibration.factor("lora") == 1.0
+    for predicted, measured in [(0.01, 0.09), (0.02, 0.2)]:  # LoRA realises ~9× its first-order estimate
+        calibration.add("lora", predicted, measured)
+    for predicted, measured in [(1.0, 0.2), (2.0, 0.4), (1.0, 0.1)]:  # a dense delta ~0.2×
+        calibration.add("dense", predicted, measured)
+    assert calibration.factor("lora") == pytest.approx(9.5)
+    assert calibration.factor("dense") == pytest.approx(0.2)
+    # the pooled window keeps the last 4 pairs of any family: 10, 0.2, 0.2, 0.1 → median 0.2
+    assert calibration.factor("salt") == pytest.approx(0.2)
+    assert calibration.factors() == {"*": pytest.approx(0.2), "dense": pytest.approx(0.2), "lora": pytest.approx(9.5)}
+    again = FamilyCalibration(window=4, bounds=(0.01, 20.0))
+    again.load_state_dict(calibration.state_dict())
+    assert again.factors() == calibration.factors()
 
 
 # -- knapsack ----------------------------------------------------------------------------------------------------------
@@ -208,7 +225,7 @@ def test_allocator_selects_the_optimal_set_from_exact_measurements():
             allocator.observe_toggle(name, gain)
         chosen = allocator.desired()
         feasible = (set(s) for k in range(len(spec) + 1) for s in itertools.combinations(spec, k)
-                    if sum(spec[n][2] for n in s) <= budget and len({spec[n][:2] for n in s}) == k)
+                    if sum(spec[n][2] for n in s) <= budget and len({spec[n][0] for n in s}) == k)  # one per layer
         best = max(feasible, key=lambda s: sum(true_gain[n] for n in s))
         assert sum(true_gain[n] for n in chosen) == pytest.approx(sum(true_gain[n] for n in best))
 
@@ -242,8 +259,35 @@ def test_a_unit_with_positive_true_utility_enters_within_a_bounded_number_of_rou
                 break
         assert "good" in allocator.active() and "decoy" not in allocator.active()
         assert round_ <= bound, f"votes {votes}, guard {guard}: entered after {round_} rounds (bound {bound})"
-        assert allocator.calibration.pairs, "the decoy's estimate was checked against its measurement"
-        assert allocator.calibration.factor < 1.0
+        assert allocator.calibration.pooled.pairs, "the decoy's estimate was checked against its measurement"
+        assert allocator.calibration.factor("lora") < 1.0
+
+
+def test_the_first_allocation_takes_the_prior_then_fills_the_budget_one_unit_per_layer():
+    spec = {"in::dense": ("in", "dense", 40), "in::lora": ("in", "lora", 8), "out::dense": ("out", "dense", 20),
+            "norm::affine": ("norm", "norm_affine", 4), "mid::lora": ("mid", "lora", 30),
+            "mid::salt": ("mid", "salt", 6)}
+    estimate = {"in::dense": 0.01, "in::lora": 0.3, "out::dense": 0.002, "norm::affine": 0.001, "mid::lora": 0.2,
+                "mid::salt": 0.1}
+    prior = ["in::dense", "out::dense", "norm::affine"]
+    for budget, expected in [(100, {"in::dense", "out::dense", "norm::affine", "mid::lora"}),
+                             (70, {"in::dense", "out::dense", "norm::affine", "mid::salt"}),
+                             (30, {"out::dense", "norm::affine", "mid::salt"})]:
+        allocator = Allocator(_pool(spec), SeaPeftConfig(budget=budget))
+        for name, gain in estimate.items():
+            allocator.observe_estimate(name, gain, base_dice=0.5)
+        allocator.start(prior)
+        # the prior's units are taken although LoRA on the input layer looks better by its estimate (and then
+        # cannot join the dense delta there); the rest of the budget goes to the best units of other layers; where
+        # the prior does not fit, the knapsack picks within it
+        assert allocator.active() == expected, budget
+        assert allocator.budget_used() <= budget
+        assert len({allocator.units[n].site for n in allocator.active()}) == len(allocator.active())
+    without = Allocator(_pool(spec), SeaPeftConfig(budget=100))
+    for name, gain in estimate.items():
+        without.observe_estimate(name, gain, base_dice=0.5)
+    without.start()
+    assert "in::lora" in without.active() and "in::dense" not in without.active()
 
 
 def test_first_order_estimates_and_toggles_never_mix_and_state_round_trips():

@@ -16,10 +16,11 @@ from torch import nn
 from conftest import shared
 from PEFTAdaptLib.adapters import UNIT_TYPES, freeze_base, iter_units, load_adapters, save_adapters
 from PEFTAdaptLib.data.cases import prepare_case
+from PEFTAdaptLib.errors import PEFTAdaptError
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 from PEFTAdaptLib.seapeft import SeaPeftConfig, SeaPeftHook, build_pool, build_sea_peft, site_kinds
 from PEFTAdaptLib.seapeft.audit import AuditBuffer
-from PEFTAdaptLib.training import TrainConfig, Trainer
+from PEFTAdaptLib.training import TrainConfig, supervised_trainer
 
 CARD = ModelCard(id="test-spine", title="", description="", modality="MR", input_channels=1, spacing=(1.0, 1.0, 1.0),
                  orientation="RAS", normalization={"name": "percentile_zscore"}, patch_size=(16, 16, 16),
@@ -212,6 +213,58 @@ def test_first_order_estimates_rank_units_by_the_gain_they_then_realise():
     assert rho > 0.6, f"Spearman {rho:.2f}"
 
 
+# -- the audit buffer and the first allocation ------------------------------------------------------------------------
+class BrightIsCord(nn.Module):
+    """A fixed 'network' that calls every bright voxel foreground: on a real T1 slab it also marks bright tissue
+    far from the cord (false positives that a couple of patches need not see)."""
+
+    def forward(self, x):
+        score = 4.0 * (x - 0.5)
+        return torch.cat([-score, score], dim=1)
+
+
+def test_the_audit_buffer_is_the_whole_audit_volume_where_it_fits_so_every_false_positive_counts():
+    from dataclasses import replace
+
+    from PEFTAdaptLib.seapeft.audit import soft_dice
+
+    card = replace(CARD, patch_size=(32, 32, 16))  # the spine benchmark's patch
+    case = spine_slab(26, 51)  # 42 × 76 × 25 voxels: 5.7 patches once padded to the card's multiple of 4
+    buffer = AuditBuffer([case], card.patch_size, SeaPeftConfig(budget=1).audit_patches, 0, "cpu", card.divisible_by)
+    assert buffer.cost == pytest.approx(44 * 76 * 28 / (32 * 32 * 16))
+    net = BrightIsCord()
+    with torch.no_grad():
+        inter, total = soft_dice(net(torch.from_numpy(case.array)[None]), torch.from_numpy(case.label)[None])
+    whole = float(((2 * inter + 1e-5) / (total + 1e-5)).mean())
+    assert buffer.dice(net) == pytest.approx(whole, abs=1e-6), "the padding is left out, nothing else"
+    patches = AuditBuffer([case], card.patch_size, 2, 0)  # the former buffer: one cord patch, one background
+    assert patches.cost == 2 and patches.batches[0][0].shape[2:] == (32, 32, 16)
+    assert patches.dice(net) > whole + 0.05, "two patches miss false positives the whole volume has"
+
+
+def test_the_first_allocation_starts_from_the_shallow_recipe_one_unit_per_layer():
+    from PEFTAdaptLib.adapters.shallow import shallow_layers
+
+    net = small_unet()
+    total = sum(p.numel() for p in net.parameters())
+    shallow = shallow_layers(net, torch.zeros(1, 1, 16, 16, 16))
+    hook = build_sea_peft(net, SeaPeftConfig(budget=int(0.4 * total), steps=8))
+    freeze_base(net)
+    events = []
+    hook.on_start(SimpleNamespace(audit=[spine_slab(26, 51)], card=CARD, device="cpu", emit=events.append))
+    active = hook.active_units()
+    norms = {u.name for u in hook.allocator.pool if u.family == "norm_affine"}
+    assert {f"{site}::sea_dense" for site in shallow} | norms <= set(active)
+    assert len(active) > len(shallow) + len(norms), "the rest of the budget is filled"
+    sites = [hook.allocator.units[n].site for n in active]
+    assert len(sites) == len(set(sites)), "one unit per layer"
+    assert hook.allocator.budget_used() <= hook.config.budget
+    assert set(hook._prior()) == {f"{site}::sea_dense" for site in shallow} | norms
+    assert build_sea_peft(small_unet(), SeaPeftConfig(budget=1000, prior="none"))._prior() == []
+    with pytest.raises(PEFTAdaptError, match="prior 'shalow' unknown"):
+        build_sea_peft(small_unet(), SeaPeftConfig(budget=1000, prior="shalow"))
+
+
 # -- the hook in the trainer -----------------------------------------------------------------------------------------
 def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: Path | None = None):
     support, audit = [spine_slab(0, 25)], [spine_slab(26, 51)]
@@ -222,8 +275,9 @@ def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: P
                            guard=1, audit_units=3, lr=5e-3, seed=5)
     hook = build_sea_peft(net, config)
     events = [] if events is None else events
-    trainer = Trainer(net, CARD, support, audit, TrainConfig(steps=stop_at or steps, lr=5e-3, audit_every=4,
-                                                             patches_per_step=1, seed=5), events.append, [hook])
+    trainer = supervised_trainer(net, CARD, support, audit, TrainConfig(steps=stop_at or steps, lr=5e-3, audit_every=4,
+                                                                        patches_per_step=1, seed=5),
+                                 events.append, [hook])
     if state is not None:
         load_adapters(net, tmp)
         trainer.load_state_dict(state)
@@ -255,6 +309,7 @@ def test_the_allocation_is_deterministic_resumes_from_a_checkpoint_and_reports_e
     final = next(e for e in events if e["event"] == "final_selection")
     assert final["units"] == hook.active_units() and final["budget_used"] <= final["budget"]
     assert set(final["units"]) <= hook.allocator.trained, "the final configuration holds trained units only"
+    assert set(final["previous_units"]) == set(next(e for e in reversed(events) if e["event"] == "allocation")["units"])
     assert len(final["candidates"]) >= 2
 
     # interrupt after step 6 (between allocations), checkpoint like the worker does, resume in a fresh network
@@ -277,13 +332,14 @@ def test_real_allocation_run_through_the_worker_keeps_the_budget(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_worker import events, spec
 
-    from PEFTAdaptLib.jobs import MethodSpec, write_job
+    from PEFTAdaptLib.jobs import create_job
+    from PEFTAdaptLib.methods import Budget, make_method
     from PEFTAdaptLib.worker import EXIT_FINISHED, run_job
 
     job = spec(steps=16, checkpoint_every=16)
-    job.method = MethodSpec("sea-peft", budget=0.01)
+    job.method = make_method("sea-peft", budget=Budget(fraction=0.01))
     job.train.audit_every = 16
-    write_job(tmp_path, job)
+    create_job(tmp_path, job)
     assert run_job(tmp_path, echo=False) == EXIT_FINISHED
     seen = events(tmp_path)
     budget = next(e for e in seen if e["event"] == "started")["budget"]

@@ -12,8 +12,9 @@ import SimpleITK as sitk
 from conftest import shared
 from slicer_scene import load_segmentation, load_volume, new_scene
 
-from PEFTAdaptSlicer.logic import AdaptationRequest, PEFTAdaptSceneLogic  # noqa: E402
-from PEFTAdaptSlicer.scene_io import labels_from_card, write_segmentation_as_labelmap  # noqa: E402
+from PEFTAdaptLib.jobs import JobClient  # noqa: E402
+from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic  # noqa: E402
+from PEFTAdaptLib.mrml.scene_io import labels_from_card, write_segmentation_as_labelmap  # noqa: E402
 
 
 def brats(case: int, name: str):
@@ -23,7 +24,7 @@ def brats(case: int, name: str):
 @pytest.fixture
 def scene_logic(tmp_path):
     scene = new_scene()
-    return PEFTAdaptSceneLogic(scene, pythonExecutable=sys.executable, workRoot=str(tmp_path / "jobs"))
+    return SceneLogic(scene, JobClient(tmp_path / "jobs"))
 
 
 def pair(logic, case: int):
@@ -50,11 +51,11 @@ def dice_of(logic, segmentation, volume, reference_path, tmp_path) -> float:
 
 def test_adaptation_fills_the_dice_table_live_and_imports_a_segmentation(scene_logic, tmp_path):
     target = load_volume(scene_logic.scene, brats(6, "T1c_subtrMeanDivStd.nii.gz"), "T1c 6")
-    run = scene_logic.launch(request(scene_logic, targetVolumes=[target]))
+    run = scene_logic.startAdaptation(request(scene_logic, targetVolumes=[target]))
     rows_while_running = 0
     deadline = time.monotonic() + 600
     while not run.poll().finished and time.monotonic() < deadline:
-        if run.process.poll() is None:
+        if run.job.alive():
             rows_while_running = max(rows_while_running, len(run.monitor.dice_values()))
         time.sleep(0.3)
     assert run.state.outcome == "finished", run.state.message
@@ -71,10 +72,10 @@ def test_adaptation_fills_the_dice_table_live_and_imports_a_segmentation(scene_l
 
 
 def test_corrected_segmentation_feeds_a_warm_started_readapt(scene_logic):
-    first = scene_logic.launch(request(scene_logic))
+    first = scene_logic.startAdaptation(request(scene_logic))
     assert first.wait(600).outcome == "finished", first.state.message
     volume, corrected = pair(scene_logic, 6)  # the user's corrected segmentation of a new case
-    second = scene_logic.launch(request(
+    second = scene_logic.startAdaptation(request(
         scene_logic, trainingPairs=[pair(scene_logic, 3), (volume, corrected)],
         warmStartAdapter=str(first.adapterFolder)))
     assert second.wait(600).outcome == "finished", second.state.message
@@ -86,7 +87,7 @@ def test_corrected_segmentation_feeds_a_warm_started_readapt(scene_logic):
 def test_cancel_leaves_the_scene_consistent(scene_logic):
     job = request(scene_logic, steps=500)
     nodes_before = scene_logic.scene.GetNumberOfNodes()
-    run = scene_logic.launch(job)
+    run = scene_logic.startAdaptation(job)
     deadline = time.monotonic() + 300
     while run.poll().step < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -99,16 +100,17 @@ def test_cancel_leaves_the_scene_consistent(scene_logic):
     assert scene_logic.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
 
 
-def test_worker_failure_reaches_the_logic_as_a_readable_error(scene_logic):
+def test_an_empty_segmentation_is_refused_in_one_line_before_any_worker_starts(scene_logic):
+    """The job builder reads every exported file as the worker will: an empty label stops the request where it is
+    made, naming the file, and leaves no job folder behind."""
+    from PEFTAdaptLib.errors import InputError
+
     volume, segmentation = pair(scene_logic, 3)
-    segmentation.GetSegmentation().GetNthSegment(0).SetName("brain")
     empty = scene_logic.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     empty.GetSegmentation().AddEmptySegment("", "brain")
-    run = scene_logic.launch(request(scene_logic, trainingPairs=[(volume, empty)]))
-    state = run.wait(300)
-    assert state.outcome == "failed"
-    assert "train0_label.nrrd: label is empty" in state.message
-    assert state.describe().startswith("Failed: ")
+    with pytest.raises(InputError, match=r"train0_label\.nrrd: label is empty"):
+        scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, empty)]))
+    assert list(scene_logic.client.work_dir.iterdir()) == []
 
 
 def _events(run):
@@ -124,7 +126,9 @@ def test_a_model_loaded_from_a_folder_segments_a_volume_with_its_own_labels(scen
     assert card["id"] in {c["id"] for c in scene_logic.modelCards()}
     assert scene_logic.modelReference(card["id"]) == str(shared("meshnet/model5_gw_ae").resolve())
     volume = load_volume(scene_logic.scene, shared("meshnet/t1_crop.nii.gz"), "T1")
-    segmentation = scene_logic.segment(card["id"], volume, None)
+    run = scene_logic.segment(card["id"], volume, None)
+    assert run.wait(600).outcome == "finished", run.state.message
+    [segmentation] = run.importResults()
     names = {segmentation.GetSegmentation().GetNthSegment(i).GetName()
              for i in range(segmentation.GetSegmentation().GetNumberOfSegments())}
     assert names == {label["name"] for label in card["labels"] if label["value"] != 0}
@@ -146,14 +150,17 @@ def test_label_free_adaptation_needs_only_the_target_volume(scene_logic):
     """The "no annotations" mode: the target volume is all it trains on; the audit pair is evaluation only. The chart
     gains ESH/decoder agreement rows (and Dice from the reference) and the target's segmentation is imported."""
     target = load_volume(scene_logic.scene, brats(5, "T1c_subtrMeanDivStd.nii.gz"), "T1c 5")
-    job = request(scene_logic, steps=4, method="label-free", trainingPairs=[], targetVolumes=[target])
-    run = scene_logic.launch(job)
+    # the panel's real defaults: a budget is present (label-free takes none; the panel hides that field)
+    job = request(scene_logic, steps=4, method="label-free", trainingPairs=[], targetVolumes=[target],
+                  budgetPercent=1.0)
+    run = scene_logic.startAdaptation(job)
     assert run.wait(600).outcome == "finished", run.state.message
     spec = json.loads((run.jobDir / "job.json").read_text())
-    assert [c["label"] for c in spec["support"]] == [None] and spec["support"][0]["images"] == spec["predict"][0]["images"]
+    assert [c["label"] for c in spec["support"]] == [None] and len(spec["predict"]) == 1
+    assert spec["method"] == {"name": "label-free", "rank": 2, "budget": None, "convlora": True, "norm": "auto"}
     assert run.monitor.agreement_table.GetTable().GetNumberOfRows() >= 2
     assert len(run.monitor.dice_values()) >= 2  # evaluation against the audit reference, never used for training
     [segmentation] = run.importResults()
     assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "brain"
-    with pytest.raises(Exception, match="target volume"):
-        scene_logic.writeJob(request(scene_logic, method="label-free", trainingPairs=[], targetVolumes=[]))
+    with pytest.raises(Exception, match="no training case"):
+        scene_logic.startAdaptation(request(scene_logic, method="label-free", trainingPairs=[], targetVolumes=[]))

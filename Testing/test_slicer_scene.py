@@ -10,9 +10,9 @@ import vtk
 from conftest import shared
 from slicer_scene import load_segmentation, load_volume, new_scene
 
-from PEFTAdaptSlicer.monitor import AdaptationMonitor  # noqa: E402
-from PEFTAdaptSlicer.runstate import RunState  # noqa: E402
-from PEFTAdaptSlicer.scene_io import (  # noqa: E402
+from PEFTAdaptLib.jobs import RunState  # noqa: E402
+from PEFTAdaptLib.mrml.monitor import AdaptationMonitor  # noqa: E402
+from PEFTAdaptLib.mrml.scene_io import (  # noqa: E402
     SceneError, SegmentLabel, import_prediction, write_segmentation_as_labelmap, write_volume,
 )
 
@@ -105,3 +105,36 @@ def test_run_state_folds_events_for_the_panel():
     state.update({"event": "failed", "message": "out of memory: use a smaller patch or the CPU"})
     assert state.finished and state.describe().startswith("Failed: out of memory")
     assert not RunState().finished
+
+
+def test_export_and_import_make_no_segmentations_module_logic(tmp_path, monkeypatch):
+    """Issue 15, defect 13: a new vtkSlicerSegmentationsModuleLogic set on the main scene at every export/import
+    registers node classes and scene observers again; the two conversions used are static methods."""
+    import slicer
+
+    scene = new_scene()  # Slicer makes the one logic at startup
+    volume = load_volume(scene, shared("spine/t2/t2.nii.gz"))
+    made = []
+
+    class CountedLogic(slicer.vtkSlicerSegmentationsModuleLogic):
+        def __init__(self):
+            made.append(self)
+
+    monkeypatch.setattr(slicer, "vtkSlicerSegmentationsModuleLogic", CountedLogic)
+    segmentation = import_prediction(scene, shared("spine/t2/t2_seg-manual.nii.gz"), volume, CORD, "cord")
+    write_segmentation_as_labelmap(segmentation, volume, CORD, tmp_path / "label.nrrd")
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1 and (tmp_path / "label.nrrd").is_file()
+    assert made == []
+
+
+def test_run_state_of_a_predict_job_counts_its_volumes_and_says_whether_it_succeeded():
+    state = RunState()
+    state.update({"event": "started", "task": "predict", "steps": 2})
+    state.update({"event": "prediction", "path": "predictions/a_seg.nii.gz", "index": 0})
+    assert (state.step, state.steps, state.succeeded) == (1, 2, False)
+    state.update({"event": "prediction", "path": "predictions/b_seg.nii.gz", "index": 1})
+    state.update({"event": "finished", "exit_code": 0})
+    assert (state.step, state.succeeded) == (2, True)
+    cancelled = RunState()
+    cancelled.update({"event": "cancelled", "reason": "stopped by the user"})
+    assert cancelled.finished and not cancelled.succeeded

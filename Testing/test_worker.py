@@ -15,9 +15,10 @@ import SimpleITK as sitk
 from safetensors.torch import load_file
 
 from conftest import shared
-from PEFTAdaptLib.jobs import CaseSpec, JobSpec, MethodSpec, TrainSpec, write_job
-from PEFTAdaptLib.jobs.checkpoint import latest_checkpoint
+from PEFTAdaptLib.checkpoint import latest_checkpoint
+from PEFTAdaptLib.jobs import CaseSpec, JobSpec, TrainSpec, create_job
 from PEFTAdaptLib.jobs.events import read_events
+from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.worker import EXIT_CANCELLED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED, run_job
 
 
@@ -32,10 +33,15 @@ def case(n: int, label: bool = True) -> CaseSpec:
 def spec(steps=6, checkpoint_every=2, support=(3,), audit=4, **train) -> JobSpec:
     return JobSpec(
         model="deepbet-brain", support=[case(n) for n in support], audit=[case(audit)],
-        method=MethodSpec("lora", rank=2),
+        method=make_method("lora", rank=2),
         train=TrainSpec(steps=steps, lr=3e-3, patch_size=[64, 64, 64], patches_per_step=1, audit_every=100,
                         checkpoint_every=checkpoint_every, seed=7, device="cpu", **train),
     )
+
+
+def write_job(job_dir: Path, job: JobSpec) -> Path:
+    """Through the job client's builder (inputs copied into the job folder), as every front-end does."""
+    return create_job(job_dir, job)
 
 
 def launch(job_dir: Path, *extra: str) -> subprocess.Popen:
@@ -101,11 +107,14 @@ def test_cancel_keeps_a_loadable_checkpoint_and_reports_cancelled(tmp_path):
     checkpoint = latest_checkpoint(tmp_path)
     assert checkpoint is not None and adapter_tensors(checkpoint / "adapter")
     # and it resumes from there
+    (tmp_path / "cancel").touch()  # a stale cancel request: resuming clears it instead of stopping at once
     resumed = launch(tmp_path, "--resume")
+    wait_for(tmp_path, lambda seen: sum(e["event"] == "started" for e in seen) == 2 and seen[-1]["event"] == "step")
     (tmp_path / "cancel").touch()  # the cancel file works too
     assert resumed.wait(timeout=300) == EXIT_CANCELLED
     started = [e for e in events(tmp_path) if e["event"] == "started"]
     assert started[-1]["resumed_from_step"] == last["step"]
+    assert events(tmp_path)[-1]["step"] > last["step"]
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
@@ -158,9 +167,11 @@ def test_readapt_warm_starts_from_the_previous_adapter_and_improves_the_correcte
 
 
 def _bad_job(tmp_path: Path, mutate) -> tuple[int, list[dict], set[str]]:
-    job = spec(steps=2)
+    """A job.json written by hand (not through the builder, which refuses most of these first): the worker must
+    refuse it too, before any training or output."""
+    job = spec(steps=2).to_dict()
     mutate(job, tmp_path)
-    write_job(tmp_path, job)
+    (tmp_path / "job.json").write_text(json.dumps(job))
     code = run_job(tmp_path, echo=False)
     return code, events(tmp_path), {p.name for p in tmp_path.iterdir()}
 
@@ -177,56 +188,64 @@ def _shifted_label(job, tmp):
     label = sitk.ReadImage(brats(3, "brainmask.nii.gz"))
     label.SetOrigin((5.0, 0.0, 0.0))
     sitk.WriteImage(label, str(tmp / "moved.nii.gz"))
-    job.support[0].label = str(tmp / "moved.nii.gz")
+    job["support"][0]["label"] = str(tmp / "moved.nii.gz")
 
 
 def _label_values(job, tmp):
     mask = sitk.GetArrayFromImage(sitk.ReadImage(brats(3, "brainmask.nii.gz"))).astype(np.uint8) * 7
-    job.support[0].label = _write(tmp / "sevens.nii.gz", mask, brats(3, "brainmask.nii.gz"))
+    job["support"][0]["label"] = _write(tmp / "sevens.nii.gz", mask, brats(3, "brainmask.nii.gz"))
 
 
 def _empty_label(job, tmp):
     empty = np.zeros(sitk.GetArrayFromImage(sitk.ReadImage(brats(3, "brainmask.nii.gz"))).shape, np.uint8)
-    job.support[0].label = _write(tmp / "empty.nii.gz", empty, brats(3, "brainmask.nii.gz"))
+    job["support"][0]["label"] = _write(tmp / "empty.nii.gz", empty, brats(3, "brainmask.nii.gz"))
 
 
 def _nan_image(job, tmp):
     array = sitk.GetArrayFromImage(sitk.ReadImage(brats(3, "T1c_subtrMeanDivStd.nii.gz")))
     array[70, 100, 100] = np.inf
-    job.support[0].images = [_write(tmp / "inf.nrrd", array, brats(3, "T1c_subtrMeanDivStd.nii.gz"))]
+    job["support"][0]["images"] = [_write(tmp / "inf.nrrd", array, brats(3, "T1c_subtrMeanDivStd.nii.gz"))]
 
 
 def _two_channels(job, tmp):
-    job.support[0].images = job.support[0].images * 2
+    job["support"][0]["images"] = job["support"][0]["images"] * 2
 
 
 def _flat_image(job, tmp):
-    job.audit[0].images = [_write(tmp / "flat.nii.gz", np.random.rand(40, 40).astype(np.float32))]
+    job["audit"][0]["images"] = [_write(tmp / "flat.nii.gz", np.random.rand(40, 40).astype(np.float32))]
 
 
 def _missing(job, tmp):
-    job.audit[0].label = str(tmp / "absent_mask.nii.gz")
+    job["audit"][0]["label"] = str(tmp / "absent_mask.nii.gz")
 
 
 def _corrupt(job, tmp):
     (tmp / "broken.nrrd").write_text("NRRD0004\ntype: float\nsizes: 9 9\n")
-    job.support[0].images = [str(tmp / "broken.nrrd")]
+    job["support"][0]["images"] = [str(tmp / "broken.nrrd")]
 
 
 def _budget_zero(job, tmp):
-    job.method.budget = 0
+    job["method"] = {"name": "lora", "budget": {"fraction": 0}}
 
 
 def _budget_too_big(job, tmp):
-    job.method.budget = 10_000_000
+    job["method"] = {"name": "sea-peft", "budget": {"count": 10_000_000}}
+
+
+def _rank_over_budget(job, tmp):
+    job["method"] = {"name": "lora", "rank": 32, "budget": {"fraction": 0.001}}
+
+
+def _lr_nan(job, tmp):
+    job["train"]["lr"] = float("nan")
 
 
 def _unknown_model(job, tmp):
-    job.model = "no-such-model"
+    job["model"] = "no-such-model"
 
 
 def _escape(job, tmp):
-    job.support[0].images = ["../../etc/passwd.nii.gz"]
+    job["support"][0]["images"] = ["../../etc/passwd.nii.gz"]
 
 
 @pytest.mark.parametrize("mutate, fragment", [
@@ -238,8 +257,10 @@ def _escape(job, tmp):
     (_flat_image, "flat.nii.gz: image is 2D"),
     (_missing, "absent_mask.nii.gz: label file not found"),
     (_corrupt, "broken.nrrd: cannot read image"),
-    (_budget_zero, "budget 0"),
-    (_budget_too_big, "budget 10000000"),
+    (_budget_zero, "budget: fraction 0 must be"),
+    (_budget_too_big, "budget: 10,000,000 parameters is more than the model's 2,126,258"),
+    (_rank_over_budget, "rank 32 trains"),
+    (_lr_nan, "train.lr: nan must be a finite number"),
     (_unknown_model, "unknown model 'no-such-model'"),
     (_escape, "escapes the job folder"),
 ])
@@ -252,17 +273,18 @@ def test_bad_input_is_refused_before_training_and_writes_only_the_event_log(tmp_
     assert files - created_by_test == {"job.json", "events.jsonl", "status.json", ".lock"}
 
 
-def test_unwritable_job_folder_is_reported(tmp_path):
+def test_unwritable_job_folder_is_reported(tmp_path, capsys):
     write_job(tmp_path, spec())
-    (tmp_path / ".write-test").mkdir()  # the worker's write probe cannot be created: as for a read-only folder
+    (tmp_path / "events.jsonl").mkdir()  # the event log cannot be opened: as in a read-only folder
     assert run_job(tmp_path, echo=False) == EXIT_INVALID
-    assert "output folder is not writable" in events(tmp_path)[-1]["message"]
+    assert "events.jsonl" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, kind", [("salt", "salt"), ("convlora", "convlora"), ("norm-affine", "norm_affine")])
-def test_fixed_methods_run_through_the_worker(tmp_path, method, kind):
+@pytest.mark.parametrize("method, rank, kind", [("salt", 2, "salt"), ("convlora", 2, "convlora"),
+                                               ("norm-affine", None, "norm_affine")])
+def test_fixed_methods_run_through_the_worker(tmp_path, method, rank, kind):
     job = spec(steps=2)
-    job.method = MethodSpec(method, rank=2)
+    job.method = make_method(method, **({"rank": rank} if rank else {}))
     write_job(tmp_path, job)
     assert run_job(tmp_path, echo=False) == EXIT_FINISHED
     started = next(e for e in events(tmp_path) if e["event"] == "started")

@@ -1,162 +1,104 @@
-"""Label-free adaptation benchmark (issue #8): ConvLoRA self-training against an early segmentation head.
+"""Label-free adaptation benchmark: ConvLoRA self-training against an early segmentation head, through the product's
+own path (the `label-free` method of the registry, the job client, the background worker):
 
     python bench/labelfree.py [--tasks spine brats] [--seeds 3] [--steps 60] [--device cpu] [--no-docs]
 
-Shifts (real data, built in memory):
+Shifts (real data, written as files by shifts.py):
 - `spine`: spinal cord, site shift, same contrast. Source: the MONAI UNet trained on subject A's T2
   (`train_source.py`); target: the T2w of subject B from another site (`ivadomed/spine_unf01`, central 64 mm).
 - `brats`: BraTS FLAIR → T1c, whole tumour. Source: the UNet trained on FLAIR; targets: T1c of patients 5 and 6.
-Adaptation is transductive (the unlabelled test volumes are the target data, as in the paper); the ESH is trained on
-the labelled source volumes (the paper's stage b). Target labels are used only to score the final state.
+Adaptation is transductive (the unlabelled target volumes are what the job adapts to, as in the paper); the ESH is
+trained on labelled source volumes (the job's `source` cases). The targets' labels are given as audit cases, which a
+label-free job scores for the user and never uses for training or selection.
 
-Variants: zero-shot; AdaBN only; norm-affine self-training (the instance-norm stand-in for AdaBN); ConvLoRA
-self-training; ConvLoRA + AdaBN (AdaBN on BatchNorm, norm-affine on the adapted stages' instance norms). The
-source UNets use instance norm, so "AdaBN only" has nothing to re-estimate and equals zero-shot (reported as such).
-Scores: Dice and surface Dice at 1 mm (`monai.metrics.compute_surface_dice`) on the model grid, mean over test
-volumes; mean ± std over seeds. Source models are cached in `bench/.cache/labelfree/` (separate from the other
-benchmarks' cache, which their test runs overwrite).
+Variants are the method's own settings: zero-shot; AdaBN only; norm-affine self-training (the instance-norm stand-in
+for AdaBN); ConvLoRA self-training; ConvLoRA + AdaBN (AdaBN on BatchNorm, norm-affine on the adapted stages'
+instance norms). Scores: Dice and surface Dice at 1 mm on the predictions' own grids, mean over targets; mean ± sd
+over seeds.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import re
 import sys
-import textwrap
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
+import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_source  # noqa: E402
-from shifts import CACHE, CARDS, _central, _read_pair, brats_case, spine_case, spine_source_cases  # noqa: E402
+from product import Settings, run  # noqa: E402
+from report import mean_sd, replace_section  # noqa: E402
+from shifts import Shift, brats_images, central, read_pair, write_case  # noqa: E402
+from train_source import source_model  # noqa: E402
 
-from PEFTAdaptLib.adapters.base import BATCH_NORM_TYPES  # noqa: E402
-from PEFTAdaptLib.inference import predict_probabilities  # noqa: E402
-from PEFTAdaptLib.labelfree import LabelFreeConfig, adapt_label_free  # noqa: E402
-from PEFTAdaptLib.metrics import dice  # noqa: E402
+from PEFTAdaptLib.methods import make_method  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-RESULTS = CACHE / "labelfree"  # results-<task>.json: the docs table gathers every task run so far
-SECTION = "## Label-free adaptation"
-VARIANTS = {  # name: LabelFreeConfig overrides (None: no adaptation)
+SECTION = "Label-free adaptation"
+VARIANTS = {  # name: the label-free method's settings (None: no adaptation)
     "zero-shot": None,
     "AdaBN only": {"convlora": False, "norm": "adabn"},
     "norm-affine self-training": {"convlora": False, "norm": "affine"},
-    "ConvLoRA self-training": {"convlora": True, "norm": "none"},
-    "ConvLoRA + AdaBN (norm-affine on IN)": {"convlora": True, "norm": "auto"},
+    "ConvLoRA self-training": {"norm": "none"},
+    "ConvLoRA + AdaBN (norm-affine on IN)": {},
 }
 
 
-def shift(task: str):
-    """(card, targets with evaluation labels, labelled source cases for the ESH, source network)."""
-    train_source.CACHE = CACHE / "labelfree"
-    network = train_source.load_source(task)
+def label_free_shift(task: str) -> Shift:
+    """Targets as support, audit (evaluation only) and test; labelled source-like cases for the ESH."""
     if task == "spine":
-        target = spine_case(*_central(*_read_pair("ivadomed/spine_unf01/sub-unf01_T2w.nii.gz",
-                                                  "ivadomed/spine_unf01/sub-unf01_T2w_seg-manual.nii.gz")), "B_t2")
-        return CARDS[task], [target], spine_source_cases(), network
-    targets = [brats_case(p, "T1c") for p in (5, 6)]
-    return CARDS[task], targets, [brats_case(p, "Flair") for p in (3, 4)], network
+        targets = [write_case("labelfree-spine", "B_t2", *central(*read_pair(
+            "ivadomed/spine_unf01/sub-unf01_T2w.nii.gz", "ivadomed/spine_unf01/sub-unf01_T2w_seg-manual.nii.gz")))]
+        source = [write_case("labelfree-spine", "A_t2", *read_pair("spine/t2/t2.nii.gz",
+                                                                   "spine/t2/t2_seg-manual.nii.gz"))]
+        model, classes = source_model("spine"), {1: "spinal cord"}
+    else:
+        targets = [write_case("labelfree-brats", f"pat{p}_T1c", *brats_images(p, "T1c")) for p in (5, 6)]
+        source = [write_case("labelfree-brats", f"pat{p}_flair", *brats_images(p, "Flair")) for p in (3, 4)]
+        model, classes = source_model("brats"), {1: "whole tumour"}
+    return Shift(f"labelfree-{task}", task, str(model), targets, targets, targets, classes, extra={"source": source})
 
 
-def scores(network, card, cases) -> tuple[float, float]:
-    """Mean foreground Dice and surface Dice (1 mm) over `cases`."""
+def surface_dice(prediction_path: str, reference_path: str, tolerance_mm: float = 1.0) -> float:
+    import torch
     from monai.metrics import compute_surface_dice
 
-    dices, surface = [], []
-    for case in cases:
-        prediction = predict_probabilities(network, case.array, card).argmax(0)
-        reference = case.label[0]
-        dices.append(dice(prediction == 1, reference == 1))
-        onehot = lambda a: torch.from_numpy(np.stack([a == 0, a == 1])[None].astype(np.float32))  # noqa: E731
-        value = compute_surface_dice(onehot(prediction), onehot(reference), [1.0], spacing=list(card.spacing))
-        surface.append(float(torch.nan_to_num(value, nan=1.0).mean()))
-    return float(np.mean(dices)), float(np.mean(surface))
+    prediction, reference = sitk.ReadImage(prediction_path), sitk.ReadImage(reference_path)
+    onehot = lambda image: torch.from_numpy(np.stack([sitk.GetArrayFromImage(image) == v for v in (0, 1)])[None]  # noqa: E731
+                                            .astype(np.float32))
+    value = compute_surface_dice(onehot(prediction), onehot(reference), [tolerance_mm],
+                                 spacing=list(reversed(prediction.GetSpacing())))
+    return float(torch.nan_to_num(value, nan=1.0).mean())
 
 
-def run_task(task: str, seeds: int, steps: int, esh_steps: int, device: str) -> list[dict]:
-    card, targets, source, pristine = shift(task)
-    has_batch_norm = any(isinstance(m, BATCH_NORM_TYPES) for m in pristine.modules())
+def run_task(task: str, seeds: int, settings: Settings) -> list[dict]:
+    shift = label_free_shift(task)
     rows = []
-    for variant, overrides in VARIANTS.items():
-        if overrides == {"convlora": False, "norm": "adabn"} and not has_batch_norm:
-            print(f"{task} | {variant} | no BatchNorm: nothing to re-estimate, identical to zero-shot", flush=True)
-            rows.append({"task": task, "variant": variant + " (no-op: instance norm)", "runs": rows[0]["runs"]})
-            continue
+    for variant, options in VARIANTS.items():
+        method = None if options is None else make_method("label-free", **options)
         runs = []
-        for seed in range(seeds if overrides else 1):
-            network = copy.deepcopy(pristine)
-            start, summary = time.monotonic(), {"trainable": 0, "best_step": 0, "best_agreement": float("nan")}
-            if overrides:
-                config = replace(LabelFreeConfig(steps=steps, esh_steps=esh_steps, eval_every=max(steps // 6, 1),
-                                                 seed=seed, device=device), **overrides)
-                summary = adapt_label_free(network, card, targets, config, source=source)
-            d, sd = scores(network, card, targets)
-            kept = {k: summary[k] for k in ("trainable", "best_step", "best_agreement")}
-            runs.append({"dice": d, "surface": sd, **kept, "seconds": time.monotonic() - start})
-            print(f"{task} | {variant} | seed {seed} | Dice {d:.3f} | surface Dice {sd:.3f} | trainable "
-                  f"{summary['trainable']} | best step {summary['best_step']} | agreement "
-                  f"{summary['best_agreement']:.3f}", flush=True)
+        for seed in range(seeds if method else 1):
+            result = run(shift, variant, method, settings, seed)
+            result["surface"] = float(np.mean([surface_dice(str(Path(result["job"]) / "predictions" /
+                                                                  f"{case.name}_seg.nii.gz"), case.label)
+                                               for case in shift.test]))
+            runs.append(result)
+            print(f"{task} | {variant} | seed {seed} | Dice {result['dice']:.3f} | surface Dice {result['surface']:.3f}"
+                  f" | trainable {result['trainable']} | best step {result['best_step']}", flush=True)
         rows.append({"task": task, "variant": variant, "runs": runs})
     return rows
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f}" if len(values) == 1 else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def table(rows: list[dict]) -> str:
-    lines = ["| shift | variant | Dice | surface Dice (1 mm) | Δ Dice vs zero-shot | trainable | best step (agreement) "
-             "| seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shift | variant | Dice | surface Dice (1 mm) | Δ Dice vs zero-shot | trainable | best step | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     zero = {r["task"]: r["runs"][0]["dice"] for r in rows if r["variant"] == "zero-shot"}
     for row in rows:
         runs = row["runs"]
         dices = [r["dice"] for r in runs]
-        trained = runs[0]["trainable"] > 0
-        best = ", ".join(f"{r['best_step']} ({r['best_agreement']:.2f})" for r in runs) if trained else "—"
-        lines.append(f"| {row['task']} | {row['variant']} | {_mean_std(dices)} | "
-                     f"{_mean_std([r['surface'] for r in runs])} | {np.mean(dices) - zero[row['task']]:+.3f} | "
-                     f"{runs[0]['trainable']:,} | {best} | {len(runs)} |")
+        best = ", ".join(str(r["best_step"]) for r in runs) if runs[0]["trainable"] else "—"
+        lines.append(f"| {row['task']} | {row['variant']} | {mean_sd(dices)} | {mean_sd([r['surface'] for r in runs])} "
+                     f"| {np.mean(dices) - zero[row['task']]:+.3f} | {runs[0]['trainable']:,} | {best} | {len(runs)} |")
     return "\n".join(lines)
-
-
-def save_results(task: str, rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    settings = (f"--tasks {task} --seeds {args.seeds} --steps {args.steps} --esh-steps {args.esh_steps} "
-                f"--device {args.device}")
-    (RESULTS / f"results-{task}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-
-
-def saved_results() -> tuple[list[dict], list[str]]:
-    rows, settings = [], []
-    for task in ("spine", "brats"):
-        path = RESULTS / f"results-{task}.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            rows += saved["rows"]
-            settings.append(f"`python bench/labelfree.py {saved['settings']}`")
-    return rows, settings
-
-
-def write_docs(markdown: str, settings: list[str]) -> None:
-    intro = (f"{'; '.join(settings)} (OMP_NUM_THREADS=1, 2 shared CPU cores). Targets: spine = subject B's T2w "
-             "(another site, same contrast as the source); brats = T1c of patients 5 and 6 (source: FLAIR). "
-             "Adaptation is transductive on those unlabelled volumes; their labels only score the final state "
-             "(model grid, mean over volumes). ESH on the second encoder stage, trained on the labelled source "
-             "volumes; ConvLoRA (paper factorisation, r = 2) on the first two encoder stages; selection by "
-             "ESH/decoder agreement on 4 held target patches. The source UNets use instance norm: *AdaBN only* has "
-             "nothing to re-estimate and equals zero-shot; *norm-affine* is its trainable stand-in. Best step "
-             "(agreement) per seed. See docs/labelfree.md.")
-    body = f"{SECTION}\n\n{textwrap.fill(intro, 116, break_on_hyphens=False)}\n\n{markdown}\n"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    DOCS.write_text(text)
 
 
 def main() -> None:
@@ -164,19 +106,18 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["spine", "brats"], choices=["spine", "brats"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--esh-steps", type=int, default=60)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-docs", action="store_true", help="print the table only")
     args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(1)
-    for task in args.tasks:
-        rows = run_task(task, args.seeds, args.steps, args.esh_steps, args.device)
-        print(table(rows))
-        save_results(task, rows, args)
+    settings = Settings(args.steps, 2, None, max(args.steps // 6, 1), args.device)
+    rows = [row for task in args.tasks for row in run_task(task, args.seeds, settings)]
+    text = table(rows)
+    print(text)
     if not args.no_docs:
-        rows, settings = saved_results()
-        write_docs(table(rows), settings)
+        replace_section(SECTION, f"`python bench/labelfree.py {' '.join(sys.argv[1:])}` — through the job client "
+                                 f"(the `label-free` method with the settings named in each row; job folders in "
+                                 f"`bench/.cache/jobs/`). Transductive: the unlabelled target volumes are what each "
+                                 f"job adapts to; their labels score the result only. See docs/labelfree.md.\n\n{text}")
 
 
 if __name__ == "__main__":

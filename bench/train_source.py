@@ -1,13 +1,17 @@
-"""Train the benchmark's source models from the shared data (the weights are never committed):
+"""Train the benchmark's source models from the shared data and write them as MONAI bundles (the weights are never
+committed), so that `peftadapt adapt --model bench/.cache/models/<task>` and the benchmarks load them as a user's
+model folder:
 
     python bench/train_source.py --task brats [--steps 300] [--device cpu]   # FLAIR of the four BraTS patients
     python bench/train_source.py --task spine [--steps 800]                  # T2 of spinal-cord subject A
 
 A MONAI UNet (4.8 M parameters, instance norm) trained from scratch: random 2 × patch crops (half centred on the
-label), random flips and a mild intensity scale/shift, Dice + CE, AdamW 1e-3 with cosine decay. Saved as
-`bench/.cache/<task>_source.safetensors` + `.json` (settings, seed, training cases, and the source-domain Dice
-as a sanity check — on the training FLAIRs for BraTS, on the other subject's T2 for the spine: the source model
-must be good on its own contrast for the shift to mean anything). `bench/allocation.py` calls `load_source`, which trains the model first when the cache is empty.
+label), random flips and a mild intensity scale/shift, Dice + CE, AdamW 1e-3 with cosine decay. The bundle holds
+`configs/inference.json` (network, orientation, spacing, intensity scheme, sliding-window ROI), `configs/train.json`
+(the training crop: the patch adaptation trains on), `configs/metadata.json` (labels), `models/model.safetensors`
+and `training.json` (settings, seed, cases, and the source-domain Dice as a sanity check — on the training FLAIRs
+for BraTS, on the other subject's T2 for the spine: the source must be good on its own contrast for the shift to
+mean anything). `source_model(task)` trains the model first when the cache is empty.
 """
 from __future__ import annotations
 
@@ -21,33 +25,101 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shifts import CACHE, CARDS, brats_case, spine_source_cases, unet  # noqa: E402
+from shifts import CACHE, brats_images, central, read_pair  # noqa: E402
 
+from PEFTAdaptLib.models.card import LabelInfo, ModelCard  # noqa: E402
+
+MODELS = CACHE / "models"
 DEFAULT_STEPS = {"brats": 300, "spine": 800}
+#: the source architecture: MONAI's UNet (16–256 channels, 2 residual units, instance norm, 4.8 M parameters); the
+#: spine variant keeps the last level at 1/8 resolution (cord volumes are 16 slices thin)
+NETWORKS = {task: {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128, 256],
+                   "strides": strides, "num_res_units": 2}
+            for task, strides in (("brats", [2, 2, 2, 2]), ("spine", [2, 2, 2, 1]))}
+PERCENTILES = (0.5, 99.5)
+
+
+def _card(task: str, spacing, normalization: dict, patch, roi, divisible: int, name: str) -> ModelCard:
+    return ModelCard(
+        id=f"bench-{task}", title=f"benchmark source model ({task})", description="trained by bench/train_source.py",
+        modality="MR", input_channels=1, spacing=spacing, orientation="RAS", normalization=normalization,
+        patch_size=patch, inference_roi=roi, labels=[LabelInfo(0, "background"), LabelInfo(1, name)],
+        license="CC BY-NC-SA 3.0 data" if task == "brats" else "MIT data", source="bench/train_source.py",
+        divisible_by=divisible,
+    )
+
+
+CARDS = {
+    "brats": _card("brats", (2.0, 2.0, 2.0), {"name": "none"}, (64, 64, 64), (96, 96, 96), 16, "whole tumour"),
+    "spine": _card("spine", (1.0, 1.0, 1.0), {"name": "percentile_zscore", "p_low": PERCENTILES[0],
+                                              "p_high": PERCENTILES[1]}, (32, 32, 16), (64, 64, 32), 8, "spinal cord"),
+}
+
+
+def unet(task: str):
+    from monai.networks.nets import UNet
+
+    return UNet(**NETWORKS[task])
 
 
 def source_cases(task: str):
-    """(training cases, held-out source-contrast cases for the sanity check)."""
-    if task == "brats":  # FLAIR of all four shared patients (issue #4); the in-domain fit is the sanity check
-        cases = [brats_case(p, "Flair") for p in (3, 4, 5, 6)]
+    """(training cases, held-out source-contrast cases for the sanity check), on the model's grid."""
+    from PEFTAdaptLib.data.cases import prepare_case
+
+    card = CARDS[task]
+    if task == "brats":  # FLAIR of all four shared patients; the in-domain fit is the sanity check
+        cases = [prepare_case(f"pat{p}_flair", [image], card, label)
+                 for p, (image, label) in ((p, brats_images(p, "Flair")) for p in (3, 4, 5, 6))]
         return cases, cases
-    from shifts import _central, _read_pair, spine_case
+    image, label = read_pair("spine/t2/t2.nii.gz", "spine/t2/t2_seg-manual.nii.gz")
+    other = central(*read_pair("ivadomed/spine_unf01/sub-unf01_T2w.nii.gz",
+                               "ivadomed/spine_unf01/sub-unf01_T2w_seg-manual.nii.gz"))
+    return [prepare_case("A_t2", [image], card, label)], [prepare_case("B_t2", [other[0]], card, other[1])]
 
-    other = spine_case(*_central(*_read_pair("ivadomed/spine_unf01/sub-unf01_T2w.nii.gz",
-                                             "ivadomed/spine_unf01/sub-unf01_T2w_seg-manual.nii.gz")), "B_t2")
-    return spine_source_cases(), [other]
+
+def _preprocessing(card: ModelCard) -> list[dict]:
+    steps = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+             {"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation},
+             {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing), "mode": "bilinear"}]
+    if card.normalization["name"] == "percentile_zscore":
+        steps += [{"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": card.normalization["p_low"],
+                   "upper": card.normalization["p_high"], "b_min": 0.0, "b_max": 1.0, "clip": True},
+                  {"_target_": "NormalizeIntensityd", "keys": "image"}]
+    return steps
 
 
-def paths(task: str) -> tuple[Path, Path]:
-    return CACHE / f"{task}_source.safetensors", CACHE / f"{task}_source.json"
+def write_bundle(folder: Path, task: str, state: dict, info: dict) -> Path:
+    """The trained network as a MONAI bundle whose card (read by PEFTAdapt) is `CARDS[task]`."""
+    from safetensors.torch import save_file
+
+    card = CARDS[task]
+    (folder / "configs").mkdir(parents=True, exist_ok=True)
+    (folder / "models").mkdir(exist_ok=True)
+    inference = {"network_def": {"_target_": "monai.networks.nets.UNet", **NETWORKS[task]},
+                 "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(card)},
+                 "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(card.inference_roi),
+                             "sw_batch_size": 1, "overlap": 0.25}}
+    train = {"train": {"preprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
+         "spatial_size": list(card.patch_size), "pos": 1, "neg": 1, "num_samples": 2}]}}}
+    metadata = {"name": card.title, "version": "1.0", "description": card.description, "license": card.license,
+                "network_data_format": {
+                    "inputs": {"image": {"modality": card.modality, "num_channels": 1,
+                                         "spatial_shape": [f"{card.divisible_by}*n"] * 3}},
+                    "outputs": {"pred": {"channel_def": {str(l.value): l.name for l in card.labels}}}}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    (folder / "configs" / "train.json").write_text(json.dumps(train, indent=2))
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "models" / "model.safetensors"))
+    (folder / "training.json").write_text(json.dumps(info, indent=2))
+    return folder
 
 
 def train(task: str, steps: int, device: str = "cpu", seed: int = 0) -> dict:
     from monai.losses import DiceCELoss
-    from safetensors.torch import save_file
 
-    from PEFTAdaptLib.metrics import dice
     from PEFTAdaptLib.inference import predict_probabilities
+    from PEFTAdaptLib.metrics import dice
     from PEFTAdaptLib.training import PatchSampler
 
     torch.manual_seed(seed)
@@ -77,32 +149,22 @@ def train(task: str, steps: int, device: str = "cpu", seed: int = 0) -> dict:
             print(f"{task} step {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.monotonic() - start:.0f} s)",
                   flush=True)
     network.eval()
-    sanity = {}
-    for case in held_out:
-        prediction = predict_probabilities(network, case.array, card, device).argmax(0)
-        sanity[case.name] = dice(prediction == 1, case.label[0] == 1)
-    weights, meta = paths(task)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(weights))
+    sanity = {case.name: dice(predict_probabilities(network, case.array, card, device).argmax(0) == 1,
+                              case.label[0] == 1) for case in held_out}
     info = {"task": task, "steps": steps, "seed": seed, "device": device, "seconds": time.monotonic() - start,
             "training_cases": [c.name for c in train_cases], "final_loss": float(np.mean(losses[-50:])),
             "held_out_source_dice": sanity, "parameters": sum(p.numel() for p in network.parameters())}
-    meta.write_text(json.dumps(info, indent=2))
+    write_bundle(MODELS / task, task, network.state_dict(), info)
     return info
 
 
-def load_source(task: str, device: str = "cpu", train_if_missing: bool = True) -> torch.nn.Module:
-    from safetensors.torch import load_file
-
-    weights, _ = paths(task)
-    if not weights.is_file():
-        if not train_if_missing:
-            raise FileNotFoundError(f"{weights}: run `python bench/train_source.py --task {task}` first")
+def source_model(task: str, device: str = "cpu") -> Path:
+    """The task's source model folder, trained first if it is not in the cache."""
+    folder = MODELS / task
+    if not (folder / "models" / "model.safetensors").is_file():
         print(f"no cached {task} source model: training it ({DEFAULT_STEPS[task]} steps)", flush=True)
         train(task, DEFAULT_STEPS[task], device)
-    network = unet(task)
-    network.load_state_dict(load_file(str(weights)))
-    return network.to(device).eval()
+    return folder
 
 
 def main() -> None:

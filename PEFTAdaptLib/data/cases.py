@@ -34,7 +34,8 @@ def prepare_case(
     if len(channels) != card.input_channels:
         raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {card.input_channels}")
     model_image = to_model_space(
-        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate
+        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate,
+        what=name,
     )
     arrays = [to_array(model_image)] + [to_array(onto_grid(c, model_image)) for c in channels[1:]]
     array = np.stack([normalize_intensity(a, card.normalization) for a in arrays]).astype(np.float32)
@@ -48,14 +49,26 @@ def prepare_case(
     return Case(name, channels[0], model_image, array, label_array, label)
 
 
-def load_case(
-    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None, locate=None
-) -> Case:
-    """Read a case from files, checking every channel and the label against the first channel's grid."""
-    paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
+def read_case_files(
+    image_paths: Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None
+) -> tuple[list[sitk.Image], sitk.Image | None]:
+    """Read a case's channels and label, checking them against each other and against what the model takes."""
+    paths = list(image_paths)
+    if len(paths) != card.input_channels:
+        raise InputError(f"{paths[0]}: {len(paths)} image channel(s) given; model '{card.id}' needs "
+                         f"{card.input_channels}")
     channels = [read_image(p) for p in paths]
     for path, channel in zip(paths[1:], channels[1:]):
         if not same_geometry(channel, channels[0]):
             raise InputError(f"{path}: geometry differs from the first channel {paths[0]}; co-register the channels")
     label = read_label(label_path, channels[0], paths[0], card.label_values) if label_path is not None else None
+    return channels, label
+
+
+def load_case(
+    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None, locate=None
+) -> Case:
+    """Read a case from files onto the model's grid."""
+    paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
+    channels, label = read_case_files(paths, card, label_path)
     return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label, locate)

@@ -1,4 +1,9 @@
-"""Read and write medical images through SimpleITK, keeping geometry, with errors that name the file."""
+"""Read and write medical images, keeping geometry, with errors that name the file.
+
+NIfTI, NRRD and MetaImage go through SimpleITK, FreeSurfer's MGH/MGZ through nibabel (`mgh.py`). Before any voxel
+is read, the header's size is held against the voxel limit (`limits.py`), and NIfTI/MGH files are checked against
+their header (`integrity.py`): SimpleITK would read them truncated or with NaN turned into 0.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,26 +12,22 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-
-SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _check_suffix(path: Path) -> None:
-    if not str(path).lower().endswith(SUPPORTED_SUFFIXES):
-        raise InputError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+from .formats import CHECKED_AGAINST_HEADER, image_suffix
+from .integrity import check_against_header, unreadable
+from .limits import check_voxel_count
+from .mgh import is_mgh, read_mgh, write_mgh
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3D scalar image; refuse missing, corrupt, non-3D, multi-component and non-finite files."""
+    """Read a 3D scalar image; refuse missing, corrupt, truncated, oversized, non-3D, multi-component and
+    non-finite files."""
     path = Path(path)
-    _check_suffix(path)
+    checked = image_suffix(path) in CHECKED_AGAINST_HEADER
     if not path.is_file():
         raise InputError(f"{path}: {what} file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"{path}: cannot read {what} (corrupt or not an image): {reason}") from None
+    if checked:
+        check_against_header(path, what)
+    image = read_mgh(path, what) if is_mgh(path) else _read_with_itk(path, what)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
@@ -37,20 +38,35 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         )
     if min(image.GetSize()) < 2:
         raise InputError(f"{path}: {what} has size {image.GetSize()}; a 3D volume (not a single slice) is required")
-    if what == "image":
-        array = sitk.GetArrayViewFromImage(image)
-        if not np.isfinite(array).all():
-            raise InputError(f"{path}: image contains NaN or infinite intensities; fix or mask them before adapting")
+    floating = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+    if floating and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise InputError(f"{path}: {what} contains NaN or infinite values; fix or mask them before use")
     return image
+
+
+def _read_with_itk(path: Path, what: str) -> sitk.Image:
+    """SimpleITK's reader, after checking the size its header declares against the voxel limit."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        components = reader.GetNumberOfComponents()
+        check_voxel_count((*reader.GetSize(), *([components] if components > 1 else [])), f"{path}: {what}")
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise unreadable(path, what, exc) from None
 
 
 def write_image(image: sitk.Image, path: str | Path) -> Path:
     """Write an image (compressed), creating the folder; geometry is written exactly as held by `image`."""
     path = Path(path)
-    _check_suffix(path)
+    image_suffix(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(path), useCompression=True)
+        if is_mgh(path):
+            write_mgh(image, path)
+        else:
+            sitk.WriteImage(image, str(path), useCompression=True)
     except (OSError, RuntimeError) as exc:
         raise InputError(f"{path}: cannot write output ({exc}); check the folder exists and is writable") from None
     return path

@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import PEFTAdaptError
+from .limits import check_voxel_count
 
 
 def to_array(image: sitk.Image, dtype=np.float32) -> np.ndarray:
@@ -31,13 +32,14 @@ def to_model_space(
     fit_size: Sequence[int] | None = None,
     margin: float = 0.1,
     locate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    what: str = "image",
 ) -> sitk.Image:
     """Reorient to `orientation` (DICOM letters, as nibabel's canonical 'RAS') and resample (linear).
 
     With `spacing`, the physical extent is kept and the grid gets that spacing (mm). With `fit_size`, the bounding box
     of the foreground — found by `locate(array)` (e.g. deepbet's brain locator) or else by an Otsu threshold — grown by
     `margin` on each side and clipped to the image, is resampled to exactly `fit_size` voxels: the framing networks
-    such as deepbet were trained with.
+    such as deepbet were trained with. A grid beyond the voxel limit is refused (naming `what`) before resampling.
     """
     oriented = sitk.DICOMOrient(image, orientation) if orientation else image
     size = np.array(oriented.GetSize())
@@ -61,6 +63,7 @@ def to_model_space(
     elif spacing is not None and not np.allclose(old_spacing, spacing, rtol=1e-3):
         new_spacing = np.array(spacing, dtype=float)
         new_size = np.maximum(1, np.round(size * old_spacing / new_spacing)).astype(int)
+        check_voxel_count(new_size, f"{what}: the image on the model's {'×'.join(map(str, spacing))} mm grid")
         # keep the centre of the field of view where it was
         old_centre = np.array(oriented.GetOrigin()) + direction @ ((size - 1) * old_spacing / 2)
         new_origin = old_centre - direction @ ((new_size - 1) * new_spacing / 2)
@@ -120,3 +123,10 @@ def normalize_intensity(array: np.ndarray, scheme: dict) -> np.ndarray:
         x = (x - x.mean()) / max(float(x.std()), 1e-8)
         return scheme.get("scale", 1.0) * x + scheme.get("shift", 0.0)
     raise PEFTAdaptError(f"unknown intensity normalisation '{name}' in the model card")
+
+
+def pad_to_size(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
+    """Pad a (C, x, y, z) array at the end of each spatial axis up to `size` with `value` (a volume smaller than the
+    training patch still trains, on the patch the model expects)."""
+    pads = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(size, array.shape[1:])]
+    return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array

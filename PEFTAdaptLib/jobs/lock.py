@@ -1,4 +1,7 @@
-"""One worker per job folder: an exclusive lock the OS releases when the holder dies (even by kill -9)."""
+"""One worker per job folder: an exclusive lock the OS releases when the holder dies (even by kill -9).
+
+The lock is also how a front-end tells a running job from one whose worker died: a job that says "running" but
+whose lock can be taken is interrupted."""
 from __future__ import annotations
 
 import os
@@ -13,6 +16,21 @@ class JobLocked(PEFTAdaptError):
     """Another worker holds this job folder."""
 
 
+def _try_lock(handle) -> bool:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class JobLock:
     def __init__(self, job_dir: Path):
         self.path = job_dir / LOCK_FILE
@@ -20,18 +38,9 @@ class JobLock:
 
     def __enter__(self) -> "JobLock":
         self._handle = open(self.path, "a+")
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                msvcrt.locking(self._handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _try_lock(self._handle):
             self._handle.close()
-            raise JobLocked(f"{self.path.parent}: another worker is running this job") from None
+            raise JobLocked(f"{self.path.parent}: another worker is running this job")
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(str(os.getpid()))
@@ -40,3 +49,12 @@ class JobLock:
 
     def __exit__(self, *exc) -> None:
         self._handle.close()  # closing releases the lock
+
+
+def is_running(job_dir: Path) -> bool:
+    """True while a worker holds the job folder's lock."""
+    path = Path(job_dir) / LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path, "a+") as handle:
+        return not _try_lock(handle)  # closing releases a lock taken here

@@ -1,80 +1,147 @@
-"""`job.json`: what to adapt, on which files, how. Schema-versioned; paths are checked against the job folder."""
+"""`job.json`: what to do, with which model, method and settings, on which files. Schema-versioned and checked
+when it is made and when it is read, so a bad request fails with one line naming the field."""
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..methods import DEFAULT_METHOD, Cases, MethodConfig, make_method, method_from_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 JOB_FILE = "job.json"
+TASKS = ("adapt", "predict")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
 class CaseSpec:
     images: list[str]  # one path per input channel; absolute, or relative to the job folder
     label: str | None = None
+    name: str = ""  # shown to the user; predictions are named after it
+
+    def __post_init__(self):
+        if not self.images or not all(isinstance(p, str) and p for p in self.images):
+            raise InputError(f"case {self.name or self.images!r}: needs at least one image path")
 
 
-@dataclass
-class MethodSpec:
-    name: str = "lora"
-    rank: int = 4
-    #: trainable-parameter budget: a fraction of the model's parameters if ≤ 1, else an absolute count; None = rank
-    budget: float | None = None
+def _whole(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"train.{name}: {value!r} must be a whole number ≥ {minimum}")
 
 
 @dataclass
 class TrainSpec:
     steps: int = 200
-    lr: float = 2e-3
+    lr: float | None = None  # None: the method's default
     patch_size: list[int] | None = None  # None: the model card's
     patches_per_step: int = 2
     audit_every: int = 20
     checkpoint_every: int = 20
     seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda, mps
+    device: str = "auto"
+
+    def __post_init__(self):
+        _whole(self.steps, "steps", 1)
+        _whole(self.patches_per_step, "patches_per_step", 1)
+        _whole(self.audit_every, "audit_every", 1)
+        _whole(self.checkpoint_every, "checkpoint_every", 0)
+        _whole(self.seed, "seed", 0)
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not math.isfinite(self.lr) or self.lr <= 0):
+            raise InputError(f"train.lr: {self.lr!r} must be a finite number > 0")
+        if self.patch_size is not None:
+            if not isinstance(self.patch_size, list) or len(self.patch_size) != 3:
+                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z)")
+            for size in self.patch_size:
+                _whole(size, "patch_size", 8)
+        if self.device not in DEVICES:
+            raise InputError(f"train.device: '{self.device}' is not one of {', '.join(DEVICES)}")
 
 
 @dataclass
 class JobSpec:
-    model: str
-    support: list[CaseSpec]
-    audit: list[CaseSpec]
-    method: MethodSpec = field(default_factory=MethodSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
+    model: str  # a model id (`peftadapt models`) or a model folder/file path
+    support: list[CaseSpec] = field(default_factory=list)
+    audit: list[CaseSpec] = field(default_factory=list)
     predict: list[CaseSpec] = field(default_factory=list)
-    warm_start: str | None = None  # an earlier job's adapter folder
     #: label-free only: labelled source-like cases that train its early segmentation head (optional)
     source: list[CaseSpec] = field(default_factory=list)
+    method: MethodConfig | None = None  # adapt: None takes DEFAULT_METHOD
+    train: TrainSpec = field(default_factory=TrainSpec)
+    task: str = "adapt"
+    warm_start: str | None = None  # adapt: an earlier job's adapter folder to continue from
+    adapter: str | None = None  # predict: the adapter folder to apply
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise InputError(f"task: '{self.task}' is not one of {', '.join(TASKS)}")
+        if not isinstance(self.model, str) or not self.model:
+            raise InputError("model: a model id or a model folder is required")
+        if self.task == "adapt" and self.method is None:
+            self.method = make_method(DEFAULT_METHOD)
+
+    def check(self, where: str = "job") -> None:
+        """What the job needs before any file is read: the method's data, a re-adapt it can take, a predict job's
+        images. Raises InputError naming the field."""
+        if self.task == "predict":
+            if not self.predict:
+                raise InputError(f"{where}: a predict job needs at least one image (field 'predict')")
+            return
+        self.method.check_cases(Cases(self.support, self.audit, self.source), where)
+        if self.warm_start and not self.method.warm_startable:
+            raise InputError(f"{where}: method '{self.method.name}' starts from the source model; it cannot continue "
+                             "from an earlier adapter (field 'warm_start')")
+
+    @property
+    def lr(self) -> float:
+        return self.train.lr if self.train.lr is not None else self.method.default_lr
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["method"] = self.method.to_dict() if self.method is not None else None
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "JobSpec":
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: not a job description (a JSON object is expected)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise InputError(f"{source}: schema_version {version!r} is not supported (this worker reads {SCHEMA_VERSION})")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown field '{unknown[0]}'")
         try:
-            cases = lambda key: [CaseSpec(**c) for c in data.get(key, [])]  # noqa: E731
+            cases = lambda key: [CaseSpec(**c) for c in data.get(key) or []]  # noqa: E731
+            method = data.get("method")
             return cls(
-                model=data["model"], support=cases("support"), audit=cases("audit"),
-                method=MethodSpec(**data.get("method", {})), train=TrainSpec(**data.get("train", {})),
-                predict=cases("predict"), warm_start=data.get("warm_start"), source=cases("source"),
-                schema_version=version,
+                model=data["model"], support=cases("support"), audit=cases("audit"), predict=cases("predict"),
+                source=cases("source"), method=method_from_dict(method, f"{source}: method") if method else None,
+                train=TrainSpec(**(data.get("train") or {})), task=data.get("task", "adapt"),
+                warm_start=data.get("warm_start"), adapter=data.get("adapter"), schema_version=version,
             )
         except (KeyError, TypeError) as exc:
             raise InputError(f"{source}: invalid job description ({exc})") from None
+        except InputError as exc:
+            message = str(exc)
+            raise InputError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
-def write_job(job_dir: str | Path, spec: JobSpec) -> Path:
-    job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
+def write_spec(job_dir: Path, spec: JobSpec) -> Path:
+    """Write job.json atomically (a reader never sees half of it)."""
     path = job_dir / JOB_FILE
-    path.write_text(json.dumps(spec.to_dict(), indent=2))
+    tmp = job_dir / (JOB_FILE + ".tmp")
+    tmp.write_text(spec.to_json())
+    os.replace(tmp, path)
     return path
 
 
@@ -84,9 +151,11 @@ def load_job(job_dir: str | Path) -> JobSpec:
         raise InputError(f"{path}: job description not found")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
-    return JobSpec.from_dict(data, str(path))
+    spec = JobSpec.from_dict(data, str(path))
+    spec.check(str(path))
+    return spec
 
 
 def resolve_input(job_dir: Path, path: str) -> Path:

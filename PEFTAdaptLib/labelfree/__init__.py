@@ -4,11 +4,13 @@ from .esh import (
     find_encoder_stages, stages_up_to, train_head,
 )
 from .selftrain import (
-    LabelFreeAdaptation, LabelFreeConfig, adapt_label_free, attach_adapters, pseudo_labels, self_training_loss,
+    AgreementScorer, LabelFreeConfig, LabelFreeParts, LabelFreeStart, SelfTrainingObjective, attach_adapters,
+    build_label_free, pseudo_labels, self_training_loss,
 )
 
 __all__ = [
-    "ESH_SOURCE_CONFIDENT", "ESH_SOURCE_LABELLED", "EarlySegmentationHead", "FeatureTap", "LabelFreeAdaptation",
-    "LabelFreeConfig", "adapt_label_free", "attach_adapters", "build_head", "choose_stage", "find_encoder_stages",
-    "pseudo_labels", "self_training_loss", "stages_up_to", "train_head",
+    "AgreementScorer", "ESH_SOURCE_CONFIDENT", "ESH_SOURCE_LABELLED", "EarlySegmentationHead", "FeatureTap",
+    "LabelFreeConfig", "LabelFreeParts", "LabelFreeStart", "SelfTrainingObjective", "attach_adapters",
+    "build_head", "build_label_free", "choose_stage", "find_encoder_stages", "pseudo_labels", "self_training_loss",
+    "stages_up_to", "train_head",
 ]

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..data.cases import Case
+from ..data.transforms import pad_to_size
 
 
 class TargetPatches:
@@ -14,14 +15,9 @@ class TargetPatches:
     smaller than the patch are padded with their minimum (the normalised background)."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, seed: int):
-        self.arrays = [self._padded(case.array, patch_size) for case in cases]
+        self.arrays = [pad_to_size(case.array, patch_size, float(case.array.min())) for case in cases]
         self.patch_size, self.count = tuple(patch_size), count
         self.rng = np.random.default_rng(seed)
-
-    @staticmethod
-    def _padded(array: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
-        pads = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch_size, array.shape[1:])]
-        return np.pad(array, pads, constant_values=float(array.min())) if any(p[1] for p in pads) else array
 
     def __call__(self) -> torch.Tensor:
         array = self.arrays[int(self.rng.integers(len(self.arrays)))]

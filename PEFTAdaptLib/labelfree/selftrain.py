@@ -11,8 +11,7 @@ fixed held target patches) is highest, step 0 (no change) included.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +20,13 @@ from torch import nn
 
 from ..adapters import (
     AdaBNConfig, AdaBNUnit, ConvLoRAConfig, NormAffineConfig, NormAffineUnit, UnitRecord, add_units, apply_adapter,
-    count_trainable, estimate_adabn, freeze_base, iter_units, trainable_parameters,
+    estimate_adabn, iter_units,
 )
 from ..adapters.base import BATCH_NORM_TYPES, NORM_TYPES, base_layer_names
 from ..data.cases import Case
 from ..metrics import dice
 from ..models.card import ModelCard
-from ..training import PatchSampler, audit_dice
+from ..training import PatchSampler, Score, TrainingContext, audit_dice, autocast
 from .esh import (
     ESH_SOURCE_CONFIDENT, ESH_SOURCE_LABELLED, EarlySegmentationHead, FeatureTap, build_head, choose_stage,
     stages_up_to, train_head,
@@ -35,15 +34,12 @@ from .esh import (
 from .loss import masked_dice_ce
 from .patches import TargetPatches
 
-EventCallback = Callable[[dict], None]
 #: the held agreement patches come from their own random stream (seed + 1), not from this run's training draws
 HELD_SEED_OFFSET = 1
 
 
 @dataclass
 class LabelFreeConfig:
-    steps: int = 100
-    lr: float = 1e-3
     rank: int = 2  # the paper's r = 2, alpha = 2 (scaling 1)
     alpha: float | None = None  # defaults to the rank
     factorisation: str = "paper"  # ConvLoRAConfig: "paper" or "peft"
@@ -58,7 +54,6 @@ class LabelFreeConfig:
     patches_per_step: int = 2
     held_patches: int = 4
     adabn_batches: int = 8
-    eval_every: int = 10
     seed: int = 0
     device: str = "cpu"
 
@@ -101,55 +96,74 @@ def self_training_loss(network: nn.Module, head: EarlySegmentationHead, tap: Fea
     return masked_dice_ce(head(tap.features, image.shape[2:]), target), target
 
 
-def unit_state(network: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """A copy of every unit's tensors (ConvLoRA and norm-affine parameters, AdaBN statistics): what selection keeps."""
-    return {f"{r.layer}::{r.name}": {k: v.detach().clone() for k, v in r.unit.state_dict().items()}
-            for r in iter_units(network)}
+class SelfTrainingObjective:
+    """One step: random target patches; the ESH's output on the adapted early features is trained towards the
+    decoder's pseudo-labels."""
+
+    def __init__(self, head: EarlySegmentationHead, tap: FeatureTap, sampler: TargetPatches):
+        self.head, self.tap, self.sampler = head, tap, sampler
+
+    def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor:
+        image = self.sampler().to(device)
+        with autocast(device):
+            loss, _ = self_training_loss(network, self.head, self.tap, image)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"targets": self.sampler.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.rng.bit_generator.state = state["targets"]
 
 
-def load_unit_state(network: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    records = {f"{r.layer}::{r.name}": r for r in iter_units(network)}
-    for key, tensors in state.items():
-        records[key].unit.load_state_dict(tensors)
+class AgreementScorer:
+    """Selection without ground truth: foreground Dice between the ESH's and the decoder's argmax over fixed held
+    target patches. With reference cases, their Dice is reported beside it (evaluation only, never selects)."""
+
+    event, key = "agreement", "agreement"
+
+    def __init__(self, head: EarlySegmentationHead, tap: FeatureTap, held: Sequence[torch.Tensor], card: ModelCard,
+                 reference: Sequence[Case], device: str):
+        self.head, self.tap, self.held, self.card = head, tap, list(held), card
+        self.reference, self.device = list(reference), device
+
+    @torch.no_grad()
+    def agreement(self, network: nn.Module) -> float:
+        network.eval()
+        esh, decoder = [], []
+        for image in self.held:
+            logits = network(image)
+            decoder.append(logits.argmax(1).cpu().numpy())
+            esh.append(self.head(self.tap.features, image.shape[2:]).argmax(1).cpu().numpy())
+        esh_all, decoder_all = np.concatenate(esh), np.concatenate(decoder)
+        return float(np.mean([dice(esh_all == c, decoder_all == c) for c in range(1, self.card.num_classes)]))
+
+    def __call__(self, network: nn.Module) -> Score:
+        agreement = self.agreement(network)
+        fields = {"agreement": agreement}
+        if self.reference:
+            fields["dice"] = audit_dice(network, self.reference, self.card, self.device)
+        return Score(agreement, fields)
+
+    def judge(self, score: Score, baseline: Score) -> None:
+        return None  # no reference to test a gain against: the highest agreement wins
 
 
-class LabelFreeAdaptation:
-    """ESH training, self-training and agreement-based selection for one network (adapted in place).
+def set_units_active(network: nn.Module, active: bool) -> None:
+    for record in iter_units(network):
+        record.owner.set_active(record.name, active)
 
-    Events: `esh` (stage, source, loss, supervised_fraction), `step` (step, steps, loss, eta_s), `agreement`
-    (step, agreement; `dice` too when reference cases are given — evaluation only, never used for selection)."""
 
-    def __init__(self, network: nn.Module, card: ModelCard, targets: Sequence[Case], config: LabelFreeConfig,
-                 source: Sequence[Case] = (), reference: Sequence[Case] = (), on_event: EventCallback | None = None):
-        self.network, self.card, self.config = network, card, config
-        self.source, self.reference = list(source), list(reference)
-        self.emit = on_event or (lambda event: None)
-        self.device = torch.device(config.device)
-        torch.manual_seed(config.seed)
-        network.to(self.device).eval()
-        self.stage = choose_stage(network, config.stage, config.stage_index)
-        self.adapted_stages = stages_up_to(network, self.stage)
-        attach_adapters(network, self.adapted_stages, config)
-        freeze_base(network)
-        self.tap = FeatureTap(network, self.stage)
-        self.sampler = TargetPatches(targets, card.patch_size, config.patches_per_step, config.seed)
-        held = TargetPatches(targets, card.patch_size, 1, config.seed + HELD_SEED_OFFSET)  # not a training draw
-        self.held = [held().to(self.device) for _ in range(config.held_patches)]
-        self.head = build_head(network, self.tap, self.held[0], card.num_classes)
+class LabelFreeStart:
+    """Before the step-0 score: fit the ESH on the unadapted network (units off) — on labelled source-like cases if
+    given, else on the decoder's confident target voxels — then re-estimate AdaBN statistics on target patches.
+    The head's weights are this hook's state, so a resumed job scores against the same head."""
+
+    def __init__(self, head: EarlySegmentationHead, tap: FeatureTap, targets: TargetPatches, source: Sequence[Case],
+                 card: ModelCard, config: LabelFreeConfig, device: torch.device):
+        self.head, self.tap, self.targets, self.source = head, tap, targets, list(source)
+        self.card, self.config, self.device = card, config, device
         self.esh_source = ESH_SOURCE_LABELLED if self.source else ESH_SOURCE_CONFIDENT
-        self.optimizer = None
-        self.step, self.losses, self.seconds = 0, [], 0.0
-        self.history: list[tuple[int, float]] = []
-        self.reference_history: list[tuple[int, float]] = []
-        self.best_agreement, self.best_step, self.best_state = -1.0, 0, unit_state(network)
-
-    @property
-    def trainable(self) -> int:
-        return count_trainable(self.network)
-
-    def _set_units_active(self, active: bool) -> None:
-        for record in iter_units(self.network):
-            record.owner.set_active(record.name, active)
 
     def _batches(self):
         if self.source:
@@ -159,96 +173,56 @@ class LabelFreeAdaptation:
                 image, label = sampler()
                 yield image.to(self.device), label.to(self.device)
         while True:
-            yield self.sampler().to(self.device), None
+            yield self.targets().to(self.device), None
 
-    def train_head(self) -> dict:
-        """Fit the ESH on the unadapted source network (units switched off): on the labelled source cases if any,
-        else on the decoder's confident voxels of the first target batches."""
-        self._set_units_active(False)
+    def on_start(self, context: TrainingContext) -> None:
+        network, config = context.network, self.config
+        set_units_active(network, False)
         try:
-            summary = train_head(self.network, self.head, self.tap, self._batches(), self.config.esh_steps,
-                                 self.config.esh_lr, self.config.confidence)
+            summary = train_head(network, self.head, self.tap, self._batches(), config.esh_steps, config.esh_lr,
+                                 config.confidence)
         finally:
-            self._set_units_active(True)
-        summary = {"stage": self.stage, "source": self.esh_source, "steps": self.config.esh_steps, **summary}
-        self.emit({"event": "esh", **summary})
-        return summary
+            set_units_active(network, True)
+        context.emit({"event": "esh", "stage": self.tap.stage, "source": self.esh_source, "steps": config.esh_steps,
+                      **summary})
+        if any(isinstance(r.unit, AdaBNUnit) for r in iter_units(network)):
+            estimate_adabn(network, (self.targets().to(self.device) for _ in range(config.adabn_batches)))
 
-    @torch.no_grad()
-    def agreement(self) -> float:
-        """Foreground Dice between the ESH's and the decoder's argmax over all held target patches together."""
-        self.network.eval()
-        esh, decoder = [], []
-        for image in self.held:
-            logits = self.network(image)
-            decoder.append(logits.argmax(1).cpu().numpy())
-            esh.append(self.head(self.tap.features, image.shape[2:]).argmax(1).cpu().numpy())
-        esh_all, decoder_all = np.concatenate(esh), np.concatenate(decoder)
-        return float(np.mean([dice(esh_all == c, decoder_all == c) for c in range(1, self.card.num_classes)]))
+    def after_step(self, step: int, context: TrainingContext) -> None:
+        pass
 
-    def reference_dice(self) -> float:
-        """Mean foreground Dice against the reference labels (whole volumes): for reporting only."""
-        return audit_dice(self.network, self.reference, self.card, str(self.device))
+    def state_dict(self) -> dict:
+        return {"head": {k: v.detach().clone() for k, v in self.head.state_dict().items()}}
 
-    def _evaluate(self) -> None:
-        score = self.agreement()
-        self.history.append((self.step, score))
-        event = {"event": "agreement", "step": self.step, "agreement": score}
-        if self.reference:  # evaluation only: reported, never used for training or selection
-            event["dice"] = self.reference_dice()
-            self.reference_history.append((self.step, event["dice"]))
-        if score > self.best_agreement:
-            self.best_agreement, self.best_step, self.best_state = score, self.step, unit_state(self.network)
-        self.emit(event)
-
-    def _train_step(self) -> float:
-        image = self.sampler().to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, _ = self_training_loss(self.network, self.head, self.tap, image)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
-
-    def run(self, should_stop: Callable[[], bool] | None = None) -> bool:
-        """Self-train for `config.steps`; returns False when stopped early."""
-        config = self.config
-        if any(isinstance(r.unit, AdaBNUnit) for r in iter_units(self.network)):
-            estimate_adabn(self.network, (self.sampler().to(self.device) for _ in range(config.adabn_batches)))
-        parameters = trainable_parameters(self.network)
-        self.optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0) if parameters else None
-        self._evaluate()
-        if self.optimizer is None:  # nothing trainable (e.g. AdaBN on a network without BatchNorm)
-            return True
-        start = time.monotonic()
-        while self.step < config.steps:
-            if should_stop is not None and should_stop():
-                return False
-            self.step += 1
-            self.losses.append(self._train_step())
-            self.seconds = time.monotonic() - start
-            self.emit({"event": "step", "step": self.step, "steps": config.steps, "loss": self.losses[-1],
-                       "eta_s": self.seconds / self.step * (config.steps - self.step)})
-            if self.step % config.eval_every == 0 or self.step == config.steps:
-                self._evaluate()
-        return True
-
-    def finish(self) -> dict:
-        """Leave the network at the best-agreement adapter state, detach the tap, summarise."""
-        load_unit_state(self.network, self.best_state)
-        self.tap.remove()
-        self.network.eval()
-        return {"stage": self.stage, "adapted_stages": self.adapted_stages, "esh_source": self.esh_source,
-                "history": self.history, "reference": self.reference_history, "losses": self.losses,
-                "best_agreement": self.best_agreement, "best_step": self.best_step, "trainable": self.trainable,
-                "seconds": self.seconds}
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
 
 
-def adapt_label_free(network: nn.Module, card: ModelCard, targets: Sequence[Case], config: LabelFreeConfig,
-                     source: Sequence[Case] = (), reference: Sequence[Case] = (),
-                     on_event: EventCallback | None = None) -> dict:
-    """Adapt `network` in place to the unlabelled `targets`; return the summary (see `LabelFreeAdaptation`)."""
-    adaptation = LabelFreeAdaptation(network, card, targets, config, source, reference, on_event)
-    adaptation.train_head()
-    adaptation.run()
-    return adaptation.finish()
+@dataclass
+class LabelFreeParts:
+    """What the `Trainer` runs for label-free adaptation, and what the event log reports about it."""
+
+    objective: SelfTrainingObjective
+    scorer: AgreementScorer
+    start: LabelFreeStart
+    info: dict
+
+
+def build_label_free(network: nn.Module, card: ModelCard, targets: Sequence[Case], config: LabelFreeConfig,
+                     source: Sequence[Case] = (), reference: Sequence[Case] = ()) -> LabelFreeParts:
+    """Attach the adapters to the stages the ESH reads and build the objective, the scorer and the start hook."""
+    device = torch.device(config.device)
+    network.to(device).eval()
+    stage = choose_stage(network, config.stage, config.stage_index)
+    adapted_stages = stages_up_to(network, stage)
+    attach_adapters(network, adapted_stages, config)
+    tap = FeatureTap(network, stage)
+    sampler = TargetPatches(targets, card.patch_size, config.patches_per_step, config.seed)
+    held_patches = TargetPatches(targets, card.patch_size, 1, config.seed + HELD_SEED_OFFSET)  # not a training draw
+    held = [held_patches().to(device) for _ in range(config.held_patches)]
+    head = build_head(network, tap, held[0], card.num_classes)
+    start = LabelFreeStart(head, tap, sampler, source, card, config, device)
+    info = {"esh_stage": stage, "adapted_stages": adapted_stages, "esh_source": start.esh_source,
+            "factorisation": config.factorisation}
+    return LabelFreeParts(SelfTrainingObjective(head, tap, sampler),
+                          AgreementScorer(head, tap, held, card, reference, str(device)), start, info)

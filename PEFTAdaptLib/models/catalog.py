@@ -3,7 +3,8 @@
 Folder: `$PEFTADAPT_MODELS`, else `$XDG_CACHE_HOME/peftadapt/models`, else `~/.cache/peftadapt/models`. Every
 subfolder holding a recognised format is listed under its folder name; a `registry.json` (one entry beside the
 files, or a list in the root) adds metadata and checksums, validated against `registry_schema.json`.
-Nothing here imports torch: listing must work before torch is installed.
+Listing reads description files and hashes TorchScript files (trusted or not); it imports torch only to resolve the
+network classes a MONAI bundle names, which needs MONAI (and so torch) installed anyway.
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ class CatalogEntry:
         for relative, expected in self.record.get("sha256", {}).items():
             verify_sha256(self.path / relative if self.path.is_dir() else self.path.with_name(relative), expected,
                           f"a file of model '{self.id}'")
+        _check_code(self.format, self.path)
 
     def availability(self) -> str:
         try:
@@ -175,6 +177,36 @@ def _check_weights_present(model_format: str, path: Path) -> None:
         raise ModelError(f"{path / WEIGHT_NAMES[1]}: file is missing (nor model.safetensors / model.ts)")
     if model_format == "nnunet_v2" and checkpoint_path(path, None) is None:
         raise ModelError(f"{path / 'fold_*'}: no {' or '.join(CHECKPOINTS)}")
+
+
+def _check_code(model_format: str, path: Path) -> None:
+    """What would run code: a bundle's `network_def` (network classes only) and TorchScript (trusted files only)."""
+    from .monai_bundle import check_bundle
+    from .torchscript_card import check_trusted
+
+    if model_format == "monai_bundle":
+        check_bundle(path)
+    elif model_format == "torchscript":
+        check_trusted(path)
+
+
+def torchscript_file(path: Path) -> Path:
+    """The TorchScript file a model path would run (the file itself, a bundle's model.ts, a folder's model.ts)."""
+    from .monai_bundle import weights_path
+    from .torchscript_card import resolve
+
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise ModelError(f"{path}: not found")
+    model_format = detect_format(path)
+    if model_format == "torchscript":
+        return resolve(path)[0]
+    weights = weights_path(path) if model_format == "monai_bundle" else None
+    if weights is None or weights.suffix != ".ts":
+        raise ModelError(f"{path}: holds no TorchScript file; only TorchScript needs trusting (other formats are "
+                         "loaded as data)")
+    return weights
 
 
 def _read_registry(path: Path) -> list[dict]:

@@ -1,12 +1,18 @@
 """MONAI bundles (model-zoo layout): configs/inference.json + configs/metadata.json + models/model.pt (or .ts).
 
-A bundle config is a small program: `$` strings are Python expressions and `_target_` names any callable. Only the
-network definition is instantiated, from a fresh parser holding nothing else, after checking that every `_target_`
-in it is a MONAI component and that it contains no expression. Everything else (spacing, intensity scaling,
-orientation, ROI) is read as plain values, never evaluated.
+A bundle config is a small program: `$` strings are Python expressions, `_target_` names any callable, and
+`_requires_`, `_mode_`, `%` macros run or load more. MONAI's parser is never used on it. Only `network_def` is
+built, by this module: every `_target_` in it (nested ones too) must be a network class (`torch.nn.Module` subclass)
+of `monai.networks` or `dynamic_network_architectures`, every other value plain (numbers, strings, lists, `@`
+references to plain values), no MONAI special key, and no argument that makes a network download or read weights
+(`pretrained`, URLs, files). Everything else (spacing, intensity scaling, orientation, ROI) is read as plain values,
+never evaluated. A TorchScript bundle (`models/model.ts`) is code and loads only once the user trusted it
+(`trust.py`).
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -15,6 +21,8 @@ from typing import Any
 from ..errors import ModelError
 from .card import LabelInfo, ModelCard
 from .foundation import FoundationModel
+from .network_classes import import_network_class
+from .trust import load_trusted_torchscript, require_trusted
 
 CONFIG_NAMES = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
 METADATA = "configs/metadata.json"
@@ -22,6 +30,18 @@ WEIGHT_NAMES = ("models/model.safetensors", "models/model.pt", "models/model.ts"
 #: transform names (MONAI dictionary transforms) the card is read from
 SPACING, ORIENTATION = "Spacingd", "Orientationd"
 SCALE_RANGE, NORMALIZE = "ScaleIntensityRanged", "NormalizeIntensityd"
+PERCENTILES = "ScaleIntensityRangePercentilesd"
+#: the training config, and the crop transforms whose `spatial_size` is the training patch
+TRAIN_CONFIG = "configs/train.json"
+TRAINING_CROPS = ("RandCropByPosNegLabeld", "RandCropByLabelClassesd", "RandSpatialCropd", "RandSpatialCropSamplesd")
+#: packages whose network classes a `network_def` may name; a bare name (MONAI's "UNet") is looked up in the modules
+NETWORK_PACKAGES = ("monai.networks.", "dynamic_network_architectures.")
+BARE_NAME_MODULES = ("monai.networks.nets", "monai.networks.blocks")
+#: the only MONAI special keys accepted in a network definition (`_desc_` is a comment)
+PLAIN_SPECIAL_KEYS = ("_target_", "_desc_")
+#: constructor arguments with which MONAI networks download or read weights (`pretrained`, `pretrained_url`,
+#: `checkpoint`, TorchVisionFCModel's `weights`, Transchex's `path_or_repo_id` / `filename`…): refused unless off
+FETCHING_ARGUMENT = re.compile(r"pretrain|url|repo|file|^checkpoint$|^weights$")
 
 
 def config_path(folder: Path) -> Path | None:
@@ -79,28 +99,71 @@ def _expand(value: Any, config: dict, path: Path, depth: int = 0) -> Any:
     return value
 
 
-def _check_network_def(value: Any, path: Path, where: str = "network_def") -> None:
-    """Refuse expressions and non-MONAI `_target_`s: instantiating them would run arbitrary code."""
-    from monai.bundle.config_item import ComponentLocator
+def _network_class(target: Any, path: Path, where: str) -> type:
+    if isinstance(target, str) and "." not in target:
+        module = next((m for m in BARE_NAME_MODULES if hasattr(importlib.import_module(m), target)), None)
+        if module is None:
+            raise ModelError(f"{path}: refused to import '{target}' at {where}: not a network class of "
+                             f"{', '.join(BARE_NAME_MODULES)}")
+        target = f"{module}.{target}"
+    return import_network_class(target, NETWORK_PACKAGES, path, where)
 
+
+def _refuse_fetching(cls: type, arguments: dict, path: Path, where: str) -> None:
+    """A network that would download or read weights while being built (network access, files outside the bundle)."""
+    try:
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):
+        defaults = {}
+    for name, value in {**defaults, **arguments}.items():
+        if FETCHING_ARGUMENT.search(name) and value not in (None, False, "", 0):
+            raise ModelError(f"{path}: refused '{name}: {str(value)[:60]}' of {cls.__name__} at {where}: it would "
+                             "download or read weights while building the network; the bundle's own weights are used")
+
+
+def _network(value: Any, path: Path, where: str, build: bool) -> Any:
+    """Check a network definition and, with `build`, instantiate it: plain values and network classes only."""
     if isinstance(value, str) and value[:1] in ("$", "%"):
         raise ModelError(f"{path}: refused to evaluate '{value[:60]}' at {where}: the network definition may only "
-                         "hold plain values and MONAI classes")
+                         "hold plain values and network classes")
     if isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_network_def(item, path, f"{where}#{index}")
-    if isinstance(value, dict):
-        target = value.get("_target_")
-        if target is not None:
-            known = "." not in target and ComponentLocator().get_component_module_name(target) is not None
-            if not (known or str(target).startswith("monai.")):
-                raise ModelError(f"{path}: refused to instantiate '{target}' at {where}: only MONAI components")
-        for key, item in value.items():
-            _check_network_def(item, path, f"{where}#{key}")
+        return [_network(item, path, f"{where}#{index}", build) for index, item in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    special = [key for key in value if key[:1] == key[-1:] == "_" and key not in PLAIN_SPECIAL_KEYS]
+    if special:
+        raise ModelError(f"{path}: refused '{special[0]}' at {where}: MONAI's special keys run or load code; a network "
+                         "definition holds a `_target_` and plain arguments")
+    arguments = {key: _network(item, path, f"{where}#{key}", build) for key, item in value.items()
+                 if key not in PLAIN_SPECIAL_KEYS}
+    if "_target_" not in value:
+        return arguments
+    cls = _network_class(value["_target_"], path, where)
+    _refuse_fetching(cls, arguments, path, where)
+    if not build:
+        return None
+    try:
+        return cls(**arguments)
+    except Exception as exc:  # noqa: BLE001 - a network constructor raises many types for bad arguments
+        raise ModelError(f"{path}: cannot build {where} ({type(exc).__name__}: {exc})") from None
 
 
-def _transforms(config: dict, path: Path) -> list[dict]:
-    """Every transform dict under `preprocessing` (references followed, expressions skipped)."""
+def _network_def(folder: Path) -> tuple[Path, Any]:
+    path = config_path(folder)
+    if path is None:
+        raise ModelError(f"{folder / CONFIG_NAMES[0]}: file is missing")
+    config = _load(path)
+    if "network_def" not in config:
+        raise ModelError(f"{path}: key 'network_def' is missing")
+    network_def = _expand(config["network_def"], config, path)
+    if not (isinstance(network_def, dict) and "_target_" in network_def):
+        raise ModelError(f"{path}: 'network_def' names no network class (`_target_`)")
+    return path, network_def
+
+
+def _transforms(config: dict, path: Path, key: str = "preprocessing") -> list[dict]:
+    """Every transform dict under `key` (references followed, expressions skipped)."""
     found: list[dict] = []
 
     def walk(node: Any) -> None:
@@ -113,7 +176,7 @@ def _transforms(config: dict, path: Path) -> list[dict]:
             for item in node:
                 walk(item)
 
-    walk(_expand(config.get("preprocessing", {}), config, path))
+    walk(_expand(config.get(key, {}), config, path))
     return found
 
 
@@ -128,6 +191,12 @@ def _plain(value: Any, key: str, path: Path) -> Any:
 
 
 def _normalization(transforms: list[dict], path: Path) -> dict:
+    percentiles = _named(transforms, PERCENTILES)
+    if percentiles is not None:  # percentiles → [0, 1], then z-score: the spinal-cord networks' scheme
+        if _named(transforms, NORMALIZE) is None:
+            raise ModelError(f"{path}: {PERCENTILES} without a following {NORMALIZE} is not supported")
+        lower, upper = (_plain(percentiles.get(k), f"{PERCENTILES}.{k}", path) for k in ("lower", "upper"))
+        return {"name": "percentile_zscore", "p_low": float(lower), "p_high": float(upper)}
     scale = _named(transforms, SCALE_RANGE)
     if scale is not None:
         values = {k: _plain(scale.get(k, d), f"{SCALE_RANGE}.{k}", path)
@@ -177,6 +246,20 @@ def _divisible_by(metadata: dict, network_def: dict) -> int:
     return product
 
 
+def _training_patch(folder: Path) -> list[int] | None:
+    """The crop size of the bundle's training config, if it has one: the patch adaptation trains on."""
+    path = folder / TRAIN_CONFIG
+    if not path.is_file():
+        return None
+    config = _load(path)
+    crops = [t for t in _transforms(config, path, "train") if t["_target_"].rsplit(".", 1)[-1] in TRAINING_CROPS]
+    size = _plain(crops[0].get("spatial_size") or crops[0].get("roi_size"), "train crop spatial_size", path) \
+        if crops else None
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
+        raise ModelError(f"{path}: the training crop size {size!r} is not three integers")
+    return size
+
+
 def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
     """The card of a bundle, from its config files alone (nothing instantiated, torch not needed)."""
     path = config_path(folder)
@@ -201,7 +284,7 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
         spacing=tuple(float(p) for p in pixdim) if pixdim else None,
         orientation=str(_plain(orientation.get("axcodes", ""), f"{ORIENTATION}.axcodes", path)) if orientation else "",
         normalization=_normalization(transforms, path),
-        patch_size=tuple(roi),
+        patch_size=tuple(_training_patch(folder) or roi),
         inference_roi=tuple(roi),
         labels=_labels(metadata, folder / METADATA),
         license=str(metadata.get("license", metadata.get("copyright", "see the bundle's LICENSE"))),
@@ -213,26 +296,27 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
     )
 
 
-def build_network(folder: Path):
-    """Instantiate `network_def` alone, after the safety check."""
-    from monai.bundle import ConfigParser
+def check_bundle(folder: Path) -> None:
+    """Raise the ModelError loading would: an unsafe `network_def`, or a TorchScript file the user has not trusted.
 
-    path = config_path(folder)
-    config = _load(path)
-    if "network_def" not in config:
-        raise ModelError(f"{path}: key 'network_def' is missing")
-    network_def = _expand(config["network_def"], config, path)
-    _check_network_def(network_def, path)
-    try:
-        return ConfigParser({"network_def": network_def}).get_parsed_content("network_def")
-    except Exception as exc:  # noqa: BLE001 - MONAI raises many types for a bad definition; all mean the same here
-        raise ModelError(f"{path}: cannot build network_def ({type(exc).__name__}: {exc})") from None
+    Nothing is instantiated or loaded (listing models calls this)."""
+    weights = weights_path(folder)
+    if weights is not None and weights.suffix == ".ts":
+        require_trusted(weights)
+    else:
+        path, network_def = _network_def(folder)
+        _network(network_def, path, "network_def", build=False)
+
+
+def build_network(folder: Path):
+    """Instantiate `network_def` alone, once the whole tree passed the check (nothing is built before)."""
+    path, network_def = _network_def(folder)
+    _network(network_def, path, "network_def", build=False)
+    return _network(network_def, path, "network_def", build=True)
 
 
 def load_bundle(folder: str | Path, model_id: str | None = None) -> FoundationModel:
     """Eager network + state dict where the bundle has one; a TorchScript bundle gives a scripted network."""
-    import torch
-
     from ..adapters.io import fingerprint
     from .safe_load import load_into, load_state_dict_file
 
@@ -242,10 +326,7 @@ def load_bundle(folder: str | Path, model_id: str | None = None) -> FoundationMo
     if weights is None:
         raise ModelError(f"{folder / WEIGHT_NAMES[1]}: file is missing (nor model.safetensors / model.ts)")
     if weights.suffix == ".ts":
-        try:
-            network = torch.jit.load(str(weights), map_location="cpu")
-        except RuntimeError as exc:
-            raise ModelError(f"{weights}: not a readable TorchScript file ({exc})") from None
+        network = load_trusted_torchscript(weights)
         card.extra["torchscript"] = True
     else:
         network = load_into(build_network(folder), load_state_dict_file(weights), weights)

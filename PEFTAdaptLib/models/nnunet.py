@@ -12,13 +12,13 @@ spacing and patch size are given in PEFTAdapt's order.
 from __future__ import annotations
 
 import colorsys
-import importlib
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
 from .card import LabelInfo, ModelCard
 from .foundation import FoundationModel
+from .network_classes import import_network_class
 from .safe_load import read_json
 
 DATASET_JSON = "dataset.json"
@@ -172,42 +172,23 @@ def _strides(config: dict, path: Path) -> list[list[int]]:
     return [[s] * 3 if isinstance(s, int) else s for s in strides]
 
 
-def _import_allowed(dotted: str, prefixes: tuple[str, ...], path: Path) -> Any:
-    """Import a class named in the plans, only from packages that cannot run surprise code."""
-    from torch import nn
-
-    if not dotted.startswith(prefixes):
-        raise ModelError(f"{path}: refused to import '{dotted}': plans may only name classes from {', '.join(prefixes)}")
-    module_name, _, attribute = dotted.rpartition(".")
-    try:
-        value = getattr(importlib.import_module(module_name), attribute)
-    except ModuleNotFoundError as exc:
-        package = "dynamic_network_architectures" if "dynamic_network" in str(exc) else exc.name
-        raise ModelError(f"{path}: '{dotted}' needs the missing package {package} "
-                         "(`pip install --no-deps dynamic-network-architectures`)") from None
-    except AttributeError:
-        raise ModelError(f"{path}: '{dotted}' does not exist in the installed packages") from None
-    if not (isinstance(value, type) and issubclass(value, nn.Module)):
-        raise ModelError(f"{path}: '{dotted}' is not a network layer class")
-    return value
-
-
 def _architecture(config: dict, num_inputs: int, num_classes: int, path: Path) -> tuple[type, dict]:
     """(network class, keyword arguments) from new-style `architecture` or the older flat U-Net keys."""
     import torch
 
     arch = config.get("architecture")
     if isinstance(arch, dict):
-        cls = _import_allowed(_need(arch, "network_class_name", path, " in 'architecture'"), (ARCHITECTURE_PACKAGE,), path)
+        cls = import_network_class(_need(arch, "network_class_name", path, " in 'architecture'"),
+                                   (ARCHITECTURE_PACKAGE,), path)
         kwargs = dict(_need(arch, "arch_kwargs", path, " in 'architecture'"))
         for key in arch.get("_kw_requires_import", []):
             if kwargs.get(key) is not None:
-                kwargs[key] = _import_allowed(kwargs[key], ("torch.nn.",), path)
+                kwargs[key] = import_network_class(kwargs[key], ("torch.nn.",), path)
     else:
         class_name = _need(config, "UNet_class_name", path, " (neither 'architecture' nor 'UNet_class_name')")
         if class_name not in LEGACY_CLASSES:
             raise ModelError(f"{path}: U-Net class '{class_name}' is not supported")
-        cls = _import_allowed(LEGACY_CLASSES[class_name], (ARCHITECTURE_PACKAGE,), path)
+        cls = import_network_class(LEGACY_CLASSES[class_name], (ARCHITECTURE_PACKAGE,), path)
         kernels = _need(config, "conv_kernel_sizes", path)
         base, top = _need(config, "UNet_base_num_features", path), config.get("unet_max_num_features", 320)
         encoder_key = "n_conv_per_stage_encoder" if class_name == "PlainConvUNet" else "n_blocks_per_stage"

@@ -64,18 +64,32 @@ def list_models(folder: Path | None = None) -> tuple[list[ModelListing], list[st
     return rows, problems
 
 
-def load_model(id_or_path: str | Path, folder: Path | None = None) -> FoundationModel:
-    """A built-in model id, an id from the user's model folder, or a model folder/file path (format detected)."""
+def _entry(key: str, folder: Path | None):
+    """The catalog entry of a model folder path or model-folder id, or None."""
     from .catalog import entry_for_path, scan
 
+    path = Path(key).expanduser()
+    if path.exists():
+        return entry_for_path(path)
+    entries, _ = scan(folder)
+    if key in entries:
+        return entries[key]
+    raise ModelError(f"unknown model '{key}' (not a built-in id, not in the model folder, not an existing path); "
+                     "`peftadapt models` lists the available ones")
+
+
+def model_card(id_or_path: str | Path, folder: Path | None = None) -> ModelCard:
+    """The card of a model, read from its files alone (no network built, no torch): what a request is checked
+    against before a job is made."""
+    key = str(id_or_path)
+    if key in BUILTIN:
+        return BUILTIN[key].card
+    return _entry(key, folder).card()
+
+
+def load_model(id_or_path: str | Path, folder: Path | None = None) -> FoundationModel:
+    """A built-in model id, an id from the user's model folder, or a model folder/file path (format detected)."""
     key = str(id_or_path)
     if key in BUILTIN:
         return BUILTIN[key].loader()
-    path = Path(key).expanduser()
-    if path.exists():
-        return entry_for_path(path).load()
-    entries, _ = scan(folder)
-    if key in entries:
-        return entries[key].load()
-    raise ModelError(f"unknown model '{key}' (not a built-in id, not in the model folder, not an existing path); "
-                     "`peftadapt models` lists the available ones")
+    return _entry(key, folder).load()

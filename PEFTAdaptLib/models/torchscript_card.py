@@ -1,8 +1,10 @@
 """A TorchScript network file with a model card JSON beside it (`model.ts` + `model.card.json` or `card.json`).
 
-TorchScript holds a graph, not Python: loading it runs no pickled code. Its layers cannot be swapped for adapter
-layers, so adapters act in weight space through `adapters.scripted.ScriptedAdapterModel` (see `with_adapter`).
-The scripted network must return logits (N, C, x, y, z) for the card's labels, like every foundation model.
+TorchScript is a program: loading it runs its `__setstate__`, running it does whatever its graph says (reading and
+writing files included). It is loaded only when the user trusted the file's exact bytes (`trust.py`). Its layers
+cannot be swapped for adapter layers, so adapters act in weight space through
+`adapters.scripted.ScriptedAdapterModel` (see `with_adapter`). The scripted network must return logits
+(N, C, x, y, z) for the card's labels, like every foundation model.
 """
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from pathlib import Path
 from ..errors import ModelError
 from .card import ModelCard
 from .foundation import FoundationModel
+from .trust import load_trusted_torchscript, require_trusted
 
 SUFFIXES = (".ts", ".pt", ".jit")
-CARD_NAMES = ("card.json", "model.card.json")
 
 
 def _network_file(folder: Path) -> Path | None:
@@ -42,6 +44,11 @@ def resolve(path: Path) -> tuple[Path, Path]:
     return network, card
 
 
+def check_trusted(path: Path) -> None:
+    """Refuse (naming the file, its sha256 and `peftadapt trust`) unless the user trusted this TorchScript file."""
+    require_trusted(resolve(path)[0])
+
+
 def torchscript_card(path: Path, model_id: str | None = None) -> ModelCard:
     card = ModelCard.load(resolve(path)[1])
     if model_id:
@@ -51,16 +58,11 @@ def torchscript_card(path: Path, model_id: str | None = None) -> ModelCard:
 
 
 def load_torchscript(path: str | Path, model_id: str | None = None) -> FoundationModel:
-    import torch
-
     from ..adapters.io import fingerprint
 
     network_file, card_file = resolve(Path(path))
     card = torchscript_card(Path(path), model_id)
-    try:
-        network = torch.jit.load(str(network_file), map_location="cpu").eval()
-    except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"{network_file}: not a TorchScript file ({exc}); save it with torch.jit.save") from None
+    network = load_trusted_torchscript(network_file).eval()
     return FoundationModel(network, card, fingerprint(network), {"network": str(network_file), "card": str(card_file)})
 
 

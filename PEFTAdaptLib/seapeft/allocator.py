@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .config import SeaPeftConfig
 from .controller import Controller
-from .estimate import Calibration
+from .estimate import FamilyCalibration
 from .knapsack import PER, Candidate, allocate
 from .pool import PoolUnit
 from .sampler import AuditSampler
@@ -37,7 +37,7 @@ class Allocator:
         self.controller = Controller(list(self.units), config.votes, config.guard)
         self.sampler = AuditSampler(config.audit_units, config.active_share, config.debt_horizon,
                                     config.uniform_audits, config.seed)
-        self.calibration = Calibration(config.calibration_window, config.calibration_bounds)
+        self.calibration = FamilyCalibration(config.calibration_window, config.calibration_bounds)
         self.history: deque[list[str]] = deque(maxlen=config.history)
         self.rounds = 0
 
@@ -64,7 +64,7 @@ class Allocator:
         """Record an untrained unit's first-order ΔDice (`raw_gain` = η·k·‖g‖₁); returns the calibrated gain."""
         if name in self.trained:
             raise ValueError(f"{name} has trained: it is measured by toggling, not estimated")
-        gain = min(self.calibration.factor * raw_gain, max(1.0 - base_dice, 0.0))
+        gain = min(self.calibration.factor(self.units[name].family) * raw_gain, max(1.0 - base_dice, 0.0))
         self.predicted[name] = raw_gain
         self.source[name] = FIRST_ORDER
         self.utilities[name].update(PER * gain / self.units[name].cost)
@@ -74,7 +74,7 @@ class Allocator:
         """Record a toggle measurement: ΔDice the unit brings (on − off)."""
         if self.source[name] != TOGGLE:
             if name in self.predicted:
-                self.calibration.add(self.predicted.pop(name), delta)
+                self.calibration.add(self.units[name].family, self.predicted.pop(name), delta)
             self.utilities[name].reset()
             self.source[name] = TOGGLE
         self.utilities[name].update(PER * delta / self.units[name].cost)
@@ -97,9 +97,15 @@ class Allocator:
         hysteresis = 0.0 if guard_free else self.config.hysteresis
         return allocate(self.candidates(guard_free, names), self.config.budget, hysteresis)
 
-    def start(self) -> dict[str, bool]:
-        """First allocation, from the first-order estimates: switched on at once and guarded."""
-        desired = self.desired()
+    def start(self, prior: Sequence[str] = ()) -> dict[str, bool]:
+        """First allocation, from the first-order estimates: switched on at once and guarded. The `prior` units
+        (the shallow recipe's) are chosen first — all of them when they fit the budget, else the knapsack's best
+        among them — and the rest of the budget is filled as usual."""
+        desired = self.desired(names=sorted(prior)) if prior else set()
+        pinned = [Candidate(c.name, c.key, c.cost, c.value, active=True, locked=True)
+                  for c in self.candidates(names=sorted(desired))]
+        others = [c for c in self.candidates() if c.name not in desired]
+        desired = allocate(pinned + others, self.config.budget, self.config.hysteresis)
         self.history.append(sorted(desired))
         return self.controller.start(sorted(desired), self.config.guard)
 

@@ -2,8 +2,9 @@
 
 Schedule (steps are optimizer steps; `training.Trainer` calls `after_step` after each one):
 
-- start (`on_start`): draw the fixed audit buffer; first-order estimate for every unit (all are untrained);
-  the first allocation is switched on at once and guarded (warm-up: nothing is re-allocated before `warmup`);
+- start (`on_start`): the fixed audit buffer (the whole audit volume where it fits); first-order estimate for
+  every unit (all are untrained); the first allocation — the shallow recipe's units, then the rest of the budget —
+  is switched on at once and guarded (warm-up: nothing is re-allocated before `warmup`);
 - every `audit_every` steps: toggle a sample of trained units on the buffer (ΔDice), update their utilities;
 - every `allocate_every` steps from `warmup` on (not at the last step): re-estimate the untrained units, solve the
   knapsack, let the controller flip gates;
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..adapters.base import iter_units
+from ..adapters.shallow import shallow_layers
+from ..errors import PEFTAdaptError
 from .allocator import Allocator
 from .audit import AuditBuffer
 from .config import SeaPeftConfig
@@ -27,10 +30,15 @@ from .estimate import first_order_gain
 from .pool import PoolUnit
 
 PHASES = ("audit", "estimate", "allocate", "final")
+PRIORS = ("shallow", "none")
+#: final-sweep candidates (best on the buffer first) judged on the whole audit volumes by the selection rule
+JUDGED_CANDIDATES = 3
 
 
 class SeaPeftHook:
     def __init__(self, network: nn.Module, pool: Sequence[PoolUnit], config: SeaPeftConfig):
+        if config.prior not in PRIORS:
+            raise PEFTAdaptError(f"SEA-PEFT prior '{config.prior}' unknown; choose one of {', '.join(PRIORS)}")
         self.network, self.config = network, config
         self.allocator = Allocator(pool, config)
         self.records = {f"{r.layer}::{r.name}": r for r in iter_units(network)}
@@ -57,7 +65,7 @@ class SeaPeftHook:
     def _ensure_buffer(self, context) -> None:
         if self.buffer is None:
             self.buffer = AuditBuffer(context.audit, context.card.patch_size, self.config.audit_patches,
-                                      self.config.seed, context.device)
+                                      self.config.seed, context.device, context.card.divisible_by)
 
     def _timed(self, phase: str, start: float) -> None:
         self.seconds[phase] += time.monotonic() - start
@@ -67,7 +75,7 @@ class SeaPeftHook:
         self._ensure_buffer(context)
         self._estimate(0, context)
         start = time.monotonic()
-        flips = self.allocator.start()
+        flips = self.allocator.start(self._prior())
         self._sync_gates()
         self._timed("allocate", start)
         self._emit_allocation(0, context, set(flips), flips)
@@ -143,6 +151,15 @@ class SeaPeftHook:
             context.emit(self.allocator.unit_event("unit_audit", name, step, delta_dice=gains[name],
                                                    estimate="first_order", base_dice=base))
 
+    def _prior(self) -> list[str]:
+        """The shallow recipe's units in the pool: dense deltas on the layers nearest the input and the output (by
+        depth on the computation graph, adapters/shallow.py) and norm-affine on every norm."""
+        if self.config.prior != "shallow":
+            return []
+        layers = set(shallow_layers(self.network, self.buffer.batches[0][0]))
+        return [u.name for u in self.allocator.pool
+                if u.family == "norm_affine" or (u.family == "dense" and u.site in layers)]
+
     def _emit_allocation(self, step: int, context, desired: set[str], flips: dict[str, bool]) -> None:
         for name in sorted(flips):
             context.emit(self.allocator.unit_event("unit_state", name, step))
@@ -151,17 +168,29 @@ class SeaPeftHook:
             "event": "allocation", "step": step, "round": self.allocator.rounds, "active_units": len(active),
             "units": active, "desired": len(desired), "budget_used": self.allocator.budget_used(),
             "budget": self.config.budget, "changes": {n: ("on" if on else "off") for n, on in sorted(flips.items())},
-            "calibration": self.allocator.calibration.factor, "seconds": dict(self.seconds),
+            "calibration": self.allocator.calibration.factors(), "seconds": dict(self.seconds),
         })
 
     def _final(self, step: int, context) -> None:
+        """Rank the candidate unit sets on the buffer; judge the best few as the trainer judges every state (whole
+        audit volumes, the selection rule); keep the best one the rule accepts, else the buffer's best."""
         start = time.monotonic()
         scored = []
         for label, names in self.allocator.final_candidates():
             self._sync_gates(names)
             scored.append({"label": label, "units": sorted(names), "dice": self.buffer.dice(self.network),
                            "cost": self.allocator.budget_used(names), "vote_rate": self.allocator.vote_rate(names)})
-        best = max(scored, key=lambda c: (round(c["dice"], 6), -c["cost"], c["vote_rate"]))
+        scored.sort(key=lambda c: (round(c["dice"], 6), -c["cost"], c["vote_rate"]), reverse=True)
+        best = scored[0]
+        if context.judge is not None:
+            judged = []
+            for candidate in scored[:JUDGED_CANDIDATES]:
+                self._sync_gates(candidate["units"])
+                score, verdict = context.judge()
+                candidate.update(audit_dice=score.value, reliable=verdict is None or verdict.reliable)
+                judged.append(candidate)
+            accepted = [c for c in judged if c["reliable"]]
+            best = max(accepted, key=lambda c: c["audit_dice"]) if accepted else best
         before = self.allocator.active()
         self.allocator.controller.finish(best["units"])
         self._sync_gates()
@@ -169,8 +198,11 @@ class SeaPeftHook:
         for name in sorted(before.symmetric_difference(best["units"])):  # the GUI's unit table ends on the final set
             context.emit(self.allocator.unit_event("unit_state", name, step))
         self.final = {"event": "final_selection", "step": step, "chosen": best["label"], "units": best["units"],
+                      "previous_units": sorted(before),
                       "dice": best["dice"], "budget_used": best["cost"], "budget": self.config.budget,
-                      "candidates": [{k: c[k] for k in ("label", "dice", "cost")} for c in scored],
+                      "audit_dice": best.get("audit_dice"), "reliable": best.get("reliable"),
+                      "candidates": [{k: c[k] for k in ("label", "dice", "cost", "audit_dice", "reliable") if k in c}
+                                     for c in scored],
                       "seconds": dict(self.seconds)}
         context.emit(self.final)
 

@@ -35,9 +35,10 @@ class PoolUnit:
     cost: int  # exact trainable parameters
 
     @property
-    def key(self) -> tuple[str, str]:
-        """At most one variant per (site, family) is active."""
-        return self.site, self.family
+    def key(self) -> str:
+        """At most one unit per layer is active: a dense delta contains every additive unit of its layer, and two
+        units on one layer (LoRA r2 + ConvLoRA, or LoRA + BitFit) spend budget on overlapping directions."""
+        return self.site
 
     def describe(self) -> dict:
         return {"unit": self.name, "site": self.site, "site_kind": self.site_kind, "family": self.family,

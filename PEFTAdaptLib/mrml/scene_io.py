@@ -38,10 +38,8 @@ def remove_node(scene, node) -> None:
             scene.RemoveNode(dependent)
 
 
-def _segmentations_logic(scene) -> slicer.vtkSlicerSegmentationsModuleLogic:
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    return logic
+#: the segmentation conversions used here are static methods: no logic instance is made or attached to the scene
+SEGMENTATIONS = slicer.vtkSlicerSegmentationsModuleLogic
 
 
 def write_volume(volume_node, path: Path) -> Path:
@@ -103,7 +101,6 @@ def write_segmentation_as_labelmap(
             f"segmentation '{segmentation_node.GetName()}': segments {unmatched} match no class of the model "
             f"({', '.join(l.name for l in foreground)}); rename or remove them"
         )
-    logic = _segmentations_logic(scene)
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation_node.GetName()}_export")
     color_table = _color_table(scene, labels, f"{segmentation_node.GetName()}_colors")
@@ -112,7 +109,7 @@ def write_segmentation_as_labelmap(
         for segment_id in assignment:
             ids.InsertNextValue(segment_id)
         # the colour table maps each segment (by name) to the model's label value
-        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume,
+        if not SEGMENTATIONS.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume,
                                                   slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, color_table):
             raise SceneError(f"could not export segmentation '{segmentation_node.GetName()}'")
         return write_volume(labelmap, path)
@@ -153,7 +150,7 @@ def import_prediction(
             segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_volume.GetID()
         )
         labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
-        if not _segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ""):
+        if not SEGMENTATIONS.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ""):
             raise SceneError(f"could not import the prediction {label_path}")
         _style_segments(segmentation_node, labels)
         _place_under_study(scene, segmentation_node, reference_volume)

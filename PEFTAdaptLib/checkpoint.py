@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import load_adapters, save_adapters
-from ..errors import ModelError
+from .adapters import load_adapters, save_adapters
+from .errors import ModelError
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"

@@ -1,0 +1,27 @@
+"""Image file types by name (no image library needed: the job client and the panels use it before torch exists)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+
+#: longest first, so `.nii.gz` is recognised before `.nii`
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
+MGH_SUFFIXES = (".mgz", ".mgh")  # FreeSurfer's, read and written through nibabel
+#: formats whose readers do not notice truncation or NaN: checked against their header first (`integrity.py`)
+CHECKED_AGAINST_HEADER = (".nii.gz", ".nii", *MGH_SUFFIXES)
+
+
+def image_suffix(path: str | Path) -> str:
+    """The image suffix of `path` (lower case), or an error naming the file and the types we read."""
+    name = str(path).lower()
+    suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        raise InputError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    return suffix
+
+
+def stem(path: str | Path) -> str:
+    """The file name without its image suffix (`t1.nii.gz` → `t1`)."""
+    name = Path(path).name
+    return name[: len(name) - len(image_suffix(name))]

@@ -1,0 +1,209 @@
+"""The job client: make, launch, follow, cancel, resume, re-adapt and list jobs — the one path every front-end
+(CLI, Slicer panel, browser app, benchmarks) takes to the worker. Imports no torch: a panel can use it before
+torch is installed."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import InputError
+from .create import create_job
+from .events import EVENTS_FILE, STATUS_FILE, read_events
+from .lock import is_running
+from .runner import Process, ProcessRunner, SubprocessRunner, stop_process_tree
+from .runstate import RunState
+from .spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
+
+CANCEL_FILE = "cancel"
+ADAPTER_DIR = "adapter"
+STDOUT_LOG, STDERR_LOG = "worker.log", "worker.err.log"
+#: worker exit codes (PEFTAdaptLib.worker)
+EXIT_FINISHED, EXIT_INVALID, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOCKED = 0, 2, 3, 4, 5
+
+
+class Job:
+    """One job folder and, when this client launched it, its worker process. `poll()` folds new events into
+    `state`; a worker that died without a final event is reported as such."""
+
+    def __init__(self, folder: Path, process: Process | None = None):
+        self.folder = Path(folder)
+        self.process = process
+        self.state = RunState()
+        self.events: list[dict] = []
+        self._offset = 0
+        self._cancel_requested = False
+
+    @property
+    def spec(self) -> JobSpec:
+        return load_job(self.folder)
+
+    @property
+    def adapter_folder(self) -> Path:
+        return self.folder / ADAPTER_DIR
+
+    def prediction_paths(self) -> list[Path]:
+        return [self.folder / path for path in self.state.predictions]
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return is_running(self.folder)
+
+    def poll(self) -> list[dict]:
+        """The events written since the last poll (also folded into `state`)."""
+        new, self._offset = read_events(self.folder, self._offset)
+        if not self.state.finished and not new and not self.alive():
+            new, self._offset = read_events(self.folder, self._offset)  # written just before the worker ended
+            self._fold(new)
+            if not self.state.finished:
+                if self._cancel_requested:
+                    self.state.update({"event": "cancelled", "reason": "stopped by the user"})
+                else:
+                    self.state.fail(self._last_error() or "the worker stopped without finishing; "
+                                    "resume the job to continue from its last checkpoint")
+            return new
+        self._fold(new)
+        return new
+
+    def _fold(self, events: list[dict]) -> None:
+        for event in events:
+            self.state.update(event)
+        self.events.extend(events)
+
+    def cancel(self) -> None:
+        """Ask the worker to stop: it writes a checkpoint and a `cancelled` event, then exits."""
+        self._cancel_requested = True
+        if self.state.finished or not self.alive():
+            return  # a reaped worker's PID may belong to another process now: never signal it
+        (self.folder / CANCEL_FILE).touch()
+        if self.process is not None:
+            stop_process_tree(self.process.pid, graceful=True)
+
+    def wait(self, timeout: float | None = None, interval: float = 0.5,
+             on_events: Callable[[list[dict]], None] | None = None) -> RunState:
+        """Poll until the job ends (or `timeout` seconds pass: then cancel it and wait for the cancel)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            new = self.poll()
+            if on_events is not None and new:
+                on_events(new)
+            if self.state.finished:
+                return self.state
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                deadline = time.monotonic() + 120
+            time.sleep(interval)
+
+    def _last_error(self) -> str:
+        path = self.folder / STDERR_LOG
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.exists() else []
+        return lines[-1] if lines else ""
+
+
+@dataclass
+class JobInfo:
+    """A past or running job, as `JobClient.jobs()` lists it."""
+
+    folder: Path
+    task: str
+    model: str
+    method: str
+    state: str  # starting, running, finished, failed, cancelled, interrupted, invalid
+    step: int
+    steps: int
+    best_dice: float | None
+    message: str
+    updated: float
+
+
+class JobClient:
+    """Jobs in a work folder, launched with `runner` (default: a child Python running the worker)."""
+
+    def __init__(self, work_dir: str | Path, runner: ProcessRunner | None = None):
+        self.work_dir = Path(work_dir).expanduser().absolute()
+        self.runner = runner or SubprocessRunner()
+
+    def new_folder(self, prefix: str = "job") -> Path:
+        """A fresh, empty job folder under the work folder (never one that exists)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for index in range(1000):
+            folder = self.work_dir / f"{prefix}-{stamp}-{index:03d}"
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            return folder
+        raise InputError(f"{self.work_dir}: cannot create a new job folder")
+
+    def create(self, request: JobSpec, folder: str | Path | None = None, overwrite: bool = False) -> Path:
+        return create_job(folder if folder is not None else self.new_folder(request.task), request, overwrite)
+
+    def launch(self, folder: str | Path, resume: bool = False, device: str | None = None) -> Job:
+        folder = Path(folder).absolute()
+        if not (folder / JOB_FILE).is_file():
+            raise InputError(f"{folder}: not a job folder (no {JOB_FILE})")
+        if is_running(folder):
+            raise InputError(f"{folder}: a worker is already running this job")
+        args = [str(folder)] + (["--resume"] if resume else []) + (["--device", device] if device else [])
+        process = self.runner.start(args, folder, folder / STDOUT_LOG, folder / STDERR_LOG)
+        return Job(folder, process)
+
+    def submit(self, request: JobSpec, folder: str | Path | None = None, overwrite: bool = False,
+               device: str | None = None) -> Job:
+        """Make the job folder and start its worker."""
+        return self.launch(self.create(request, folder, overwrite), device=device)
+
+    def resume(self, folder: str | Path, device: str | None = None) -> Job:
+        """Continue an interrupted or cancelled job from its last checkpoint."""
+        return self.launch(folder, resume=True, device=device)
+
+    def attach(self, folder: str | Path) -> Job:
+        """Follow a job this client did not launch (a refreshed browser tab, a panel reopened)."""
+        return Job(Path(folder).absolute())
+
+    def readapt_request(self, previous: str | Path, corrected: Sequence[CaseSpec], **changes) -> JobSpec:
+        """The next round after `previous`: warm start from its adapter, its support plus the corrected cases, the
+        same audit cases (so the Dice curves of the rounds compare), the same method and settings unless changed."""
+        previous = Path(previous).absolute()
+        spec = load_job(previous)
+        if not (previous / ADAPTER_DIR / "adapter.json").is_file():
+            raise InputError(f"{previous}: has no adapter to continue from (did the job finish?)")
+        absolute = lambda cases: [replace(c, images=[str(resolve_input(previous, p)) for p in c.images],  # noqa: E731
+                                          label=str(resolve_input(previous, c.label)) if c.label else None)
+                                  for c in cases]
+        return replace(spec, support=absolute(spec.support) + list(corrected), audit=absolute(spec.audit),
+                       source=absolute(spec.source), predict=absolute(spec.predict),
+                       warm_start=str(previous / ADAPTER_DIR), **changes)
+
+    def readapt(self, previous: str | Path, corrected: Sequence[CaseSpec], folder: str | Path | None = None,
+                **changes) -> Job:
+        return self.submit(self.readapt_request(previous, corrected, **changes), folder)
+
+    def jobs(self) -> list[JobInfo]:
+        """Every job folder in the work folder, newest first; a job whose worker died says `interrupted`."""
+        found = []
+        for folder in sorted(self.work_dir.glob("*/" + JOB_FILE)):
+            found.append(job_info(folder.parent))
+        return sorted(found, key=lambda info: info.updated, reverse=True)
+
+
+def job_info(folder: Path) -> JobInfo:
+    try:
+        spec = load_job(folder)
+        task, model, method = spec.task, spec.model, spec.method.name if spec.method else ""
+    except InputError as exc:
+        return JobInfo(folder, "", "", "", "invalid", 0, 0, None, str(exc), folder.stat().st_mtime)
+    status_path = folder / STATUS_FILE
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    state = status.get("state", "created" if not (folder / EVENTS_FILE).exists() else "starting")
+    if state in ("starting", "running") and not is_running(folder):
+        state = "interrupted"
+    message = status.get("message", "")
+    if state == "interrupted":
+        message = f"the worker stopped at step {status.get('step', 0)}; resume with `peftadapt adapt --resume --output {folder}`"
+    return JobInfo(folder, task, model, method, state, int(status.get("step", 0)), int(status.get("steps", 0)),
+                   status.get("best_dice"), message, status.get("updated", folder.stat().st_mtime))

@@ -1,0 +1,115 @@
+"""Making a job folder from a request: the one builder every front-end (CLI, Slicer, browser, benchmarks) uses.
+
+Every input is copied into `inputs/` under a name made from its role and index (`inputs/support0_image0.nii.gz`,
+`inputs/support0_label.nii.gz`, `inputs/warm_start/`…), and `job.json` refers to those copies only. A job folder is
+therefore a complete record: it can be resumed, re-adapted or inspected after the originals moved, and the same
+request makes the same `job.json` whichever front-end sent it.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from ..data.formats import image_suffix, stem
+from ..errors import InputError
+from .lock import is_running
+from .spec import JOB_FILE, CaseSpec, JobSpec, write_spec
+
+INPUTS_DIR = "inputs"
+DETACHED = {".nhdr": ".nrrd", ".mhd": ".mha"}  # header + separate data file → one self-contained file
+ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
+
+
+def _stage_file(source: str, job_dir: Path, name: str) -> str:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    suffix = image_suffix(path)
+    target = job_dir / INPUTS_DIR / (name + DETACHED.get(suffix, suffix))
+    if suffix in DETACHED:
+        import SimpleITK as sitk
+
+        try:
+            sitk.WriteImage(sitk.ReadImage(str(path)), str(target), useCompression=True)
+        except RuntimeError as exc:
+            raise InputError(f"{path}: cannot read image ({str(exc).strip().splitlines()[-1]})") from None
+    else:
+        shutil.copyfile(path, target)
+    return target.relative_to(job_dir).as_posix()
+
+
+def _stage_case(case: CaseSpec, job_dir: Path, prefix: str) -> CaseSpec:
+    images = [_stage_file(p, job_dir, f"{prefix}_image{c}") for c, p in enumerate(case.images)]
+    label = _stage_file(case.label, job_dir, f"{prefix}_label") if case.label else None
+    return CaseSpec(images, label, case.name or stem(case.images[0]))
+
+
+def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
+    folder = Path(source).expanduser()
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise InputError(f"{folder}: not an adapter folder ({' and '.join(missing)} missing)")
+    target = job_dir / INPUTS_DIR / name
+    target.mkdir()
+    for file in ADAPTER_FILES:
+        shutil.copyfile(folder / file, target / file)
+    return target.relative_to(job_dir).as_posix()
+
+
+def _prepare_folder(job_dir: Path, overwrite: bool) -> None:
+    if job_dir.exists() and not job_dir.is_dir():
+        raise InputError(f"{job_dir}: exists and is not a folder; choose a job folder path")
+    if job_dir.is_dir() and any(job_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{job_dir}: folder is not empty; choose a new job folder, or resume the job in it")
+        if not (job_dir / JOB_FILE).is_file():
+            raise InputError(f"{job_dir}: not a job folder (no {JOB_FILE}); refusing to overwrite it")
+        if is_running(job_dir):
+            raise InputError(f"{job_dir}: a worker is running this job; cancel it before overwriting")
+        for child in job_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    try:
+        (job_dir / INPUTS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{job_dir}: cannot create the job folder ({exc.strerror})") from None
+
+
+def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -> Path:
+    """Check `request`, copy its inputs into `job_dir/inputs/` and write `job.json`; returns the job folder.
+
+    The folder must be new or empty (`overwrite=True` replaces an earlier job that is not running)."""
+    job_dir = Path(job_dir).expanduser().absolute()
+    request.check("request")
+    check_inputs(request)
+    _prepare_folder(job_dir, overwrite)
+    try:
+        roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
+                 for role in ROLES}
+        staged = replace(
+            request, **roles,
+            warm_start=_stage_adapter(request.warm_start, job_dir, "warm_start") if request.warm_start else None,
+            adapter=_stage_adapter(request.adapter, job_dir, "adapter") if request.adapter else None,
+        )
+        write_spec(job_dir, staged)
+    except BaseException:
+        shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)  # a refused request leaves no half-made job
+        raise
+    return job_dir
+
+
+ROLES = ("support", "audit", "source", "predict")
+
+
+def check_inputs(request: JobSpec) -> None:
+    """Read every input as the worker will (model card known, files named as the user gave them), so that a bad
+    file is refused in one line before a job folder exists."""
+    from ..data.cases import read_case_files
+    from ..models.registry import model_card
+
+    card = model_card(request.model)
+    labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
+                "predict": False}
+    for role in ROLES:
+        for case in getattr(request, role):
+            read_case_files(case.images, card, case.label if labelled[role] else None)

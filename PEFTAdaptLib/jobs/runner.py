@@ -1,0 +1,65 @@
+"""Starting and stopping the worker process. A front-end may pass its own runner (Slicer passes PythonSlicer; a test
+may pass one that runs nothing); the default starts `python -m PEFTAdaptLib.worker` as a child process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+WORKER_MODULE = "PEFTAdaptLib.worker"
+
+
+class Process(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class ProcessRunner(Protocol):
+    def start(self, args: Sequence[str], cwd: Path, stdout: Path, stderr: Path) -> Process: ...
+
+
+class SubprocessRunner:
+    """`python -m PEFTAdaptLib.worker ARGS` with output to files; `python_path` entries go first on PYTHONPATH (the
+    folder holding PEFTAdaptLib when it is not installed, as in Slicer), `environment` is added to the child's."""
+
+    def __init__(self, python: str | None = None, python_path: Sequence[str] = (), environment: dict | None = None):
+        self.python = python or sys.executable
+        self.python_path = [str(p) for p in python_path]
+        self.environment = dict(environment or {})
+
+    def start(self, args: Sequence[str], cwd: Path, stdout: Path, stderr: Path) -> Process:
+        env = {**os.environ, **self.environment}
+        if self.python_path:
+            env["PYTHONPATH"] = os.pathsep.join([*self.python_path, *filter(None, [env.get("PYTHONPATH")])])
+        options = {}
+        if sys.platform == "win32":  # no console window for the worker (closing it would kill the worker)
+            info = subprocess.STARTUPINFO()
+            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+            info.wShowWindow = subprocess.SW_HIDE
+            options = {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
+        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+            return subprocess.Popen([self.python, "-m", WORKER_MODULE, *args], cwd=str(cwd), stdout=out, stderr=err,
+                                    stdin=subprocess.DEVNULL, env=env, **options)
+
+
+def stop_process_tree(pid: int, graceful: bool = True) -> None:
+    """Stop a worker and everything it started (a launcher such as PythonSlicer runs the interpreter as its child).
+    Graceful: SIGTERM, which the worker turns into a checkpoint and a `cancelled` event."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        processes = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.terminate() if graceful else process.kill()
+        except psutil.NoSuchProcess:
+            pass

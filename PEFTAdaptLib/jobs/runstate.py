@@ -1,0 +1,143 @@
+"""A run as a front-end shows it, folded from the worker's events (no Qt, no MRML, no torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TERMINAL = ("finished", "failed", "cancelled")
+
+
+@dataclass
+class RunState:
+    phase: str = "starting"
+    task: str = "adapt"
+    method: str = ""
+    rank: int | None = None
+    rank_reason: str = ""
+    budget_reason: str = ""
+    trainable: int | None = None
+    total: int | None = None
+    step: int = 0
+    steps: int = 0
+    eta_s: float | None = None
+    loss: float | None = None
+    first_dice: float | None = None
+    last_dice: float | None = None
+    best_dice: float | None = None
+    first_agreement: float | None = None
+    last_agreement: float | None = None
+    best_agreement: float | None = None
+    outcome: str | None = None  # finished / failed / cancelled
+    message: str = ""
+    exit_code: int | None = None  # the worker's (PEFTAdaptLib.worker)
+    kept: str = ""  # "adapted", or "start": no state passed the selection rule, the starting model is kept
+    gain: float | None = None  # audit Dice gain of the kept state over the start, with its lower confidence bound
+    gain_low: float | None = None
+    classes: dict = field(default_factory=dict)  # audit Dice per class of the kept state
+    warnings: list[str] = field(default_factory=list)
+    active_units: int | None = None
+    budget_used: float | None = None
+    budget: float | None = None
+    predictions: list[str] = field(default_factory=list)
+    checkpoints: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome == "finished"
+
+    @property
+    def trainable_text(self) -> str:
+        if self.trainable is None or not self.total:
+            return ""
+        return f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f} %)"
+
+    def update(self, event: dict) -> None:
+        kind = event.get("event", "")
+        if kind == "started":
+            self.phase = "training" if event.get("task", "adapt") == "adapt" else "predicting"
+            self.task = event.get("task", self.task)
+            self.steps = int(event.get("steps") or self.steps or 0)
+            for key in ("method", "rank", "rank_reason", "budget_reason", "trainable", "total"):
+                if event.get(key) is not None:
+                    setattr(self, key, event[key])
+        elif kind == "step":
+            self.phase = "training"
+            self.step = int(event["step"])
+            self.steps = int(event.get("steps") or self.steps)
+            self.loss = event.get("loss", self.loss)
+            self.eta_s = event.get("eta_s", self.eta_s)
+        elif kind == "allocation":
+            self.active_units = event.get("active_units", self.active_units)
+            self.budget_used = event.get("budget_used", self.budget_used)
+            self.budget = event.get("budget", self.budget)
+        elif kind == "checkpoint":
+            self.checkpoints += 1
+        elif kind == "validation":
+            self.kept = event.get("kept", self.kept)
+            self.gain, self.gain_low = event.get("gain"), event.get("gain_low")
+            self.classes = event.get("classes") or self.classes
+        elif kind == "warning" and event.get("message"):
+            self.warnings.append(event["message"])
+        elif kind == "prediction" and event.get("path"):
+            self.phase = "predicting"
+            self.predictions.append(event["path"])
+            if self.task == "predict":  # a predict job's steps are its volumes
+                self.step = len(self.predictions)
+        if kind in ("audit", "agreement", "validation"):
+            for key in ("dice", "agreement"):
+                if event.get(key) is not None:
+                    self._score(key, float(event[key]))
+        if kind in TERMINAL:
+            self.outcome = kind
+            self.phase = kind
+            self.message = event.get("message") or event.get("reason") or ""
+            self.exit_code = event.get("exit_code", self.exit_code)
+
+    def _score(self, key: str, value: float) -> None:
+        if getattr(self, f"first_{key}") is None:
+            setattr(self, f"first_{key}", value)
+        setattr(self, f"last_{key}", value)
+        best = getattr(self, f"best_{key}")
+        setattr(self, f"best_{key}", value if best is None else max(best, value))
+
+    def fail(self, message: str) -> None:
+        """The process ended without a terminal event (killed, crashed before writing one)."""
+        if not self.finished:
+            self.outcome, self.phase, self.message = "failed", "failed", message
+
+    def describe(self) -> str:
+        if self.outcome == "failed":
+            return f"Failed: {self.message}"
+        if self.outcome == "cancelled":
+            return "Cancelled — the last checkpoint was kept"
+        if self.outcome == "finished":
+            return "Finished" + (f" — {self.message}" if self.message else "")
+        parts = [self.phase.capitalize()]
+        if self.steps:
+            parts.append(f"step {self.step}/{self.steps}")
+        if self.eta_s is not None and self.phase == "training":
+            minutes, seconds = divmod(int(self.eta_s), 60)
+            parts.append(f"about {minutes} min {seconds:02d} s left")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.3f}")
+        return ", ".join(parts)
+
+    @property
+    def gain_text(self) -> str:
+        """The audit's verdict in one line, e.g. `audit Dice +2.3 points (95 % lower bound +0.8)`."""
+        if self.gain is None:
+            return ""
+        low = f" (95 % lower bound {100 * self.gain_low:+.1f})" if self.gain_low is not None else ""
+        return f"audit Dice {100 * self.gain:+.1f} points{low}"
+
+    @property
+    def allocation_summary(self) -> str:
+        if self.active_units is None:
+            return ""
+        text = f"{self.active_units} active adapter units"
+        if self.budget_used is not None and self.budget:
+            text += f", {self.budget_used:,.0f} of {self.budget:,.0f} budget parameters used"
+        return text

@@ -1,0 +1,256 @@
+"""The panel's logic on an MRML scene, shared by the Slicer module and the browser app: nodes → job request → job
+client → events into tables and plots → predictions back as segmentation nodes.
+
+No Qt, no `slicer.mrmlScene`, no processes of its own: the scene and the job client are passed in (Slicer passes
+its scene and a PythonSlicer runner; tests a slicer-core scene and this interpreter). Polling is explicit
+(`SceneRun.poll`), so a panel drives it from a timer and a test from a loop.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..jobs import ADAPTER_DIR, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec
+from ..methods import DEFAULT_METHOD, Budget, make_method, method_class
+from .monitor import AdaptationMonitor
+from .scene_io import SceneError, import_prediction, labels_from_card, write_segmentation_as_labelmap, write_volume
+
+EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactly as the nodes hold it
+_TRAIN_DEFAULTS = TrainSpec()
+
+
+@dataclass
+class AdaptationRequest:
+    """What the panel holds: nodes and settings. Fields a method does not take are left out of its config."""
+
+    modelId: str
+    trainingPairs: list  # (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
+    auditPair: tuple = (None, None)
+    method: str = DEFAULT_METHOD
+    budgetPercent: float | None = None
+    rank: int | None = None
+    steps: int = _TRAIN_DEFAULTS.steps
+    patchSize: int | None = None
+    device: str = _TRAIN_DEFAULTS.device
+    seed: int = _TRAIN_DEFAULTS.seed
+    warmStartAdapter: str | None = None
+    targetVolumes: list = field(default_factory=list)
+    learningRate: float | None = None
+    auditEvery: int = _TRAIN_DEFAULTS.audit_every
+
+
+def method_config(name: str, budgetPercent: float | None = None, rank: int | None = None):
+    """The method's config from the panel's fields, taking only the fields the method offers (the panel hides the
+    others, so a value left in a hidden field is not a request)."""
+    cls = method_class(name)
+    fields = {}
+    if cls.takes_budget and budgetPercent:
+        fields["budget"] = Budget(fraction=budgetPercent / 100)
+    if cls.ranks and rank:
+        fields["rank"] = rank
+    return make_method(name, **fields)
+
+
+def describe_event(event: dict) -> str:
+    kind = event.get("event", "")
+    details = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "time"))
+    return f"[{kind}] {details}"
+
+
+class SceneRun:
+    """One job seen from the scene: its monitor nodes (tables, charts) and, when it finishes, its segmentations."""
+
+    def __init__(self, logic: "SceneLogic", job: Job, modelId: str, volumes: list, label: str, log=None):
+        self.logic, self.job, self.modelId, self.volumes, self.label = logic, job, modelId, volumes, label
+        self.monitor = AdaptationMonitor(logic.scene, f"PEFTAdapt {job.folder.name}")
+        self.log = log or (lambda line: None)
+
+    @property
+    def jobDir(self) -> Path:
+        return self.job.folder
+
+    @property
+    def adapterFolder(self) -> Path:
+        return self.job.folder / ADAPTER_DIR
+
+    @property
+    def state(self) -> RunState:
+        return self.job.state
+
+    def poll(self) -> RunState:
+        for event in self.job.poll():
+            self.monitor.handle(event)
+            self.log(describe_event(event))
+        return self.job.state
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+    def wait(self, timeoutSeconds: float | None = None, interval: float = 0.5) -> RunState:
+        self.job.wait(timeoutSeconds, interval, on_events=lambda events: [self.monitor.handle(e) for e in events])
+        return self.job.state
+
+    def importResults(self, segmentationNode=None) -> list:
+        """Segmentation nodes for the predicted volumes (the model's names, colours, terminology; the volume's
+        geometry); `segmentationNode` is reused for the first one."""
+        labels = labels_from_card(self.logic.card(self.modelId)["labels"])
+        nodes = []
+        for volume, path in zip(self.volumes, self.job.prediction_paths()):
+            nodes.append(import_prediction(self.logic.scene, path, volume, labels,
+                                           f"{volume.GetName()} {self.label}", segmentationNode))
+            segmentationNode = None
+        return nodes
+
+
+class SceneLogic:
+    def __init__(self, scene, client: JobClient):
+        self.scene = scene
+        self.client = client
+        self._folderCards: dict[str, dict] = {}
+        self._listedCards: list[dict] | None = None
+
+    # -- models ----------------------------------------------------------------------------------------------------
+    def modelCards(self) -> list[dict]:
+        """Built-in models, the available ones of the user's model folder (PEFTADAPT_MODELS), and folders loaded with
+        "Load from folder…" in this session. Reads JSON only: works before torch is installed."""
+        if self._listedCards is None:  # scanned once: the panel asks on every parameter change
+            from ..models.registry import list_models
+
+            rows, _ = list_models()
+            self._listedCards = [{**row.card.to_dict(), "path": row.path} for row in rows
+                                 if row.card is not None and (row.status == "available" or row.format == "builtin")]
+        known = {card["id"] for card in self._listedCards}
+        return self._listedCards + [card for card in self._folderCards.values() if card["id"] not in known]
+
+    def card(self, modelId: str) -> dict:
+        for card in self.modelCards():
+            if card["id"] == modelId:
+                return card
+        raise SceneError(f"unknown model '{modelId}'")
+
+    def modelReference(self, modelId: str) -> str:
+        """What the worker loads: the id of a built-in model, else the model's folder (ids of folders are local)."""
+        return self.card(modelId).get("path") or modelId
+
+    def registerModelFolder(self, folder: str) -> dict:
+        """A MONAI bundle, nnU-Net v2 folder, TorchScript + card or MeshNet folder; refused with the reason if its
+        files are missing, corrupt or need a package that is not installed."""
+        from ..errors import PEFTAdaptError
+        from ..models.catalog import entry_for_path
+
+        try:
+            entry = entry_for_path(Path(folder))
+            card = entry.card().to_dict()
+        except PEFTAdaptError as exc:
+            raise SceneError(str(exc)) from None
+        status = entry.availability()
+        if status != "available":
+            raise SceneError(f"{folder}: {status}")
+        card["path"] = str(Path(folder).resolve())
+        self._folderCards[card["id"]] = card
+        return card
+
+    def untrustedTorchScript(self, folder: str) -> tuple[str, str] | None:
+        """(file, sha256) of the TorchScript file a model folder would run when the user has not trusted it yet, so
+        that a panel can ask before `trustTorchScript`; None for the formats that are loaded as data."""
+        from ..errors import ModelError
+        from ..models.catalog import torchscript_file
+        from ..models.safe_load import sha256_file
+        from ..models.trust import is_trusted
+
+        try:
+            path = torchscript_file(Path(folder))
+        except ModelError:
+            return None
+        digest = sha256_file(path)
+        return None if is_trusted(digest) else (str(path), digest)
+
+    def trustTorchScript(self, path: str) -> str:
+        """Record the file's current bytes as trusted (the user agreed); returns their sha256."""
+        from ..models.trust import trust_file
+
+        return trust_file(Path(path))
+
+    def budgetParameters(self, modelId: str, percent: float) -> int | None:
+        total = self.card(modelId).get("extra", {}).get("parameters")
+        return int(total * percent / 100) if total else None
+
+    def checkAdapter(self, modelId: str, folder: str) -> dict:
+        from ..adapters.io import read_adapter_config
+        from ..errors import PEFTAdaptError
+
+        if not (Path(folder) / "adapter.safetensors").is_file():
+            raise SceneError(f"{folder}: not an adapter folder (adapter.json + adapter.safetensors)")
+        try:
+            config = read_adapter_config(folder)
+        except PEFTAdaptError as exc:
+            raise SceneError(str(exc)) from None
+        trained_on = config.get("metadata", {}).get("model")
+        if trained_on != modelId:
+            raise SceneError(f"{folder}: this adapter was trained for model '{trained_on}', not '{modelId}'")
+        return config
+
+    # -- jobs ------------------------------------------------------------------------------------------------------
+    def _exportCase(self, folder: Path, name: str, volume, segmentation=None, labels=None) -> CaseSpec:
+        if volume is None:
+            raise SceneError(f"{name}: a volume is needed")
+        image = write_volume(volume, folder / f"{name}_image{EXPORT_SUFFIX}")
+        label = None
+        if segmentation is not None:
+            label = write_segmentation_as_labelmap(segmentation, volume, labels,
+                                                   folder / f"{name}_label{EXPORT_SUFFIX}")
+        return CaseSpec([str(image)], str(label) if label else None, volume.GetName())
+
+    def jobRequest(self, request: AdaptationRequest, exportFolder: Path) -> JobSpec:
+        """The job request for the panel's nodes (exported into `exportFolder`) and settings."""
+        method = method_config(request.method, request.budgetPercent, request.rank)
+        labels = labels_from_card(self.card(request.modelId)["labels"])
+        if any(volume is None or segmentation is None for volume, segmentation in request.trainingPairs):
+            raise SceneError("every training pair needs a volume and its segmentation")
+        pairs = [self._exportCase(exportFolder, f"train{i}", v, s, labels)
+                 for i, (v, s) in enumerate(request.trainingPairs)]
+        volume, segmentation = request.auditPair
+        audit = [self._exportCase(exportFolder, "audit", volume, segmentation, labels)] if volume and segmentation else []
+        targets = [self._exportCase(exportFolder, f"target{i}", v) for i, v in enumerate(request.targetVolumes)]
+        # without labels the method adapts to the targets (labelled pairs, if any, are its source-like cases)
+        support, source = (pairs, []) if method.needs_labels else (
+            [CaseSpec(c.images, None, c.name) for c in targets], pairs)
+        return JobSpec(
+            model=self.modelReference(request.modelId), support=support, audit=audit, source=source,
+            predict=targets, method=method,
+            train=TrainSpec(steps=request.steps, lr=request.learningRate,
+                            patch_size=[request.patchSize] * 3 if request.patchSize else None,
+                            audit_every=request.auditEvery, seed=request.seed, device=request.device),
+            warm_start=request.warmStartAdapter,
+        )
+
+    def _submit(self, build, modelId: str, volumes: list, label: str, log=None) -> SceneRun:
+        folder = self.client.new_folder()
+        export = folder.parent / f".{folder.name}.export"
+        export.mkdir()
+        try:
+            job = self.client.launch(self.client.create(build(export), folder))
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(export, ignore_errors=True)
+        return SceneRun(self, job, modelId, volumes, label, log)
+
+    def startAdaptation(self, request: AdaptationRequest, log=None) -> SceneRun:
+        """Export the nodes, make the job and start its worker in the background; poll the returned run."""
+        return self._submit(lambda export: self.jobRequest(request, export), request.modelId,
+                            list(request.targetVolumes), f"{request.method} segmentation", log)
+
+    def segment(self, modelId: str, volume, adapterFolder: str | None = None, device: str = _TRAIN_DEFAULTS.device,
+                log=None) -> SceneRun:
+        """Segment one volume with the model (+ adapter) in a background predict job; `importResults` when done."""
+        if volume is None:
+            raise SceneError("choose a volume to segment")
+
+        def build(export: Path) -> JobSpec:
+            return JobSpec(model=self.modelReference(modelId), task="predict", adapter=adapterFolder,
+                           predict=[self._exportCase(export, "volume", volume)], train=TrainSpec(device=device))
+
+        return self._submit(build, modelId, [volume], "segmentation", log)

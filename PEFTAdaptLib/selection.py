@@ -1,0 +1,122 @@
+"""Whether an adapted state may replace the model the run started from: the audit's gain must exceed the audit's
+own noise, and no audit case may get worse by more than a stated margin. Otherwise the starting model is kept,
+and the run says so.
+
+The noise is estimated from the audit volumes themselves. Each audit volume is cut into slabs along its last axis
+(the sampling units); for every class, each slab contributes its overlap and its predicted and reference voxel
+counts, and Dice is pooled over the slabs (defined even where a slab holds no foreground). The gain of a candidate
+over the baseline is the difference of the pooled Dice on the same slabs; resampling the slabs with replacement
+(a paired bootstrap) gives its distribution, and the gain counts as reliable when its lower confidence bound is
+above zero and the gain itself is at least `min_gain`. Classes absent from an audit case's reference are not
+averaged in: an empty prediction is never rewarded.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: slabs per audit volume: the bootstrap's sampling units (fewer where the volume is thinner)
+UNITS = 16
+#: a flag is raised when the predicted foreground volume changes by more than this share while the gain is small
+VOLUME_CHANGE = 0.3
+
+
+@dataclass
+class AuditCounts:
+    """Per audit case: an array (slabs, classes, 3) of overlap, predicted and reference voxel counts per class."""
+
+    cases: list[np.ndarray]
+
+    @staticmethod
+    def measure(prediction: np.ndarray, reference: np.ndarray, classes: int, units: int = UNITS) -> np.ndarray:
+        """Counts of one case from its predicted and reference class-index volumes (..., z)."""
+        depth = prediction.shape[-1]
+        edges = np.linspace(0, depth, min(units, depth) + 1).round().astype(int)
+        counts = np.zeros((len(edges) - 1, classes - 1, 3), dtype=np.int64)
+        for u, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+            p, r = prediction[..., a:b], reference[..., a:b]
+            for c in range(1, classes):
+                pc, rc = p == c, r == c
+                counts[u, c - 1] = (np.count_nonzero(pc & rc), np.count_nonzero(pc), np.count_nonzero(rc))
+        return counts
+
+    def case_dice(self) -> list[float]:
+        return [float(pooled_dice(counts.sum(0))) for counts in self.cases]
+
+    def dice(self) -> float:
+        """Mean over cases of the mean over their present classes."""
+        return float(np.mean(self.case_dice()))
+
+    def class_dice(self) -> list[float | None]:
+        """Dice of every foreground class over all audit cases together (None: absent from every reference)."""
+        overlap, predicted, reference = np.sum([c.sum(0) for c in self.cases], axis=0).T
+        return [float(2 * o / (p + r)) if r else None for o, p, r in zip(overlap, predicted, reference)]
+
+    def foreground(self) -> int:
+        return int(sum(counts[..., 1].sum() for counts in self.cases))
+
+    def to_state(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(c) for c in self.cases]
+
+    @classmethod
+    def from_state(cls, state: Sequence[torch.Tensor]) -> "AuditCounts":
+        return cls([t.numpy() for t in state])
+
+
+def pooled_dice(counts: np.ndarray):
+    """Mean Dice over the classes present in the reference, from summed (..., classes, 3) counts (0 where no class
+    is present); leading axes are kept."""
+    overlap, predicted, reference = counts[..., 0], counts[..., 1], counts[..., 2]
+    present = reference > 0
+    dice = np.where(present, 2 * overlap / np.maximum(predicted + reference, 1), 0.0)
+    found = present.sum(-1)
+    return np.where(found > 0, dice.sum(-1) / np.maximum(found, 1), 0.0)
+
+
+@dataclass
+class Verdict:
+    gain: float  # audit Dice of the candidate minus the baseline's
+    low: float  # lower confidence bound of the gain
+    high: float
+    worst_case: float  # the largest drop of any one audit case (negative: a case got worse)
+    reliable: bool
+    flag: str = ""  # a warning worth showing even when the state is not chosen
+
+    def fields(self) -> dict:
+        return {"gain": self.gain, "gain_low": self.low, "gain_high": self.high, "worst_case": self.worst_case,
+                "reliable": self.reliable, **({"flag": self.flag} if self.flag else {})}
+
+
+@dataclass
+class SelectionRule:
+    min_gain: float = 0.005  # Dice: smaller gains are not worth a changed model
+    case_margin: float = 0.01  # Dice: no audit case may get worse by more
+    confidence: float = 0.95  # one-sided, of the lower bound
+    resamples: int = 2000
+    seed: int = 0
+
+    def judge(self, candidate: AuditCounts, baseline: AuditCounts) -> Verdict:
+        gain = candidate.dice() - baseline.dice()
+        low, high = self._bounds(candidate, baseline)
+        worst = min(c - b for c, b in zip(candidate.case_dice(), baseline.case_dice()))
+        reliable = low > 0 and gain >= self.min_gain and worst >= -self.case_margin
+        flag = ""
+        volume, base_volume = candidate.foreground(), baseline.foreground()
+        if base_volume and abs(volume / base_volume - 1) > VOLUME_CHANGE and gain < 4 * self.min_gain:
+            flag = (f"predicted foreground changed by {100 * (volume / base_volume - 1):+.0f} % on the audit volumes "
+                    f"for an audit gain of {100 * gain:+.1f} Dice points")
+        return Verdict(gain, low, high, worst, reliable, flag)
+
+    def _bounds(self, candidate: AuditCounts, baseline: AuditCounts) -> tuple[float, float]:
+        """Paired bootstrap over the slabs of every audit case (each case resampled within itself)."""
+        rng = np.random.default_rng(self.seed)
+        gains = np.zeros(self.resamples)
+        for c, b in zip(candidate.cases, baseline.cases):
+            pick = rng.integers(len(c), size=(self.resamples, len(c)))
+            gains += pooled_dice(c[pick].sum(1)) - pooled_dice(b[pick].sum(1))
+        gains /= len(candidate.cases)
+        tail = 1 - self.confidence
+        return float(np.quantile(gains, tail)), float(np.quantile(gains, 1 - tail))

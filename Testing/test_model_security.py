@@ -1,0 +1,270 @@
+"""Untrusted model folders cannot run code: MONAI bundle configs may only build network classes, and TorchScript (a
+program) runs only once the user trusted its exact bytes.
+
+Every payload here is real and would act if it ran: a config gadget that creates a marker file, a scripted module
+that overwrites a victim file through `torch.from_file` when run — or already when loaded (`__setstate__`). Each test
+proves the payload did not act, and the trusted cases prove it would have.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import shared
+from test_model_loaders import _write_bundle
+from PEFTAdaptLib.cli import main
+from PEFTAdaptLib.errors import ModelError
+from PEFTAdaptLib.models.card import LabelInfo, ModelCard
+from PEFTAdaptLib.models.registry import list_models, load_model
+from PEFTAdaptLib.models.safe_load import sha256_file
+from PEFTAdaptLib.models.trust import HOME_ENV, store_path
+
+PEFTADAPT = Path(sys.executable).with_name("peftadapt.exe" if sys.platform == "win32" else "peftadapt")
+SPINE_T2 = "spine/t2/t2.nii.gz"
+PRECIOUS = b"precious data\n"
+
+
+@pytest.fixture(autouse=True)
+def own_trust_store(tmp_path, monkeypatch):
+    """Each test starts with an empty trust store of its own (never the user's)."""
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PEFTADAPT), *args], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("peftadapt: error:"), result.stderr
+    return lines[0]
+
+
+# --- 1: MONAI bundle configs ------------------------------------------------------------------------------------------
+
+
+def _unet(**extra) -> dict:
+    return {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16],
+            "strides": [2, 2], "num_res_units": 1, "norm": "batch", **extra}
+
+
+def _gadgets(marker: Path) -> dict[str, dict]:
+    """network_def values that each run `touch marker` (or worse) if MONAI's parser instantiates them."""
+    touch = ["touch", str(marker)]
+    run_cmd = {"_target_": "monai.utils.misc.run_cmd", "cmd_list": touch}
+    return {
+        "run_cmd": run_cmd,
+        "run_cmd_bare_name": {"_target_": "run_cmd", "cmd_list": touch},
+        "run_cmd_in_a_network_argument": _unet(act=run_cmd),
+        "run_cmd_in_requires": _unet(_requires_=run_cmd),
+        "run_cmd_in_call": _unet(_call_=run_cmd),
+        "monai_networks_function_writing_a_file": {"_target_": "monai.networks.utils.save_state", "src": {},
+                                                   "path": str(marker)},
+        "os_system": {"_target_": "os.system", "command": f"touch {marker}"},
+        "subprocess": {"_target_": "subprocess.run", "args": touch},
+        "expression_argument": _unet(out_channels=f"$__import__('os').system('touch {marker}') or 2"),
+        "expression_target": {"_target_": f"$__import__('os').system('touch {marker}')"},
+        "expression_in_requires": _unet(_requires_=f"$__import__('os').system('touch {marker}')"),
+        "reference_to_an_expression": _unet(out_channels="@payload"),
+        "macro_from_another_file": _unet(out_channels=f"%{marker}.json#n"),
+        "mode_callable": _unet(_mode_="callable"),
+        "download_pretrained_weights": {"_target_": "DenseNet121", "spatial_dims": 3, "in_channels": 1,
+                                        "out_channels": 2, "pretrained": True},
+    }
+
+
+def _write_gadget_bundle(folder: Path, network_def: dict, marker: Path) -> None:
+    _write_bundle(folder, network_def=network_def)
+    config_file = folder / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    config["payload"] = f"$__import__('os').system('touch {marker}') or 2"
+    config_file.write_text(json.dumps(config))
+
+
+GADGETS = list(_gadgets(Path("m")))
+
+
+@pytest.mark.parametrize("gadget", GADGETS)
+def test_bundle_gadget_is_refused_unexecuted_and_not_listed_as_available(tmp_path, monkeypatch, gadget):
+    marker = tmp_path / "pwned"
+    models = tmp_path / "models"
+    _write_gadget_bundle(models / gadget, _gadgets(marker)[gadget], marker)
+    with pytest.raises(ModelError, match="refused") as error:
+        load_model(models / gadget)
+    assert "inference.json" in str(error.value) and "network_def" in str(error.value)
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(models))
+    status = {row.id: row.status for row in list_models()[0]}
+    assert status[gadget] != "available" and "refused" in status[gadget]
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_run_cmd_bundle_in_one_line_and_lists_it_as_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    bundle = tmp_path / "models" / "evil"
+    _write_gadget_bundle(bundle, _gadgets(marker)["run_cmd"], marker)
+    line = one_error_line(run_cli("predict", "--model", str(bundle), "--image", str(shared(SPINE_T2)),
+                                  "--output", str(tmp_path / "o.nii.gz")))
+    assert "refused to import 'monai.utils.misc.run_cmd'" in line
+    listing = subprocess.run([str(PEFTADAPT), "models"], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PEFTADAPT_MODELS": str(tmp_path / "models")})
+    assert "evil:" in listing.stdout and "status: " in listing.stdout
+    assert listing.stdout.count("status: available") == 1  # the built-in model only
+    assert not marker.exists()
+
+
+def test_a_bundle_naming_network_classes_everywhere_still_builds(tmp_path):
+    """Plain arguments, `_desc_`, fully qualified and bare class names, and a network block nested as an argument."""
+    from monai.networks.blocks import Convolution
+    from monai.networks.layers import SkipConnection
+
+    from PEFTAdaptLib.models.monai_bundle import build_network
+
+    _write_bundle(tmp_path / "qualified", network_def={**_unet(), "_target_": "monai.networks.nets.UNet",
+                                                       "_desc_": "a small UNet"})
+    assert type(load_model(tmp_path / "qualified").network).__name__ == "UNet"
+    _write_bundle(tmp_path / "nested", network_def={
+        "_target_": "monai.networks.layers.SkipConnection",
+        "submodule": {"_target_": "Convolution", "spatial_dims": 3, "in_channels": 1, "out_channels": 1}})
+    network = build_network(tmp_path / "nested")
+    assert isinstance(network, SkipConnection) and isinstance(network.submodule, Convolution)
+
+
+# --- 2: TorchScript is code -----------------------------------------------------------------------------------------
+
+
+class OverwritesWhenRun(nn.Module):
+    """Segments like a network, and overwrites `victim` (mapped shared, filled with 'X') on every forward."""
+
+    def __init__(self, victim: str):
+        super().__init__()
+        self.victim = victim
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        written = torch.from_file(self.victim, True, 8, dtype=torch.uint8).fill_(88)
+        return self.conv(x) + 0 * written.sum()
+
+
+class _Payload(nn.Module):
+    def __init__(self, victim: str):
+        super().__init__()
+        self.victim = victim
+        self.mark = 0
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.victim, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.victim = state[0]
+        self.training = state[1]
+        self.mark = int(torch.from_file(self.victim, True, 8, dtype=torch.uint8).fill_(77).sum())
+
+
+class OverwritesWhenLoaded(nn.Module):
+    """Overwrites `victim` as soon as `torch.jit.load` reads the file (its submodule's `__setstate__`)."""
+
+    def __init__(self, victim: str):
+        super().__init__()
+        self.payload = _Payload(victim)
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        return self.conv(self.payload(x))
+
+
+def _card(model_id: str) -> ModelCard:
+    return ModelCard(id=model_id, title="scripted test model", description="", modality="MR", input_channels=1,
+                     spacing=None, orientation="", normalization={"name": "zscore"}, patch_size=(16, 16, 16),
+                     inference_roi=(16, 16, 16), labels=[LabelInfo(0, "background"), LabelInfo(1, "cord")],
+                     license="test", source="test")
+
+
+def _scripted_model(folder: Path, module: nn.Module) -> Path:
+    folder.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module), str(folder / "model.ts"))
+    _card(folder.name).save(folder / "model.card.json")
+    return folder / "model.ts"
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(PRECIOUS)
+    return victim
+
+
+@pytest.mark.parametrize("payload", [OverwritesWhenRun, OverwritesWhenLoaded])
+def test_untrusted_torchscript_is_refused_unloaded_and_runs_once_trusted(tmp_path, monkeypatch, payload):
+    victim = _victim(tmp_path)
+    network_file = _scripted_model(tmp_path / "models" / "scripted", payload(str(victim)))
+    digest = sha256_file(network_file)
+    with pytest.raises(ModelError) as error:
+        load_model(network_file.parent)
+    message = str(error.value)
+    assert str(network_file) in message and digest in message and f"peftadapt trust {network_file}" in message
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(tmp_path / "models"))
+    status = {row.id: row.status for row in list_models()[0]}
+    assert "refused to load TorchScript" in status["scripted"]
+    assert victim.read_bytes() == PRECIOUS
+    # trusted: the same file loads and runs, and its payload acts — the trust decision is what stood in between
+    assert main(["trust", str(network_file.parent)]) == 0
+    assert digest in store_path().read_text()
+    assert {row.id: row.status for row in list_models()[0]}["scripted"] == "available"
+    model = load_model(network_file.parent)
+    with torch.no_grad():
+        model.network(torch.zeros(1, 1, 4, 4, 4))
+    assert victim.read_bytes() != PRECIOUS
+    # trust is for those bytes only: a changed file is refused again
+    victim.write_bytes(PRECIOUS)
+    torch.jit.save(torch.jit.script(payload(str(tmp_path / "other.txt"))), str(network_file))
+    with pytest.raises(ModelError, match="refused to load TorchScript"):
+        load_model(network_file.parent)
+    assert victim.read_bytes() == PRECIOUS
+
+
+def test_a_bundles_torchscript_is_refused_until_trusted(tmp_path):
+    victim = _victim(tmp_path)
+    folder = tmp_path / "bundle_ts"
+    _write_bundle(folder)
+    (folder / "models" / "model.pt").unlink()
+    torch.jit.save(torch.jit.script(OverwritesWhenLoaded(str(victim))), str(folder / "models" / "model.ts"))
+    with pytest.raises(ModelError, match=r"model\.ts: refused to load TorchScript \(sha256 [0-9a-f]{64}\)"):
+        load_model(folder)
+    assert victim.read_bytes() == PRECIOUS
+    assert main(["trust", str(folder)]) == 0
+    load_model(folder)
+    assert victim.read_bytes() != PRECIOUS
+
+
+def test_cli_predict_refuses_untrusted_torchscript_and_trust_prints_the_file_and_hash(tmp_path):
+    victim = _victim(tmp_path)
+    network_file = _scripted_model(tmp_path / "scripted", OverwritesWhenRun(str(victim)))
+    digest = sha256_file(network_file)
+    predict = ("predict", "--model", str(network_file.parent), "--image", str(shared(SPINE_T2)),
+               "--output", str(tmp_path / "cord.nii.gz"))
+    line = one_error_line(run_cli(*predict))
+    assert digest in line and f"peftadapt trust {network_file}" in line
+    assert victim.read_bytes() == PRECIOUS and not (tmp_path / "cord.nii.gz").exists()
+    trusted = run_cli("trust", str(network_file))
+    assert trusted.returncode == 0 and str(network_file) in trusted.stdout and digest in trusted.stdout
+    assert str(tmp_path / "home") in trusted.stdout  # the store is the user's config folder, not the model's
+    assert run_cli(*predict).returncode == 0 and (tmp_path / "cord.nii.gz").exists()
+    assert victim.read_bytes() != PRECIOUS
+    assert "holds no TorchScript" in one_error_line(run_cli("trust", str(tmp_path / "home")))
+
+
+def test_the_builtin_model_needs_no_trust_because_its_files_are_pinned():
+    rows, _ = list_models(Path("/nonexistent"))
+    assert rows[0].id == "deepbet-brain" and rows[0].status == "available"
+    assert not store_path().exists()

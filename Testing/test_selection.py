@@ -1,0 +1,134 @@
+"""Never silently worse than the start: a state replaces the model the run started from only when its audit gain is
+larger than the audit's own noise and no audit case gets worse; with one annotated volume the audit is a held-out
+slab of it, normalised as a whole; volumes smaller than the patch train."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import shared
+from PEFTAdaptLib.data.cases import load_case, prepare_case
+from PEFTAdaptLib.data.holdout import hold_out
+from PEFTAdaptLib.data.transforms import normalize_intensity, to_array
+from PEFTAdaptLib.errors import InputError
+from PEFTAdaptLib.inference import predict_probabilities
+from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+from PEFTAdaptLib.methods import make_method
+from PEFTAdaptLib.models.registry import load_model
+from PEFTAdaptLib.selection import AuditCounts, SelectionRule
+
+BRATS = "brats/brats_2013_pat0004_1"
+MESHNET = "meshnet/model5_gw_ae"
+
+
+@pytest.fixture(scope="module")
+def brain_audit():
+    """deepbet's real zero-shot prediction of a real T1c volume, and that volume's brain mask (model grid)."""
+    model = load_model("deepbet-brain")
+    case = load_case([shared(f"{BRATS}/T1c_subtrMeanDivStd.nii.gz")], model.card, shared(f"{BRATS}/brainmask.nii.gz"),
+                     model.locate)
+    prediction = predict_probabilities(model.network, case.array, model.card).argmax(0)
+    return prediction, case.label[0]
+
+
+def counts(prediction: np.ndarray, reference: np.ndarray) -> AuditCounts:
+    return AuditCounts([AuditCounts.measure(prediction, reference, 2)])
+
+
+def test_a_gain_within_the_audit_noise_does_not_replace_the_start():
+    """The reported failure: on a T1c audit volume the tumour Dice went 0.0235 → 0.0315 and that state was kept,
+    though it was worse on unseen patients. A gain of that size that one slab of the volume carries is noise: the
+    rule keeps the start. (The old rule kept any higher audit Dice.)"""
+    reference = (to_array(sitk.ReadImage(str(shared(f"{BRATS}/OTMultiClass.nii.gz"))), np.int64) > 0).astype(np.int64)
+    baseline = np.roll(reference, 40, axis=0) * (np.random.default_rng(0).random(reference.shape) < 0.3)
+    candidate = baseline.copy()
+    slab = np.nonzero(reference.any(axis=(0, 1)))[0]
+    z = slab[len(slab) // 2]
+    candidate[..., z] = np.maximum(candidate[..., z], reference[..., z])  # one slice corrected
+    verdict = SelectionRule().judge(counts(candidate, reference), counts(baseline, reference))
+    assert counts(baseline, reference).dice() < 0.1 and verdict.gain > SelectionRule().min_gain
+    assert verdict.low <= 0 and not verdict.reliable
+
+
+def test_a_real_gain_is_accepted_with_its_uncertainty(brain_audit):
+    prediction, reference = brain_audit
+    better = prediction.copy()
+    depth = better.shape[-1]
+    better[..., : depth // 2] = reference[..., : depth // 2]  # half of the volume corrected
+    verdict = SelectionRule().judge(counts(better, reference), counts(prediction, reference))
+    assert verdict.reliable and verdict.low > 0 and verdict.low <= verdict.gain <= verdict.high
+
+
+def test_an_audit_case_that_gets_worse_vetoes_a_mean_gain(brain_audit):
+    prediction, reference = brain_audit
+    depth = prediction.shape[-1]
+    better, worse = prediction.copy(), prediction.copy()
+    better[..., : depth // 2] = reference[..., : depth // 2]
+    worse[..., depth // 2:] = 0  # the second case loses part of its foreground
+    baseline = AuditCounts([AuditCounts.measure(p, reference, 2) for p in (prediction, prediction)])
+    candidate = AuditCounts([AuditCounts.measure(p, reference, 2) for p in (better, worse)])
+    verdict = SelectionRule().judge(candidate, baseline)
+    assert verdict.worst_case < -0.01 and not verdict.reliable
+
+
+def test_an_empty_prediction_is_never_rewarded():
+    reference = np.zeros((8, 8, 8), np.int64)
+    reference[2:5, 2:5, 2:5] = 1  # class 2 is absent from the reference
+    empty = AuditCounts([AuditCounts.measure(np.zeros_like(reference), reference, 3)])
+    assert empty.dice() == 0.0 and empty.class_dice() == [0.0, None]
+
+
+def test_a_held_out_slab_is_normalised_with_its_whole_volume():
+    """MeshNet normalises by the volume's own min and max: a slab normalised alone shifts its intensities (the
+    reported 0.922 → 0.796 drop of zero-shot Dice on the same voxels)."""
+    card = load_model(shared(MESHNET)).card
+    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 80)), sitk.sitkUInt8)
+    whole = prepare_case("t1", [image], card, label)
+    parts, slab, (start, end) = hold_out(whole)
+    assert np.array_equal(slab.array, whole.array[..., start:end])
+    raw = to_array(whole.model_image)
+    pieces = [(slab, raw[..., start:end])] + [(p, raw[..., :start] if p.name.endswith(f"z0-{start}") else raw[..., end:])
+                                              for p in parts]
+    # what cutting first would have done: some piece's intensities move
+    assert any(not np.allclose(piece.array[0], normalize_intensity(r, card.normalization), atol=1e-3)
+               for piece, r in pieces)
+    assert sum(p.array.shape[-1] for p in parts) + (end - start) == whole.array.shape[-1]
+
+
+def test_a_volume_without_foreground_outside_the_slab_is_refused_naming_it():
+    card = load_model(shared(MESHNET)).card
+    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    label = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    label.CopyInformation(image)
+    label[128, 128, 128] = 1
+    with pytest.raises(InputError, match="t1: too little annotated foreground"):
+        hold_out(prepare_case("t1", [image], card, label))
+
+
+def test_one_thin_annotated_volume_adapts_with_a_held_out_audit_and_reports_the_verdict(tmp_path):
+    """No audit volume given, a volume thinner than the training patch (40 slices < 96): the job trains on the
+    volume outside a held-out slab, audits on that slab, and says whether the adapted state was kept."""
+    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))[:, :, 100:140]
+    label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+    label.CopyInformation(image)
+    sitk.WriteImage(image, str(tmp_path / "thin.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "thin_label.nii.gz"))
+    request = JobSpec(model=str(shared(MESHNET)), support=[CaseSpec([str(tmp_path / "thin.nii.gz")],
+                                                                    str(tmp_path / "thin_label.nii.gz"))],
+                      method=make_method("bitfit"),
+                      train=TrainSpec(steps=2, patches_per_step=1, audit_every=1, device="cpu"))
+    job = JobClient(tmp_path / "work").submit(request)
+    state = job.wait(timeout=900)
+    assert state.outcome == "finished", state.message
+    started = next(e for e in job.events if e["event"] == "started")
+    [held] = started["audit_held_out"]
+    assert held["slab"][1] - held["slab"][0] == round(0.25 * held["depth"])
+    validation = next(e for e in job.events if e["event"] == "validation")
+    assert validation["kept"] in ("start", "adapted") and ("gain" in validation or validation["kept"] == "start")
+    assert state.message.startswith(("no reliable gain", "adapted state"))
+    saved = json.loads((job.adapter_folder / "adapter.json").read_text())["metadata"]
+    assert saved["best_step"] == next(e for e in job.events if e["event"] == "finished")["best_step"]

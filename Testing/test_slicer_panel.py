@@ -1,0 +1,535 @@
+"""The PEFTAdapt panel run on a fake of Slicer's Qt layer (`slicer_qt_fake.py`, that layer only) over a real MRML
+scene (slicer-core), the real engine, real job folders and real processes: the issue-15 defects that need the
+module to run. Each test says which defect it guards."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import shared
+from slicer_qt_fake import MODULE_FILE, SlicerQtFake
+from slicer_scene import load_segmentation, load_volume, new_scene
+
+TESTING = Path(__file__).resolve().parent
+ROOT = TESTING.parent
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("PEFTADAPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    instance = SlicerQtFake(new_scene(), tmp_path / "slicer-temp")
+    try:
+        instance.loadModule()
+        yield instance
+    finally:
+        instance.close()
+
+
+@pytest.fixture
+def panel(fake):
+    widget = fake.createWidget()
+    yield widget
+    widget.cleanup()
+    assert not fake.slotErrors, fake.slotErrors  # what PythonQt would have printed as tracebacks
+
+
+class WaitingRunner:
+    """Starts a real process that only waits (or ends at once): a worker that has not reported anything yet."""
+
+    def __init__(self, seconds: float = 120):
+        self.seconds, self.environment, self.processes = seconds, {}, []
+
+    def start(self, args, cwd, stdout, stderr):
+        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+            process = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({self.seconds})"],
+                                       cwd=str(cwd), stdout=out, stderr=err)
+        self.processes.append(process)
+        return process
+
+
+def brats(case: int, name: str) -> Path:
+    return shared(f"brats/brats_2013_pat000{case}_1/{name}")
+
+
+def add_training_data(fake, p) -> None:
+    volume = load_volume(fake.scene, brats(3, "T1c_subtrMeanDivStd.nii.gz"), "T1c 3")
+    segmentation = load_segmentation(fake.scene, brats(3, "brainmask.nii.gz"), volume, "brain 3", "brain")
+    p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]
+    p.auditVolume, p.auditSegmentation = volume, segmentation
+
+
+def start_waiting_run(fake, panel, seconds: float = 120):
+    panel.logic.sceneLogic.client.runner = runner = WaitingRunner(seconds)
+    add_training_data(fake, panel._parameterNode)
+    assert panel.ui.applyButton.enabled, panel.ui.applyButton.toolTip
+    panel.ui.applyButton.click()
+    assert not fake.dialogs, fake.dialogs
+    [process] = runner.processes
+    return panel._run, process
+
+
+def ended(process, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return process.poll() is not None
+
+
+def poll_until_finished(panel, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while panel._pollTimer.isActive() and time.monotonic() < deadline:
+        panel._pollTimer._fire()
+        time.sleep(0.3)
+    assert not panel._pollTimer.isActive(), "the run did not finish in time"
+
+
+# -- defect 1: the Logic under Slicer's base class ------------------------------------------------------------------
+
+
+def test_logic_constructs_under_slicers_base_class(fake):
+    """ScriptedLoadableModuleLogic.__init__ calls super().__init__() bare: no base after it may need arguments."""
+    logic = fake.module.PEFTAdaptLogic()
+    assert logic.getParameterNode().modelId == "deepbet-brain"
+    assert logic.sceneLogic.scene is fake.scene
+
+
+# -- defect 2: combo boxes, connectors and the method registry ---------------------------------------------------------
+
+
+def test_combo_boxes_keep_the_models_methods_and_devices_and_follow_the_parameter_node(fake, panel):
+    from PEFTAdaptLib.jobs.spec import DEVICES
+    from PEFTAdaptLib.methods import method_class, method_names
+
+    ui, p = panel.ui, panel._parameterNode
+    models = [ui.modelComboBox.itemData(i) for i in range(ui.modelComboBox.count)]
+    assert models == [card["id"] for card in panel.logic.sceneLogic.modelCards()] and "deepbet-brain" in models
+    methods = [(ui.methodComboBox.itemData(i), ui.methodComboBox.itemText(i)) for i in range(ui.methodComboBox.count)]
+    assert methods == [(name, method_class(name).label) for name in method_names()]
+    assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)] == list(DEVICES)
+    assert ui.methodComboBox.itemData(ui.methodComboBox.currentIndex) == p.method == "sea-peft"
+
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("lora"))
+    assert p.method == "lora"
+    ui.rankComboBox.setCurrentIndex(ui.rankComboBox.findData(8))
+    assert p.rank == 8
+    p.method = "norm-affine"  # the parameter node drives the widgets, too
+    assert ui.methodComboBox.itemData(ui.methodComboBox.currentIndex) == "norm-affine"
+    ui.deviceComboBox.setCurrentIndex(1)
+    assert p.device == DEVICES[1]
+    for name in method_names():  # the budget and rank fields show for the methods that take them
+        p.method = name
+        cls = method_class(name)
+        assert (ui.budgetSlider.visible, ui.budgetCountLabel.visible) == (cls.takes_budget,) * 2, name
+        assert ui.rankComboBox.visible == bool(cls.ranks), name
+        assert [ui.rankComboBox.itemData(i) for i in range(ui.rankComboBox.count)] == [0, *cls.ranks]
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("label-free"))
+    assert p.rank == 8  # offered by label-free too: kept
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("sea-peft"))
+    assert p.rank == 0  # not offered by sea-peft: dropped
+    assert "Model default: 1 %" in ui.budgetCountLabel.text and "21,262 of 2,126,258" in ui.budgetCountLabel.text
+
+
+def test_a_request_takes_only_what_the_method_offers(fake, panel):
+    p = panel._parameterNode
+    add_training_data(fake, p)
+    p.method, p.budgetPercent, p.rank = "lora", 0.5, 4
+    export = Path(fake.app.temporaryPath)
+    spec = panel.logic.sceneLogic.jobRequest(panel.logic.request(p), export)
+    assert (spec.method.rank, spec.method.budget.fraction) == (4, 0.005)
+    p.method = "norm-affine"  # takes neither: the values left in the hidden fields are not a request
+    spec = panel.logic.sceneLogic.jobRequest(panel.logic.request(p), export)
+    assert (spec.method.name, spec.method.rank, spec.method.budget) == ("norm-affine", None, None)
+
+
+# -- defect 3 and 10: installing what the worker needs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def pytorch_extension(monkeypatch):
+    """A stand-in for the PyTorch extension's PyTorchUtils (real only inside Slicer): records installTorch."""
+    calls = []
+
+    class PyTorchUtilsLogic:
+        @staticmethod
+        def torchInstalled():
+            return True
+
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                         torchvisionVersionRequirement=None):
+            calls.append(torchVersionRequirement)
+            return types.ModuleType("torch")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    return calls
+
+
+def only_missing(monkeypatch, missing: dict):
+    """Package metadata as on a machine where these distributions are absent (None) or at another version."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name not in missing:
+            return real(name)
+        if missing[name] is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return missing[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+def test_slicer_510_installs_through_pip_install_with_slicers_packages_pinned(fake, monkeypatch, pytorch_extension):
+    """No slicer.packaging before 5.12: the missing requirements are confirmed once and pip-installed with torch,
+    numpy, scipy, SimpleITK and requests held at their installed versions."""
+    only_missing(monkeypatch, {"nilearn": None})
+    assert fake.module.PEFTAdaptLogic().ensureDependencies()
+    [(kind, text)] = fake.dialogs
+    assert kind == "confirm" and "nilearn>=0.10" not in text
+    [arguments] = fake.pipInstalls
+    assert arguments[:2] == ["nilearn>=0.10", "--constraint"]
+    pins = Path(arguments[2]).read_text().split()
+    from importlib.metadata import version
+
+    assert f"torch=={version('torch')}" in pins and f"numpy=={version('numpy')}" in pins
+    fake.dialogs.clear()
+    fake.confirmAnswers.append(False)  # declined: Start stops, nothing is installed
+    assert not fake.module.PEFTAdaptLogic().ensureDependencies()
+    assert len(fake.pipInstalls) == 1
+
+
+def test_slicer_512_installs_through_slicer_packaging(fake, monkeypatch, pytorch_extension):
+    ensured = []
+    packaging = types.ModuleType("slicer.packaging")  # Slicer 5.12's module, standing in for its pip machinery
+    packaging.pip_ensure = lambda requirements, constraints=None, requester=None, **kw: ensured.append(
+        ([str(r) for r in requirements], constraints, requester))
+    packaging.load_requirements = lambda path: []
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    assert fake.module.PEFTAdaptLogic().ensureDependencies()
+    [(requirements, constraints, requester)] = ensured
+    assert "monai>=1.3" in requirements and not any(r.startswith("torch") for r in requirements)
+    assert requester == "PEFTAdapt" and Path(constraints).is_file() and not fake.pipInstalls
+
+
+def test_an_old_torch_is_refused_with_the_versions_named(fake, monkeypatch, pytorch_extension):
+    """Defect 10: an installed torch below the requirement stops Start with the two versions and the fix."""
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = lambda *args, **kwargs: None
+    packaging.load_requirements = lambda path: []
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    only_missing(monkeypatch, {"torch": "1.13.1+cu117"})
+    assert not fake.module.PEFTAdaptLogic().ensureDependencies()
+    [(kind, text)] = fake.dialogs
+    assert kind == "error" and "1.13.1+cu117" in text and ">=2.1" in text and "PyTorch Utils" in text
+    assert not pytorch_extension  # nothing was installed behind the user's back
+
+
+def test_a_missing_torch_is_installed_through_the_pytorch_extension_with_the_requirement(fake, monkeypatch,
+                                                                                           pytorch_extension):
+    only_missing(monkeypatch, {"torch": None})
+    assert fake.module.PEFTAdaptLogic().ensureDependencies()
+    assert pytorch_extension == [">=2.1"]
+
+
+def test_requirements_agree_with_the_engines_dependencies():
+    """What the panel installs in Slicer is what the engine declares, less Slicer's own SimpleITK."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(r).name: str(Requirement(r).specifier)
+                for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    lines = [line.split("#")[0].strip() for line in (ROOT / "PEFTAdapt/Resources/requirements.txt").open()]
+    installed = {Requirement(r).name: str(Requirement(r).specifier) for r in lines if r}
+    assert installed == {name: spec for name, spec in declared.items() if name != "SimpleITK"}
+
+
+# -- defect 5: Segment runs as a polled background job --------------------------------------------------------------
+
+
+def test_segment_returns_at_once_and_the_timer_follows_the_background_job(fake, panel):
+    p = panel._parameterNode
+    target = load_volume(fake.scene, brats(6, "T1c_subtrMeanDivStd.nii.gz"), "T1c 6")
+    p.targetVolume, p.device = target, "cpu"
+    panel.ui.segmentButton.click()
+    assert not fake.dialogs, fake.dialogs
+    # the click returned while the worker still runs: the GUI is free, the button offers Cancel
+    assert panel._pollTimer.isActive() and panel._run is not None and panel._run.job.alive()
+    assert panel.ui.applyButton.text == "Cancel" and not panel.ui.segmentButton.enabled
+    poll_until_finished(panel)
+    assert not fake.dialogs, fake.dialogs
+    segmentation = p.outputSegmentation
+    assert segmentation is not None and segmentation.GetSegmentation().GetNthSegment(0).GetName() == "brain"
+    editor = panel.ui.segmentEditorWidget
+    assert (editor._segmentation, editor._source) == (segmentation, target)
+    assert (panel.ui.progressBar.value, panel.ui.progressBar.maximum) == (1, 1)
+    assert panel.ui.applyButton.text == "Start" and panel.ui.segmentButton.enabled
+
+
+# -- defect 6: no console window for the worker on Windows ------------------------------------------------------------
+
+
+def test_the_worker_starts_without_a_console_window_on_windows(fake, panel, monkeypatch):
+    """The panel starts its worker through the job client's SubprocessRunner, which hides the console on Windows
+    (closing that console would kill the worker). Windows is simulated for the runner module only."""
+    from PEFTAdaptLib.jobs import runner as runner_module
+
+    class STARTUPINFO:
+        dwFlags, wShowWindow = 0, 1
+
+    started = []
+
+    def popen(command, **options):
+        started.append(options)
+        return subprocess.Popen([sys.executable, "-c", "pass"], stdout=options["stdout"], stderr=options["stderr"])
+
+    windows = types.SimpleNamespace(STARTUPINFO=STARTUPINFO, STARTF_USESHOWWINDOW=1, SW_HIDE=0,
+                                    CREATE_NO_WINDOW=0x08000000, Popen=popen, DEVNULL=subprocess.DEVNULL)
+    monkeypatch.setattr(runner_module, "subprocess", windows)
+    monkeypatch.setattr(runner_module, "sys", types.SimpleNamespace(platform="win32", executable=sys.executable))
+    add_training_data(fake, panel._parameterNode)
+    panel.ui.applyButton.click()
+    assert not fake.dialogs, fake.dialogs
+    [options] = started
+    assert options["startupinfo"].wShowWindow == 0 and options["startupinfo"].dwFlags & 1
+    assert options["creationflags"] & 0x08000000
+
+
+# -- defect 7 and 8: cleanup and scene close -------------------------------------------------------------------------
+
+
+def test_cleanup_cancels_a_running_worker(fake, panel):
+    run, process = start_waiting_run(fake, panel)
+    assert process.poll() is None and panel._pollTimer.isActive()
+    panel.cleanup()  # Slicer closes, or the module is reloaded
+    assert ended(process), "the worker outlived the module"
+    assert not panel._pollTimer.isActive()
+    assert (run.jobDir / "cancel").exists()
+
+
+def test_closing_the_scene_cancels_a_running_worker_stops_polling_and_lets_go_of_its_nodes(fake, panel):
+    run, process = start_waiting_run(fake, panel)
+    assert panel.plotWidget.mrmlPlotViewNode() is not None
+    panel.parent.isEntered = True
+    fake.scene.Clear(0)
+    assert ended(process), "the worker kept running after the scene closed"
+    assert not panel._pollTimer.isActive() and panel._run is None
+    assert panel.plotWidget.mrmlPlotViewNode() is None and panel.ui.unitsTableView.mrmlTableNode() is None
+    # a new scene: a new parameter node, and the next run's charts are shown through a view node of that scene
+    assert panel._parameterNode is not None and panel._parameterNode.trainingVolumes == []
+    start_waiting_run(fake, panel)
+    assert fake.scene.IsNodePresent(panel.plotWidget.mrmlPlotViewNode())
+
+
+def test_closing_the_scene_leaves_a_finished_run_alone(fake, panel):
+    """A finished worker is not signalled (its PID may belong to another process by now)."""
+    run, process = start_waiting_run(fake, panel, seconds=0)
+    assert ended(process)
+    poll_until_finished(panel, seconds=30)
+    fake.dialogs.clear()
+    fake.scene.Clear(0)
+    assert not (run.jobDir / "cancel").exists()
+
+
+# -- defect 9: the embedded Segment Editor's lifecycle -----------------------------------------------------------------
+
+
+def test_the_embedded_segment_editor_is_set_up_and_released_like_segment_editors_own(fake, panel):
+    editors = fake.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editors.SetSingletonTag("SegmentEditor")  # the Segment Editor module's node: not the panel's to use
+    editor = panel.ui.segmentEditorWidget
+    panel.parent.isEntered = True
+    panel.enter()
+    assert editor._editorNode is not editors and editor._editorNode.GetSingletonTag() == "PEFTAdaptSegmentEditor"
+    assert editor._shortcuts and editor._viewObservations
+    editor.setActiveEffect("Paint")
+    panel.exit()
+    assert editor._activeEffect is None and not editor._shortcuts and not editor._viewObservations
+    panel.enter()
+    editor.setSegmentationNode(fake.scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
+    fake.scene.Clear(0)
+    assert editor._segmentation is None
+    assert fake.scene.IsNodePresent(editor._editorNode)  # a fresh node of the new scene after it closed
+
+
+# -- defect 11: the self-test split, and defect 4 / 12 in a Slicer without the packages --------------------------------
+
+
+def bare_slicer_python(tmp_path: Path) -> list[str]:
+    """A Python that sees only what Slicer ships before PEFTAdapt's first Start: the standard library, numpy,
+    SimpleITK, packaging, requests, VTK and slicer (slicer-core): no torch, MONAI, nibabel, scipy or psutil."""
+    import importlib.util
+
+    site = tmp_path / "slicer-site"
+    site.mkdir()
+    for name in ("slicer", "slicer_core", "vtkmodules", "numpy", "SimpleITK", "packaging", "requests", "vtk"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin)
+        source = origin.parent if origin.name == "__init__.py" else origin
+        (site / source.name).symlink_to(source)
+        for extra in source.parent.glob(f"{name}*.libs"):
+            (site / extra.name).symlink_to(extra)
+    for dist in ("numpy", "packaging"):
+        info = next(Path(importlib.util.find_spec(dist).origin).parent.parent.glob(f"{dist}-*.dist-info"))
+        (site / info.name).symlink_to(info)
+    return [sys.executable, "-S", "-c", f"import sys; sys.path[1:1] = [{str(site)!r}, {str(TESTING)!r}]; exec("
+            "open(sys.argv[1]).read())"]
+
+
+def run_in_slicer(tmp_path: Path, script: str, python: list[str] | None = None) -> dict:
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    environment = {**os.environ, "PEFTADAPT_MODELS": str(tmp_path / "models"), "PEFTADAPT_HOME": str(tmp_path / "h")}
+    environment.pop("PYTHONPATH", None)
+    command = (python or [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TESTING)!r}); exec("
+                                                "open(sys.argv[1]).read())"]) + [str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PANEL_SETUP = """
+    import json, sys, unittest
+    from slicer_scene import new_scene
+    from slicer_qt_fake import SlicerQtFake
+    fake = SlicerQtFake(new_scene(), "slicer-temp", version=VERSION)
+    module = fake.loadModule()
+    widget = fake.createWidget()
+"""
+
+
+def test_the_fast_self_test_needs_no_torch_and_no_download_and_the_long_one_skips_saying_why(tmp_path):
+    """In a Slicer without PEFTAdapt's packages: the panel loads (nothing imports torch), the fast self-test passes
+    and the adaptation test is skipped with the missing packages named — in place of downloading MRHead and
+    sleeping on the GUI thread."""
+    result = run_in_slicer(tmp_path, PANEL_SETUP.replace("VERSION", "(5, 10)") + """
+    outcome = unittest.TextTestRunner(stream=open("self-test.log", "w"), verbosity=2).run(
+        unittest.TestLoader().loadTestsFromTestCase(module.PEFTAdaptTest))
+    print(json.dumps({"run": outcome.testsRun, "problems": [str(t) + r for t, r in outcome.errors + outcome.failures],
+                      "skipped": [r for _t, r in outcome.skipped], "torch": "torch" in sys.modules,
+                      "device": widget.ui.deviceInfoLabel.text, "slot errors": [str(e) for e in fake.slotErrors]}))
+    """, python=bare_slicer_python(tmp_path))
+    assert result["run"] == 2 and not result["problems"], result["problems"]
+    [reason] = result["skipped"]
+    assert reason.startswith("needs torch>=2.1") and "monai" in reason
+    assert not result["torch"] and not result["slot errors"]
+    assert result["device"].startswith("PyTorch is not installed yet")
+
+
+def test_setting_up_the_panel_imports_no_torch_into_slicers_process(tmp_path):
+    """Defect 12: with torch installed, the device line comes from package metadata; torch stays out of Slicer's
+    process (importing it loads CUDA and blocks a later upgrade)."""
+    from importlib.metadata import version
+
+    result = run_in_slicer(tmp_path, PANEL_SETUP.replace("VERSION", "(5, 10)") + """
+    print(json.dumps({"torch": "torch" in sys.modules, "device": widget.ui.deviceInfoLabel.text}))
+    """)
+    assert not result["torch"]
+    assert result["device"].startswith(f"PyTorch {version('torch')} (")
+
+
+def test_an_older_slicer_loads_the_module_and_shows_what_to_install(tmp_path):
+    """Defect 4: Slicer 5.8 (Python 3.9) gets a module that loads and says it needs 5.10, not a traceback; the
+    engine is not imported there."""
+    result = run_in_slicer(tmp_path, PANEL_SETUP.replace("VERSION", "(5, 8)") + """
+    [label] = widget.layout._widgets
+    print(json.dumps({"engine": any(m.startswith("PEFTAdaptLib") for m in sys.modules), "label": label.text,
+                      "help": fake.moduleObject.helpText, "widget": type(widget).__name__}))
+    """, python=bare_slicer_python(tmp_path))
+    assert not result["engine"] and result["widget"] == "PEFTAdaptUnsupportedWidget"
+    assert "needs 3D Slicer 5.10 or later" in result["label"] and "this is Slicer 5.8" in result["label"]
+    assert result["help"].startswith(result["label"])
+
+
+# -- the panel's own features: trust confirmation, run information --------------------------------------------------
+
+
+def scripted_model(folder: Path) -> Path:
+    import torch
+    from torch import nn
+
+    from PEFTAdaptLib.models.card import LabelInfo, ModelCard
+
+    folder.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(nn.Conv3d(1, 2, 1)), str(folder / "model.ts"))
+    ModelCard(id=folder.name, title="scripted model", description="a TorchScript test model", modality="MR",
+              input_channels=1, spacing=None, orientation="", normalization={"name": "zscore"},
+              patch_size=(16, 16, 16), inference_roi=(16, 16, 16),
+              labels=[LabelInfo(0, "background"), LabelInfo(1, "cord")], license="test", source="test",
+              ).save(folder / "model.card.json")
+    return folder / "model.ts"
+
+
+def test_a_torchscript_model_folder_loads_only_after_the_user_trusts_the_named_file(fake, panel, tmp_path):
+    from PEFTAdaptLib.models.safe_load import sha256_file
+    from PEFTAdaptLib.models.trust import is_trusted
+
+    network = scripted_model(tmp_path / "scripted")
+    digest = sha256_file(network)
+    fake.folderAnswers.append(str(network.parent))
+    fake.confirmAnswers.append(False)
+    panel.ui.loadModelFolderButton.click()
+    [(kind, text)] = fake.dialogs
+    assert kind == "confirm" and str(network) in text and digest in text
+    assert not is_trusted(digest) and panel.ui.modelComboBox.findData("scripted") < 0
+    fake.folderAnswers.append(str(network.parent))
+    panel.ui.loadModelFolderButton.click()  # confirmed this time
+    assert is_trusted(digest)
+    assert panel._parameterNode.modelId == "scripted"
+    assert panel.ui.modelComboBox.itemData(panel.ui.modelComboBox.currentIndex) == "scripted"
+    assert "a TorchScript test model" in panel.ui.modelDescriptionLabel.text
+
+
+def test_the_run_shows_trainable_parameters_rank_and_budget_choice_and_takes_the_adapter(fake, panel):
+    """The worker's protocol written into the job folder as the worker writes it; the panel shows RunState."""
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    run, process = start_waiting_run(fake, panel)
+    log = EventLog(run.jobDir, echo=False)
+    log({"event": "started", "task": "adapt", "steps": 40, "method": "lora", "rank": 4, "trainable": 21000,
+         "total": 2126258, "rank_reason": "rank 4: the largest that fits the budget",
+         "budget_reason": "1 % of the model's parameters = 21,262 of 2,126,258"})
+    log({"event": "audit", "step": 0, "dice": 0.91})
+    log({"event": "step", "step": 20, "steps": 40, "loss": 0.25, "eta_s": 30})
+    log({"event": "audit", "step": 20, "dice": 0.95})
+    panel._pollTimer._fire()
+    ui = panel.ui
+    assert ui.runInfoLabel.text.split("\n") == [
+        "21,000 of 2,126,258 parameters (0.99 %)", "rank 4: the largest that fits the budget",
+        "1 % of the model's parameters = 21,262 of 2,126,258"]
+    assert (ui.progressBar.value, ui.progressBar.maximum) == (20, 40)
+    assert ui.statusLabel.text == "Training, step 20/40, about 0 min 30 s left, loss 0.250"
+    assert "best 0.950 (zero-shot 0.910)" in ui.bestDiceLabel.text
+    assert "[audit] step=20, dice=0.95" in ui.logTextEdit.toPlainText()
+    (run.jobDir / "adapter").mkdir()
+    log({"event": "finished", "adapter": "adapter", "best_dice": 0.95, "exit_code": 0})
+    log.close()
+    panel._pollTimer._fire()
+    assert not panel._pollTimer.isActive() and ui.applyButton.text == "Start"
+    assert panel._parameterNode.adapterFolder == str(run.jobDir / "adapter")
+    assert ui.readaptButton.enabled and not fake.dialogs
+    process.kill()
+
+
+def test_a_failed_run_is_reported_once_and_the_panel_can_start_again(fake, panel):
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    run, process = start_waiting_run(fake, panel)
+    log = EventLog(run.jobDir, echo=False)
+    log({"event": "failed", "message": "out of memory: use a smaller patch or the CPU", "exit_code": 3})
+    log.close()
+    panel._pollTimer._fire()
+    assert fake.dialogs == [("error", "Failed: out of memory: use a smaller patch or the CPU")]
+    assert not panel._pollTimer.isActive() and panel.ui.applyButton.text == "Start" and panel.ui.applyButton.enabled
+    assert panel._parameterNode.adapterFolder == ""
+    process.kill()

@@ -1,0 +1,115 @@
+"""Benchmark tables from run results (bench/product.py): Markdown for docs/benchmarks.md, one table per shift,
+and the sections of docs/benchmarks.md that a script owns, replaced in place."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+#: fixed topologies, counted as baselines where they fit the budget; shallow fine-tuning counts whatever it costs
+BASELINE_KINDS = ("norm-affine", "lora", "convlora", "salt", "svd", "bitfit")
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def standard_error(a: list[float], b: list[float]) -> float:
+    """Standard error of the difference of two means (Welch); 0 where a side has one value."""
+    if len(a) < 2 or len(b) < 2:
+        return 0.0
+    return (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+
+
+def rows(result: dict) -> list[dict]:
+    """One row per method: Dice over seeds, the worst change of any test case against zero-shot, cost, time."""
+    by_method: dict[str, list[dict]] = {}
+    for run in result["runs"]:
+        by_method.setdefault(run["method"], []).append(run)
+    zero = next((r for r in result["runs"] if r["method"] == "zero-shot"), None)
+    zero_cases = {c["case"]: c["dice"] for c in zero["cases"]} if zero else {}
+    table = []
+    for method, runs in by_method.items():
+        if any("na" in r for r in runs):
+            table.append({"method": method, "na": next(r["na"] for r in runs if "na" in r)})
+            continue
+        worst = min((c["dice"] - zero_cases[c["case"]] for r in runs for c in r["cases"] if c["case"] in zero_cases),
+                    default=0.0)
+        kind = (runs[0]["request"].get("method") or {}).get("name", "zero-shot")
+        table.append({
+            "method": method, "kind": kind, "dice": [r["dice"] for r in runs], "hd95": [r["hd95"] for r in runs],
+            "worst_case_change": worst, "trainable": max(r["trainable"] for r in runs),
+            "fraction": max(r["trainable"] for r in runs) / result["total"],
+            "seconds": statistics.mean(r["train_seconds"] for r in runs),
+            "memory": statistics.mean(r["memory_mb"] for r in runs),
+            "within": max(r["trainable"] for r in runs) <= result["budget"],
+            "rank_reason": runs[0].get("rank_reason", ""), "allocation": runs[0].get("allocation"),
+        })
+    return table
+
+
+def margins(table: list[dict]) -> dict:
+    """SEA-PEFT's margin (Dice points, with its standard error) over the strongest baseline: every fixed topology
+    within the budget, and shallow fine-tuning."""
+    baselines = [r for r in table if "dice" in r and ((r["kind"] in BASELINE_KINDS and r["within"])
+                                                      or r["kind"] == "shallow")]
+    if not baselines:
+        return {}
+    best = max(baselines, key=lambda r: statistics.mean(r["dice"]))
+    return {"best": best["method"], "best_dice": statistics.mean(best["dice"]),
+            "sea": {r["method"]: (100 * (statistics.mean(r["dice"]) - statistics.mean(best["dice"])),
+                                  100 * standard_error(r["dice"], best["dice"]))
+                    for r in table if r.get("kind") == "sea-peft"}}
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"### {result['title']}", "",
+             f"Budget {result['budget']:,} parameters = {result['budget_text']} of {result['total']:,}; "
+             f"{s['steps']} steps × {s['patches_per_step']} patch(es)"
+             f"{' of ' + '×'.join(map(str, s['patch'])) if s['patch'] else ''}, audit every {s['audit_every']}; "
+             f"{result['seeds']} seeds; support {', '.join(result['cases']['support'])}, audit "
+             f"{', '.join(result['cases']['audit'])}, test {', '.join(result['cases']['test'])}.", "",
+             "| method | trainable | test Dice (mean ± sd over seeds) | worst test case vs zero-shot | HD95 (mm) | "
+             "training (s) | peak memory (MB) |", "|---|---|---|---|---|---|---|"]
+    table = rows(result)
+    for row in table:
+        if "na" in row:
+            lines.append(f"| {row['method']} | — | n/a: {row['na']} | | | | |")
+            continue
+        over = "" if row["within"] or row["kind"] in ("full", "zero-shot") else " (over budget)"
+        name = f"**{row['method']}**" if row["kind"] == "sea-peft" else row["method"]
+        lines.append(f"| {name} | {row['trainable']:,} ({100 * row['fraction']:.2f} %){over} | {mean_sd(row['dice'])} | "
+                     f"{100 * row['worst_case_change']:+.1f} points | {mean_sd(row['hd95'], 1)} | {row['seconds']:.0f} | "
+                     f"{row['memory']:.0f} |")
+    lines.append("")
+    goal = margins(table)
+    if goal:
+        text = "; ".join(f"{name} − {goal['best']} = **{m:+.1f} Dice points** (s.e. {se:.1f})"
+                         for name, (m, se) in goal["sea"].items())
+        lines.append(f"- Strongest baseline (fixed topologies within the budget, shallow fine-tuning): {goal['best']} ({goal['best_dice']:.3f}); {text}.")
+    for row in table:
+        if row.get("kind") == "sea-peft" and row.get("allocation"):
+            units = row["allocation"].get("units", [])
+            lines.append(f"- {row['method']} (seed 0) ends on {len(units)} units, "
+                         f"{row['allocation'].get('budget_used', 0):,} of {row['allocation'].get('budget', 0):,} "
+                         "budget parameters.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def replace_section(title: str, body: str) -> None:
+    """Rewrite the `## title` section of docs/benchmarks.md (up to the next `## `), or append it."""
+    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    section = f"## {title}\n\n{body.rstrip()}\n"
+    start = current.find(f"## {title}\n")
+    if start < 0:
+        DOCS.write_text(current.rstrip() + "\n\n" + section)
+        return
+    following = current.find("\n## ", start + 1)
+    end = len(current) if following < 0 else following + 1
+    DOCS.write_text(current[:start] + section + ("\n" + current[end:] if following >= 0 else ""))
