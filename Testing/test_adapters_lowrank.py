@@ -5,6 +5,7 @@ forms the dense weight gradient."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from PEFTAdaptLib.adapters import (
     SVDConfig, add_units, apply_adapter, freeze_base, iter_units, load_adapters, lowrank, parameter_groups,
     save_adapters,
 )
+from PEFTAdaptLib.adapters.base import adapted_layers
 
 # (layer, input shape): every layer type and dimension, with groups, strides, dilation, padding modes
 LAYERS = {
@@ -44,6 +46,8 @@ CONFIGS = {
     "bitfit": BitFitConfig(),
 }
 LOW_RANK = ("lora", "lora_rslora_pissa", "lora_dropout", "convlora")
+WITH_BASIS = ("salt", "svd")  # run in the product form: the whole layer in the unit's singular basis
+FACTORED = {"_FactoredLayerBackward", "_ProductLayerBackward"}
 
 
 def factored(monkeypatch, on: bool) -> None:
@@ -52,11 +56,15 @@ def factored(monkeypatch, on: bool) -> None:
 
 
 def perturb(net: nn.Module, seed: int = 1) -> None:
+    """Trained-looking units; singular-value scales and shifts kept positive, so that no ReLU zeroes a whole unit's
+    gradient (SALT's rank-1 top part would get none)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for record in iter_units(net):
-            for p in record.unit.parameters():
+            for name, p in record.unit.named_parameters():
                 p.add_(0.5 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+                if name in ("scale", "shift"):
+                    p.abs_()
 
 
 def adapted_layer(layer_name: str, configs: dict, dtype=torch.float64) -> tuple[nn.Module, torch.Tensor]:
@@ -91,44 +99,70 @@ def applicable(layer_name: str, config_name: str) -> bool:
 CASES = [(layer, config) for layer in LAYERS for config in CONFIGS if applicable(layer, config)]
 
 
+def assert_paths_agree(monkeypatch, net, x, node_name: str) -> dict:
+    """The forced factored path runs as `node_name` and equals the dense path: output and every gradient."""
+    factored(monkeypatch, False)
+    y_dense, dense_node, dense = forward_backward(net, x)
+    assert type(dense_node).__name__ not in FACTORED
+    factored(monkeypatch, True)
+    y, node, grads = forward_backward(net, x)
+    assert type(node).__name__ == node_name
+    assert torch.allclose(y, y_dense, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == dense.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, dense[name], rtol=1e-10, atol=1e-12), name
+        assert grad.abs().max() > 0, name
+    return grads
+
+
 @pytest.mark.parametrize("layer_name,config_name", CASES)
 def test_factored_path_equals_the_dense_path(monkeypatch, layer_name, config_name):
     net, x = adapted_layer(layer_name, {"unit": CONFIGS[config_name]})
-    factored(monkeypatch, False)
-    y_dense, _, dense = forward_backward(net, x)
-    factored(monkeypatch, True)
-    y, node, grads = forward_backward(net, x)
-    assert (type(node).__name__ == "_FactoredLayerBackward") == (config_name in LOW_RANK)
-    assert torch.allclose(y, y_dense, rtol=1e-12, atol=1e-12)
-    assert grads.keys() == dense.keys()
-    for name, grad in grads.items():
-        assert torch.allclose(grad, dense[name], rtol=1e-10, atol=1e-12), name
-        assert grad.abs().max() > 0, name
+    expected = {**dict.fromkeys(LOW_RANK, "_FactoredLayerBackward"), **dict.fromkeys(WITH_BASIS, "_ProductLayerBackward")}
+    if config_name in expected:
+        assert_paths_agree(monkeypatch, net, x, expected[config_name])
+    else:  # dense deltas and biases keep autograd's path
+        factored(monkeypatch, True)
+        assert type(forward_backward(net, x)[1]).__name__ not in FACTORED
 
 
-@pytest.mark.parametrize("layer_name", [n for n in LAYERS if n.startswith("conv") and "transpose" not in n])
+@pytest.mark.parametrize("layer_name", LAYERS)
 def test_several_units_on_one_layer_share_the_factored_path_and_gated_off_units_get_nothing(monkeypatch, layer_name):
-    """A SEA-PEFT-like layer: LoRA r1 and r2, ConvLoRA and BitFit active; SALT and a dense delta gated off."""
+    """A SEA-PEFT-like layer with LoRA r1 and r2, ConvLoRA (on convolutions), BitFit, SALT and a dense delta, gated
+    as an allocator would: the low-rank units share one factored pass; SALT switched on runs the whole layer in its
+    basis with the LoRA factors on top; a second singular-value unit (SVD) falls back to the additive factors; a
+    dense delta switched on sends the layer back to the dense weight gradient. Gated-off units get no gradient."""
     configs = {"lora1": LoRAConfig(r=1, alpha=1), "lora2": LoRAConfig(r=2, alpha=2), "convlora": ConvLoRAConfig(r=1),
-               "bitfit": BitFitConfig(), "salt": SALTConfig(rank=1, lora_rank=1), "dense": DenseConfig()}
+               "bitfit": BitFitConfig(), "salt": SALTConfig(rank=1, lora_rank=1), "svd": SVDConfig(),
+               "dense": DenseConfig()}
+    if not applicable(layer_name, "convlora"):
+        del configs["convlora"]
     net, x = adapted_layer(layer_name, configs)
-    for name in ("salt", "dense"):
-        net[0].set_active(name, False)
-    factored(monkeypatch, False)
-    y_dense, _, dense = forward_backward(net, x)
+    layer = net[0]
+
+    def gates(*on):
+        for name in configs:
+            layer.set_active(name, name in on)
+
+    low_rank = [name for name in ("lora1", "lora2", "convlora", "bitfit") if name in configs]
+    for active, node in ((low_rank, "_FactoredLayerBackward"), (low_rank + ["salt"], "_ProductLayerBackward"),
+                         (["salt", "lora1"], "_ProductLayerBackward"), (["salt"], "_ProductLayerBackward"),
+                         (low_rank + ["salt", "svd"], "_FactoredLayerBackward")):
+        gates(*active)
+        grads = assert_paths_agree(monkeypatch, net, x, node)
+        trained = {name.split(".")[2] for name in grads if name != "input"}
+        assert trained == set(active), "exactly the active units get a gradient"
+    gates(*low_rank, "salt", "dense")
     factored(monkeypatch, True)
-    y, node, grads = forward_backward(net, x)
-    assert type(node).__name__ == "_FactoredLayerBackward"
-    assert torch.allclose(y, y_dense, rtol=1e-12, atol=1e-12)
-    assert grads.keys() == dense.keys()
-    assert not any(".salt." in name or ".dense." in name for name in grads), "gated-off units get no gradient"
-    for name, grad in grads.items():
-        assert torch.allclose(grad, dense[name], rtol=1e-10, atol=1e-12), name
-        assert grad.abs().max() > 0, name
-    # a dense delta switched on needs the dense weight gradient: the layer goes back to the dense path
-    net[0].set_active("dense", True)
-    y, node, grads = forward_backward(net, x)
-    assert type(node).__name__ != "_FactoredLayerBackward"
+    assert type(forward_backward(net, x)[1]).__name__ not in FACTORED
+
+
+def test_a_pissa_lora_beside_salt_moves_the_weight_off_salts_basis_and_takes_the_additive_factors(monkeypatch):
+    """PiSSA subtracts its principal part from the weight: SALT's SVD is no longer of the weight the layer runs
+    with, so the product form (which rebuilds the weight from that SVD) must not be used."""
+    net, x = adapted_layer("conv3d_strided", {"pissa": LoRAConfig(r=2, alpha=2, init="pissa"),
+                                              "salt": SALTConfig(rank=1, lora_rank=2)})
+    assert_paths_agree(monkeypatch, net, x, "_FactoredLayerBackward")
 
 
 def test_convlora_factors_compose_the_papers_view_of_b_a():
@@ -217,12 +251,16 @@ def test_training_with_gates_and_a_save_load_resume_matches_the_dense_path(monke
         assert torch.allclose(value, finals[False][name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("units", ["lora_bitfit", "salt_lora"])
 @pytest.mark.parametrize("layer_name", ["linear", "conv3d_strided", "convtranspose3d_grouped"])
-def test_bf16_autocast_keeps_the_dense_paths_dtypes_and_accuracy(monkeypatch, layer_name):
-    """Under CPU bf16 autocast both paths run the layer in bf16 and give float32 parameter gradients; against the
-    float32 gradients, the factored path's bf16 error is no worse than the dense path's (within a factor 2)."""
-    net, x = adapted_layer(layer_name, {"lora": LoRAConfig(r=2, alpha=2), "bitfit": BitFitConfig()},
-                           dtype=torch.float32)
+def test_bf16_autocast_keeps_the_dense_paths_dtypes_and_accuracy(monkeypatch, layer_name, units):
+    """Under CPU bf16 autocast (the GPU path's dtype rules, on the CPU) both paths run the layer in bf16 and give
+    float32 parameter gradients; against the float32 gradients, the factored path's (or the product form's) bf16
+    error is no worse than the dense path's (within a factor 2)."""
+    configs = {"lora_bitfit": {"lora": LoRAConfig(r=2, alpha=2), "bitfit": BitFitConfig()},
+               "salt_lora": {"salt": SALTConfig(rank=1, lora_rank=2), "lora": LoRAConfig(r=2, alpha=2)}}[units]
+    node_name = {"lora_bitfit": "_FactoredLayerBackward", "salt_lora": "_ProductLayerBackward"}[units]
+    net, x = adapted_layer(layer_name, configs, dtype=torch.float32)
     factored(monkeypatch, True)
     _, _, exact = forward_backward(net, x)
     errors = {}
@@ -231,7 +269,7 @@ def test_bf16_autocast_keeps_the_dense_paths_dtypes_and_accuracy(monkeypatch, la
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, node, grads = forward_backward(net, x)
         assert y.dtype == torch.bfloat16
-        assert (type(node).__name__ == "_FactoredLayerBackward") == on
+        assert (type(node).__name__ == node_name) == on
         for name, grad in grads.items():
             assert grad.dtype == torch.float32, name
         errors[on] = max(float((grads[n] - exact[n]).norm() / exact[n].norm()) for n in grads)
@@ -269,3 +307,48 @@ def test_autocast_dtype_is_read_with_the_api_of_older_torch_too(monkeypatch):
         legacy = lowrank._autocast_dtype("cpu")
     assert current == legacy == torch.bfloat16
     assert lowrank._autocast_dtype("cpu") is None
+
+
+@pytest.mark.parametrize("configs,tolerance", [
+    ({"lora": LoRAConfig(r=4, alpha=4)}, 1e-4),
+    # float32 SALT gradients through the dense weight gradient are the inexact side: against float64, up to 17 % off
+    # on single singular values of deepbet (the projection Uᵀ dW V cancels), the product form's within 1e-4
+    ({"salt": SALTConfig(ratio=0.1, lora_rank=2), "lora": LoRAConfig(r=2, alpha=2)}, 1e-2),
+], ids=["lora", "salt_with_lora"])
+def test_supervised_training_through_the_trainer_is_the_same_on_both_paths(monkeypatch, configs, tolerance):
+    """The product's supervised trainer on the real deepbet network and a real BraTS volume (64³ patches, 2 AdamW
+    steps, the same seeds), every layer forced onto the factored paths (LoRA: the factored backward; SALT with LoRA
+    on top: the product form) and onto the dense weight gradient: the same losses, audits and adapter tensors, to
+    float32 round-off."""
+    from PEFTAdaptLib.data.cases import load_case
+    from PEFTAdaptLib.models.deepbet import load_deepbet
+    from PEFTAdaptLib.training import TrainConfig, supervised_trainer
+
+    from conftest import shared
+
+    card = dataclasses.replace(load_deepbet().card, patch_size=(64, 64, 64), inference_roi=(64, 64, 64))
+    brats = "brats/brats_2013_pat0003_1"
+    case = load_case([shared(f"{brats}/T1c_subtrMeanDivStd.nii.gz")], card, shared(f"{brats}/brainmask.nii.gz"))
+    runs = {}
+    for on in (False, True):
+        factored(monkeypatch, on)
+        network = load_deepbet().network
+        torch.manual_seed(0)  # the units' initialisation
+        for name, config in configs.items():
+            apply_adapter(network, copy.deepcopy(config), name)
+        trainer = supervised_trainer(network, card, [case], [case],
+                                     TrainConfig(steps=2, lr=1e-3, patches_per_step=1, audit_every=100, seed=0))
+        nodes = set()  # how the adapted layers ran in training
+        for _, layer in adapted_layers(network):
+            layer.register_forward_hook(lambda module, args, y: nodes.add(type(y.grad_fn).__name__))
+        trainer.run()
+        path = "_ProductLayerBackward" if "salt" in configs else "_FactoredLayerBackward"
+        assert (path in nodes) == on, nodes
+        runs[on] = (trainer.losses, [score for _, score in trainer.history],
+                    {f"{r.layer}.{r.name}.{k}": v.detach().clone() for r in iter_units(network)
+                     for k, v in r.unit.named_parameters()})
+    (losses, scores, units), (losses_f, scores_f, units_f) = runs[False], runs[True]
+    assert losses_f == pytest.approx(losses, rel=1e-5) and scores_f == pytest.approx(scores, abs=1e-3)
+    assert units_f.keys() == units.keys()
+    for name, value in units_f.items():
+        assert float((value - units[name]).norm()) <= tolerance * float(units[name].norm()), name

@@ -1,22 +1,26 @@
-"""Adapter cost on a MONAI 3D UNet at 96³: train-step time and peak memory as ratios to the frozen base, the dense
-weight-gradient path against the factored (low-rank) one, our LoRA against HF peft's LoRA at the same rank, and
-merged inference against base inference.
+"""Adapter cost on a MONAI 3D UNet at 96³: train-step time and peak memory as ratios to the frozen base and to full
+fine-tuning, the dense weight-gradient path against the factored one (`adapters/lowrank.py`), our LoRA against HF
+peft's LoRA at the same rank, and merged inference against base inference.
 
-    python bench/adapters.py [--rounds 7] [--device cpu|cuda]
-    python bench/adapters.py --layers [--rounds 5]   # per-layer calibration of the factored path's cost rule
+    python bench/adapters.py [--rounds 7] [--threads 1] [--device cpu|cuda]
+    python bench/adapters.py --layers [--rounds 7]   # per layer: calibration of the factored paths' cost rules
 
 Times: every variant is built in one process and the steps run round-robin (one step of each variant per round,
 after one warm-up round), so a load that drifts on a shared machine hits all variants alike. A step time is the
-median over rounds; a ratio is the median over rounds of the ratio within one round (both steps seconds apart).
-Variants whose units are low-rank run twice, with the factored backward (the default) and forced onto the dense
-weight-gradient path (the library's behaviour before the factored path).
-Peak memory: each variant in its own subprocess (RSS growth over two steps on CPU, the CUDA allocator's peak on
-GPU). Prints Markdown tables.
+median over rounds; a ratio is the median over rounds of the ratio within one round (steps seconds apart). On a
+CPU the clock is the process's CPU time, which other jobs time-slicing the cores do not inflate (they still share
+caches and memory bandwidth); with one thread (the default) that is exactly the work of the step. Wall-clock ratios
+are printed beside. Variants whose units give factors run on both paths: the cost rule's choice (the default) and
+forced onto the dense weight gradient (the library before the factored paths). Peak memory: each variant in its own
+subprocess (RSS growth over two steps on CPU, the CUDA allocator's peak on GPU). Prints Markdown tables and the
+conditions (threads, load average, CPU, torch).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -25,10 +29,10 @@ import time
 
 VARIANTS = [
     "frozen_base", "full_finetune", "lora_r4", "peft_lora_r4", "convlora_paper_r2", "salt", "svd", "norm_affine",
-    "bitfit", "adabn", "sea_pool_lora_r2_bitfit", "merged_inference", "base_inference",
+    "bitfit", "adabn", "sea_pool_lora_r2_bitfit", "sea_pool_salt", "merged_inference", "base_inference",
 ]
-#: variants with low-rank units: measured on both paths
-FACTORED = ("lora_r4", "convlora_paper_r2", "sea_pool_lora_r2_bitfit")
+#: variants whose units give factors: measured on both paths
+FACTORED = ("lora_r4", "convlora_paper_r2", "salt", "svd", "sea_pool_lora_r2_bitfit", "sea_pool_salt")
 INPUT = (96, 96, 96)
 
 
@@ -56,17 +60,18 @@ def build(variant: str):
         "bitfit": A.BitFitConfig(),
         "adabn": A.AdaBNConfig(),
     }
+    pools = {"sea_pool_lora_r2_bitfit": ("sea_lora_r2", "sea_bitfit"), "sea_pool_salt": ("sea_salt_r2",)}
     if variant in configs:
         A.apply_adapter(net, configs[variant], "bench")
         A.freeze_base(net)
-    elif variant == "sea_pool_lora_r2_bitfit":
-        # SEA-PEFT's whole pool on the network (every family, inactive), with LoRA r2 and BitFit switched on
+    elif variant in pools:
+        # SEA-PEFT's whole pool on the network (every family, inactive), with the named units switched on
         from PEFTAdaptLib.seapeft.pool import build_pool
 
         build_pool(net)
         A.freeze_base(net)
         for record in A.iter_units(net):
-            record.owner.set_active(record.name, record.name in ("sea_lora_r2", "sea_bitfit"))
+            record.owner.set_active(record.name, record.name in pools[variant])
     elif variant == "peft_lora_r4":
         from peft import LoraConfig, get_peft_model
 
@@ -81,8 +86,8 @@ def build(variant: str):
 
 
 def use_path(dense: bool) -> None:
-    """Dense: the library's behaviour before the factored path (every adapted layer takes the dense weight
-    gradient); otherwise the cost rule decides."""
+    """Dense: the library's behaviour before the factored paths (every adapted layer takes the dense weight
+    gradient); otherwise the cost rules decide."""
     from PEFTAdaptLib.adapters import lowrank
 
     lowrank.FORCE = "dense" if dense else None
@@ -135,25 +140,49 @@ def peak_memory(variant: str, device: str, dense: bool) -> int:
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before, 0)
 
 
-def interleaved_times(runs: list[tuple[str, bool]], rounds: int, device: str) -> tuple[dict, dict]:
-    """Seconds per step of every run, one step of each per round (after a warm-up round); trainable counts."""
-    steps, trainable = {}, {}
-    for variant, dense in runs:
-        steps[(variant, dense)], trainable[variant] = make_step(variant, device)
-    times: dict[tuple[str, bool], list[float]] = {run: [] for run in runs}
+class Clock:
+    """Seconds of one call: CPU time of the process on a CPU (wall time on a GPU), and wall time."""
+
+    def __init__(self, device: str):
+        self.cpu = device == "cpu"
+
+    def __call__(self, fn) -> tuple[float, float]:
+        cpu, wall = time.process_time(), time.perf_counter()
+        fn()
+        wall = time.perf_counter() - wall
+        return (time.process_time() - cpu if self.cpu else wall), wall
+
+
+def interleaved(calls: dict, rounds: int, clock: Clock, before=lambda key: None) -> dict:
+    """{key: [(seconds, wall seconds) per round]}: one call of each per round, after a warm-up round."""
+    times: dict = {key: [] for key in calls}
     for round_ in range(rounds + 1):
-        for run in runs:
-            use_path(run[1])
-            start = time.perf_counter()
-            steps[run]()
+        for key, call in calls.items():
+            before(key)
+            measured = clock(call)
             if round_:
-                times[run].append(time.perf_counter() - start)
-    return times, trainable
+                times[key].append(measured)
+    return times
 
 
-def layer_table(rounds: int) -> None:
-    """Per conv geometry of the UNet and LoRA rank: the extra time of the factored backward over the frozen layer's
-    forward+backward against the dense path's, beside what the cost rule (`lowrank.factored_is_cheaper`) picks."""
+def median_ratio(times: dict, key, reference, wall: bool = False) -> float:
+    """Median over rounds of the within-round ratio."""
+    return statistics.median(a[wall] / b[wall] for a, b in zip(times[key], times[reference]))
+
+
+def conditions(threads: int, device: str) -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{device}, {threads} thread(s), {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, "
+            f"load average {load}")
+
+
+def layer_table(rounds: int, clock: Clock) -> None:
+    """Per conv geometry of the UNet and unit type: forward+backward of the layer on the dense path and the factored
+    one, as ratios to the frozen layer's, beside what the cost rule picks (and whether it picked the faster)."""
     import copy
 
     import torch
@@ -174,53 +203,57 @@ def layer_table(rounds: int) -> None:
         net(torch.randn(1, 1, *INPUT))
     for hook in hooks:
         hook.remove()
+    units = {"lora r1": A.LoRAConfig(r=1, alpha=1), "lora r4": A.LoRAConfig(r=4, alpha=4),
+             "lora r16": A.LoRAConfig(r=16, alpha=16), "convlora r2": A.ConvLoRAConfig(r=2, alpha=2),
+             "salt": A.SALTConfig(ratio=0.1, lora_rank=4), "svd": A.SVDConfig()}
 
-    def timed(runs: dict, x: torch.Tensor) -> dict:
-        """Fastest of `rounds` forward+backward passes per (layer, path), interleaved: on a shared machine the
-        minimum is the least disturbed reading."""
-        best = {key: float("inf") for key in runs}
-        for _ in range(rounds + 1):
-            for key, (layer, path) in runs.items():
-                lowrank.FORCE = path
-                inputs = x.clone().requires_grad_(True)
-                start = time.perf_counter()
-                layer(inputs).square().mean().backward()
-                best[key] = min(best[key], time.perf_counter() - start)
-        return best
-
-    print("| layer | weight | input | rank | rule picks | extra time factored / dense | dense step / frozen "
-          "| factored step / frozen |")
+    print(f"conditions: {conditions(torch.get_num_threads(), 'cpu')}\n")
+    print("| layer | weight | input | unit | rule picks | dense / frozen | factored / frozen | rule picked the faster |")
     print("|---|---|---|---|---|---|---|---|")
     for (kind, weight, stride, size), module in shapes.items():
         x = torch.randn(1, *size)
         runs = {"frozen": (module.requires_grad_(False), "dense")}
-        for rank in (1, 2, 4, 8, 16):
+        for name, config in units.items():
             layer = nn.Sequential(copy.deepcopy(module))
-            A.apply_adapter(layer, A.LoRAConfig(r=rank, alpha=rank), "bench")
+            try:
+                A.apply_adapter(layer, copy.deepcopy(config), "bench")
+            except (TypeError, ValueError):
+                continue
+            if not list(A.iter_units(layer)):  # ConvLoRA takes no transposed convolution
+                continue
             A.freeze_base(layer)
-            if next(A.iter_units(layer)).unit.rank == rank:
-                runs[(rank, "dense")], runs[(rank, "factored")] = (layer, "dense"), (layer, "factored")
-        best = timed(runs, x)
-        frozen = best["frozen"]
-        for rank in sorted({key[0] for key in runs if key != "frozen"}):
-            dense, factored = best[(rank, "dense")], best[(rank, "factored")]
-            lowrank.FORCE = None
-            pick = "factored" if lowrank.factored_is_cheaper(module, rank) else "dense"
-            print(f"| {kind} s{stride[0]} | {weight} | {size} | {rank} | {pick} | "
-                  f"{(factored - frozen) / max(dense - frozen, 1e-9):.2f} | {dense / frozen:.2f} | {factored / frozen:.2f} |",
-                  flush=True)
+            runs[(name, "dense")], runs[(name, "factored")] = (layer, "dense"), (layer, "factored")
+
+        def call(layer):
+            return lambda: layer(x.clone().requires_grad_(True)).square().mean().backward()
+
+        times = interleaved({key: call(layer) for key, (layer, _) in runs.items()}, rounds, clock,
+                            before=lambda key: setattr(lowrank, "FORCE", runs[key][1]))
+        lowrank.FORCE = None
+        for name in dict.fromkeys(key[0] for key in runs if key != "frozen"):
+            dense, factored = (median_ratio(times, (name, path), "frozen") for path in ("dense", "factored"))
+            node = type(runs[(name, "dense")][0](x.clone().requires_grad_(True)).grad_fn).__name__
+            pick = "factored" if node in ("_FactoredLayerBackward", "_ProductLayerBackward") else "dense"
+            faster = "yes" if (pick == "factored") == (factored < dense) else "no"
+            print(f"| {kind} s{stride[0]} | {weight} | {size} | {name} | {pick} | {dense:.2f} | {factored:.2f} "
+                  f"| {faster} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", action="store_true", help="per-layer calibration table of the factored path")
+    parser.add_argument("--layers", action="store_true", help="per-layer calibration table of the factored paths")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    clock = Clock(args.device)
     if args.layers:
-        layer_table(args.rounds)
+        layer_table(args.rounds, clock)
         return
     if args.memory:
         print(json.dumps(peak_memory(args.memory, args.device, args.dense)))
@@ -228,33 +261,41 @@ def main() -> None:
     runs = [(v, False) for v in VARIANTS] + [(v, True) for v in FACTORED]
     memory = {}
     for variant, dense in runs:
-        command = [sys.executable, __file__, "--memory", variant, "--device", args.device] + (["--dense"] * dense)
+        command = [sys.executable, __file__, "--memory", variant, "--device", args.device,
+                   "--threads", str(args.threads)] + ["--dense"] * dense
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         memory[(variant, dense)] = json.loads(out.stdout.strip().splitlines()[-1])
-    times, trainable = interleaved_times(runs, args.rounds, args.device)
+    start = conditions(args.threads, args.device)
+    steps, trainable = {}, {}
+    for variant, dense in runs:
+        steps[(variant, dense)], trainable[variant] = make_step(variant, args.device)
+    times = interleaved(steps, args.rounds, clock, before=lambda run: use_path(run[1]))
 
     def seconds(run) -> float:
-        return statistics.median(times[run])
+        return statistics.median(t[0] for t in times[run])
 
-    def ratio(run, reference) -> float:
-        return statistics.median(a / b for a, b in zip(times[run], times[reference]))
-
-    print("| variant | trainable | step (s) | step / frozen base | step / full fine-tuning | dense path: step (s) "
-          "| dense path / frozen base | peak memory / frozen base |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"conditions: {start}; at the end: load average {'/'.join(f'{v:.1f}' for v in os.getloadavg())}; "
+          f"{args.rounds} rounds\n")
+    print("| variant | trainable | step (s) | step / frozen base | step / full fine-tuning | wall: step / frozen base "
+          "| dense path: step (s) | dense path / frozen base | dense path / full fine-tuning "
+          "| peak memory / frozen base | dense path: peak memory / frozen base |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for variant in VARIANTS:
-        run = (variant, False)
+        run, dense = (variant, False), (variant, True)
         inference = variant.endswith("inference")
         reference = ("base_inference" if inference else "frozen_base", False)
-        versus_full = "—" if inference else f"{ratio(run, ('full_finetune', False)):.2f}"
-        dense = (variant, True)
-        dense_cells = f"{seconds(dense):.3f} | {ratio(dense, reference):.2f}" if dense in times else "— | —"
-        peak = memory[run] / memory[reference] if memory[reference] else float("nan")
-        print(f"| {variant} | {trainable[variant]:,} | {seconds(run):.3f} | {ratio(run, reference):.2f} "
-              f"| {versus_full} | {dense_cells} | {peak:.2f} |")
-    print(f"\nour LoRA r4 step / HF peft LoRA r4 step: {ratio(('lora_r4', False), ('peft_lora_r4', False)):.2f}")
-    print(f"merged inference / base inference: {ratio(('merged_inference', False), ('base_inference', False)):.2f} "
-          "(target ≤ 1.02)")
+        full = ("full_finetune", False)
+        versus_full = "—" if inference else f"{median_ratio(times, run, full):.2f}"
+        dense_cells = (f"{seconds(dense):.3f} | {median_ratio(times, dense, reference):.2f} | "
+                       f"{median_ratio(times, dense, full):.2f}" if dense in times else "— | — | —")
+        peak = lambda key: f"{memory[key] / memory[reference]:.2f}" if memory[reference] else "nan"  # noqa: E731
+        print(f"| {variant} | {trainable[variant]:,} | {seconds(run):.3f} | {median_ratio(times, run, reference):.2f} "
+              f"| {versus_full} | {median_ratio(times, run, reference, wall=True):.2f} | {dense_cells} | {peak(run)} "
+              f"| {peak(dense) if dense in memory else '—'} |")
+    print(f"\nour LoRA r4 step / HF peft LoRA r4 step: "
+          f"{median_ratio(times, ('lora_r4', False), ('peft_lora_r4', False)):.2f}")
+    print(f"merged inference / base inference: "
+          f"{median_ratio(times, ('merged_inference', False), ('base_inference', False)):.2f} (target ≤ 1.02)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .lowrank import Factors, factored_forward, factored_is_cheaper, fold
+from .lowrank import Factors, factored_forward, factored_is_cheaper, fold, product_forward, product_is_cheaper
 
 #: layer types whose weight can be adapted
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
@@ -98,8 +98,16 @@ class LowRankUnit(AdapterUnit):
     """A weight-space unit whose trained update is a product of factors, ΔW = P Q in the layer's (shape[0], rest)
     matricisation (plus, at most, a fixed change of the weight)."""
 
+    #: True where the unit's factors live in a fixed basis of the base weight, W = P₀ Q₀ (SALT, SVD: U Σ, Vᵀ), and
+    #: `whole` gives the adapted weight itself in it
+    has_basis: ClassVar[bool] = False
+
     def split(self, params: dict[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor | None], Factors]:
         """(params with the fixed part of the update applied, (P, Q))."""
+        raise NotImplementedError
+
+    def whole(self) -> Factors:
+        """The base weight with this unit's update, as factors (P, Q) with Q the fixed basis (`has_basis` units)."""
         raise NotImplementedError
 
     def apply(self, params):
@@ -157,40 +165,52 @@ class AdaptedLayer(nn.Module):
     def base_params(self) -> dict[str, torch.Tensor | None]:
         return {key: getattr(self.base, key, None) for key in LAYER_TENSORS if hasattr(self.base, key)}
 
-    def _compose(self, units: Sequence[AdapterUnit]) -> tuple[dict[str, torch.Tensor | None], list[Factors]]:
+    def _compose(self, units: Sequence[AdapterUnit]) -> tuple[dict[str, torch.Tensor | None], dict[AdapterUnit, Factors]]:
         """The layer's tensors with every unit applied, low-rank updates kept apart as factors."""
-        params, factors = self.base_params(), []
+        params, factors = self.base_params(), {}
         for unit in units:
             if isinstance(unit, LowRankUnit):
-                params, unit_factors = unit.split(params)
-                factors.append(unit_factors)
+                params, factors[unit] = unit.split(params)
             else:
                 params = unit.apply(params)
         return params, factors
 
     def effective_params(self) -> dict[str, torch.Tensor | None]:
         params, factors = self._compose(self.active_units())
-        return {**params, "weight": fold(params["weight"], factors)} if factors else params
+        return {**params, "weight": fold(params["weight"], factors.values())} if factors else params
 
-    def _factored(self, weight: torch.Tensor, factors: list[Factors]) -> bool:
-        """Train the factors without the dense weight gradient: only when nothing needs that gradient anyway, on a
-        plain torch layer (a subclass may override the forward) with numeric padding (a string may be asymmetric),
-        and where the cost rule says it is cheaper."""
+    def _factorable(self, weight: torch.Tensor, factors: dict[AdapterUnit, Factors]) -> bool:
+        """Whether the factors may be trained without the dense weight gradient: only when nothing needs that
+        gradient anyway, on a plain torch layer (a subclass may override the forward) with numeric padding (a
+        string may be asymmetric) and no hooks on it (they would not see the call)."""
+        base = self.base
         return (bool(factors) and torch.is_grad_enabled() and not weight.requires_grad
-                and any(t.requires_grad for pair in factors for t in pair)
-                and type(self.base) in WEIGHT_TYPES and not isinstance(getattr(self.base, "padding", 0), str)
-                and factored_is_cheaper(self.base, sum(p.shape[1] for p, _ in factors)))
+                and any(t.requires_grad for pair in factors.values() for t in pair)
+                and type(base) in WEIGHT_TYPES and not isinstance(getattr(base, "padding", 0), str)
+                and not (base._forward_hooks or base._forward_pre_hooks))
+
+    def _basis(self, weight: torch.Tensor, factors: dict[AdapterUnit, Factors]) -> LowRankUnit | None:
+        """The layer's one unit with a basis (SALT, SVD), if the weight it would run on is still the base weight
+        that basis is of: the product form then runs the whole layer in that basis."""
+        with_basis = [unit for unit in factors if unit.has_basis]
+        return with_basis[0] if len(with_basis) == 1 and weight is self.base.weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self.active_units()
         if self.merged or not units:
             return self.base(x)
         params, factors = self._compose(units)
-        if self._factored(params["weight"], factors):
-            y = factored_forward(self.base, x, params["weight"], params.get("bias"), factors)
+        weight, bias = params["weight"], params.get("bias")
+        factorable = self._factorable(weight, factors)
+        basis = self._basis(weight, factors) if factorable else None
+        rank = sum(p.shape[1] for p, _ in factors.values())
+        if basis is not None and product_is_cheaper(self.base, rank):
+            rest = [pair for unit, pair in factors.items() if unit is not basis]
+            y = product_forward(self.base, x, bias, basis.whole(), rest)
+        elif factorable and factored_is_cheaper(self.base, rank):
+            y = factored_forward(self.base, x, weight, bias, list(factors.values()))
         else:
-            if factors:
-                params["weight"] = fold(params["weight"], factors)
+            params["weight"] = fold(weight, factors.values())
             y = functional_call(self.base, {k: v for k, v in params.items() if v is not None}, (x,))
         for unit in units:
             y = unit.adapt_output(x, y)

@@ -38,6 +38,10 @@ FACTORED_MIN_BLOCKS = 4
 #: extra passes over the activations dominate (1×1 convolutions, thin transposed outputs). Both constants come
 #: from `python bench/adapters.py --layers` on CPU (docs/benchmarks.md); a GPU may want others
 FACTORED_MIN_REDUCTION = 256
+#: the product form (a singular-value unit's basis, `product_forward`) is taken where its multiply-adds are fewer
+#: (`product_is_cheaper`) and each weight row sums at least this many terms: below, its two extra passes over the
+#: activations (the mix back to the rows, ∂L/∂P) cost more than their arithmetic; measured like the constants above
+PRODUCT_MIN_REDUCTION = 64
 #: "factored" or "dense" forces a path wherever the layer allows it (benchmarks and tests compare the two);
 #: None lets the cost rule decide
 FORCE: str | None = None
@@ -61,23 +65,54 @@ def factored_is_cheaper(layer: nn.Module, rank: int) -> bool:
     return blocks(rows) >= FACTORED_MIN_BLOCKS * blocks(rank) and cols >= FACTORED_MIN_REDUCTION
 
 
+def product_is_cheaper(layer: nn.Module, channels: int) -> bool:
+    """The cost rule of the product form, in multiply-adds per output position and group: the projection onto
+    `channels` filters, the mix back to the rows and ∂L/∂P, against the dense path's forward and weight gradient
+    (both take the input gradient with the composed weight). It excludes 1×1 convolutions and Linear layers that
+    do not narrow (the basis is as wide as the layer) and keeps 3×3×3 convolutions, whose rows sum 27× more terms."""
+    if FORCE is not None:
+        return FORCE == "factored"
+    cols = layer.weight[0].numel()
+    rows = layer.weight.shape[0] // getattr(layer, "groups", 1)
+    return channels * (cols + 2 * rows) <= 2 * rows * cols and cols >= PRODUCT_MIN_REDUCTION
+
+
+def _geometry(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, "_Conv | None"]:
+    """(the input as the convolution reads it, the layer's geometry), None for a Linear."""
+    if isinstance(layer, nn.Linear):
+        return x, None
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # as the layer's own forward: pad first, then convolve unpadded
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = (0,) * len(layer.kernel_size)
+    return x, _Conv(tuple(layer.stride), tuple(padding), tuple(layer.dilation), bool(layer.transposed),
+                    tuple(layer.output_padding), int(layer.groups), tuple(layer.kernel_size))
+
+
 def factored_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      factors: Sequence[Factors]) -> torch.Tensor:
     """`layer` run with weight W + Σ P Q and `bias`, its backward through the factors (W gets no gradient)."""
     p = torch.cat([f[0] for f in factors], dim=1)
     q = torch.cat([f[1] for f in factors], dim=0)
-    geometry = None
-    if not isinstance(layer, nn.Linear):
-        padding = layer.padding
-        if layer.padding_mode != "zeros":  # as the layer's own forward: pad first, then convolve unpadded
-            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-            padding = (0,) * len(layer.kernel_size)
-        geometry = _Conv(tuple(layer.stride), tuple(padding), tuple(layer.dilation), bool(layer.transposed),
-                         tuple(layer.output_padding), int(layer.groups))
+    x, geometry = _geometry(layer, x)
     device = x.device.type
     compute = _autocast_dtype(device)
     with torch.autocast(device, enabled=False):
         return _FactoredLayer.apply(x, weight, bias, p, q, geometry, compute)
+
+
+def product_forward(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, basis: Factors,
+                    factors: Sequence[Factors]) -> torch.Tensor:
+    """`layer` run with the weight P Q, P = [P_basis, P_1, …], Q = [Q_basis; Q_1; …], as a projection onto Q's
+    filters and a mix by P: `basis` is the whole (adapted) weight in a fixed basis (a singular-value unit's U Σ',
+    Vᵀ, Q fixed), `factors` are low-rank updates on top. Only the factors' Q rows get a weight-gradient pass."""
+    p = torch.cat([basis[0], *(f[0] for f in factors)], dim=1)
+    q = torch.cat([basis[1], *(f[1] for f in factors)], dim=0)
+    x, geometry = _geometry(layer, x)
+    device = x.device.type
+    compute = _autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _ProductLayer.apply(x, bias, p, q, basis[1].shape[0], geometry, compute)
 
 
 def _autocast_dtype(device: str) -> torch.dtype | None:
@@ -100,6 +135,7 @@ class _Conv:
     transposed: bool
     output_padding: tuple[int, ...]
     groups: int
+    kernel: tuple[int, ...]
 
     def layer(self, x, weight, bias):
         return torch.convolution(x, weight, bias, self.stride, self.padding, self.dilation, self.transposed,
@@ -213,3 +249,107 @@ def _conv_backward(needs, geometry: _Conv, dy, x, full, p, q, z):
 
 def _bias_grad(dy):
     return dy.sum(dim=[0, *range(2, dy.dim())])
+
+
+class _ProductLayer(torch.autograd.Function):
+    """y = layer(x; P Q, b) computed through the factors: a convolution onto Q's p filters and a 1×1 mix by P (for
+    a transposed layer: the mix first, then the transposed convolution with Q's filters). Q's first `fixed` rows
+    are a frozen basis: they get no weight-gradient pass."""
+
+    @staticmethod
+    def forward(ctx, x, bias, p, q, fixed, geometry, compute):
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, p.dtype, q.dtype)
+        if compute is not None:
+            x, p, q = x.to(compute), p.to(compute), q.to(compute)
+            bias = None if bias is None else bias.to(compute)
+        ctx.geometry, ctx.fixed = geometry, fixed
+        if geometry is None:
+            inner = x @ q.T  # z = Q x
+            y = F.linear(inner, p, bias)
+        else:
+            groups, filters = geometry.groups, _filters(q, geometry.kernel, geometry.groups)
+            per_group = p.reshape(groups, -1, p.shape[1])
+            if not geometry.transposed:
+                inner = geometry.conv(x, filters, groups)  # z = Q ⋆ x
+                y = _mix(per_group, inner, groups, bias)
+            else:
+                inner = _mix(per_group.transpose(1, 2), x, groups)  # u = Pᵀ x
+                y = geometry.layer(inner, filters, bias)
+        ctx.save_for_backward(x, p, q, inner)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, p, q, inner = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        needs = ctx.needs_input_grad[:4]
+        with torch.autocast(dy.device.type, enabled=False):
+            backward = _product_linear_backward if ctx.geometry is None else _product_conv_backward
+            grads = backward(needs, ctx.geometry, ctx.fixed, dy, x, p, q, inner)
+        grad_x, grad_bias, grad_p, grad_q = (g if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return grad_x, grad_bias, grad_p, grad_q, None, None, None
+
+
+def _mix(matrices: torch.Tensor, t: torch.Tensor, groups: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`matrices[g]` (out × in) applied at every position to the `in` channels of group g of `t`, plus `bias`
+    (one pass over the output: on a CPU these passes are bound by memory, not arithmetic)."""
+    batch, rows = t.shape[0], matrices.shape[1]
+    stacked = t.reshape(batch * groups, matrices.shape[2], -1)
+    matrices = matrices.repeat(batch, 1, 1)
+    if bias is None:
+        mixed = torch.bmm(matrices, stacked)
+    else:
+        mixed = torch.baddbmm(bias.reshape(groups, rows, 1).repeat(batch, 1, 1), matrices, stacked)
+    return mixed.reshape(batch, -1, *t.shape[2:])
+
+
+def _product_linear_backward(needs, geometry, fixed, dy, x, p, q, inner):
+    need_x, need_bias, need_p, need_q = needs
+    x2, dy2, inner2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), inner.reshape(-1, q.shape[0])
+    d_inner = dy2 @ p  # ∂L/∂z
+    grad_q = None
+    if need_q:
+        grad_q = torch.zeros_like(q)
+        grad_q[fixed:] = d_inner[:, fixed:].T @ x2
+    return ((d_inner @ q).reshape(x.shape) if need_x else None, dy2.sum(0) if need_bias else None,
+            dy2.T @ inner2 if need_p else None, grad_q)
+
+
+def _product_conv_backward(needs, geometry: _Conv, fixed, dy, x, p, q, inner):
+    """In the frame of `_conv_backward` ("rows": dy, or x for a transposed layer; "filtered": x, or dy): with
+    d = ∂L/∂(Q ⋆ filtered) — Pᵀ dy for a convolution, Q ⋆ dy for a transposed one — ∂L/∂P = Σ rows · (Q ⋆
+    filtered)ᵀ, the input gradient is the adjoint of Q ⋆ x at d (or P d), and Q's trained rows get the weight
+    gradient of Q ⋆ filtered at d (at u = Pᵀ x for a transposed layer)."""
+    need_x, need_bias, need_p, need_q = needs
+    groups, rank, batch = geometry.groups, p.shape[1], dy.shape[0]
+    per_group = p.reshape(groups, -1, rank)
+    filters = _filters(q, geometry.kernel, groups)
+    if not geometry.transposed:
+        rows_side, filtered, projected = dy, x, inner
+        grad_x = torch.ops.aten.convolution_backward(  # the composed weight: no pass over Pᵀ dy
+            dy, x, (p @ q).reshape(-1, *filters.shape[1:]), None, geometry.stride, geometry.padding,
+            geometry.dilation, False, geometry.output_padding, groups, [True, False, False])[0] if need_x else None
+        grad_out = None
+    else:
+        rows_side, filtered = x, dy
+        projected = geometry.conv(dy, filters, groups)  # Q ⋆ dy
+        grad_x = _mix(per_group, projected, groups) if need_x else None
+        grad_out = inner
+    grad_p = grad_q = None
+    if need_p:
+        grad_p = torch.einsum("ngcs,ngjs->gcj", rows_side.reshape(batch, groups, -1, rows_side[0, 0].numel()),
+                              projected.reshape(batch, groups, rank, -1)).reshape(p.shape)
+    if need_q:
+        trained = rank - fixed
+        if grad_out is None:  # ∂L/∂(Q ⋆ x) of the trained rows: Pᵀ dy
+            grad_out = _mix(per_group[:, :, fixed:].transpose(1, 2), dy, groups)
+        else:
+            grad_out = grad_out.reshape(batch, groups, rank, *grad_out.shape[2:])[:, :, fixed:]
+            grad_out = grad_out.reshape(batch, groups * trained, *grad_out.shape[3:])
+        trained_filters = filters.reshape(groups, rank, *filters.shape[1:])[:, fixed:]
+        q_grad = geometry.weight_grad(filtered, grad_out,
+                                      trained_filters.reshape(groups * trained, *filters.shape[1:]))
+        grad_q = torch.zeros_like(q)
+        grad_q[fixed:] = q_grad.reshape(groups, trained, -1).sum(0)
+    return grad_x, _bias_grad(dy) if need_bias else None, grad_p, grad_q

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterUnit
+from .base import AdapterConfig, LowRankUnit
 
 #: singular values closer than this (relative to the largest) form one group whose basis the SVD leaves free; far
 #: above float64 round-off (1e-16), so the grouping is the same on every machine, and small enough that vectors of
@@ -66,8 +66,11 @@ def canonical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return u, s, v.T.contiguous()
 
 
-class _SingularBasis(AdapterUnit):
+class SingularBasisUnit(LowRankUnit):
+    """A unit that changes the singular values of the base weight (matrix Σ' in its fixed basis U, Vᵀ)."""
+
     additive = False  # replaces the singular values of the base weight: composes first
+    has_basis = True
 
     def __init__(self, layer: nn.Module, config: AdapterConfig):
         super().__init__(layer, config)
@@ -78,15 +81,25 @@ class _SingularBasis(AdapterUnit):
         self.register_buffer("S", s.to(**to), persistent=False)
         self.register_buffer("Vh", vh.to(**to), persistent=False)
 
-    def sigma_delta(self) -> torch.Tensor:
-        """ReLU(Σ') − diag(σ): a k×k matrix (or a length-k vector for diagonal updates)."""
+    def sigma(self) -> torch.Tensor:
+        """ReLU(Σ'): the adapted singular-value matrix (or vector, for diagonal updates)."""
         raise NotImplementedError
 
-    def apply(self, params):
-        weight = params["weight"]
-        delta = self.sigma_delta()
-        update = (self.U * delta) @ self.Vh if delta.dim() == 1 else self.U @ delta @ self.Vh
-        return {**params, "weight": weight + update.reshape(weight.shape)}
+    def sigma_delta(self) -> torch.Tensor:
+        """ReLU(Σ') − diag(σ)."""
+        sigma = self.sigma()
+        return sigma - self.S if sigma.dim() == 1 else sigma - torch.diag(self.S)
+
+    def _left(self, core: torch.Tensor) -> torch.Tensor:
+        return self.U * core if core.dim() == 1 else self.U @ core
+
+    def split(self, params):
+        """ΔW = (U (ReLU(Σ') − diag σ)) Vᵀ: the update, exactly zero at initialisation."""
+        return params, (self._left(self.sigma_delta()), self.Vh)
+
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapted weight itself as factors, (U ReLU(Σ')) Vᵀ: equal to W + ΔW up to the round-off of the SVD."""
+        return self._left(self.sigma()), self.Vh
 
 
 @dataclass
@@ -98,7 +111,7 @@ class SALTConfig(AdapterConfig):
     lora_rank: int = 4
 
 
-class SALTUnit(_SingularBasis):
+class SALTUnit(SingularBasisUnit):
     kind = "salt"
     config_class = SALTConfig
 
@@ -126,8 +139,8 @@ class SALTUnit(_SingularBasis):
         sigma[r:, r:] = torch.diag(self.S[r:]) + self.X @ self.Y
         return sigma
 
-    def sigma_delta(self) -> torch.Tensor:
-        return torch.relu(self.sigma_matrix()) - torch.diag(self.S)
+    def sigma(self) -> torch.Tensor:
+        return torch.relu(self.sigma_matrix())
 
 
 @dataclass
@@ -135,7 +148,7 @@ class SVDConfig(AdapterConfig):
     pass
 
 
-class SVDUnit(_SingularBasis):
+class SVDUnit(SingularBasisUnit):
     kind = "svd"
     config_class = SVDConfig
 
@@ -144,5 +157,5 @@ class SVDUnit(_SingularBasis):
         self.scale = nn.Parameter(torch.ones_like(self.S))
         self.shift = nn.Parameter(torch.zeros_like(self.S))
 
-    def sigma_delta(self) -> torch.Tensor:
-        return torch.relu(self.scale * self.S + self.shift) - self.S
+    def sigma(self) -> torch.Tensor:
+        return torch.relu(self.scale * self.S + self.shift)
