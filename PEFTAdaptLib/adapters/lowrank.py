@@ -17,6 +17,13 @@ Per output position this costs about 2p·(C_in·kᵈ + C_out) multiply-adds agai
 CPU the passes with few channels run far below the dense gradient's rate, so a layer takes this path only where
 the measured cost rule (`factored_is_cheaper`) says it is cheaper. Several units on one layer share it: their
 factors are concatenated into one P and one Q.
+
+A singular-value unit (SALT, SVD) changes a k×k matrix Σ' in the weight's basis, W' = U ReLU(Σ') Vᵀ; SALT's ReLU
+over the whole residual block makes its update full rank, so the factors above would have k channels. The product
+form (`product_forward`) instead runs the whole layer in that basis: z = Vᵀ ⋆ x (k filters, where the layer has
+C_out: the cost of the layer's own convolution), y = U ReLU(Σ') z (a 1×1 mix), input gradient with the composed
+weight, ∂L/∂(U ReLU(Σ')) = Σ dy zᵀ (a 1×1 reduction): no weight-gradient convolution at all. LoRA units on the same
+layer (a SEA-PEFT pool) append their factors to the basis: their Q rows alone get a weight-gradient pass.
 """
 from __future__ import annotations
 

@@ -9,7 +9,10 @@ reference code recomputed it lazily at the first forward. A saved unit holds onl
 must come out the same wherever it is recomputed (another LAPACK, another device at resume): `canonical_svd` fixes
 the signs of the singular pairs and the basis inside groups of equal singular values, which an SVD leaves free.
 We apply the update as W + U (ReLU(Σ') − diag σ) Vᵀ, which is the same function but exactly W at initialisation
-(the reconstruction error of U Σ Vᵀ never enters).
+(the reconstruction error of U Σ Vᵀ never enters) wherever the weight is composed: inference, merge, the dense
+path. A training step where the cost rule takes it runs the layer in the basis instead (`lowrank.product_forward`:
+x projected onto Vᵀ's k filters, mixed by U ReLU(Σ')), whose weight differs from W by the SVD's round-off (float32
+eps relative) and whose gradients are more accurate than the dense path's (docs/adapters.md).
 """
 from __future__ import annotations
 
