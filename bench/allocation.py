@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,14 +30,16 @@ from PEFTAdaptLib.methods import Budget, make_method  # noqa: E402
 
 SECTION = "Allocation (SEA-PEFT)"
 #: seeds per shift unless --seeds (≥ 3 everywhere; a deepbet run takes minutes on 2 cores, a spine run seconds)
-SEEDS = {"brats-wt": 3, "spine-t1": 5, "spine-t2s": 5, "deepbet": 3}
+SEEDS = {"spine-t1": 5, "spine-t2s": 5, "spine-site": 5}
 QUICK = {  # CPU-fast sizes (deepbet: the demo's own setting)
-    "brats-wt": Settings(120, 2, [48, 48, 48], 40), "spine-t1": Settings(120, 2, None, 40),
-    "spine-t2s": Settings(120, 2, None, 40), "deepbet": Settings(80, 2, [128, 128, 128], 20),
+    **dict.fromkeys(("brats-wt", "brats-wt-2", "brats-tc", "brats-tc-2"), Settings(120, 2, [48, 48, 48], 40)),
+    **dict.fromkeys(("spine-t1", "spine-t2s", "spine-site"), Settings(120, 2, None, 40)),
+    "meshnet-gw": Settings(60, 2, [64, 64, 64], 20), "deepbet": Settings(80, 2, [128, 128, 128], 20),
 }
 FULL = {
-    "brats-wt": Settings(150, 2, None, 25), "spine-t1": Settings(150, 2, None, 25),
-    "spine-t2s": Settings(150, 2, None, 25), "deepbet": Settings(120, 2, [128, 128, 128], 20),
+    **dict.fromkeys(("brats-wt", "brats-wt-2", "brats-tc", "brats-tc-2"), Settings(150, 2, None, 25)),
+    **dict.fromkeys(("spine-t1", "spine-t2s", "spine-site"), Settings(150, 2, None, 25)),
+    "meshnet-gw": Settings(120, 2, None, 20), "deepbet": Settings(120, 2, [128, 128, 128], 20),
 }
 
 
@@ -54,11 +57,11 @@ def methods(budget: Budget) -> list[tuple[str, object]]:
 
 def run_shift(name: str, args) -> dict:
     shift = SHIFTS[name]()
-    settings = (QUICK if args.quick else FULL)[name]
+    settings = replace((QUICK if args.quick else FULL)[name])
     if args.steps:
         settings.steps = args.steps
     settings.device = args.device
-    seeds = args.seeds or SEEDS[name]
+    seeds = args.seeds or SEEDS.get(name, 3)
     budget = Budget.parse(args.budget)
     chosen = [m for m in methods(budget) if not args.methods or m[0] in args.methods]
     runs = []

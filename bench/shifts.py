@@ -11,6 +11,17 @@ under `bench/.cache/cases/<shift>/`, a source model folder the CLI loads, and wh
   shared patients; target: their T1c — a pure contrast shift (the source has seen each tumour in FLAIR). Support =
   patient 3, audit = patient 4, test = patients 5 and 6. 2 mm grid; the files' brain z-scores, set to 0 outside the
   brain mask (the files use a different constant per case there).
+- `brats-wt-2`, `brats-tc`, `brats-tc-2`: the same with two support volumes (patients 3 and 4; no audit volume:
+  the job holds out a slab of each, as it does for a user who gives none), and for tumour core (labels 1, 3, 4:
+  necrosis, non-enhancing and enhancing tumour) with a source trained on FLAIR tumour core.
+- `spine-site`: the same spine source → subject B's T2w (another site, the source's contrast): support = its first 8
+  slices (the job holds out an audit slab), test = its last 8.
+- `meshnet-gw`: brainchop's real pretrained MeshNet grey/white model on FreeSurfer's conformed brains: adapt on
+  `niivue`, test on `bert`. Labels mapped from FreeSurfer's segmentation (`FREESURFER_GW`): white matter = cerebral
+  and cerebellar white matter, corpus callosum, white-matter hypointensities; grey matter = cerebral and cerebellar
+  cortex and the deep grey nuclei (thalamus, caudate, putamen, pallidum, hippocampus, amygdala, accumbens, ventral
+  diencephalon); the rest (ventricles, brainstem, CSF, vessels, choroid plexus) background. No audit volume: the
+  job holds out a slab of niivue. `.mgz` in, `.mgz` out, as a FreeSurfer user would run it.
 - `deepbet`: the real pretrained deepbet brain-extraction network on its demo shift (T2-like contrast, bias field,
   noise, motion: `PEFTAdaptLib.demo_data.shifted_case`): support seed 1, audit seed 2, test seeds 3 and 4.
 
@@ -99,6 +110,20 @@ SPINE_CONTRASTS = {  # subject A's file, subject B's file (manual or curated cor
 }
 
 
+def spine_site_shift() -> Shift:
+    """Subject B's T2w (another site, the source's own contrast): first 8 slices to adapt on, last 8 to test."""
+    from train_source import source_model
+
+    image, label = central(*read_pair("ivadomed/spine_unf01/sub-unf01_T2w.nii.gz",
+                                      "ivadomed/spine_unf01/sub-unf01_T2w_seg-manual.nii.gz"))
+    depth = image.GetSize()[2]
+    half = depth // 2
+    return Shift("spine-site", "spinal cord T2, subject A → subject B (another site)", str(source_model("spine")),
+                 [write_case("spine-site", f"B_t2_z0-{half}", image[:, :, :half], label[:, :, :half])], [],
+                 [write_case("spine-site", f"B_t2_z{half}-{depth}", image[:, :, half:], label[:, :, half:])],
+                 {1: "spinal cord"})
+
+
 def spine_shift(contrast: str) -> Shift:
     """Subject A's three slabs along the cord (the volumes' third, superior axis): support, audit, test."""
     from train_source import source_model
@@ -114,22 +139,65 @@ def spine_shift(contrast: str) -> Shift:
 
 
 # -- BraTS --------------------------------------------------------------------------------------------------------
-def brats_images(patient: int, contrast: str) -> tuple[sitk.Image, sitk.Image]:
-    """The contrast inside the brain mask (0 outside) and the whole-tumour mask."""
+BRATS_REGIONS = {"brats": (1, 2, 3, 4), "brats-tc": (1, 3, 4)}  # whole tumour; tumour core
+REGION_NAMES = {"brats": "whole tumour", "brats-tc": "tumour core"}
+
+
+def brats_images(patient: int, contrast: str, task: str = "brats") -> tuple[sitk.Image, sitk.Image]:
+    """The contrast inside the brain mask (0 outside) and the region's mask (whole tumour or tumour core)."""
+    import numpy as np
+
     folder = data(f"brats/brats_2013_pat000{patient}_1")
     image = sitk.ReadImage(str(folder / f"{contrast}_subtrMeanDivStd.nii.gz"), sitk.sitkFloat32)
     brain = sitk.Cast(sitk.ReadImage(str(folder / "brainmask.nii.gz")) > 0, sitk.sitkUInt8)
-    label = sitk.Cast(sitk.ReadImage(str(folder / "OTMultiClass.nii.gz")) > 0, sitk.sitkUInt8)
+    classes = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "OTMultiClass.nii.gz")))
+    label = sitk.GetImageFromArray(np.isin(classes, BRATS_REGIONS[task]).astype(np.uint8))
     label.CopyInformation(image)
     return sitk.Mask(image, brain, 0.0), label
 
 
-def brats_shift() -> Shift:
+def brats_shift(task: str, supports: int) -> Shift:
+    """Support patient 3 and audit patient 4, or (two supports) patients 3 and 4 with held-out audit slabs."""
     from train_source import source_model
 
-    cases = {p: write_case("brats-wt", f"pat{p}_T1c", *brats_images(p, "T1c")) for p in (3, 4, 5, 6)}
-    return Shift("brats-wt", "BraTS FLAIR → T1c, whole tumour", str(source_model("brats")), [cases[3]], [cases[4]],
-                 [cases[5], cases[6]], {1: "whole tumour"})
+    name = ("brats-wt" if task == "brats" else task) + ("-2" if supports == 2 else "")
+    cases = {p: write_case(name, f"pat{p}_T1c", *brats_images(p, "T1c", task)) for p in (3, 4, 5, 6)}
+    support, audit = ([cases[3]], [cases[4]]) if supports == 1 else ([cases[3], cases[4]], [])
+    return Shift(name, f"BraTS FLAIR → T1c, {REGION_NAMES[task]}, {supports} support volume(s)",
+                 str(source_model(task)), support, audit, [cases[5], cases[6]], {1: REGION_NAMES[task]})
+
+
+# -- FreeSurfer brains and MeshNet ----------------------------------------------------------------------------------
+FREESURFER_GW = {  # MeshNet model5_gw_ae's classes from FreeSurfer labels (aseg numbering; cortex parcels ≥ 1000)
+    1: (2, 41, 7, 46, 77, 251, 252, 253, 254, 255),
+    2: (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58, 28, 60),
+}
+
+
+def freesurfer_case(shift: str, subject: str, segmentation: str) -> CaseFiles:
+    """`norm.mgz` and its grey/white label as `.mgz` files (FreeSurfer's own format; SimpleITK cannot read them)."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = CASES / shift
+    folder.mkdir(parents=True, exist_ok=True)
+    image_path, label_path = folder / f"{subject}_norm.mgz", folder / f"{subject}_norm_label.mgz"
+    if not label_path.is_file():
+        norm = nib.load(str(data(f"freesurfer/{subject}/norm.mgz")))
+        labels = np.asanyarray(nib.load(str(data(f"freesurfer/{subject}/{segmentation}"))).dataobj)
+        mapped = np.zeros(labels.shape, np.uint8)
+        for value, names in FREESURFER_GW.items():
+            mapped[np.isin(labels, names)] = value
+        mapped[labels >= 1000] = 2  # cortical parcels (aparc / aparc.a2009s)
+        nib.save(norm, str(image_path))
+        nib.save(nib.MGHImage(mapped, norm.affine), str(label_path))
+    return CaseFiles(f"{subject}_norm", str(image_path), str(label_path))
+
+
+def meshnet_shift() -> Shift:
+    return Shift("meshnet-gw", "MeshNet grey/white (real pretrained): FreeSurfer niivue → bert",
+                 str(data("meshnet/model5_gw_ae")), [freesurfer_case("meshnet-gw", "niivue", "aparc.a2009s+aseg.mgz")],
+                 [], [freesurfer_case("meshnet-gw", "bert", "aseg.mgz")], {1: "White Matter", 2: "Grey Matter"})
 
 
 # -- deepbet ------------------------------------------------------------------------------------------------------
@@ -142,6 +210,8 @@ def deepbet_shift() -> Shift:
 
 
 SHIFTS: dict[str, Callable[[], Shift]] = {
-    "spine-t1": lambda: spine_shift("t1"), "spine-t2s": lambda: spine_shift("t2s"), "brats-wt": brats_shift,
-    "deepbet": deepbet_shift,
+    "spine-t1": lambda: spine_shift("t1"), "spine-t2s": lambda: spine_shift("t2s"), "spine-site": spine_site_shift,
+    "brats-wt": lambda: brats_shift("brats", 1), "brats-wt-2": lambda: brats_shift("brats", 2),
+    "brats-tc": lambda: brats_shift("brats-tc", 1), "brats-tc-2": lambda: brats_shift("brats-tc", 2),
+    "meshnet-gw": meshnet_shift, "deepbet": deepbet_shift,
 }

@@ -30,12 +30,12 @@ from shifts import CACHE, brats_images, central, read_pair  # noqa: E402
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard  # noqa: E402
 
 MODELS = CACHE / "models"
-DEFAULT_STEPS = {"brats": 300, "spine": 800}
+DEFAULT_STEPS = {"brats": 300, "brats-tc": 300, "spine": 800}
 #: the source architecture: MONAI's UNet (16–256 channels, 2 residual units, instance norm, 4.8 M parameters); the
 #: spine variant keeps the last level at 1/8 resolution (cord volumes are 16 slices thin)
 NETWORKS = {task: {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128, 256],
                    "strides": strides, "num_res_units": 2}
-            for task, strides in (("brats", [2, 2, 2, 2]), ("spine", [2, 2, 2, 1]))}
+            for task, strides in (("brats", [2, 2, 2, 2]), ("brats-tc", [2, 2, 2, 2]), ("spine", [2, 2, 2, 1]))}
 PERCENTILES = (0.5, 99.5)
 
 
@@ -44,13 +44,14 @@ def _card(task: str, spacing, normalization: dict, patch, roi, divisible: int, n
         id=f"bench-{task}", title=f"benchmark source model ({task})", description="trained by bench/train_source.py",
         modality="MR", input_channels=1, spacing=spacing, orientation="RAS", normalization=normalization,
         patch_size=patch, inference_roi=roi, labels=[LabelInfo(0, "background"), LabelInfo(1, name)],
-        license="CC BY-NC-SA 3.0 data" if task == "brats" else "MIT data", source="bench/train_source.py",
+        license="CC BY-NC-SA 3.0 data" if task.startswith("brats") else "MIT data", source="bench/train_source.py",
         divisible_by=divisible,
     )
 
 
 CARDS = {
     "brats": _card("brats", (2.0, 2.0, 2.0), {"name": "none"}, (64, 64, 64), (96, 96, 96), 16, "whole tumour"),
+    "brats-tc": _card("brats-tc", (2.0, 2.0, 2.0), {"name": "none"}, (64, 64, 64), (96, 96, 96), 16, "tumour core"),
     "spine": _card("spine", (1.0, 1.0, 1.0), {"name": "percentile_zscore", "p_low": PERCENTILES[0],
                                               "p_high": PERCENTILES[1]}, (32, 32, 16), (64, 64, 32), 8, "spinal cord"),
 }
@@ -67,9 +68,9 @@ def source_cases(task: str):
     from PEFTAdaptLib.data.cases import prepare_case
 
     card = CARDS[task]
-    if task == "brats":  # FLAIR of all four shared patients; the in-domain fit is the sanity check
+    if task.startswith("brats"):  # FLAIR of all four shared patients; the in-domain fit is the sanity check
         cases = [prepare_case(f"pat{p}_flair", [image], card, label)
-                 for p, (image, label) in ((p, brats_images(p, "Flair")) for p in (3, 4, 5, 6))]
+                 for p, (image, label) in ((p, brats_images(p, "Flair", task)) for p in (3, 4, 5, 6))]
         return cases, cases
     image, label = read_pair("spine/t2/t2.nii.gz", "spine/t2/t2_seg-manual.nii.gz")
     other = central(*read_pair("ivadomed/spine_unf01/sub-unf01_T2w.nii.gz",
