@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from shifts import CACHE, CaseFiles, Shift
 
+from PEFTAdaptLib.data.io import read_image
 from PEFTAdaptLib.data.transforms import to_array
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import MethodConfig
@@ -70,7 +70,7 @@ def score(shift: Shift, predictions: list[Path]) -> list[dict]:
     """Per test case: Dice of every scored class, their mean, and HD95 (mm) of the union of the classes."""
     scores = []
     for case, path in zip(shift.test, predictions):
-        prediction, reference = sitk.ReadImage(str(path)), sitk.ReadImage(case.label)
+        prediction, reference = read_image(path, what="label"), read_image(case.label, what="label")  # .mgz too
         p, r = to_array(prediction, np.int64), to_array(reference, np.int64)
         per_class = {name: dice(p == value, r == value) for value, name in shift.classes.items()}
         union = np.isin(p, list(shift.classes)), np.isin(r, list(shift.classes))
