@@ -8,7 +8,8 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from .data.cases import Case
-from .data.transforms import from_array, probabilities_onto_grid
+from .data.planar import on_grid_of, user_grid
+from .data.transforms import probabilities_onto_grid
 from .models.card import ModelCard
 
 
@@ -28,7 +29,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch
 def predict_probabilities(
     network: nn.Module, array: np.ndarray, card: ModelCard, device: torch.device | str = "cpu", overlap: float = 0.25
 ) -> np.ndarray:
-    """Class probabilities (C, x, y, z) for a normalised (C_in, x, y, z) array on the model's grid."""
+    """Class probabilities (C, x, y, z) for a normalised (C_in, x, y, z) array on the model's grid (one axis less
+    for a 2D model)."""
     was_training = network.training
     network.eval()
     try:
@@ -49,7 +51,7 @@ def predict_case(network: nn.Module, case: Case, card: ModelCard, device="cpu") 
     """Return (label array on the model grid, label image on the user's grid with the input's geometry)."""
     probs = predict_probabilities(network, case.array, card, device)
     model_label = probs.argmax(0).astype(np.uint8)
-    user_probs = probabilities_onto_grid(probs, case.model_image, case.image)
+    user_probs = probabilities_onto_grid(probs, case.model_image, user_grid(case.image, card.spatial_dims))
     values = np.array([label.value for label in card.labels], dtype=np.uint8)
-    user_label = from_array(values[user_probs.argmax(0)], case.image)
+    user_label = on_grid_of(values[user_probs.argmax(0)], case.image)
     return model_label, user_label

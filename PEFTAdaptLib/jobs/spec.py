@@ -54,8 +54,9 @@ class TrainSpec:
                                     or not math.isfinite(self.lr) or self.lr <= 0):
             raise InputError(f"train.lr: {self.lr!r} must be a finite number > 0")
         if self.patch_size is not None:
-            if not isinstance(self.patch_size, list) or len(self.patch_size) != 3:
-                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z)")
+            if not isinstance(self.patch_size, list) or len(self.patch_size) not in (2, 3):
+                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z), or "
+                                 "two (x, y) for a 2D model")
             for size in self.patch_size:
                 _whole(size, "patch_size", 8)
         if self.device not in DEVICES:
