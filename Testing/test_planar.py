@@ -25,9 +25,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slices")
     out = {}
-    for patient in (3, 4, 6):
+    for patient in (3, 4, 6):  # a folder each: Slicer's reader takes numbered names in one folder as a series
+        folder = tmp_path_factory.mktemp(f"patient{patient}")
         image, label = brats_slice(patient, "T1c")
         out[patient] = {"png": as_png(image, folder / f"p{patient}.png"),
                         "tif": folder / f"p{patient}.tif", "label_png": folder / f"p{patient}_label.png",
@@ -87,3 +87,32 @@ def test_hd95_of_a_single_slice_is_measured_in_its_plane():
     planar = hd95(shifted, disc, (1.0, 1.0))
     assert planar == pytest.approx(3.0)
     assert hd95(shifted[:, :, None], disc[:, :, None], (1.0, 1.0, 5.0)) == pytest.approx(planar)
+
+
+def test_a_single_slice_adapts_in_the_slicer_scene_and_imports_a_segmentation(model, files, tmp_path):
+    """Slicer holds a radiograph or a slice as a single-slice volume: the scene logic exports it, the 2D model adapts
+    on it, and the target's segmentation comes back on the target's geometry."""
+    from slicer_scene import load_segmentation, load_volume, new_scene
+
+    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic
+
+    logic = SceneLogic(new_scene(), JobClient(tmp_path / "jobs"))
+    card = logic.registerModelFolder(str(model))
+    assert card["spatial_dims"] == 2
+
+    def pair(patient):
+        volume = load_volume(logic.scene, files[patient]["slice"], f"T1c {patient}")
+        return volume, load_segmentation(logic.scene, files[patient]["label_slice"], volume, f"tumour {patient}",
+                                         "whole tumour")
+
+    target = load_volume(logic.scene, files[6]["slice"], "T1c 6")
+    run = logic.startAdaptation(AdaptationRequest(
+        modelId=card["id"], trainingPairs=[pair(3)], auditPair=pair(4), targetVolumes=[target], method="lora",
+        rank=2, steps=4, patchSize=32, device="cpu", seed=1, auditEvery=2, learningRate=3e-3))
+    assert run.wait(300).outcome == "finished", run.state.message
+    [segmentation] = run.importResults()
+    assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "whole tumour"
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is target
+    [prediction] = run.job.prediction_paths()
+    written = sitk.ReadImage(str(prediction))
+    assert written.GetSize() == (240, 240, 1) and same_geometry(written, sitk.ReadImage(str(files[6]["slice"])))
