@@ -219,6 +219,16 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from .web.app import serve
+    except ImportError as exc:
+        raise InputError(f"peftadapt web needs the 'web' extra ({exc.name} is missing): "
+                         "pip install 'peftadapt[web]'") from None
+    serve(args.host, args.port, args.work, args.data)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .jobs.spec import DEVICES, TrainSpec
     from .methods import DEFAULT_METHOD, method_class, method_names
@@ -282,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="list the jobs in a work folder and their state")
     jobs.add_argument("--work", default=".", help="folder holding job folders (default: here)")
     jobs.set_defaults(func=cmd_jobs)
+
+    web = sub.add_parser("web", help="the panel in the browser: slice views, segment editor, live Dice chart")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only); any other "
+                                                          "address requires the token printed with the URL")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--work", default="peftadapt-web", help="work folder: jobs, uploads, downloads "
+                                                            "(default: ./peftadapt-web)")
+    web.add_argument("--data", help="a folder whose image files the page may pick (read in place)")
+    web.set_defaults(func=cmd_web)
 
     demo = sub.add_parser("demo", help="adapt the default model to a shifted MRI contrast, using installed files only")
     demo.add_argument("--output", default="peftadapt-demo", help="output folder (default: ./peftadapt-demo)")

@@ -11,10 +11,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..jobs import ADAPTER_DIR, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec
+from ..jobs import ADAPTER_DIR, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec, load_job
+from ..jobs.spec import resolve_input
 from ..methods import DEFAULT_METHOD, Budget, make_method, method_class
 from .monitor import AdaptationMonitor
-from .scene_io import SceneError, import_prediction, labels_from_card, write_segmentation_as_labelmap, write_volume
+from .scene_io import (
+    SceneError, import_prediction, labels_from_card, read_volume, write_segmentation_as_labelmap, write_volume,
+)
 
 EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactly as the nodes hold it
 _TRAIN_DEFAULTS = TrainSpec()
@@ -243,6 +246,55 @@ class SceneLogic:
         """Export the nodes, make the job and start its worker in the background; poll the returned run."""
         return self._submit(lambda export: self.jobRequest(request, export), request.modelId,
                             list(request.targetVolumes), f"{request.method} segmentation", log)
+
+    def startReadaptation(self, previous: SceneRun, correctedPairs: list, log=None) -> SceneRun:
+        """The next round after a finished run: warm start from its adapter, its training cases plus the corrected
+        (volume, segmentation) pairs, the same audit cases and targets (so the rounds' Dice curves compare)."""
+        labels = labels_from_card(self.card(previous.modelId)["labels"])
+
+        def build(export: Path) -> JobSpec:
+            corrected = [self._exportCase(export, f"corrected{i}", volume, segmentation, labels)
+                         for i, (volume, segmentation) in enumerate(correctedPairs)]
+            return self.client.readapt_request(previous.jobDir, corrected)
+
+        return self._submit(build, previous.modelId, previous.volumes, previous.label, log)
+
+    def openJob(self, folder: str | Path, log=None) -> tuple[SceneRun, AdaptationRequest]:
+        """Load an adaptation job folder back into the scene (a reopened panel, a restarted server): its input cases
+        as volume and segmentation nodes, its events replayed into the monitor, and the panel's request for it."""
+        folder = Path(folder).absolute()
+        spec = load_job(folder)
+        if spec.task != "adapt":
+            raise SceneError(f"{folder}: a {spec.task} job, not an adaptation")
+        modelId = next((card["id"] for card in self.modelCards() if spec.model in (card["id"], card.get("path"))),
+                       None) or self.registerModelFolder(spec.model)["id"]
+        labels = labels_from_card(self.card(modelId)["labels"])
+
+        def load(case: CaseSpec, labelled: bool = True):
+            if len(case.images) != 1:
+                raise SceneError(f"{folder}: case '{case.name}' has {len(case.images)} channels; the panel shows "
+                                 "single-channel cases")
+            volume = read_volume(self.scene, resolve_input(folder, case.images[0]), case.name or "volume")
+            if not (labelled and case.label):
+                return volume
+            return volume, import_prediction(self.scene, resolve_input(folder, case.label), volume, labels,
+                                             f"{volume.GetName()} segmentation")
+
+        method = spec.method
+        pairs = [load(c) for c in (spec.support if method.needs_labels else spec.source)]
+        targets = [load(c, labelled=False) for c in spec.predict]
+        budget = method.budget
+        train = spec.train
+        request = AdaptationRequest(
+            modelId=modelId, trainingPairs=pairs, auditPair=load(spec.audit[0]) if spec.audit else (None, None),
+            method=method.name, budgetPercent=100 * budget.fraction if budget and budget.fraction else None,
+            rank=method.rank, steps=train.steps, patchSize=train.patch_size[0] if train.patch_size else None,
+            device=train.device, seed=train.seed, targetVolumes=targets,
+            warmStartAdapter=str(resolve_input(folder, spec.warm_start)) if spec.warm_start else None,
+            learningRate=train.lr, auditEvery=train.audit_every)
+        run = SceneRun(self, self.client.attach(folder), modelId, targets, f"{method.name} segmentation", log)
+        run.poll()
+        return run, request
 
     def segment(self, modelId: str, volume, adapterFolder: str | None = None, device: str = _TRAIN_DEFAULTS.device,
                 log=None) -> SceneRun:

@@ -44,30 +44,49 @@ SEGMENTATIONS = slicer.vtkSlicerSegmentationsModuleLogic
 
 def write_volume(volume_node, path: Path) -> Path:
     """Write a scalar or label volume with its full geometry (IJK→RAS) through Slicer's own storage node."""
-    scene = volume_node.GetScene()
     if volume_node.GetImageData() is None:
         raise SceneError(f"volume '{volume_node.GetName()}' has no image data")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    return _write(volume_node, path, slicer.vtkMRMLVolumeArchetypeStorageNode(), "volume")
+
+
+def write_segmentation(segmentation_node, path: Path) -> Path:
+    """Write Slicer's own `.seg.nrrd`: every segment with its name, colour and terminology, on the reference grid."""
+    return _write(segmentation_node, path, slicer.vtkMRMLSegmentationStorageNode(), "segmentation")
+
+
+def _write(node, path: Path, storage, what: str) -> Path:
+    scene = node.GetScene()
     scene.AddNode(storage)
     try:
         storage.SetFileName(str(path))
         storage.SetUseCompression(True)
-        if not storage.WriteData(volume_node):
-            raise SceneError(f"could not write volume '{volume_node.GetName()}' to {path}")
+        if not storage.WriteData(node):
+            raise SceneError(f"could not write {what} '{node.GetName()}' to {path}")
     finally:
         scene.RemoveNode(storage)
     return path
 
 
 def read_labelmap(scene, path: Path, name: str):
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    return _read_volume_node(scene, path, name, "vtkMRMLLabelMapVolumeNode", "the prediction")
+
+
+def read_volume(scene, path: Path, name: str):
+    """Load a scalar volume with its file's geometry and a default (greyscale, auto window/level) display."""
+    node = _read_volume_node(scene, path, name, "vtkMRMLScalarVolumeNode", "volume")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _read_volume_node(scene, path: Path, name: str, class_name: str, what: str):
+    node = scene.AddNewNodeByClass(class_name, name)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     scene.AddNode(storage)
     try:
         storage.SetFileName(str(path))
         if not storage.ReadData(node):
             remove_node(scene, node)
-            raise SceneError(f"could not read the prediction {path}")
+            raise SceneError(f"could not read {what} {path}")
     finally:
         scene.RemoveNode(storage)
     return node

@@ -1,0 +1,85 @@
+"""Plotly figures (as plain JSON, drawn by the page) from the monitor's MRML tables: the Dice audit of every round
+and the allocation of the adapter units. The tables are the ones the Slicer module plots, filled by the same
+`AdaptationMonitor`."""
+from __future__ import annotations
+
+from ..mrml.logic import SceneRun
+
+ROUND_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+_MARGINS = {"l": 50, "r": 10, "t": 36, "b": 40}
+#: the page's dark theme (plotly's default is white)
+_STYLE = {"paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)", "font": {"color": "#ddd"},
+          "autosize": True}
+_AXIS = {"gridcolor": "#444", "zerolinecolor": "#666"}
+
+
+def _translucent(colour: str) -> str:
+    red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red},{green},{blue},0.2)"
+
+
+def table_rows(table_node) -> list[dict]:
+    table = table_node.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    return [{name: table.GetValue(r, c).ToString() if table.GetColumn(c).IsA("vtkStringArray")
+             else table.GetValue(r, c).ToDouble() for c, name in enumerate(names)}
+            for r in range(table.GetNumberOfRows())]
+
+
+def dice_figure(runs: list[SceneRun]) -> dict:
+    """One curve per round, each round continuing the step axis where the previous one ended, with the 95 % band of
+    its gain over the round's start shaded, and the zero-shot Dice (round 1 at step 0) as a dashed line."""
+    data, bands, offset = [], [], 0  # bands drawn last: the legend's entries stay the first traces
+    for index, run in enumerate(runs):
+        points = run.monitor.dice_band()
+        colour = ROUND_COLOURS[index % len(ROUND_COLOURS)]
+        steps = [offset + step for step, *_ in points]
+        bands += [{"type": "scatter", "mode": "lines", "x": steps, "y": [low for _, _, low, _ in points],
+                  "line": {"width": 0}, "name": f"round {index + 1}: 95 % band low", "showlegend": False,
+                  "hoverinfo": "skip"},
+                 {"type": "scatter", "mode": "lines", "x": steps, "y": [high for *_, high in points],
+                  "fill": "tonexty", "fillcolor": _translucent(colour), "line": {"width": 0},
+                  "name": f"round {index + 1}: 95 % band high", "showlegend": False, "hoverinfo": "skip"}]
+        data += [{"type": "scatter", "mode": "lines+markers", "name": f"round {index + 1}", "x": steps,
+                  "y": [dice for _, dice, _, _ in points], "marker": {"color": colour, "size": 7}}]
+        offset += max([run.state.steps] + [int(step) for step, *_ in points])
+    first = runs[0].monitor.dice_values() if runs else []
+    if first:
+        data.insert(0, {"type": "scatter", "mode": "lines", "name": "zero-shot", "x": [0, max(offset, 1)],
+                        "y": [first[0][1]] * 2, "line": {"dash": "dash", "color": "#888"}, "hoverinfo": "y"})
+    return {"data": data + bands, "layout": {
+        **_STYLE, "title": {"text": "Audit Dice (held-out volume)", "font": {"size": 14}}, "margin": _MARGINS,
+        "xaxis": {**_AXIS, "title": {"text": "training step (rounds one after another)"}, "rangemode": "tozero"},
+        "yaxis": {**_AXIS, "title": {"text": "Dice"}}, "legend": {"orientation": "h", "y": -0.3}}}
+
+
+def allocation(runs: list[SceneRun]) -> tuple[dict, list[dict]]:
+    """The latest round that allocated units: active parameters per layer and active units over the steps (one
+    figure, two panels), and its units as table rows."""
+    for run in reversed(runs):
+        units = table_rows(run.monitor.units_table)
+        if units:
+            break
+    else:
+        return {"data": [], "layout": {**_STYLE, "title": {"text": "Adapter allocation: no units yet (or a fixed "
+                                                           "method)", "font": {"size": 13}}, "margin": _MARGINS,
+                                       "xaxis": {"visible": False}, "yaxis": {"visible": False}}}, []
+    layers = table_rows(run.monitor.layers_table)
+    timeline = table_rows(run.monitor.timeline_table)
+    figure = {"data": [
+        {"type": "bar", "name": "active parameters", "x": [row["layer"] for row in layers],
+         "y": [row["active_parameters"] for row in layers], "marker": {"color": "#ff7f0e"}},
+        {"type": "scatter", "mode": "lines+markers", "name": "active units", "xaxis": "x2", "yaxis": "y2",
+         "x": [row["step"] for row in timeline], "y": [row["active_units"] for row in timeline],
+         "marker": {"color": "#2ca02c"}},
+    ], "layout": {
+        **_STYLE, "title": {"text": "Adapter allocation", "font": {"size": 14}}, "margin": {**_MARGINS, "b": 90},
+        "showlegend": False,
+        "xaxis": {**_AXIS, "domain": [0, 0.58], "tickfont": {"size": 8}, "title": {"text": "layer"}},
+        "yaxis": {**_AXIS, "title": {"text": "active parameters"}},
+        "xaxis2": {**_AXIS, "domain": [0.7, 1], "anchor": "y2", "title": {"text": "step"}},
+        "yaxis2": {**_AXIS, "anchor": "x2", "title": {"text": "active units"}}}}
+    rows = [{"unit": row["unit"].split("::")[0], "family": row["family"], "rank": int(row["rank"]),
+             "parameters": int(row["parameters"]), "state": row["state"]}
+            for row in units if row["state"] and row["state"] != "inactive"]  # candidates never chosen: left out
+    return figure, sorted(rows, key=lambda row: -row["parameters"])

@@ -1,0 +1,144 @@
+"""The browser app's server side without a browser: files in as nodes (checked as the command line checks them),
+downloads on the volume's grid, the views' rendering of a segmentation over its volume, and the charts."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import shared
+
+from PEFTAdaptLib.data.io import same_geometry  # noqa: E402
+from PEFTAdaptLib.errors import InputError  # noqa: E402
+
+SPINE_IMAGE, SPINE_LABEL = "spine/t2/t2.nii.gz", "spine/t2/t2_seg-manual.nii.gz"
+BRATS_IMAGE, BRATS_MASK = "brats/brats_2013_pat0006_1/T1c_subtrMeanDivStd.nii.gz", "brats/brats_2013_pat0006_1/brainmask.nii.gz"
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    """The real app object on its own trame server (not started: nothing is served)."""
+    if not os.environ.get("DISPLAY"):
+        monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    monkeypatch.setenv("TRAME_ARGS", "")
+    from trame.app import get_server
+
+    from PEFTAdaptLib.web.app import WebApp
+
+    app = WebApp(get_server(f"test-{tmp_path.name}", client_type="vue3"), tmp_path / "work")
+    assert app.state.message == ""  # built without a control failing
+    return app
+
+
+def test_files_become_nodes_or_one_line_naming_the_file(app, tmp_path):
+    session, model = app.session, app.state.model_id
+    volume = session.load_volume(shared(BRATS_IMAGE), "pat0006/T1c.nii.gz")
+    assert volume.GetName() == "pat0006/T1c" and volume.GetImageData().GetDimensions() == (240, 240, 155)
+    segmentation = session.load_label(shared(BRATS_MASK), volume, model, "pat0006/brainmask.nii.gz")
+    segment = segmentation.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == "brain"  # the model's class name and colour, as a prediction would be
+    assert np.allclose(segment.GetColor(), app.session.logic.card(model)["labels"][1]["color"])
+
+    wrong_values = tmp_path / "classes.nii.gz"
+    mask = sitk.ReadImage(str(shared(BRATS_MASK)))
+    sitk.WriteImage(mask * 3, str(wrong_values))
+    other_grid = tmp_path / "grid.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 30, 30), np.uint8)), str(other_grid))
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image(32, 32, sitk.sitkFloat32), str(flat))
+    cases = [(lambda: session.load_label(wrong_values, volume, model, "mine.nii.gz"), "label values [3]"),
+             (lambda: session.load_label(other_grid, volume, model, "mine.nii.gz"), "same grid"),
+             (lambda: session.load_label(other_grid, None, model, "mine.nii.gz"), "choose the volume"),
+             (lambda: session.load_volume(flat, "flat.nii.gz"), "3D volume is required")]
+    nodes = app.slicer.scene.GetNumberOfNodes()
+    for attempt, expected in cases:
+        with pytest.raises(InputError) as refused:
+            attempt()
+        text = str(refused.value)
+        assert expected in text and "\n" not in text
+        assert str(tmp_path) not in text or "mine" not in text  # named as the user knows the file
+    assert app.slicer.scene.GetNumberOfNodes() == nodes  # nothing half-loaded
+
+
+def test_downloads_are_on_the_volumes_grid(app):
+    session = app.session
+    volume = session.load_volume(shared(SPINE_IMAGE), "t2/t2.nii.gz")
+    segmentation = session.load_label(shared(SPINE_LABEL), volume, app.state.model_id, "t2/cord.nii.gz")
+    reference = sitk.ReadImage(str(shared(SPINE_IMAGE)))
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(shared(SPINE_LABEL)))) > 0
+    for kind in ("nii.gz", "seg.nrrd"):
+        name, data = session.segmentation_file(segmentation, kind, app.state.model_id)
+        path = session.work_dir / "downloads" / name
+        assert name.endswith(kind) and path.read_bytes() == data  # written in the work folder, then sent
+        image = sitk.ReadImage(str(path))
+        if kind == "nii.gz":  # the image's own grid (this file's direction is left-handed: Slicer reverses an axis)
+            assert same_geometry(image, reference)
+        else:  # Slicer's own file: its grid, the same voxel centres
+            image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor)
+        assert np.array_equal(sitk.GetArrayFromImage(image) > 0, expected)
+
+
+def _axial_pixels(app, size=300):
+    import vtk
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    view = app.slicer.view_manager.get_slice_views()[0]
+    window = view.render_window()
+    window.SetSize(size, size)
+    view.render()
+    window.Render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.Update()
+    pixels = vtk_to_numpy(grab.GetOutput().GetPointData().GetScalars()).reshape(size, size, -1)[..., :3]
+    return pixels[size // 3: 2 * size // 3, size // 3: 2 * size // 3].astype(float).mean(axis=2)
+
+
+def test_a_segmentation_loaded_before_its_volume_is_shown_leaves_the_image_visible(app):
+    """Regression: with trame-slicer 2.0, a segmentation added before a slice view first showed a volume hid the
+    slice image wherever the segmentation was visible (a job reopened into an empty scene showed flat colour)."""
+    session = app.session
+    volume = session.load_volume(shared(BRATS_IMAGE), "pat0006/T1c.nii.gz")
+    segmentation = session.load_label(shared(BRATS_MASK), volume, app.state.model_id, "pat0006/brain.nii.gz")
+    app._on_shown_volume(volume.GetID())  # what choosing it in "Show volume" does
+    segmentation.SetDisplayVisibility(False)
+    image = _axial_pixels(app)
+    segmentation.SetDisplayVisibility(True)
+    overlaid = _axial_pixels(app)
+    assert image.std() > 20  # the brain's texture, not an empty view
+    # the same texture under the half-opaque fill (0.94 here; 0.69 when the fill hid the image)
+    assert np.corrcoef(image.ravel(), overlaid.ravel())[0, 1] > 0.85
+
+
+def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_candidates(app):
+    from PEFTAdaptLib.mrml.monitor import AdaptationMonitor
+    from PEFTAdaptLib.web.charts import allocation, dice_figure
+
+    class Run:  # what the charts read of a SceneRun: its monitor and the steps it was asked for
+        def __init__(self, name, dice):
+            self.monitor = AdaptationMonitor(app.slicer.scene, name)
+            self.state = type("State", (), {"steps": 4})()
+            for step, value in dice:
+                self.monitor.handle({"event": "audit", "step": step, "dice": value})
+
+    first, second = Run("r1", [(0, 0.90), (2, 0.93), (4, 0.94)]), Run("r2", [(0, 0.94), (2, 0.95)])
+    first.monitor.handle({"event": "audit", "step": 6, "dice": 0.96, "gain": 0.06, "gain_low": 0.04,
+                          "gain_high": 0.07})
+    for unit, state, cost in (("a::lora", "active_new", 96), ("b::salt", "inactive", 62), ("c::bitfit", "demoting", 8)):
+        first.monitor.handle({"event": "unit_state", "step": 0, "unit": unit, "site": unit[0], "family": unit[3:],
+                              "cost": cost, "state": state, "utility": 0.5})
+    first.monitor.handle({"event": "allocation", "step": 0, "active_units": 2, "budget_used": 104})
+    figure = dice_figure([first, second])
+    curves = {trace["name"]: trace for trace in figure["data"]}
+    assert curves["round 1"]["x"] == [0, 2, 4, 6] and curves["round 2"]["x"] == [6, 8]
+    assert curves["zero-shot"]["y"] == [0.90, 0.90] and curves["zero-shot"]["x"] == [0, 10]
+    # the gain's 95 % interval as a shaded band around the audit that carries one, a point elsewhere
+    low, high = curves["round 1: 95 % band low"]["y"], curves["round 1: 95 % band high"]["y"]
+    assert low[:3] == high[:3] == [0.90, 0.93, 0.94]
+    assert (low[3], high[3]) == (pytest.approx(0.94), pytest.approx(0.97))
+    assert curves["round 1: 95 % band high"]["fill"] == "tonexty"
+    chart, rows = allocation([first, second])  # round 2 allocated nothing: round 1's allocation is shown
+    assert [(row["unit"], row["family"]) for row in rows] == [("a", "lora"), ("c", "bitfit")]
+    assert chart["data"][0]["x"] == ["a", "c"] and chart["data"][0]["y"] == [96, 8]
