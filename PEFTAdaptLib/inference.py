@@ -10,7 +10,7 @@ from torch import nn
 from .data.cases import Case
 from .data.planar import on_grid_of, user_grid
 from .data.transforms import probabilities_onto_grid
-from .models.card import ModelCard
+from .models.card import FIXED_INPUT_SIZE, ModelCard
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -37,7 +37,8 @@ def predict_probabilities(
         x = torch.from_numpy(array)[None].to(device)
         background = float(x.min())  # pad with the normalised background value, not 0
         x, crop = pad_to_multiple(x, card.divisible_by, background)
-        roi = [min(r, s) for r, s in zip(card.inference_roi, x.shape[2:])]
+        fixed = card.extra.get(FIXED_INPUT_SIZE)  # a smaller image is padded up to the ROI instead
+        roi = list(card.inference_roi) if fixed else [min(r, s) for r, s in zip(card.inference_roi, x.shape[2:])]
         on_gpu = torch.device(device).type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
             logits = sliding_window_inference(x, roi, 1, network, overlap=overlap, mode="gaussian", cval=background)

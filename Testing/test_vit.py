@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,6 +140,16 @@ def test_lora_qv_method_on_monai_unetr_adapts_only_query_and_value(dims):
     assert layers == {f"vit.blocks.{i}.attn.qkv" for i in range(12)}
     assert count_trainable(network) == method.cost(network, 4) == 12 * 2 * 4 * (HIDDEN + HIDDEN)
     assert plan.rank == 4 and torch.allclose(network(x), reference, atol=1e-6)
+    # without a rank, the largest that fits the budget (here the cost of rank 2)
+    from PEFTAdaptLib.methods import Budget
+
+    budget = Budget.parse(str(method.cost(network, 2)))
+    fresh = UNETR(1, 2, (32,) * dims, feature_size=8, hidden_size=HIDDEN, mlp_dim=96, num_heads=HEADS,
+                  spatial_dims=dims)
+    plan = make_method("lora-qv", budget=budget).build(
+        BuildContext(fresh, SimpleNamespace(extra={}), total, 1e-3, 1, 1, 0, "cpu", Cases([], [], []),
+                     lambda e: None))
+    assert plan.rank == 2 and count_trainable(fresh) == method.cost(network, 2)
 
 
 def test_lora_qv_refuses_a_model_without_attention():
@@ -172,3 +183,34 @@ def test_sea_peft_pool_on_a_vit_has_qv_lora_on_qkv_and_lora_on_the_mlp(dims):
     for record in iter_units(vit):
         record.owner.set_active(record.name, True)
     assert torch.allclose(vit(x)[0], reference, atol=1e-5)
+
+
+def test_a_vit_bundle_is_fed_inputs_of_its_fixed_size(tmp_path):
+    """UNETR's position embeddings fix its input size: the card says so, a smaller image is padded up to the ROI
+    for inference, and SEA-PEFT's audit buffer uses patches rather than one whole-image pass."""
+    import json
+
+    import numpy as np
+
+    from PEFTAdaptLib.data.cases import Case
+    from PEFTAdaptLib.inference import predict_probabilities
+    from PEFTAdaptLib.models.monai_bundle import build_network, bundle_card
+    from PEFTAdaptLib.seapeft.audit import AuditBuffer
+
+    (tmp_path / "configs").mkdir()
+    network_def = {"_target_": "UNETR", "in_channels": 1, "out_channels": 2, "img_size": [32, 32], "feature_size": 8,
+                   "hidden_size": HIDDEN, "mlp_dim": 96, "num_heads": HEADS, "spatial_dims": 2}
+    (tmp_path / "configs" / "inference.json").write_text(json.dumps(
+        {"network_def": network_def, "inferer": {"roi_size": [32, 32]}}))
+    (tmp_path / "configs" / "metadata.json").write_text(json.dumps(
+        {"network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "tumour"}}}}}))
+    card, network = bundle_card(tmp_path), build_network(tmp_path)
+    assert card.spatial_dims == 2 and card.extra["fixed_input_size"]
+    small = np.random.default_rng(0).normal(size=(1, 20, 40)).astype(np.float32)
+    assert predict_probabilities(network, small, card).shape == (2, 20, 40)
+    label = np.zeros((1, 48, 40), np.uint8)
+    label[0, 10:20, 10:20] = 1
+    case = Case("c", None, None, np.random.default_rng(1).normal(size=(1, 48, 40)).astype(np.float32), label)
+    buffer = AuditBuffer([case], card.patch_size, 4, 0, whole=False)
+    assert all(image.shape[2:] == (32, 32) for image, _, _ in buffer.batches)
+    assert 0 <= buffer.dice(network) <= 1

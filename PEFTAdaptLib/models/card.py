@@ -8,6 +8,10 @@ from pathlib import Path
 from ..errors import ModelError
 
 
+#: `extra` key of a network that takes only inputs of its patch size (a ViT's position embeddings: UNETR's `img_size`)
+FIXED_INPUT_SIZE = "fixed_input_size"
+
+
 @dataclass
 class LabelInfo:
     value: int

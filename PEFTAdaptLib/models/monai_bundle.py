@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from .card import LabelInfo, ModelCard
+from .card import FIXED_INPUT_SIZE, LabelInfo, ModelCard
 from .foundation import FoundationModel
 from .network_classes import import_network_class
 from .trust import load_trusted_torchscript, require_trusted
@@ -302,7 +302,8 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
         version=str(metadata.get("version", "1")),
         divisible_by=_divisible_by(metadata, network_def),
         citation="; ".join(metadata.get("references", [])) if isinstance(metadata.get("references"), list) else "",
-        extra={"format": "monai_bundle"},
+        extra={"format": "monai_bundle",
+               **({FIXED_INPUT_SIZE: True} if isinstance(network_def, dict) and "img_size" in network_def else {})},
         spatial_dims=len(roi),
     )
 
