@@ -134,11 +134,10 @@ def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_c
     curves = {trace["name"]: trace for trace in figure["data"]}
     assert curves["round 1"]["x"] == [0, 2, 4, 6] and curves["round 2"]["x"] == [6, 8]
     assert curves["zero-shot"]["y"] == [0.90, 0.90] and curves["zero-shot"]["x"] == [0, 10]
-    # the gain's 95 % interval as a shaded band around the audit that carries one, a point elsewhere
-    low, high = curves["round 1: 95 % band low"]["y"], curves["round 1: 95 % band high"]["y"]
-    assert low[:3] == high[:3] == [0.90, 0.93, 0.94]
-    assert (low[3], high[3]) == (pytest.approx(0.94), pytest.approx(0.97))
-    assert curves["round 1: 95 % band high"]["fill"] == "tonexty"
+    # the gain's 95 % interval as an error bar on the audit that carries one, none elsewhere
+    bars = curves["round 1"]["error_y"]
+    assert bars["arrayminus"][:3] == bars["array"][:3] == [0, 0, 0]
+    assert (bars["arrayminus"][3], bars["array"][3]) == (pytest.approx(0.02), pytest.approx(0.01))
     chart, rows = allocation([first, second])  # round 2 allocated nothing: round 1's allocation is shown
     assert [(row["unit"], row["family"]) for row in rows] == [("a", "lora"), ("c", "bitfit")]
     assert chart["data"][0]["x"] == ["a", "c"] and chart["data"][0]["y"] == [96, 8]

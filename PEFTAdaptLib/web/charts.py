@@ -13,11 +13,6 @@ _STYLE = {"paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)", "fo
 _AXIS = {"gridcolor": "#444", "zerolinecolor": "#666"}
 
 
-def _translucent(colour: str) -> str:
-    red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({red},{green},{blue},0.2)"
-
-
 def table_rows(table_node) -> list[dict]:
     table = table_node.GetTable()
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
@@ -27,27 +22,25 @@ def table_rows(table_node) -> list[dict]:
 
 
 def dice_figure(runs: list[SceneRun]) -> dict:
-    """One curve per round, each round continuing the step axis where the previous one ended, with the 95 % band of
-    its gain over the round's start shaded, and the zero-shot Dice (round 1 at step 0) as a dashed line."""
-    data, bands, offset = [], [], 0  # bands drawn last: the legend's entries stay the first traces
+    """One curve per round, each round continuing the step axis where the previous one ended, each audit with the 95 %
+    interval of its gain over the round's start as an error bar, and the zero-shot Dice (round 1 at step 0) as a
+    dashed line."""
+    data, offset = [], 0
     for index, run in enumerate(runs):
         points = run.monitor.dice_band()
         colour = ROUND_COLOURS[index % len(ROUND_COLOURS)]
-        steps = [offset + step for step, *_ in points]
-        bands += [{"type": "scatter", "mode": "lines", "x": steps, "y": [low for _, _, low, _ in points],
-                  "line": {"width": 0}, "name": f"round {index + 1}: 95 % band low", "showlegend": False,
-                  "hoverinfo": "skip"},
-                 {"type": "scatter", "mode": "lines", "x": steps, "y": [high for *_, high in points],
-                  "fill": "tonexty", "fillcolor": _translucent(colour), "line": {"width": 0},
-                  "name": f"round {index + 1}: 95 % band high", "showlegend": False, "hoverinfo": "skip"}]
-        data += [{"type": "scatter", "mode": "lines+markers", "name": f"round {index + 1}", "x": steps,
-                  "y": [dice for _, dice, _, _ in points], "marker": {"color": colour, "size": 7}}]
+        data.append({"type": "scatter", "mode": "lines+markers", "name": f"round {index + 1}",
+                     "x": [offset + step for step, *_ in points], "y": [dice for _, dice, _, _ in points],
+                     "error_y": {"type": "data", "symmetric": False, "color": colour, "thickness": 1,
+                                 "array": [high - dice for _, dice, _, high in points],
+                                 "arrayminus": [dice - low for _, dice, low, _ in points]},
+                     "marker": {"color": colour, "size": 7}})
         offset += max([run.state.steps] + [int(step) for step, *_ in points])
     first = runs[0].monitor.dice_values() if runs else []
     if first:
         data.insert(0, {"type": "scatter", "mode": "lines", "name": "zero-shot", "x": [0, max(offset, 1)],
                         "y": [first[0][1]] * 2, "line": {"dash": "dash", "color": "#888"}, "hoverinfo": "y"})
-    return {"data": data + bands, "layout": {
+    return {"data": data, "layout": {
         **_STYLE, "title": {"text": "Audit Dice (held-out volume)", "font": {"size": 14}}, "margin": _MARGINS,
         "xaxis": {**_AXIS, "title": {"text": "training step (rounds one after another)"}, "rangemode": "tozero"},
         "yaxis": {**_AXIS, "title": {"text": "Dice"}}, "legend": {"orientation": "h", "y": -0.3}}}
