@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelError
-from .base import UNIT_TYPES, AdaptedLayer, add_units, iter_units
+from .base import UNIT_TYPES, AdaptedLayer, add_units, base_layer_names, iter_units
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
@@ -66,9 +66,37 @@ def read_adapter_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{path}: adapter config not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: adapter config is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: adapter config is not a JSON object")
+    return config
+
+
+def _checked_units(model: nn.Module, config: dict, folder: Path) -> list[dict]:
+    """The config's unit entries, each checked against `model` before anything is changed: an adapter is untrusted
+    data, and a wrong kind, layer, name or setting is one line naming the file, not a crash half-way through."""
+    path = folder / CONFIG_FILE
+    units = config.get("units")
+    if not isinstance(units, list):
+        raise ModelError(f"{path}: no list of adapter units ('units')")
+    for entry in units:
+        described = f"unit {str(entry)[:80]}"
+        try:
+            if entry["kind"] not in UNIT_TYPES:
+                raise ModelError(f"{path}: unknown adapter type '{entry['kind']}'")
+            unit_class = UNIT_TYPES[entry["kind"]]
+            unit_class.config_class(**entry["config"])
+            layer, name, active = entry["layer"], entry["name"], entry["active"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: invalid {described} ({type(exc).__name__}: {exc})") from None
+        if not isinstance(name, str) or not name or "." in name or not isinstance(active, bool):
+            raise ModelError(f"{path}: invalid {described} (needs a name without dots and a true/false 'active')")
+        if layer not in base_layer_names(model, unit_class.layer_types):
+            raise ModelError(f"{path}: this model has no layer '{layer}' that a {entry['kind']} unit can adapt; load "
+                             "the adapter onto the model it was made for")
+    return units
 
 
 def load_adapters(model: nn.Module, folder: str | Path, base_fingerprint: str) -> dict:
@@ -88,11 +116,8 @@ def load_adapters(model: nn.Module, folder: str | Path, base_fingerprint: str) -
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"{weights_path}: corrupt adapter weights ({exc})") from None
     existing = {(r.layer, r.name) for r in iter_units(model)}
-    for entry in config["units"]:
-        kind = entry["kind"]
-        if kind not in UNIT_TYPES:
-            raise ModelError(f"{folder}: unknown adapter type '{kind}'")
-        unit_class = UNIT_TYPES[kind]
+    for entry in _checked_units(model, config, folder):
+        unit_class = UNIT_TYPES[entry["kind"]]
         if (entry["layer"], entry["name"]) not in existing:
             add_units(model, unit_class.config_class(**entry["config"]), unit_class, entry["name"],
                       active=entry["active"], layers=[entry["layer"]])
