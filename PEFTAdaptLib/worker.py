@@ -20,7 +20,7 @@ from .adapters import count_trainable, load_adapters, save_adapters
 from .checkpoint import check_same_job, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
-from .data.formats import image_suffix
+from .data.formats import label_suffix
 from .data.holdout import split_for_audit
 from .data.io import read_image, write_image
 from .errors import InputError, ModelError, PEFTAdaptError
@@ -277,7 +277,7 @@ class Run:
 def output_name(case: CaseSpec, taken: set[str]) -> str:
     """`<case name>_seg<input suffix>`, made unique among this job's predictions."""
     base = "".join(c if c.isalnum() or c in "-_." else "_" for c in case.name) or "prediction"
-    suffix = image_suffix(case.images[0])
+    suffix = label_suffix(case.images[0])
     name, index = f"{base}_seg", 1
     while name in taken:
         index += 1

@@ -58,8 +58,9 @@ class TrainSpec:
             raise InputError(f"train.lr: {self.lr!r} must be a finite number in (0, {MAX_LR:g}] (typically 1e-4 "
                              "to 1e-2)")
         if self.patch_size is not None:
-            if not isinstance(self.patch_size, list) or len(self.patch_size) != 3:
-                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z)")
+            if not isinstance(self.patch_size, list) or len(self.patch_size) not in (2, 3):
+                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z), or "
+                                 "two (x, y) for a 2D model")
             for size in self.patch_size:
                 _whole(size, "patch_size", 8)
         if self.device not in DEVICES:
