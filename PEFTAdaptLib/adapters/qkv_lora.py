@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .base import AdapterUnit
+from .base import LowRankUnit
 from .lora import LoRAConfig, LoRAUnit
 
 BLOCKS = "qkv"  # the order of the output rows of a fused projection
@@ -31,7 +31,7 @@ def is_fused_qkv(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) and layer.out_features % 3 == 0
 
 
-class QKVLoRAUnit(AdapterUnit):
+class QKVLoRAUnit(LowRankUnit):
     kind = "lora_qkv"
     config_class = QKVLoRAConfig
     layer_types = (nn.Linear,)
@@ -50,10 +50,17 @@ class QKVLoRAUnit(AdapterUnit):
                           init=config.init)
         self.parts = nn.ModuleDict({p: LoRAUnit(block(BLOCKS.index(p)), lora) for p in parts})
 
-    def delta(self) -> torch.Tensor:
-        weight_rows = [self.parts[p].delta() if p in self.parts else None for p in BLOCKS]
-        template = next(d for d in weight_rows if d is not None)
-        return torch.cat([d if d is not None else template.new_zeros(template.shape) for d in weight_rows])
-
-    def apply(self, params):
-        return {**params, "weight": params["weight"] + self.delta()}
+    def split(self, params):
+        """Each chosen block's pair placed on its rows: ΔW = P Q with P (3d × Σr) block-structured and Q the A's
+        stacked, so the layer trains through the same low-rank path as any LoRA (keys: zero rows of P)."""
+        rows = list(params["weight"].split(self.block))
+        placed, inputs = [], []
+        for name, unit in self.parts.items():
+            index = BLOCKS.index(name)
+            fixed, (b, a) = unit.split({"weight": rows[index]})  # fixed: PiSSA's principal part removed
+            rows[index] = fixed["weight"]
+            placed.append((index, b))
+            inputs.append(a)
+        p = torch.cat([torch.cat([b if index == block else b.new_zeros(b.shape) for index, b in placed], dim=1)
+                       for block in range(len(BLOCKS))])
+        return {**params, "weight": torch.cat(rows)}, (p, torch.cat(inputs))
