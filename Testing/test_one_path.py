@@ -10,6 +10,7 @@ from conftest import REPO, shared
 from slicer_scene import load_segmentation, load_volume, new_scene
 
 from PEFTAdaptLib.cli import adapt_request, build_parser  # noqa: E402
+from PEFTAdaptLib.jobs import TrainSpec  # noqa: E402
 from PEFTAdaptLib.jobs import JobClient, create_job  # noqa: E402
 from PEFTAdaptLib.methods import Budget, make_method  # noqa: E402
 from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic  # noqa: E402
@@ -47,7 +48,7 @@ def test_the_cli_the_slicer_logic_and_the_benchmarks_write_the_same_job_json(tmp
 
     case = lambda role: CaseFiles(f"{role}_image", str(files[role, "image"]), str(files[role, "label"]))  # noqa: E731
     shift = Shift("same", "same", "deepbet-brain", [case("support")], [case("audit")], [case("test")], {1: "brain"})
-    defaults = build_parser().parse_args(["adapt", "--output", "x"])
+    defaults = TrainSpec()  # the defaults every front-end leaves to the job spec
     settings = Settings(defaults.steps, defaults.patches_per_step, [64, 64, 64], defaults.audit_every)
     bench = create_job(tmp_path / "bench", bench_request(shift, make_method("lora", budget=Budget(fraction=0.01)),
                                                          settings, seed=0))
