@@ -60,12 +60,38 @@ def follow(job, description: str):
         progress.close()
 
 
-def _case(values: Sequence[str], labelled: bool = True):
+def _case(values: Sequence[str], labelled: bool = True, annotated: str | None = None):
     from .jobs import CaseSpec
 
     image, label = (values if labelled else (values, None))
     return CaseSpec([str(Path(p).expanduser().resolve()) for p in image.split(",")],
-                    str(Path(label).expanduser().resolve()) if label else None)
+                    str(Path(label).expanduser().resolve()) if label else None,
+                    annotated=str(Path(annotated).expanduser().resolve()) if annotated else None)
+
+
+class SparseOption(argparse.Action):
+    """`--annotated MASK` / `--slices PLANE:I,J,…` belong to the `--train` before them."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not namespace.train:
+            parser.error(f"{option_string} follows the --train IMAGE LABEL it belongs to")
+        sparse = dict(getattr(namespace, "sparse", None) or {})
+        if len(namespace.train) - 1 in sparse:
+            parser.error(f"{option_string}: one --annotated or --slices per --train")
+        sparse[len(namespace.train) - 1] = (self.dest, value)
+        namespace.sparse = sparse
+        setattr(namespace, self.dest, value)
+
+
+def _annotated(args: argparse.Namespace, index: int, scratch: Path | None) -> str | None:
+    """The mask file of the index-th --train case: given, or made from its slice list in `scratch`."""
+    from .data.sparse import write_slice_mask
+
+    kind, value = (getattr(args, "sparse", None) or {}).get(index, (None, None))
+    if kind == "slices":
+        image = args.train[index][0].split(",")[0]
+        return str(write_slice_mask(image, value, scratch / f"train{index}_annotated.nii.gz"))
+    return value
 
 
 def _patch_size(text: str) -> list[int]:
@@ -79,8 +105,9 @@ def _patch_size(text: str) -> list[int]:
     return sizes * 3 if len(sizes) == 1 else sizes
 
 
-def adapt_request(args: argparse.Namespace):
-    """The job request the arguments describe (validated: a bad combination fails here, naming the option)."""
+def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
+    """The job request the arguments describe (validated: a bad combination fails here, naming the option); masks
+    made from slice lists are written into `scratch`."""
     from .jobs import JobSpec, TrainSpec
     from .methods import Budget, make_method
 
@@ -91,7 +118,8 @@ def adapt_request(args: argparse.Namespace):
     method = make_method(args.method, **{k: v for k, v in fields.items() if v is not None})
     return JobSpec(
         model=args.model,
-        support=[_case(v) for v in args.train or []] + [_case(v, labelled=False) for v in args.target or []],
+        support=[_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train or [])]
+        + [_case(v, labelled=False) for v in args.target or []],
         audit=[_case(v) for v in args.audit or []],
         source=[_case(v) for v in args.source or []],
         predict=[_case(v, labelled=False) for v in args.predict or []],
@@ -141,14 +169,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     folder = Path(args.output).expanduser().absolute()
     client = JobClient(folder.parent)
     if args.resume:
-        given = [o for o in ("train", "target", "audit", "source", "predict", "rank", "budget") if getattr(args, o)]
+        given = [o for o in ("train", "target", "audit", "source", "predict", "rank", "budget", "annotated",
+                             "slices") if getattr(args, o)]
         if given:
             raise InputError(f"--resume continues the job in {folder} as it was written; drop --{given[0]}")
         job = client.resume(folder, device=None if args.device == "auto" else args.device)
     else:
         if not args.train and not args.target:
             raise InputError("adapt needs --train IMAGE LABEL (or --target IMAGE for label-free methods)")
-        job = client.submit(adapt_request(args), folder, overwrite=args.overwrite)
+        with tempfile.TemporaryDirectory() as scratch:  # the job folder keeps its own copy of every input
+            job = client.submit(adapt_request(args, Path(scratch)), folder, overwrite=args.overwrite)
     follow(job, "adapting")
     return report(job)
 
@@ -263,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     adapt.add_argument("--train", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="an annotated training case (repeatable); channels comma-separated")
+    adapt.add_argument("--annotated", action=SparseOption, metavar="MASK",
+                       help="the --train case before it is annotated only where MASK is 1 (sparse: e.g. the slices "
+                            "you corrected); MASK on the image's grid")
+    adapt.add_argument("--slices", action=SparseOption, metavar="PLANE:I,J,…",
+                       help="the --train case before it is annotated only on these slices (axial, coronal, sagittal "
+                            "or an index axis 0/1/2; indices on the image's grid), e.g. axial:12,40,77")
     adapt.add_argument("--audit", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="a held-out annotated case whose Dice decides whether the adapted model is better "
                             "(repeatable; for label-free, evaluation only)")

@@ -48,8 +48,11 @@ def predict_probabilities(
 def predict_case(network: nn.Module, case: Case, card: ModelCard, device="cpu") -> tuple[np.ndarray, sitk.Image]:
     """Return (label array on the model grid, label image on the user's grid with the input's geometry)."""
     probs = predict_probabilities(network, case.array, card, device)
-    model_label = probs.argmax(0).astype(np.uint8)
+    return probs.argmax(0).astype(np.uint8), user_grid_prediction(probs, case, card)[1]
+
+
+def user_grid_prediction(probs: np.ndarray, case: Case, card: ModelCard) -> tuple[np.ndarray, sitk.Image]:
+    """(class probabilities on the user's grid, the label image there) from model-grid probabilities."""
     user_probs = probabilities_onto_grid(probs, case.model_image, case.image)
     values = np.array([label.value for label in card.labels], dtype=np.uint8)
-    user_label = from_array(values[user_probs.argmax(0)], case.image)
-    return model_label, user_label
+    return user_probs, from_array(values[user_probs.argmax(0)], case.image)

@@ -24,7 +24,6 @@ from .data.formats import image_suffix
 from .data.holdout import split_for_audit
 from .data.io import read_image, write_image
 from .errors import InputError, ModelError, PEFTAdaptError
-from .inference import predict_case
 from .jobs.client import (
     ADAPTER_DIR, CANCEL_FILE, EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED,
 )
@@ -35,6 +34,7 @@ from .methods import BuildContext, Cases, Plan
 from .models.foundation import FoundationModel
 from .models.registry import load_model
 from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext
+from .uncertainty import predict_with_uncertainty
 
 TRACEBACK_FILE = "traceback.txt"
 PREDICTIONS_DIR = "predictions"
@@ -133,7 +133,8 @@ class Run:
         for spec in specs:
             images = [resolve_input(self.job_dir, p) for p in spec.images]
             label = resolve_input(self.job_dir, spec.label) if labelled and spec.label else None
-            cases.append(load_case(images, model.card, label, model.locate))
+            annotated = resolve_input(self.job_dir, spec.annotated) if label and spec.annotated else None
+            cases.append(load_case(images, model.card, label, model.locate, annotated))
         return cases
 
     def predict_inputs(self, spec: JobSpec) -> list[list[Path]]:
@@ -264,10 +265,11 @@ class Run:
             if self.should_stop():
                 return False
             case = load_case(images, model.card, locate=model.locate)
-            _, label = predict_case(model.network, case, model.card, device)
+            label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device)
             path = write_image(label, inside_job(self.job_dir, f"{PREDICTIONS_DIR}/{output_name(case_spec, names)}"))
+            extra = {kind: str(p.relative_to(self.job_dir)) for kind, p in uncertainty.write(path, case.image).items()}
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
-                       "path": str(path.relative_to(self.job_dir)), "index": index})
+                       "path": str(path.relative_to(self.job_dir)), "index": index, **extra})
         return True
 
 
