@@ -63,11 +63,17 @@ def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Ima
     return {"planes": planes}
 
 
-def ranked(scores: np.ndarray) -> list[int]:
-    """Indices of slices with a positive score, best first; a pick defers its neighbours (within SUPPRESS)."""
-    first, deferred = [], []
-    for index in (int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > 0):
-        (deferred if any(abs(index - t) <= SUPPRESS for t in first) else first).append(index)
+def ranked(scores, taken=()) -> list[int]:
+    """Indices of slices with a positive score, best first; a pick (and each slice in `taken`, e.g. corrected
+    already) defers its neighbours within SUPPRESS behind every slice farther away."""
+    scores = np.asarray(scores)
+    first, deferred, near = [], [], list(taken)
+    for index in (int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > 0 and i not in taken):
+        if any(abs(index - t) <= SUPPRESS for t in near):
+            deferred.append(index)
+        else:
+            first.append(index)
+            near.append(index)
     return first + deferred
 
 

@@ -180,3 +180,11 @@ def test_sea_peft_adapts_from_sparse_slices(thin, tmp_path):
     job = JobClient(tmp_path / "work").submit(request)
     state = job.wait(timeout=900)
     assert state.outcome == "finished", state.message
+
+
+def test_the_ranking_defers_neighbours_of_picked_and_corrected_slices():
+    from PEFTAdaptLib.uncertainty import ranked
+
+    scores = [0, 5, 4, 0, 3, 1, 0, 2.5, 0.5]
+    assert ranked(scores) == [1, 4, 7, 2, 5, 8]  # 2 lies beside 1, 5 beside 4: after every farther slice
+    assert ranked(scores, taken=[1]) == [4, 7, 2, 5, 8]
