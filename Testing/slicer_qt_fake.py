@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import inspect
 import json
-import os
 import sys
 import types
 import typing

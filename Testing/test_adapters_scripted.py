@@ -1,7 +1,7 @@
 """Weight-space LoRA on deepbet's shipped TorchScript file equals LoRA on its eager twin: outputs and gradients."""
 import torch
 
-from PEFTAdaptLib.adapters import LoRAConfig, LoRAUnit, add_units, iter_units
+from PEFTAdaptLib.adapters import LoRAConfig, LoRAUnit, add_units
 from PEFTAdaptLib.adapters.scripted import ScriptedAdapterModel
 from PEFTAdaptLib.models.deepbet import deepbet_weights_path
 from PEFTAdaptLib.models.linknet3d import load_from_torchscript

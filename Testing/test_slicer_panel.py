@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shared
-from slicer_qt_fake import MODULE_FILE, SlicerQtFake
+from slicer_qt_fake import SlicerQtFake
 from slicer_scene import load_segmentation, load_volume, new_scene
 
 TESTING = Path(__file__).resolve().parent

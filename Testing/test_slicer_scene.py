@@ -79,6 +79,12 @@ def test_monitor_turns_events_into_table_and_plot_rows():
                     "cost": 1024, "utility": 1e-5, "delta_dice": 0.01, "state": "inactive"})
     monitor.handle({"event": "unit_state", "unit": "down0::lora_r4", "state": "active"})
     assert monitor.dice_values() == [(0, 0.61), (10, 0.72), (20, 0.70)]
+    monitor.handle({"event": "audit", "step": 30, "dice": 0.75, "gain": 0.14, "gain_low": 0.1, "gain_high": 0.2})
+    step, dice, low, high = monitor.dice_band()[-1]
+    assert (step, dice) == (30, 0.75) and (low, high) == (pytest.approx(0.71), pytest.approx(0.81))
+    assert monitor.dice_band()[0][1:] == (0.61, 0.61, 0.61)  # no gain, no band
+    band = [monitor.scene.GetNodeByID(monitor.chart.GetNthPlotSeriesNodeID(i)).GetYColumnName() for i in (1, 2)]
+    assert band == ["dice_low", "dice_high"]
     assert monitor.loss_table.GetTable().GetNumberOfRows() == 1
     units = monitor.units_table.GetTable()
     assert units.GetNumberOfRows() == 1

@@ -124,14 +124,20 @@ def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_c
                 self.monitor.handle({"event": "audit", "step": step, "dice": value})
 
     first, second = Run("r1", [(0, 0.90), (2, 0.93), (4, 0.94)]), Run("r2", [(0, 0.94), (2, 0.95)])
+    first.monitor.handle({"event": "audit", "step": 6, "dice": 0.96, "gain": 0.06, "gain_low": 0.04,
+                          "gain_high": 0.07})
     for unit, state, cost in (("a::lora", "active_new", 96), ("b::salt", "inactive", 62), ("c::bitfit", "demoting", 8)):
         first.monitor.handle({"event": "unit_state", "step": 0, "unit": unit, "site": unit[0], "family": unit[3:],
                               "cost": cost, "state": state, "utility": 0.5})
     first.monitor.handle({"event": "allocation", "step": 0, "active_units": 2, "budget_used": 104})
     figure = dice_figure([first, second])
     curves = {trace["name"]: trace for trace in figure["data"]}
-    assert curves["round 1"]["x"] == [0, 2, 4] and curves["round 2"]["x"] == [4, 6]
-    assert curves["zero-shot"]["y"] == [0.90, 0.90] and curves["zero-shot"]["x"] == [0, 8]
+    assert curves["round 1"]["x"] == [0, 2, 4, 6] and curves["round 2"]["x"] == [6, 8]
+    assert curves["zero-shot"]["y"] == [0.90, 0.90] and curves["zero-shot"]["x"] == [0, 10]
+    # the gain's 95 % interval as an error bar on the audit that carries one, none elsewhere
+    bars = curves["round 1"]["error_y"]
+    assert bars["arrayminus"][:3] == bars["array"][:3] == [0, 0, 0]
+    assert (bars["arrayminus"][3], bars["array"][3]) == (pytest.approx(0.02), pytest.approx(0.01))
     chart, rows = allocation([first, second])  # round 2 allocated nothing: round 1's allocation is shown
     assert [(row["unit"], row["family"]) for row in rows] == [("a", "lora"), ("c", "bitfit")]
     assert chart["data"][0]["x"] == ["a", "c"] and chart["data"][0]["y"] == [96, 8]

@@ -63,7 +63,9 @@ def run_shift(name: str, args) -> dict:
     settings.device = args.device
     seeds = args.seeds or SEEDS.get(name, 3)
     budget = Budget.parse(args.budget)
-    chosen = [m for m in methods(budget) if not args.methods or m[0] in args.methods]
+    chosen = methods(budget)
+    if args.methods:  # in the order given: the rows that matter most first
+        chosen = sorted((m for m in chosen if m[0] in args.methods), key=lambda m: args.methods.index(m[0]))
     runs = []
     for label, method in chosen:
         for seed in range(1 if method is None else seeds):
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU-fast setting: short runs, small patches")
     parser.add_argument("--budget", default="1%", help="as the CLI takes it: 1%%, 0.01 or a parameter count")
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
-    parser.add_argument("--methods", nargs="+", help="only these rows (labels as in the table)")
+    parser.add_argument("--methods", nargs="+", help="only these rows, run in this order (labels as in the table)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a result for the same request exists")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the SEA-PEFT section of docs/benchmarks.md")
     args = parser.parse_args()

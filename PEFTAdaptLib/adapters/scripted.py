@@ -101,10 +101,3 @@ class ScriptedAdapterModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ScriptedForward.apply(self, x, *self.effective_tensors())
-
-    @torch.no_grad()
-    def restore_base(self) -> None:
-        """Put the original weights back into the scripted module (it is shared with the caller)."""
-        for target, name_tensor in zip(self._target_tensors(), [t for n in self.layer_names
-                                                                 for t in self._originals[n] if t is not None]):
-            target.copy_(name_tensor)

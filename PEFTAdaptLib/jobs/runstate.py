@@ -38,7 +38,6 @@ class RunState:
     budget_used: float | None = None
     budget: float | None = None
     predictions: list[str] = field(default_factory=list)
-    checkpoints: int = 0
 
     @property
     def finished(self) -> bool:
@@ -73,8 +72,6 @@ class RunState:
             self.active_units = event.get("active_units", self.active_units)
             self.budget_used = event.get("budget_used", self.budget_used)
             self.budget = event.get("budget", self.budget)
-        elif kind == "checkpoint":
-            self.checkpoints += 1
         elif kind == "validation":
             self.kept = event.get("kept", self.kept)
             self.gain, self.gain_low = event.get("gain"), event.get("gain_low")

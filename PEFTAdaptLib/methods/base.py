@@ -113,10 +113,6 @@ class MethodConfig:
                     else "it trains a fixed set of parameters")
             raise MethodError(f"method '{self.name}' takes no parameter budget (field 'budget'): {size}")
 
-    @property
-    def takes_rank(self) -> bool:
-        return bool(self.ranks)
-
     def to_dict(self) -> dict:
         data = {"name": self.name}
         for item in dataclasses.fields(self):

@@ -1,7 +1,7 @@
 """deepbet's first stage: a small shipped network that finds the brain's bounding box on a 128³ thumbnail.
 
 The main network was trained on that box (plus 10 % margin) resized to 256³; framing by a head box instead (skull,
-neck) inflates the mask by ~60 % on a real T1, so the default model uses this locator exactly as deepbet does.
+neck) inflates the mask on a real T1 (docs/models.md), so the default model uses this locator exactly as deepbet does.
 """
 from __future__ import annotations
 

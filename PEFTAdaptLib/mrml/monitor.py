@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 import vtk
 
-DICE_COLUMNS = ("step", "dice")
+#: dice_low/dice_high: the audit Dice moved by the 95 % interval of its gain over the start (the band the chart
+#: draws: a state is kept only when the band's lower edge clears the start)
+DICE_COLUMNS = ("step", "dice", "dice_low", "dice_high")
 LOSS_COLUMNS = ("step", "loss")
 AGREEMENT_COLUMNS = ("step", "agreement")
 UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delta_dice", "state")
@@ -34,6 +36,14 @@ def _append_row(table_node, values: Sequence) -> None:
     table_node.Modified()
 
 
+def _dice_band(event: dict) -> tuple[float, float, float]:
+    """(Dice, low, high): the gain's interval around the Dice; without one (the start, label-free) a point."""
+    dice, gain = event["dice"], event.get("gain")
+    if gain is None or event.get("gain_low") is None:
+        return dice, dice, dice
+    return dice, dice - (gain - event["gain_low"]), dice + (event.get("gain_high", gain) - gain)
+
+
 class AdaptationMonitor:
     """Owns the table/plot nodes of one adaptation run and turns events into rows."""
 
@@ -51,6 +61,11 @@ class AdaptationMonitor:
         self.chart.SetYAxisTitle("Dice (held-out audit volume)")
         self.dice_series = self._series(self.dice_table, "audit Dice", "step", "dice", (0.1, 0.4, 0.9))
         self.chart.AddAndObservePlotSeriesNodeID(self.dice_series.GetID())
+        for column, label in (("dice_low", "95 % band, low"), ("dice_high", "95 % band, high")):
+            edge = self._series(self.dice_table, f"audit Dice {label}", "step", column, (0.55, 0.7, 0.95))
+            edge.SetPlotType(edge.PlotTypeLine)
+            edge.SetLineStyle(edge.LineStyleDash)
+            self.chart.AddAndObservePlotSeriesNodeID(edge.GetID())
         self.agreement_table = _new_table(scene, f"{name} ESH agreement", AGREEMENT_COLUMNS)
         self.agreement_series = self._series(self.agreement_table, "ESH/decoder agreement (label-free)", "step",
                                              "agreement", (0.8, 0.2, 0.6))
@@ -81,11 +96,11 @@ class AdaptationMonitor:
     def handle(self, event: dict) -> None:
         kind = event.get("event")
         if kind in ("audit", "validation") and "dice" in event:
-            _append_row(self.dice_table, (event["step"], event["dice"]))
+            _append_row(self.dice_table, (event["step"], *_dice_band(event)))
         elif kind == "agreement":  # label-free: ESH/decoder agreement, plus Dice when an evaluation reference exists
             _append_row(self.agreement_table, (event["step"], event["agreement"]))
             if event.get("dice") is not None:
-                _append_row(self.dice_table, (event["step"], event["dice"]))
+                _append_row(self.dice_table, (event["step"], *_dice_band(event)))
         elif kind == "step" and "loss" in event:
             _append_row(self.loss_table, (event["step"], event["loss"]))
         elif kind in ("unit_audit", "unit_state") and "unit" in event:
@@ -128,5 +143,9 @@ class AdaptationMonitor:
         self.layers_table.Modified()
 
     def dice_values(self) -> list[tuple[float, float]]:
+        return [(step, dice) for step, dice, _, _ in self.dice_band()]
+
+    def dice_band(self) -> list[tuple[float, float, float, float]]:
+        """(step, Dice, band low, band high) per audit."""
         table = self.dice_table.GetTable()
-        return [(table.GetValue(r, 0).ToDouble(), table.GetValue(r, 1).ToDouble()) for r in range(table.GetNumberOfRows())]
+        return [tuple(table.GetValue(r, c).ToDouble() for c in range(4)) for r in range(table.GetNumberOfRows())]

@@ -6,7 +6,7 @@
 from .allocator import Allocator
 from .config import SeaPeftConfig
 from .hook import SeaPeftHook
-from .pool import FAMILIES, PoolUnit, SeaPoolOptions, build_pool, resolve_budget, site_kinds
+from .pool import FAMILIES, PoolUnit, SeaPoolOptions, build_pool, site_kinds
 
 
 def build_sea_peft(network, config: SeaPeftConfig, options: SeaPoolOptions | None = None) -> SeaPeftHook:
@@ -18,4 +18,4 @@ def build_sea_peft(network, config: SeaPeftConfig, options: SeaPoolOptions | Non
 
 
 __all__ = ["Allocator", "FAMILIES", "PoolUnit", "SeaPeftConfig", "SeaPeftHook", "SeaPoolOptions", "build_pool",
-           "build_sea_peft", "resolve_budget", "site_kinds"]
+           "build_sea_peft", "site_kinds"]

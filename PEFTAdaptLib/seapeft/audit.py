@@ -1,10 +1,9 @@
 """The fixed audit buffer, on which every audit, first-order estimate and final-sweep candidate is measured.
 
 Why the whole audit volume where it fits: the adaptation is judged by its whole-volume Dice, and a contrast shift's
-typical failure is false positives far from the structure. Two patches (the former buffer) saw 40 % of the spine
-audit slab and none of those: a network at soft Dice 0.81 on them had a whole-volume Dice of 0.38 (3,808 false
-positives against 1,304 true ones), the allocator kept units that added false positives elsewhere, and its final
-sweep chose states the trainer's whole-volume audit then rejected. When the volume(s) exceed the buffer's size
+typical failure is false positives far from the structure, which a few patches around the structure never see
+(docs/seapeft.md gives the measured case): the allocator then keeps units that add false positives elsewhere, and its
+final sweep chooses states the trainer's whole-volume audit rejects. When the volume(s) exceed the buffer's size
 (deepbet's 256³ box against 128³ patches is 8 patches), a fixed set of patches is drawn once, half centred on
 foreground. Why fixed: every measurement compares the network with itself on identical inputs, so a ΔDice is the
 unit's effect and not sampling noise. The measure is the soft Dice of the foreground classes pooled over all buffer

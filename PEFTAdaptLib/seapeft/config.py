@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class SeaPeftConfig:
-    #: trainable-parameter budget (a count; `resolve_budget` turns a fraction into one). Binding: never exceeded.
+    #: trainable-parameter budget (a count: `methods.Budget` turns the user's fraction into one). Binding: never exceeded.
     budget: int
     #: the run's total optimizer steps; the final configuration sweep runs at the last one (None: no sweep — the
     #: trainer's best-audited-state selection is then the only final selection)

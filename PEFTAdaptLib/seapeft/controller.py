@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 
 INACTIVE, PROMOTING, ACTIVE_GUARD, ACTIVE, DEMOTING, INACTIVE_GUARD = (
     "inactive", "promoting", "active_guard", "active", "demoting", "inactive_guard")
-STATES = (INACTIVE, PROMOTING, ACTIVE_GUARD, ACTIVE, DEMOTING, INACTIVE_GUARD)
 
 
 @dataclass

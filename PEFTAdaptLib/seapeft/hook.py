@@ -207,9 +207,6 @@ class SeaPeftHook:
         context.emit(self.final)
 
     # -- reporting ---------------------------------------------------------------------------------------------------
-    def overhead_seconds(self) -> float:
-        return sum(self.seconds.values())
-
     def allocation(self) -> list[dict]:
         """The active units with their descriptors and utilities (for tables and reports)."""
         return [{**self.allocator.units[n].describe(), "utility": self.allocator.utilities[n].score}

@@ -161,12 +161,3 @@ def build_pool(
         raise PEFTAdaptError("SEA-PEFT found no adapter unit that fits this model and budget")
     return pool
 
-
-def resolve_budget(budget: float, total_parameters: int) -> int:
-    """A budget as a fraction of the model's parameters (≤ 1) or an absolute count (> 1) → a count."""
-    if budget <= 0:
-        raise PEFTAdaptError(f"budget {budget} must be positive")
-    count = int(budget * total_parameters) if budget <= 1 else int(budget)
-    if count > total_parameters:
-        raise PEFTAdaptError(f"budget {count:,} exceeds the model's {total_parameters:,} parameters")
-    return count

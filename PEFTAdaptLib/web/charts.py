@@ -22,15 +22,20 @@ def table_rows(table_node) -> list[dict]:
 
 
 def dice_figure(runs: list[SceneRun]) -> dict:
-    """One curve per round, each round continuing the step axis where the previous one ended, and the zero-shot
-    Dice (round 1 at step 0) as a dashed line."""
+    """One curve per round, each round continuing the step axis where the previous one ended, each audit with the 95 %
+    interval of its gain over the round's start as an error bar, and the zero-shot Dice (round 1 at step 0) as a
+    dashed line."""
     data, offset = [], 0
     for index, run in enumerate(runs):
-        points = run.monitor.dice_values()
+        points = run.monitor.dice_band()
+        colour = ROUND_COLOURS[index % len(ROUND_COLOURS)]
         data.append({"type": "scatter", "mode": "lines+markers", "name": f"round {index + 1}",
-                     "x": [offset + step for step, _ in points], "y": [dice for _, dice in points],
-                     "marker": {"color": ROUND_COLOURS[index % len(ROUND_COLOURS)], "size": 7}})
-        offset += max([run.state.steps] + [int(step) for step, _ in points])
+                     "x": [offset + step for step, *_ in points], "y": [dice for _, dice, _, _ in points],
+                     "error_y": {"type": "data", "symmetric": False, "color": colour, "thickness": 1,
+                                 "array": [high - dice for _, dice, _, high in points],
+                                 "arrayminus": [dice - low for _, dice, low, _ in points]},
+                     "marker": {"color": colour, "size": 7}})
+        offset += max([run.state.steps] + [int(step) for step, *_ in points])
     first = runs[0].monitor.dice_values() if runs else []
     if first:
         data.insert(0, {"type": "scatter", "mode": "lines", "name": "zero-shot", "x": [0, max(offset, 1)],
