@@ -6,8 +6,9 @@ was normalised as a whole before it is cut (a slab is never re-normalised on its
 schemes would shift its intensities), so the audit sees exactly what inference sees.
 
 A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead. Whole annotated
-slices (runs of annotated planes along the model grid's last axis) are held out — a quarter of those holding
-foreground, at least one, spread evenly — when two or more hold foreground; the audit then measures what a
+slices (runs of annotated planes along the model grid's last axis) are held out — a quarter of the runs, at least
+one and never every run holding foreground, spread evenly over those that do — when two or more hold foreground;
+the audit then measures what a
 correction is for, slices nobody trained on. With one such run (one corrected slice, a block of slices, or slices
 across the last axis) a slab of a quarter of its annotated planes around its foreground is held out (along the last
 axis; across a single slice, along the first). The held-out voxels become unannotated in the training case, so
