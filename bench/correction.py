@@ -37,6 +37,7 @@ from shifts import SHIFTS, Shift  # noqa: E402
 from PEFTAdaptLib.data.sparse import index_axis  # noqa: E402
 from PEFTAdaptLib.data.transforms import from_array, to_array  # noqa: E402
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec  # noqa: E402
+from PEFTAdaptLib.jobs.client import EXIT_INVALID  # noqa: E402
 from PEFTAdaptLib.methods import DEFAULT_METHOD, make_method  # noqa: E402
 from PEFTAdaptLib.uncertainty import companion_paths, ranked  # noqa: E402
 
@@ -59,7 +60,8 @@ class Target:
 
 
 def submit(folder: Path, spec: JobSpec):
-    """Run one job (or reuse it when finished with the same request); returns (events, prediction paths)."""
+    """Run one job (or reuse it when finished with the same request); returns (events, prediction paths), or None
+    when the job refuses the corrections (too few slices hold the structure to hold some out for its audit)."""
     saved = folder / "bench-request.json"
     result = folder / "bench-events.json"
     if result.is_file() and json.loads(saved.read_text()) == spec.to_dict():
@@ -67,6 +69,8 @@ def submit(folder: Path, spec: JobSpec):
         return data["events"], [Path(p) for p in data["predictions"]]
     job = JobClient(folder.parent).submit(spec, folder, overwrite=True)
     state = job.wait()
+    if state.exit_code == EXIT_INVALID and "annotate more slices" in state.message:
+        return None  # too few corrected slices hold the structure for a held-out audit: the job refuses them
     if state.outcome != "finished":
         raise RuntimeError(f"{folder}: {state.outcome}: {state.message}")
     saved.write_text(json.dumps(spec.to_dict()))
@@ -131,7 +135,11 @@ def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settin
                        predict=[CaseSpec([target.image], name="target")]
                        + [CaseSpec([c.image], name=c.name) for c in target.shift.test],
                        warm_start=adapter)
-        events, predictions = submit(folder, spec)
+        submitted = submit(folder, spec)
+        if submitted is None:  # the clinician corrects more slices before the next try
+            points.append({"slices": len(done), "dice": points[-1]["dice"], "kept": "refused", "chosen": sorted(done)})
+            continue
+        events, predictions = submitted
         finished = next(e for e in events if e["event"] == "finished")
         adapter = str(folder / "adapter")
         points.append({"slices": len(done), "dice": test_dice(target, predictions), "kept": finished.get("kept"),
