@@ -1,49 +1,57 @@
-"""Checkpoints: the adapter (safetensors + JSON), the best audited adapter, and the trainer state (optimizer, RNG,
-history, hook/allocator state) — written to a fresh folder and swapped in by rename, so a kill at any instant leaves
-either the previous or the new checkpoint complete."""
+"""Checkpoints: the adapter (safetensors + JSON), the best audited adapter, the trainer state (optimizer, RNG,
+history, hook/allocator state) and the job they belong to — written to a fresh folder and swapped in by rename, so a
+kill at any instant leaves either the previous or the new checkpoint complete."""
 from __future__ import annotations
 
-import os
-import shutil
+import json
 from pathlib import Path
 
 import torch
 
 from .adapters import load_adapters, save_adapters
-from .errors import ModelError
+from .errors import InputError, ModelError
+from .jobs.files import replace_folder, write_file
+from .jobs.spec import JOB_FILE, JobSpec, changed_fields
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 
 
-def save_checkpoint(job_dir: Path, trainer, base_fingerprint: str, metadata: dict) -> Path:
-    final = job_dir / CHECKPOINT_DIR
-    staging = job_dir / f".{CHECKPOINT_DIR}.writing"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_adapters(trainer.network, staging / "adapter", base_fingerprint, {**metadata, "step": trainer.step})
-    torch.save(trainer.state_dict(), staging / STATE_FILE)
-    previous = job_dir / f".{CHECKPOINT_DIR}.previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
-    return final
+def save_checkpoint(job_dir: Path, trainer, base_fingerprint: str, metadata: dict, spec: JobSpec) -> Path:
+    """Only called between steps: the state is then consistent (a crash mid-step writes no checkpoint)."""
+    def write(folder: Path) -> None:
+        save_adapters(trainer.network, folder / "adapter", base_fingerprint, {**metadata, "step": trainer.step})
+        torch.save(trainer.state_dict(), folder / STATE_FILE)
+        write_file(folder / JOB_FILE, spec.to_json())
+
+    return replace_folder(job_dir, CHECKPOINT_DIR, write)
 
 
 def latest_checkpoint(job_dir: Path) -> Path | None:
     """The last complete checkpoint (also after a kill between the two renames of `save_checkpoint`)."""
     for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.previous"):
         folder = job_dir / name
-        if (folder / STATE_FILE).is_file() and (folder / "adapter" / "adapter.json").is_file():
+        if all((folder / f).is_file() for f in (STATE_FILE, JOB_FILE, "adapter/adapter.json")):
             return folder
     return None
+
+
+def check_same_job(folder: Path, spec: JobSpec, job_file: Path) -> None:
+    """A checkpoint continues only the job it was written for: resuming after `job.json` was edited would train a
+    mixture of two jobs (and, with other units, fail half-way). Refused naming the changed fields."""
+    try:
+        saved = json.loads((folder / JOB_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder / JOB_FILE}: unreadable checkpoint record ({exc})") from None
+    changed = changed_fields(saved, json.loads(spec.to_json()))
+    if changed:
+        raise InputError(f"{job_file}: changed since the checkpoint was written ({', '.join(changed)}); a resume "
+                         "continues the job as it was — restore those fields, or start a new job")
 
 
 def load_checkpoint(folder: Path, trainer, base_fingerprint: str) -> None:
     load_adapters(trainer.network, folder / "adapter", base_fingerprint)
     try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem means an unusable checkpoint
-        raise ModelError(f"{folder / STATE_FILE}: unreadable checkpoint ({exc})") from None
-    trainer.load_state_dict(state)
+        trainer.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - any unpickling or fitting problem means an unusable checkpoint
+        raise ModelError(f"{folder / STATE_FILE}: unusable checkpoint ({type(exc).__name__}: {exc})") from None

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import tempfile
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,12 @@ from .errors import InputError, PEFTAdaptError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+CLI_TRACEBACK = "cli-traceback.txt"
+#: `adapt` options that describe the job, which a resume therefore refuses (it continues the job as written)
+JOB_OPTIONS = ("train", "annotated", "slices", "target", "audit", "source", "predict", "method", "rank", "budget",
+               "model")
+#: `adapt` options that set the TrainSpec field of the same name (unset: TrainSpec's default)
+TRAIN_OPTIONS = ("steps", "lr", "patch_size", "patches_per_step", "audit_every", "checkpoint_every", "seed", "device")
 
 
 class TqdmProgress:
@@ -109,24 +116,23 @@ def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
     """The job request the arguments describe (validated: a bad combination fails here, naming the option); masks
     made from slice lists are written into `scratch`."""
     from .jobs import JobSpec, TrainSpec
-    from .methods import Budget, make_method
+    from .methods import DEFAULT_METHOD, Budget, make_method
+    from .models.registry import DEFAULT_MODEL
 
     budget = Budget.parse(args.budget) if args.budget is not None else None
     if budget is not None:
         print(f"peftadapt: budget {args.budget!r} understood as {budget.describe()}", file=sys.stderr)
     fields = {"rank": args.rank, "budget": budget}
-    method = make_method(args.method, **{k: v for k, v in fields.items() if v is not None})
+    method = make_method(args.method or DEFAULT_METHOD, **{k: v for k, v in fields.items() if v is not None})
     return JobSpec(
-        model=args.model,
+        model=args.model or DEFAULT_MODEL,
         support=[_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train or [])]
         + [_case(v, labelled=False) for v in args.target or []],
         audit=[_case(v) for v in args.audit or []],
         source=[_case(v) for v in args.source or []],
         predict=[_case(v, labelled=False) for v in args.predict or []],
         method=method,
-        train=TrainSpec(steps=args.steps, lr=args.lr, patch_size=args.patch_size,
-                        patches_per_step=args.patches_per_step, audit_every=args.audit_every,
-                        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device),
+        train=TrainSpec(**{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}),
     )
 
 
@@ -169,11 +175,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     folder = Path(args.output).expanduser().absolute()
     client = JobClient(folder.parent)
     if args.resume:
-        given = [o for o in ("train", "target", "audit", "source", "predict", "rank", "budget", "annotated",
-                             "slices") if getattr(args, o)]
-        if given:
-            raise InputError(f"--resume continues the job in {folder} as it was written; drop --{given[0]}")
-        job = client.resume(folder, device=None if args.device == "auto" else args.device)
+        given = [o for o in JOB_OPTIONS + TRAIN_OPTIONS if getattr(args, o) not in (None, []) and o != "device"]
+        if given or args.overwrite:
+            option = "--" + (given[0] if given else "overwrite").replace("_", "-")
+            raise InputError(f"--resume continues the job in {folder} as its job.json says; drop {option}")
+        job = client.resume(folder, device=None if args.device in (None, "auto") else args.device)
     else:
         if not args.train and not args.target:
             raise InputError("adapt needs --train IMAGE LABEL (or --target IMAGE for label-free methods)")
@@ -183,7 +189,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return report(job)
 
 
+def check_output_file(path: Path) -> None:
+    """Before any work: a label map path of a type we write, whose folder can be made and written."""
+    from .data.formats import image_suffix
+    from .jobs.files import check_writable
+
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the output file, e.g. {path / 'segmentation.nii.gz'}")
+    image_suffix(path)
+    check_writable(path.parent, "the output")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_output_file(Path(args.output).expanduser().absolute())  # before torch and the model are loaded
     from .models.registry import load_model
     from .pipeline import predict_file, with_adapter
 
@@ -210,7 +228,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
+    from .jobs import TrainSpec
 
+    TrainSpec(steps=args.steps, seed=args.seed)  # bad numbers are refused before the demo data is made
     progress = TqdmProgress("adapting deepbet")
     try:
         result = run_demo(args.output, steps=args.steps, seed=args.seed, progress=progress)
@@ -290,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     methods = "; ".join(f"{name}: {method_class(name).label}" for name in method_names())
     adapt = sub.add_parser("adapt", help="fine-tune adapters on a few labelled target volumes",
                            description=f"Methods — {methods}.")
-    adapt.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
+    adapt.add_argument("--model", help=f"model id (see `peftadapt models`) or model folder path "
+                                       f"(default: {DEFAULT_MODEL})")
     adapt.add_argument("--train", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="an annotated training case (repeatable); channels comma-separated")
     adapt.add_argument("--annotated", action=SparseOption, metavar="MASK",
@@ -306,19 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an unannotated target volume (repeatable; label-free)")
     adapt.add_argument("--source", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="label-free: an annotated source-like case to train the early segmentation head (optional)")
-    adapt.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(), help="adaptation method")
+    adapt.add_argument("--method", choices=method_names(), help=f"adaptation method (default: {DEFAULT_METHOD})")
     adapt.add_argument("--rank", type=int, help="rank of lora / convlora / salt / label-free (default: the largest "
                                                 "that fits the budget, or the method's default)")
     adapt.add_argument("--budget", help="trainable-parameter budget: 1%%, 0.01 (fraction) or 21262 (count); "
                                         "default: the model's (1 %%)")
-    adapt.add_argument("--steps", type=int, default=defaults.steps)
+    adapt.add_argument("--steps", type=int, help=f"training steps (default: {defaults.steps})")
     adapt.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     adapt.add_argument("--patch-size", type=_patch_size, help="training patch: N or X,Y,Z (default: the model's)")
-    adapt.add_argument("--patches-per-step", type=int, default=defaults.patches_per_step)
-    adapt.add_argument("--audit-every", type=int, default=defaults.audit_every)
-    adapt.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    adapt.add_argument("--seed", type=int, default=defaults.seed)
-    adapt.add_argument("--device", default=defaults.device, choices=DEVICES)
+    adapt.add_argument("--patches-per-step", type=int, help=f"default: {defaults.patches_per_step}")
+    adapt.add_argument("--audit-every", type=int, help=f"steps between audits (default: {defaults.audit_every})")
+    adapt.add_argument("--checkpoint-every", type=int,
+                       help=f"steps between checkpoints, 0: only at the end (default: {defaults.checkpoint_every})")
+    adapt.add_argument("--seed", type=int, help=f"default: {defaults.seed}")
+    adapt.add_argument("--device", choices=DEVICES, help=f"default: {defaults.device}; with --resume, where to "
+                                                         "continue")
     adapt.add_argument("--predict", action="append", metavar="IMAGE", help="segment this volume afterwards (repeatable)")
     adapt.add_argument("--output", required=True, help="job folder: job.json, events.jsonl, checkpoint/, adapter/, predictions/")
     adapt.add_argument("--resume", action="store_true", help="continue the job in --output from its last checkpoint")
@@ -357,10 +380,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("peftadapt: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line for the user, traceback to a file
-        with tempfile.NamedTemporaryFile("w", prefix="peftadapt-", suffix=".log", delete=False) as log:
-            traceback.print_exc(file=log)
-        print(f"peftadapt: internal error: {type(exc).__name__}: {exc} (traceback: {log.name})", file=sys.stderr)
+        try:
+            where = f"traceback: {save_traceback(args)}"
+        except (OSError, PEFTAdaptError) as problem:
+            where = f"the traceback could not be saved: {problem}"
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"peftadapt: internal error: {message} ({where})", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
+
+
+def save_traceback(args: argparse.Namespace) -> Path:
+    """An internal error's traceback: in the job folder for `adapt` once it holds a job, else in the user's log
+    folder (`<config folder>/logs`, beside the trust store) — never in a shared temporary folder."""
+    from .jobs.files import write_file
+    from .jobs.spec import JOB_FILE
+    from .models.trust import config_dir
+
+    output = Path(args.output).expanduser().absolute() if args.command == "adapt" else None
+    if output is not None and (output / JOB_FILE).is_file():
+        return write_file(output / CLI_TRACEBACK, traceback.format_exc())
+    logs = config_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return write_file(logs / f"peftadapt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", traceback.format_exc())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -
 
 def hd95(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> float:
     """95th-percentile symmetric Hausdorff distance in mm; inf when exactly one mask is empty, 0 when both are."""
-    p, r = prediction.astype(bool), reference.astype(bool)
+    flat = [axis for axis, size in enumerate(prediction.shape) if size == 1]  # a single slice: its plane
+    p, r = np.squeeze(prediction, tuple(flat)).astype(bool), np.squeeze(reference, tuple(flat)).astype(bool)
+    spacing = [s for axis, s in enumerate(spacing) if axis not in flat]
     if not p.any() and not r.any():
         return 0.0
     if not p.any() or not r.any():

@@ -21,6 +21,7 @@ from .data.augment import Augmentation, AugmentationConfig
 from .data.cases import Case
 from .data.sparse import UNANNOTATED, annotated, foreground, is_sparse
 from .data.transforms import pad_to_size
+from .errors import PEFTAdaptError
 from .inference import predict_probabilities
 from .models.card import ModelCard
 from .selection import AuditCounts, SelectionRule, Verdict
@@ -226,6 +227,10 @@ class TrainingHook(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class TrainingDiverged(PEFTAdaptError):
+    """The loss or a trained parameter is no longer finite: the run stops before that state is audited or saved."""
+
+
 class Trainer:
     """The adaptation loop as an object whose whole state can be checkpointed and restored.
 
@@ -330,9 +335,14 @@ class Trainer:
     def _train_step(self) -> float:
         self.network.train()
         loss = self.objective.loss(self.network, self.device)
+        if not torch.isfinite(loss):  # checked before the update: the parameters are still the last finite ones
+            raise self._diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        broken = [n for n, p in self.network.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if broken:
+            raise self._diverged(f"parameter {broken[0]} is no longer finite")
         return float(loss.detach())
 
     def prepare(self) -> None:
@@ -342,6 +352,11 @@ class Trainer:
             for hook in self.hooks:
                 if hasattr(hook, "on_start"):
                     hook.on_start(self.context)
+
+    def _diverged(self, what: str) -> "TrainingDiverged":
+        return TrainingDiverged(f"training stopped at step {self.step}: {what}; the learning rate ({self.config.lr:g}) "
+                                "is probably too high — start again with a lower one (the last checkpoint, written "
+                                "before this step, is kept)")
 
     def run(
         self,

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from .data.formats import image_suffix
 from .data.sparse import PLANES, index_axis
-from .data.transforms import from_array, to_array
+from .data.planar import on_grid_of
 
 #: voxels around the predicted structure whose uncertainty a slice's score sums (the structure's neighbourhood)
 NEIGHBOURHOOD = 3
@@ -79,7 +79,7 @@ def ranked(scores, taken=()) -> list[int]:
 
 @dataclass
 class Uncertainty:
-    """Maps on the user's grid (x, y, z) and the slice ranking of one prediction."""
+    """Maps on the user's grid (x, y, z; a 2D model's plane) and the slice ranking of one prediction."""
 
     entropy: np.ndarray
     disagreement: np.ndarray | None
@@ -92,16 +92,19 @@ class Uncertainty:
         spread = entropy(probabilities)
         changed = disagreement(probabilities, base) if base is not None else None
         total = spread if changed is None else spread + changed
-        return cls(spread, changed, rank_slices(total, label, image))
+        volume = image.GetDimension() == 3  # a 2D image (or a 2D model's plane of it) has no slices to rank
+        shape = image.GetSize()
+        ranking = rank_slices(total.reshape(shape), label.reshape(shape), image) if volume else {"planes": {}}
+        return cls(spread, changed, ranking)
 
     def write(self, prediction_path: Path, image: sitk.Image) -> dict[str, Path]:
         """Write the maps and the ranking beside the segmentation; returns their paths by kind."""
         from .data.io import write_image
 
         paths = companion_paths(prediction_path)
-        write_image(from_array(self.entropy, image), paths["uncertainty"])
+        write_image(on_grid_of(self.entropy, image), paths["uncertainty"])
         if self.disagreement is not None:
-            write_image(from_array(self.disagreement, image), paths["disagreement"])
+            write_image(on_grid_of(self.disagreement, image), paths["disagreement"])
         else:
             paths.pop("disagreement")
         paths["slices"].write_text(json.dumps(self.ranking) + "\n")
@@ -125,12 +128,13 @@ def predict_with_uncertainty(network, case, card, device: str = "cpu") -> tuple[
     from .adapters import iter_units
     from .inference import predict_probabilities, user_grid_prediction
 
-    probabilities, label = user_grid_prediction(predict_probabilities(network, case.array, card, device), case, card)
+    probabilities, values, label = user_grid_prediction(predict_probabilities(network, case.array, card, device),
+                                                         case, card)
     base = None
     if any(record.active for record in iter_units(network)):
         with base_model(network):
-            base, _ = user_grid_prediction(predict_probabilities(network, case.array, card, device), case, card)
-    return label, Uncertainty.measure(probabilities, to_array(label, np.int64), case.image, base)
+            base = user_grid_prediction(predict_probabilities(network, case.array, card, device), case, card)[0]
+    return label, Uncertainty.measure(probabilities, values, case.image, base)
 
 
 @contextmanager

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from .adapters import count_trainable, load_adapters, save_adapters
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_same_job, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
-from .data.formats import image_suffix
+from .data.formats import label_suffix
 from .data.holdout import split_for_audit
 from .data.io import read_image, write_image
 from .errors import InputError, ModelError, PEFTAdaptError
@@ -28,13 +28,14 @@ from .jobs.client import (
     ADAPTER_DIR, CANCEL_FILE, EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED,
 )
 from .jobs.events import EventLog
+from .jobs.files import job_subfolder, refuse_links, remove, replace_folder, write_file
 from .jobs.lock import JobLock, JobLocked
-from .jobs.spec import CaseSpec, JobSpec, inside_job, load_job, resolve_input
+from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
 from .models.foundation import FoundationModel
 from .models.registry import load_model
-from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext
-from .uncertainty import predict_with_uncertainty
+from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged
+from .uncertainty import companion_paths, predict_with_uncertainty
 
 TRACEBACK_FILE = "traceback.txt"
 PREDICTIONS_DIR = "predictions"
@@ -80,14 +81,15 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
     except JobLocked as exc:
         print(f"peftadapt worker: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    except OSError as exc:
-        print(f"peftadapt worker: {job_dir}: cannot write in the job folder ({exc})", file=sys.stderr)
+    except (OSError, PEFTAdaptError) as exc:
+        print(f"peftadapt worker: {job_dir}: cannot lock the job folder ({exc})", file=sys.stderr)
         return EXIT_INVALID
     try:
+        refuse_links(job_dir)  # nothing is written in a folder whose links could lead the writes elsewhere
         log = EventLog(job_dir, echo=echo)
-    except OSError as exc:
+    except (OSError, PEFTAdaptError) as exc:
         lock.__exit__(None, None, None)
-        print(f"peftadapt worker: {exc.filename}: cannot write the event log ({exc.strerror})", file=sys.stderr)
+        print(f"peftadapt worker: {exc}", file=sys.stderr)
         return EXIT_INVALID
 
     def emit(event: dict) -> None:
@@ -95,25 +97,22 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
         if emit_extra is not None:
             emit_extra(event)
 
-    running: dict[str, Trainer] = {}
     try:
-        return Run(job_dir, emit, CancelWatch(job_dir)).execute(resume, device, running)
+        return Run(job_dir, emit, CancelWatch(job_dir)).execute(resume, device)
+    except TrainingDiverged as exc:  # nothing of the diverged state is saved: the last checkpoint stays
+        emit({"event": "failed", "message": str(exc), "exit_code": EXIT_FAILED})
+        return EXIT_FAILED
     except PEFTAdaptError as exc:
         emit({"event": "failed", "message": str(exc), "exit_code": EXIT_INVALID})
         return EXIT_INVALID
     except Exception as exc:  # noqa: BLE001 - any crash must end as a `failed` event with the traceback on disk
-        (job_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
+        # No checkpoint here: a crash mid-step leaves a state that is not consistent to resume from; the last
+        # periodic checkpoint (written between steps) is kept.
+        write_file(job_dir / TRACEBACK_FILE, traceback.format_exc())
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
             message = ("out of memory: use a smaller patch size, fewer patches per step, or the CPU "
                        f"(--device cpu) — {message}")
-        trainer = running.get("trainer")
-        if trainer is not None and trainer.step > 0:
-            try:
-                folder = save_checkpoint(job_dir, trainer, trainer.base_fingerprint, trainer.metadata)
-                emit({"event": "checkpoint", "step": trainer.step, "path": str(folder.relative_to(job_dir))})
-            except Exception:  # noqa: BLE001 - the previous checkpoint stays in place
-                pass
         emit({"event": "failed", "message": message, "traceback": TRACEBACK_FILE, "exit_code": EXIT_FAILED})
         return EXIT_FAILED
     finally:
@@ -144,8 +143,11 @@ class Run:
                 read_image(path)
         return inputs
 
-    def execute(self, resume: bool, device_override: str | None, running: dict) -> int:
+    def execute(self, resume: bool, device_override: str | None) -> int:
         spec = load_job(self.job_dir)
+        checkpoint = latest_checkpoint(self.job_dir) if resume and spec.task == "adapt" else None
+        if checkpoint is not None:
+            check_same_job(checkpoint, spec, self.job_dir / JOB_FILE)
         if resume:
             (self.job_dir / CANCEL_FILE).unlink(missing_ok=True)  # the request that stopped the last session
         device = select_device(device_override or spec.train.device)
@@ -156,10 +158,11 @@ class Run:
                              "or nnU-Net folder instead")
         if spec.task == "predict":
             return self.predict_task(spec, model, device)
-        return self.adapt_task(spec, model, device, resume, running)
+        return self.adapt_task(spec, model, device, resume, checkpoint)
 
     # -- adapt ---------------------------------------------------------------------------------------------------
-    def adapt_task(self, spec: JobSpec, model: FoundationModel, device: str, resume: bool, running: dict) -> int:
+    def adapt_task(self, spec: JobSpec, model: FoundationModel, device: str, resume: bool,
+                   checkpoint: Path | None) -> int:
         method = spec.method
         labelled = method.needs_labels
         if not labelled and any(case.label for case in spec.support):
@@ -193,11 +196,8 @@ class Run:
         scorer = plan.scorer or AuditScorer(cases.audit, card, device)
         context = TrainingContext(model.network, card, cases.audit, device, self.emit)
         trainer = Trainer(objective, scorer, context, config, plan.hooks)
-        trainer.base_fingerprint = model.base_fingerprint
-        trainer.metadata = {"model": model.card.id, "method": method.to_dict(), "rank": plan.rank, "seed": config.seed,
-                            **plan.info}
-        running["trainer"] = trainer
-        checkpoint = latest_checkpoint(self.job_dir) if resume else None
+        metadata = {"model": model.card.id, "method": method.to_dict(), "rank": plan.rank, "seed": config.seed,
+                    **plan.info}
         if resume and checkpoint is None:
             self.emit({"event": "warning", "message": "no checkpoint to resume from; starting from the beginning"})
         if checkpoint is not None:
@@ -209,16 +209,17 @@ class Run:
                    "pid": os.getpid(), **({"audit_held_out": held_out} if held_out else {}), **plan.info})
 
         def checkpoint_now(t: Trainer) -> None:
-            folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, trainer.metadata)
+            folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, metadata, spec)
             self.emit({"event": "checkpoint", "step": t.step, "path": str(folder.relative_to(self.job_dir))})
 
         completed = trainer.run(self.should_stop, checkpoint_now, spec.train.checkpoint_every)
         checkpoint_now(trainer)
         summary = trainer.summary()
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
-        adapter = save_adapters(model.network, inside_job(self.job_dir, ADAPTER_DIR), model.base_fingerprint,
-                                {**trainer.metadata, f"best_{scorer.key}": summary["best_score"],
-                                 "best_step": summary["best_step"], "steps": config.steps, "final": completed})
+        metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
+                         "steps": config.steps, "final": completed})
+        adapter = replace_folder(self.job_dir, ADAPTER_DIR,
+                                 lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
         if not completed:
             self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
                        "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "exit_code": EXIT_CANCELLED})
@@ -266,7 +267,10 @@ class Run:
                 return False
             case = load_case(images, model.card, locate=model.locate)
             label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device)
-            path = write_image(label, inside_job(self.job_dir, f"{PREDICTIONS_DIR}/{output_name(case_spec, names)}"))
+            path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / output_name(case_spec, names)
+            for written in (path, *companion_paths(path).values()):
+                remove(written)  # an earlier prediction, or a link planted since the start: never written through
+            write_image(label, path)
             extra = {kind: str(p.relative_to(self.job_dir)) for kind, p in uncertainty.write(path, case.image).items()}
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra})
@@ -276,7 +280,7 @@ class Run:
 def output_name(case: CaseSpec, taken: set[str]) -> str:
     """`<case name>_seg<input suffix>`, made unique among this job's predictions."""
     base = "".join(c if c.isalnum() or c in "-_." else "_" for c in case.name) or "prediction"
-    suffix = image_suffix(case.images[0])
+    suffix = label_suffix(case.images[0])
     name, index = f"{base}_seg", 1
     while name in taken:
         index += 1

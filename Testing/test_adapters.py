@@ -170,6 +170,10 @@ def test_salt_equals_a_dense_evaluation_of_its_formula():
         unit.Y.normal_()
     # independent dense formula: W' = U ReLU(Σ') Vᵀ, Σ' = diag(aσ_top + b) ⊕ (diag σ_rest + X Y)
     u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    # the unit's basis is this SVD up to the sign of each pair (its canonical choice, tested elsewhere)
+    signs = torch.sign((u * unit.U.double()).sum(0))
+    assert torch.allclose(u * signs, unit.U.double(), atol=1e-5)
+    u, vh = u * signs, vh * signs[:, None]
     a, b = unit.scale.detach().double(), unit.shift.detach().double()
     xy = unit.X.detach().double() @ unit.Y.detach().double()
     sigma = torch.zeros(7, 7, dtype=torch.double)
@@ -232,3 +236,30 @@ def test_dense_delta_trains_exactly_like_fine_tuning_the_layer_at_a_third_of_the
     adapted_conv = net.get_submodule("conv").effective_params()
     assert torch.allclose(adapted_conv["weight"], reference.conv.weight, atol=1e-6)
     assert torch.allclose(adapted_conv["bias"], reference.conv.bias, atol=1e-6)
+
+
+def test_a_layer_registered_under_two_names_is_adapted_under_both():
+    """nnU-Net's blocks (dynamic_network_architectures) hold each conv and norm as `conv`/`norm` and run them as
+    `all_modules.0`/`.1`: every adapter must reach the forward, and merge_and_unload must leave no wrapper behind."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from PEFTAdaptLib.adapters import AdaptedLayer, merge_and_unload
+
+    torch.manual_seed(0)
+    base = PlainConvUNet(1, 3, (4, 8, 16), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 2, (1, 1), conv_bias=True,
+                         norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU).eval()
+    net = copy.deepcopy(base)
+    apply_adapter(net, LoRAConfig(r=2), "lora")
+    apply_adapter(net, NormAffineConfig(), "affine")
+    freeze_base(net)
+    perturb(net)
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = net(x)
+    y.square().sum().backward()
+    without = {r.layer for r in iter_units(net) if any(p.grad is None for p in r.unit.parameters())}
+    unused_heads = {f"decoder.seg_layers.{i}" for i in range(len(net.decoder.seg_layers) - 1)}  # deep supervision off
+    assert without == unused_heads
+    assert (y - base(x)).abs().max() > 1e-3
+    merge_and_unload(net)
+    assert not any(isinstance(m, AdaptedLayer) for _, m in net.named_modules(remove_duplicate=False))
+    assert torch.allclose(net(x), y, rtol=1e-5, atol=1e-5)

@@ -279,7 +279,7 @@ def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: P
                                                                         patches_per_step=1, seed=5),
                                  events.append, [hook])
     if state is not None:
-        load_adapters(net, tmp, "test")
+        load_adapters(net, tmp)
         trainer.load_state_dict(state)
         trainer.config.steps = steps
     trainer.run()
@@ -315,7 +315,7 @@ def test_the_allocation_is_deterministic_resumes_from_a_checkpoint_and_reports_e
     # interrupt after step 6 (between allocations), checkpoint like the worker does, resume in a fresh network
     head = []
     trainer, _, _ = _run(12, stop_at=6, events=head)
-    save_adapters(trainer.network, tmp_path / "adapter", "test")
+    save_adapters(trainer.network, tmp_path / "adapter")
     torch.save(trainer.state_dict(), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # the worker's loader: plain data only
     tail = []

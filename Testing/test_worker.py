@@ -258,7 +258,7 @@ def _escape(job, tmp):
     (_empty_label, "empty.nii.gz: label is empty"),
     (_nan_image, "inf.nrrd: image contains NaN or infinite"),
     (_two_channels, "2 image channel(s) given"),
-    (_flat_image, "flat.nii.gz: image is 2D"),
+    (_flat_image, "flat.nii.gz: image has size (40, 40); model 'deepbet-brain' is 3D"),
     (_missing, "absent_mask.nii.gz: label file not found"),
     (_corrupt, "broken.nrrd: cannot read image"),
     (_budget_zero, "budget: fraction 0 must be"),

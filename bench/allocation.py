@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from product import Settings, run  # noqa: E402
+from product import Settings, run, saved_result  # noqa: E402
 from report import markdown, replace_section  # noqa: E402
 from shifts import SHIFTS  # noqa: E402
 
@@ -69,7 +70,11 @@ def run_shift(name: str, args) -> dict:
     runs = []
     for label, method in chosen:
         for seed in range(1 if method is None else seeds):
-            result = run(shift, label, method, settings, seed, resume=not args.fresh)
+            if args.cached:
+                if not (result := saved_result(shift, label, method, settings, seed)):
+                    continue
+            else:
+                result = run(shift, label, method, settings, seed, resume=not args.fresh)
             runs.append(result)
             print(json.dumps({k: v for k, v in result.items() if k in ("method", "seed", "dice", "trainable", "na",
                                                                       "train_seconds", "rank_reason")}), flush=True)
@@ -91,13 +96,15 @@ def main() -> None:
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
     parser.add_argument("--methods", nargs="+", help="only these rows, run in this order (labels as in the table)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a result for the same request exists")
+    parser.add_argument("--cached", action="store_true", help="tables from the saved results only (runs not made yet "
+                                                              "are left out, and each row counts its seeds)")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the SEA-PEFT section of docs/benchmarks.md")
     args = parser.parse_args()
     results = [run_shift(name, args) for name in args.shifts]
     text = "\n".join(markdown(result) for result in results)
     print(text)
     if args.update_docs:
-        flags = " ".join(a for a in sys.argv[1:] if a not in ("--update-docs", "--fresh"))
+        flags = shlex.join(a for a in sys.argv[1:] if a not in ("--update-docs", "--fresh", "--cached"))
         replace_section(SECTION, f"`python bench/allocation.py {flags} --update-docs` — produced by "
                                  f"`bench/allocation.py` through the job client (job folders and results in "
                                  f"`bench/.cache/jobs/`).\n\n{text}")

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from shifts import CACHE, CaseFiles, Shift
 
+from PEFTAdaptLib.data.io import read_image
 from PEFTAdaptLib.data.transforms import to_array
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import MethodConfig
@@ -70,7 +70,7 @@ def score(shift: Shift, predictions: list[Path]) -> list[dict]:
     """Per test case: Dice of every scored class, their mean, and HD95 (mm) of the union of the classes."""
     scores = []
     for case, path in zip(shift.test, predictions):
-        prediction, reference = sitk.ReadImage(str(path)), sitk.ReadImage(case.label)
+        prediction, reference = read_image(path, what="label"), read_image(case.label, what="label")  # .mgz too
         p, r = to_array(prediction, np.int64), to_array(reference, np.int64)
         per_class = {name: dice(p == value, r == value) for value, name in shift.classes.items()}
         union = np.isin(p, list(shift.classes)), np.isin(r, list(shift.classes))
@@ -79,16 +79,26 @@ def score(shift: Shift, predictions: list[Path]) -> list[dict]:
     return scores
 
 
+def _folder(shift: Shift, label: str, seed: int) -> Path:
+    return JOBS / shift.name / f"{label.replace(' ', '_').replace('/', '_')}-seed{seed}"
+
+
+def saved_result(shift: Shift, label: str, method: MethodConfig | None, settings: Settings, seed: int) -> dict | None:
+    """The finished result of this very request, if one was saved."""
+    path = _folder(shift, label, seed) / RESULT_FILE
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("request") == request(shift, method, settings, seed).to_dict() else None
+
+
 def run(shift: Shift, label: str, method: MethodConfig | None, settings: Settings, seed: int,
         resume: bool = True) -> dict:
     """Run (or, with `resume`, reuse the finished result of) one method and seed on one shift."""
-    folder = JOBS / shift.name / f"{label.replace(' ', '_').replace('/', '_')}-seed{seed}"
-    spec = request(shift, method, settings, seed)
+    folder, spec = _folder(shift, label, seed), request(shift, method, settings, seed)
+    if resume and (result := saved_result(shift, label, method, settings, seed)):
+        return result
     saved = folder / RESULT_FILE
-    if resume and saved.is_file():
-        result = json.loads(saved.read_text())
-        if result.get("request") == spec.to_dict():
-            return result
     client = JobClient(folder.parent)
     memory = PeakMemory()
     start = time.monotonic()

@@ -75,17 +75,17 @@ def markdown(result: dict) -> str:
              f"{result['seeds']} seeds; support {', '.join(result['cases']['support'])}, audit "
              f"{', '.join(result['cases']['audit'])}, test {', '.join(result['cases']['test'])}.", "",
              "| method | trainable | test Dice (mean ± sd over seeds) | worst test case vs zero-shot | HD95 (mm) | "
-             "training (s) | peak memory (MB) |", "|---|---|---|---|---|---|---|"]
+             "training (s) | peak memory (MB) | seeds |", "|---|---|---|---|---|---|---|---|"]
     table = rows(result)
     for row in table:
         if "na" in row:
-            lines.append(f"| {row['method']} | — | n/a: {row['na']} | | | | |")
+            lines.append(f"| {row['method']} | — | n/a: {row['na']} | | | | | |")
             continue
         over = "" if row["within"] or row["kind"] in ("full", "zero-shot") else " (over budget)"
         name = f"**{row['method']}**" if row["kind"] == "sea-peft" else row["method"]
         lines.append(f"| {name} | {row['trainable']:,} ({100 * row['fraction']:.2f} %){over} | {mean_sd(row['dice'])} | "
                      f"{100 * row['worst_case_change']:+.1f} points | {mean_sd(row['hd95'], 1)} | {row['seconds']:.0f} | "
-                     f"{row['memory']:.0f} |")
+                     f"{row['memory']:.0f} | {len(row['dice'])} |")
     lines.append("")
     goal = margins(table)
     if goal:

@@ -4,6 +4,7 @@ model folder:
 
     python bench/train_source.py --task brats [--steps 300] [--device cpu]   # FLAIR of the four BraTS patients
     python bench/train_source.py --task spine [--steps 800]                  # T2 of spinal-cord subject A
+    python bench/train_source.py --task brats-2d [--steps 600]               # axial FLAIR slices, a 2D UNETR
 
 A MONAI UNet (4.8 M parameters, instance norm) trained from scratch: random 2 × patch crops (half centred on the
 label), random flips and a mild intensity scale/shift, Dice + CE, AdamW 1e-3 with cosine decay. The bundle holds
@@ -27,25 +28,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shifts import CACHE, brats_images, central, read_pair  # noqa: E402
 
+SOURCE_SLICES = (-8, -4, 0, 4, 8)  # brats-2d: axial slices (mm from the tumour's middle) each patient gives
+
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard  # noqa: E402
 
 MODELS = CACHE / "models"
-DEFAULT_STEPS = {"brats": 300, "brats-tc": 300, "spine": 800}
+DEFAULT_STEPS = {"brats": 300, "brats-tc": 300, "spine": 800, "brats-2d": 600}
 #: the source architecture: MONAI's UNet (16–256 channels, 2 residual units, instance norm, 4.8 M parameters); the
 #: spine variant keeps the last level at 1/8 resolution (cord volumes are 16 slices thin)
-NETWORKS = {task: {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128, 256],
-                   "strides": strides, "num_res_units": 2}
+NETWORKS = {task: {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                   "channels": [16, 32, 64, 128, 256], "strides": strides, "num_res_units": 2}
             for task, strides in (("brats", [2, 2, 2, 2]), ("brats-tc", [2, 2, 2, 2]), ("spine", [2, 2, 2, 1]))}
+#: the 2D source: a small UNETR (ViT encoder of 12 blocks, width 96, 4 heads, fused qkv; 16-pixel patches of a
+#: 64 × 64 input at 2 mm) — the ViT-foundation-model case at a size two CPU cores train
+NETWORKS["brats-2d"] = {"_target_": "monai.networks.nets.UNETR", "spatial_dims": 2, "in_channels": 1,
+                        "out_channels": 2, "img_size": [64, 64], "feature_size": 8, "hidden_size": 96,
+                        "mlp_dim": 192, "num_heads": 4, "qkv_bias": True}
 PERCENTILES = (0.5, 99.5)
 
 
 def _card(task: str, spacing, normalization: dict, patch, roi, divisible: int, name: str) -> ModelCard:
     return ModelCard(
         id=f"bench-{task}", title=f"benchmark source model ({task})", description="trained by bench/train_source.py",
-        modality="MR", input_channels=1, spacing=spacing, orientation="RAS", normalization=normalization,
-        patch_size=patch, inference_roi=roi, labels=[LabelInfo(0, "background"), LabelInfo(1, name)],
+        modality="MR", input_channels=1, spacing=spacing, orientation="RAS" if len(roi) == 3 else "",
+        normalization=normalization, patch_size=patch, inference_roi=roi,
+        labels=[LabelInfo(0, "background"), LabelInfo(1, name)],
         license="CC BY-NC-SA 3.0 data" if task.startswith("brats") else "MIT data", source="bench/train_source.py",
-        divisible_by=divisible,
+        divisible_by=divisible, spatial_dims=len(roi),
     )
 
 
@@ -54,13 +63,15 @@ CARDS = {
     "brats-tc": _card("brats-tc", (2.0, 2.0, 2.0), {"name": "none"}, (64, 64, 64), (96, 96, 96), 16, "tumour core"),
     "spine": _card("spine", (1.0, 1.0, 1.0), {"name": "percentile_zscore", "p_low": PERCENTILES[0],
                                               "p_high": PERCENTILES[1]}, (32, 32, 16), (64, 64, 32), 8, "spinal cord"),
+    "brats-2d": _card("brats-2d", (2.0, 2.0), {"name": "none"}, (64, 64), (64, 64), 16, "whole tumour"),
 }
 
 
-def unet(task: str):
-    from monai.networks.nets import UNet
+def network(task: str):
+    import monai.networks.nets as nets
 
-    return UNet(**NETWORKS[task])
+    arguments = dict(NETWORKS[task])
+    return getattr(nets, arguments.pop("_target_").rsplit(".", 1)[-1])(**arguments)
 
 
 def source_cases(task: str):
@@ -68,6 +79,12 @@ def source_cases(task: str):
     from PEFTAdaptLib.data.cases import prepare_case
 
     card = CARDS[task]
+    if task == "brats-2d":  # axial FLAIR slices of all four patients
+        from planar import slices
+
+        cases = [prepare_case(f"pat{p}_flair_{z}", [image], card, label)
+                 for p in (3, 4, 5, 6) for z, (image, label) in slices(p, "Flair", SOURCE_SLICES).items()]
+        return cases, cases
     if task.startswith("brats"):  # FLAIR of all four shared patients; the in-domain fit is the sanity check
         cases = [prepare_case(f"pat{p}_flair", [image], card, label)
                  for p, (image, label) in ((p, brats_images(p, "Flair", task)) for p in (3, 4, 5, 6))]
@@ -80,7 +97,7 @@ def source_cases(task: str):
 
 def _preprocessing(card: ModelCard) -> list[dict]:
     steps = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
-             {"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation},
+             *([{"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation}] if card.orientation else []),
              {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing), "mode": "bilinear"}]
     if card.normalization["name"] == "percentile_zscore":
         steps += [{"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": card.normalization["p_low"],
@@ -96,7 +113,7 @@ def write_bundle(folder: Path, task: str, state: dict, info: dict) -> Path:
     card = CARDS[task]
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     (folder / "models").mkdir(exist_ok=True)
-    inference = {"network_def": {"_target_": "monai.networks.nets.UNet", **NETWORKS[task]},
+    inference = {"network_def": NETWORKS[task],
                  "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(card)},
                  "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(card.inference_roi),
                              "sw_batch_size": 1, "overlap": 0.25}}
@@ -106,7 +123,7 @@ def write_bundle(folder: Path, task: str, state: dict, info: dict) -> Path:
     metadata = {"name": card.title, "version": "1.0", "description": card.description, "license": card.license,
                 "network_data_format": {
                     "inputs": {"image": {"modality": card.modality, "num_channels": 1,
-                                         "spatial_shape": [f"{card.divisible_by}*n"] * 3}},
+                                         "spatial_shape": [f"{card.divisible_by}*n"] * card.spatial_dims}},
                     "outputs": {"pred": {"channel_def": {str(l.value): l.name for l in card.labels}}}}}
     (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
     (folder / "configs" / "train.json").write_text(json.dumps(train, indent=2))
@@ -127,20 +144,20 @@ def train(task: str, steps: int, device: str = "cpu", seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     card = CARDS[task]
     train_cases, held_out = source_cases(task)
-    network = unet(task).to(device)
+    net = network(task).to(device)
     sampler = PatchSampler(train_cases, card.patch_size, 2, 0.5, seed)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=1e-5)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start, losses = time.monotonic(), []
-    network.train()
+    net.train()
     for step in range(1, steps + 1):
         image, label = sampler()
-        for axis in range(3):
+        for axis in range(card.spatial_dims):
             if rng.random() < 0.5:
                 image, label = image.flip(axis + 2), label.flip(axis + 2)
         image = image * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
-        loss = loss_fn(network(image.to(device)), label.to(device))
+        loss = loss_fn(net(image.to(device)), label.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,13 +166,13 @@ def train(task: str, steps: int, device: str = "cpu", seed: int = 0) -> dict:
         if step % 50 == 0:
             print(f"{task} step {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.monotonic() - start:.0f} s)",
                   flush=True)
-    network.eval()
-    sanity = {case.name: dice(predict_probabilities(network, case.array, card, device).argmax(0) == 1,
+    net.eval()
+    sanity = {case.name: dice(predict_probabilities(net, case.array, card, device).argmax(0) == 1,
                               case.label[0] == 1) for case in held_out}
     info = {"task": task, "steps": steps, "seed": seed, "device": device, "seconds": time.monotonic() - start,
             "training_cases": [c.name for c in train_cases], "final_loss": float(np.mean(losses[-50:])),
-            "held_out_source_dice": sanity, "parameters": sum(p.numel() for p in network.parameters())}
-    write_bundle(MODELS / task, task, network.state_dict(), info)
+            "held_out_source_dice": sanity, "parameters": sum(p.numel() for p in net.parameters())}
+    write_bundle(MODELS / task, task, net.state_dict(), info)
     return info
 
 

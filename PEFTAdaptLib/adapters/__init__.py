@@ -17,6 +17,7 @@ from .dense import DenseConfig, DenseUnit
 from .io import fingerprint, load_adapters, save_adapters
 from .lora import LoRAConfig, LoRAUnit
 from .norm import AdaBNConfig, AdaBNUnit, NormAffineConfig, NormAffineUnit, estimate_adabn
+from .qkv_lora import QKVLoRAConfig, QKVLoRAUnit
 from .salt import SALTConfig, SALTUnit, SVDConfig, SVDUnit
 
 
@@ -41,7 +42,7 @@ def apply_adapter(model: nn.Module, config: AdapterConfig, name: str = "default"
 __all__ = [
     "AdaBNConfig", "AdaBNUnit", "AdaptFormerConfig", "AdaptFormerUnit", "AdaptedLayer", "AdapterConfig",
     "AdapterUnit", "BitFitConfig", "BitFitUnit", "ConvLoRAConfig", "ConvLoRAUnit", "DenseConfig", "DenseUnit",
-    "LoRAConfig", "LoRAUnit", "NormAffineConfig", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit",
+    "LoRAConfig", "LoRAUnit", "NormAffineConfig", "QKVLoRAConfig", "QKVLoRAUnit", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit",
     "UNIT_TYPES", "UnitRecord", "add_units", "apply_adapter", "count_base_parameters", "count_trainable",
     "estimate_adabn", "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "merge_and_unload",
     "parameter_groups", "save_adapters", "trainable_parameters", "unit_class_for", "unmerge_all",

@@ -5,6 +5,10 @@ a frozen Linear / ConvNd / ConvTransposeNd and runs it with the composition of i
 `torch.func.functional_call`, so one layer can hold several units (an allocator's pool) and each can be switched off
 without losing its trained weights. Weight-space form costs one small matrix product per layer per step, merges for
 free and works for any layer type whose forward reads `weight`/`bias` (see peft-methods.md §7 for measurements).
+
+A `LowRankUnit` gives its update as factors, ΔW = P Q: where the layer allows it and it is cheaper, the layer then
+trains them without the dense weight gradient (`lowrank.py`), the forward still being one call with the composed
+weight.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from .lowrank import Factors, factored_forward, factored_is_cheaper, fold, product_forward, product_is_cheaper
 
 #: layer types whose weight can be adapted
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
@@ -88,6 +94,27 @@ class AdapterUnit(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class LowRankUnit(AdapterUnit):
+    """A weight-space unit whose trained update is a product of factors, ΔW = P Q in the layer's (shape[0], rest)
+    matricisation (plus, at most, a fixed change of the weight)."""
+
+    #: True where the unit's factors live in a fixed basis of the base weight, W = P₀ Q₀ (SALT, SVD: U Σ, Vᵀ), and
+    #: `whole` gives the adapted weight itself in it
+    has_basis: ClassVar[bool] = False
+
+    def split(self, params: dict[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor | None], Factors]:
+        """(params with the fixed part of the update applied, (P, Q))."""
+        raise NotImplementedError
+
+    def whole(self) -> Factors:
+        """The base weight with this unit's update, as factors (P, Q) with Q the fixed basis (`has_basis` units)."""
+        raise NotImplementedError
+
+    def apply(self, params):
+        params, factors = self.split(params)
+        return {**params, "weight": fold(params["weight"], [factors])}
+
+
 @dataclass
 class UnitRecord:
     """Where a unit lives: `layer` is the module name in the model, `name` the unit's key inside the layer."""
@@ -138,18 +165,53 @@ class AdaptedLayer(nn.Module):
     def base_params(self) -> dict[str, torch.Tensor | None]:
         return {key: getattr(self.base, key, None) for key in LAYER_TENSORS if hasattr(self.base, key)}
 
+    def _compose(self, units: Sequence[AdapterUnit]) -> tuple[dict[str, torch.Tensor | None], dict[AdapterUnit, Factors]]:
+        """The layer's tensors with every unit applied, low-rank updates kept apart as factors."""
+        params, factors = self.base_params(), {}
+        for unit in units:
+            if isinstance(unit, LowRankUnit):
+                params, factors[unit] = unit.split(params)
+            else:
+                params = unit.apply(params)
+        return params, factors
+
     def effective_params(self) -> dict[str, torch.Tensor | None]:
-        params = self.base_params()
-        for unit in self.active_units():
-            params = unit.apply(params)
-        return params
+        params, factors = self._compose(self.active_units())
+        return {**params, "weight": fold(params["weight"], factors.values())} if factors else params
+
+    def _factorable(self, weight: torch.Tensor, factors: dict[AdapterUnit, Factors]) -> bool:
+        """Whether the factors may be trained without the dense weight gradient: only when nothing needs that
+        gradient anyway, on a plain torch layer (a subclass may override the forward) with numeric padding (a
+        string may be asymmetric) and no hooks on it (they would not see the call)."""
+        base = self.base
+        return (bool(factors) and torch.is_grad_enabled() and not weight.requires_grad
+                and any(t.requires_grad for pair in factors.values() for t in pair)
+                and type(base) in WEIGHT_TYPES and not isinstance(getattr(base, "padding", 0), str)
+                and not (base._forward_hooks or base._forward_pre_hooks))
+
+    def _basis(self, weight: torch.Tensor, factors: dict[AdapterUnit, Factors]) -> LowRankUnit | None:
+        """The layer's one unit with a basis (SALT, SVD), if the weight it would run on is still the base weight
+        that basis is of: the product form then runs the whole layer in that basis."""
+        with_basis = [unit for unit in factors if unit.has_basis]
+        return with_basis[0] if len(with_basis) == 1 and weight is self.base.weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self.active_units()
         if self.merged or not units:
             return self.base(x)
-        params = {k: v for k, v in self.effective_params().items() if v is not None}
-        y = functional_call(self.base, params, (x,))
+        params, factors = self._compose(units)
+        weight, bias = params["weight"], params.get("bias")
+        factorable = self._factorable(weight, factors)
+        basis = self._basis(weight, factors) if factorable else None
+        rank = sum(p.shape[1] for p, _ in factors.values())
+        if basis is not None and product_is_cheaper(self.base, rank):
+            rest = [pair for unit, pair in factors.items() if unit is not basis]
+            y = product_forward(self.base, x, bias, basis.whole(), rest)
+        elif factorable and factored_is_cheaper(self.base, rank):
+            y = factored_forward(self.base, x, weight, bias, list(factors.values()))
+        else:
+            params["weight"] = fold(weight, factors.values())
+            y = functional_call(self.base, {k: v for k, v in params.items() if v is not None}, (x,))
         for unit in units:
             y = unit.adapt_output(x, y)
         return y
@@ -189,10 +251,13 @@ class AdaptedLayer(nn.Module):
         self._original = None
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is registered: a module can sit under several names (nnU-Net's conv blocks hold
+    their convolution as `conv` and as `all_modules.0`, and run the latter), and replacing one name only would leave
+    the forward on the plain layer."""
+    places = [(parent, key) for parent in model.modules() for key, child in parent._modules.items() if child is old]
+    for parent, key in places:
+        setattr(parent, key, new)
 
 
 def base_layer_names(model: nn.Module, types: tuple[type[nn.Module], ...] = ADAPTABLE_TYPES) -> list[str]:
@@ -224,8 +289,8 @@ def add_units(
         if not isinstance(module, AdaptedLayer):
             for p in module.parameters():
                 p.requires_grad_(False)
-            module = AdaptedLayer(module)
-            _set_submodule(model, layer_name, module)
+            plain, module = module, AdaptedLayer(module)
+            _replace_module(model, plain, module)
         base = module.base
         tensors = [t for t in list(base.parameters()) + list(base.buffers())]
         unit = unit_class(base, config).to(tensors[0].device if tensors else "cpu")
@@ -285,9 +350,9 @@ def merge_all(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapted layer and put its plain base layer back in its place: a model with no adapter
     machinery left, running at the base model's speed (for deployment; not reversible)."""
-    for name, layer in list(adapted_layers(model)):
+    for _, layer in list(adapted_layers(model)):
         layer.merge()
-        _set_submodule(model, name, layer.base)
+        _replace_module(model, layer, layer.base)
     return model
 
 

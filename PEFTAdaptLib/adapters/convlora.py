@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import CONV_TYPES, AdapterConfig, AdapterUnit
+from .base import CONV_TYPES, AdapterConfig, LowRankUnit
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ConvLoRAConfig(AdapterConfig):
     factorisation: str = "paper"
 
 
-class ConvLoRAUnit(AdapterUnit):
+class ConvLoRAUnit(LowRankUnit):
     kind = "convlora"
     config_class = ConvLoRAConfig
     layer_types = CONV_TYPES
@@ -39,6 +39,9 @@ class ConvLoRAUnit(AdapterUnit):
         self.lora_B = nn.Parameter(torch.zeros(c_out * k, config.r * k, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def apply(self, params):
-        weight = params["weight"]
-        return {**params, "weight": weight + self.scaling * (self.lora_B @ self.lora_A).view(weight.shape)}
+    def split(self, params):
+        """view(B A) in the (C_out, C_in·kᵈ) matricisation: row o of the weight is the k rows o·k + a of B A side by
+        side, so P[o, (a, j)] = B[o·k + a, j] (a reshape of B) and Q = diag(A, …, A) (k blocks)."""
+        k = self.lora_B.shape[0] // params["weight"].shape[0]
+        p = self.scaling * self.lora_B.reshape(params["weight"].shape[0], -1)
+        return params, (p, torch.block_diag(*[self.lora_A] * k))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterUnit
+from .base import AdapterConfig, LowRankUnit
 
 
 @dataclass
@@ -26,7 +26,7 @@ class LoRAConfig(AdapterConfig):
     init: str = "kaiming"
 
 
-class LoRAUnit(AdapterUnit):
+class LoRAUnit(LowRankUnit):
     kind = "lora"
     config_class = LoRAConfig
 
@@ -61,14 +61,12 @@ class LoRAUnit(AdapterUnit):
         self.lora_B.copy_((u[:, :r] @ torch.diag(s_r.sqrt())).to(self.lora_B.dtype))
         self.principal = (self.scaling * self.lora_B @ self.lora_A).detach().clone()
 
-    def delta(self) -> torch.Tensor:
+    def split(self, params):
         a = self.lora_A
         if self.training and self.config.dropout > 0:
             keep = torch.rand(a.shape[0], 1, device=a.device) >= self.config.dropout
             a = a * keep / (1 - self.config.dropout)
-        delta = self.scaling * (self.lora_B @ a)
-        return delta - self.principal if self.principal.numel() else delta
-
-    def apply(self, params):
         weight = params["weight"]
-        return {**params, "weight": weight + self.delta().reshape(weight.shape)}
+        if self.principal.numel():
+            params = {**params, "weight": weight - self.principal.reshape(weight.shape)}
+        return params, (self.scaling * self.lora_B, a)

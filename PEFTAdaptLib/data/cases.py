@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..models.card import ModelCard
 from .io import read_image, read_label, same_geometry
+from .planar import check_dimensions, user_grid
 from .sparse import read_annotated, with_unannotated
 from .transforms import normalize_intensity, onto_grid, to_array, to_model_space
 
@@ -20,7 +21,7 @@ class Case:
     name: str
     image: sitk.Image  # first channel on the user's grid: the geometry predictions are written with
     model_image: sitk.Image  # first channel on the model's grid: the geometry of `array`
-    array: np.ndarray  # (C, x, y, z) float32, normalised
+    array: np.ndarray  # (C, x, y, z) float32, normalised ((C, x, y) for a 2D model)
     #: (1, x, y, z) uint8 class indices (card.labels order) on the model's grid; UNANNOTATED (data/sparse.py) where
     #: a sparse label does not count
     label: np.ndarray | None = None
@@ -34,26 +35,31 @@ def prepare_case(
     """Move images (and label) to the model's grid and normalise intensities as the card says.
 
     `locate` (a FoundationModel's) finds the box a `fit_to_roi` model frames; None falls back to an Otsu head box.
+    A 2D model sees single slices as planes (`planar.py`).
     `annotated` (a mask on the label's grid) marks the voxels whose label counts; the others become `UNANNOTATED`
     (nearest neighbour: a model voxel counts when the label value it takes came from an annotated voxel).
     """
     if len(channels) != card.input_channels:
         raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {card.input_channels}")
+    for channel in channels:
+        check_dimensions(channel, card.spatial_dims, card.id, f"{name}: image")
+    planes = [user_grid(c, card.spatial_dims) for c in channels]
     model_image = to_model_space(
-        channels[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate,
+        planes[0], card.spacing, card.orientation, card.inference_roi if card.fit_to_roi else None, locate=locate,
         what=name,
     )
-    arrays = [to_array(model_image)] + [to_array(onto_grid(c, model_image)) for c in channels[1:]]
+    arrays = [to_array(model_image)] + [to_array(onto_grid(c, model_image)) for c in planes[1:]]
     array = np.stack([normalize_intensity(a, card.normalization) for a in arrays]).astype(np.float32)
     label_array = None
     if label is not None:
-        values = to_array(onto_grid(label, model_image, is_label=True), np.int64)
+        values = to_array(onto_grid(user_grid(label, card.spatial_dims), model_image, is_label=True), np.int64)
         lookup = np.zeros(max(card.label_values) + 1, dtype=np.uint8)
         for index, info in enumerate(card.labels):
             lookup[info.value] = index
         label_array = lookup[np.clip(values, 0, len(lookup) - 1)][None]
         if annotated is not None:
-            mask = to_array(onto_grid(annotated, model_image, is_label=True), np.uint8) > 0
+            mask = to_array(onto_grid(user_grid(annotated, card.spatial_dims), model_image, is_label=True),
+                            np.uint8) > 0
             if not mask.any():
                 raise InputError(f"{name}: no annotated voxel reaches the model's grid (its slices fall between the "
                                  "model's samples); annotate more slices")
@@ -70,6 +76,8 @@ def read_case_files(
         raise InputError(f"{paths[0]}: {len(paths)} image channel(s) given; model '{card.id}' needs "
                          f"{card.input_channels}")
     channels = [read_image(p) for p in paths]
+    for path, channel in zip(paths, channels):
+        check_dimensions(channel, card.spatial_dims, card.id, f"{path}: image")
     for path, channel in zip(paths[1:], channels[1:]):
         if not same_geometry(channel, channels[0]):
             raise InputError(f"{path}: geometry differs from the first channel {paths[0]}; co-register the channels")

@@ -6,10 +6,12 @@ from pathlib import Path
 from ..errors import InputError
 
 #: longest first, so `.nii.gz` is recognised before `.nii`
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".png", ".tiff", ".tif", ".dcm")
 MGH_SUFFIXES = (".mgz", ".mgh")  # FreeSurfer's, read and written through nibabel
 #: formats whose readers do not notice truncation or NaN: checked against their header first (`integrity.py`)
 CHECKED_AGAINST_HEADER = (".nii.gz", ".nii", *MGH_SUFFIXES)
+#: inputs whose label is written in another format: a label map is no DICOM image (DICOM SEG is a format of its own)
+LABEL_SUFFIX = {".dcm": ".nrrd"}
 
 
 def image_suffix(path: str | Path) -> str:
@@ -25,3 +27,9 @@ def stem(path: str | Path) -> str:
     """The file name without its image suffix (`t1.nii.gz` → `t1`)."""
     name = Path(path).name
     return name[: len(name) - len(image_suffix(name))]
+
+
+def label_suffix(path: str | Path) -> str:
+    """The suffix a label map drawn on the image `path` is written with (the image's own, DICOM's as NRRD)."""
+    suffix = image_suffix(path)
+    return LABEL_SUFFIX.get(suffix, suffix)

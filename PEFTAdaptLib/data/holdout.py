@@ -1,6 +1,6 @@
 """An audit from the annotated volumes a user has, when they gave no separate audit volume.
 
-Each support volume gives up a slab along its last axis (a quarter of it, centred on the middle of its foreground)
+Each support volume gives up a slab along its last axis (a band of rows of a 2D image) (a quarter of it, centred on the middle of its foreground)
 as audit; training patches come from the parts on either side, so no audited voxel is ever trained on. The volume
 was normalised as a whole before it is cut (a slab is never re-normalised on its own: min–max or percentile
 schemes would shift its intensities), so the audit sees exactly what inference sees.
@@ -32,7 +32,8 @@ def hold_out(case: Case, share: float = SHARE) -> tuple[list[Case], Case, tuple[
     """(training parts, audit slab, the slab's range on the model grid's last axis) of one annotated case."""
     depth = case.array.shape[-1]
     width = max(1, round(depth * share))
-    foreground = np.nonzero(case.label[0].any(axis=(0, 1)))[0]
+    label = case.label[0]
+    foreground = np.nonzero(label.any(axis=tuple(range(label.ndim - 1))))[0]
     if len(foreground) < 2:
         raise InputError(f"{case.name}: too little annotated foreground to hold out an audit slab; give an audit "
                          "volume")

@@ -19,8 +19,9 @@ from .mgh import is_mgh, read_mgh, write_mgh
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3D scalar image; refuse missing, corrupt, truncated, oversized, non-3D, multi-component and
-    non-finite files."""
+    """Read a 2D or 3D scalar image; refuse missing, corrupt, truncated, oversized, other-dimensional,
+    multi-component and non-finite files. Whether a single slice suits the model is the model card's question
+    (`cases.check_dimensions`)."""
     path = Path(path)
     checked = image_suffix(path) in CHECKED_AGAINST_HEADER
     if not path.is_file():
@@ -30,14 +31,13 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     image = read_mgh(path, what) if is_mgh(path) else _read_with_itk(path, what)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
-    if image.GetDimension() != 3:
-        raise InputError(f"{path}: {what} is {image.GetDimension()}D with size {image.GetSize()}; a 3D volume is required")
+    if image.GetDimension() not in (2, 3):
+        raise InputError(f"{path}: {what} is {image.GetDimension()}D with size {image.GetSize()}; a 2D image or a 3D "
+                         "volume is required")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{path}: {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a single-channel volume is required"
         )
-    if min(image.GetSize()) < 2:
-        raise InputError(f"{path}: {what} has size {image.GetSize()}; a 3D volume (not a single slice) is required")
     floating = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
     if floating and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise InputError(f"{path}: {what} contains NaN or infinite values; fix or mask them before use")

@@ -15,12 +15,13 @@ from .limits import check_voxel_count
 
 
 def to_array(image: sitk.Image, dtype=np.float32) -> np.ndarray:
-    return sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(dtype, copy=False)
+    """The (x, y, z) — or (x, y) for a 2D image — array of an image."""
+    return np.transpose(sitk.GetArrayFromImage(image)).astype(dtype, copy=False)
 
 
 def from_array(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """Wrap an (x, y, z) array into an image carrying `reference`'s geometry."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    """Wrap an (x, y, z) or (x, y) array into an image carrying `reference`'s geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array)))
     image.CopyInformation(reference)
     return image
 
@@ -34,17 +35,19 @@ def to_model_space(
     locate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     what: str = "image",
 ) -> sitk.Image:
-    """Reorient to `orientation` (DICOM letters, as nibabel's canonical 'RAS') and resample (linear).
+    """Reorient to `orientation` (DICOM letters, as nibabel's canonical 'RAS'; a 2D image keeps its own index order,
+    as it has no anatomical frame to reorient in) and resample (linear).
 
     With `spacing`, the physical extent is kept and the grid gets that spacing (mm). With `fit_size`, the bounding box
     of the foreground — found by `locate(array)` (e.g. deepbet's brain locator) or else by an Otsu threshold — grown by
     `margin` on each side and clipped to the image, is resampled to exactly `fit_size` voxels: the framing networks
     such as deepbet were trained with. A grid beyond the voxel limit is refused (naming `what`) before resampling.
     """
-    oriented = sitk.DICOMOrient(image, orientation) if orientation else image
+    dims = image.GetDimension()
+    oriented = sitk.DICOMOrient(image, orientation) if orientation and dims == 3 else image
     size = np.array(oriented.GetSize())
     old_spacing = np.array(oriented.GetSpacing())
-    direction = np.array(oriented.GetDirection()).reshape(3, 3)
+    direction = np.array(oriented.GetDirection()).reshape(dims, dims)
     if fit_size is not None:
         if locate is not None:
             low, high = locate(to_array(oriented))
@@ -52,7 +55,7 @@ def to_model_space(
             otsu = sitk.OtsuThresholdImageFilter()
             otsu.Execute(sitk.Cast(oriented, sitk.sitkFloat32))
             coords = np.argwhere(to_array(oriented) > otsu.GetThreshold())
-            low, high = (coords.min(0), coords.max(0) + 1) if len(coords) else (np.zeros(3, int), size)
+            low, high = (coords.min(0), coords.max(0) + 1) if len(coords) else (np.zeros(dims, int), size)
         grow = (high - low) * margin
         low = np.maximum(0, np.round(low - grow)).astype(int)
         high = np.minimum(size, np.round(high + grow)).astype(int)
@@ -84,7 +87,7 @@ def onto_grid(image: sitk.Image, reference: sitk.Image, is_label: bool = False) 
 
 
 def probabilities_onto_grid(probs: np.ndarray, model_space: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """Resample per-class probabilities (C, x, y, z) from the model grid onto the user's image grid."""
+    """Resample per-class probabilities (C, x, y, z) or (C, x, y) from the model grid onto the user's image grid."""
     return np.stack([to_array(onto_grid(from_array(p, model_space), reference)) for p in probs])
 
 

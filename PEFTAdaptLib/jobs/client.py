@@ -4,21 +4,22 @@ torch is installed."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError
-from .create import create_job
+from .create import ADAPTER_DIR, create_job
 from .events import EVENTS_FILE, STATUS_FILE, read_events
+from .files import check_writable, open_job_file, refuse_links
 from .lock import is_running
 from .runner import Process, ProcessRunner, SubprocessRunner, stop_process_tree
 from .runstate import RunState
 from .spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 
 CANCEL_FILE = "cancel"
-ADAPTER_DIR = "adapter"
 STDOUT_LOG, STDERR_LOG = "worker.log", "worker.err.log"
 #: worker exit codes (PEFTAdaptLib.worker)
 EXIT_FINISHED, EXIT_INVALID, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOCKED = 0, 2, 3, 4, 5
@@ -54,6 +55,10 @@ class Job:
 
     def poll(self) -> list[dict]:
         """The events written since the last poll (also folded into `state`)."""
+        if self.process is not None and self.process.poll() == EXIT_LOCKED:  # the events there are another run's
+            self.state.fail(f"{self.folder}: another worker is running this job, or a job was being written into "
+                            "the folder when this one started")
+            return []
         new, self._offset = read_events(self.folder, self._offset)
         if not self.state.finished and not new and not self.alive():
             new, self._offset = read_events(self.folder, self._offset)  # written just before the worker ended
@@ -78,7 +83,7 @@ class Job:
         self._cancel_requested = True
         if self.state.finished or not self.alive():
             return  # a reaped worker's PID may belong to another process now: never signal it
-        (self.folder / CANCEL_FILE).touch()
+        open_job_file(self.folder / CANCEL_FILE, "a").close()
         if self.process is not None:
             stop_process_tree(self.process.pid, graceful=True)
 
@@ -128,7 +133,11 @@ class JobClient:
 
     def new_folder(self, prefix: str = "job") -> Path:
         """A fresh, empty job folder under the work folder (never one that exists)."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.work_dir, "the work folder")
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.work_dir}: cannot create the work folder ({exc.strerror})") from None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for index in range(1000):
             folder = self.work_dir / f"{prefix}-{stamp}-{index:03d}"
@@ -148,6 +157,7 @@ class JobClient:
             raise InputError(f"{folder}: not a job folder (no {JOB_FILE})")
         if is_running(folder):
             raise InputError(f"{folder}: a worker is already running this job")
+        refuse_links(folder)
         args = [str(folder)] + (["--resume"] if resume else []) + (["--device", device] if device else [])
         process = self.runner.start(args, folder, folder / STDOUT_LOG, folder / STDERR_LOG)
         return Job(folder, process)
@@ -192,18 +202,36 @@ class JobClient:
 
 
 def job_info(folder: Path) -> JobInfo:
+    """A job as listed. A job that says it runs is `interrupted` when its lock is free (the worker died, even by
+    kill -9), unless it runs on another computer, where this one cannot tell."""
     try:
         spec = load_job(folder)
         task, model, method = spec.task, spec.model, spec.method.name if spec.method else ""
+        status = _read_status(folder)
     except InputError as exc:
         return JobInfo(folder, "", "", "", "invalid", 0, 0, None, str(exc), folder.stat().st_mtime)
-    status_path = folder / STATUS_FILE
-    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
     state = status.get("state", "created" if not (folder / EVENTS_FILE).exists() else "starting")
-    if state in ("starting", "running") and not is_running(folder):
-        state = "interrupted"
     message = status.get("message", "")
-    if state == "interrupted":
-        message = f"the worker stopped at step {status.get('step', 0)}; resume with `peftadapt adapt --resume --output {folder}`"
+    worker = f"the worker (PID {status.get('pid', '?')} on {status.get('host', '?')})"
+    if state in ("starting", "running"):
+        if status.get("host", socket.gethostname()) != socket.gethostname():
+            message = f"{worker} runs on another computer; this one cannot tell whether it still runs"
+        elif not is_running(folder):
+            state = "interrupted"
+            message = (f"{worker} stopped at step {status.get('step', 0)} without finishing; resume with "
+                       f"`peftadapt adapt --resume --output {folder}`")
     return JobInfo(folder, task, model, method, state, int(status.get("step", 0)), int(status.get("steps", 0)),
                    status.get("best_dice"), message, status.get("updated", folder.stat().st_mtime))
+
+
+def _read_status(folder: Path) -> dict:
+    path = folder / STATUS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        status = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        status = None
+    if not isinstance(status, dict):
+        raise InputError(f"{path}: not a status written by the worker (invalid JSON)")
+    return status

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from ..data.formats import image_suffix, stem
 from ..errors import InputError
-from .lock import is_running
+from .files import check_writable, remove
+from .lock import LOCK_FILE, JobLock, JobLocked, is_running
 from .spec import JOB_FILE, CaseSpec, JobSpec, write_spec
 
 INPUTS_DIR = "inputs"
+ADAPTER_DIR = "adapter"  # where the worker writes an adapt job's adapter
 DETACHED = {".nhdr": ".nrrd", ".mhd": ".mha"}  # header + separate data file → one self-contained file
 ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
 
@@ -58,20 +60,31 @@ def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
     return target.relative_to(job_dir).as_posix()
 
 
-def _prepare_folder(job_dir: Path, overwrite: bool) -> None:
+def _check_folder(job_dir: Path, overwrite: bool) -> None:
+    """Refuse (writing nothing) a folder that cannot take this job: not makeable, or holding something that is not
+    an earlier job of ours (the job lock file aside) unless `overwrite` replaces that job."""
     if job_dir.exists() and not job_dir.is_dir():
         raise InputError(f"{job_dir}: exists and is not a folder; choose a job folder path")
-    if job_dir.is_dir() and any(job_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{job_dir}: folder is not empty; choose a new job folder, or resume the job in it")
-        if not (job_dir / JOB_FILE).is_file():
-            raise InputError(f"{job_dir}: not a job folder (no {JOB_FILE}); refusing to overwrite it")
-        if is_running(job_dir):
-            raise InputError(f"{job_dir}: a worker is running this job; cancel it before overwriting")
-        for child in job_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    check_writable(job_dir, "the job folder")
+    if not job_dir.is_dir() or not [c for c in job_dir.iterdir() if c.name != LOCK_FILE]:
+        return
+    if not overwrite:
+        holds = " (it holds a job with its adapter)" if (job_dir / ADAPTER_DIR).exists() else ""
+        raise InputError(f"{job_dir}: folder is not empty{holds}; choose a new job folder, resume the job in it, or "
+                         "replace it (--overwrite)")
+    if not (job_dir / JOB_FILE).is_file():
+        raise InputError(f"{job_dir}: not a job folder (no {JOB_FILE}); refusing to overwrite it")
+
+
+def _lock(job_dir: Path) -> JobLock:
+    """The job lock, held while the job is written: a worker started meanwhile (by an earlier request for this
+    folder) stops with exit code 5 instead of reading a half-written job, and a running job is never replaced."""
     try:
-        (job_dir / INPUTS_DIR).mkdir(parents=True, exist_ok=True)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return JobLock(job_dir).__enter__()
+    except JobLocked:
+        raise InputError(f"{job_dir}: a worker is running this job, or another job is being written into the "
+                         "folder; cancel it (or wait) before replacing it") from None
     except OSError as exc:
         raise InputError(f"{job_dir}: cannot create the job folder ({exc.strerror})") from None
 
@@ -79,23 +92,35 @@ def _prepare_folder(job_dir: Path, overwrite: bool) -> None:
 def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -> Path:
     """Check `request`, copy its inputs into `job_dir/inputs/` and write `job.json`; returns the job folder.
 
-    The folder must be new or empty (`overwrite=True` replaces an earlier job that is not running)."""
+    The folder must be new or empty (`overwrite=True` replaces an earlier job that is not running). It is checked
+    before any input is read, and again under the job lock before anything is written."""
     job_dir = Path(job_dir).expanduser().absolute()
     request.check("request")
+    _check_folder(job_dir, overwrite)
+    if is_running(job_dir):
+        raise InputError(f"{job_dir}: a worker is running this job; cancel it before replacing it")
     check_inputs(request)
-    _prepare_folder(job_dir, overwrite)
+    lock = _lock(job_dir)
     try:
-        roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
-                 for role in ROLES}
-        staged = replace(
-            request, **roles,
-            warm_start=_stage_adapter(request.warm_start, job_dir, "warm_start") if request.warm_start else None,
-            adapter=_stage_adapter(request.adapter, job_dir, "adapter") if request.adapter else None,
-        )
-        write_spec(job_dir, staged)
-    except BaseException:
-        shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)  # a refused request leaves no half-made job
-        raise
+        _check_folder(job_dir, overwrite)  # again: another request may have written a job here meanwhile
+        for child in job_dir.iterdir():
+            if child.name != LOCK_FILE:
+                remove(child)  # links removed, never followed
+        (job_dir / INPUTS_DIR).mkdir()
+        try:
+            roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
+                     for role in ROLES}
+            staged = replace(
+                request, **roles,
+                warm_start=_stage_adapter(request.warm_start, job_dir, "warm_start") if request.warm_start else None,
+                adapter=_stage_adapter(request.adapter, job_dir, "adapter") if request.adapter else None,
+            )
+            write_spec(job_dir, staged)
+        except BaseException:
+            shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)  # a refused request leaves no half-made job
+            raise
+    finally:
+        lock.__exit__(None, None, None)
     return job_dir
 
 
@@ -110,6 +135,10 @@ def check_inputs(request: JobSpec) -> None:
     from ..models.registry import model_card
 
     card = model_card(request.model)
+    patch = request.train.patch_size
+    if patch is not None and len(patch) != card.spatial_dims:
+        raise InputError(f"train.patch_size: {patch} has {len(patch)} entries; model '{card.id}' is "
+                         f"{card.spatial_dims}D")
     labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
                 "predict": False}
     for role in ROLES:

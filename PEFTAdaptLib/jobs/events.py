@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
+
+from .files import open_job_file, write_file
 
 EVENTS_FILE = "events.jsonl"
 STATUS_FILE = "status.json"
@@ -23,11 +26,14 @@ def _clean(value):
 
 
 class EventLog:
+    """The worker's side. `status.json` names the worker's PID and host, so that a front-end can say which process
+    runs (or ran) the job; whether it still runs is told by the job lock (`lock.is_running`)."""
+
     def __init__(self, job_dir: Path, echo: bool = True):
         self.job_dir = job_dir
         self.echo = echo
-        self.status: dict = {"state": "starting"}
-        self._file = open(job_dir / EVENTS_FILE, "a", encoding="utf-8")
+        self.status: dict = {"state": "starting", "pid": os.getpid(), "host": socket.gethostname()}
+        self._file = open_job_file(job_dir / EVENTS_FILE, "a")
 
     def __call__(self, event: dict) -> None:
         event = _clean({"time": round(time.time(), 3), **event})
@@ -55,9 +61,7 @@ class EventLog:
         if kind == "checkpoint":
             status["checkpoint"] = event["path"]
         status["updated"] = event["time"]
-        tmp = self.job_dir / (STATUS_FILE + ".tmp")
-        tmp.write_text(json.dumps(status, indent=1))
-        os.replace(tmp, self.job_dir / STATUS_FILE)
+        write_file(self.job_dir / STATUS_FILE, json.dumps(status, indent=1))
 
     def close(self) -> None:
         self._file.close()
@@ -72,5 +76,10 @@ def read_events(job_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
         handle.seek(offset)
         data = handle.read()
     end = data.rfind(b"\n") + 1
-    events = [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
-    return events, offset + end
+    events = []
+    for line in data[:end].decode("utf-8", errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # not written by a worker (a damaged or edited log): skipped, not a crash
+            continue
+    return [e for e in events if isinstance(e, dict) and "event" in e], offset + end

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import PEFTAdaptError
+from .files import NOFOLLOW, open_job_file
 
 LOCK_FILE = ".lock"
 
@@ -32,15 +33,19 @@ def _try_lock(handle) -> bool:
 
 
 class JobLock:
+    """Held by the worker while it runs a job and by the builder while it writes one; the lock file holds the
+    holder's PID."""
+
     def __init__(self, job_dir: Path):
         self.path = job_dir / LOCK_FILE
         self._handle = None
 
     def __enter__(self) -> "JobLock":
-        self._handle = open(self.path, "a+")
+        self._handle = open_job_file(self.path, "r+")  # a planted link is refused, not truncated
         if not _try_lock(self._handle):
             self._handle.close()
-            raise JobLocked(f"{self.path.parent}: another worker is running this job")
+            raise JobLocked(f"{self.path.parent}: another worker is running this job (or a job is being written "
+                            "into this folder)")
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(str(os.getpid()))
@@ -54,7 +59,9 @@ class JobLock:
 def is_running(job_dir: Path) -> bool:
     """True while a worker holds the job folder's lock."""
     path = Path(job_dir) / LOCK_FILE
-    if not path.is_file():
+    try:
+        fd = os.open(path, os.O_RDWR | NOFOLLOW)
+    except OSError:  # no lock file (never started), or a link: no worker of ours holds it
         return False
-    with open(path, "a+") as handle:
+    with os.fdopen(fd, "r+") as handle:
         return not _try_lock(handle)  # closing releases a lock taken here

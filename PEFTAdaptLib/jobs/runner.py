@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from .files import open_job_file
+
 WORKER_MODULE = "PEFTAdaptLib.worker"
 
 
@@ -43,7 +45,7 @@ class SubprocessRunner:
             info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
             info.wShowWindow = subprocess.SW_HIDE
             options = {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
-        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+        with open_job_file(stdout, "ab") as out, open_job_file(stderr, "ab") as err:
             return subprocess.Popen([self.python, "-m", WORKER_MODULE, *args], cwd=str(cwd), stdout=out, stderr=err,
                                     stdin=subprocess.DEVNULL, env=env, **options)
 

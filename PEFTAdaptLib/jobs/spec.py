@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..methods import DEFAULT_METHOD, Cases, MethodConfig, make_method, method_from_dict
+from .files import write_file
 
 SCHEMA_VERSION = 2
 JOB_FILE = "job.json"
 TASKS = ("adapt", "predict")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: AdamW steps each parameter by about the learning rate: above 1 an adapter is destroyed in one step, and from ~3e37
+#: the optimizer's own arithmetic overflows float32
+MAX_LR = 1.0
 
 
 @dataclass
@@ -55,11 +58,13 @@ class TrainSpec:
         _whole(self.checkpoint_every, "checkpoint_every", 0)
         _whole(self.seed, "seed", 0)
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
-                                    or not math.isfinite(self.lr) or self.lr <= 0):
-            raise InputError(f"train.lr: {self.lr!r} must be a finite number > 0")
+                                    or not math.isfinite(self.lr) or not 0 < self.lr <= MAX_LR):
+            raise InputError(f"train.lr: {self.lr!r} must be a finite number in (0, {MAX_LR:g}] (typically 1e-4 "
+                             "to 1e-2)")
         if self.patch_size is not None:
-            if not isinstance(self.patch_size, list) or len(self.patch_size) != 3:
-                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z)")
+            if not isinstance(self.patch_size, list) or len(self.patch_size) not in (2, 3):
+                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z), or "
+                                 "two (x, y) for a 2D model")
             for size in self.patch_size:
                 _whole(size, "patch_size", 8)
         if self.device not in DEVICES:
@@ -141,12 +146,20 @@ class JobSpec:
 
 
 def write_spec(job_dir: Path, spec: JobSpec) -> Path:
-    """Write job.json atomically (a reader never sees half of it)."""
-    path = job_dir / JOB_FILE
-    tmp = job_dir / (JOB_FILE + ".tmp")
-    tmp.write_text(spec.to_json())
-    os.replace(tmp, path)
-    return path
+    """Write job.json atomically (a reader never sees half of it, a link in the folder is not followed)."""
+    return write_file(job_dir / JOB_FILE, spec.to_json())
+
+
+def changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields that differ between two job descriptions (`train.lr`, `support`…)."""
+    changed = []
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_fields(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def load_job(job_dir: str | Path) -> JobSpec:
@@ -172,10 +185,3 @@ def resolve_input(job_dir: Path, path: str) -> Path:
         raise InputError(f"{path}: relative path escapes the job folder {job_dir}")
     return resolved
 
-
-def inside_job(job_dir: Path, relative: str) -> Path:
-    """An output path, refused unless it resolves (symlinks followed) inside the job folder."""
-    resolved = (job_dir / relative).resolve()
-    if not resolved.is_relative_to(job_dir.resolve()):
-        raise InputError(f"{relative}: output path escapes the job folder {job_dir}")
-    return resolved

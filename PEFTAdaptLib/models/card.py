@@ -8,6 +8,10 @@ from pathlib import Path
 from ..errors import ModelError
 
 
+#: `extra` key of a network that takes only inputs of its patch size (a ViT's position embeddings: UNETR's `img_size`)
+FIXED_INPUT_SIZE = "fixed_input_size"
+
+
 @dataclass
 class LabelInfo:
     value: int
@@ -24,11 +28,11 @@ class ModelCard:
     description: str
     modality: str
     input_channels: int
-    spacing: tuple[float, float, float] | None  # mm; None keeps the image's own spacing (or fits, see fit_to_roi)
-    orientation: str  # DICOM letters as nibabel's canonical "RAS"; "" keeps the image's own
+    spacing: tuple[float, ...] | None  # mm; None keeps the image's own spacing (or fits, see fit_to_roi)
+    orientation: str  # DICOM letters as nibabel's canonical "RAS"; "" keeps the image's own (2D: always kept)
     normalization: dict
-    patch_size: tuple[int, int, int]  # training patch
-    inference_roi: tuple[int, int, int]  # sliding-window ROI
+    patch_size: tuple[int, ...]  # training patch (spatial_dims entries)
+    inference_roi: tuple[int, ...]  # sliding-window ROI (spatial_dims entries)
     labels: list[LabelInfo]  # background (0) first
     license: str
     source: str
@@ -38,6 +42,17 @@ class ModelCard:
     fit_to_roi: bool = False
     citation: str = ""
     extra: dict = field(default_factory=dict)
+    #: 3: volumes; 2: 2D images and single slices of volumes (`data/planar.py`)
+    spatial_dims: int = 3
+
+    def __post_init__(self):
+        if self.spatial_dims not in (2, 3):
+            raise ModelError(f"model card '{self.id}': spatial_dims {self.spatial_dims!r} must be 2 or 3")
+        for key in ("spacing", "patch_size", "inference_roi"):
+            value = getattr(self, key)
+            if value is not None and len(value) != self.spatial_dims:
+                raise ModelError(f"model card '{self.id}': {key} {list(value)} does not have spatial_dims = "
+                                 f"{self.spatial_dims} entries")
 
     @property
     def num_classes(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from .card import LabelInfo, ModelCard
+from .card import FIXED_INPUT_SIZE, LabelInfo, ModelCard
 from .foundation import FoundationModel
 from .network_classes import import_network_class
 from .trust import load_trusted_torchscript, require_trusted
@@ -255,9 +255,14 @@ def _training_patch(folder: Path) -> list[int] | None:
     crops = [t for t in _transforms(config, path, "train") if t["_target_"].rsplit(".", 1)[-1] in TRAINING_CROPS]
     size = _plain(crops[0].get("spatial_size") or crops[0].get("roi_size"), "train crop spatial_size", path) \
         if crops else None
-    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
-        raise ModelError(f"{path}: the training crop size {size!r} is not three integers")
+    if size is not None and not _is_size(size):
+        raise ModelError(f"{path}: the training crop size {size!r} is not two or three integers")
     return size
+
+
+def _is_size(value: Any) -> bool:
+    """A spatial size: two (2D networks) or three integers."""
+    return isinstance(value, list) and len(value) in (2, 3) and all(isinstance(v, int) for v in value)
 
 
 def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
@@ -271,8 +276,13 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
     orientation = _named(transforms, ORIENTATION)
     roi = _expand(config.get("inferer", {}), config, path).get("roi_size") or _input(metadata).get("spatial_shape")
     roi = _plain(roi, "inferer#roi_size", path)
-    if not isinstance(roi, list) or len(roi) != 3 or not all(isinstance(r, int) for r in roi):
-        raise ModelError(f"{path}: key 'inferer#roi_size' is missing or not three integers")
+    if not _is_size(roi):
+        raise ModelError(f"{path}: key 'inferer#roi_size' is missing or not two or three integers")
+    network_def = _expand(config.get("network_def", {}), config, path)
+    declared = network_def.get("spatial_dims", len(roi)) if isinstance(network_def, dict) else len(roi)
+    if declared != len(roi):
+        raise ModelError(f"{path}: 'network_def#spatial_dims' is {declared!r} but 'inferer#roi_size' {roi} has "
+                         f"{len(roi)} entries")
     pixdim = _plain(spacing.get("pixdim"), f"{SPACING}.pixdim", path) if spacing else None
     input_info = _input(metadata)
     return ModelCard(
@@ -290,9 +300,11 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
         license=str(metadata.get("license", metadata.get("copyright", "see the bundle's LICENSE"))),
         source=str(folder),
         version=str(metadata.get("version", "1")),
-        divisible_by=_divisible_by(metadata, config.get("network_def", {})),
+        divisible_by=_divisible_by(metadata, network_def),
         citation="; ".join(metadata.get("references", [])) if isinstance(metadata.get("references"), list) else "",
-        extra={"format": "monai_bundle"},
+        extra={"format": "monai_bundle",
+               **({FIXED_INPUT_SIZE: True} if isinstance(network_def, dict) and "img_size" in network_def else {})},
+        spatial_dims=len(roi),
     )
 
 

@@ -276,7 +276,8 @@ class SceneLogic:
     def jobRequest(self, request: AdaptationRequest, exportFolder: Path) -> JobSpec:
         """The job request for the panel's nodes (exported into `exportFolder`) and settings."""
         method = method_config(request.method, request.budgetPercent, request.rank)
-        labels = labels_from_card(self.card(request.modelId)["labels"])
+        card = self.card(request.modelId)
+        labels = labels_from_card(card["labels"])
         if any(volume is None or segmentation is None for volume, segmentation in request.trainingPairs):
             raise SceneError("every training pair needs a volume and its segmentation")
         pairs = [self._exportCase(exportFolder, f"train{i}", v, s, labels)
@@ -291,7 +292,7 @@ class SceneLogic:
             model=self.modelReference(request.modelId), support=support, audit=audit, source=source,
             predict=targets, method=method,
             train=TrainSpec(steps=request.steps, lr=request.learningRate,
-                            patch_size=[request.patchSize] * 3 if request.patchSize else None,
+                            patch_size=[request.patchSize] * card.get("spatial_dims", 3) if request.patchSize else None,
                             audit_every=request.auditEvery, seed=request.seed, device=request.device),
             warm_start=request.warmStartAdapter,
         )

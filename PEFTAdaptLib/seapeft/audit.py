@@ -33,11 +33,12 @@ def soft_dice(logits: torch.Tensor, label: torch.Tensor, eps: float = 1e-5) -> t
 
 
 class AuditBuffer:
-    """The audit volume(s) whole when their voxels (padded to the network's multiple) fit in `patches` patches,
-    else `patches` patches drawn once, half centred on foreground. `cost` is the buffer's size in patches."""
+    """The audit volume(s) whole when their voxels (padded to the network's multiple) fit in `patches` patches and
+    the network takes any input size (`whole`; not a ViT with fixed position embeddings), else `patches` patches
+    drawn once, half centred on foreground. `cost` is the buffer's size in patches."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], patches: int, seed: int,
-                 device: torch.device | str = "cpu", divisible_by: int = 1):
+                 device: torch.device | str = "cpu", divisible_by: int = 1, whole: bool = True):
         from ..inference import pad_to_multiple
         from ..training import PatchSampler
 
@@ -46,12 +47,12 @@ class AuditBuffer:
         padded = [pad_to_multiple(torch.from_numpy(case.array)[None], divisible_by, float(case.array.min()))
                   for case in cases]
         patch_voxels = math.prod(patch_size)
-        whole = sum(image[0, 0].numel() for image, _ in padded)
-        if whole <= patches * patch_voxels:
+        whole_voxels = sum(image[0, 0].numel() for image, _ in padded)
+        if whole_voxels <= patches * patch_voxels and whole:
             for case, (image, crop) in zip(cases, padded):  # padding is left out of the Dice
                 label = torch.from_numpy(case.label.astype(np.int64))[None]
                 self.batches.append((image.to(self.device), label.to(self.device), (slice(None),) * 2 + crop))
-            self.cost = whole / patch_voxels
+            self.cost = whole_voxels / patch_voxels
             return
         fg, bg = (patches + 1) // 2, patches // 2
         for index, case in enumerate(cases):
@@ -59,7 +60,7 @@ class AuditBuffer:
                 if count and (pos == 0.0 or foreground(case.label).any()):
                     sampler = PatchSampler([case], patch_size, count, pos, seed + 7919 * index + offset)
                     image, label = sampler()
-                    self.batches.append((image.to(self.device), label.to(self.device), (slice(None),) * 5))
+                    self.batches.append((image.to(self.device), label.to(self.device), (slice(None),) * image.ndim))
         self.cost = float(sum(image.shape[0] for image, _, _ in self.batches))
 
     def _pooled(self, network: nn.Module) -> torch.Tensor:

@@ -43,7 +43,8 @@ class SeaPeftConfig:
     #: "none": from the first-order estimates alone
     prior: str = "shallow"
     #: families to pool (those whose adapter kind is not registered yet are skipped) and LoRA ranks
-    families: tuple[str, ...] = ("lora", "convlora", "salt", "adaptformer", "norm_affine", "bitfit", "dense")
+    families: tuple[str, ...] = ("lora", "lora_qv", "convlora", "salt", "adaptformer", "norm_affine", "bitfit",
+                                 "dense")
     lora_ranks: tuple[int, ...] = (1, 2, 4)
     extra: dict = field(default_factory=dict)
 

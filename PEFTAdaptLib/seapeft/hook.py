@@ -23,6 +23,7 @@ from torch import nn
 from ..adapters.base import iter_units
 from ..adapters.shallow import shallow_layers
 from ..errors import PEFTAdaptError
+from ..models.card import FIXED_INPUT_SIZE
 from .allocator import Allocator
 from .audit import AuditBuffer
 from .config import SeaPeftConfig
@@ -65,7 +66,8 @@ class SeaPeftHook:
     def _ensure_buffer(self, context) -> None:
         if self.buffer is None:
             self.buffer = AuditBuffer(context.audit, context.card.patch_size, self.config.audit_patches,
-                                      self.config.seed, context.device, context.card.divisible_by)
+                                      self.config.seed, context.device, context.card.divisible_by,
+                                      not context.card.extra.get(FIXED_INPUT_SIZE))
 
     def _timed(self, phase: str, start: float) -> None:
         self.seconds[phase] += time.monotonic() - start

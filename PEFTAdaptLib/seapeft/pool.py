@@ -3,7 +3,8 @@
 Sites are layers. For a CNN: every Conv/ConvTranspose/Linear (weight sites) and every normalisation layer. For a
 transformer (a model with attention `qkv`/`query`/`key`/`value` projections) the Linear sites are restricted to the
 attention input projections and the MLP layers, as in the reference's `attn_qkv` and `ffn` sites; convolutions
-(patch embedding, decoder) and norms stay sites. Families are built only from the adapter kinds registered in
+(patch embedding, decoder) and norms stay sites. A fused `qkv` projection also takes LoRA on its query and value
+rows alone (`lora_qv`, MED-PEFT's choice for ViTs). Families are built only from the adapter kinds registered in
 `UNIT_TYPES` at call time, so the pool grows with the adapter library.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import PEFTAdaptError
 PREFIX = "sea_"  # unit names inside a layer: sea_<family>_<variant>
 QKV_NAMES = {"qkv", "q", "k", "v", "query", "key", "value", "to_qkv", "to_q", "to_k", "to_v", "in_proj", "qkv_proj",
              "q_proj", "k_proj", "v_proj"}
+FUSED_QKV_NAMES = {"qkv", "to_qkv", "qkv_proj"}  # one Linear for query, key and value rows, in that order
 MLP_NAMES = {"fc1", "fc2", "linear1", "linear2", "lin1", "lin2", "w1", "w2", "up_proj", "down_proj"}
 
 
@@ -28,7 +30,7 @@ class PoolUnit:
     name: str  # "layer::unit", the key of the unit's gate
     site: str  # the layer's module name
     site_kind: str  # conv | conv_transpose | linear | attn_qkv | mlp | norm
-    family: str  # lora | convlora | salt | adaptformer | norm_affine | bitfit | dense
+    family: str  # lora | lora_qv | convlora | salt | adaptformer | norm_affine | bitfit | dense
     kind: str  # the adapter kind in UNIT_TYPES
     unit: str  # the unit's name inside its layer
     rank: int  # LoRA/ConvLoRA rank, SALT residual rank, AdaptFormer bottleneck; 0 where none
@@ -83,7 +85,7 @@ class Family:
     kind: str
     variants: Callable[["SeaPoolOptions"], list[tuple[str, int, object]]]
     sites: tuple[str, ...]
-    accepts: Callable[[nn.Module], bool] = lambda layer: True
+    accepts: Callable[[str, nn.Module], bool] = lambda site, layer: True
 
 
 @dataclass(frozen=True)
@@ -94,19 +96,29 @@ class SeaPoolOptions:
     salt_lora_rank: int = 2
 
 
-def _cubic_kernel(layer: nn.Module) -> bool:
+def _cubic_kernel(site: str, layer: nn.Module) -> bool:
     kernel = layer.weight.shape[2:]
     return len(set(kernel)) == 1 and kernel[0] > 1  # a 1×1 ConvLoRA is LoRA r1: no new function
 
 
+def _fused_qkv(site: str, layer: nn.Module) -> bool:
+    from ..adapters.qkv_lora import is_fused_qkv
+
+    return site.rsplit(".", 1)[-1] in FUSED_QKV_NAMES and is_fused_qkv(layer)
+
+
 def _families() -> list[Family]:
     from ..adapters import (
-        AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, DenseConfig, LoRAConfig, NormAffineConfig, SALTConfig,
+        AdaptFormerConfig, BitFitConfig, ConvLoRAConfig, DenseConfig, LoRAConfig, NormAffineConfig, QKVLoRAConfig,
+        SALTConfig,
     )
 
     weight_sites = ("conv", "conv_transpose", "linear", "attn_qkv", "mlp")
     return [
         Family("lora", "lora", lambda o: [(f"r{r}", r, LoRAConfig(r=r, alpha=r)) for r in o.lora_ranks], weight_sites),
+        Family("lora_qv", "lora_qkv",
+               lambda o: [(f"r{r}", r, QKVLoRAConfig(r=r, alpha=r, parts="qv")) for r in o.lora_ranks], ("attn_qkv",),
+               _fused_qkv),
         Family("convlora", "convlora",
                lambda o: [(f"r{r}", r, ConvLoRAConfig(r=r, alpha=r)) for r in o.convlora_ranks], ("conv",),
                _cubic_kernel),
@@ -121,7 +133,7 @@ def _families() -> list[Family]:
     ]
 
 
-FAMILIES = ("lora", "convlora", "salt", "adaptformer", "norm_affine", "bitfit", "dense")
+FAMILIES = ("lora", "lora_qv", "convlora", "salt", "adaptformer", "norm_affine", "bitfit", "dense")
 
 
 def build_pool(
@@ -149,7 +161,8 @@ def build_pool(
             unit_name = PREFIX + family.name + (f"_{suffix}" if suffix else "")
             for site, kind in sites.items():
                 layer = _base(network, site)
-                if kind not in family.sites or not isinstance(layer, unit_class.layer_types) or not family.accepts(layer):
+                if (kind not in family.sites or not isinstance(layer, unit_class.layer_types)
+                        or not family.accepts(site, layer)):
                     continue
                 cost = unit_class(layer, config).num_trainable()
                 if cost <= 0 or (max_cost is not None and cost > max_cost):

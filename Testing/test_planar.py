@@ -1,0 +1,118 @@
+"""2D images and single slices end to end: a real 2D model (a MONAI bundle trained on real BraTS FLAIR slices),
+real slices of other patients' T1c as PNG, TIFF and single-slice volumes, adaptation and prediction by the real
+worker subprocess through the job client; predictions on each input's own geometry."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import shared
+from planar_model import as_png, as_single_slice, brats_slice, train_bundle
+from PEFTAdaptLib.data.cases import read_case_files
+from PEFTAdaptLib.data.io import same_geometry
+from PEFTAdaptLib.errors import InputError
+from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+from PEFTAdaptLib.methods import make_method
+from PEFTAdaptLib.metrics import hd95
+from PEFTAdaptLib.models.registry import model_card
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return train_bundle(tmp_path_factory.mktemp("bundle") / "brats-2d")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = {}
+    for patient in (3, 4, 6):  # a folder each: Slicer's reader takes numbered names in one folder as a series
+        folder = tmp_path_factory.mktemp(f"patient{patient}")
+        image, label = brats_slice(patient, "T1c")
+        out[patient] = {"png": as_png(image, folder / f"p{patient}.png"),
+                        "tif": folder / f"p{patient}.tif", "label_png": folder / f"p{patient}_label.png",
+                        "slice": as_single_slice(image, folder / f"p{patient}_slice.nii.gz"),
+                        "label_slice": as_single_slice(label, folder / f"p{patient}_slice_label.nii.gz")}
+        sitk.WriteImage(image, str(out[patient]["tif"]))
+        out[patient]["dcm"] = folder / f"p{patient}.dcm"  # a DICOM file, as a CR/DX radiograph comes
+        sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(image, 0, 4000), sitk.sitkInt16), str(out[patient]["dcm"]))
+        sitk.WriteImage(label, str(out[patient]["label_png"]))
+    return out
+
+
+def test_a_2d_image_adapts_and_predicts_on_its_own_geometry(model, files, tmp_path):
+    client = JobClient(tmp_path)
+    predict = [CaseSpec([str(files[6][kind])]) for kind in ("png", "slice", "tif", "dcm")]
+    job = client.submit(JobSpec(
+        model=str(model), support=[CaseSpec([str(files[3]["png"])], str(files[3]["label_png"]))],
+        audit=[CaseSpec([str(files[4]["slice"])], str(files[4]["label_slice"]))], predict=predict,
+        method=make_method("lora", rank=2),
+        train=TrainSpec(steps=6, lr=3e-3, patches_per_step=2, audit_every=3, seed=1, device="cpu")))
+    state = job.wait(timeout=300)
+    assert state.outcome == "finished", state.message
+    started = next(e for e in job.events if e["event"] == "started")
+    assert started["trainable"] > 0
+    paths = job.prediction_paths()
+    assert [p.suffix for p in paths] == [".png", ".gz", ".tif", ".nrrd"]  # a label map is no DICOM image
+    for case, path in zip(predict, paths):
+        written, original = sitk.ReadImage(str(path)), sitk.ReadImage(case.images[0])
+        assert written.GetDimension() == original.GetDimension()
+        assert same_geometry(written, original)  # the single slice keeps its origin, 0.9 mm spacing and 3 mm depth
+        assert set(np.unique(sitk.GetArrayViewFromImage(written))) <= {0, 1}
+    arrays = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))).squeeze() for p in paths]
+    # a predict job with the adapter reproduces the single slice's prediction
+    again = client.submit(JobSpec(model=str(model), task="predict", predict=predict[1:2],
+                                  adapter=str(job.adapter_folder), train=TrainSpec(device="cpu")))
+    assert again.wait(timeout=300).outcome == "finished", again.state.message
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(again.prediction_paths()[0]))).squeeze() == arrays[1]).all()
+
+
+def test_a_volume_for_a_2d_model_and_a_slice_for_a_3d_model_are_refused_by_name(model, files):
+    card = model_card(str(model))
+    volume = shared("brats/brats_2013_pat0003_1/T1c_subtrMeanDivStd.nii.gz")
+    with pytest.raises(InputError, match=r"T1c_subtrMeanDivStd.nii.gz: image is a volume .* is 2D"):
+        read_case_files([volume], card)
+    with pytest.raises(InputError, match=r"p3.png: image has size \(240, 240\); model 'deepbet-brain' is 3D"):
+        read_case_files([files[3]["png"]], model_card("deepbet-brain"))
+    with pytest.raises(InputError, match=r"train.patch_size: \[32, 32, 32\] has 3 entries; model .* is 2D"):
+        JobClient(files[3]["png"].parent).create(JobSpec(
+            model=str(model), support=[CaseSpec([str(files[3]["png"])], str(files[3]["label_png"]))],
+            method=make_method("lora", rank=2), train=TrainSpec(patch_size=[32, 32, 32])))
+
+
+def test_hd95_of_a_single_slice_is_measured_in_its_plane():
+    disc = np.zeros((40, 40), bool)
+    disc[10:30, 10:30] = True
+    shifted = np.roll(disc, 3, axis=0)
+    planar = hd95(shifted, disc, (1.0, 1.0))
+    assert planar == pytest.approx(3.0)
+    assert hd95(shifted[:, :, None], disc[:, :, None], (1.0, 1.0, 5.0)) == pytest.approx(planar)
+
+
+def test_a_single_slice_adapts_in_the_slicer_scene_and_imports_a_segmentation(model, files, tmp_path):
+    """Slicer holds a radiograph or a slice as a single-slice volume: the scene logic exports it, the 2D model adapts
+    on it, and the target's segmentation comes back on the target's geometry."""
+    from slicer_scene import load_segmentation, load_volume, new_scene
+
+    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic
+
+    logic = SceneLogic(new_scene(), JobClient(tmp_path / "jobs"))
+    card = logic.registerModelFolder(str(model))
+    assert card["spatial_dims"] == 2
+
+    def pair(patient):
+        volume = load_volume(logic.scene, files[patient]["slice"], f"T1c {patient}")
+        return volume, load_segmentation(logic.scene, files[patient]["label_slice"], volume, f"tumour {patient}",
+                                         "whole tumour")
+
+    target = load_volume(logic.scene, files[6]["slice"], "T1c 6")
+    run = logic.startAdaptation(AdaptationRequest(
+        modelId=card["id"], trainingPairs=[pair(3)], auditPair=pair(4), targetVolumes=[target], method="lora",
+        rank=2, steps=4, patchSize=32, device="cpu", seed=1, auditEvery=2, learningRate=3e-3))
+    assert run.wait(300).outcome == "finished", run.state.message
+    [segmentation] = run.importResults()
+    assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "whole tumour"
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is target
+    [prediction] = run.job.prediction_paths()
+    written = sitk.ReadImage(str(prediction))
+    assert written.GetSize() == (240, 240, 1) and same_geometry(written, sitk.ReadImage(str(files[6]["slice"])))
