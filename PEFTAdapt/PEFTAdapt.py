@@ -152,6 +152,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None  # the SceneRun the panel follows
+        self._checkedRun = None  # the last run whose segmentation came in: "Next slice to check" walks its ranking
         self._runIsSegmentation = False
         self._cancelRequested = False
         self._rankMethod = None  # the method whose ranks the rank combo box lists
@@ -191,6 +192,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadModelFolderButton.connect("clicked(bool)", self.onLoadModelFolder)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.readaptButton.connect("clicked(bool)", self.onReadapt)
+        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.loadAdapterButton.connect("clicked(bool)", self.onLoadAdapter)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
@@ -236,6 +238,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The scene's nodes are about to go: stop following the run (cancelling it only if its worker still runs)
         and let go of every node of the closing scene."""
         self._stopFollowing()
+        self._checkedRun = None
         self.setParameterNode(None)
         self.plotWidget.setMRMLPlotViewNode(None)
         self.allocationPlotWidget.setMRMLPlotViewNode(None)
@@ -332,6 +335,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = bool(p and p.targetVolume) and not running
         self.ui.readaptButton.enabled = bool(p and p.adapterFolder and method_class(p.method).warm_startable) \
             and not running
+        self.ui.nextSliceButton.enabled = self._checkedRun is not None and not running
 
     # -- widgets → parameter node ---------------------------------------------------------------------------------
     def onModelSelected(self, index) -> None:
@@ -380,6 +384,13 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.useCorrectedForTraining and p.outputSegmentation and p.targetVolume:
             self.logic.addTrainingPair(p, p.targetVolume, p.outputSegmentation)
         self._start(warmStart=True)
+
+    def onNextSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to move to the next slice."), waitCursor=True):
+            found = self._checkedRun.nextSliceToCheck()
+            self.ui.statusLabel.text = _("Every ranked slice was shown.") if found is None else \
+                _("{volume}: axial slice {index}, where the model is least sure. Correct it, then Re-adapt.").format(
+                    volume=found[0].GetName(), index=found[2])
 
     def _start(self, warmStart: bool) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start adaptation."), waitCursor=True):
@@ -433,6 +444,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
                     segmentation = self.logic.importResults(self._parameterNode, run, self._runIsSegmentation)
                     if segmentation is not None:
+                        self._checkedRun = run  # its uncertainty ranking drives "Next slice to check"
                         self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
                         self.ui.segmentEditorWidget.setSourceVolumeNode(self._parameterNode.targetVolume)
             elif not self._cancelRequested:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 CLI_TRACEBACK = "cli-traceback.txt"
 #: `adapt` options that describe the job, which a resume therefore refuses (it continues the job as written)
-JOB_OPTIONS = ("train", "target", "audit", "source", "predict", "method", "rank", "budget", "model")
+JOB_OPTIONS = ("train", "annotated", "slices", "target", "audit", "source", "predict", "method", "rank", "budget",
+               "model")
 #: `adapt` options that set the TrainSpec field of the same name (unset: TrainSpec's default)
 TRAIN_OPTIONS = ("steps", "lr", "patch_size", "patches_per_step", "audit_every", "checkpoint_every", "seed", "device")
 
@@ -66,12 +68,38 @@ def follow(job, description: str):
         progress.close()
 
 
-def _case(values: Sequence[str], labelled: bool = True):
+def _case(values: Sequence[str], labelled: bool = True, annotated: str | None = None):
     from .jobs import CaseSpec
 
     image, label = (values if labelled else (values, None))
     return CaseSpec([str(Path(p).expanduser().resolve()) for p in image.split(",")],
-                    str(Path(label).expanduser().resolve()) if label else None)
+                    str(Path(label).expanduser().resolve()) if label else None,
+                    annotated=str(Path(annotated).expanduser().resolve()) if annotated else None)
+
+
+class SparseOption(argparse.Action):
+    """`--annotated MASK` / `--slices PLANE:I,J,…` belong to the `--train` before them."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not namespace.train:
+            parser.error(f"{option_string} follows the --train IMAGE LABEL it belongs to")
+        sparse = dict(getattr(namespace, "sparse", None) or {})
+        if len(namespace.train) - 1 in sparse:
+            parser.error(f"{option_string}: one --annotated or --slices per --train")
+        sparse[len(namespace.train) - 1] = (self.dest, value)
+        namespace.sparse = sparse
+        setattr(namespace, self.dest, value)
+
+
+def _annotated(args: argparse.Namespace, index: int, scratch: Path | None) -> str | None:
+    """The mask file of the index-th --train case: given, or made from its slice list in `scratch`."""
+    from .data.sparse import write_slice_mask
+
+    kind, value = (getattr(args, "sparse", None) or {}).get(index, (None, None))
+    if kind == "slices":
+        image = args.train[index][0].split(",")[0]
+        return str(write_slice_mask(image, value, scratch / f"train{index}_annotated.nii.gz"))
+    return value
 
 
 def _patch_size(text: str) -> list[int]:
@@ -85,8 +113,9 @@ def _patch_size(text: str) -> list[int]:
     return sizes * 3 if len(sizes) == 1 else sizes
 
 
-def adapt_request(args: argparse.Namespace):
-    """The job request the arguments describe (validated: a bad combination fails here, naming the option)."""
+def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
+    """The job request the arguments describe (validated: a bad combination fails here, naming the option); masks
+    made from slice lists are written into `scratch`."""
     from .jobs import JobSpec, TrainSpec
     from .methods import DEFAULT_METHOD, Budget, make_method
     from .models.registry import DEFAULT_MODEL
@@ -98,7 +127,8 @@ def adapt_request(args: argparse.Namespace):
     method = make_method(args.method or DEFAULT_METHOD, **{k: v for k, v in fields.items() if v is not None})
     return JobSpec(
         model=args.model or DEFAULT_MODEL,
-        support=[_case(v) for v in args.train or []] + [_case(v, labelled=False) for v in args.target or []],
+        support=[_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train or [])]
+        + [_case(v, labelled=False) for v in args.target or []],
         audit=[_case(v) for v in args.audit or []],
         source=[_case(v) for v in args.source or []],
         predict=[_case(v, labelled=False) for v in args.predict or []],
@@ -154,7 +184,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     else:
         if not args.train and not args.target:
             raise InputError("adapt needs --train IMAGE LABEL (or --target IMAGE for label-free methods)")
-        job = client.submit(adapt_request(args), folder, overwrite=args.overwrite)
+        with tempfile.TemporaryDirectory() as scratch:  # the job folder keeps its own copy of every input
+            job = client.submit(adapt_request(args, Path(scratch)), folder, overwrite=args.overwrite)
     follow(job, "adapting")
     return report(job)
 
@@ -284,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"(default: {DEFAULT_MODEL})")
     adapt.add_argument("--train", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="an annotated training case (repeatable); channels comma-separated")
+    adapt.add_argument("--annotated", action=SparseOption, metavar="MASK",
+                       help="the --train case before it is annotated only where MASK is 1 (sparse: e.g. the slices "
+                            "you corrected); MASK on the image's grid")
+    adapt.add_argument("--slices", action=SparseOption, metavar="PLANE:I,J,…",
+                       help="the --train case before it is annotated only on these slices (axial, coronal, sagittal "
+                            "or an index axis 0/1/2; indices on the image's grid), e.g. axial:12,40,77")
     adapt.add_argument("--audit", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="a held-out annotated case whose Dice decides whether the adapted model is better "
                             "(repeatable; for label-free, evaluation only)")

@@ -51,8 +51,12 @@ def predict_probabilities(
 def predict_case(network: nn.Module, case: Case, card: ModelCard, device="cpu") -> tuple[np.ndarray, sitk.Image]:
     """Return (label array on the model grid, label image on the user's grid with the input's geometry)."""
     probs = predict_probabilities(network, case.array, card, device)
-    model_label = probs.argmax(0).astype(np.uint8)
+    return probs.argmax(0).astype(np.uint8), user_grid_prediction(probs, case, card)[2]
+
+
+def user_grid_prediction(probs: np.ndarray, case: Case, card: ModelCard) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
+    """(class probabilities on the user's grid — its plane for a 2D model —, the label values there, the label image
+    with the input's geometry) from model-grid probabilities."""
     user_probs = probabilities_onto_grid(probs, case.model_image, user_grid(case.image, card.spatial_dims))
-    values = np.array([label.value for label in card.labels], dtype=np.uint8)
-    user_label = on_grid_of(values[user_probs.argmax(0)], case.image)
-    return model_label, user_label
+    values = np.array([label.value for label in card.labels], dtype=np.uint8)[user_probs.argmax(0)]
+    return user_probs, values, on_grid_of(values, case.image)

@@ -11,9 +11,9 @@ from .adapters import load_adapters
 from .data.cases import load_case
 from .data.io import write_image
 from .data.transforms import to_array
-from .inference import predict_case
 from .metrics import dice, hd95
 from .models.foundation import FoundationModel
+from .uncertainty import predict_with_uncertainty
 
 ImagePaths = Sequence[str | Path]
 
@@ -21,10 +21,13 @@ ImagePaths = Sequence[str | Path]
 def predict_file(
     model: FoundationModel, images: ImagePaths, output_path: str | Path, device: str = "cpu"
 ) -> tuple[Path, sitk.Image]:
-    """Segment one volume and write the label map with the input image's geometry."""
+    """Segment one volume and write the label map with the input image's geometry, its uncertainty map(s) and slice
+    ranking beside it (uncertainty.py)."""
     case = load_case(images, model.card, locate=model.locate)
-    _, label = predict_case(model.network, case, model.card, device)
-    return write_image(label, output_path), label
+    label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device)
+    path = write_image(label, output_path)
+    uncertainty.write(path, case.image)
+    return path, label
 
 
 def with_adapter(model: FoundationModel, adapter_dir: str | Path | None) -> FoundationModel:

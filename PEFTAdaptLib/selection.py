@@ -31,15 +31,24 @@ class AuditCounts:
     cases: list[np.ndarray]
 
     @staticmethod
-    def measure(prediction: np.ndarray, reference: np.ndarray, classes: int, units: int = UNITS) -> np.ndarray:
-        """Counts of one case from its predicted and reference class-index volumes (..., z)."""
-        depth = prediction.shape[-1]
-        edges = np.linspace(0, depth, min(units, depth) + 1).round().astype(int)
+    def measure(prediction: np.ndarray, reference: np.ndarray, classes: int, units: int = UNITS,
+                annotated: np.ndarray | None = None) -> np.ndarray:
+        """Counts of one case from its predicted and reference class-index volumes (x, y, z). With `annotated`
+        (a sparse reference) only those voxels count, and the slabs divide the annotated planes; when they lie in
+        one plane, the slabs run along the first axis instead (a single slice still gives several units)."""
+        if annotated is None:
+            annotated = np.ones(prediction.shape, bool)
+        planes = np.flatnonzero(annotated.any(axis=(0, 1)))
+        if len(planes) == 1:
+            prediction, reference, annotated = (np.moveaxis(a, 0, -1) for a in (prediction, reference, annotated))
+            planes = np.flatnonzero(annotated.any(axis=(0, 1)))
+        edges = np.linspace(0, len(planes), min(units, len(planes)) + 1).round().astype(int)
         counts = np.zeros((len(edges) - 1, classes - 1, 3), dtype=np.int64)
         for u, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-            p, r = prediction[..., a:b], reference[..., a:b]
+            where = planes[a:b]
+            p, r, m = prediction[..., where], reference[..., where], annotated[..., where]
             for c in range(1, classes):
-                pc, rc = p == c, r == c
+                pc, rc = (p == c) & m, (r == c) & m
                 counts[u, c - 1] = (np.count_nonzero(pc & rc), np.count_nonzero(pc), np.count_nonzero(rc))
         return counts
 

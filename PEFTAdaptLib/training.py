@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from monai.transforms import RandCropByPosNegLabeld
 from monai.transforms.utils import map_binary_to_indices
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from .adapters import freeze_base, iter_units, parameter_groups
 from .data.augment import Augmentation, AugmentationConfig
 from .data.cases import Case
+from .data.sparse import UNANNOTATED, annotated, foreground, is_sparse
 from .data.transforms import pad_to_size
 from .errors import PEFTAdaptError
 from .inference import predict_probabilities
@@ -53,7 +54,8 @@ def _random_state_from_json(state: list) -> tuple:
 
 class PatchSampler:
     """Random patches, half centred on foreground, via MONAI's RandCropByPosNegLabeld (seeded). A case smaller than
-    the patch is padded (image with its minimum, the normalised background; label with background)."""
+    the patch is padded (image with its minimum, the normalised background; label with background). Patches are
+    centred on annotated voxels only, so a sparsely annotated case gives patches its loss can use."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int):
         self.cases = [(pad_to_size(c.array, patch_size, float(c.array.min())), pad_to_size(c.label, patch_size, 0))
@@ -66,7 +68,7 @@ class PatchSampler:
         )
         self.crop.set_random_state(seed=seed)
         # foreground/background voxel indices once per case, not at every draw (it dominated a GPU step)
-        self.indices = [map_binary_to_indices(label > 0) for _, label in self.cases]
+        self.indices = [map_binary_to_indices(foreground(label), annotated(label)) for _, label in self.cases]
 
     def state_dict(self) -> dict:
         return {"chooser": self.rng.bit_generator.state,
@@ -100,14 +102,33 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class MaskedDiceCE:
+    """Dice + cross-entropy over the annotated voxels only (label `UNANNOTATED` elsewhere): unannotated voxels enter
+    neither term, so they get no gradient. On a fully annotated patch it equals MONAI's
+    `DiceCELoss(to_onehot_y=True, softmax=True)`."""
+
+    def __init__(self):
+        self.dice = DiceLoss()
+
+    def __call__(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        mask = label != UNANNOTATED
+        target = torch.where(mask, label, 0).long()
+        weight = mask.float()
+        cross_entropy = nn.functional.cross_entropy(logits, target[:, 0], reduction="none")
+        cross_entropy = (cross_entropy * weight[:, 0]).sum() / weight.sum().clamp(min=1)
+        probabilities = torch.softmax(logits, dim=1) * weight
+        onehot = torch.zeros_like(probabilities).scatter_(1, target, 1.0) * weight
+        return self.dice(probabilities, onehot) + cross_entropy
+
+
 class SupervisedObjective:
-    """Dice + cross-entropy on random, augmented patches of the annotated support volumes."""
+    """Dice + cross-entropy on random, augmented patches of the annotated voxels of the support volumes."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int,
                  augmentation: AugmentationConfig | None = None):
         self.sampler = PatchSampler(cases, patch_size, count, pos_fraction, seed)
         self.augment = Augmentation(augmentation or AugmentationConfig(), seed)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = MaskedDiceCE()
 
     def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor:
         image, label = self.augment(*self.sampler())
@@ -145,9 +166,12 @@ class Scorer(Protocol):
 
 
 def audit_counts(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> AuditCounts:
-    """Per-slab overlap and volume counts of every audit case's prediction (whole volumes, model grid)."""
+    """Per-slab overlap and volume counts of every audit case's prediction (whole volumes, model grid; of a sparse
+    case, its annotated voxels only)."""
     return AuditCounts([AuditCounts.measure(predict_probabilities(network, case.array, card, device).argmax(0),
-                                            case.label[0], card.num_classes) for case in cases])
+                                            case.label[0], card.num_classes,
+                                            annotated=annotated(case.label[0]) if is_sparse(case.label) else None)
+                        for case in cases])
 
 
 def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:

@@ -24,7 +24,6 @@ from .data.formats import label_suffix
 from .data.holdout import split_for_audit
 from .data.io import read_image, write_image
 from .errors import InputError, ModelError, PEFTAdaptError
-from .inference import predict_case
 from .jobs.client import (
     ADAPTER_DIR, CANCEL_FILE, EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED,
 )
@@ -36,6 +35,7 @@ from .methods import BuildContext, Cases, Plan
 from .models.foundation import FoundationModel
 from .models.registry import load_model
 from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged
+from .uncertainty import companion_paths, predict_with_uncertainty
 
 TRACEBACK_FILE = "traceback.txt"
 PREDICTIONS_DIR = "predictions"
@@ -132,7 +132,8 @@ class Run:
         for spec in specs:
             images = [resolve_input(self.job_dir, p) for p in spec.images]
             label = resolve_input(self.job_dir, spec.label) if labelled and spec.label else None
-            cases.append(load_case(images, model.card, label, model.locate))
+            annotated = resolve_input(self.job_dir, spec.annotated) if label and spec.annotated else None
+            cases.append(load_case(images, model.card, label, model.locate, annotated))
         return cases
 
     def predict_inputs(self, spec: JobSpec) -> list[list[Path]]:
@@ -265,12 +266,14 @@ class Run:
             if self.should_stop():
                 return False
             case = load_case(images, model.card, locate=model.locate)
-            _, label = predict_case(model.network, case, model.card, device)
+            label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device)
             path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / output_name(case_spec, names)
-            remove(path)  # an earlier prediction, or a link planted since the start: never written through
+            for written in (path, *companion_paths(path).values()):
+                remove(written)  # an earlier prediction, or a link planted since the start: never written through
             write_image(label, path)
+            extra = {kind: str(p.relative_to(self.job_dir)) for kind, p in uncertainty.write(path, case.image).items()}
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
-                       "path": str(path.relative_to(self.job_dir)), "index": index})
+                       "path": str(path.relative_to(self.job_dir)), "index": index, **extra})
         return True
 
 

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..models.card import ModelCard
 from .io import read_image, read_label, same_geometry
 from .planar import check_dimensions, user_grid
+from .sparse import read_annotated, with_unannotated
 from .transforms import normalize_intensity, onto_grid, to_array, to_model_space
 
 
@@ -21,17 +22,22 @@ class Case:
     image: sitk.Image  # first channel on the user's grid: the geometry predictions are written with
     model_image: sitk.Image  # first channel on the model's grid: the geometry of `array`
     array: np.ndarray  # (C, x, y, z) float32, normalised ((C, x, y) for a 2D model)
-    label: np.ndarray | None = None  # (1, x, y, z) uint8 class indices (card.labels order) on the model's grid
+    #: (1, x, y, z) uint8 class indices (card.labels order) on the model's grid; UNANNOTATED (data/sparse.py) where
+    #: a sparse label does not count
+    label: np.ndarray | None = None
     label_image: sitk.Image | None = None  # label on the user's grid (for evaluation)
 
 
 def prepare_case(
-    name: str, channels: Sequence[sitk.Image], card: ModelCard, label: sitk.Image | None = None, locate=None
+    name: str, channels: Sequence[sitk.Image], card: ModelCard, label: sitk.Image | None = None, locate=None,
+    annotated: sitk.Image | None = None,
 ) -> Case:
     """Move images (and label) to the model's grid and normalise intensities as the card says.
 
     `locate` (a FoundationModel's) finds the box a `fit_to_roi` model frames; None falls back to an Otsu head box.
     A 2D model sees single slices as planes (`planar.py`).
+    `annotated` (a mask on the label's grid) marks the voxels whose label counts; the others become `UNANNOTATED`
+    (nearest neighbour: a model voxel counts when the label value it takes came from an annotated voxel).
     """
     if len(channels) != card.input_channels:
         raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {card.input_channels}")
@@ -51,6 +57,13 @@ def prepare_case(
         for index, info in enumerate(card.labels):
             lookup[info.value] = index
         label_array = lookup[np.clip(values, 0, len(lookup) - 1)][None]
+        if annotated is not None:
+            mask = to_array(onto_grid(user_grid(annotated, card.spatial_dims), model_image, is_label=True),
+                            np.uint8) > 0
+            if not mask.any():
+                raise InputError(f"{name}: no annotated voxel reaches the model's grid (its slices fall between the "
+                                 "model's samples); annotate more slices")
+            label_array = with_unannotated(label_array, mask[None])
     return Case(name, channels[0], model_image, array, label_array, label)
 
 
@@ -73,9 +86,11 @@ def read_case_files(
 
 
 def load_case(
-    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None, locate=None
+    image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None, locate=None,
+    annotated_path: str | Path | None = None,
 ) -> Case:
-    """Read a case from files onto the model's grid."""
+    """Read a case from files onto the model's grid (`annotated_path`: the mask of the label's annotated voxels)."""
     paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
     channels, label = read_case_files(paths, card, label_path)
-    return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label, locate)
+    annotated = read_annotated(annotated_path, channels[0], paths[0]) if annotated_path is not None else None
+    return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label, locate, annotated)

@@ -182,9 +182,9 @@ class JobClient:
         spec = load_job(previous)
         if not (previous / ADAPTER_DIR / "adapter.json").is_file():
             raise InputError(f"{previous}: has no adapter to continue from (did the job finish?)")
-        absolute = lambda cases: [replace(c, images=[str(resolve_input(previous, p)) for p in c.images],  # noqa: E731
-                                          label=str(resolve_input(previous, c.label)) if c.label else None)
-                                  for c in cases]
+        found = lambda path: str(resolve_input(previous, path)) if path else None  # noqa: E731
+        absolute = lambda cases: [replace(c, images=[found(p) for p in c.images], label=found(c.label),  # noqa: E731
+                                          annotated=found(c.annotated)) for c in cases]
         return replace(spec, support=absolute(spec.support) + list(corrected), audit=absolute(spec.audit),
                        source=absolute(spec.source), predict=absolute(spec.predict),
                        warm_start=str(previous / ADAPTER_DIR), **changes)

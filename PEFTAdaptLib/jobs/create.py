@@ -44,7 +44,8 @@ def _stage_file(source: str, job_dir: Path, name: str) -> str:
 def _stage_case(case: CaseSpec, job_dir: Path, prefix: str) -> CaseSpec:
     images = [_stage_file(p, job_dir, f"{prefix}_image{c}") for c, p in enumerate(case.images)]
     label = _stage_file(case.label, job_dir, f"{prefix}_label") if case.label else None
-    return CaseSpec(images, label, case.name or stem(case.images[0]))
+    annotated = _stage_file(case.annotated, job_dir, f"{prefix}_annotated") if case.annotated else None
+    return CaseSpec(images, label, case.name or stem(case.images[0]), annotated)
 
 
 def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
@@ -130,6 +131,7 @@ def check_inputs(request: JobSpec) -> None:
     """Read every input as the worker will (model card known, files named as the user gave them), so that a bad
     file is refused in one line before a job folder exists."""
     from ..data.cases import read_case_files
+    from ..data.sparse import read_annotated
     from ..models.registry import model_card
 
     card = model_card(request.model)
@@ -141,4 +143,6 @@ def check_inputs(request: JobSpec) -> None:
                 "predict": False}
     for role in ROLES:
         for case in getattr(request, role):
-            read_case_files(case.images, card, case.label if labelled[role] else None)
+            channels, _ = read_case_files(case.images, card, case.label if labelled[role] else None)
+            if case.annotated and labelled[role]:
+                read_annotated(case.annotated, channels[0], case.images[0])

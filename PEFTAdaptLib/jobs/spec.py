@@ -25,10 +25,14 @@ class CaseSpec:
     images: list[str]  # one path per input channel; absolute, or relative to the job folder
     label: str | None = None
     name: str = ""  # shown to the user; predictions are named after it
+    annotated: str | None = None  # mask of the label's annotated voxels (sparse supervision); None: all of them
 
     def __post_init__(self):
         if not self.images or not all(isinstance(p, str) and p for p in self.images):
             raise InputError(f"case {self.name or self.images!r}: needs at least one image path")
+        if self.annotated is not None and not self.label:
+            raise InputError(f"case {self.name or self.images[0]!r}: an annotated-voxel mask needs its label (field "
+                             "'annotated')")
 
 
 def _whole(value, name: str, minimum: int) -> None:

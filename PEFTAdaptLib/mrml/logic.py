@@ -7,19 +7,28 @@ its scene and a PythonSlicer runner; tests a slicer-core scene and this interpre
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..jobs import ADAPTER_DIR, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec, load_job
 from ..jobs.spec import resolve_input
 from ..methods import DEFAULT_METHOD, Budget, make_method, method_class
 from .monitor import AdaptationMonitor
+from ..uncertainty import companion_paths
 from .scene_io import (
-    SceneError, import_prediction, labels_from_card, read_volume, write_segmentation_as_labelmap, write_volume,
+    SceneError, import_overlay, import_prediction, labels_from_card, read_volume, show_voxel,
+    write_segmentation_as_labelmap, write_volume,
 )
 
 EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactly as the nodes hold it
+#: segmentation-node attributes: the prediction file the node was imported from, and the slices the user marked as
+#: checked (JSON [[axis, index], …], IJK of its volume). A training pair whose segmentation started from a
+#: prediction trains on the slices that differ from it, and on the marked ones (sparse supervision, data/sparse.py)
+STARTED_FROM, CHECKED_SLICES = "PEFTAdapt.startedFrom", "PEFTAdapt.checkedSlices"
 _TRAIN_DEFAULTS = TrainSpec()
 
 
@@ -68,6 +77,8 @@ class SceneRun:
         self.logic, self.job, self.modelId, self.volumes, self.label = logic, job, modelId, volumes, label
         self.monitor = AdaptationMonitor(logic.scene, f"PEFTAdapt {job.folder.name}")
         self.log = log or (lambda line: None)
+        self.uncertaintyNodes: list = []  # the imported uncertainty maps (colour overlays of the slice views)
+        self.shownSlices: set[tuple[str, int]] = set()  # by nextSliceToCheck
 
     @property
     def jobDir(self) -> Path:
@@ -94,15 +105,37 @@ class SceneRun:
         self.job.wait(timeoutSeconds, interval, on_events=lambda events: [self.monitor.handle(e) for e in events])
         return self.job.state
 
+    def nextSliceToCheck(self, plane: str = "axial") -> tuple | None:
+        """Move the slice views to the slice of the first prediction where a correction is expected to help most
+        and that this run has not shown yet: (volume, IJK axis, slice index), or None when every ranked slice was
+        shown. The views centre on that slice's most uncertain voxel."""
+        paths = self.job.prediction_paths()
+        if not paths or not self.volumes:
+            return None
+        ranking = json.loads(companion_paths(paths[0])["slices"].read_text())["planes"][plane]
+        for entry in ranking["slices"]:
+            if (plane, entry["index"]) not in self.shownSlices:
+                self.shownSlices.add((plane, entry["index"]))
+                show_voxel(self.logic.scene, self.volumes[0], entry["at"])
+                return self.volumes[0], ranking["axis"], entry["index"]
+        return None
+
     def importResults(self, segmentationNode=None) -> list:
         """Segmentation nodes for the predicted volumes (the model's names, colours, terminology; the volume's
         geometry); `segmentationNode` is reused for the first one."""
         labels = labels_from_card(self.logic.card(self.modelId)["labels"])
         nodes = []
         for volume, path in zip(self.volumes, self.job.prediction_paths()):
-            nodes.append(import_prediction(self.logic.scene, path, volume, labels,
-                                           f"{volume.GetName()} {self.label}", segmentationNode))
+            node = import_prediction(self.logic.scene, path, volume, labels, f"{volume.GetName()} {self.label}",
+                                     segmentationNode)
+            node.SetAttribute(STARTED_FROM, str(path))  # a correction of it trains on the slices it changes
+            node.RemoveAttribute(CHECKED_SLICES)
+            nodes.append(node)
             segmentationNode = None
+            uncertainty = companion_paths(path)["uncertainty"]
+            if uncertainty.is_file():
+                self.uncertaintyNodes.append(import_overlay(self.logic.scene, uncertainty,
+                                                            f"{volume.GetName()} uncertainty"))
         return nodes
 
 
@@ -199,11 +232,46 @@ class SceneLogic:
         if volume is None:
             raise SceneError(f"{name}: a volume is needed")
         image = write_volume(volume, folder / f"{name}_image{EXPORT_SUFFIX}")
-        label = None
+        label = annotated = None
         if segmentation is not None:
             label = write_segmentation_as_labelmap(segmentation, volume, labels,
                                                    folder / f"{name}_label{EXPORT_SUFFIX}")
-        return CaseSpec([str(image)], str(label) if label else None, volume.GetName())
+            annotated = self._correctedSlices(segmentation, label, folder / f"{name}_annotated{EXPORT_SUFFIX}")
+        return CaseSpec([str(image)], str(label) if label else None, volume.GetName(),
+                        str(annotated) if annotated else None)
+
+    @staticmethod
+    def _correctedSlices(segmentation, label: Path, target: Path) -> Path | None:
+        """The annotated-voxel mask of a corrected prediction: the whole slices where the exported label differs
+        from the prediction the node was imported from, plus the slices marked as checked; None for a segmentation
+        that did not start from a prediction (all of it counts)."""
+        import SimpleITK as sitk
+
+        from ..data.io import same_geometry, write_image
+        from ..data.sparse import touched_slices
+        from ..data.transforms import from_array, onto_grid, to_array
+
+        started = segmentation.GetAttribute(STARTED_FROM)
+        if not started or not Path(started).is_file():
+            return None
+        corrected = sitk.ReadImage(str(label))
+        start = sitk.ReadImage(started)
+        if not same_geometry(start, corrected):
+            start = onto_grid(start, corrected, is_label=True)
+        marked = json.loads(segmentation.GetAttribute(CHECKED_SLICES) or "[]")
+        mask = touched_slices(to_array(corrected, np.int64), to_array(start, np.int64), marked)
+        if not mask.any():
+            raise SceneError(f"segmentation '{segmentation.GetName()}' is the prediction as it was: correct some "
+                             "slices (or mark the slices you checked) before training on it")
+        return write_image(from_array(mask.astype(np.uint8), corrected), target)
+
+    @staticmethod
+    def markSlicesChecked(segmentation, axis: int, indices) -> None:
+        """Record slices (IJK `axis` of the segmentation's volume) the user checked and found right: a re-adapt
+        trains on them as well as on the slices the user changed."""
+        marked = json.loads(segmentation.GetAttribute(CHECKED_SLICES) or "[]")
+        marked += [[int(axis), int(index)] for index in indices if [int(axis), int(index)] not in marked]
+        segmentation.SetAttribute(CHECKED_SLICES, json.dumps(marked))
 
     def jobRequest(self, request: AdaptationRequest, exportFolder: Path) -> JobSpec:
         """The job request for the panel's nodes (exported into `exportFolder`) and settings."""

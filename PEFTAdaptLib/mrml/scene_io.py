@@ -206,3 +206,40 @@ def labels_from_card(card_labels: Sequence[dict]) -> list[SegmentLabel]:
     """Model-card label dicts (value, name, color, terminology) → SegmentLabel list."""
     return [SegmentLabel(int(l["value"]), l["name"], tuple(l.get("color", (1, 0, 0))), l.get("terminology", ""))
             for l in card_labels]
+
+
+#: the uncertainty overlay: values below this are transparent, the rest coloured from yellow (low) to red (high)
+OVERLAY_THRESHOLD, OVERLAY_OPACITY = 0.1, 0.5
+
+
+def import_overlay(scene, path: Path, name: str):
+    """Load a [0, 1] map (an uncertainty map) as a colour overlay: the foreground layer of every slice view, its
+    lowest values transparent."""
+    node = read_volume(scene, path, name)
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours")
+    colors.SetTypeToWarm1()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colors.GetID())
+    display.SetAutoWindowLevel(0)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetThreshold(OVERLAY_THRESHOLD, 1.0)
+    display.SetApplyThreshold(1)
+    for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
+        composite.SetForegroundVolumeID(node.GetID())
+        composite.SetForegroundOpacity(OVERLAY_OPACITY)
+    return node
+
+
+def show_voxel(scene, volume, ijk) -> list[float]:
+    """Move every slice view to the voxel `ijk` of `volume` (centred on it); returns its RAS position."""
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    ras = matrix.MultiplyPoint([float(i) for i in ijk] + [1.0])[:3]
+    for slice_node in _nodes(scene, "vtkMRMLSliceNode"):
+        slice_node.JumpSliceByCentering(*ras)
+    return list(ras)
+
+
+def _nodes(scene, class_name: str) -> list:
+    collection = scene.GetNodesByClass(class_name)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]

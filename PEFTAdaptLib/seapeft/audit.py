@@ -19,12 +19,15 @@ import torch
 from torch import nn
 
 from ..data.cases import Case
+from ..data.sparse import UNANNOTATED, foreground
 
 
 def soft_dice(logits: torch.Tensor, label: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class (intersection, sum of sizes) of softmax probabilities against class indices, for pooling."""
-    probs = torch.softmax(logits.float(), dim=1)
-    onehot = torch.zeros_like(probs).scatter_(1, label.long(), 1.0)
+    """Per-class (intersection, sum of sizes) of softmax probabilities against class indices, for pooling; voxels
+    a sparse label leaves unannotated count in neither."""
+    weight = (label != UNANNOTATED).float()
+    probs = torch.softmax(logits.float(), dim=1) * weight
+    onehot = torch.zeros_like(probs).scatter_(1, torch.where(label == UNANNOTATED, 0, label).long(), 1.0) * weight
     dims = [0] + list(range(2, probs.dim()))
     return (probs * onehot).sum(dims)[1:], (probs + onehot).sum(dims)[1:]
 
@@ -54,7 +57,7 @@ class AuditBuffer:
         fg, bg = (patches + 1) // 2, patches // 2
         for index, case in enumerate(cases):
             for count, pos, offset in ((fg, 1.0, 0), (bg, 0.0, 1)):
-                if count and (pos == 0.0 or case.label.any()):
+                if count and (pos == 0.0 or foreground(case.label).any()):
                     sampler = PatchSampler([case], patch_size, count, pos, seed + 7919 * index + offset)
                     image, label = sampler()
                     self.batches.append((image.to(self.device), label.to(self.device), (slice(None),) * image.ndim))

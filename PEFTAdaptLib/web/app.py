@@ -364,6 +364,13 @@ class WebApp:
         self.say(f"round {len(self.session.rounds)} started: warm start, same audit volume")
 
     @reports_errors
+    def next_slice(self) -> None:
+        """Move the views to the next slice where a correction is expected to help most (uncertainty ranking)."""
+        found = self.session.next_slice()
+        self.say(f"{found[0].GetName()}: slice {found[2]} (axial), where the model is least sure — correct it, then "
+                 "Re-adapt" if found else "every ranked slice was shown")
+
+    @reports_errors
     def cancel(self) -> None:
         self.session.cancel()
         self.say("cancelling: the worker keeps its last checkpoint and the best adapter so far")

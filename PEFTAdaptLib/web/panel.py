@@ -111,6 +111,8 @@ def _panel(app) -> None:
                 v3.VBtn("Cancel", click=app.cancel, id="cancel", disabled=("!running",), classes="ml-2")
                 v3.VBtn("Re-adapt", click=app.readapt, id="readapt", disabled=("!can_readapt || busy",),
                         classes="ml-2", prepend_icon="mdi-refresh")
+                v3.VBtn("Next slice to check", click=app.next_slice, id="next-slice", disabled=("!can_readapt",),
+                        classes="ml-2", prepend_icon="mdi-target")
             v3.VProgressLinear(model_value=("run_progress", 0), height=6, classes="my-2", color="primary",
                                indeterminate=("running && !run_progress",))
             html.Div("{{ run_text }}", id="run-text", classes="text-body-2")

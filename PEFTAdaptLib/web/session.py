@@ -114,6 +114,13 @@ class PanelSession:
         self.rounds.append(Round(run))
         return run
 
+    def next_slice(self, plane: str = "axial") -> tuple | None:
+        """The last round's next slice to check (views moved there), or None when all were shown."""
+        last = self.current
+        if last is None or not last.results:
+            raise SceneError("no segmentation to check yet: adapt with a volume under 'Segment after adapting'")
+        return last.run.nextSliceToCheck(plane)
+
     def cancel(self) -> None:
         if self.running:
             self.current.run.cancel()

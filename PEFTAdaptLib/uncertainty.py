@@ -1,0 +1,152 @@
+"""Where a prediction is unsure, and which slices a correction should go to first.
+
+Every prediction is written with a per-voxel uncertainty map beside it (same grid as the input): the entropy of the
+softmax, divided by log(classes) so that 1 means "all classes equally likely"; when an adapter is applied, also
+the disagreement between the adapted and the base model (total-variation distance of their class probabilities:
+1 where they put their mass on different classes). The entropy comes from the prediction's own forward pass; the
+disagreement costs one forward pass of the base model (the adapter's units gated off).
+
+The slice ranking (`<name>_slices.json`) scores each slice, along each of the image's three index axes, by the
+summed uncertainty (entropy + disagreement) within a few voxels of the predicted structure — where a wrong boundary
+or a missed or spurious piece shows up — and orders them greedily so that neighbouring slices, which a correction
+of one already mostly fixes, come later (docs/sparse.md).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .data.formats import image_suffix
+from .data.sparse import PLANES, index_axis
+from .data.planar import on_grid_of
+
+#: voxels around the predicted structure whose uncertainty a slice's score sums (the structure's neighbourhood)
+NEIGHBOURHOOD = 3
+#: a slice ranked next pushes its neighbours within this many slices behind every slice farther away
+SUPPRESS = 2
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Softmax entropy per voxel of (C, x, y, z) probabilities, in [0, 1] (divided by log C)."""
+    p = np.clip(probabilities, 1e-8, 1.0)
+    return (-(p * np.log(p)).sum(0) / np.log(len(probabilities))).astype(np.float32)
+
+
+def disagreement(adapted: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Total-variation distance per voxel between two (C, x, y, z) probability maps, in [0, 1]."""
+    return (0.5 * np.abs(adapted - base).sum(0)).astype(np.float32)
+
+
+def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Image) -> dict:
+    """Slices ranked by where a correction is expected to help most, along each index axis of `image`'s grid."""
+    from scipy import ndimage  # here: the Slicer panel imports this module for its file names, without scipy
+
+    structure = prediction > 0
+    near = ndimage.binary_dilation(structure, iterations=NEIGHBOURHOOD) if structure.any() else np.ones_like(structure)
+    weighted = uncertainty * near
+    planes = {}
+    for plane in PLANES:
+        axis = index_axis(image, plane)
+        scores = weighted.sum(axis=tuple(a for a in range(3) if a != axis))
+        slices = []
+        for index in ranked(scores):
+            section = np.take(weighted, index, axis=axis)
+            at = list(np.unravel_index(int(section.argmax()), section.shape))
+            at.insert(axis, index)  # the slice's most uncertain voxel: where the views centre
+            slices.append({"index": index, "score": float(scores[index]), "at": [int(i) for i in at]})
+        planes[plane] = {"axis": axis, "slices": slices}
+    return {"planes": planes}
+
+
+def ranked(scores, taken=()) -> list[int]:
+    """Indices of slices with a positive score, best first; a pick (and each slice in `taken`, e.g. corrected
+    already) defers its neighbours within SUPPRESS behind every slice farther away."""
+    scores = np.asarray(scores)
+    first, deferred, near = [], [], list(taken)
+    for index in (int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > 0 and i not in taken):
+        if any(abs(index - t) <= SUPPRESS for t in near):
+            deferred.append(index)
+        else:
+            first.append(index)
+            near.append(index)
+    return first + deferred
+
+
+@dataclass
+class Uncertainty:
+    """Maps on the user's grid (x, y, z; a 2D model's plane) and the slice ranking of one prediction."""
+
+    entropy: np.ndarray
+    disagreement: np.ndarray | None
+    ranking: dict
+
+    @classmethod
+    def measure(cls, probabilities: np.ndarray, label: np.ndarray, image: sitk.Image,
+                base: np.ndarray | None = None) -> "Uncertainty":
+        """From the user-grid probabilities of the prediction (and of the base model, when an adapter is on)."""
+        spread = entropy(probabilities)
+        changed = disagreement(probabilities, base) if base is not None else None
+        total = spread if changed is None else spread + changed
+        volume = image.GetDimension() == 3  # a 2D image (or a 2D model's plane of it) has no slices to rank
+        shape = image.GetSize()
+        ranking = rank_slices(total.reshape(shape), label.reshape(shape), image) if volume else {"planes": {}}
+        return cls(spread, changed, ranking)
+
+    def write(self, prediction_path: Path, image: sitk.Image) -> dict[str, Path]:
+        """Write the maps and the ranking beside the segmentation; returns their paths by kind."""
+        from .data.io import write_image
+
+        paths = companion_paths(prediction_path)
+        write_image(on_grid_of(self.entropy, image), paths["uncertainty"])
+        if self.disagreement is not None:
+            write_image(on_grid_of(self.disagreement, image), paths["disagreement"])
+        else:
+            paths.pop("disagreement")
+        paths["slices"].write_text(json.dumps(self.ranking) + "\n")
+        return paths
+
+
+def companion_paths(prediction_path: str | Path) -> dict[str, Path]:
+    """Where the uncertainty files of a segmentation `<name>_seg<suffix>` lie (disagreement only with an adapter)."""
+    path = Path(prediction_path)
+    suffix = image_suffix(path)
+    base = path.name[: -len(suffix)]
+    base = base[: -len("_seg")] if base.endswith("_seg") else base
+    return {"uncertainty": path.with_name(f"{base}_uncertainty{suffix}"),
+            "disagreement": path.with_name(f"{base}_disagreement{suffix}"),
+            "slices": path.with_name(f"{base}_slices.json")}
+
+
+def predict_with_uncertainty(network, case, card, device: str = "cpu") -> tuple[sitk.Image, Uncertainty]:
+    """The label image on the user's grid and its uncertainty; with adapter units on the network, the base model
+    runs once more for the disagreement."""
+    from .adapters import iter_units
+    from .inference import predict_probabilities, user_grid_prediction
+
+    probabilities, values, label = user_grid_prediction(predict_probabilities(network, case.array, card, device),
+                                                         case, card)
+    base = None
+    if any(record.active for record in iter_units(network)):
+        with base_model(network):
+            base = user_grid_prediction(predict_probabilities(network, case.array, card, device), case, card)[0]
+    return label, Uncertainty.measure(probabilities, values, case.image, base)
+
+
+@contextmanager
+def base_model(network):
+    """The network with every adapter unit gated off (the base model's forward), restored afterwards."""
+    from .adapters import iter_units
+
+    records = [(record, record.active) for record in iter_units(network)]
+    for record, _ in records:
+        record.owner.set_active(record.name, False)
+    try:
+        yield network
+    finally:
+        for record, active in records:
+            record.owner.set_active(record.name, active)

@@ -1,0 +1,190 @@
+"""Sparse supervision: a label counts only on the slices a user annotated. The loss gives unannotated voxels no
+gradient, patches centre on annotated voxels, the held-out audit is made of annotated slices nobody trained on, and
+a job with a slice list runs through the command line and the worker."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.losses import DiceCELoss
+
+from conftest import REPO, shared
+from PEFTAdaptLib.data.cases import load_case, prepare_case
+from PEFTAdaptLib.data.holdout import split_for_audit
+from PEFTAdaptLib.data.sparse import UNANNOTATED, annotated, slice_mask, touched_slices
+from PEFTAdaptLib.data.transforms import to_array
+from PEFTAdaptLib.errors import InputError
+from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+from PEFTAdaptLib.methods import make_method
+from PEFTAdaptLib.models.registry import load_model
+from PEFTAdaptLib.selection import AuditCounts
+from PEFTAdaptLib.training import MaskedDiceCE, PatchSampler
+
+MESHNET = "meshnet/model5_gw_ae"
+T1 = "meshnet/t1_crop.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def thin(tmp_path_factory):
+    """A real T1 slab (40 coronal slices) and a bright-tissue label on it, as files."""
+    folder = tmp_path_factory.mktemp("thin")
+    image = sitk.ReadImage(str(shared(T1)))[:, :, 100:140]
+    label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+    label.CopyInformation(image)
+    sitk.WriteImage(image, str(folder / "thin.nii.gz"))
+    sitk.WriteImage(label, str(folder / "thin_label.nii.gz"))
+    return folder
+
+
+def test_voxels_outside_the_annotated_mask_get_no_gradient():
+    """Real MeshNet on a real T1 patch: the loss's gradient w.r.t. the logits is zero off the mask (so what the
+    network predicts there cannot move any weight), while the annotated slices train every layer."""
+    model = load_model(shared(MESHNET))
+    case = prepare_case("t1", [sitk.ReadImage(str(shared(T1)))], model.card)
+    image = torch.from_numpy(case.array[None, :, 60:100, 60:100, 60:100].copy())
+    truth = (image > image.mean()).long()
+    mask = torch.zeros_like(truth, dtype=torch.bool)
+    mask[..., 15:18] = True  # three annotated slices
+    loss_fn = MaskedDiceCE()
+
+    logits = model.network(image)
+    logits.retain_grad()
+    loss_fn(logits, torch.where(mask, truth, UNANNOTATED)).backward()
+    assert logits.grad[..., 15:18].abs().sum() > 0
+    assert logits.grad[..., :15].abs().max() == 0 and logits.grad[..., 18:].abs().max() == 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.network.parameters())
+    # fully annotated: exactly MONAI's DiceCELoss, the loss dense jobs trained with before
+    logits = model.network(image).detach()
+    assert torch.allclose(loss_fn(logits, truth), DiceCELoss(to_onehot_y=True, softmax=True)(logits, truth))
+
+
+def test_patches_centre_on_annotated_voxels():
+    label = np.full((1, 64, 64, 64), UNANNOTATED, np.uint8)
+    label[0, :, :, 40] = 0
+    label[0, 20:30, 20:30, 40] = 1
+    image = np.random.default_rng(0).random((1, 64, 64, 64), dtype=np.float32)
+    case = type("C", (), {"array": image, "label": label})
+    sampler = PatchSampler([case], (16, 16, 16), 8, 0.5, seed=0)
+    for _ in range(3):
+        _, patch = sampler()
+        assert (patch != UNANNOTATED).any(dim=(1, 2, 3, 4)).all()  # every patch holds annotated voxels
+
+
+def test_the_held_out_audit_of_a_sparse_case_is_whole_annotated_slices_nobody_trains_on(thin):
+    card = load_model(shared(MESHNET)).card
+    image = sitk.ReadImage(str(thin / "thin.nii.gz"))
+    mask = slice_mask(image, "coronal:5,12,20,27,34")
+    case = prepare_case("thin", [image], card, sitk.ReadImage(str(thin / "thin_label.nii.gz")), annotated=mask)
+    [train], [audit], [held] = split_for_audit([case])
+    marked, kept, audited = annotated(case.label[0]), annotated(train.label[0]), annotated(audit.label[0])
+    assert not (kept & audited).any() and np.array_equal(kept | audited, marked)
+    planes = np.flatnonzero(audited.any(axis=(0, 1)))
+    assert held["slices"] == planes.tolist() and len(planes) >= 1
+    assert all(audited[..., z].sum() == marked[..., z].sum() for z in planes)  # whole slices
+    # one corrected slice: held out within the slice, still disjoint, the audit's units are strips of it
+    one = prepare_case("thin", [image], card, sitk.ReadImage(str(thin / "thin_label.nii.gz")),
+                       annotated=slice_mask(image, "coronal:20"))
+    [train], [audit], [held] = split_for_audit([one])
+    assert held["axis"] == 0 and not (annotated(train.label[0]) & annotated(audit.label[0])).any()
+    counts = AuditCounts.measure(audit.label[0], audit.label[0], card.num_classes,
+                                 annotated=annotated(audit.label[0]))
+    assert len(counts) > 1 and AuditCounts([counts]).dice() == 1.0
+
+
+def test_a_mask_off_the_image_grid_or_empty_is_refused_naming_the_file(thin, tmp_path):
+    image = sitk.ReadImage(str(thin / "thin.nii.gz"))
+    shifted = slice_mask(image, "coronal:3")
+    shifted.SetOrigin([o + 5 for o in image.GetOrigin()])
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nii.gz"))
+    empty = slice_mask(image, "coronal:3") * 0
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    card = load_model(shared(MESHNET)).card
+    for name, problem in (("shifted", "mask geometry"), ("empty", "mask is empty")):
+        with pytest.raises(InputError, match=f"{name}.nii.gz: annotated-voxel {problem}"):
+            load_case(thin / "thin.nii.gz", card, thin / "thin_label.nii.gz", annotated_path=tmp_path / f"{name}.nii.gz")
+    with pytest.raises(InputError, match="between 0 and 39"):
+        slice_mask(image, "coronal:40")
+
+
+def test_touched_slices_are_whole_slices_along_the_axis_the_user_edited():
+    start = np.zeros((30, 40, 50), np.int64)
+    corrected = start.copy()
+    corrected[5:20, 10:30, 7] = 1  # painted on two axial slices
+    corrected[8:12, 3:9, 31] = 1
+    mask = touched_slices(corrected, start, marked=[(2, 44)])
+    assert np.flatnonzero(mask.any(axis=(0, 1))).tolist() == [7, 31, 44] and mask[..., 7].all()
+
+
+def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_path):
+    """`peftadapt adapt --train IMAGE LABEL --slices axial:…`: the mask made from the list is copied into the job,
+    the worker audits on held-out annotated slices, and the prediction comes with its uncertainty map and ranking
+    on the input's grid."""
+    out = tmp_path / "job"
+    command = [sys.executable, "-m", "PEFTAdaptLib.cli", "adapt", "--model", str(shared(MESHNET)),
+               "--train", str(thin / "thin.nii.gz"), str(thin / "thin_label.nii.gz"), "--slices", "coronal:4,12,20,28,36",
+               "--method", "bitfit", "--steps", "2", "--patches-per-step", "1", "--audit-every", "1", "--device", "cpu",
+               "--predict", str(thin / "thin.nii.gz"), "--output", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    spec = json.loads((out / "job.json").read_text())
+    assert spec["support"][0]["annotated"] == "inputs/support0_annotated.nii.gz"
+    mask = to_array(sitk.ReadImage(str(out / spec["support"][0]["annotated"])))
+    assert np.flatnonzero(mask.any(axis=(0, 1))).tolist() == [4, 12, 20, 28, 36]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    [held] = next(e for e in events if e["event"] == "started")["audit_held_out"]
+    assert held["axis"] == 2 and held["slices"]
+    prediction = next(e for e in events if e["event"] == "prediction")
+    source = sitk.ReadImage(str(thin / "thin.nii.gz"))
+    uncertainty = sitk.ReadImage(str(out / prediction["uncertainty"]))
+    disagreement = sitk.ReadImage(str(out / prediction["disagreement"]))  # an adapter was applied
+    for produced in (uncertainty, disagreement):
+        assert produced.GetSize() == source.GetSize() and np.allclose(produced.GetSpacing(), source.GetSpacing())
+        assert np.allclose(produced.GetOrigin(), source.GetOrigin())
+        assert np.allclose(produced.GetDirection(), source.GetDirection())
+    values = sitk.GetArrayFromImage(uncertainty)
+    assert values.min() >= 0 and values.max() <= 1 and values.max() > 0
+    ranking = json.loads((out / prediction["slices"]).read_text())["planes"]["coronal"]
+    assert ranking["axis"] == 2 and len(ranking["slices"]) > 1
+    assert ranking["slices"][0]["score"] == max(s["score"] for s in ranking["slices"])
+
+
+def test_slices_follow_the_train_they_belong_to(thin):
+    from PEFTAdaptLib.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["adapt", "--slices", "axial:1", "--output", "x"])
+    args = parser.parse_args(["adapt", "--train", "a", "b", "--train", "c", "d", "--annotated", "m", "--output", "x"])
+    assert args.sparse == {1: ("annotated", "m")}
+
+
+def test_a_sparse_case_needs_its_label():
+    with pytest.raises(InputError, match="annotated-voxel mask needs its label"):
+        CaseSpec(["image.nii.gz"], None, "x", "mask.nii.gz")
+
+
+def test_sea_peft_adapts_from_sparse_slices(thin, tmp_path):
+    """The default method's probes and audit buffer read the sparse label too (worker subprocess)."""
+    image = sitk.ReadImage(str(thin / "thin.nii.gz"))
+    sitk.WriteImage(slice_mask(image, "coronal:4,12,20,28,36"), str(tmp_path / "mask.nii.gz"))
+    request = JobSpec(model=str(shared(MESHNET)),
+                      support=[CaseSpec([str(thin / "thin.nii.gz")], str(thin / "thin_label.nii.gz"),
+                                        annotated=str(tmp_path / "mask.nii.gz"))],
+                      method=make_method("sea-peft"),
+                      train=TrainSpec(steps=2, patches_per_step=1, audit_every=1, device="cpu"))
+    job = JobClient(tmp_path / "work").submit(request)
+    state = job.wait(timeout=900)
+    assert state.outcome == "finished", state.message
+
+
+def test_the_ranking_defers_neighbours_of_picked_and_corrected_slices():
+    from PEFTAdaptLib.uncertainty import ranked
+
+    scores = [0, 5, 4, 0, 3, 1, 0, 2.5, 0.5]
+    assert ranked(scores) == [1, 4, 7, 2, 5, 8]  # 2 lies beside 1, 5 beside 4: after every farther slice
+    assert ranked(scores, taken=[1]) == [4, 7, 2, 5, 8]

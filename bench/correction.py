@@ -1,0 +1,254 @@
+"""A simulated clinician correcting slices, through the product's own path (job client, background worker):
+
+    OMP_NUM_THREADS=1 python bench/correction.py --shifts spine-t1 --update-docs
+
+Start from the zero-shot prediction of a target volume that has a reference label (the shift's first support
+volume). Each round the clinician "corrects" k more axial slices — the prediction is replaced by the reference on
+them, and they are marked annotated — and the model re-adapts from the previous round's adapter with all corrected
+slices so far as sparse supervision (no audit volume: the job holds out corrected slices, docs/sparse.md). After
+each round the shift's test volumes (never used for any choice) are scored. Slices are chosen by
+
+- `ranked`: the product's own ranking (`<name>_slices.json` of the round's prediction of the target: uncertainty
+  near the predicted structure, neighbours deferred),
+- `random`: uniformly among the slices not corrected yet (the seed draws them),
+- `even`: evenly spaced (each new slice farthest from the corrected ones and the volume's ends),
+
+with k = 1, 3, 5 per round. The reference is one adaptation on the target's whole label, as many steps as the
+rounds together.
+Reported: the corrected slices each strategy needs to reach 90 % of the full-annotation Dice on the test volumes.
+Results: bench/.cache/jobs/correction/<shift>/…; a rerun reuses finished jobs whose request is unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from product import JOBS, Settings, score  # noqa: E402
+from report import replace_section  # noqa: E402
+from shifts import SHIFTS, Shift  # noqa: E402
+
+from PEFTAdaptLib.data.sparse import index_axis  # noqa: E402
+from PEFTAdaptLib.data.transforms import from_array, to_array  # noqa: E402
+from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec  # noqa: E402
+from PEFTAdaptLib.jobs.client import EXIT_INVALID  # noqa: E402
+from PEFTAdaptLib.methods import DEFAULT_METHOD, make_method  # noqa: E402
+from PEFTAdaptLib.uncertainty import companion_paths, ranked  # noqa: E402
+
+SECTION = "Correcting slices (sparse re-adaptation)"
+STRATEGIES = ("ranked", "random", "even")
+TARGET_SHARE = 0.9  # of the full-annotation Dice
+#: per shift: the steps of each round (and of the full-annotation reference), patches, patch size, slices at most
+SETTINGS = {"spine-t1": (Settings(30, 2, None, 30), 10), "brats-wt": (Settings(30, 2, [48, 48, 48], 30), 10),
+            "deepbet": (Settings(30, 2, [128, 128, 128], 30), 10)}
+ROOT = JOBS / "correction"
+
+
+@dataclass
+class Target:
+    shift: Shift
+    image: str
+    reference: np.ndarray  # (x, y, z) label values on the target's grid
+    grid: sitk.Image
+    axis: int  # the index axis of axial slices
+
+
+def submit(folder: Path, spec: JobSpec):
+    """Run one job (or reuse it when finished with the same request); returns (events, prediction paths), or None
+    when the job refuses the corrections (too few slices hold the structure to hold some out for its audit)."""
+    saved = folder / "bench-request.json"
+    result = folder / "bench-events.json"
+    if result.is_file() and json.loads(saved.read_text()) == spec.to_dict():
+        data = json.loads(result.read_text())
+        return data["events"], [Path(p) for p in data["predictions"]]
+    job = JobClient(folder.parent).submit(spec, folder, overwrite=True)
+    state = job.wait()
+    if state.exit_code == EXIT_INVALID and "annotate more slices" in state.message:
+        return None  # too few corrected slices hold the structure for a held-out audit: the job refuses them
+    if state.outcome != "finished":
+        raise RuntimeError(f"{folder}: {state.outcome}: {state.message}")
+    saved.write_text(json.dumps(spec.to_dict()))
+    paths = [str(p) for p in job.prediction_paths()]
+    result.write_text(json.dumps({"events": job.events, "predictions": paths}))
+    return job.events, [Path(p) for p in paths]
+
+
+def test_dice(target: Target, predictions: list[Path]) -> float:
+    """Mean Dice over the shift's test volumes (predictions after the target's)."""
+    return float(np.mean([c["dice"] for c in score(target.shift, predictions[1:])]))
+
+
+def choose(strategy: str, k: int, done: list[int], depth: int, ranking: list[int], rng) -> list[int]:
+    """The next k slices to correct (never one corrected already)."""
+    free = [i for i in range(depth) if i not in done]
+    if strategy == "random":
+        return sorted(int(i) for i in rng.choice(free, size=min(k, len(free)), replace=False))
+    picked = [i for i in ranking if i not in done][:k] if strategy == "ranked" else []
+    while len(picked) < min(k, len(free)):  # evenly spaced (also fills a ranking that ran out)
+        taken = done + picked
+        picked.append(max((i for i in free if i not in picked),
+                          key=lambda i: min([abs(i - t) for t in taken] + [i + 1, depth - i])))
+    return picked
+
+
+def corrected_files(target: Target, slices: list[int], prediction: Path, folder: Path) -> CaseSpec:
+    """The clinician's work: the current prediction with the reference on the corrected slices, and their mask."""
+    label = to_array(sitk.ReadImage(str(prediction)), np.uint8)
+    mask = np.zeros(label.shape, np.uint8)
+    np.moveaxis(mask, target.axis, 0)[slices] = 1
+    label = np.where(mask > 0, target.reference, label).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(from_array(label, target.grid), str(folder / "corrected.nii.gz"))
+    sitk.WriteImage(from_array(mask, target.grid), str(folder / "annotated.nii.gz"))
+    return CaseSpec([target.image], str(folder / "corrected.nii.gz"), "target", str(folder / "annotated.nii.gz"))
+
+
+def ranking_of(prediction: Path, done: list[int]) -> list[int]:
+    """The product's ranking of the round's prediction, neighbours of corrected slices deferred as its own picks'."""
+    entries = json.loads(companion_paths(prediction)["slices"].read_text())["planes"]["axial"]["slices"]
+    scores = np.zeros(max(e["index"] for e in entries) + 1)
+    for entry in entries:
+        scores[entry["index"]] = entry["score"]
+    return ranked(scores, done)
+
+
+def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settings, limit: int, rounds: int,
+              zero: tuple, method) -> list[dict]:
+    """Up to `rounds` rounds of k corrected slices (at most `limit` in all): Dice on the test volumes after each."""
+    rng = np.random.default_rng(1000 * seed + k)
+    depth = target.grid.GetSize()[target.axis]
+    done: list[int] = []
+    adapter, (dice, predictions) = None, zero
+    points = [{"slices": 0, "dice": dice}]
+    while len(points) <= rounds and len(done) + k <= min(limit, depth):
+        done += choose(strategy, k, done, depth, ranking_of(predictions[0], done), rng)
+        folder = ROOT / target.shift.name / f"{strategy}-k{k}-seed{seed}" / f"round{len(points)}"
+        spec = JobSpec(model=target.shift.model, method=method, train=settings.train(seed),
+                       support=[corrected_files(target, sorted(done), predictions[0], folder.with_name(
+                           folder.name + "-input"))],
+                       predict=[CaseSpec([target.image], name="target")]
+                       + [CaseSpec([c.image], name=c.name) for c in target.shift.test],
+                       warm_start=adapter)
+        submitted = submit(folder, spec)
+        if submitted is None:  # the clinician corrects more slices before the next try
+            points.append({"slices": len(done), "dice": points[-1]["dice"], "kept": "refused", "chosen": sorted(done)})
+            continue
+        events, predictions = submitted
+        finished = next(e for e in events if e["event"] == "finished")
+        adapter = str(folder / "adapter")
+        points.append({"slices": len(done), "dice": test_dice(target, predictions), "kept": finished.get("kept"),
+                       "chosen": sorted(done)})
+        print(json.dumps({"shift": target.shift.name, "strategy": strategy, "k": k, "seed": seed, **points[-1]}),
+              flush=True)
+    return points
+
+
+def needed(points: list[dict], goal: float) -> int | None:
+    """The fewest corrected slices whose Dice reaches `goal` (None: not within the rounds run)."""
+    return next((p["slices"] for p in points if p["dice"] >= goal), None)
+
+
+def run_shift(name: str, args) -> dict:
+    shift = SHIFTS[name]()
+    settings, limit = SETTINGS[name]
+    settings.steps = args.steps or settings.steps
+    target_files = shift.support[0]
+    grid = sitk.ReadImage(target_files.image)
+    target = Target(shift, target_files.image, to_array(sitk.ReadImage(target_files.label), np.uint8), grid,
+                    index_axis(grid, "axial"))
+    method = make_method(args.method)
+    predict = [CaseSpec([target.image], name="target")] + [CaseSpec([c.image], name=c.name) for c in shift.test]
+    _, zero_predictions = submit(ROOT / name / "zero-shot", JobSpec(model=shift.model, task="predict", predict=predict,
+                                                                   train=TrainSpec(device="cpu")))
+    zero = (test_dice(target, zero_predictions), zero_predictions)
+    full = []
+    reference = replace(settings, steps=args.rounds * settings.steps)  # as many steps as the longest curve
+    for seed in range(args.seeds):
+        _, predictions = submit(ROOT / name / f"full-seed{seed}", JobSpec(
+            model=shift.model, method=method, train=reference.train(seed), predict=predict,
+            support=[CaseSpec([target.image], target_files.label, "target")]))
+        full.append(test_dice(target, predictions))
+    curves = {f"{strategy} k{k} seed{seed}": run_curve(target, strategy, k, seed, settings, limit, args.rounds, zero,
+                                                       method)
+              for k in args.k for strategy in STRATEGIES for seed in range(args.seeds)}
+    return {"shift": name, "title": shift.title, "settings": settings.__dict__, "limit": limit, "rounds": args.rounds,
+            "depth": grid.GetSize()[target.axis], "zero": zero[0], "full": full, "curves": curves,
+            "method": args.method, "seeds": args.seeds, "ks": args.k}
+
+
+def table(result: dict) -> str:
+    goal = TARGET_SHARE * float(np.mean(result["full"]))
+    settings = result["settings"]
+    lines = [f"### {result['title']}", "",
+             f"{result['method']}, {settings['steps']} steps × {settings['patches_per_step']} patches per round"
+             f"{' of ' + '×'.join(map(str, settings['patch'])) if settings['patch'] else ''}, seeds "
+             f"0–{result['seeds'] - 1}; target {result['depth']} axial slices, at most {result['rounds']} rounds and "
+             f"{result['limit']} corrected slices; full annotation: {result['rounds'] * settings['steps']} steps on the "
+             f"whole label. Zero-shot Dice {result['zero']:.3f}; full-annotation Dice {np.mean(result['full']):.3f} "
+             f"(seeds: {', '.join(f'{d:.3f}' for d in result['full'])}); goal (90 %) {goal:.3f}.", "",
+             "| strategy | k per round | slices to 90 % (per seed) | Dice after each round (mean over seeds) |",
+             "|---|---|---|---|"]
+    for k in result["ks"]:
+        for strategy in STRATEGIES:
+            curves = [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(result["seeds"])]
+            counts = [needed(c, goal) for c in curves]
+            shown = ", ".join(str(c) if c is not None else f">{c_[-1]['slices']}" for c, c_ in zip(counts, curves))
+            rounds = " → ".join(f"{np.mean([c[i]['dice'] for c in curves]):.3f}" for i in range(len(curves[0])))
+            lines.append(f"| {strategy} | {k} | {shown} | {rounds} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    colours = {"ranked": "tab:red", "random": "tab:gray", "even": "tab:blue"}
+    styles = {1: ":", 3: "--", 5: "-"}
+    for axis, result in zip(axes[0], results):
+        for k in result["ks"]:
+            for strategy in STRATEGIES:
+                curves = [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(result["seeds"])]
+                x = [p["slices"] for p in curves[0]]
+                y = np.mean([[p["dice"] for p in c] for c in curves], axis=0)
+                axis.plot(x, y, styles.get(k, "-"), color=colours[strategy], label=f"{strategy}, k={k}")
+        axis.axhline(np.mean(result["full"]), color="black", lw=0.8, label="full annotation")
+        axis.axhline(TARGET_SHARE * np.mean(result["full"]), color="black", lw=0.8, ls=":", label="90 % of it")
+        axis.set(title=result["title"], xlabel="corrected slices", ylabel="test Dice")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shifts", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--k", nargs="+", type=int, default=[1, 3, 5], help="slices corrected per round")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="correction rounds at most")
+    parser.add_argument("--steps", type=int, help="steps per round (default: per shift)")
+    parser.add_argument("--method", default=DEFAULT_METHOD)
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the section of docs/benchmarks.md and "
+                                                                   "docs/correction.png")
+    args = parser.parse_args()
+    results = [run_shift(name, args) for name in args.shifts]
+    (ROOT / "results.json").write_text(json.dumps(results))
+    text = "\n".join(table(result) for result in results)
+    print(text)
+    if args.update_docs:
+        plot(results, Path(__file__).resolve().parents[1] / "docs" / "correction.png")
+        flags = " ".join(a for a in sys.argv[1:] if a != "--update-docs")
+        replace_section(SECTION, f"`OMP_NUM_THREADS=1 python bench/correction.py {flags} --update-docs` — through "
+                                 "the job client; plot: `docs/correction.png`.\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
