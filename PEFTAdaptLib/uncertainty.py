@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,8 @@ class Uncertainty:
     entropy: np.ndarray
     disagreement: np.ndarray | None
     ranking: dict
+    #: voxels per class index (the model's label order): (base model's, adapted model's); empty without an adapter
+    class_voxels: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def measure(cls, probabilities: np.ndarray, label: np.ndarray, image: sitk.Image,
@@ -95,7 +97,12 @@ class Uncertainty:
         volume = image.GetDimension() == 3  # a 2D image (or a 2D model's plane of it) has no slices to rank
         shape = image.GetSize()
         ranking = rank_slices(total.reshape(shape), label.reshape(shape), image) if volume else {"planes": {}}
-        return cls(spread, changed, ranking)
+        counts = {}
+        if base is not None:
+            adapted_counts = np.bincount(probabilities.argmax(0).ravel(), minlength=len(probabilities))
+            base_counts = np.bincount(base.argmax(0).ravel(), minlength=len(base))
+            counts = {index: (int(b), int(a)) for index, (b, a) in enumerate(zip(base_counts, adapted_counts))}
+        return cls(spread, changed, ranking, counts)
 
     def write(self, prediction_path: Path, image: sitk.Image) -> dict[str, Path]:
         """Write the maps and the ranking beside the segmentation; returns their paths by kind."""

@@ -32,8 +32,10 @@ from .jobs.files import job_subfolder, refuse_links, remove, replace_folder, wri
 from .jobs.lock import JobLock, JobLocked
 from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
+from .models.card import ModelCard
 from .models.foundation import FoundationModel
 from .models.registry import load_model
+from .selection import VOLUME_CHANGE
 from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged
 from .uncertainty import companion_paths, predict_with_uncertainty
 
@@ -274,7 +276,23 @@ class Run:
             extra = {kind: str(p.relative_to(self.job_dir)) for kind, p in uncertainty.write(path, case.image).items()}
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra})
+            for message in changed_classes(case_spec.name, uncertainty.class_voxels, model.card):
+                self.emit({"event": "warning", "message": message})
         return True
+
+
+def changed_classes(name: str, class_voxels: dict[int, tuple[int, int]], card: ModelCard) -> list[str]:
+    """A volume the audit never saw, whose segmentation the adapter changes a lot against the source model's: the
+    audit's verdict may not hold there (a held-out slab cannot see every region), so the user is told to check it."""
+    messages = []
+    for index, (base, adapted) in class_voxels.items():
+        label = card.labels[index]
+        if label.value == 0 or max(base, adapted) == 0 or abs(adapted - base) <= VOLUME_CHANGE * max(base, 1):
+            continue
+        change = f"{100 * (adapted / base - 1):+.0f} %" if base else f"{adapted:,} voxels where it found none"
+        messages.append(f"{name}: the adapted model's {label.name} differs from the source model's by {change}; "
+                        "the audit cannot vouch for this volume: check it (its disagreement map shows where)")
+    return messages
 
 
 def output_name(case: CaseSpec, taken: set[str]) -> str:

@@ -132,3 +132,32 @@ def test_one_thin_annotated_volume_adapts_with_a_held_out_audit_and_reports_the_
     assert state.message.startswith(("no reliable gain", "adapted state"))
     saved = json.loads((job.adapter_folder / "adapter.json").read_text())["metadata"]
     assert saved["best_step"] == next(e for e in job.events if e["event"] == "finished")["best_step"]
+
+
+def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_checking():
+    """Found on MeshNet grey/white (niivue → bert): a state whose held-out-slab audit gain was reliable grew bert's
+    grey matter by 45–60 % against the source model and lost 7–9 Dice points there. The audit cannot see a volume it
+    was not given, so every predicted volume whose segmentation the adapter changes a lot is named to the user."""
+    from PEFTAdaptLib.jobs.runstate import RunState
+    from PEFTAdaptLib.models.registry import model_card
+    from PEFTAdaptLib.uncertainty import Uncertainty
+    from PEFTAdaptLib.worker import changed_classes
+
+    card = model_card("deepbet-brain")
+    image = sitk.Image(20, 20, 20, sitk.sitkFloat32)
+    base, adapted = np.zeros((2, 20, 20, 20), np.float32), np.zeros((2, 20, 20, 20), np.float32)
+    base[0], adapted[0] = 1, 1
+    base[:, :5, :5, :4], adapted[:, :5, :5, :7] = [[0]], [[0]]  # background off where the brain is predicted
+    base[1, :5, :5, :4], adapted[1, :5, :5, :7] = 1, 1  # 100 brain voxels → 175
+    measured = Uncertainty.measure(adapted, (adapted.argmax(0)).astype(np.uint8), image, base)
+    assert measured.class_voxels[1] == (100, 175)
+    [message] = changed_classes("bert", measured.class_voxels, card)
+    assert message.startswith("bert: ") and "+75 %" in message and "check it" in message
+    assert changed_classes("bert", {0: (7900, 7880), 1: (100, 120)}, card) == []  # +20 %: within the rule's margin
+    assert "found none" in changed_classes("bert", {1: (0, 50)}, card)[0]
+    assert Uncertainty.measure(adapted, adapted.argmax(0).astype(np.uint8), image).class_voxels == {}
+
+    state = RunState()
+    for event in ({"event": "warning", "message": message}, {"event": "finished", "message": "adapted state kept"}):
+        state.update(event)
+    assert state.describe() == f"Finished — adapted state kept\nCheck: {message}"

@@ -111,7 +111,8 @@ class RunState:
         if self.outcome == "cancelled":
             return "Cancelled — the last checkpoint was kept"
         if self.outcome == "finished":
-            return "Finished" + (f" — {self.message}" if self.message else "")
+            checks = "".join(f"\nCheck: {warning}" for warning in self.warnings)
+            return "Finished" + (f" — {self.message}" if self.message else "") + checks
         parts = [self.phase.capitalize()]
         if self.steps:
             parts.append(f"step {self.step}/{self.steps}")
