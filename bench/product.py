@@ -14,6 +14,7 @@ from shifts import CACHE, CaseFiles, Shift
 
 from PEFTAdaptLib.data.io import read_image
 from PEFTAdaptLib.data.transforms import to_array
+from PEFTAdaptLib.errors import PEFTAdaptError
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import MethodConfig
 from PEFTAdaptLib.metrics import dice, hd95
@@ -89,7 +90,11 @@ def saved_result(shift: Shift, label: str, method: MethodConfig | None, settings
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("request") == request(shift, method, settings, seed).to_dict() else None
+    try:  # read as a job file is: a request saved before a field was added compares with its default
+        saved = JobSpec.from_dict(result["request"], str(path)).to_dict()
+    except (KeyError, PEFTAdaptError):
+        return None
+    return result if saved == request(shift, method, settings, seed).to_dict() else None
 
 
 def run(shift: Shift, label: str, method: MethodConfig | None, settings: Settings, seed: int,

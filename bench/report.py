@@ -73,7 +73,8 @@ def markdown(result: dict) -> str:
              f"{s['steps']} steps × {s['patches_per_step']} patch(es)"
              f"{' of ' + '×'.join(map(str, s['patch'])) if s['patch'] else ''}, audit every {s['audit_every']}; "
              f"{result['seeds']} seeds; support {', '.join(result['cases']['support'])}, audit "
-             f"{', '.join(result['cases']['audit'])}, test {', '.join(result['cases']['test'])}.", "",
+             f"{', '.join(result['cases']['audit']) or 'a held-out slab of the support (the product default)'}, "
+             f"test {', '.join(result['cases']['test'])}.", "",
              "| method | trainable | test Dice (mean ± sd over seeds) | worst test case vs zero-shot | HD95 (mm) | "
              "training (s) | peak memory (MB) | seeds |", "|---|---|---|---|---|---|---|---|"]
     table = rows(result)
