@@ -207,7 +207,7 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
 
         # data in: the training volume from the data folder, then three bad uploads, each one line, none fatal
         load_from_data_folder(page, f"{CASES['train']}/{IMAGE}")
-        for name, expected, as_label in (("slice2d", "a 3D volume is required", False),
+        for name, expected, as_label in (("slice2d", "is 3D: a volume", False),
                                          ("truncated", "truncated or corrupt", False),
                                          ("other_grid_label", "label must be drawn on the same grid", True)):
             text = upload(page, bad_files[name], as_label)

@@ -34,7 +34,7 @@ def app(tmp_path, monkeypatch):
 
 def test_files_become_nodes_or_one_line_naming_the_file(app, tmp_path):
     session, model = app.session, app.state.model_id
-    volume = session.load_volume(shared(BRATS_IMAGE), "pat0006/T1c.nii.gz")
+    volume = session.load_volume(shared(BRATS_IMAGE), model, "pat0006/T1c.nii.gz")
     assert volume.GetName() == "pat0006/T1c" and volume.GetImageData().GetDimensions() == (240, 240, 155)
     segmentation = session.load_label(shared(BRATS_MASK), volume, model, "pat0006/brainmask.nii.gz")
     segment = segmentation.GetSegmentation().GetNthSegment(0)
@@ -51,7 +51,7 @@ def test_files_become_nodes_or_one_line_naming_the_file(app, tmp_path):
     cases = [(lambda: session.load_label(wrong_values, volume, model, "mine.nii.gz"), "label values [3]"),
              (lambda: session.load_label(other_grid, volume, model, "mine.nii.gz"), "same grid"),
              (lambda: session.load_label(other_grid, None, model, "mine.nii.gz"), "choose the volume"),
-             (lambda: session.load_volume(flat, "flat.nii.gz"), "3D volume is required")]
+             (lambda: session.load_volume(flat, model, "flat.nii.gz"), "is 3D: a volume")]
     nodes = app.slicer.scene.GetNumberOfNodes()
     for attempt, expected in cases:
         with pytest.raises(InputError) as refused:
@@ -64,7 +64,7 @@ def test_files_become_nodes_or_one_line_naming_the_file(app, tmp_path):
 
 def test_downloads_are_on_the_volumes_grid(app):
     session = app.session
-    volume = session.load_volume(shared(SPINE_IMAGE), "t2/t2.nii.gz")
+    volume = session.load_volume(shared(SPINE_IMAGE), app.state.model_id, "t2/t2.nii.gz")
     segmentation = session.load_label(shared(SPINE_LABEL), volume, app.state.model_id, "t2/cord.nii.gz")
     reference = sitk.ReadImage(str(shared(SPINE_IMAGE)))
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(shared(SPINE_LABEL)))) > 0
@@ -100,7 +100,7 @@ def test_a_segmentation_loaded_before_its_volume_is_shown_leaves_the_image_visib
     """Regression: with trame-slicer 2.0, a segmentation added before a slice view first showed a volume hid the
     slice image wherever the segmentation was visible (a job reopened into an empty scene showed flat colour)."""
     session = app.session
-    volume = session.load_volume(shared(BRATS_IMAGE), "pat0006/T1c.nii.gz")
+    volume = session.load_volume(shared(BRATS_IMAGE), app.state.model_id, "pat0006/T1c.nii.gz")
     segmentation = session.load_label(shared(BRATS_MASK), volume, app.state.model_id, "pat0006/brain.nii.gz")
     app._on_shown_volume(volume.GetID())  # what choosing it in "Show volume" does
     segmentation.SetDisplayVisibility(False)

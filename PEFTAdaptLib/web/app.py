@@ -241,7 +241,7 @@ class WebApp:
             node = self.session.load_label(path, volume, state.model_id, shown_as)
             self._place_segmentation(volume.GetID(), node.GetID())
         else:
-            node = self.session.load_volume(path, shown_as)
+            node = self.session.load_volume(path, state.model_id, shown_as)
             self._place_volume(node.GetID())
             state.shown_volume = node.GetID()
             state.label_of = node.GetID()
@@ -294,7 +294,7 @@ class WebApp:
         paths = await asyncio.to_thread(write_demo_files, self.session.work_dir)
         nodes = {}
         for role, (image, label) in paths.items():
-            volume = self.session.load_volume(image, f"demo/{image.name}")
+            volume = self.session.load_volume(image, self.state.model_id, f"demo/{image.name}")
             nodes[role] = (volume, self.session.load_label(label, volume, self.state.model_id, f"demo/{label.name}"))
         ids = {role: (v.GetID(), s.GetID()) for role, (v, s) in nodes.items()}
         self.state.pairs = [{"volume": ids["support"][0], "segmentation": ids["support"][1]}]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..data.formats import stem
 from ..data.io import read_image, read_label, write_image
+from ..data.planar import check_dimensions
 from ..data.transforms import onto_grid
 from ..errors import InputError
 from ..jobs import JobClient
@@ -60,10 +61,12 @@ class PanelSession:
     def segmentations(self) -> list:
         return self.nodes("vtkMRMLSegmentationNode")
 
-    def load_volume(self, path: Path, shown_as: str | None = None):
-        """A volume node from an image file, after the checks the command line makes (3D, readable, finite)."""
+    def load_volume(self, path: Path, modelId: str, shown_as: str | None = None):
+        """A volume node from an image file, after the checks the command line makes (readable, finite, the
+        dimensions the model takes)."""
         with _named(path, shown_as):
-            read_image(path, what="volume")
+            check_dimensions(read_image(path, what="volume"), self.logic.card(modelId).get("spatial_dims", 3), modelId,
+                             path.name)
         node = read_volume(self.scene, path, _node_name(shown_as or path.name))
         self.sources[node.GetID()] = path
         return node
