@@ -79,7 +79,7 @@ if not UNSUPPORTED:
 
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
-    from PEFTAdaptLib.jobs import JobClient, SubprocessRunner
+    from PEFTAdaptLib.jobs import JobClient, SubprocessRunner, load_job
     from PEFTAdaptLib.jobs.spec import DEVICES, TrainSpec
     from PEFTAdaptLib.methods import DEFAULT_METHOD, Budget, default_budget, method_class, method_names
     from PEFTAdaptLib.models.registry import DEFAULT_MODEL
@@ -156,6 +156,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runIsSegmentation = False
         self._cancelRequested = False
         self._rankMethod = None  # the method whose ranks the rank combo box lists
+        self._jobs = []  # the JobInfo of each row of the jobs table
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(500)
         self._pollTimer.connect("timeout()", self.onPoll)
@@ -174,6 +175,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.methodComboBox.addItem(method_class(name).label, name)
         self.ui.trainingTable.setHorizontalHeaderLabels([_("Volume"), _("Segmentation")])
         self.ui.trainingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.jobsTable.setHorizontalHeaderLabels([_("Job"), _("Method"), _("State"), _("Step"), _("Best Dice")])
         self.plotWidget = self._addPlotWidget(self.ui.plotContainer)
         self.allocationPlotWidget = self._addPlotWidget(self.ui.allocationPlotContainer)
 
@@ -195,12 +197,16 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.loadAdapterButton.connect("clicked(bool)", self.onLoadAdapter)
+        self.ui.refreshJobsButton.connect("clicked(bool)", self.refreshJobs)
+        self.ui.openJobButton.connect("clicked(bool)", self.onOpenJob)
+        self.ui.resumeJobButton.connect("clicked(bool)", self.onResumeJob)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodSelected)
         self.ui.rankComboBox.connect("currentIndexChanged(int)", self.onRankSelected)
 
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
         self.initializeParameterNode()
+        self.refreshJobs()
 
     def _addPlotWidget(self, container: "qt.QWidget") -> "slicer.qMRMLPlotWidget":
         plotWidget = slicer.qMRMLPlotWidget()
@@ -220,6 +226,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         editor.installKeyboardShortcuts()
         editor.updateWidgetFromMRML()
+        self.refreshJobs()
 
     def exit(self) -> None:
         editor = self.ui.segmentEditorWidget
@@ -336,6 +343,22 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.readaptButton.enabled = bool(p and p.adapterFolder and method_class(p.method).warm_startable) \
             and not running
         self.ui.nextSliceButton.enabled = self._checkedRun is not None and not running
+        self.ui.openJobButton.enabled = self.ui.resumeJobButton.enabled = bool(self._jobs) and not running
+
+    def refreshJobs(self) -> None:
+        """The work folder's adaptation jobs, newest first; each row's tooltip says what happened to the job (for
+        one whose worker died: interrupted, and how it continues)."""
+        self._jobs = self.logic.sceneLogic.adaptationJobs()
+        table = self.ui.jobsTable
+        table.setRowCount(len(self._jobs))
+        for row, info in enumerate(self._jobs):
+            step = f"{info.step}/{info.steps}" if info.steps else ""
+            dice = f"{info.best_dice:.3f}" if info.best_dice is not None else ""
+            for column, text in enumerate((info.folder.name, info.method, info.state, step, dice)):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(info.message)
+                table.setItem(row, column, item)
+        self._updateButtons()
 
     # -- widgets → parameter node ---------------------------------------------------------------------------------
     def onModelSelected(self, index) -> None:
@@ -408,6 +431,28 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._follow(self.logic.segment(self._parameterNode, log=self.ui.logTextEdit.appendPlainText),
                          isSegmentation=True)
 
+    def onOpenJob(self) -> None:
+        self._openJob(resume=False)
+
+    def onResumeJob(self) -> None:
+        self._openJob(resume=True)
+
+    def _openJob(self, resume: bool) -> None:
+        """The selected job back in the panel (its cases, settings, chart and results); `resume` restarts its
+        worker from the last checkpoint."""
+        row = self.ui.jobsTable.currentRow()
+        if not 0 <= row < len(self._jobs):
+            slicer.util.warningDisplay(_("Select a job in the list first."))
+            return
+        failure = _("Failed to resume the job.") if resume else _("Failed to open the job.")
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            if resume and not self.logic.ensureDependencies():
+                return
+            self.ui.logTextEdit.clear()
+            run = self.logic.openJob(self._parameterNode, self._jobs[row].folder, resume,
+                                     log=self.ui.logTextEdit.appendPlainText)
+            self._follow(run, isSegmentation=False)
+
     def _follow(self, run, isSegmentation: bool) -> None:
         """Show a background job's tables and plots and poll it from the timer (the GUI stays responsive)."""
         self._run, self._runIsSegmentation, self._cancelRequested = run, isSegmentation, False
@@ -417,7 +462,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.unitsTableView.setMRMLTableNode(run.monitor.units_table)
         self._showState(run.state)
         self._pollTimer.start()
-        self._updateButtons()
+        self.refreshJobs()
 
     def _showChart(self, plotWidget: "slicer.qMRMLPlotWidget", chartNode) -> None:
         viewNode = plotWidget.mrmlPlotViewNode()
@@ -449,6 +494,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         self.ui.segmentEditorWidget.setSourceVolumeNode(self._parameterNode.targetVolume)
             elif not self._cancelRequested:
                 slicer.util.errorDisplay(state.describe())
+            self.refreshJobs()
         self._updateButtons()
 
     def _showState(self, state) -> None:
@@ -659,6 +705,25 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         """Segment the target volume with the model (and adapter, if any) in a background predict job."""
         self._useDevice(p.device)
         return self.sceneLogic.segment(p.modelId, p.targetVolume, p.adapterFolder or None, device=p.device, log=log)
+
+    def openJob(self, p, folder, resume: bool = False, log=None):
+        """A job of the work folder back in the panel: its cases as nodes, its settings in the parameter node;
+        returns the run to follow (restarted from its last checkpoint when `resume`)."""
+        if resume:
+            self._useDevice(load_job(folder).train.device)
+        run, request = self.sceneLogic.openJob(folder, log=log, resume=resume)
+        pairs = request.trainingPairs
+        with slicer.util.NodeModify(p):
+            p.modelId, p.method = request.modelId, request.method
+            p.trainingVolumes = [volume for volume, _segmentation in pairs]
+            p.trainingSegmentations = [segmentation for _volume, segmentation in pairs]
+            p.auditVolume, p.auditSegmentation = request.auditPair
+            p.budgetPercent = request.budgetPercent or 0.0
+            p.rank = request.rank or 0
+            p.steps, p.patchSize, p.seed = request.steps, request.patchSize or 0, request.seed
+            p.device = request.device
+            p.targetVolume = request.targetVolumes[0] if request.targetVolumes else None
+        return run
 
     @staticmethod
     def importResults(p, run, isSegmentation: bool):

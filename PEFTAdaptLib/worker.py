@@ -12,6 +12,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -167,6 +168,7 @@ class Run:
                    checkpoint: Path | None) -> int:
         method = spec.method
         labelled = method.needs_labels
+        patch_size = model.card.training_patch(spec.train.patch_size)
         if not labelled and any(case.label for case in spec.support):
             self.emit({"event": "warning", "message": f"{method.name} ignores the labels of the support volumes; "
                                                        "give them as audit cases to see their Dice"})
@@ -176,11 +178,7 @@ class Run:
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
         predict_inputs = self.predict_inputs(spec)
-        card = model.card
-        if spec.train.patch_size:
-            from dataclasses import replace
-
-            card = replace(card, patch_size=tuple(spec.train.patch_size))
+        card = replace(model.card, patch_size=patch_size)
         total = model.num_parameters()
         torch.manual_seed(spec.train.seed)  # adapter initialisation is part of the seeded run
         warm = resolve_input(self.job_dir, spec.warm_start) if spec.warm_start else None

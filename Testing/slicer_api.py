@@ -151,7 +151,8 @@ CLASSES: dict[str, Class] = {
     "QTableWidget": Class(qt("src/widgets/itemviews/qtablewidget.h"), "QTableView", {
         "columnCount": None, "rowCount": None, "setRowCount": None, "setItem": None, "item": "QTableWidgetItem",
         "currentRow": None, "setCurrentCell": None, "setHorizontalHeaderLabels": None}),
-    "QTableWidgetItem": Class(qt("src/widgets/itemviews/qtablewidget.h"), None, {"text": None}),
+    "QTableWidgetItem": Class(qt("src/widgets/itemviews/qtablewidget.h"), None, {
+        "text": None, "setToolTip": None, "toolTip": None}),
     "QHeaderView": Class(qt("src/widgets/itemviews/qheaderview.h"), "QAbstractItemView", {
         "setSectionResizeMode": None}),
     # -- CTK ----------------------------------------------------------------------------------------------------------

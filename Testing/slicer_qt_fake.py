@@ -367,9 +367,16 @@ class QTableView(QAbstractItemView):
 class QTableWidgetItem:
     def __init__(self, text=""):
         self._text = text
+        self._toolTip = ""
 
     def text(self):
         return self._text
+
+    def setToolTip(self, text):
+        self._toolTip = text
+
+    def toolTip(self):
+        return self._toolTip
 
 
 class QTableWidget(QTableView):

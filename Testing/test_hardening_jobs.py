@@ -218,7 +218,8 @@ def test_a_hard_link_to_a_users_file_is_not_written_through(tmp_path, victims):
     (["--lr", "5"], "train.lr: 5.0"), (["--steps", "0"], "train.steps: 0"), (["--audit-every", "0"],
     "train.audit_every: 0"), (["--checkpoint-every", "-1"], "train.checkpoint_every: -1"),
     (["--patches-per-step", "0"], "train.patches_per_step: 0"), (["--seed", "-1"], "train.seed: -1"),
-    (["--patch-size", "4"], "train.patch_size: 4"), (["--budget", "nan"], "budget: 'nan'"),
+    (["--patch-size", "4"], "train.patch_size: 4"), (["--patch-size", "32"], "multiples of 32 and at least 64"),
+    (["--patch-size", "80"], "multiples of 32"), (["--budget", "nan"], "budget: 'nan'"),
     (["--budget", "inf"], "budget: 'inf'"), (["--budget=-1%"], "budget: fraction -0.01"),
     (["--budget", "1e400"], "budget: '1e400'"), (["--rank", "0"], "rank 0"),
 ])

@@ -536,3 +536,63 @@ def test_a_failed_run_is_reported_once_and_the_panel_can_start_again(fake, panel
     assert not panel._pollTimer.isActive() and panel.ui.applyButton.text == "Start" and panel.ui.applyButton.enabled
     assert panel._parameterNode.adapterFolder == ""
     process.kill()
+
+
+# -- issue 17, point 8: a job whose worker died is shown as interrupted, and resumes from the panel ------------------
+
+
+def test_a_killed_job_is_listed_interrupted_resumes_from_its_checkpoint_and_opens_in_a_new_scene(fake, panel):
+    import signal
+
+    from PEFTAdaptLib.jobs import read_events
+
+    p = panel._parameterNode
+    add_training_data(fake, p)
+    p.steps, p.patchSize = 30, 64  # a checkpoint at step 20 (TrainSpec's checkpoint_every)
+    panel.ui.applyButton.click()
+    assert not fake.dialogs, fake.dialogs
+    run = panel._run
+    assert panel.ui.jobsTable.rowCount() == 1  # listed as soon as it starts
+    deadline = time.monotonic() + 600
+    while not any(e["event"] == "step" and e["step"] >= 22 for e in read_events(run.jobDir, 0)[0]):
+        assert time.monotonic() < deadline and run.job.process.poll() is None, "the worker did not reach step 22"
+        time.sleep(0.5)
+    os.kill(run.job.process.pid, signal.SIGKILL)  # Slicer crashed, or the computer was switched off
+    run.job.process.wait(timeout=60)
+    panel._stopFollowing()  # what a restarted Slicer starts from: no run followed
+
+    ui = panel.ui
+    ui.refreshJobsButton.click()
+    assert ui.jobsTable.rowCount() == 1 and ui.jobsTable.item(0, 0).text() == run.jobDir.name
+    assert ui.jobsTable.item(0, 2).text() == "interrupted"
+    assert "stopped at step" in ui.jobsTable.item(0, 2).toolTip() and ui.resumeJobButton.enabled
+
+    ui.jobsTable.setCurrentCell(0, 0)
+    ui.resumeJobButton.click()
+    assert not fake.dialogs, fake.dialogs
+    assert ui.applyButton.text == "Cancel"  # the resumed worker is followed like a new run
+    poll_until_finished(panel)
+    assert not fake.dialogs, fake.dialogs
+    started = [e for e in read_events(run.jobDir, 0)[0] if e["event"] == "started"]
+    assert len(started) == 2 and started[-1]["resumed_from_step"] == 20
+    assert ui.jobsTable.item(0, 2).text() == "finished" and ui.jobsTable.item(0, 3).text() == "30/30"
+    assert p.adapterFolder == str(run.jobDir / "adapter")
+
+    # a finished job cannot be resumed; it opens in a new scene with its cases and settings
+    ui.jobsTable.setCurrentCell(0, 0)
+    ui.resumeJobButton.click()
+    [(kind, text)] = fake.dialogs
+    assert kind == "error" and text.startswith("Failed to resume the job.") and "the job is finished" in text
+    assert len(fake.slotErrors) == 1  # tryWithErrorDisplay re-raises: Slicer prints it in the Python console
+    fake.dialogs.clear(), fake.slotErrors.clear()
+    panel.parent.isEntered = True
+    fake.scene.Clear(0)
+    p = panel._parameterNode
+    assert p.trainingVolumes == [] and p.adapterFolder == ""
+    ui.jobsTable.setCurrentCell(0, 0)
+    ui.openJobButton.click()
+    assert not fake.dialogs, fake.dialogs
+    assert [v.GetName() for v in p.trainingVolumes] == ["T1c 3"] and len(p.trainingSegmentations) == 1
+    assert (p.steps, p.patchSize, p.method) == (30, 64, run.job.spec.method.name)
+    poll_until_finished(panel, seconds=30)
+    assert p.adapterFolder == str(run.jobDir / "adapter") and not fake.dialogs

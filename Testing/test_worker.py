@@ -244,6 +244,10 @@ def _lr_nan(job, tmp):
     job["train"]["lr"] = float("nan")
 
 
+def _patch_too_small(job, tmp):
+    job["train"]["patch_size"] = [32, 32, 32]  # one voxel at deepbet's bottleneck: its instance norms cannot train
+
+
 def _unknown_model(job, tmp):
     job["model"] = "no-such-model"
 
@@ -265,6 +269,8 @@ def _escape(job, tmp):
     (_budget_too_big, "budget: 10,000,000 parameters is more than the model's 2,126,258"),
     (_rank_over_budget, "rank 32 trains"),
     (_lr_nan, "train.lr: nan must be a finite number"),
+    (_patch_too_small, "train.patch_size: [32, 32, 32]: model 'deepbet-brain' trains on edges that are multiples of "
+                       "32 and at least 64 voxels"),
     (_unknown_model, "unknown model 'no-such-model'"),
     (_escape, "escapes the job folder"),
 ])

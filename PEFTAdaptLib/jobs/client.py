@@ -23,6 +23,8 @@ CANCEL_FILE = "cancel"
 STDOUT_LOG, STDERR_LOG = "worker.log", "worker.err.log"
 #: worker exit codes (PEFTAdaptLib.worker)
 EXIT_FINISHED, EXIT_INVALID, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOCKED = 0, 2, 3, 4, 5
+#: the listed states (`JobInfo.state`) a job can be resumed from: its last checkpoint is kept in each
+RESUMABLE = ("interrupted", "cancelled", "failed")
 
 
 class Job:

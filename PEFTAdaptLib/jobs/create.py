@@ -135,10 +135,7 @@ def check_inputs(request: JobSpec) -> None:
     from ..models.registry import model_card
 
     card = model_card(request.model)
-    patch = request.train.patch_size
-    if patch is not None and len(patch) != card.spatial_dims:
-        raise InputError(f"train.patch_size: {patch} has {len(patch)} entries; model '{card.id}' is "
-                         f"{card.spatial_dims}D")
+    card.training_patch(request.train.patch_size)
     labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
                 "predict": False}
     for role in ROLES:

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 
 
 #: `extra` key of a network that takes only inputs of its patch size (a ViT's position embeddings: UNETR's `img_size`)
@@ -53,6 +53,21 @@ class ModelCard:
             if value is not None and len(value) != self.spatial_dims:
                 raise ModelError(f"model card '{self.id}': {key} {list(value)} does not have spatial_dims = "
                                  f"{self.spatial_dims} entries")
+
+    def training_patch(self, requested: list[int] | None) -> tuple[int, ...]:
+        """The training patch: the card's, or the requested one if the network can train on it. Each edge must be a
+        multiple of `divisible_by` and at least two of them: at one multiple the bottleneck holds a single voxel,
+        where instance and batch norms cannot train (the run would fail mid-training)."""
+        if not requested:
+            return self.patch_size
+        where = f"train.patch_size: {list(requested)}"
+        if len(requested) != self.spatial_dims:
+            raise InputError(f"{where} has {len(requested)} entries; model '{self.id}' is {self.spatial_dims}D")
+        step = self.divisible_by
+        if step > 1 and any(edge % step or edge < 2 * step for edge in requested):
+            raise InputError(f"{where}: model '{self.id}' trains on edges that are multiples of {step} and at least "
+                             f"{2 * step} voxels (its own patch: {list(self.patch_size)})")
+        return tuple(requested)
 
     @property
     def num_classes(self) -> int:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..jobs import ADAPTER_DIR, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec, load_job
+from ..jobs import (
+    ADAPTER_DIR, RESUMABLE, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec, job_info, load_job,
+)
 from ..jobs.spec import resolve_input
 from ..methods import DEFAULT_METHOD, Budget, make_method, method_class
 from .monitor import AdaptationMonitor
@@ -327,13 +329,23 @@ class SceneLogic:
 
         return self._submit(build, previous.modelId, previous.volumes, previous.label, log)
 
-    def openJob(self, folder: str | Path, log=None) -> tuple[SceneRun, AdaptationRequest]:
+    def adaptationJobs(self) -> list:
+        """The work folder's adaptation jobs as `JobInfo`, newest first (a job whose worker died is `interrupted`)."""
+        return [info for info in self.client.jobs() if info.task == "adapt"]
+
+    def openJob(self, folder: str | Path, log=None, resume: bool = False) -> tuple[SceneRun, AdaptationRequest]:
         """Load an adaptation job folder back into the scene (a reopened panel, a restarted server): its input cases
-        as volume and segmentation nodes, its events replayed into the monitor, and the panel's request for it."""
+        as volume and segmentation nodes, its events replayed into the monitor, and the panel's request for it.
+        `resume`: also restart the worker of an interrupted, cancelled or failed job from its last checkpoint."""
         folder = Path(folder).absolute()
         spec = load_job(folder)
         if spec.task != "adapt":
             raise SceneError(f"{folder}: a {spec.task} job, not an adaptation")
+        if resume:
+            state = job_info(folder).state
+            if state not in RESUMABLE:
+                raise SceneError(f"{folder.name}: the job is {state}; only an interrupted, cancelled or failed job "
+                                 "can be resumed")
         modelId = next((card["id"] for card in self.modelCards() if spec.model in (card["id"], card.get("path"))),
                        None) or self.registerModelFolder(spec.model)["id"]
         labels = labels_from_card(self.card(modelId)["labels"])
@@ -360,7 +372,8 @@ class SceneLogic:
             device=train.device, seed=train.seed, targetVolumes=targets,
             warmStartAdapter=str(resolve_input(folder, spec.warm_start)) if spec.warm_start else None,
             learningRate=train.lr, auditEvery=train.audit_every)
-        run = SceneRun(self, self.client.attach(folder), modelId, targets, f"{method.name} segmentation", log)
+        job = self.client.resume(folder) if resume else self.client.attach(folder)
+        run = SceneRun(self, job, modelId, targets, f"{method.name} segmentation", log)
         run.poll()
         return run, request
 

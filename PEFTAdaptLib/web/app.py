@@ -402,7 +402,7 @@ class WebApp:
     def refresh_jobs_now(self) -> None:
         self.state.jobs = [{"name": info.folder.name, "method": info.method, "state": info.state,
                             "best_dice": f"{info.best_dice:.3f}" if info.best_dice is not None else ""}
-                           for info in self.session.logic.client.jobs() if info.task == "adapt"]
+                           for info in self.session.logic.adaptationJobs()]
 
     @reports_errors
     def refresh_jobs(self) -> None:
@@ -438,8 +438,7 @@ class WebApp:
 
     def resume_running_job(self) -> None:
         """After a server restart: follow the work folder's running job again."""
-        running = [info for info in self.session.logic.client.jobs() if info.state in ("starting", "running")
-                   and info.task == "adapt"]
+        running = [info for info in self.session.logic.adaptationJobs() if info.state in ("starting", "running")]
         if running:
             self.open_job_folder(running[0].folder)
 
