@@ -152,7 +152,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for device, step, infer, peak, busy, loss in rows:
         print(f"| {device} | {step:.3f} | {busy:.0f} | {infer:.3f} | {peak:.2f} | {loss:.3f} |")
-    print(f"\n| device | adapter | frozen fwd+bwd (s) | dense path (s) | cost rule (s) | dense / frozen "
+    print("\n| device | adapter | frozen fwd+bwd (s) | dense path (s) | cost rule (s) | dense / frozen "
           "| cost rule / frozen | gradients, max relative difference |")
     print("|---|---|---|---|---|---|---|---|")
     for device, name, frozen, dense, chosen, difference in paths:

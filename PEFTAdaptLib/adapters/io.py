@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelError
+from ..jsonfile import read_json
 from .base import LAYER_TENSORS, UNIT_TYPES, AdaptedLayer, add_units, base_layer_names, iter_units
 
 FORMAT_VERSION = 1
@@ -82,16 +83,8 @@ def save_adapters(model: nn.Module, folder: str | Path, base_fingerprint: str | 
 
 
 def read_adapter_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise ModelError(f"{path}: adapter config not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: adapter config is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: adapter config is not a JSON object")
-    return config
+    return read_json(Path(folder) / CONFIG_FILE, f"adapter config (an adapter folder holds {CONFIG_FILE} and "
+                     f"{WEIGHTS_FILE})", ModelError)
 
 
 def _checked_units(model: nn.Module, config: dict, folder: Path) -> list[dict]:

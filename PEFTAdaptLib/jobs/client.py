@@ -3,7 +3,6 @@
 torch is installed."""
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from .create import ADAPTER_DIR, create_job
 from .events import EVENTS_FILE, STATUS_FILE, read_events
 from .files import check_writable, open_job_file, refuse_links
@@ -228,12 +228,4 @@ def job_info(folder: Path) -> JobInfo:
 
 def _read_status(folder: Path) -> dict:
     path = folder / STATUS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        status = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        status = None
-    if not isinstance(status, dict):
-        raise InputError(f"{path}: not a status written by the worker (invalid JSON)")
-    return status
+    return read_json(path, "the worker's status") if path.is_file() else {}

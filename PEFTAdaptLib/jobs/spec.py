@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from ..methods import DEFAULT_METHOD, Cases, MethodConfig, make_method, method_from_dict
 from .files import write_file
 
@@ -164,13 +165,7 @@ def changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
 
 def load_job(job_dir: str | Path) -> JobSpec:
     path = Path(job_dir) / JOB_FILE
-    if not path.is_file():
-        raise InputError(f"{path}: job description not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    spec = JobSpec.from_dict(data, str(path))
+    spec = JobSpec.from_dict(read_json(path, "job description"), str(path))
     spec.check(str(path))
     return spec
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, ModelError
+from ..jsonfile import read_json
 
 
 #: `extra` key of a network that takes only inputs of its patch size (a ViT's position embeddings: UNETR's `img_size`)
@@ -94,13 +95,7 @@ class ModelCard:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"{path}: model card not found")
-        try:
-            return cls.from_dict(json.loads(path.read_text()), str(path))
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: model card is not valid JSON ({exc})") from None
+        return cls.from_dict(read_json(path, "model card", ModelError), str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

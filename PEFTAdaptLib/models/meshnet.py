@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 
 from ..errors import ModelError
+from ..jsonfile import read_json
 from .card import LabelInfo, ModelCard
 from .foundation import FoundationModel
-from .safe_load import is_safetensors, read_json
+from .safe_load import is_safetensors
 
 MODEL_JSON = "model.json"
 #: brainchop's newer op list (mindgrab); where present it wins over model.json, whose channel counts may be stale
@@ -38,7 +39,7 @@ def _colormap(folder: Path, classes: int) -> tuple[Path, dict] | None:
     candidates = [folder / COLORMAP, folder / f"colormap{classes}.json"]
     present = [path for path in candidates if path.is_file()]
     for path in present:
-        colormap = read_json(path)
+        colormap = read_json(path, "brainchop colormap", ModelError)
         if len(colormap.get("labels", [])) == classes:
             return path, colormap
     if present:
@@ -60,10 +61,10 @@ def _labels(folder: Path, classes: int) -> list[LabelInfo]:
 
 def read_spec(folder: Path) -> dict:
     """model.json's layer description, or the equivalent of layers.json's op list where that file exists."""
-    spec = read_json(folder / MODEL_JSON)
+    spec = read_json(folder / MODEL_JSON, "brainchop model description", ModelError)
     if not (folder / LAYERS_JSON).is_file():
         return spec
-    ops = read_json(folder / LAYERS_JSON).get("forward_pass")
+    ops = read_json(folder / LAYERS_JSON, "brainchop layer list", ModelError).get("forward_pass")
     if not isinstance(ops, list):
         raise ModelError(f"{folder / LAYERS_JSON}: no 'forward_pass' list")
     names = {op.get("op") for op in ops}

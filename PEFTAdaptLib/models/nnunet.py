@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..jsonfile import read_json
 from .card import LabelInfo, ModelCard
 from .foundation import FoundationModel
 from .network_classes import import_network_class
-from .safe_load import read_json
 
 DATASET_JSON = "dataset.json"
 PLANS_JSON = "plans.json"
@@ -125,7 +125,8 @@ def _labels(dataset: dict, path: Path) -> list[LabelInfo]:
 def nnunet_card(folder: Path, model_id: str | None = None) -> ModelCard:
     """The card of an nnU-Net folder, from the JSON files alone (no torch, no checkpoint read)."""
     dataset_path, plans_path = folder / DATASET_JSON, folder / PLANS_JSON
-    dataset, plans = read_json(dataset_path), read_json(plans_path)
+    dataset = read_json(dataset_path, "nnU-Net dataset description", ModelError)
+    plans = read_json(plans_path, "nnU-Net plans", ModelError)
     name = configuration_name(folder, plans)
     config = _configuration(plans, name, plans_path)
     order = _axis_order(plans)
@@ -232,7 +233,8 @@ def load_nnunet(folder: str | Path, fold: str | None = None, model_id: str | Non
     if not isinstance(state, dict):
         raise ModelError(f"{weights}: key 'network_weights' is missing (not an nnU-Net v2 checkpoint)")
     plans_path = folder / PLANS_JSON
-    config = _configuration(read_json(plans_path), card.extra["configuration"], plans_path)
+    plans = read_json(plans_path, "nnU-Net plans", ModelError)
+    config = _configuration(plans, card.extra["configuration"], plans_path)
     cls, kwargs = _architecture(config, card.input_channels, card.num_classes, plans_path)
     try:
         inner = cls(**kwargs)

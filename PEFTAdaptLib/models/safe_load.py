@@ -7,7 +7,6 @@ anything else is refused with the file named, never unpickled in full.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,16 +20,6 @@ if TYPE_CHECKING:  # torch is imported only when weights are actually read
 
 #: how many mismatching names a shape/key error lists before "…"
 SHOWN_MISMATCHES = 5
-
-
-def read_json(path: Path) -> dict:
-    """A model description file, or a ModelError naming it."""
-    if not path.is_file():
-        raise ModelError(f"{path}: file is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
 
 
 def sha256_file(path: str | Path) -> str:
