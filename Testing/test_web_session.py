@@ -141,3 +141,39 @@ def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_c
     chart, rows = allocation([first, second])  # round 2 allocated nothing: round 1's allocation is shown
     assert [(row["unit"], row["family"]) for row in rows] == [("a", "lora"), ("c", "bitfit")]
     assert chart["data"][0]["x"] == ["a", "c"] and chart["data"][0]["y"] == [96, 8]
+
+
+def test_a_killed_job_is_listed_interrupted_and_resumes_from_the_jobs_list(app):
+    """Issue 17, point 8 in the browser: a worker killed by SIGKILL leaves a job that says it runs; the list shows it
+    as interrupted (with why), and Resume continues it from its checkpoint."""
+    import signal
+    import time
+
+    from PEFTAdaptLib.jobs import CaseSpec, JobSpec, TrainSpec, read_events
+    from PEFTAdaptLib.methods import make_method
+
+    image, mask = str(shared(BRATS_IMAGE)), str(shared(BRATS_MASK))
+    job = app.session.logic.client.submit(JobSpec(
+        "deepbet-brain", support=[CaseSpec([image], mask, "T1c 6")], audit=[CaseSpec([image], mask, "T1c 6")],
+        method=make_method("bitfit"), train=TrainSpec(steps=4, patch_size=[64] * 3, patches_per_step=1,
+                                                      audit_every=2, checkpoint_every=2, device="cpu")))
+    deadline = time.monotonic() + 600
+    while not any(e["event"] == "step" and e["step"] >= 3 for e in read_events(job.folder, 0)[0]):
+        assert time.monotonic() < deadline and job.process.poll() is None, "the worker did not reach step 3"
+        time.sleep(0.2)
+    os.kill(job.process.pid, signal.SIGKILL)
+    job.process.wait(timeout=60)
+
+    app.refresh_jobs_now()
+    [row] = app.state.jobs
+    assert row["state"] == "interrupted" and row["resumable"] and "stopped at step" in row["message"]
+    app.open_job_folder(job.folder, resume=True)
+    assert app.session.running and app.state.message == f"resumed {job.folder.name}"
+    while app.session.running:
+        assert time.monotonic() < deadline, "the resumed job did not finish"
+        app.session.poll()
+        time.sleep(0.3)
+    started = [e for e in read_events(job.folder, 0)[0] if e["event"] == "started"]
+    assert len(started) == 2 and started[-1]["resumed_from_step"] == 2
+    app.refresh_jobs_now()
+    assert app.state.jobs[0]["state"] == "finished" and not app.state.jobs[0]["resumable"]

@@ -26,6 +26,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ..errors import InputError, PEFTAdaptError
+from ..jobs import RESUMABLE
 from ..jobs.spec import DEVICES
 from ..methods import DEFAULT_METHOD, method_class, method_names
 from ..mrml.logic import AdaptationRequest
@@ -401,7 +402,8 @@ class WebApp:
     # -- jobs of the work folder -----------------------------------------------------------------------------------
     def refresh_jobs_now(self) -> None:
         self.state.jobs = [{"name": info.folder.name, "method": info.method, "state": info.state,
-                            "best_dice": f"{info.best_dice:.3f}" if info.best_dice is not None else ""}
+                            "best_dice": f"{info.best_dice:.3f}" if info.best_dice is not None else "",
+                            "message": info.message, "resumable": info.state in RESUMABLE}
                            for info in self.session.logic.adaptationJobs()]
 
     @reports_errors
@@ -413,8 +415,14 @@ class WebApp:
         await self._starting(f"opening {name}…")
         self.open_job_folder(access.inside(self.session.work_dir / JOBS, name, "job folder"))
 
-    def open_job_folder(self, folder: Path) -> None:
-        request = self.session.open_job(folder)
+    @reports_errors
+    async def resume_job(self, name: str) -> None:
+        await self._starting(f"resuming {name} from its last checkpoint…")
+        self.open_job_folder(access.inside(self.session.work_dir / JOBS, name, "job folder"), resume=True)
+
+    def open_job_folder(self, folder: Path, resume: bool = False) -> None:
+        """A job of the work folder back in the panel; `resume` restarts an interrupted, cancelled or failed one."""
+        request = self.session.open_job(folder, resume)
         state = self.state
         state.model_id = request.modelId
         state.pairs = [{"volume": v.GetID(), "segmentation": s.GetID()} for v, s in request.trainingPairs]
@@ -434,7 +442,8 @@ class WebApp:
         if request.targetVolumes:
             state.shown_volume = request.targetVolumes[0].GetID()
         self._show_results()
-        self.say(f"opened {folder.name}")
+        self.refresh_jobs_now()
+        self.say(f"{'resumed' if resume else 'opened'} {folder.name}")
 
     def resume_running_job(self) -> None:
         """After a server restart: follow the work folder's running job again."""

@@ -137,8 +137,12 @@ def _panel(app) -> None:
             v3.VBtn("Refresh", size="small", variant="tonal", click=app.refresh_jobs, id="refresh-jobs")
             with v3.VDataTable(headers=("job_headers", JOB_HEADERS), items=("jobs", []), density="compact",
                                items_per_page=5, id="jobs"):
+                with v3.Template(raw_attrs=['v-slot:item.state="{ item }"']):
+                    html.Span("{{ item.state }}", title=("item.message",))
                 with v3.Template(raw_attrs=['v-slot:item.open="{ item }"']):
                     v3.VBtn("Open", size="x-small", variant="tonal", click=(app.open_job, "[item.name]"))
+                    v3.VBtn("Resume", size="x-small", variant="tonal", classes="ml-1", v_if="item.resumable",
+                            click=(app.resume_job, "[item.name]"))
 
 
 def _data_section(app) -> None:

@@ -149,9 +149,10 @@ class PanelSession:
             changed = True
         return changed
 
-    def open_job(self, folder: Path) -> AdaptationRequest:
-        """A job folder of the work folder back in the panel, with the earlier rounds it continued from."""
-        run, request = self.logic.openJob(folder)
+    def open_job(self, folder: Path, resume: bool = False) -> AdaptationRequest:
+        """A job folder of the work folder back in the panel, with the earlier rounds it continued from (`resume`:
+        its worker restarted from the last checkpoint)."""
+        run, request = self.logic.openJob(folder, resume=resume)
         self.rounds = [Round(run)]
         parent = self._continued_from(request.warmStartAdapter)
         while parent is not None:
