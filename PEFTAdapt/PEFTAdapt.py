@@ -153,6 +153,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None  # the SceneRun the panel follows
         self._checkedRun = None  # the last run whose segmentation came in: "Next slice to check" walks its ranking
+        self._shownSlice = None  # (volume, IJK axis, index) that "Next slice to check" showed last
         self._runIsSegmentation = False
         self._cancelRequested = False
         self._rankMethod = None  # the method whose ranks the rank combo box lists
@@ -195,6 +196,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.readaptButton.connect("clicked(bool)", self.onReadapt)
         self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
+        self.ui.markCheckedButton.connect("clicked(bool)", self.onMarkChecked)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.loadAdapterButton.connect("clicked(bool)", self.onLoadAdapter)
         self.ui.refreshJobsButton.connect("clicked(bool)", self.refreshJobs)
@@ -245,7 +247,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The scene's nodes are about to go: stop following the run (cancelling it only if its worker still runs)
         and let go of every node of the closing scene."""
         self._stopFollowing()
-        self._checkedRun = None
+        self._checkedRun = self._shownSlice = None
         self.setParameterNode(None)
         self.plotWidget.setMRMLPlotViewNode(None)
         self.allocationPlotWidget.setMRMLPlotViewNode(None)
@@ -343,6 +345,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.readaptButton.enabled = bool(p and p.adapterFolder and method_class(p.method).warm_startable) \
             and not running
         self.ui.nextSliceButton.enabled = self._checkedRun is not None and not running
+        self.ui.markCheckedButton.enabled = bool(self._shownSlice and p and p.outputSegmentation) and not running
         self.ui.openJobButton.enabled = self.ui.resumeJobButton.enabled = bool(self._jobs) and not running
 
     def refreshJobs(self) -> None:
@@ -410,10 +413,17 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onNextSlice(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to move to the next slice."), waitCursor=True):
-            found = self._checkedRun.nextSliceToCheck()
+            found = self._shownSlice = self._checkedRun.nextSliceToCheck()
             self.ui.statusLabel.text = _("Every ranked slice was shown.") if found is None else \
                 _("{volume}: axial slice {index}, where the model is least sure. Correct it, then Re-adapt.").format(
                     volume=found[0].GetName(), index=found[2])
+        self._updateButtons()
+
+    def onMarkChecked(self) -> None:
+        volume, axis, index = self._shownSlice
+        self.logic.sceneLogic.markSlicesChecked(self._parameterNode.outputSegmentation, axis, [index])
+        self.ui.statusLabel.text = _("{volume}: axial slice {index} marked as right; Re-adapt trains on it.").format(
+            volume=volume.GetName(), index=index)
 
     def _start(self, warmStart: bool) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start adaptation."), waitCursor=True):
@@ -489,7 +499,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
                     segmentation = self.logic.importResults(self._parameterNode, run, self._runIsSegmentation)
                     if segmentation is not None:
-                        self._checkedRun = run  # its uncertainty ranking drives "Next slice to check"
+                        self._checkedRun, self._shownSlice = run, None  # its ranking drives "Next slice to check"
                         self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
                         self.ui.segmentEditorWidget.setSourceVolumeNode(self._parameterNode.targetVolume)
             elif not self._cancelRequested:

@@ -275,6 +275,16 @@ def test_segment_returns_at_once_and_the_timer_follows_the_background_job(fake, 
     assert (panel.ui.progressBar.value, panel.ui.progressBar.maximum) == (1, 1)
     assert panel.ui.applyButton.text == "Start" and panel.ui.segmentButton.enabled
 
+    # the ranked slice it shows is right as predicted: marking it makes a re-adapt train on it (issue 19)
+    ui = panel.ui
+    assert ui.nextSliceButton.enabled and not ui.markCheckedButton.enabled
+    ui.nextSliceButton.click()
+    volume, axis, index = panel._shownSlice
+    assert volume is target and f"axial slice {index}" in ui.statusLabel.text and ui.markCheckedButton.enabled
+    ui.markCheckedButton.click()
+    assert json.loads(segmentation.GetAttribute("PEFTAdapt.checkedSlices")) == [[axis, index]]
+    assert "marked as right" in ui.statusLabel.text and not fake.dialogs
+
 
 # -- defect 6: no console window for the worker on Windows ------------------------------------------------------------
 

@@ -73,11 +73,15 @@ def test_corrected_slices_are_what_a_readapt_trains_on(thin, tmp_path):
     edited[60:120, 10:30, 25] = 2
     sitk.WriteImage(from_array(edited, sitk.ReadImage(str(exported))), str(tmp_path / "edited.nrrd"))
     import_prediction(scene, tmp_path / "edited.nrrd", volume, labels, "edited", segmentation)
+    logic.markSlicesChecked(segmentation, axis, [index])  # the coronal slice shown first was right as predicted
 
     second = logic.startReadaptation(run, [(volume, segmentation)])
     spec = json.loads((second.jobDir / "job.json").read_text())
     corrected = spec["support"][-1]
     mask = to_array(sitk.ReadImage(str(second.jobDir / corrected["annotated"])), np.uint8)
-    assert np.flatnonzero(mask.any(axis=(0, 1))).tolist() == [10, 25] and mask[..., 10].all()
+    checked = np.moveaxis(mask, axis, 0)  # a view: the marked slice cleared below is cleared in `mask` too
+    assert checked[index].all() and mask[..., 10].all()
+    checked[index] = 0
+    assert np.flatnonzero(mask.any(axis=(0, 1))).tolist() == [10, 25]
     assert spec["support"][0].get("annotated") is None  # the first round's drawn label counts whole
     assert second.wait(600).outcome == "finished", second.state.message

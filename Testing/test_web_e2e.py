@@ -274,6 +274,12 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
         assert painted > before + 300, (before, painted)
         shot(page, "04-corrected")
 
+        # the ranked slice shown first is right as predicted: marked, the re-adapt trains on it as well
+        page.click("#next-slice")
+        wait_message(page, "where the model is least sure")
+        page.click("#mark-checked")
+        wait_message(page, "marked as right")
+
         # re-adapt with the correction; the server is restarted meanwhile: the job folder carries the run
         page.click("#readapt")
         wait_message(page, "round 2 started")

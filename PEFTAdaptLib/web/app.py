@@ -372,6 +372,11 @@ class WebApp:
                  "Re-adapt" if found else "every ranked slice was shown")
 
     @reports_errors
+    def mark_slice_checked(self) -> None:
+        volume, _axis, index = self.session.mark_slice_checked()
+        self.say(f"{volume.GetName()}: slice {index} marked as right — Re-adapt trains on it too")
+
+    @reports_errors
     def cancel(self) -> None:
         self.session.cancel()
         self.say("cancelling: the worker keeps its last checkpoint and the best adapter so far")

@@ -113,6 +113,8 @@ def _panel(app) -> None:
                         classes="ml-2", prepend_icon="mdi-refresh")
                 v3.VBtn("Next slice to check", click=app.next_slice, id="next-slice", disabled=("!can_readapt",),
                         classes="ml-2", prepend_icon="mdi-target")
+                v3.VBtn("Slice is right", click=app.mark_slice_checked, id="mark-checked",
+                        disabled=("!can_readapt",), classes="ml-2", prepend_icon="mdi-check")
             v3.VProgressLinear(model_value=("run_progress", 0), height=6, classes="my-2", color="primary",
                                indeterminate=("running && !run_progress",))
             html.Div("{{ run_text }}", id="run-text", classes="text-body-2")

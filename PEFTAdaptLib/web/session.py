@@ -35,6 +35,7 @@ class Round:
     run: SceneRun
     results: list = field(default_factory=list)
     imported: bool = False
+    shown: tuple | None = None  # (volume, IJK axis, index) that "Next slice to check" showed last
 
 
 class PanelSession:
@@ -122,7 +123,17 @@ class PanelSession:
         last = self.current
         if last is None or not last.results:
             raise SceneError("no segmentation to check yet: adapt with a volume under 'Segment after adapting'")
-        return last.run.nextSliceToCheck(plane)
+        last.shown = last.run.nextSliceToCheck(plane)
+        return last.shown
+
+    def mark_slice_checked(self) -> tuple:
+        """The slice `next_slice` showed last needs no correction: a re-adapt trains on it too."""
+        last = self.current
+        if last is None or last.shown is None:
+            raise SceneError("show a slice with 'Next slice to check' first")
+        volume, axis, index = last.shown
+        self.logic.markSlicesChecked(last.results[last.run.volumes.index(volume)], axis, [index])
+        return last.shown
 
     def cancel(self) -> None:
         if self.running:
