@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .data.formats import image_suffix
+from .data.formats import image_suffix, map_suffix
 from .data.sparse import PLANES, index_axis
 from .data.planar import on_grid_of
 
@@ -121,9 +121,9 @@ class Uncertainty:
 def companion_paths(prediction_path: str | Path) -> dict[str, Path]:
     """Where the uncertainty files of a segmentation `<name>_seg<suffix>` lie (disagreement only with an adapter)."""
     path = Path(prediction_path)
-    suffix = image_suffix(path)
-    base = path.name[: -len(suffix)]
+    base = path.name[: -len(image_suffix(path))]
     base = base[: -len("_seg")] if base.endswith("_seg") else base
+    suffix = map_suffix(path)
     return {"uncertainty": path.with_name(f"{base}_uncertainty{suffix}"),
             "disagreement": path.with_name(f"{base}_disagreement{suffix}"),
             "slices": path.with_name(f"{base}_slices.json")}

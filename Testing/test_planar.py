@@ -16,6 +16,7 @@ from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.metrics import hd95
 from PEFTAdaptLib.models.registry import model_card
+from PEFTAdaptLib.uncertainty import companion_paths
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,8 @@ def test_a_2d_image_adapts_and_predicts_on_its_own_geometry(model, files, tmp_pa
         assert written.GetDimension() == original.GetDimension()
         assert same_geometry(written, original)  # the single slice keeps its origin, 0.9 mm spacing and 3 mm depth
         assert set(np.unique(sitk.GetArrayViewFromImage(written))) <= {0, 1}
+        uncertainty = sitk.ReadImage(str(companion_paths(path)["uncertainty"]))  # a float map: PNG's as NRRD
+        assert same_geometry(uncertainty, written) and uncertainty.GetPixelID() == sitk.sitkFloat32
     arrays = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))).squeeze() for p in paths]
     # a predict job with the adapter reproduces the single slice's prediction
     again = client.submit(JobSpec(model=str(model), task="predict", predict=predict[1:2],

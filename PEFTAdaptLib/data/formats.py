@@ -12,6 +12,8 @@ MGH_SUFFIXES = (".mgz", ".mgh")  # FreeSurfer's, read and written through nibabe
 CHECKED_AGAINST_HEADER = (".nii.gz", ".nii", *MGH_SUFFIXES)
 #: inputs whose label is written in another format: a label map is no DICOM image (DICOM SEG is a format of its own)
 LABEL_SUFFIX = {".dcm": ".nrrd"}
+#: predictions whose float maps (uncertainty, disagreement) are written in another format: PNG holds integers only
+MAP_SUFFIX = {".png": ".nrrd"}
 
 
 def image_suffix(path: str | Path) -> str:
@@ -27,6 +29,12 @@ def stem(path: str | Path) -> str:
     """The file name without its image suffix (`t1.nii.gz` → `t1`)."""
     name = Path(path).name
     return name[: len(name) - len(image_suffix(name))]
+
+
+def map_suffix(path: str | Path) -> str:
+    """The suffix a float map beside the segmentation `path` is written with (the segmentation's own, PNG's as NRRD)."""
+    suffix = image_suffix(path)
+    return MAP_SUFFIX.get(suffix, suffix)
 
 
 def label_suffix(path: str | Path) -> str:
