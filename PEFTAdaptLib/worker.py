@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import count_trainable, load_adapters, save_adapters
+from .adapters import count_trainable, load_adapters, save_adapters, train_in_full
 from .checkpoint import check_same_job, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
@@ -33,7 +33,7 @@ from .jobs.files import job_subfolder, refuse_links, remove, replace_folder, wri
 from .jobs.lock import JobLock, JobLocked
 from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
-from .models.card import ModelCard
+from .models.card import TRAINED_IN_FULL, ModelCard
 from .models.foundation import FoundationModel
 from .models.registry import load_model
 from .selection import VOLUME_CHANGE
@@ -188,6 +188,8 @@ class Run:
         else:
             plan = method.build(BuildContext(model.network, card, total, spec.lr, spec.train.steps,
                                              spec.train.patches_per_step, spec.train.seed, device, cases, self.emit))
+            if card.extra.get(TRAINED_IN_FULL):  # a new head: trained in full whatever the method
+                plan.info["trained_in_full"] = train_in_full(model.network, card.extra[TRAINED_IN_FULL])
         config = TrainConfig(steps=spec.train.steps, lr=spec.lr, patches_per_step=spec.train.patches_per_step,
                              audit_every=spec.train.audit_every, seed=spec.train.seed, device=device)
         objective = plan.objective or SupervisedObjective(cases.support, card.patch_size, config.patches_per_step,
@@ -224,7 +226,10 @@ class Run:
             self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
                        "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
-        outcome = self.outcome(summary, warm is not None, len(trainer.history))
+        start = ("the adapter it started from" if warm is not None else
+                 "the source model, whose new head is untrained: its predictions mean nothing" if
+                 card.extra.get(TRAINED_IN_FULL) else "the source model")
+        outcome = self.outcome(summary, start, len(trainer.history))
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
@@ -236,9 +241,8 @@ class Run:
         return EXIT_FINISHED
 
     @staticmethod
-    def outcome(summary: dict, warm: bool, audits: int) -> dict:
-        """What the run gives the user, in words: the adapted state, or the starting model kept."""
-        start = "the adapter it started from" if warm else "the source model"
+    def outcome(summary: dict, start: str, audits: int) -> dict:
+        """What the run gives the user, in words: the adapted state, or the starting model (`start`) kept."""
         if not summary["kept_start"]:
             return {"kept": "adapted", "message": f"adapted state of step {summary['best_step']} kept"}
         if audits < 2:

@@ -13,7 +13,7 @@ from .base import (
 )
 from .bitfit import BitFitConfig, BitFitUnit
 from .convlora import ConvLoRAConfig, ConvLoRAUnit
-from .dense import DenseConfig, DenseUnit
+from .dense import DenseConfig, DenseUnit, train_in_full
 from .io import fingerprint, load_adapters, save_adapters
 from .lora import LoRAConfig, LoRAUnit
 from .norm import AdaBNConfig, AdaBNUnit, NormAffineConfig, NormAffineUnit, estimate_adabn
@@ -45,5 +45,5 @@ __all__ = [
     "LoRAConfig", "LoRAUnit", "NormAffineConfig", "QKVLoRAConfig", "QKVLoRAUnit", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit",
     "UNIT_TYPES", "UnitRecord", "add_units", "apply_adapter", "count_base_parameters", "count_trainable",
     "estimate_adabn", "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "merge_and_unload",
-    "parameter_groups", "save_adapters", "trainable_parameters", "unit_class_for", "unmerge_all",
+    "parameter_groups", "save_adapters", "train_in_full", "trainable_parameters", "unit_class_for", "unmerge_all",
 ]

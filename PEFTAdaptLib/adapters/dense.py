@@ -37,3 +37,18 @@ class DenseUnit(AdapterUnit):
         if self.delta_bias is not None:
             out["bias"] = params["bias"] + self.delta_bias
         return out
+
+
+#: the units' name on the layers of a model's new modules (`train_in_full`)
+NEW_MODULE_UNIT = "new"
+
+
+def train_in_full(model: nn.Module, modules) -> int:
+    """Dense deltas on every weight layer inside the named modules (a new task head, which starts untrained and so
+    is trained in full beside any method's adapters); returns the parameters they train."""
+    from .base import add_units, base_layer_names
+
+    layers = [name for name in base_layer_names(model, DenseUnit.layer_types)
+              if any(name == m or name.startswith(f"{m}.") for m in modules)]
+    records = add_units(model, DenseConfig(), DenseUnit, NEW_MODULE_UNIT, layers=layers)
+    return sum(p.numel() for r in records for p in r.unit.parameters())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..data.formats import image_suffix, stem
 from ..errors import InputError
+from ..models.card import TRAINED_IN_FULL
 from .files import check_writable, remove
 from .lock import LOCK_FILE, JobLock, JobLocked, is_running
 from .spec import JOB_FILE, CaseSpec, JobSpec, write_spec
@@ -136,6 +137,9 @@ def check_inputs(request: JobSpec) -> None:
 
     card = model_card(request.model)
     card.training_patch(request.train.patch_size)
+    if request.task == "predict" and not request.adapter and card.extra.get(TRAINED_IN_FULL):
+        raise InputError(f"model '{card.id}' has an untrained part ({', '.join(card.extra[TRAINED_IN_FULL])}) that "
+                         "an adaptation trains: adapt it first, then predict with its adapter")
     labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
                 "predict": False}
     for role in ROLES:

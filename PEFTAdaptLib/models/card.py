@@ -11,6 +11,8 @@ from ..jsonfile import read_json
 
 #: `extra` key of a network that takes only inputs of its patch size (a ViT's position embeddings: UNETR's `img_size`)
 FIXED_INPUT_SIZE = "fixed_input_size"
+#: `extra` key: modules that start untrained (a new task head), which every adaptation trains in full
+TRAINED_IN_FULL = "trained_in_full"
 
 
 @dataclass

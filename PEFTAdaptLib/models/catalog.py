@@ -21,6 +21,7 @@ from .card import ModelCard
 from .meshnet import is_meshnet_folder
 from .monai_bundle import is_bundle_folder
 from .nnunet import is_nnunet_folder
+from .sam import is_sam_folder
 from .torchscript_card import SUFFIXES as TORCHSCRIPT_SUFFIXES
 from .torchscript_card import is_torchscript_folder
 
@@ -28,7 +29,7 @@ REGISTRY_FILE = "registry.json"
 SCHEMA_PATH = Path(__file__).with_name("registry_schema.json")
 #: packages each format needs beyond the core install
 PACKAGES = {"monai_bundle": ["monai"], "nnunet_v2": ["dynamic_network_architectures"], "meshnet": ["safetensors"],
-            "torchscript": [], "builtin": []}
+            "segment_anything": [], "torchscript": [], "builtin": []}
 
 
 def models_dir() -> Path:
@@ -43,7 +44,8 @@ def detect_format(path: Path) -> str | None:
     if path.is_file():
         return "torchscript" if path.suffix in TORCHSCRIPT_SUFFIXES else None
     for name, test in (("nnunet_v2", is_nnunet_folder), ("monai_bundle", is_bundle_folder),
-                       ("meshnet", is_meshnet_folder), ("torchscript", is_torchscript_folder)):
+                       ("meshnet", is_meshnet_folder), ("segment_anything", is_sam_folder),
+                       ("torchscript", is_torchscript_folder)):
         if path.is_dir() and test(path):
             return name
     return None
@@ -112,11 +114,12 @@ class CatalogEntry:
         from .meshnet import meshnet_card_from_folder
         from .monai_bundle import bundle_card
         from .nnunet import nnunet_card
+        from .sam import sam_card
         from .torchscript_card import torchscript_card
 
         readers: dict[str, Callable[[Path, str], ModelCard]] = {
             "monai_bundle": bundle_card, "nnunet_v2": nnunet_card, "torchscript": torchscript_card,
-            "meshnet": meshnet_card_from_folder,
+            "meshnet": meshnet_card_from_folder, "segment_anything": sam_card,
         }
         return self._with_record(readers[self.format](self.path, self.id))
 
@@ -158,11 +161,12 @@ class CatalogEntry:
         from .meshnet import load_meshnet
         from .monai_bundle import load_bundle
         from .nnunet import load_nnunet
+        from .sam import load_sam
         from .torchscript_card import load_torchscript
 
         self.check()
         loaders = {"monai_bundle": load_bundle, "nnunet_v2": load_nnunet, "torchscript": load_torchscript,
-                   "meshnet": load_meshnet}
+                   "meshnet": load_meshnet, "segment_anything": load_sam}
         model = loaders[self.format](self.path, model_id=self.id)
         self._with_record(model.card)
         return model
@@ -177,6 +181,13 @@ def _check_weights_present(model_format: str, path: Path) -> None:
         raise ModelError(f"{path / WEIGHT_NAMES[1]}: file is missing (nor model.safetensors / model.ts)")
     if model_format == "nnunet_v2" and checkpoint_path(path, None) is None:
         raise ModelError(f"{path / 'fold_*'}: no {' or '.join(CHECKPOINTS)}")
+    if model_format == "segment_anything":
+        from .sam import read_description
+
+        spec = read_description(path)
+        for key in ("checkpoint", "head"):
+            if key in spec and not (path / spec[key]).is_file():
+                raise ModelError(f"{path / spec[key]}: file is missing (field '{key}' of sam.json names it)")
 
 
 def _check_code(model_format: str, path: Path) -> None:
@@ -270,7 +281,7 @@ def entry_for_path(path: Path) -> CatalogEntry:
     model_format = detect_format(path)
     if model_format is None:
         raise ModelError(f"{path}: no recognised model here (MONAI bundle, nnU-Net v2 folder, TorchScript + card, "
-                         "MeshNet model.json + model.pth); see docs/models.md")
+                         "MeshNet model.json + model.pth, SAM sam.json + checkpoint); see docs/models.md")
     registry = path / REGISTRY_FILE if path.is_dir() else None
     if registry is not None and registry.is_file():
         return _from_record({**_read_registry(registry)[0], "path": str(path)}, registry)
