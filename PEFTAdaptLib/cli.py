@@ -156,6 +156,8 @@ def report(job) -> int:
     if len(state.classes) > 1:
         print("audit Dice per class: " + ", ".join(f"{name} {value:.4f}" for name, value in state.classes.items()
                                                   if value is not None))
+    if state.allocation_summary:
+        print("allocation: " + state.allocation_summary.replace("\n", "\n            "))
     if state.message and state.outcome == "finished":
         print(f"result: {state.message}")
     if state.best_agreement is not None:

@@ -1,4 +1,5 @@
-"""`peftadapt demo`: adapt deepbet to a T2-like, bias-corrupted, noisy target domain, from installed files only."""
+"""`peftadapt demo`: adapt deepbet to a T2-like, bias-corrupted, noisy target domain, from installed files only, with
+the product's default method (SEA-PEFT at its default budget), and show where its adapters went."""
 from __future__ import annotations
 
 import time
@@ -29,11 +30,11 @@ def write_demo_data(folder: Path) -> dict[str, tuple[Path, Path]]:
 
 def demo_request(data: dict[str, tuple[Path, Path]], steps: int, seed: int):
     from .jobs import CaseSpec, JobSpec, TrainSpec
-    from .methods import make_method
+    from .methods import DEFAULT_METHOD, make_method
 
     case = lambda role, labelled=True: CaseSpec([str(data[role][0])], str(data[role][1]) if labelled else None)  # noqa: E731
     return JobSpec(model=DEFAULT_MODEL, support=[case("support")], audit=[case("audit")],
-                   predict=[case("test", labelled=False)], method=make_method("lora", rank=4),
+                   predict=[case("test", labelled=False)], method=make_method(DEFAULT_METHOD),
                    train=TrainSpec(steps=steps, audit_every=10, seed=seed, device="cpu"))
 
 
@@ -57,7 +58,8 @@ def run_demo(output_dir: str | Path, steps: int = 80, seed: int = 0, progress=No
     [prediction_path] = job.prediction_paths()
     adapted = read_image(prediction_path, what="label")
     tuned = evaluate(adapted, reference, [1])
-    dice_curve(history, out / "dice_curve.png", "deepbet + LoRA: audit Dice")
+    method = state.method
+    dice_curve(history, out / "dice_curve.png", f"deepbet + {method}: audit Dice")
     overlay_slices(
         to_array(read_image(data["test"][0])),
         {"zero-shot": to_array(zero_shot) == 1, "adapted": to_array(adapted) == 1},
@@ -65,7 +67,8 @@ def run_demo(output_dir: str | Path, steps: int = 80, seed: int = 0, progress=No
         out / "overlay.png",
     )
     return {
-        "zero_shot": zero, "adapted": tuned, "trainable": state.trainable, "total": state.total,
+        "zero_shot": zero, "adapted": tuned, "trainable": state.trainable, "total": state.total, "method": method,
+        "allocation": state.allocation_summary, "result": state.message,
         "seconds": time.monotonic() - start, "train_seconds": finished["seconds"],
         "best_step": finished["best_step"], "output_dir": str(out), "prediction": str(prediction_path),
         "adapter": str(job.adapter_folder),
@@ -76,13 +79,15 @@ def format_table(r: dict) -> str:
     rows = [
         ("", "Dice", "HD95 (mm)"),
         ("zero-shot deepbet", f"{r['zero_shot']['dice']:.4f}", f"{r['zero_shot']['hd95']:.2f}"),
-        ("adapted (LoRA)", f"{r['adapted']['dice']:.4f}", f"{r['adapted']['hd95']:.2f}"),
+        (f"adapted ({r['method']})", f"{r['adapted']['dice']:.4f}", f"{r['adapted']['hd95']:.2f}"),
     ]
     lines = [f"{a:<20}{b:>10}{c:>12}" for a, b, c in rows]
     gain = r["adapted"]["dice"] - r["zero_shot"]["dice"]
     lines += [
         f"Dice gain on the held-out test volume: {gain:+.4f}",
         f"trainable parameters: {r['trainable']:,} of {r['total']:,} ({100 * r['trainable'] / r['total']:.2f} %)",
+        *(["allocation: " + r["allocation"].replace("\n", "\n" + " " * 12)] if r["allocation"] else []),
+        f"result: {r['result']}",
         f"wall time: {r['seconds']:.0f} s (training {r['train_seconds']:.0f} s, best audit at step {r['best_step']})",
         f"outputs in {r['output_dir']}: {JOB_DIR}/predictions/{Path(r['prediction']).name}, {JOB_DIR}/adapter/, "
         "dice_curve.png, overlay.png, job/events.jsonl",

@@ -65,9 +65,14 @@ def test_demo_writes_a_reloadable_adapter_and_a_prediction_on_the_input_grid(tmp
     for name in ("dice_curve.png", "overlay.png", "job/adapter/adapter.safetensors"):
         assert (tmp_path / name).stat().st_size > 1000
     meta = json.loads((tmp_path / "job" / "adapter" / "adapter.json").read_text())
-    assert meta["metadata"]["model"] == "deepbet-brain" and meta["units"] and all(u["kind"] == "lora" for u in meta["units"])
-    assert 0 < result["trainable"] < 0.1 * result["total"]
-    assert "zero-shot deepbet" in format_table(result)
+    assert meta["metadata"]["model"] == "deepbet-brain" and meta["metadata"]["method"]["name"] == "sea-peft"
+    active = [u for u in meta["units"] if u["active"]]
+    assert active and all(u["name"].startswith("sea_") for u in active)  # the product's default method's units
+    assert 0 < result["trainable"] <= 0.01 * result["total"]  # within SEA-PEFT's default budget of 1 %
+    table = format_table(result)
+    assert "zero-shot deepbet" in table and "adapted (sea-peft)" in table
+    assert "active adapter units" in table and "by module: " in table  # where the adapters went
+    assert "result: " in table  # the selection rule's verdict (2 steps: the source model is kept, and it says so)
     # the saved adapter reloads onto a fresh model and reproduces the adapted prediction exactly
     fresh = with_adapter(load_deepbet(), tmp_path / "job" / "adapter")
     _, again = predict_file(fresh, [tmp_path / "data" / "test_t2like.nii.gz"], tmp_path / "again.nii.gz")

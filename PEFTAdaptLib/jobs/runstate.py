@@ -1,6 +1,7 @@
 """A run as a front-end shows it, folded from the worker's events (no Qt, no MRML, no torch)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 TERMINAL = ("finished", "failed", "cancelled")
@@ -35,6 +36,7 @@ class RunState:
     classes: dict = field(default_factory=dict)  # audit Dice per class of the kept state
     warnings: list[str] = field(default_factory=list)
     active_units: int | None = None
+    units: list[str] = field(default_factory=list)  # the active adapter units ("layer::unit"), as last allocated
     budget_used: float | None = None
     budget: float | None = None
     predictions: list[str] = field(default_factory=list)
@@ -68,8 +70,9 @@ class RunState:
             self.steps = int(event.get("steps") or self.steps)
             self.loss = event.get("loss", self.loss)
             self.eta_s = event.get("eta_s", self.eta_s)
-        elif kind == "allocation":
-            self.active_units = event.get("active_units", self.active_units)
+        elif kind in ("allocation", "final_selection"):  # SEA-PEFT's allocation rounds, then its final choice
+            self.units = list(event.get("units", self.units))
+            self.active_units = len(self.units)
             self.budget_used = event.get("budget_used", self.budget_used)
             self.budget = event.get("budget", self.budget)
         elif kind == "validation":
@@ -88,6 +91,8 @@ class RunState:
                 if event.get(key) is not None:
                     self._score(key, float(event[key]))
         if kind in TERMINAL:
+            if event.get("trainable") is not None:  # the kept state's count (SEA-PEFT's final units)
+                self.trainable = event["trainable"]
             self.outcome = kind
             self.phase = kind
             self.message = event.get("message") or event.get("reason") or ""
@@ -133,9 +138,16 @@ class RunState:
 
     @property
     def allocation_summary(self) -> str:
+        """How many units SEA-PEFT keeps active and, on a second line, where they went: how many of each kind and
+        in each top-level module of the network."""
         if self.active_units is None:
             return ""
         text = f"{self.active_units} active adapter units"
         if self.budget_used is not None and self.budget:
             text += f", {self.budget_used:,.0f} of {self.budget:,.0f} budget parameters used"
+        if self.units:
+            kinds = Counter(name.split("::")[-1].replace("sea_", "", 1) for name in self.units)
+            modules = Counter(name.split("::")[0].split(".")[0] for name in self.units)
+            listed = lambda counts: ", ".join(f"{key} {n}" for key, n in sorted(counts.items()))  # noqa: E731
+            text += f"\nby kind: {listed(kinds)}; by module: {listed(modules)}"
         return text

@@ -119,7 +119,7 @@ def _panel(app) -> None:
                                indeterminate=("running && !run_progress",))
             html.Div("{{ run_text }}", id="run-text", classes="text-body-2")
             html.Div("{{ trainable_text }}", classes="text-caption")
-            html.Div("{{ allocation_text }}", classes="text-caption")
+            html.Div("{{ allocation_text }}", classes="text-caption", style="white-space: pre-line")
         with _section("Correct (segment editor)", "editor"), v3.VExpansionPanelText():
             v3.VSelect(label="Segmentation to edit", items=("segmentations",), v_model=("edit_segmentation", None),
                        id="edit-segmentation", classes="mb-2", **SELECT)
