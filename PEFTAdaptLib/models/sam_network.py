@@ -230,18 +230,17 @@ def resize_position_embedding(state: dict[str, torch.Tensor], grid: int) -> dict
 
 class SegmentationHead(nn.Module):
     """Upsamples the encoder's features (1/16) ×4 with two transposed convolutions to class logits at 1/4; the
-    segmenter interpolates them to the input size, as SAM's mask decoder outputs at 1/4."""
+    segmenter interpolates them to the input size, as SAM's mask decoder outputs at 1/4. Weight layers only: a new
+    head is trained in full as dense units, which only weight layers take."""
 
     def __init__(self, in_channels: int, classes: int, width: int = 64):
         super().__init__()
         self.up1 = nn.ConvTranspose2d(in_channels, width, kernel_size=2, stride=2)
-        self.norm = LayerNorm2d(width)
         self.up2 = nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2)
         self.classifier = nn.Conv2d(width // 2, classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norm(self.up1(x)))
-        return self.classifier(F.gelu(self.up2(x)))
+        return self.classifier(F.gelu(self.up2(F.gelu(self.up1(x)))))
 
 
 class SAMSegmenter(nn.Module):
