@@ -139,7 +139,7 @@ class RunState:
     @property
     def allocation_summary(self) -> str:
         """How many units SEA-PEFT keeps active and, on a second line, where they went: how many of each kind and
-        in each top-level module of the network."""
+        in each module below the prefix all their layers share (`model.` of a MONAI UNet)."""
         if self.active_units is None:
             return ""
         text = f"{self.active_units} active adapter units"
@@ -147,7 +147,11 @@ class RunState:
             text += f", {self.budget_used:,.0f} of {self.budget:,.0f} budget parameters used"
         if self.units:
             kinds = Counter(name.split("::")[-1].replace("sea_", "", 1) for name in self.units)
-            modules = Counter(name.split("::")[0].split(".")[0] for name in self.units)
+            layers = [name.split("::")[0].split(".") for name in self.units]
+            shared = 0
+            while all(len(layer) > shared + 1 and layer[shared] == layers[0][shared] for layer in layers):
+                shared += 1
+            modules = Counter(".".join(layer[:shared + 1]) for layer in layers)
             listed = lambda counts: ", ".join(f"{key} {n}" for key, n in sorted(counts.items()))  # noqa: E731
             text += f"\nby kind: {listed(kinds)}; by module: {listed(modules)}"
         return text
