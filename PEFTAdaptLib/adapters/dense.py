@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterUnit
+from .base import AdapterConfig, AdapterUnit, add_units, base_layer_names
 
 
 @dataclass
@@ -46,8 +46,6 @@ NEW_MODULE_UNIT = "new"
 def train_in_full(model: nn.Module, modules) -> int:
     """Dense deltas on every weight layer inside the named modules (a new task head, which starts untrained and so
     is trained in full beside any method's adapters); returns the parameters they train."""
-    from .base import add_units, base_layer_names
-
     layers = [name for name in base_layer_names(model, DenseUnit.layer_types)
               if any(name == m or name.startswith(f"{m}.") for m in modules)]
     records = add_units(model, DenseConfig(), DenseUnit, NEW_MODULE_UNIT, layers=layers)

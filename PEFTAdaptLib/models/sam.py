@@ -69,10 +69,10 @@ def _labels(spec: dict, path: Path) -> list[LabelInfo]:
     return labels
 
 
-def sam_card(folder: Path, model_id: str | None = None) -> ModelCard:
-    """The card from sam.json alone (no torch)."""
+def sam_card(folder: Path, model_id: str | None = None, spec: dict | None = None) -> ModelCard:
+    """The card from sam.json alone (no torch); `spec`: sam.json as `read_description` returned it, if read already."""
     folder = Path(folder)
-    spec = read_description(folder)
+    spec = read_description(folder) if spec is None else spec
     size = spec.get("image_size", DEFAULT_IMAGE_SIZE)
     new_head = "head" not in spec
     description = spec.get("description", "segment-anything image encoder with a segmentation head")
@@ -98,8 +98,8 @@ def load_sam(folder: str | Path, model_id: str | None = None) -> FoundationModel
     from .sam_network import PREFIX, ImageEncoderViT, SAMSegmenter, encoder_settings, resize_position_embedding
 
     folder = Path(folder)
-    card = sam_card(folder, model_id)
     spec = read_description(folder)
+    card = sam_card(folder, model_id, spec)
     weights = folder / spec["checkpoint"]
     state = load_state_dict_file(weights)
     encoder_state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)} or state

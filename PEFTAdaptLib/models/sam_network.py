@@ -214,15 +214,16 @@ def encoder_settings(state: dict[str, torch.Tensor]) -> dict:
 
 
 def resize_position_embedding(state: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
-    """The state with its absolute position embedding resized (bicubic) to a `grid` × `grid` token grid; the
-    relative position tables of global blocks are resized by `get_rel_pos` as they are used."""
+    """The state with its absolute position embedding resized (bicubic) to a `grid` × `grid` token grid, and the
+    relative position tables of its global blocks resized (linearly, as `get_rel_pos` does) to that grid's
+    2 × grid − 1 positions; window blocks keep theirs."""
     pos = state["pos_embed"]
     if pos.shape[1] == grid:
         return state
     resized = F.interpolate(pos.permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic", align_corners=False)
     out = dict(state)
     out["pos_embed"] = resized.permute(0, 2, 3, 1).contiguous()
-    for key, value in state.items():  # a global block's table sized for the new grid: as SAM builds it for that size
+    for key, value in state.items():
         if key.endswith(("rel_pos_h", "rel_pos_w")) and value.shape[0] == 2 * pos.shape[1] - 1:
             out[key] = resize_table(value, 2 * grid - 1).contiguous()
     return out
