@@ -133,6 +133,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(reference,
     assert not (tmp_path / "ran").exists()
 
 
+def test_an_encoder_without_relative_position_tables_is_refused_not_guessed(reference, tmp_path):
+    """Its heads and windows cannot be read from the tensors (the attention would be built with made-up ones)."""
+    folder = write_sam_folder(tmp_path / "sam", reference)
+    state = torch.load(folder / "sam_tiny.pth", weights_only=True)
+    torch.save({k: v for k, v in state.items() if "rel_pos" not in k}, folder / "sam_tiny.pth")
+    with pytest.raises(ModelError, match=r"sam_tiny\.pth: not a segment-anything image encoder \(no relative-pos"):
+        load_model(str(folder))
+
+
 @pytest.mark.parametrize("description, message", [
     ({"labels": ["background", "x"]}, "field 'checkpoint'"),
     ({"checkpoint": "../elsewhere.pth", "labels": ["background", "x"]}, "inside the model folder"),

@@ -196,20 +196,22 @@ def encoder_settings(state: dict[str, torch.Tensor]) -> dict:
     embed_dim, in_chans, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
     depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
     pos = state.get("pos_embed")
-    grid = pos.shape[1] if pos is not None else None
     rel = [state.get(f"blocks.{i}.attn.rel_pos_h") for i in range(depth)]
-    use_rel_pos = rel[0] is not None
-    head_dim = rel[0].shape[1] if use_rel_pos else None
-    sizes = [(r.shape[0] + 1) // 2 for r in rel] if use_rel_pos else []
-    global_blocks = tuple(i for i, size in enumerate(sizes) if grid is not None and size == grid)
+    if pos is None:
+        raise ValueError("no position embedding")
+    if any(r is None for r in rel):  # the heads and windows are read from these tables: without them, a guess
+        raise ValueError("no relative-position tables, so its heads and attention windows cannot be read")
+    grid, head_dim = pos.shape[1], rel[0].shape[1]
+    sizes = [(r.shape[0] + 1) // 2 for r in rel]
+    global_blocks = tuple(i for i, size in enumerate(sizes) if size == grid)
     windows = {size for i, size in enumerate(sizes) if i not in global_blocks}
-    if grid is None or (use_rel_pos and len(windows) > 1):
-        raise ValueError("not a segment-anything image encoder: no position embedding or mixed window sizes")
+    if len(windows) > 1:
+        raise ValueError("mixed window sizes")
     return {"img_size": grid * patch_size, "patch_size": patch_size, "in_chans": in_chans, "embed_dim": embed_dim,
-            "depth": depth, "num_heads": embed_dim // head_dim if head_dim else 12,
+            "depth": depth, "num_heads": embed_dim // head_dim,
             "mlp_ratio": state["blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
             "out_chans": state["neck.0.weight"].shape[0], "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-            "use_rel_pos": use_rel_pos, "window_size": windows.pop() if windows else 0,
+            "use_rel_pos": True, "window_size": windows.pop() if windows else 0,
             "global_attn_indexes": global_blocks}
 
 
