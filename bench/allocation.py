@@ -67,11 +67,12 @@ def run_shift(name: str, args) -> dict:
     chosen = methods(budget)
     if args.methods:  # in the order given: the rows that matter most first
         chosen = sorted((m for m in chosen if m[0] in args.methods), key=lambda m: args.methods.index(m[0]))
-    runs = []
+    runs, not_run = [], {}
     for label, method in chosen:
         for seed in range(1 if method is None else seeds):
             if args.cached:
                 if not (result := saved_result(shift, label, method, settings, seed)):
+                    not_run.setdefault(label, []).append(seed)
                     continue
             else:
                 result = run(shift, label, method, settings, seed, resume=not args.fresh)
@@ -81,7 +82,8 @@ def run_shift(name: str, args) -> dict:
     zero = next((r for r in runs if r["method"] == "zero-shot"), None)
     total = next((r["total"] for r in runs if r.get("total")), None)
     return {"shift": name, "title": shift.title, "settings": settings.__dict__, "seeds": seeds, "runs": runs,
-            "total": total, "budget": budget.parameters(total), "budget_text": budget.describe().split(" of")[0],
+            "not_run": not_run, "total": total, "budget": total and budget.parameters(total),
+            "budget_text": budget.describe().split(" of")[0],
             "cases": {"support": [c.name for c in shift.support], "audit": [c.name for c in shift.audit],
                       "test": [c.name for c in shift.test]}, "zero_shot": zero and zero["dice"]}
 
@@ -97,7 +99,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these rows, run in this order (labels as in the table)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a result for the same request exists")
     parser.add_argument("--cached", action="store_true", help="tables from the saved results only (runs not made yet "
-                                                              "are left out, and each row counts its seeds)")
+                                                              "are listed below their table)")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the SEA-PEFT section of docs/benchmarks.md")
     args = parser.parse_args()
     results = [run_shift(name, args) for name in args.shifts]

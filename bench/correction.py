@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from product import JOBS, Settings, score  # noqa: E402
+from product import JOBS, Settings, here, portable, score  # noqa: E402
 from report import replace_section  # noqa: E402
 from shifts import SHIFTS, Shift  # noqa: E402
 
@@ -64,9 +64,9 @@ def submit(folder: Path, spec: JobSpec):
     when the job refuses the corrections (too few slices hold the structure to hold some out for its audit)."""
     saved = folder / "bench-request.json"
     result = folder / "bench-events.json"
-    if result.is_file() and json.loads(saved.read_text()) == spec.to_dict():
+    if result.is_file() and portable(json.loads(saved.read_text())) == portable(spec.to_dict()):
         data = json.loads(result.read_text())
-        return data["events"], [Path(p) for p in data["predictions"]]
+        return data["events"], [here(p) for p in data["predictions"]]
     job = JobClient(folder.parent).submit(spec, folder, overwrite=True)
     state = job.wait()
     if state.exit_code == EXIT_INVALID and "annotate more slices" in state.message:

@@ -80,6 +80,27 @@ def score(shift: Shift, predictions: list[Path]) -> list[dict]:
     return scores
 
 
+#: how a path inside a benchmark cache reads, in any checkout (the main tree, a worktree, a clone beside it)
+_IN_CACHE = f"/{CACHE.parent.name}/{CACHE.name}/"
+
+
+def portable(value):
+    """`value` (a request or result, nested) with each path inside a benchmark cache written from the cache's root,
+    so that a result saved by another checkout of the same cache compares equal to this checkout's request."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, str) and _IN_CACHE in value:
+        return "<cache>/" + value.split(_IN_CACHE, 1)[1]
+    return value
+
+
+def here(path: str) -> Path:
+    """A path saved by any checkout of the cache, as this checkout reaches it."""
+    return CACHE / path.split(_IN_CACHE, 1)[1] if _IN_CACHE in path else Path(path)
+
+
 def _folder(shift: Shift, label: str, seed: int) -> Path:
     return JOBS / shift.name / f"{label.replace(' ', '_').replace('/', '_')}-seed{seed}"
 
@@ -94,7 +115,7 @@ def saved_result(shift: Shift, label: str, method: MethodConfig | None, settings
         saved = JobSpec.from_dict(result["request"], str(path)).to_dict()
     except (KeyError, PEFTAdaptError):
         return None
-    return result if saved == request(shift, method, settings, seed).to_dict() else None
+    return result if portable(saved) == portable(request(shift, method, settings, seed).to_dict()) else None
 
 
 def run(shift: Shift, label: str, method: MethodConfig | None, settings: Settings, seed: int,

@@ -8,6 +8,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 #: fixed topologies, counted as baselines where they fit the budget; shallow fine-tuning counts whatever it costs
 BASELINE_KINDS = ("norm-affine", "lora", "convlora", "salt", "svd", "bitfit")
+#: issue 18's bound: no adapted test case below zero-shot by more than this (Dice, 0–1)
+WORSE_BY = 0.01
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:
@@ -48,6 +50,7 @@ def rows(result: dict) -> list[dict]:
             "memory": statistics.mean(r["memory_mb"] for r in runs),
             "within": max(r["trainable"] for r in runs) <= result["budget"],
             "rank_reason": runs[0].get("rank_reason", ""), "allocation": runs[0].get("allocation"),
+            "seed": runs[0]["seed"],
         })
     return table
 
@@ -67,6 +70,8 @@ def margins(table: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
+    if not result["runs"]:
+        return f"### {result['title']}\n\nNot run yet (`--shifts {result['shift']}`).\n"
     s = result["settings"]
     lines = [f"### {result['title']}", "",
              f"Budget {result['budget']:,} parameters = {result['budget_text']} of {result['total']:,}; "
@@ -88,6 +93,14 @@ def markdown(result: dict) -> str:
                      f"{100 * row['worst_case_change']:+.1f} points | {mean_sd(row['hd95'], 1)} | {row['seconds']:.0f} | "
                      f"{row['memory']:.0f} | {len(row['dice'])} |")
     lines.append("")
+    if result.get("not_run"):
+        missing = (f"{label} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
+                   for label, seeds in result["not_run"].items())
+        lines.append(f"- Not run yet: {', '.join(missing)}.")
+    below = [f"{row['method']} ({100 * row['worst_case_change']:+.1f})" for row in table
+             if "na" not in row and row["worst_case_change"] < -WORSE_BY]
+    lines.append(f"- Test cases more than {100 * WORSE_BY:.0f} point below zero-shot: "
+                 f"{', '.join(below) if below else 'none'}.")
     goal = margins(table)
     if goal:
         text = "; ".join(f"{name} − {goal['best']} = **{m:+.1f} Dice points** (s.e. {se:.1f})"
@@ -96,7 +109,7 @@ def markdown(result: dict) -> str:
     for row in table:
         if row.get("kind") == "sea-peft" and row.get("allocation"):
             units = row["allocation"].get("units", [])
-            lines.append(f"- {row['method']} (seed 0) ends on {len(units)} units, "
+            lines.append(f"- {row['method']} (seed {row['seed']}) ends on {len(units)} units, "
                          f"{row['allocation'].get('budget_used', 0):,} of {row['allocation'].get('budget', 0):,} "
                          "budget parameters.")
     lines.append("")
