@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from product import Settings, run, saved_result  # noqa: E402
+from product import Settings, run, saved_result, with_warnings  # noqa: E402
 from report import markdown, replace_section  # noqa: E402
 from shifts import SHIFTS  # noqa: E402
 
@@ -76,7 +76,7 @@ def run_shift(name: str, args) -> dict:
                     continue
             else:
                 result = run(shift, label, method, settings, seed, resume=not args.fresh)
-            runs.append(result)
+            runs.append(with_warnings(result))
             print(json.dumps({k: v for k, v in result.items() if k in ("method", "seed", "dice", "trainable", "na",
                                                                       "train_seconds", "rank_reason")}), flush=True)
     zero = next((r for r in runs if r["method"] == "zero-shot"), None)

@@ -16,6 +16,7 @@ from PEFTAdaptLib.data.io import read_image
 from PEFTAdaptLib.data.transforms import to_array
 from PEFTAdaptLib.errors import PEFTAdaptError
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+from PEFTAdaptLib.jobs.events import read_events
 from PEFTAdaptLib.methods import MethodConfig
 from PEFTAdaptLib.metrics import dice, hd95
 
@@ -99,6 +100,17 @@ def portable(value):
 def here(path: str) -> Path:
     """A path saved by any checkout of the cache, as this checkout reaches it."""
     return CACHE / path.split(_IN_CACHE, 1)[1] if _IN_CACHE in path else Path(path)
+
+
+def with_warnings(result: dict) -> dict:
+    """`result` with each test case marked `warned`: whether its job told the user to check that volume (a class
+    changed a lot against the source model's), read from the job's events."""
+    if "job" in result:
+        events, _ = read_events(here(result["job"]))
+        messages = [e["message"] for e in events if e["event"] == "warning" and "message" in e]
+        for case in result["cases"]:
+            case["warned"] = any(m.startswith(f"{case['case']}: ") for m in messages)
+    return result
 
 
 def _folder(shift: Shift, label: str, seed: int) -> Path:
