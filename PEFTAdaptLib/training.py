@@ -201,7 +201,8 @@ class AuditScorer:
 @dataclass
 class TrainingContext:
     """What a hook sees: the network being adapted, its card, the audit cases, the event sink, and the trainer's
-    `judge` (the network's audit score now, and the selection rule's verdict against the start)."""
+    `judge` (the network's audit score now, and the selection rule's verdict against the start) and `compare` (that
+    rule's verdict between any two audit scores)."""
 
     network: nn.Module
     card: ModelCard
@@ -209,6 +210,7 @@ class TrainingContext:
     device: str
     emit: EventCallback
     judge: Callable[[], tuple["Score", Verdict | None]] | None = None
+    compare: Callable[["Score", "Score"], Verdict | None] | None = None
 
 
 class TrainingHook(Protocol):
@@ -258,7 +260,7 @@ class Trainer:
         self.flagged = False
         self.prepared = False
         self.seconds = 0.0
-        context.judge = self.judge
+        context.judge, context.compare = self.judge, scorer.judge
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _unit_state(self) -> dict[str, dict]:

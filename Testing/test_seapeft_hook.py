@@ -355,3 +355,35 @@ def test_real_allocation_run_through_the_worker_keeps_the_budget(tmp_path):
     dice = [e["dice"] for e in seen if e["event"] == "audit"]
     finished = next(e for e in seen if e["event"] == "finished")
     assert finished["best_dice"] >= dice[0]
+
+
+# -- the final sweep's choice ----------------------------------------------------------------------------------------
+def _cylinder_score(radius_by_slice):
+    """An audit score of one 32³ case whose reference is a radius-8 cylinder along z, predicted with the given radius
+    in each slice."""
+    from PEFTAdaptLib.selection import AuditCounts
+    from PEFTAdaptLib.training import Score
+
+    x, y = np.meshgrid(np.arange(32) - 15.5, np.arange(32) - 15.5, indexing="ij")
+    reference = np.repeat(((x ** 2 + y ** 2) <= 64)[..., None], 32, axis=2).astype(np.int64)
+    prediction = np.stack([(x ** 2 + y ** 2) <= r * r for r in radius_by_slice], axis=-1).astype(np.int64)
+    counts = AuditCounts([AuditCounts.measure(prediction, reference, classes=2)])
+    return Score(counts.dice(), {}, counts)
+
+
+def test_the_final_sweep_keeps_the_trained_set_unless_another_is_better_beyond_the_audits_noise():
+    from PEFTAdaptLib.seapeft.hook import final_choice
+    from PEFTAdaptLib.selection import SelectionRule
+
+    rule = SelectionRule()
+    compare = lambda a, b: rule.judge(a.counts, b.counts)  # noqa: E731 — what the trainer's scorer does
+    current = {"label": "current", "score": _cylinder_score([6] * 32), "reliable": True}
+    one_slab_better = {"label": "re-solve", "score": _cylinder_score([6] * 30 + [7] * 2), "reliable": True}
+    everywhere_better = {"label": "pruned", "score": _cylinder_score([7] * 32), "reliable": True}
+    assert one_slab_better["score"].value > current["score"].value  # the old rule (highest audit Dice) switched
+
+    assert final_choice([one_slab_better, current], compare) is current
+    assert final_choice([one_slab_better, everywhere_better, current], compare) is everywhere_better
+    assert final_choice([one_slab_better, dict(current, reliable=False)], compare) is one_slab_better
+    assert final_choice([one_slab_better, current], None) is one_slab_better  # a scorer without a rule
+    assert final_choice([dict(current, reliable=False)], compare) is None

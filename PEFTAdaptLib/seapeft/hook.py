@@ -8,8 +8,9 @@ Schedule (steps are optimizer steps; `training.Trainer` calls `after_step` after
 - every `audit_every` steps: toggle a sample of trained units on the buffer (ΔDice), update their utilities;
 - every `allocate_every` steps from `warmup` on (not at the last step): re-estimate the untrained units, solve the
   knapsack, let the controller flip gates;
-- at the last step (`config.steps`): the final configuration sweep sets the gates of the best candidate, which
-  the trainer's own audit then compares with its best state so far.
+- at the last step (`config.steps`): the final configuration sweep sets the gates of the best candidate (the set
+  the training ended on, unless another is better by the selection rule), which the trainer's own audit then
+  compares with its best state so far.
 
 All pool units sit in the optimizer from the start; a gated-off unit gets no gradient, so AdamW leaves it alone.
 """
@@ -32,7 +33,8 @@ from .pool import PoolUnit
 
 PHASES = ("audit", "estimate", "allocate", "final")
 PRIORS = ("shallow", "none")
-#: final-sweep candidates (best on the buffer first) judged on the whole audit volumes by the selection rule
+#: final-sweep candidates (best on the buffer first) judged on the whole audit volumes by the selection rule, beside
+#: the current set
 JUDGED_CANDIDATES = 3
 
 
@@ -174,8 +176,9 @@ class SeaPeftHook:
         })
 
     def _final(self, step: int, context) -> None:
-        """Rank the candidate unit sets on the buffer; judge the best few as the trainer judges every state (whole
-        audit volumes, the selection rule); keep the best one the rule accepts, else the buffer's best."""
+        """Rank the candidate unit sets on the buffer; judge the best few and the current set as the trainer judges
+        every state (whole audit volumes, the selection rule); keep the one `final_choice` picks, else the
+        buffer's best."""
         start = time.monotonic()
         scored = []
         for label, names in self.allocator.final_candidates():
@@ -185,14 +188,12 @@ class SeaPeftHook:
         scored.sort(key=lambda c: (round(c["dice"], 6), -c["cost"], c["vote_rate"]), reverse=True)
         best = scored[0]
         if context.judge is not None:
-            judged = []
-            for candidate in scored[:JUDGED_CANDIDATES]:
+            judged = scored[:JUDGED_CANDIDATES] + [c for c in scored[JUDGED_CANDIDATES:] if c["label"] == "current"]
+            for candidate in judged:
                 self._sync_gates(candidate["units"])
                 score, verdict = context.judge()
-                candidate.update(audit_dice=score.value, reliable=verdict is None or verdict.reliable)
-                judged.append(candidate)
-            accepted = [c for c in judged if c["reliable"]]
-            best = max(accepted, key=lambda c: c["audit_dice"]) if accepted else best
+                candidate.update(score=score, audit_dice=score.value, reliable=verdict is None or verdict.reliable)
+            best = final_choice(judged, context.compare) or best
         before = self.allocator.active()
         self.allocator.controller.finish(best["units"])
         self._sync_gates()
@@ -223,3 +224,20 @@ class SeaPeftHook:
         self.seconds = dict(state["seconds"])
         self.final = state["final"]
         self._sync_gates()
+
+
+def final_choice(judged: Sequence[dict], compare) -> dict | None:
+    """The final sweep's pick among `judged` candidates (each with its audit `score` and `reliable`: whether the
+    selection rule lets it replace the start): the accepted one with the best audit Dice — but the set the training
+    ended on (`current`) stays unless that one beats it by the same rule (`compare`, the scorer's judge), since a
+    gap within the audit's own noise is no reason to change the trained set. None when none is accepted."""
+    accepted = [c for c in judged if c["reliable"]]
+    if not accepted:
+        return None
+    best = max(accepted, key=lambda c: c["score"].value)
+    current = next((c for c in accepted if c["label"] == "current"), None)
+    if current is not None and best is not current and compare is not None:
+        verdict = compare(best["score"], current["score"])
+        if verdict is not None and not verdict.reliable:
+            return current
+    return best
