@@ -107,7 +107,8 @@ def markdown(result: dict) -> str:
     if goal:
         text = "; ".join(f"{name} − {goal['best']} = **{m:+.1f} Dice points** (s.e. {se:.1f})"
                          for name, (m, se) in goal["sea"].items())
-        lines.append(f"- Strongest baseline (fixed topologies within the budget, shallow fine-tuning): {goal['best']} ({goal['best_dice']:.3f}); {text}.")
+        lines.append(f"- Strongest baseline (fixed topologies within the budget, shallow fine-tuning): {goal['best']} "
+                     f"({goal['best_dice']:.3f}){'; ' + text if text else ''}.")
     for row in table:
         if row.get("kind") == "sea-peft" and row.get("allocation"):
             units = row["allocation"].get("units", [])
