@@ -57,3 +57,21 @@ def test_the_cli_the_slicer_logic_and_the_benchmarks_write_the_same_job_json(tmp
     assert (slicer / "job.json").read_bytes() == reference
     assert (bench / "job.json").read_bytes() == reference
     assert sorted(p.name for p in (cli / "inputs").iterdir()) == sorted(p.name for p in (slicer / "inputs").iterdir())
+
+
+def test_a_benchmark_result_saved_by_another_checkout_of_the_cache_counts_as_the_same_request():
+    """A worktree (or a clone beside it) shares bench/.cache: its saved requests name the cache through another
+    path, and must still match this checkout's request, while any other difference must not."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from product import here, portable
+    from shifts import CACHE
+
+    def request(root, seed=0):
+        return {"model": f"{root}/models/spine", "support": [{"images": [f"{root}/cases/spine-t1/a.nii.gz"]}],
+                "predict": [{"images": ["/data/elsewhere/b.nii.gz"]}], "train": {"seed": seed}}
+
+    elsewhere = "/work/another-tree/bench/.cache"
+    assert portable(request(elsewhere)) == portable(request(CACHE))
+    assert portable(request(elsewhere, seed=1)) != portable(request(CACHE))
+    assert portable(request(elsewhere))["predict"] == request(CACHE)["predict"]  # paths outside the cache stay
+    assert here(f"{elsewhere}/jobs/spine-t1/x_seg.nii.gz") == CACHE / "jobs/spine-t1/x_seg.nii.gz"
