@@ -22,6 +22,12 @@ import torch
 UNITS = 16
 #: a flag is raised when the predicted foreground volume changes by more than this share while the gain is small
 VOLUME_CHANGE = 0.3
+#: a predicted volume is named for checking when the adapter changes a class there by more than this many times the
+#: largest change it made on any audit case: the audit's verdict covers changes of the size it saw
+BEYOND_AUDIT = 2.0
+#: a change below this (Jaccard distance between the source's and the adapted mask) is never flagged: it moves the
+#: class's Dice by about a point at most
+MATERIAL_CHANGE = 0.02
 
 
 @dataclass
@@ -73,6 +79,26 @@ class AuditCounts:
     @classmethod
     def from_state(cls, state: Sequence[torch.Tensor]) -> "AuditCounts":
         return cls([t.numpy() for t in state])
+
+
+def class_distance(adapted: np.ndarray, base: np.ndarray, classes: int,
+                   where: np.ndarray | None = None) -> dict[int, float]:
+    """Per foreground class index that either class-index map holds (within `where`): the Jaccard distance between
+    the two masks, 0 for the same voxels, 1 for none in common."""
+    if where is not None:
+        adapted, base = adapted[where], base[where]
+    distances = {}
+    for c in range(1, classes):
+        a, b = adapted == c, base == c
+        union = np.count_nonzero(a | b)
+        if union:
+            distances[c] = float(np.count_nonzero(a ^ b) / union)
+    return distances
+
+
+def beyond_audit(distance: float, audit: float) -> bool:
+    """Whether a change on a volume the audit never saw is larger than what the audit vouched for."""
+    return distance > MATERIAL_CHANGE and distance > BEYOND_AUDIT * audit
 
 
 def pooled_dice(counts: np.ndarray):

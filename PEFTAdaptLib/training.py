@@ -24,7 +24,8 @@ from .data.transforms import pad_to_size
 from .errors import PEFTAdaptError
 from .inference import predict_probabilities
 from .models.card import ModelCard
-from .selection import AuditCounts, SelectionRule, Verdict
+from .selection import AuditCounts, SelectionRule, Verdict, class_distance
+from .uncertainty import base_model
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -177,6 +178,21 @@ def audit_counts(network: nn.Module, cases: Sequence[Case], card: ModelCard, dev
 def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:
     """Mean Dice over the audit volumes of the classes present in each one's reference (model grid)."""
     return audit_counts(network, cases, card, device).dice()
+
+
+def audit_change(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> dict[int, float]:
+    """Per class index: the largest change the adapter units make on any audit case against the source model
+    (Jaccard distance of the class masks, model grid; of a sparse case, its annotated voxels only). The audit's
+    verdict covers changes of this size; a larger one elsewhere is unverified."""
+    largest: dict[int, float] = {}
+    for case in cases:
+        adapted = predict_probabilities(network, case.array, card, device).argmax(0)
+        with base_model(network):
+            base = predict_probabilities(network, case.array, card, device).argmax(0)
+        where = annotated(case.label[0]) if is_sparse(case.label) else None
+        for index, distance in class_distance(adapted, base, card.num_classes, where).items():
+            largest[index] = max(distance, largest.get(index, 0.0))
+    return largest
 
 
 class AuditScorer:

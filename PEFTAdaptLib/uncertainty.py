@@ -86,23 +86,27 @@ class Uncertainty:
     ranking: dict
     #: voxels per class index (the model's label order): (base model's, adapted model's); empty without an adapter
     class_voxels: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: per class index: how much the adapter changes its mask (selection.class_distance); empty without an adapter
+    class_change: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def measure(cls, probabilities: np.ndarray, label: np.ndarray, image: sitk.Image,
                 base: np.ndarray | None = None) -> "Uncertainty":
         """From the user-grid probabilities of the prediction (and of the base model, when an adapter is on)."""
+        from .selection import class_distance  # here: the Slicer panel imports this module without torch
         spread = entropy(probabilities)
         changed = disagreement(probabilities, base) if base is not None else None
         total = spread if changed is None else spread + changed
         volume = image.GetDimension() == 3  # a 2D image (or a 2D model's plane of it) has no slices to rank
         shape = image.GetSize()
         ranking = rank_slices(total.reshape(shape), label.reshape(shape), image) if volume else {"planes": {}}
-        counts = {}
-        if base is not None:
-            adapted_counts = np.bincount(probabilities.argmax(0).ravel(), minlength=len(probabilities))
-            base_counts = np.bincount(base.argmax(0).ravel(), minlength=len(base))
-            counts = {index: (int(b), int(a)) for index, (b, a) in enumerate(zip(base_counts, adapted_counts))}
-        return cls(spread, changed, ranking, counts)
+        if base is None:
+            return cls(spread, changed, ranking)
+        adapted_index, base_index = probabilities.argmax(0), base.argmax(0)
+        adapted_counts = np.bincount(adapted_index.ravel(), minlength=len(probabilities))
+        base_counts = np.bincount(base_index.ravel(), minlength=len(base))
+        counts = {index: (int(b), int(a)) for index, (b, a) in enumerate(zip(base_counts, adapted_counts))}
+        return cls(spread, changed, ranking, counts, class_distance(adapted_index, base_index, len(base)))
 
     def write(self, prediction_path: Path, image: sitk.Image) -> dict[str, Path]:
         """Write the maps and the ranking beside the segmentation; returns their paths by kind."""

@@ -36,11 +36,15 @@ from .methods import BuildContext, Cases, Plan
 from .models.card import TRAINED_IN_FULL, ModelCard
 from .models.foundation import FoundationModel
 from .models.registry import load_model
-from .selection import VOLUME_CHANGE
-from .training import AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged
-from .uncertainty import companion_paths, predict_with_uncertainty
+from .selection import BEYOND_AUDIT, VOLUME_CHANGE, beyond_audit
+from .training import (
+    AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged, audit_change,
+)
+from .uncertainty import Uncertainty, companion_paths, predict_with_uncertainty
 
 TRACEBACK_FILE = "traceback.txt"
+#: adapter metadata: per class index, the largest change the adapter made on an audit case (training.audit_change)
+AUDIT_CHANGE = "audit_change"
 PREDICTIONS_DIR = "predictions"
 
 
@@ -218,8 +222,10 @@ class Run:
         checkpoint_now(trainer)
         summary = trainer.summary()
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
+        checked = audit_change(model.network, cases.audit, card, device) if completed and cases.audit else None
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
-                         "steps": config.steps, "final": completed})
+                         "steps": config.steps, "final": completed,
+                         **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {})})
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
                                  lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
         if not completed:
@@ -233,7 +239,7 @@ class Run:
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
-        self.write_predictions(spec, predict_inputs, model, device)
+        self.write_predictions(spec, predict_inputs, model, device, checked)
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                    "trainable": count_trainable(model.network), "seconds": summary["seconds"], **outcome,
@@ -252,18 +258,22 @@ class Run:
     # -- predict -------------------------------------------------------------------------------------------------
     def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:
         inputs = self.predict_inputs(spec)
+        checked = None
         if spec.adapter:
-            load_adapters(model.network, resolve_input(self.job_dir, spec.adapter), model.base_fingerprint)
+            folder = resolve_input(self.job_dir, spec.adapter)
+            checked = audit_change_of(load_adapters(model.network, folder, model.base_fingerprint), folder, model.card)
         self.emit({"event": "started", "task": "predict", "model": model.card.id, "device": device,
                    "steps": len(inputs), "adapter": spec.adapter, "pid": os.getpid()})
-        if not self.write_predictions(spec, inputs, model, device):
+        if not self.write_predictions(spec, inputs, model, device, checked):
             self.emit({"event": "cancelled", "reason": "cancel requested", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
         self.emit({"event": "finished", "exit_code": EXIT_FINISHED})
         return EXIT_FINISHED
 
-    def write_predictions(self, spec: JobSpec, inputs: list[list[Path]], model: FoundationModel, device: str) -> bool:
-        """Segment every predict case; returns False when cancelled in between."""
+    def write_predictions(self, spec: JobSpec, inputs: list[list[Path]], model: FoundationModel, device: str,
+                          checked: dict[int, float] | None = None) -> bool:
+        """Segment every predict case, naming each one whose segmentation the adapter changes more than the audit
+        could vouch for (`checked`: audit_change); returns False when cancelled in between."""
         model.network.eval()
         names: set[str] = set()
         for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):
@@ -278,23 +288,51 @@ class Run:
             extra = {kind: str(p.relative_to(self.job_dir)) for kind, p in uncertainty.write(path, case.image).items()}
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra})
-            for message in changed_classes(case_spec.name, uncertainty.class_voxels, model.card):
+            for message in changed_classes(case_spec.name, uncertainty, model.card, checked):
                 self.emit({"event": "warning", "message": message})
         return True
 
 
-def changed_classes(name: str, class_voxels: dict[int, tuple[int, int]], card: ModelCard) -> list[str]:
-    """A volume the audit never saw, whose segmentation the adapter changes a lot against the source model's: the
-    audit's verdict may not hold there (a held-out slab cannot see every region), so the user is told to check it."""
+def changed_classes(name: str, measured: Uncertainty, card: ModelCard,
+                    checked: dict[int, float] | None = None) -> list[str]:
+    """A volume the audit never saw, whose segmentation the adapter changes a lot against the source model's, or
+    more than it changed any audit case (`checked`, per class index): the audit's verdict may not hold there (a
+    held-out slab cannot see every region), so the user is told to check it."""
     messages = []
-    for index, (base, adapted) in class_voxels.items():
+    for index, (base, adapted) in measured.class_voxels.items():
         label = card.labels[index]
-        if label.value == 0 or max(base, adapted) == 0 or abs(adapted - base) <= VOLUME_CHANGE * max(base, 1):
+        if label.value == 0 or max(base, adapted) == 0:
             continue
-        change = f"{100 * (adapted / base - 1):+.0f} %" if base else f"{adapted:,} voxels where it found none"
-        messages.append(f"{name}: the adapted model's {label.name} differs from the source model's by {change}; "
-                        "the audit cannot vouch for this volume: check it (its disagreement map shows where)")
+        distance, vouched = measured.class_change.get(index, 0.0), (checked or {}).get(index, 0.0)
+        if abs(adapted - base) > VOLUME_CHANGE * max(base, 1):
+            change = f"by {100 * (adapted / base - 1):+.0f} %" if base else f"with {adapted:,} voxels where it found none"
+            what = f"the adapted model's {label.name} differs from the source model's {change}"
+        elif checked is not None and beyond_audit(distance, vouched):
+            what = (f"the adapted model changes {100 * distance:.0f} % of the voxels either model calls {label.name}, "
+                    f"more than {BEYOND_AUDIT:g}× the {100 * vouched:.0f} % it changed on the audit")
+        else:
+            continue
+        messages.append(f"{name}: {what}; the audit cannot vouch for this volume: check it (its disagreement map "
+                        "shows where)")
     return messages
+
+
+def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, float] | None:
+    """The audit change an adapter (its loaded `config`) was saved with; absent from adapters of earlier versions
+    and runs without an audit. Untrusted data: a malformed entry is one line naming the file."""
+    metadata = config.get("metadata")
+    saved = metadata.get(AUDIT_CHANGE) if isinstance(metadata, dict) else None
+    if saved is None:
+        return None
+    try:
+        checked = {int(i): float(d) for i, d in saved.items()}
+        valid = all(0 < i < card.num_classes and 0 <= d <= 1 for i, d in checked.items())
+    except (AttributeError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ModelError(f"{folder}: metadata field '{AUDIT_CHANGE}' must map class indices of this model to "
+                         "changes between 0 and 1")
+    return checked
 
 
 def output_name(case: CaseSpec, taken: set[str]) -> str:

@@ -130,8 +130,20 @@ def test_one_thin_annotated_volume_adapts_with_a_held_out_audit_and_reports_the_
     validation = next(e for e in job.events if e["event"] == "validation")
     assert validation["kept"] in ("start", "adapted") and ("gain" in validation or validation["kept"] == "start")
     assert state.message.startswith(("no reliable gain", "adapted state"))
-    saved = json.loads((job.adapter_folder / "adapter.json").read_text())["metadata"]
+    config = json.loads((job.adapter_folder / "adapter.json").read_text())
+    saved = config["metadata"]
     assert saved["best_step"] == next(e for e in job.events if e["event"] == "finished")["best_step"]
+
+    # the change the audit checked is saved with the adapter, for later predict jobs to compare against; the adapter
+    # is untrusted data, so a record that is not class indices to shares is one line naming the file
+    assert set(saved["audit_change"]) <= {"1", "2"} and all(0 <= d <= 1 for d in saved["audit_change"].values())
+    saved["audit_change"] = {"7": 0.5}
+    (job.adapter_folder / "adapter.json").write_text(json.dumps(config))
+    predict = JobClient(tmp_path / "work").submit(JobSpec(model=str(shared(MESHNET)), task="predict",
+                                                          adapter=str(job.adapter_folder),
+                                                          predict=[CaseSpec([str(tmp_path / "thin.nii.gz")])]))
+    state = predict.wait(timeout=900)
+    assert state.outcome == "failed" and "/adapter: metadata field 'audit_change'" in state.message  # the job's copy
 
 
 def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_checking():
@@ -151,13 +163,42 @@ def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_chec
     base[1, :5, :5, :4], adapted[1, :5, :5, :7] = 1, 1  # 100 brain voxels → 175
     measured = Uncertainty.measure(adapted, (adapted.argmax(0)).astype(np.uint8), image, base)
     assert measured.class_voxels[1] == (100, 175)
-    [message] = changed_classes("bert", measured.class_voxels, card)
+    [message] = changed_classes("bert", measured, card)
     assert message.startswith("bert: ") and "+75 %" in message and "check it" in message
-    assert changed_classes("bert", {0: (7900, 7880), 1: (100, 120)}, card) == []  # +20 %: within the rule's margin
-    assert "found none" in changed_classes("bert", {1: (0, 50)}, card)[0]
+    within = Uncertainty(measured.entropy, None, {}, {0: (7900, 7880), 1: (100, 120)}, {1: 20 / 120})
+    assert changed_classes("bert", within, card) == []  # +20 %: within the rule's margin
+    assert "found none" in changed_classes("bert", Uncertainty(measured.entropy, None, {}, {1: (0, 50)}), card)[0]
     assert Uncertainty.measure(adapted, adapted.argmax(0).astype(np.uint8), image).class_voxels == {}
 
     state = RunState()
     for event in ({"event": "warning", "message": message}, {"event": "finished", "message": "adapted state kept"}):
         state.update(event)
     assert state.describe() == f"Finished — adapted state kept\nCheck: {message}"
+
+
+def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking():
+    """Found on MeshNet (niivue → bert) and spinal cord T2*: test cases 1–6 Dice points below the source model that
+    no warning named, because the adapter moved a boundary (a class's volume changed by less than 30 %). The audit
+    vouches for changes of the size it saw: a volume whose segmentation the adapter changes more than twice as much as
+    it changed any audit case is named too; a change too small to move Dice by a point never is."""
+    from PEFTAdaptLib.models.registry import model_card
+    from PEFTAdaptLib.selection import class_distance
+    from PEFTAdaptLib.uncertainty import Uncertainty
+    from PEFTAdaptLib.worker import changed_classes
+
+    card = model_card("deepbet-brain")
+    image = sitk.Image(20, 20, 20, sitk.sitkFloat32)
+    base, adapted = np.zeros((2, 20, 20, 20), np.float32), np.zeros((2, 20, 20, 20), np.float32)
+    base[0], adapted[0] = 1, 1
+    base[:, :10, :10, :10], adapted[:, 2:12, :10, :10] = [[0]], [[0]]  # the same volume, shifted by 2 voxels
+    base[1, :10, :10, :10], adapted[1, 2:12, :10, :10] = 1, 1
+    measured = Uncertainty.measure(adapted, adapted.argmax(0).astype(np.uint8), image, base)
+    assert measured.class_voxels[1] == (1000, 1000) and measured.class_change[1] == pytest.approx(400 / 1200)
+    assert changed_classes("bert", measured, card) == []  # the volume rule alone cannot see a moved boundary
+    [message] = changed_classes("bert", measured, card, {1: 0.1})
+    assert message.startswith("bert: ") and "33 %" in message and "10 %" in message and "check it" in message
+    assert changed_classes("bert", measured, card, {1: 0.2}) == []  # the audit saw a change of this size
+    small = Uncertainty(measured.entropy, None, {}, {1: (1000, 1000)}, {1: 0.015})
+    assert changed_classes("bert", small, card, {1: 0.0}) == []  # below a point of Dice: not worth a warning
+    assert class_distance(np.zeros((3, 3)), np.zeros((3, 3)), 2) == {}  # no class in either: nothing changed
+
