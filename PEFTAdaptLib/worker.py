@@ -286,8 +286,10 @@ class Run:
                 remove(written)  # an earlier prediction, or a link planted since the start: never written through
             write_image(label, path)
             extra = {kind: str(p.relative_to(self.job_dir)) for kind, p in uncertainty.write(path, case.image).items()}
+            change = {model.card.labels[i].name: d for i, d in uncertainty.class_change.items()}
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
-                       "path": str(path.relative_to(self.job_dir)), "index": index, **extra})
+                       "path": str(path.relative_to(self.job_dir)), "index": index, **extra,
+                       **({"change": change} if change else {})})
             for message in changed_classes(case_spec.name, uncertainty, model.card, checked):
                 self.emit({"event": "warning", "message": message})
         return True

@@ -151,6 +151,10 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     ranking = json.loads((out / prediction["slices"]).read_text())["planes"]["coronal"]
     assert ranking["axis"] == 2 and len(ranking["slices"]) > 1
     assert ranking["slices"][0]["score"] == max(s["score"] for s in ranking["slices"])
+    # how much the adapter changed each class: here, and on the held-out annotated slices its audit scored
+    assert prediction["change"] and all(0 <= d <= 1 for d in prediction["change"].values())
+    checked = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]["audit_change"]
+    assert checked and all(0 <= d <= 1 for d in checked.values())
 
 
 def test_slices_follow_the_train_they_belong_to(thin):
