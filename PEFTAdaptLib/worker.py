@@ -46,6 +46,11 @@ TRACEBACK_FILE = "traceback.txt"
 #: adapter metadata: per class index, the largest change the adapter made on an audit case (training.audit_change)
 AUDIT_CHANGE = "audit_change"
 PREDICTIONS_DIR = "predictions"
+#: said when the state kept was judged on held-out slabs of the training volumes only: their gain need not carry over
+#: to other subjects (docs/benchmarks.md shows it did not, more than once)
+SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
+                     "only: check the predictions of other subjects, or give an annotated volume of another subject as "
+                     "the audit")
 
 
 def select_device(requested: str) -> str:
@@ -239,6 +244,8 @@ class Run:
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
+        if held_out and outcome["kept"] == "adapted":
+            self.emit({"event": "warning", "message": SAME_VOLUME_AUDIT})
         self.write_predictions(spec, predict_inputs, model, device, checked)
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],

@@ -19,6 +19,7 @@ from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model
 from PEFTAdaptLib.selection import AuditCounts, SelectionRule
+from PEFTAdaptLib.worker import SAME_VOLUME_AUDIT
 
 BRATS = "brats/brats_2013_pat0004_1"
 MESHNET = "meshnet/model5_gw_ae"
@@ -130,6 +131,9 @@ def test_one_thin_annotated_volume_adapts_with_a_held_out_audit_and_reports_the_
     validation = next(e for e in job.events if e["event"] == "validation")
     assert validation["kept"] in ("start", "adapted") and ("gain" in validation or validation["kept"] == "start")
     assert state.message.startswith(("no reliable gain", "adapted state"))
+    # an adapted state judged on a slab of its own training volume comes with that caveat (not when none was kept)
+    caveats = [e for e in job.events if e["event"] == "warning" and e["message"] == SAME_VOLUME_AUDIT]
+    assert len(caveats) == (validation["kept"] == "adapted")
     config = json.loads((job.adapter_folder / "adapter.json").read_text())
     saved = config["metadata"]
     assert saved["best_step"] == next(e for e in job.events if e["event"] == "finished")["best_step"]

@@ -24,6 +24,7 @@ from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model
 from PEFTAdaptLib.selection import AuditCounts
 from PEFTAdaptLib.training import MaskedDiceCE, PatchSampler
+from PEFTAdaptLib.worker import SAME_VOLUME_AUDIT
 
 MESHNET = "meshnet/model5_gw_ae"
 T1 = "meshnet/t1_crop.nii.gz"
@@ -151,6 +152,9 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     ranking = json.loads((out / prediction["slices"]).read_text())["planes"]["coronal"]
     assert ranking["axis"] == 2 and len(ranking["slices"]) > 1
     assert ranking["slices"][0]["score"] == max(s["score"] for s in ranking["slices"])
+    # its audit was a slab of the training volume: a state kept on it comes with that caveat (this run keeps one)
+    kept = next(e for e in events if e["event"] == "validation")["kept"]
+    assert (SAME_VOLUME_AUDIT in [e.get("message") for e in events if e["event"] == "warning"]) == (kept == "adapted")
     # how much the adapter changed each class: here, and on the held-out annotated slices its audit scored
     assert prediction["change"] and all(0 <= d <= 1 for d in prediction["change"].values())
     checked = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]["audit_change"]
