@@ -9,7 +9,9 @@ disagreement costs one forward pass of the base model (the adapter's units gated
 The slice ranking (`<name>_slices.json`) scores each slice, along each of the image's three index axes, by the
 summed uncertainty (entropy + disagreement) within a few voxels of the predicted structure — where a wrong boundary
 or a missed or spurious piece shows up — and orders them greedily so that neighbouring slices, which a correction
-of one already mostly fixes, come later (docs/sparse.md).
+of one already mostly fixes, come later. Every other pick covers the volume instead: the slice that holds image
+farthest from every slice picked or corrected so far, since a structure the model misses with confidence shows no
+uncertainty anywhere and only a look elsewhere finds it (docs/sparse.md).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import SimpleITK as sitk
 from .data.formats import image_suffix, map_suffix
 from .data.sparse import PLANES, index_axis
 from .data.planar import on_grid_of
+from .data.transforms import to_array
 
 #: voxels around the predicted structure whose uncertainty a slice's score sums (the structure's neighbourhood)
 NEIGHBOURHOOD = 3
@@ -49,32 +52,74 @@ def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Ima
     structure = prediction > 0
     near = ndimage.binary_dilation(structure, iterations=NEIGHBOURHOOD) if structure.any() else np.ones_like(structure)
     weighted = uncertainty * near
+    intensities = to_array(image)
+    content = intensities > intensities.min()  # voxels that hold image (not the background fill)
     planes = {}
     for plane in PLANES:
         axis = index_axis(image, plane)
-        scores = weighted.sum(axis=tuple(a for a in range(3) if a != axis))
+        others = tuple(a for a in range(3) if a != axis)
+        scores = weighted.sum(axis=others)
+        extent = image_extent(content.any(axis=others))
         slices = []
-        for index in ranked(scores):
-            section = np.take(weighted, index, axis=axis)
-            at = list(np.unravel_index(int(section.argmax()), section.shape))
-            at.insert(axis, index)  # the slice's most uncertain voxel: where the views centre
-            slices.append({"index": index, "score": float(scores[index]), "at": [int(i) for i in at]})
-        planes[plane] = {"axis": axis, "slices": slices}
+        for index, reason in ranked(scores, extent=extent):
+            at = focus(np.take(weighted, index, axis=axis), np.take(content, index, axis=axis))
+            at.insert(axis, index)
+            slices.append({"index": index, "score": float(scores[index]), "reason": reason, "at": at})
+        planes[plane] = {"axis": axis, "extent": list(extent), "slices": slices}
     return {"planes": planes}
 
 
-def ranked(scores, taken=()) -> list[int]:
-    """Indices of slices with a positive score, best first; a pick (and each slice in `taken`, e.g. corrected
-    already) defers its neighbours within SUPPRESS behind every slice farther away."""
-    scores = np.asarray(scores)
-    first, deferred, near = [], [], list(taken)
-    for index in (int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > 0 and i not in taken):
-        if any(abs(index - t) <= SUPPRESS for t in near):
-            deferred.append(index)
+def focus(uncertainty: np.ndarray, content: np.ndarray) -> list[int]:
+    """Where the views centre on a slice: its most uncertain voxel, or the middle of its image if it has none."""
+    if uncertainty.max() > 0:
+        return [int(i) for i in np.unravel_index(int(uncertainty.argmax()), uncertainty.shape)]
+    filled = np.argwhere(content) if content.any() else np.argwhere(np.ones_like(content))
+    return [int(i) for i in np.round(filled.mean(0))]
+
+
+def image_extent(holds_image) -> tuple[int, int]:
+    """First and last slice that hold image (all slices when none does)."""
+    filled = np.flatnonzero(holds_image)
+    return (int(filled[0]), int(filled[-1])) if filled.size else (0, len(holds_image) - 1)
+
+
+def ranked(scores, taken=(), extent=None) -> list[tuple[int, str]]:
+    """(slice, reason) best first, for a user who has corrected the slices in `taken` already.
+
+    Picks alternate, counting the corrected slices: "uncertain" — the highest-scoring slice, a pick (or corrected
+    slice) deferring its neighbours within SUPPRESS behind every slice farther away — and "coverage" — the slice
+    within `extent` (first, last; default: every slice) farthest from every pick, corrected slice and end. Ends when
+    every slice in `extent` and every slice with a positive score is ranked."""
+    scores = np.asarray(scores, dtype=float)
+    first, last = extent if extent is not None else (0, len(scores) - 1)
+    slices = np.arange(len(scores))
+    # each slice's distance to the nearest pick, corrected slice or end (one past the extent on both sides)
+    distance = np.where((slices >= first) & (slices <= last), np.minimum(slices - first + 1, last + 1 - slices), -1)
+    deferred = np.zeros(len(scores), bool)
+    candidates = np.argsort(-scores, kind="stable")
+    uncertain = list(candidates[scores[candidates] > 0])
+    order, count = [], 0
+
+    def take(index: int) -> None:
+        nonlocal count
+        count += 1
+        distance[index] = -1
+        distance[:] = np.where(distance >= 0, np.minimum(distance, np.abs(slices - index)), -1)
+        deferred[max(0, index - SUPPRESS):index + SUPPRESS + 1] = True
+        if index in uncertain:
+            uncertain.remove(index)
+
+    for index in taken:
+        take(int(index))
+    while uncertain or distance.max() >= 0:
+        if distance.max() >= 0 and (not uncertain or count % 2 == 1):
+            index, reason = int(distance.argmax()), "coverage"
         else:
-            first.append(index)
-            near.append(index)
-    return first + deferred
+            index = next((i for i in uncertain if not deferred[i]), uncertain[0])
+            index, reason = int(index), "uncertain"
+        order.append((index, reason))
+        take(index)
+    return order
 
 
 @dataclass

@@ -194,5 +194,20 @@ def test_the_ranking_defers_neighbours_of_picked_and_corrected_slices():
     from PEFTAdaptLib.uncertainty import ranked
 
     scores = [0, 5, 4, 0, 3, 1, 0, 2.5, 0.5]
-    assert ranked(scores) == [1, 4, 7, 2, 5, 8]  # 2 lies beside 1, 5 beside 4: after every farther slice
-    assert ranked(scores, taken=[1]) == [4, 7, 2, 5, 8]
+    order = ranked(scores)
+    assert [i for i, reason in order if reason == "uncertain"] == [1, 8, 2, 4, 7]  # 8: the best beyond 1's and 5's
+    assert [i for i, reason in order if reason == "coverage"] == [5, 3, 0, 6]  # farthest from every pick and end
+    assert sorted(i for i, _ in order) == list(range(9))
+    assert ranked(scores, taken=[1])[:2] == [(5, "coverage"), (8, "uncertain")]  # a corrected slice counts as a pick
+
+
+def test_the_ranking_looks_where_the_model_is_confidently_wrong():
+    """A structure the model misses with confidence has no uncertainty: half the picks cover the rest of the
+    volume, so the first few reach the half of it where nothing was predicted (the old ranking never went there)."""
+    from PEFTAdaptLib.uncertainty import ranked
+
+    scores = [5.0 - 0.1 * i for i in range(10)] + [0.0] * 30  # uncertain only near the (misplaced) prediction
+    order = ranked(scores, extent=(0, 35))  # slices 36–39 hold no image
+    assert order[1][0] >= 10 and max(index for index, _ in order[:4]) >= 20  # the old ranking: 0, 3, 6, 9
+    assert all(index <= 35 for index, reason in order if reason == "coverage")
+    assert {index for index, _ in order} == set(range(36))

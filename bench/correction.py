@@ -8,8 +8,9 @@ them, and they are marked annotated — and the model re-adapts from the previou
 slices so far as sparse supervision (no audit volume: the job holds out corrected slices, docs/sparse.md). After
 each round the shift's test volumes (never used for any choice) are scored. Slices are chosen by
 
-- `ranked`: the product's own ranking (`<name>_slices.json` of the round's prediction of the target: uncertainty
-  near the predicted structure, neighbours deferred),
+- `ranked`: the product's own ranking (`<name>_slices.json` of the round's prediction of the target: picks
+  alternate between uncertainty near the predicted structure, neighbours deferred, and coverage of the slices that
+  hold image; the corrected slices count as picks),
 - `random`: uniformly among the slices not corrected yet (the seed draws them),
 - `even`: evenly spaced (each new slice farthest from the corrected ones and the volume's ends),
 
@@ -110,12 +111,12 @@ def corrected_files(target: Target, slices: list[int], prediction: Path, folder:
 
 
 def ranking_of(prediction: Path, done: list[int]) -> list[int]:
-    """The product's ranking of the round's prediction, neighbours of corrected slices deferred as its own picks'."""
-    entries = json.loads(companion_paths(prediction)["slices"].read_text())["planes"]["axial"]["slices"]
-    scores = np.zeros(max(e["index"] for e in entries) + 1)
-    for entry in entries:
+    """The product's ranking of the round's prediction, with the corrected slices counted as its own picks."""
+    plane = json.loads(companion_paths(prediction)["slices"].read_text())["planes"]["axial"]
+    scores = np.zeros(max(e["index"] for e in plane["slices"]) + 1)
+    for entry in plane["slices"]:
         scores[entry["index"]] = entry["score"]
-    return ranked(scores, done)
+    return [index for index, _ in ranked(scores, done, tuple(plane["extent"]))]
 
 
 def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settings, limit: int, rounds: int,
@@ -176,10 +177,10 @@ def run_shift(name: str, args) -> dict:
         full.append(test_dice(target, predictions))
     curves = {f"{strategy} k{k} seed{seed}": run_curve(target, strategy, k, seed, settings, limit, args.rounds, zero,
                                                        method)
-              for k in args.k for strategy in STRATEGIES for seed in range(args.seeds)}
+              for k in args.k for strategy in args.strategies for seed in range(args.seeds)}
     return {"shift": name, "title": shift.title, "settings": settings.__dict__, "limit": limit, "rounds": args.rounds,
             "depth": grid.GetSize()[target.axis], "zero": zero[0], "full": full, "curves": curves,
-            "method": args.method, "seeds": args.seeds, "ks": args.k}
+            "method": args.method, "seeds": args.seeds, "ks": args.k, "strategies": args.strategies}
 
 
 def table(result: dict) -> str:
@@ -195,7 +196,7 @@ def table(result: dict) -> str:
              "| strategy | k per round | slices to 90 % (per seed) | Dice after each round (mean over seeds) |",
              "|---|---|---|---|"]
     for k in result["ks"]:
-        for strategy in STRATEGIES:
+        for strategy in result["strategies"]:
             curves = [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(result["seeds"])]
             counts = [needed(c, goal) for c in curves]
             shown = ", ".join(str(c) if c is not None else f">{c_[-1]['slices']}" for c, c_ in zip(counts, curves))
@@ -215,7 +216,7 @@ def plot(results: list[dict], path: Path) -> None:
     styles = {1: ":", 3: "--", 5: "-"}
     for axis, result in zip(axes[0], results):
         for k in result["ks"]:
-            for strategy in STRATEGIES:
+            for strategy in result["strategies"]:
                 curves = [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(result["seeds"])]
                 x = [p["slices"] for p in curves[0]]
                 y = np.mean([[p["dice"] for p in c] for c in curves], axis=0)
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="correction rounds at most")
     parser.add_argument("--steps", type=int, help="steps per round (default: per shift)")
     parser.add_argument("--method", default=DEFAULT_METHOD)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--update-docs", action="store_true", help="rewrite the section of docs/benchmarks.md and "
                                                                    "docs/correction.png")
     args = parser.parse_args()
