@@ -153,7 +153,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None  # the SceneRun the panel follows
         self._checkedRun = None  # the last run whose segmentation came in: "Next slice to check" walks its ranking
-        self._shownSlice = None  # (volume, IJK axis, index) that "Next slice to check" showed last
+        self._shownSlice = None  # the SliceToCheck that "Next slice to check" showed last
         self._runIsSegmentation = False
         self._cancelRequested = False
         self._rankMethod = None  # the method whose ranks the rank combo box lists
@@ -414,16 +414,20 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNextSlice(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to move to the next slice."), waitCursor=True):
             found = self._shownSlice = self._checkedRun.nextSliceToCheck()
-            self.ui.statusLabel.text = _("Every ranked slice was shown.") if found is None else \
-                _("{volume}: axial slice {index}, where the model is least sure. Correct it, then Re-adapt.").format(
-                    volume=found[0].GetName(), index=found[2])
+            if found is None:
+                self.ui.statusLabel.text = _("Every ranked slice was shown.")
+            else:
+                why = _("where the model is least sure") if found.reason == "uncertain" else \
+                    _("far from every slice checked so far (a confident miss shows no uncertainty)")
+                self.ui.statusLabel.text = _("{volume}: axial slice {index}, {why}. Correct it, then Re-adapt.").format(
+                    volume=found.volume.GetName(), index=found.index, why=why)
         self._updateButtons()
 
     def onMarkChecked(self) -> None:
-        volume, axis, index = self._shownSlice
-        self.logic.sceneLogic.markSlicesChecked(self._parameterNode.outputSegmentation, axis, [index])
+        shown = self._shownSlice
+        self.logic.sceneLogic.markSlicesChecked(self._parameterNode.outputSegmentation, shown.axis, [shown.index])
         self.ui.statusLabel.text = _("{volume}: axial slice {index} marked as right; Re-adapt trains on it.").format(
-            volume=volume.GetName(), index=index)
+            volume=shown.volume.GetName(), index=shown.index)
 
     def _start(self, warmStart: bool) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start adaptation."), waitCursor=True):

@@ -279,11 +279,13 @@ def test_segment_returns_at_once_and_the_timer_follows_the_background_job(fake, 
     ui = panel.ui
     assert ui.nextSliceButton.enabled and not ui.markCheckedButton.enabled
     ui.nextSliceButton.click()
-    volume, axis, index = panel._shownSlice
+    volume, axis, index, _ = panel._shownSlice
     assert volume is target and f"axial slice {index}" in ui.statusLabel.text and ui.markCheckedButton.enabled
     ui.markCheckedButton.click()
     assert json.loads(segmentation.GetAttribute("PEFTAdapt.checkedSlices")) == [[axis, index]]
     assert "marked as right" in ui.statusLabel.text and not fake.dialogs
+    ui.nextSliceButton.click()  # the ranking's second pick covers the volume: the status says why it is shown
+    assert panel._shownSlice.reason == "coverage" and "far from every slice checked so far" in ui.statusLabel.text
 
 
 # -- defect 6: no console window for the worker on Windows ------------------------------------------------------------

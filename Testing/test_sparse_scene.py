@@ -54,15 +54,15 @@ def test_corrected_slices_are_what_a_readapt_trains_on(thin, tmp_path):
     assert overlay.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     assert segmentation.GetAttribute(STARTED_FROM) == str(run.job.prediction_paths()[0])
 
-    shown, axis, index = run.nextSliceToCheck("coronal")
+    shown, axis, index, reason = run.nextSliceToCheck("coronal")
     ranking = json.loads(companion_paths(run.job.prediction_paths()[0])["slices"].read_text())
     first = ranking["planes"]["coronal"]["slices"][0]
-    assert shown is volume and index == first["index"]
+    assert shown is volume and (index, reason) == (first["index"], first["reason"])
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
     target = matrix.MultiplyPoint([*map(float, first["at"]), 1.0])[:3]
     assert np.allclose(slice_node.GetSliceToRAS().GetElement(0, 3), target[0], atol=1e-3)
-    assert run.nextSliceToCheck("coronal")[2] == ranking["planes"]["coronal"]["slices"][1]["index"]
+    assert run.nextSliceToCheck("coronal").index == ranking["planes"]["coronal"]["slices"][1]["index"]
 
     labels = labels_from_card(card["labels"])
     with pytest.raises(SceneError, match="is the prediction as it was"):

@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,16 @@ EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactl
 #: prediction trains on the slices that differ from it, and on the marked ones (sparse supervision, data/sparse.py)
 STARTED_FROM, CHECKED_SLICES = "PEFTAdapt.startedFrom", "PEFTAdapt.checkedSlices"
 _TRAIN_DEFAULTS = TrainSpec()
+
+
+class SliceToCheck(NamedTuple):
+    """A slice "Next slice to check" showed, and why it is ranked (`uncertainty.ranked`): "uncertain" (the model
+    is least sure there) or "coverage" (far from every slice checked so far, where a confident miss would hide)."""
+
+    volume: object
+    axis: int  # IJK
+    index: int
+    reason: str
 
 
 @dataclass
@@ -107,10 +118,10 @@ class SceneRun:
         self.job.wait(timeoutSeconds, interval, on_events=lambda events: [self.monitor.handle(e) for e in events])
         return self.job.state
 
-    def nextSliceToCheck(self, plane: str = "axial") -> tuple | None:
+    def nextSliceToCheck(self, plane: str = "axial") -> SliceToCheck | None:
         """Move the slice views to the slice of the first prediction where a correction is expected to help most
-        and that this run has not shown yet: (volume, IJK axis, slice index), or None when every ranked slice was
-        shown. The views centre on that slice's most uncertain voxel."""
+        and that this run has not shown yet, or None when every ranked slice was shown. The views centre on that
+        slice's most uncertain voxel."""
         paths = self.job.prediction_paths()
         if not paths or not self.volumes:
             return None
@@ -119,7 +130,7 @@ class SceneRun:
             if (plane, entry["index"]) not in self.shownSlices:
                 self.shownSlices.add((plane, entry["index"]))
                 show_voxel(self.logic.scene, self.volumes[0], entry["at"])
-                return self.volumes[0], ranking["axis"], entry["index"]
+                return SliceToCheck(self.volumes[0], ranking["axis"], entry["index"], entry["reason"])
         return None
 
     def importResults(self, segmentationNode=None) -> list:

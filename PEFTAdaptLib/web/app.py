@@ -368,13 +368,17 @@ class WebApp:
     def next_slice(self) -> None:
         """Move the views to the next slice where a correction is expected to help most (uncertainty ranking)."""
         found = self.session.next_slice()
-        self.say(f"{found[0].GetName()}: slice {found[2]} (axial), where the model is least sure — correct it, then "
-                 "Re-adapt" if found else "every ranked slice was shown")
+        if found is None:
+            self.say("every ranked slice was shown")
+            return
+        why = "where the model is least sure" if found.reason == "uncertain" else \
+            "far from every slice checked so far (a confident miss shows no uncertainty)"
+        self.say(f"{found.volume.GetName()}: slice {found.index} (axial), {why} — correct it, then Re-adapt")
 
     @reports_errors
     def mark_slice_checked(self) -> None:
-        volume, _axis, index = self.session.mark_slice_checked()
-        self.say(f"{volume.GetName()}: slice {index} marked as right — Re-adapt trains on it too")
+        shown = self.session.mark_slice_checked()
+        self.say(f"{shown.volume.GetName()}: slice {shown.index} marked as right — Re-adapt trains on it too")
 
     @reports_errors
     def cancel(self) -> None:

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..jobs import JobClient
 from ..jobs.client import ADAPTER_DIR
 from ..jobs.create import ADAPTER_FILES
-from ..mrml.logic import AdaptationRequest, SceneLogic, SceneRun
+from ..mrml.logic import AdaptationRequest, SceneLogic, SceneRun, SliceToCheck
 from ..mrml.scene_io import (
     SceneError, import_prediction, labels_from_card, read_volume, write_segmentation, write_segmentation_as_labelmap,
     write_volume,
@@ -35,7 +35,7 @@ class Round:
     run: SceneRun
     results: list = field(default_factory=list)
     imported: bool = False
-    shown: tuple | None = None  # (volume, IJK axis, index) that "Next slice to check" showed last
+    shown: SliceToCheck | None = None  # what "Next slice to check" showed last
 
 
 class PanelSession:
@@ -118,7 +118,7 @@ class PanelSession:
         self.rounds.append(Round(run))
         return run
 
-    def next_slice(self, plane: str = "axial") -> tuple | None:
+    def next_slice(self, plane: str = "axial") -> SliceToCheck | None:
         """The last round's next slice to check (views moved there), or None when all were shown."""
         last = self.current
         if last is None or not last.results:
@@ -126,13 +126,13 @@ class PanelSession:
         last.shown = last.run.nextSliceToCheck(plane)
         return last.shown
 
-    def mark_slice_checked(self) -> tuple:
+    def mark_slice_checked(self) -> SliceToCheck:
         """The slice `next_slice` showed last needs no correction: a re-adapt trains on it too."""
         last = self.current
         if last is None or last.shown is None:
             raise SceneError("show a slice with 'Next slice to check' first")
-        volume, axis, index = last.shown
-        self.logic.markSlicesChecked(last.results[last.run.volumes.index(volume)], axis, [index])
+        shown = last.shown
+        self.logic.markSlicesChecked(last.results[last.run.volumes.index(shown.volume)], shown.axis, [shown.index])
         return last.shown
 
     def cancel(self) -> None:
