@@ -128,7 +128,8 @@ def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settin
     adapter, (dice, predictions) = None, zero
     points = [{"slices": 0, "dice": dice}]
     while len(points) <= rounds and len(done) + k <= min(limit, depth):
-        done += choose(strategy, k, done, depth, ranking_of(predictions[0], done), rng)
+        ranking = ranking_of(predictions[0], done) if strategy == "ranked" else []
+        done += choose(strategy, k, done, depth, ranking, rng)
         folder = ROOT / target.shift.name / f"{strategy}-k{k}-seed{seed}" / f"round{len(points)}"
         spec = JobSpec(model=target.shift.model, method=method, train=settings.train(seed),
                        support=[corrected_files(target, sorted(done), predictions[0], folder.with_name(
