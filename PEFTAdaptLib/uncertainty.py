@@ -45,8 +45,10 @@ def disagreement(adapted: np.ndarray, base: np.ndarray) -> np.ndarray:
     return (0.5 * np.abs(adapted - base).sum(0)).astype(np.float32)
 
 
-def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Image) -> dict:
-    """Slices ranked by where a correction is expected to help most, along each index axis of `image`'s grid."""
+def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Image,
+                corrected: np.ndarray | None = None) -> dict:
+    """Slices ranked by where a correction is expected to help most, along each index axis of `image`'s grid;
+    whole slices of `corrected` (the voxels the user annotated already) count as picked and are not listed."""
     from scipy import ndimage  # here: the Slicer panel imports this module for its file names, without scipy
 
     structure = prediction > 0
@@ -60,8 +62,9 @@ def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Ima
         others = tuple(a for a in range(3) if a != axis)
         scores = weighted.sum(axis=others)
         extent = image_extent(content.any(axis=others))
+        taken = np.flatnonzero(corrected.all(axis=others)) if corrected is not None else ()
         slices = []
-        for index, reason in ranked(scores, extent=extent):
+        for index, reason in ranked(scores, taken, extent):
             at = focus(np.take(weighted, index, axis=axis), np.take(content, index, axis=axis))
             at.insert(axis, index)
             slices.append({"index": index, "score": float(scores[index]), "reason": reason, "at": at})
@@ -136,15 +139,17 @@ class Uncertainty:
 
     @classmethod
     def measure(cls, probabilities: np.ndarray, label: np.ndarray, image: sitk.Image,
-                base: np.ndarray | None = None) -> "Uncertainty":
-        """From the user-grid probabilities of the prediction (and of the base model, when an adapter is on)."""
+                base: np.ndarray | None = None, corrected: np.ndarray | None = None) -> "Uncertainty":
+        """From the user-grid probabilities of the prediction (and of the base model, when an adapter is on);
+        `corrected`: the voxels of this volume the user annotated already (its ranking skips those slices)."""
         from .selection import class_distance  # here: the Slicer panel imports this module without torch
         spread = entropy(probabilities)
         changed = disagreement(probabilities, base) if base is not None else None
         total = spread if changed is None else spread + changed
         volume = image.GetDimension() == 3  # a 2D image (or a 2D model's plane of it) has no slices to rank
         shape = image.GetSize()
-        ranking = rank_slices(total.reshape(shape), label.reshape(shape), image) if volume else {"planes": {}}
+        ranking = rank_slices(total.reshape(shape), label.reshape(shape), image, corrected) if volume else \
+            {"planes": {}}
         if base is None:
             return cls(spread, changed, ranking)
         adapted_index, base_index = probabilities.argmax(0), base.argmax(0)
@@ -178,9 +183,10 @@ def companion_paths(prediction_path: str | Path) -> dict[str, Path]:
             "slices": path.with_name(f"{base}_slices.json")}
 
 
-def predict_with_uncertainty(network, case, card, device: str = "cpu") -> tuple[sitk.Image, Uncertainty]:
+def predict_with_uncertainty(network, case, card, device: str = "cpu",
+                             corrected: np.ndarray | None = None) -> tuple[sitk.Image, Uncertainty]:
     """The label image on the user's grid and its uncertainty; with adapter units on the network, the base model
-    runs once more for the disagreement."""
+    runs once more for the disagreement. `corrected`: see `Uncertainty.measure`."""
     from .adapters import iter_units
     from .inference import predict_probabilities, user_grid_prediction
 
@@ -190,7 +196,7 @@ def predict_with_uncertainty(network, case, card, device: str = "cpu") -> tuple[
     if any(record.active for record in iter_units(network)):
         with base_model(network):
             base = user_grid_prediction(predict_probabilities(network, case.array, card, device), case, card)[0]
-    return label, Uncertainty.measure(probabilities, values, case.image, base)
+    return label, Uncertainty.measure(probabilities, values, case.image, base, corrected)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .adapters import count_trainable, load_adapters, save_adapters, train_in_full
@@ -23,7 +24,9 @@ from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
 from .data.formats import label_suffix
 from .data.holdout import split_for_audit
-from .data.io import read_image, write_image
+from .data.io import read_image, same_geometry, write_image
+from .data.sparse import read_annotated
+from .data.transforms import to_array
 from .errors import InputError, ModelError, PEFTAdaptError
 from .jobs.client import (
     ADAPTER_DIR, CANCEL_FILE, EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED,
@@ -287,7 +290,8 @@ class Run:
             if self.should_stop():
                 return False
             case = load_case(images, model.card, locate=model.locate)
-            label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device)
+            label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device,
+                                                          self.corrected_voxels(spec, case.image))
             path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / output_name(case_spec, names)
             for written in (path, *companion_paths(path).values()):
                 remove(written)  # an earlier prediction, or a link planted since the start: never written through
@@ -300,6 +304,20 @@ class Run:
             for message in changed_classes(case_spec.name, uncertainty, model.card, checked):
                 self.emit({"event": "warning", "message": message})
         return True
+
+    def corrected_voxels(self, spec: JobSpec, image) -> np.ndarray | None:
+        """The annotated voxels of the sparse training cases that are this very volume (same grid, same voxels),
+        as an (x, y, z) mask: its slice ranking counts the slices the user corrected as checked already."""
+        mask = None
+        for case in spec.support if spec.task == "adapt" else []:
+            if not case.annotated:
+                continue
+            other = read_image(resolve_input(self.job_dir, case.images[0]))
+            if same_geometry(other, image) and np.array_equal(to_array(other), to_array(image)):
+                annotated = to_array(read_annotated(resolve_input(self.job_dir, case.annotated), other,
+                                                    case.images[0]), np.uint8) > 0
+                mask = annotated if mask is None else mask | annotated
+        return mask
 
 
 def changed_classes(name: str, measured: Uncertainty, card: ModelCard,
