@@ -120,8 +120,8 @@ class SceneRun:
 
     def nextSliceToCheck(self, plane: str = "axial") -> SliceToCheck | None:
         """Move the slice views to the slice of the first prediction where a correction is expected to help most
-        and that this run has not shown yet, or None when every ranked slice was shown. The views centre on that
-        slice's most uncertain voxel."""
+        and that this run has not shown yet, or None when every ranked slice was shown. The views centre on the
+        ranking's `at` (the slice's most uncertain voxel, or the middle of its image)."""
         paths = self.job.prediction_paths()
         if not paths or not self.volumes:
             return None
