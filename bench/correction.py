@@ -59,7 +59,7 @@ class Plan:
     seeds: dict[int, int]  # slices per round (k) → seeds run
 
 
-#: per shift; a round costs seconds on the spine, about 3 minutes on deepbet and 1.5 on BraTS (2 CPU cores)
+#: per shift: seeds per k sized to what a CPU run affords (a deepbet round costs minutes, a spine round seconds)
 PLANS = {"spine-t1": Plan(Settings(30, 2, None, 30), 10, 5, {1: 5, 3: 5, 5: 5}),
          "deepbet": Plan(Settings(30, 2, [128, 128, 128], 30), 10, 3, {1: 1, 3: 3, 5: 1}),
          "brats-wt": Plan(Settings(30, 2, [48, 48, 48], 30), 10, 3, {3: 1})}
@@ -214,6 +214,11 @@ def slices_needed(curves: list[list[dict]], goal: float | None) -> str:
     return ", ".join(str(n) if n is not None else f">{c[-1]['slices']}" for n, c in zip(counts, curves))
 
 
+def curves_of(result: dict, strategy: str, k: int) -> list[list[dict]]:
+    """One curve per seed run for this strategy and k."""
+    return [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(result["seeds"][k])]
+
+
 def table(result: dict) -> str:
     of_full, of_gain = goals(result)
     settings, structure = result["settings"], set(result["structure"])
@@ -229,9 +234,9 @@ def table(result: dict) -> str:
              "(per seed) | Dice after each round (mean over seeds) | seed 0's slices after the last round (on the "
              "structure) |",
              "|---|---|---|---|---|---|"]
-    for k, seeds in result["seeds"].items():
+    for k in result["seeds"]:
         for strategy in result["strategies"]:
-            curves = [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(seeds)]
+            curves = curves_of(result, strategy, k)
             rounds = " → ".join(f"{np.mean([c[i]['dice'] for c in curves]):.3f}" for i in range(len(curves[0])))
             chosen = curves[0][-1].get("chosen", [])
             lines.append(f"| {strategy} | {k} | {slices_needed(curves, of_full)} | {slices_needed(curves, of_gain)} | "
@@ -249,9 +254,9 @@ def plot(results: list[dict], path: Path) -> None:
     colours = {"ranked": "tab:red", "random": "tab:gray", "even": "tab:blue"}
     styles = {1: ":", 3: "--", 5: "-"}
     for axis, result in zip(axes[0], results):
-        for k, seeds in result["seeds"].items():
+        for k in result["seeds"]:
             for strategy in result["strategies"]:
-                curves = [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(seeds)]
+                curves = curves_of(result, strategy, k)
                 x = [p["slices"] for p in curves[0]]
                 y = np.mean([[p["dice"] for p in c] for c in curves], axis=0)
                 axis.plot(x, y, styles.get(k, "-"), color=colours[strategy], label=f"{strategy}, k={k}")
