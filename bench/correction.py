@@ -35,7 +35,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from product import JOBS, Settings, here, portable, score  # noqa: E402
-from report import replace_section  # noqa: E402
+from report import WORSE_BY, replace_section  # noqa: E402
 from shifts import SHIFTS, Shift  # noqa: E402
 
 from PEFTAdaptLib.data.sparse import index_axis  # noqa: E402
@@ -94,9 +94,10 @@ def submit(folder: Path, spec: JobSpec):
     return job.events, [Path(p) for p in paths]
 
 
-def test_dice(target: Target, predictions: list[Path]) -> float:
-    """Mean Dice over the shift's test volumes (predictions after the target's)."""
-    return float(np.mean([c["dice"] for c in score(target.shift, predictions[1:])]))
+def test_scores(target: Target, predictions: list[Path]) -> dict:
+    """Dice of each of the shift's test volumes (predictions after the target's), and their mean."""
+    cases = {c["case"]: c["dice"] for c in score(target.shift, predictions[1:])}
+    return {"dice": float(np.mean(list(cases.values()))), "cases": cases}
 
 
 def choose(strategy: str, k: int, done: list[int], depth: int, ranking: list[int], rng) -> list[int]:
@@ -139,8 +140,8 @@ def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settin
     rng = np.random.default_rng(1000 * seed + k)
     depth = target.grid.GetSize()[target.axis]
     done: list[int] = []
-    adapter, (dice, predictions) = None, zero
-    points = [{"slices": 0, "dice": dice}]
+    adapter, (scores, predictions) = None, zero
+    points = [{"slices": 0, **scores}]
     while len(points) <= rounds and len(done) + k <= min(limit, depth):
         ranking = ranking_of(predictions[0], done) if strategy == "ranked" else []
         done += choose(strategy, k, done, depth, ranking, rng)
@@ -153,12 +154,12 @@ def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settin
                        warm_start=adapter)
         submitted = submit(folder, spec)
         if submitted is None:  # the clinician corrects more slices before the next try
-            points.append({"slices": len(done), "dice": points[-1]["dice"], "kept": "refused", "chosen": sorted(done)})
+            points.append({**points[-1], "slices": len(done), "kept": "refused", "chosen": sorted(done)})
             continue
         events, predictions = submitted
         finished = next(e for e in events if e["event"] == "finished")
         adapter = str(folder / "adapter")
-        points.append({"slices": len(done), "dice": test_dice(target, predictions), "kept": finished.get("kept"),
+        points.append({"slices": len(done), **test_scores(target, predictions), "kept": finished.get("kept"),
                        "chosen": sorted(done)})
         print(json.dumps({"shift": target.shift.name, "strategy": strategy, "k": k, "seed": seed, **points[-1]}),
               flush=True)
@@ -184,20 +185,21 @@ def run_shift(name: str, args) -> dict:
     predict = [CaseSpec([target.image], name="target")] + [CaseSpec([c.image], name=c.name) for c in shift.test]
     _, zero_predictions = submit(ROOT / name / "zero-shot", JobSpec(model=shift.model, task="predict", predict=predict,
                                                                    train=TrainSpec(device="cpu")))
-    zero = (test_dice(target, zero_predictions), zero_predictions)
+    zero = (test_scores(target, zero_predictions), zero_predictions)
     full = []
     reference = replace(settings, steps=rounds * settings.steps)  # as many steps as the longest curve
     for seed in range(max(seeds.values())):
         _, predictions = submit(ROOT / name / f"full-seed{seed}", JobSpec(
             model=shift.model, method=method, train=reference.train(seed), predict=predict,
             support=[CaseSpec([target.image], target_files.label, "target")]))
-        full.append(test_dice(target, predictions))
+        full.append(test_scores(target, predictions))
     curves = {f"{strategy} k{k} seed{seed}": run_curve(target, strategy, k, seed, settings, plan.limit, rounds, zero,
                                                        method)
               for k in seeds for strategy in args.strategies for seed in range(seeds[k])}
     structure = np.moveaxis(target.reference, target.axis, 0).reshape(grid.GetSize()[target.axis], -1).any(axis=1)
     return {"shift": name, "title": shift.title, "settings": settings.__dict__, "limit": plan.limit, "rounds": rounds,
-            "depth": len(structure), "structure": np.flatnonzero(structure).tolist(), "zero": zero[0], "full": full,
+            "depth": len(structure), "structure": np.flatnonzero(structure).tolist(), "zero": zero[0]["dice"],
+            "zero_cases": zero[0]["cases"], "full": [f["dice"] for f in full], "full_cases": [f["cases"] for f in full],
             "curves": curves, "method": args.method, "seeds": seeds, "strategies": args.strategies}
 
 
@@ -217,6 +219,17 @@ def slices_needed(curves: list[list[dict]], goal: float | None) -> str:
 def curves_of(result: dict, strategy: str, k: int) -> list[list[dict]]:
     """One curve per seed run for this strategy and k."""
     return [result["curves"][f"{strategy} k{k} seed{s}"] for s in range(result["seeds"][k])]
+
+
+def below_zero_shot(result: dict) -> list[str]:
+    """Every test case an adapted model (a round, or the full-annotation reference) scored more than `WORSE_BY` below
+    zero-shot."""
+    zero = result["zero_cases"]
+    scored = [(f"full annotation seed {seed}", cases) for seed, cases in enumerate(result["full_cases"])]
+    scored += [(f"{name} after {point['slices']} slices", point["cases"])
+               for name, curve in result["curves"].items() for point in curve[1:]]
+    return [f"{run}: {case} {100 * (dice - zero[case]):+.1f}" for run, cases in scored for case, dice in cases.items()
+            if dice < zero[case] - WORSE_BY]
 
 
 def table(result: dict) -> str:
@@ -241,6 +254,10 @@ def table(result: dict) -> str:
             chosen = curves[0][-1].get("chosen", [])
             lines.append(f"| {strategy} | {k} | {slices_needed(curves, of_full)} | {slices_needed(curves, of_gain)} | "
                          f"{rounds} | {', '.join(map(str, chosen))} ({sum(i in structure for i in chosen)}) |")
+    below = below_zero_shot(result)
+    zero = ", ".join(f"{case} {dice:.3f}" for case, dice in result["zero_cases"].items())
+    lines += ["", f"Test cases more than {100 * WORSE_BY:.0f} point below zero-shot (zero-shot: {zero}), in Dice "
+                  f"points: {'; '.join(below) if below else 'none'}."]
     return "\n".join(lines) + "\n"
 
 
