@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from product import JOBS, Settings, here, portable, score  # noqa: E402
+from product import JOBS, Settings, here, portable, score, warned  # noqa: E402
 from report import WORSE_BY, replace_section  # noqa: E402
 from shifts import SHIFTS, Shift  # noqa: E402
 
@@ -61,8 +61,8 @@ class Plan:
 
 #: per shift: seeds per k sized to what a CPU run affords (a deepbet round costs minutes, a spine round seconds)
 PLANS = {"spine-t1": Plan(Settings(30, 2, None, 30), 10, 5, {1: 5, 3: 5, 5: 5}),
-         "deepbet": Plan(Settings(30, 2, [128, 128, 128], 30), 10, 3, {1: 1, 3: 3, 5: 1}),
-         "brats-wt": Plan(Settings(30, 2, [48, 48, 48], 30), 10, 3, {3: 1})}
+         "deepbet": Plan(Settings(30, 2, [128, 128, 128], 30), 10, 3, {1: 1, 3: 5, 5: 1}),
+         "brats-wt": Plan(Settings(30, 2, [48, 48, 48], 30), 10, 3, {1: 1, 3: 1, 5: 1})}
 
 
 @dataclass
@@ -76,7 +76,8 @@ class Target:
 
 def submit(folder: Path, spec: JobSpec):
     """Run one job (or reuse it when finished with the same request); returns (events, prediction paths), or None
-    when the job refuses the corrections (too few slices hold the structure to hold some out for its audit)."""
+    when the job refuses the corrections and asks for more (none of them, or too few to hold some out for its audit,
+    holds the structure)."""
     saved = folder / "bench-request.json"
     result = folder / "bench-events.json"
     if result.is_file() and portable(json.loads(saved.read_text())) == portable(spec.to_dict()):
@@ -84,8 +85,8 @@ def submit(folder: Path, spec: JobSpec):
         return data["events"], [here(p) for p in data["predictions"]]
     job = JobClient(folder.parent).submit(spec, folder, overwrite=True)
     state = job.wait()
-    if state.exit_code == EXIT_INVALID and "annotate more slices" in state.message:
-        return None  # too few corrected slices hold the structure for a held-out audit: the job refuses them
+    if state.exit_code == EXIT_INVALID and "annotate" in state.message:
+        return None  # the job asks for more corrected slices through the structure
     if state.outcome != "finished":
         raise RuntimeError(f"{folder}: {state.outcome}: {state.message}")
     saved.write_text(json.dumps(spec.to_dict()))
@@ -94,10 +95,12 @@ def submit(folder: Path, spec: JobSpec):
     return job.events, [Path(p) for p in paths]
 
 
-def test_scores(target: Target, predictions: list[Path]) -> dict:
-    """Dice of each of the shift's test volumes (predictions after the target's), and their mean."""
+def test_scores(target: Target, predictions: list[Path], events: list[dict] = ()) -> dict:
+    """Dice of each of the shift's test volumes (predictions after the target's), their mean, and the volumes the
+    job's warnings named."""
     cases = {c["case"]: c["dice"] for c in score(target.shift, predictions[1:])}
-    return {"dice": float(np.mean(list(cases.values()))), "cases": cases}
+    return {"dice": float(np.mean(list(cases.values()))), "cases": cases,
+            "warned": [case for case in cases if warned(list(events), case)]}
 
 
 def choose(strategy: str, k: int, done: list[int], depth: int, ranking: list[int], rng) -> list[int]:
@@ -159,7 +162,7 @@ def run_curve(target: Target, strategy: str, k: int, seed: int, settings: Settin
         events, predictions = submitted
         finished = next(e for e in events if e["event"] == "finished")
         adapter = str(folder / "adapter")
-        points.append({"slices": len(done), **test_scores(target, predictions), "kept": finished.get("kept"),
+        points.append({"slices": len(done), **test_scores(target, predictions, events), "kept": finished.get("kept"),
                        "chosen": sorted(done)})
         print(json.dumps({"shift": target.shift.name, "strategy": strategy, "k": k, "seed": seed, **points[-1]}),
               flush=True)
@@ -189,10 +192,10 @@ def run_shift(name: str, args) -> dict:
     full = []
     reference = replace(settings, steps=rounds * settings.steps)  # as many steps as the longest curve
     for seed in range(max(seeds.values())):
-        _, predictions = submit(ROOT / name / f"full-seed{seed}", JobSpec(
+        events, predictions = submit(ROOT / name / f"full-seed{seed}", JobSpec(
             model=shift.model, method=method, train=reference.train(seed), predict=predict,
             support=[CaseSpec([target.image], target_files.label, "target")]))
-        full.append(test_scores(target, predictions))
+        full.append(test_scores(target, predictions, events))
     curves = {f"{strategy} k{k} seed{seed}": run_curve(target, strategy, k, seed, settings, plan.limit, rounds, zero,
                                                        method)
               for k in seeds for strategy in args.strategies for seed in range(seeds[k])}
@@ -200,6 +203,7 @@ def run_shift(name: str, args) -> dict:
     return {"shift": name, "title": shift.title, "settings": settings.__dict__, "limit": plan.limit, "rounds": rounds,
             "depth": len(structure), "structure": np.flatnonzero(structure).tolist(), "zero": zero[0]["dice"],
             "zero_cases": zero[0]["cases"], "full": [f["dice"] for f in full], "full_cases": [f["cases"] for f in full],
+            "full_warned": [f["warned"] for f in full],
             "curves": curves, "method": args.method, "seeds": seeds, "strategies": args.strategies}
 
 
@@ -223,13 +227,24 @@ def curves_of(result: dict, strategy: str, k: int) -> list[list[dict]]:
 
 def below_zero_shot(result: dict) -> list[str]:
     """Every test case an adapted model (a round, or the full-annotation reference) scored more than `WORSE_BY` below
-    zero-shot."""
+    zero-shot, and whether its job's warnings named that volume."""
     zero = result["zero_cases"]
-    scored = [(f"full annotation seed {seed}", cases) for seed, cases in enumerate(result["full_cases"])]
-    scored += [(f"{name} after {point['slices']} slices", point["cases"])
+    scored = [(f"full annotation seed {seed}", cases, named)
+              for seed, (cases, named) in enumerate(zip(result["full_cases"], result["full_warned"]))]
+    scored += [(f"{name} after {point['slices']} slices", point["cases"], point["warned"])
                for name, curve in result["curves"].items() for point in curve[1:]]
-    return [f"{run}: {case} {100 * (dice - zero[case]):+.1f}" for run, cases in scored for case, dice in cases.items()
-            if dice < zero[case] - WORSE_BY]
+    return [f"{run}: {case} {100 * (dice - zero[case]):+.1f} ({'warned' if case in named else 'not warned'})"
+            for run, cases, named in scored for case, dice in cases.items() if dice < zero[case] - WORSE_BY]
+
+
+def last_round_gaps(result: dict, k: int) -> str:
+    """Ranked minus each other strategy after the last round, paired by seed (same seed, same training noise)."""
+    ranked_last = [c[-1]["dice"] for c in curves_of(result, "ranked", k)]
+    gaps = []
+    for other in (s for s in result["strategies"] if s != "ranked"):
+        gap = 100 * (np.array(ranked_last) - [c[-1]["dice"] for c in curves_of(result, other, k)])
+        gaps.append(f"ranked − {other} {gap.mean():+.1f} points (s.e. {gap.std(ddof=1) / np.sqrt(len(gap)):.1f})")
+    return f"k = {k}: " + ", ".join(gaps)
 
 
 def table(result: dict) -> str:
@@ -254,10 +269,15 @@ def table(result: dict) -> str:
             chosen = curves[0][-1].get("chosen", [])
             lines.append(f"| {strategy} | {k} | {slices_needed(curves, of_full)} | {slices_needed(curves, of_gain)} | "
                          f"{rounds} | {', '.join(map(str, chosen))} ({sum(i in structure for i in chosen)}) |")
+    paired = [last_round_gaps(result, k) for k, n in result["seeds"].items()
+              if n > 1 and "ranked" in result["strategies"] and len(result["strategies"]) > 1]
+    if paired:
+        lines += ["", "Test Dice after the last round, paired by seed (mean over seeds): " + "; ".join(paired) + "."]
     below = below_zero_shot(result)
     zero = ", ".join(f"{case} {dice:.3f}" for case, dice in result["zero_cases"].items())
     lines += ["", f"Test cases more than {100 * WORSE_BY:.0f} point below zero-shot (zero-shot: {zero}), in Dice "
-                  f"points: {'; '.join(below) if below else 'none'}."]
+                  f"points, and whether the job warned the user to check that volume: "
+                  f"{'; '.join(below) if below else 'none'}."]
     return "\n".join(lines) + "\n"
 
 

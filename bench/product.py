@@ -102,14 +102,18 @@ def here(path: str) -> Path:
     return CACHE / path.split(_IN_CACHE, 1)[1] if _IN_CACHE in path else Path(path)
 
 
+def warned(events: list[dict], case: str) -> bool:
+    """Whether a job's events told the user to check this volume (a `warning` that names it)."""
+    return any(e["event"] == "warning" and str(e.get("message", "")).startswith(f"{case}: ") for e in events)
+
+
 def with_warnings(result: dict) -> dict:
     """`result` with each test case marked `warned`: whether its job told the user to check that volume (a class
     changed a lot against the source model's), read from the job's events."""
     if "job" in result:
         events, _ = read_events(here(result["job"]))
-        messages = [e["message"] for e in events if e["event"] == "warning" and "message" in e]
         for case in result["cases"]:
-            case["warned"] = any(m.startswith(f"{case['case']}: ") for m in messages)
+            case["warned"] = warned(events, case["case"])
     return result
 
 
