@@ -324,9 +324,9 @@ def main() -> None:
     print(text)
     if args.update_docs:
         plot(results, Path(__file__).resolve().parents[1] / "docs" / "correction.png")
-        flags = " ".join(a for a in sys.argv[1:] if a != "--update-docs")
-        replace_section(SECTION, f"`OMP_NUM_THREADS=1 python bench/correction.py {flags} --update-docs` — through "
-                                 "the job client; plot: `docs/correction.png`.\n\n" + text)
+        command = " ".join(["OMP_NUM_THREADS=1 python bench/correction.py",
+                            *(a for a in sys.argv[1:] if a != "--update-docs"), "--update-docs"])
+        replace_section(SECTION, f"`{command}` — through the job client; plot: `docs/correction.png`.\n\n" + text)
 
 
 if __name__ == "__main__":
