@@ -100,7 +100,7 @@ def test_scores(target: Target, predictions: list[Path], events: list[dict] = ()
     job's warnings named."""
     cases = {c["case"]: c["dice"] for c in score(target.shift, predictions[1:])}
     return {"dice": float(np.mean(list(cases.values()))), "cases": cases,
-            "warned": [case for case in cases if warned(list(events), case)]}
+            "warned": [case for case in cases if warned(events, case)]}
 
 
 def choose(strategy: str, k: int, done: list[int], depth: int, ranking: list[int], rng) -> list[int]:

@@ -102,7 +102,7 @@ def here(path: str) -> Path:
     return CACHE / path.split(_IN_CACHE, 1)[1] if _IN_CACHE in path else Path(path)
 
 
-def warned(events: list[dict], case: str) -> bool:
+def warned(events, case: str) -> bool:
     """Whether a job's events told the user to check this volume (a `warning` that names it)."""
     return any(e["event"] == "warning" and str(e.get("message", "")).startswith(f"{case}: ") for e in events)
 
