@@ -22,8 +22,8 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """Leave with pytest's verdict once everything is reported. The interpreter's teardown of the native libraries
-    (VTK through slicer-core, torch, the browser driver) crashed once with a segmentation fault after all 687 tests
-    had passed and been reported, turning a green run red; by then there is nothing left to check."""
+    (VTK through slicer-core, torch, the browser driver) crashed once with a segmentation fault after every test had
+    passed and been reported, turning a green run red; by then there is nothing left to check."""
     if EXIT_STATUS in config.stash:
         sys.stdout.flush()
         sys.stderr.flush()
