@@ -118,7 +118,8 @@ def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None
         emit({"event": "failed", "message": str(exc), "exit_code": EXIT_FAILED})
         return EXIT_FAILED
     except PEFTAdaptError as exc:
-        emit({"event": "failed", "message": str(exc), "exit_code": EXIT_INVALID})
+        needs = {"needs": exc.needs} if exc.needs else {}
+        emit({"event": "failed", "message": str(exc), "exit_code": EXIT_INVALID, **needs})
         return EXIT_INVALID
     except Exception as exc:  # noqa: BLE001 - any crash must end as a `failed` event with the traceback on disk
         # No checkpoint here: a crash mid-step leaves a state that is not consistent to resume from; the last

@@ -24,7 +24,7 @@ from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model
 from PEFTAdaptLib.selection import AuditCounts
 from PEFTAdaptLib.training import MaskedDiceCE, PatchSampler
-from PEFTAdaptLib.worker import SAME_VOLUME_AUDIT
+from PEFTAdaptLib.worker import EXIT_INVALID, SAME_VOLUME_AUDIT
 
 MESHNET = "meshnet/model5_gw_ae"
 T1 = "meshnet/t1_crop.nii.gz"
@@ -162,6 +162,26 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     assert prediction["change"] and all(0 <= d <= 1 for d in prediction["change"].values())
     checked = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]["audit_change"]
     assert checked and all(0 <= d <= 1 for d in checked.values())
+
+
+def test_corrections_that_miss_the_structure_are_refused_asking_for_more(thin, tmp_path):
+    """A correction round whose slices hold none of the structure gives nothing to learn from or audit on: the
+    worker refuses it before training, and the `failed` event says what it needs, so a front-end (and the
+    correction benchmark) can ask for more slices without reading the message."""
+    image = sitk.ReadImage(str(thin / "thin.nii.gz"))
+    mask = slice_mask(image, "coronal:5")
+    label = sitk.ReadImage(str(thin / "thin_label.nii.gz")) * sitk.Cast(mask == 0, sitk.sitkUInt8)  # none on slice 5
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    spec = JobSpec(model=str(shared(MESHNET)), method=make_method("bitfit"),
+                   support=[CaseSpec([str(thin / "thin.nii.gz")], str(tmp_path / "label.nii.gz"),
+                                     annotated=str(tmp_path / "mask.nii.gz"))],
+                   train=TrainSpec(steps=2, patches_per_step=1, audit_every=1, device="cpu"))
+    job = JobClient(tmp_path / "work").submit(spec, tmp_path / "work" / "job")
+    state = job.wait(timeout=600)
+    assert state.outcome == "failed" and state.exit_code == EXIT_INVALID and state.needs == "annotation"
+    assert "no annotated voxel holds a structure" in state.message and state.step == 0
+    assert state.describe().startswith("More annotation needed: ")
 
 
 def test_slices_follow_the_train_they_belong_to(thin):

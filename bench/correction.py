@@ -41,7 +41,6 @@ from shifts import SHIFTS, Shift  # noqa: E402
 from PEFTAdaptLib.data.sparse import index_axis  # noqa: E402
 from PEFTAdaptLib.data.transforms import from_array, to_array  # noqa: E402
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec  # noqa: E402
-from PEFTAdaptLib.jobs.client import EXIT_INVALID  # noqa: E402
 from PEFTAdaptLib.methods import DEFAULT_METHOD, make_method  # noqa: E402
 from PEFTAdaptLib.uncertainty import companion_paths, ranked  # noqa: E402
 
@@ -85,7 +84,7 @@ def submit(folder: Path, spec: JobSpec):
         return data["events"], [here(p) for p in data["predictions"]]
     job = JobClient(folder.parent).submit(spec, folder, overwrite=True)
     state = job.wait()
-    if state.exit_code == EXIT_INVALID and "annotate" in state.message:
+    if state.needs == "annotation":
         return None  # the job asks for more corrected slices through the structure
     if state.outcome != "finished":
         raise RuntimeError(f"{folder}: {state.outcome}: {state.message}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, NeedsAnnotation
 from ..models.card import ModelCard
 from .io import read_image, read_label, same_geometry
 from .planar import check_dimensions, user_grid
@@ -61,7 +61,7 @@ def prepare_case(
             mask = to_array(onto_grid(user_grid(annotated, card.spatial_dims), model_image, is_label=True),
                             np.uint8) > 0
             if not mask.any():
-                raise InputError(f"{name}: no annotated voxel reaches the model's grid (its slices fall between the "
+                raise NeedsAnnotation(f"{name}: no annotated voxel reaches the model's grid (its slices fall between the "
                                  "model's samples); annotate more slices")
             label_array = with_unannotated(label_array, mask[None])
     return Case(name, channels[0], model_image, array, label_array, label)

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, NeedsAnnotation
 from .cases import Case
 from .sparse import annotated, foreground, is_sparse, with_unannotated
 
@@ -69,13 +69,13 @@ def hold_out_annotated(case: Case, share: float = SHARE) -> tuple[Case, Case, di
         first = int(min(max(0, centre - width // 2), len(lines) - width))
         chosen = lines[first:first + width]
     else:
-        raise InputError(f"{case.name}: no annotated voxel holds a structure; annotate slices through it or give an "
+        raise NeedsAnnotation(f"{case.name}: no annotated voxel holds a structure; annotate slices through it or give an "
                          "audit volume")
     held = np.zeros(label.shape, bool)
     np.moveaxis(held, axis, 0)[chosen] = True
     held &= marked
     if not (structure & held).any() or not (structure & ~held).any():
-        raise InputError(f"{case.name}: too few annotated slices hold the structure to keep some for an audit; "
+        raise NeedsAnnotation(f"{case.name}: too few annotated slices hold the structure to keep some for an audit; "
                          "annotate more slices through it or give an audit volume")
     train = replace(case, label=with_unannotated(case.label, ~held[None]))
     audit = replace(case, name=f"{case.name}_audit", label=with_unannotated(case.label, held[None]), label_image=None)

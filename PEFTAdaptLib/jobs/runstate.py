@@ -30,6 +30,7 @@ class RunState:
     outcome: str | None = None  # finished / failed / cancelled
     message: str = ""
     exit_code: int | None = None  # the worker's (PEFTAdaptLib.worker)
+    needs: str = ""  # a refused job: what the user must add ("annotation": more annotated slices; errors.py)
     kept: str = ""  # "adapted", or "start": no state passed the selection rule, the starting model is kept
     gain: float | None = None  # audit Dice gain of the kept state over the start, with its lower confidence bound
     gain_low: float | None = None
@@ -97,6 +98,7 @@ class RunState:
             self.phase = kind
             self.message = event.get("message") or event.get("reason") or ""
             self.exit_code = event.get("exit_code", self.exit_code)
+            self.needs = event.get("needs", "")
 
     def _score(self, key: str, value: float) -> None:
         if getattr(self, f"first_{key}") is None:
@@ -112,7 +114,7 @@ class RunState:
 
     def describe(self) -> str:
         if self.outcome == "failed":
-            return f"Failed: {self.message}"
+            return f"{'More annotation needed' if self.needs == 'annotation' else 'Failed'}: {self.message}"
         if self.outcome == "cancelled":
             return "Cancelled — the last checkpoint was kept"
         if self.outcome == "finished":
