@@ -36,24 +36,20 @@ from .jobs.files import job_subfolder, refuse_links, remove, replace_folder, wri
 from .jobs.lock import JobLock, JobLocked
 from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
-from .models.card import TRAINED_IN_FULL, ModelCard
+from .models.card import TRAINED_IN_FULL
 from .models.foundation import FoundationModel
 from .models.registry import load_model
-from .selection import BEYOND_AUDIT, VOLUME_CHANGE, beyond_audit
 from .training import (
     AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged, audit_change,
 )
-from .uncertainty import Uncertainty, companion_paths, predict_with_uncertainty
+from .uncertainty import companion_paths, predict_with_uncertainty
+from .vouch import (
+    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, changed_classes, unvouched,
+    volume_digest,
+)
 
 TRACEBACK_FILE = "traceback.txt"
-#: adapter metadata: per class index, the largest change the adapter made on an audit case (training.audit_change)
-AUDIT_CHANGE = "audit_change"
 PREDICTIONS_DIR = "predictions"
-#: said when the state kept was judged on held-out slabs of the training volumes only: their gain need not carry over
-#: to other subjects (docs/benchmarks.md shows it did not, more than once)
-SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
-                     "only: check the predictions of other subjects, or give an annotated volume of another subject as "
-                     "the audit")
 
 
 def select_device(requested: str) -> str:
@@ -187,7 +183,7 @@ class Run:
                                                        "give them as audit cases to see their Dice"})
         cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
                       self.cases(spec.source, model, True))
-        held_out = []
+        held_out, trained_on = [], [volume_digest(case.image) for case in cases.support]
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
         predict_inputs = self.predict_inputs(spec)
@@ -195,8 +191,9 @@ class Run:
         total = model.num_parameters()
         torch.manual_seed(spec.train.seed)  # adapter initialisation is part of the seeded run
         warm = resolve_input(self.job_dir, spec.warm_start) if spec.warm_start else None
+        warm_covers = None
         if warm is not None:  # the units (and gates) of the earlier round, trained further as they are
-            load_adapters(model.network, warm, model.base_fingerprint)
+            warm_covers = audit_covers_of(load_adapters(model.network, warm, model.base_fingerprint), warm)
             plan = Plan(info={"warm_start": spec.warm_start})
         else:
             plan = method.build(BuildContext(model.network, card, total, spec.lr, spec.train.steps,
@@ -232,9 +229,13 @@ class Run:
         summary = trainer.summary()
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
         checked = audit_change(model.network, cases.audit, card, device) if completed and cases.audit else None
+        # what the audit vouches for: the earlier round's record when its adapter is kept, the training volumes when
+        # a state judged on slabs of them is kept, nothing more to say otherwise
+        covers = warm_covers if summary["kept_start"] else trained_on if held_out else None
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                          "steps": config.steps, "final": completed,
-                         **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {})})
+                         **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {}),
+                         **({AUDIT_COVERS: covers} if covers is not None else {})})
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
                                  lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
         if not completed:
@@ -250,7 +251,7 @@ class Run:
                    "adapter": ADAPTER_DIR})
         if held_out and outcome["kept"] == "adapted":
             self.emit({"event": "warning", "message": SAME_VOLUME_AUDIT})
-        self.write_predictions(spec, predict_inputs, model, device, checked)
+        self.write_predictions(spec, predict_inputs, model, device, checked, covers)
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                    "trainable": count_trainable(model.network), "seconds": summary["seconds"], **outcome,
@@ -269,22 +270,24 @@ class Run:
     # -- predict -------------------------------------------------------------------------------------------------
     def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:
         inputs = self.predict_inputs(spec)
-        checked = None
+        checked = covers = None
         if spec.adapter:
             folder = resolve_input(self.job_dir, spec.adapter)
-            checked = audit_change_of(load_adapters(model.network, folder, model.base_fingerprint), folder, model.card)
+            config = load_adapters(model.network, folder, model.base_fingerprint)
+            checked, covers = audit_change_of(config, folder, model.card), audit_covers_of(config, folder)
         self.emit({"event": "started", "task": "predict", "model": model.card.id, "device": device,
                    "steps": len(inputs), "adapter": spec.adapter, "pid": os.getpid()})
-        if not self.write_predictions(spec, inputs, model, device, checked):
+        if not self.write_predictions(spec, inputs, model, device, checked, covers):
             self.emit({"event": "cancelled", "reason": "cancel requested", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
         self.emit({"event": "finished", "exit_code": EXIT_FINISHED})
         return EXIT_FINISHED
 
     def write_predictions(self, spec: JobSpec, inputs: list[list[Path]], model: FoundationModel, device: str,
-                          checked: dict[int, float] | None = None) -> bool:
-        """Segment every predict case, naming each one whose segmentation the adapter changes more than the audit
-        could vouch for (`checked`: audit_change); returns False when cancelled in between."""
+                          checked: dict[int, float] | None = None, covers: list[str] | None = None) -> bool:
+        """Segment every predict case, naming each one the audit cannot vouch for: changed more than on the audit
+        (`checked`: audit_change), or outside the volumes a held-out-slab audit covers (`covers`; vouch.py); returns
+        False when cancelled in between."""
         model.network.eval()
         names: set[str] = set()
         for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):
@@ -302,7 +305,8 @@ class Run:
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra,
                        **({"change": change} if change else {})})
-            for message in changed_classes(case_spec.name, uncertainty, model.card, checked):
+            for message in (changed_classes(case_spec.name, uncertainty, model.card, checked)
+                            + unvouched(case_spec.name, case.image, covers)):
                 self.emit({"event": "warning", "message": message})
         return True
 
@@ -319,48 +323,6 @@ class Run:
                                                     case.images[0]), np.uint8) > 0
                 mask = annotated if mask is None else mask | annotated
         return mask
-
-
-def changed_classes(name: str, measured: Uncertainty, card: ModelCard,
-                    checked: dict[int, float] | None = None) -> list[str]:
-    """A volume the audit never saw, whose segmentation the adapter changes a lot against the source model's, or
-    more than it changed any audit case (`checked`, per class index): the audit's verdict may not hold there (a
-    held-out slab cannot see every region), so the user is told to check it."""
-    messages = []
-    for index, (base, adapted) in measured.class_voxels.items():
-        label = card.labels[index]
-        if label.value == 0 or max(base, adapted) == 0:
-            continue
-        distance, vouched = measured.class_change.get(index, 0.0), (checked or {}).get(index, 0.0)
-        if abs(adapted - base) > VOLUME_CHANGE * max(base, 1):
-            change = f"by {100 * (adapted / base - 1):+.0f} %" if base else f"with {adapted:,} voxels where it found none"
-            what = f"the adapted model's {label.name} differs from the source model's {change}"
-        elif checked is not None and beyond_audit(distance, vouched):
-            what = (f"the adapted model changes {100 * distance:.0f} % of the voxels either model calls {label.name}, "
-                    f"more than {BEYOND_AUDIT:g}× the {100 * vouched:.0f} % it changed on the audit")
-        else:
-            continue
-        messages.append(f"{name}: {what}; the audit cannot vouch for this volume: check it (its disagreement map "
-                        "shows where)")
-    return messages
-
-
-def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, float] | None:
-    """The audit change an adapter (its loaded `config`) was saved with; absent from adapters of earlier versions
-    and runs without an audit. Untrusted data: a malformed entry is one line naming the file."""
-    metadata = config.get("metadata")
-    saved = metadata.get(AUDIT_CHANGE) if isinstance(metadata, dict) else None
-    if saved is None:
-        return None
-    try:
-        checked = {int(i): float(d) for i, d in saved.items()}
-        valid = all(0 < i < card.num_classes and 0 <= d <= 1 for i, d in checked.items())
-    except (AttributeError, TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ModelError(f"{folder}: metadata field '{AUDIT_CHANGE}' must map class indices of this model to "
-                         "changes between 0 and 1")
-    return checked
 
 
 def output_name(case: CaseSpec, taken: set[str]) -> str:

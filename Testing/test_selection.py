@@ -13,13 +13,15 @@ from conftest import shared
 from PEFTAdaptLib.data.cases import load_case, prepare_case
 from PEFTAdaptLib.data.holdout import hold_out
 from PEFTAdaptLib.data.transforms import normalize_intensity, to_array
-from PEFTAdaptLib.errors import InputError
+from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.inference import predict_probabilities
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model
 from PEFTAdaptLib.selection import AuditCounts, SelectionRule
-from PEFTAdaptLib.worker import SAME_VOLUME_AUDIT
+from PEFTAdaptLib.vouch import (
+    AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, changed_classes, unvouched, volume_digest,
+)
 
 BRATS = "brats/brats_2013_pat0004_1"
 MESHNET = "meshnet/model5_gw_ae"
@@ -157,7 +159,6 @@ def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_chec
     from PEFTAdaptLib.jobs.runstate import RunState
     from PEFTAdaptLib.models.registry import model_card
     from PEFTAdaptLib.uncertainty import Uncertainty
-    from PEFTAdaptLib.worker import changed_classes
 
     card = model_card("deepbet-brain")
     image = sitk.Image(20, 20, 20, sitk.sitkFloat32)
@@ -180,6 +181,18 @@ def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_chec
     assert state.describe() == f"Finished — adapted state kept\nCheck: {message}"
 
 
+def test_an_adapters_record_of_what_its_audit_covers_is_checked_as_untrusted_data(tmp_path):
+    with pytest.raises(ModelError, match="adapter: metadata field 'audit_covers' must list volume digests"):
+        audit_covers_of({"metadata": {AUDIT_COVERS: ["../../etc/passwd"]}}, tmp_path / "adapter")
+    assert audit_covers_of({"metadata": {}}, tmp_path / "adapter") is None  # audited on volumes of their own
+    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    moved = sitk.Image(image)
+    moved.SetOrigin([o + 1 for o in image.GetOrigin()])  # the same voxels elsewhere: another volume
+    covers = [volume_digest(image)]
+    assert unvouched("t1", image, covers) == [] and unvouched("t1", moved, None) == []
+    assert unvouched("moved", moved, covers)[0].startswith("moved: the adapter was audited on held-out slabs")
+
+
 def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking():
     """Found on MeshNet (niivue → bert) and spinal cord T2*: test cases 1–6 Dice points below the source model that
     no warning named, because the adapter moved a boundary (a class's volume changed by less than 30 %). The audit
@@ -188,7 +201,6 @@ def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking(
     from PEFTAdaptLib.models.registry import model_card
     from PEFTAdaptLib.selection import class_distance
     from PEFTAdaptLib.uncertainty import Uncertainty
-    from PEFTAdaptLib.worker import changed_classes
 
     card = model_card("deepbet-brain")
     image = sitk.Image(20, 20, 20, sitk.sitkFloat32)

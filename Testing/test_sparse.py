@@ -24,7 +24,8 @@ from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model
 from PEFTAdaptLib.selection import AuditCounts
 from PEFTAdaptLib.training import MaskedDiceCE, PatchSampler
-from PEFTAdaptLib.worker import EXIT_INVALID, SAME_VOLUME_AUDIT
+from PEFTAdaptLib.vouch import AUDIT_COVERS, SAME_VOLUME_AUDIT, volume_digest
+from PEFTAdaptLib.worker import EXIT_INVALID
 
 MESHNET = "meshnet/model5_gw_ae"
 T1 = "meshnet/t1_crop.nii.gz"
@@ -124,12 +125,15 @@ def test_touched_slices_are_whole_slices_along_the_axis_the_user_edited():
 def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_path):
     """`peftadapt adapt --train IMAGE LABEL --slices axial:…`: the mask made from the list is copied into the job,
     the worker audits on held-out annotated slices, and the prediction comes with its uncertainty map and ranking
-    on the input's grid."""
+    on the input's grid. Its audit covers that volume only: another volume it predicts is named for checking, by
+    this job and by a later predict job with its adapter."""
     out = tmp_path / "job"
+    other = sitk.ReadImage(str(shared(T1)))[:, :, 60:100]  # the same subject, slices nobody trained or audited on
+    sitk.WriteImage(other, str(tmp_path / "other.nii.gz"))
     command = [sys.executable, "-m", "PEFTAdaptLib.cli", "adapt", "--model", str(shared(MESHNET)),
                "--train", str(thin / "thin.nii.gz"), str(thin / "thin_label.nii.gz"), "--slices", "coronal:4,12,20,28,36",
                "--method", "bitfit", "--steps", "2", "--patches-per-step", "1", "--audit-every", "1", "--device", "cpu",
-               "--predict", str(thin / "thin.nii.gz"), "--output", str(out)]
+               "--predict", str(thin / "thin.nii.gz"), "--predict", str(tmp_path / "other.nii.gz"), "--output", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     spec = json.loads((out / "job.json").read_text())
@@ -157,7 +161,20 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     assert ranking["slices"][1]["score"] == max(s["score"] for s in ranking["slices"])
     # its audit was a slab of the training volume: a state kept on it comes with that caveat (this run keeps one)
     kept = next(e for e in events if e["event"] == "validation")["kept"]
-    assert (SAME_VOLUME_AUDIT in [e.get("message") for e in events if e["event"] == "warning"]) == (kept == "adapted")
+    assert kept == "adapted"
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert SAME_VOLUME_AUDIT in warnings
+    # the volume trained on is covered; the other is named, and the adapter keeps the record for later jobs
+    unvouched = [m for m in warnings if "audited on held-out slabs of its training volume(s) only" in m]
+    assert [m.split(":")[0] for m in unvouched] == ["other"]
+    metadata = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]
+    assert metadata[AUDIT_COVERS] == [volume_digest(sitk.ReadImage(str(thin / "thin.nii.gz")))]
+    later = JobClient(tmp_path / "work").submit(JobSpec(
+        model=str(shared(MESHNET)), task="predict", adapter=str(out / "adapter"),
+        predict=[CaseSpec([str(thin / "thin.nii.gz")], name="again"),
+                 CaseSpec([str(tmp_path / "other.nii.gz")], name="new")]))
+    state = later.wait(timeout=600)
+    assert state.succeeded and [w.split(":")[0] for w in state.warnings if "held-out slabs" in w] == ["new"]
     # how much the adapter changed each class: here, and on the held-out annotated slices its audit scored
     assert prediction["change"] and all(0 <= d <= 1 for d in prediction["change"].values())
     checked = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]["audit_change"]

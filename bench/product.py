@@ -108,8 +108,9 @@ def warned(events, case: str) -> bool:
 
 
 def with_warnings(result: dict) -> dict:
-    """`result` with each test case marked `warned`: whether its job told the user to check that volume (a class
-    changed a lot against the source model's), read from the job's events."""
+    """`result` with each test case marked `warned`: whether its job told the user to check that volume (changed
+    more than the audit saw, or outside what a held-out-slab audit covers: PEFTAdaptLib/vouch.py), read from the
+    job's events."""
     if "job" in result:
         events, _ = read_events(here(result["job"]))
         for case in result["cases"]:

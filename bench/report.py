@@ -46,7 +46,9 @@ def rows(result: dict) -> list[dict]:
                  for change, seed, c in changes if change < -WORSE_BY]
         kind = (runs[0]["request"].get("method") or {}).get("name", "zero-shot")
         table.append({
-            "method": method, "kind": kind, "dice": [r["dice"] for r in runs], "hd95": [r["hd95"] for r in runs],
+            "method": method, "kind": kind, "named": sum(bool(c.get("warned")) for _, _, c in changes),
+            "predicted": len(changes), "losses": len(below),
+            "named_losses": sum(bool(c.get("warned")) for change, _, c in changes if change < -WORSE_BY), "dice": [r["dice"] for r in runs], "hd95": [r["hd95"] for r in runs],
             "worst_case_change": worst, "below": below, "trainable": max(r["trainable"] for r in runs),
             "fraction": max(r["trainable"] for r in runs) / result["total"],
             "seconds": statistics.mean(r["train_seconds"] for r in runs),
@@ -103,6 +105,12 @@ def markdown(result: dict) -> str:
     below = [f"{row['method']} {', '.join(row['below'])}" for row in table if row.get("below")]
     lines.append(f"- Test cases more than {100 * WORSE_BY:.0f} point below zero-shot (and whether the job warned the "
                  f"user to check that volume): {'; '.join(below) if below else 'none'}.")
+    adapted = [row for row in table if row.get("kind", "zero-shot") != "zero-shot"]
+    if adapted:
+        named, losses = sum(r["named"] for r in adapted), sum(r["losses"] for r in adapted)
+        lines.append(f"- Test predictions the jobs named for checking: {named} of {sum(r['predicted'] for r in adapted)}"
+                     f"; of the {losses} more than {100 * WORSE_BY:.0f} point below zero-shot, "
+                     f"{sum(r['named_losses'] for r in adapted)} were named.")
     goal = margins(table)
     if goal:
         text = "; ".join(f"{name} − {goal['best']} = **{m:+.1f} Dice points** (s.e. {se:.1f})"

@@ -1,0 +1,107 @@
+"""What an adapter's audit vouches for, and which predicted volumes it does not (docs/selection.md).
+
+The selection rule judges a state on the audit volumes only. A predicted volume is named for checking when the
+adapter changes it more than the audit saw (`changed_classes`), and, when the audit was only held-out slabs of the
+training volumes, whenever it is not one of those volumes (`unvouched`): a slab of one subject vouched for gains
+that did not carry over to another subject more than once. Both records travel in the adapter's metadata, so a later
+predict job with the adapter names the same volumes. Adapters are untrusted data: a malformed record is one line
+naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import ModelError
+from .models.card import ModelCard
+from .selection import BEYOND_AUDIT, VOLUME_CHANGE, beyond_audit
+from .uncertainty import Uncertainty
+
+#: adapter metadata: per class index, the largest change the adapter made on an audit case (training.audit_change)
+AUDIT_CHANGE = "audit_change"
+
+#: said when the state kept was judged on held-out slabs of the training volumes only: their gain need not carry over
+#: to other subjects (docs/benchmarks.md shows it did not, more than once)
+SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
+                     "only: check the predictions of other subjects, or give an annotated volume of another subject as "
+                     "the audit")
+#: adapter metadata, present when the audit was held-out slabs of the training volumes: the digests of those volumes
+#: (`volume_digest`), the only ones the audit's gain speaks for
+AUDIT_COVERS = "audit_covers"
+
+
+def changed_classes(name: str, measured: Uncertainty, card: ModelCard,
+                    checked: dict[int, float] | None = None) -> list[str]:
+    """A volume the audit never saw, whose segmentation the adapter changes a lot against the source model's, or
+    more than it changed any audit case (`checked`, per class index): the audit's verdict may not hold there (a
+    held-out slab cannot see every region), so the user is told to check it."""
+    messages = []
+    for index, (base, adapted) in measured.class_voxels.items():
+        label = card.labels[index]
+        if label.value == 0 or max(base, adapted) == 0:
+            continue
+        distance, vouched = measured.class_change.get(index, 0.0), (checked or {}).get(index, 0.0)
+        if abs(adapted - base) > VOLUME_CHANGE * max(base, 1):
+            change = f"by {100 * (adapted / base - 1):+.0f} %" if base else f"with {adapted:,} voxels where it found none"
+            what = f"the adapted model's {label.name} differs from the source model's {change}"
+        elif checked is not None and beyond_audit(distance, vouched):
+            what = (f"the adapted model changes {100 * distance:.0f} % of the voxels either model calls {label.name}, "
+                    f"more than {BEYOND_AUDIT:g}× the {100 * vouched:.0f} % it changed on the audit")
+        else:
+            continue
+        messages.append(f"{name}: {what}; the audit cannot vouch for this volume: check it (its disagreement map "
+                        "shows where)")
+    return messages
+
+
+def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, float] | None:
+    """The audit change an adapter (its loaded `config`) was saved with; absent from adapters of earlier versions
+    and runs without an audit. Untrusted data: a malformed entry is one line naming the file."""
+    metadata = config.get("metadata")
+    saved = metadata.get(AUDIT_CHANGE) if isinstance(metadata, dict) else None
+    if saved is None:
+        return None
+    try:
+        checked = {int(i): float(d) for i, d in saved.items()}
+        valid = all(0 < i < card.num_classes and 0 <= d <= 1 for i, d in checked.items())
+    except (AttributeError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ModelError(f"{folder}: metadata field '{AUDIT_CHANGE}' must map class indices of this model to "
+                         "changes between 0 and 1")
+    return checked
+
+
+def volume_digest(image: sitk.Image) -> str:
+    """A volume's identity from its voxels and geometry, whatever its file is called: a later job can tell whether it
+    predicts a volume the adapter was trained and audited on."""
+    geometry = [image.GetSize(), [round(v, 4) for v in image.GetSpacing()], [round(v, 3) for v in image.GetOrigin()],
+                [round(v, 4) for v in image.GetDirection()], image.GetPixelIDTypeAsString()]
+    digest = hashlib.sha256(json.dumps(geometry).encode())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    return digest.hexdigest()
+
+
+def unvouched(name: str, image: sitk.Image, covers: list[str] | None) -> list[str]:
+    """The warning for a predicted volume outside what a held-out-slab audit covers (`covers`: digests; None: the
+    audit was volumes of their own, or the adapter predates the record)."""
+    if covers is None or volume_digest(image) in covers:
+        return []
+    return [f"{name}: the adapter was audited on held-out slabs of its training volume(s) only, and this is another "
+            "volume: nothing shows its gain here: check it (its disagreement map shows where the adapter changed it)"]
+
+
+def audit_covers_of(config: dict, folder: Path) -> list[str] | None:
+    """The `AUDIT_COVERS` record an adapter (its loaded `config`) was saved with, if any."""
+    metadata = config.get("metadata")
+    saved = metadata.get(AUDIT_COVERS) if isinstance(metadata, dict) else None
+    if saved is None:
+        return None
+    if not (isinstance(saved, list) and all(isinstance(d, str) and re.fullmatch("[0-9a-f]{64}", d) for d in saved)):
+        raise ModelError(f"{folder}: metadata field '{AUDIT_COVERS}' must list volume digests (64 hex digits each)")
+    return saved
