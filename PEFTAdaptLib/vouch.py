@@ -1,9 +1,10 @@
 """What an adapter's audit vouches for, and which predicted volumes it does not (docs/selection.md).
 
-The selection rule judges a state on the audit volumes only. A predicted volume is named for checking when the
-adapter changes it more than the audit saw (`changed_classes`), and, when the audit was only held-out slabs of the
-training volumes, whenever it is not one of those volumes (`unvouched`): a slab of one subject vouched for gains
-that did not carry over to another subject more than once. Both records travel in the adapter's metadata, so a later
+The selection rule judges a state on the audit volumes only. A predicted volume is named for checking, in one line
+with every reason (`volume_warning`), when the adapter changes it more than the audit saw (`changed_classes`), and,
+when the audit was only held-out slabs of the training volumes, whenever it is not one of those volumes
+(`outside_cover`): a slab of one subject vouched for gains that did not carry over to another subject more than
+once. Both records travel in the adapter's metadata, so a later
 predict job with the adapter names the same volumes. Adapters are untrusted data: a malformed record is one line
 naming the file.
 """
@@ -35,28 +36,43 @@ SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), s
 AUDIT_COVERS = "audit_covers"
 
 
-def changed_classes(name: str, measured: Uncertainty, card: ModelCard,
-                    checked: dict[int, float] | None = None) -> list[str]:
-    """A volume the audit never saw, whose segmentation the adapter changes a lot against the source model's, or
-    more than it changed any audit case (`checked`, per class index): the audit's verdict may not hold there (a
-    held-out slab cannot see every region), so the user is told to check it."""
-    messages = []
+def volume_warning(name: str, image: sitk.Image, measured: Uncertainty, card: ModelCard,
+                   checked: dict[int, float] | None = None, covers: list[str] | None = None) -> str | None:
+    """One line naming a predicted volume the audit cannot vouch for, with every reason, or None when it can."""
+    reasons = changed_classes(measured, card, checked) + outside_cover(image, covers)
+    if not reasons:
+        return None
+    return (f"{name}: {'; '.join(reasons)}; the audit cannot vouch for this volume: check it (its disagreement map "
+            "shows where)")
+
+
+def changed_classes(measured: Uncertainty, card: ModelCard, checked: dict[int, float] | None = None) -> list[str]:
+    """Classes whose segmentation the adapter changes a lot against the source model's, or more than it changed any
+    audit case (`checked`, per class index): the audit's verdict may not hold there (a held-out slab cannot see every
+    region)."""
+    reasons = []
     for index, (base, adapted) in measured.class_voxels.items():
         label = card.labels[index]
         if label.value == 0 or max(base, adapted) == 0:
             continue
         distance, vouched = measured.class_change.get(index, 0.0), (checked or {}).get(index, 0.0)
         if abs(adapted - base) > VOLUME_CHANGE * max(base, 1):
-            change = f"by {100 * (adapted / base - 1):+.0f} %" if base else f"with {adapted:,} voxels where it found none"
-            what = f"the adapted model's {label.name} differs from the source model's {change}"
+            change = (f"by {100 * (adapted / base - 1):+.0f} %" if base else
+                      f"with {adapted:,} voxels where it found none")
+            reasons.append(f"the adapted model's {label.name} differs from the source model's {change}")
         elif checked is not None and beyond_audit(distance, vouched):
-            what = (f"the adapted model changes {100 * distance:.0f} % of the voxels either model calls {label.name}, "
-                    f"more than {BEYOND_AUDIT:g}× the {100 * vouched:.0f} % it changed on the audit")
-        else:
-            continue
-        messages.append(f"{name}: {what}; the audit cannot vouch for this volume: check it (its disagreement map "
-                        "shows where)")
-    return messages
+            reasons.append(f"the adapted model changes {100 * distance:.0f} % of the voxels either model calls "
+                           f"{label.name}, more than {BEYOND_AUDIT:g}× the {100 * vouched:.0f} % it changed on the "
+                           "audit")
+    return reasons
+
+
+def outside_cover(image: sitk.Image, covers: list[str] | None) -> list[str]:
+    """The reason, when a held-out-slab audit covers only other volumes (`covers`: digests; None: the audit was
+    volumes of their own, or the adapter predates the record)."""
+    if covers is None or volume_digest(image) in covers:
+        return []
+    return ["the adapter was audited on held-out slabs of its training volume(s) only, and this is another volume"]
 
 
 def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, float] | None:
@@ -85,15 +101,6 @@ def volume_digest(image: sitk.Image) -> str:
     digest = hashlib.sha256(json.dumps(geometry).encode())
     digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
     return digest.hexdigest()
-
-
-def unvouched(name: str, image: sitk.Image, covers: list[str] | None) -> list[str]:
-    """The warning for a predicted volume outside what a held-out-slab audit covers (`covers`: digests; None: the
-    audit was volumes of their own, or the adapter predates the record)."""
-    if covers is None or volume_digest(image) in covers:
-        return []
-    return [f"{name}: the adapter was audited on held-out slabs of its training volume(s) only, and this is another "
-            "volume: nothing shows its gain here: check it (its disagreement map shows where the adapter changed it)"]
 
 
 def audit_covers_of(config: dict, folder: Path) -> list[str] | None:

@@ -44,8 +44,7 @@ from .training import (
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
-    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, changed_classes, unvouched,
-    volume_digest,
+    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, volume_digest, volume_warning,
 )
 
 TRACEBACK_FILE = "traceback.txt"
@@ -305,8 +304,8 @@ class Run:
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra,
                        **({"change": change} if change else {})})
-            for message in (changed_classes(case_spec.name, uncertainty, model.card, checked)
-                            + unvouched(case_spec.name, case.image, covers)):
+            message = volume_warning(case_spec.name, case.image, uncertainty, model.card, checked, covers)
+            if message:
                 self.emit({"event": "warning", "message": message})
         return True
 

@@ -17,11 +17,10 @@ from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.inference import predict_probabilities
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import make_method
-from PEFTAdaptLib.models.registry import load_model
+from PEFTAdaptLib.models.registry import load_model, model_card
 from PEFTAdaptLib.selection import AuditCounts, SelectionRule
-from PEFTAdaptLib.vouch import (
-    AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, changed_classes, unvouched, volume_digest,
-)
+from PEFTAdaptLib.uncertainty import Uncertainty
+from PEFTAdaptLib.vouch import AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, volume_digest, volume_warning
 
 BRATS = "brats/brats_2013_pat0004_1"
 MESHNET = "meshnet/model5_gw_ae"
@@ -157,8 +156,6 @@ def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_chec
     grey matter by 45–60 % against the source model and lost 7–9 Dice points there. The audit cannot see a volume it
     was not given, so every predicted volume whose segmentation the adapter changes a lot is named to the user."""
     from PEFTAdaptLib.jobs.runstate import RunState
-    from PEFTAdaptLib.models.registry import model_card
-    from PEFTAdaptLib.uncertainty import Uncertainty
 
     card = model_card("deepbet-brain")
     image = sitk.Image(20, 20, 20, sitk.sitkFloat32)
@@ -168,11 +165,11 @@ def test_a_target_whose_segmentation_the_adapter_changes_a_lot_is_named_for_chec
     base[1, :5, :5, :4], adapted[1, :5, :5, :7] = 1, 1  # 100 brain voxels → 175
     measured = Uncertainty.measure(adapted, (adapted.argmax(0)).astype(np.uint8), image, base)
     assert measured.class_voxels[1] == (100, 175)
-    [message] = changed_classes("bert", measured, card)
+    message = volume_warning("bert", image, measured, card)
     assert message.startswith("bert: ") and "+75 %" in message and "check it" in message
     within = Uncertainty(measured.entropy, None, {}, {0: (7900, 7880), 1: (100, 120)}, {1: 20 / 120})
-    assert changed_classes("bert", within, card) == []  # +20 %: within the rule's margin
-    assert "found none" in changed_classes("bert", Uncertainty(measured.entropy, None, {}, {1: (0, 50)}), card)[0]
+    assert volume_warning("bert", image, within, card) is None  # +20 %: within the rule's margin
+    assert "found none" in volume_warning("bert", image, Uncertainty(measured.entropy, None, {}, {1: (0, 50)}), card)
     assert Uncertainty.measure(adapted, adapted.argmax(0).astype(np.uint8), image).class_voxels == {}
 
     state = RunState()
@@ -188,9 +185,15 @@ def test_an_adapters_record_of_what_its_audit_covers_is_checked_as_untrusted_dat
     image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
     moved = sitk.Image(image)
     moved.SetOrigin([o + 1 for o in image.GetOrigin()])  # the same voxels elsewhere: another volume
-    covers = [volume_digest(image)]
-    assert unvouched("t1", image, covers) == [] and unvouched("t1", moved, None) == []
-    assert unvouched("moved", moved, covers)[0].startswith("moved: the adapter was audited on held-out slabs")
+    covers, card = [volume_digest(image)], model_card("deepbet-brain")
+    unchanged, grown = Uncertainty(np.zeros(1), None, {}), Uncertainty(np.zeros(1), None, {}, {1: (100, 175)})
+    assert volume_warning("t1", image, unchanged, card, covers=covers) is None  # the volume audited on
+    assert volume_warning("t1", moved, unchanged, card) is None  # an adapter audited on volumes of their own
+    message = volume_warning("moved", moved, unchanged, card, covers=covers)
+    assert message.startswith("moved: the adapter was audited on held-out slabs") and "check it" in message
+    # every reason in one line per volume
+    both = volume_warning("moved", moved, grown, card, covers=covers)
+    assert both.count("moved:") == 1 and "+75 %" in both and "held-out slabs" in both
 
 
 def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking():
@@ -198,9 +201,7 @@ def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking(
     no warning named, because the adapter moved a boundary (a class's volume changed by less than 30 %). The audit
     vouches for changes of the size it saw: a volume whose segmentation the adapter changes more than twice as much as
     it changed any audit case is named too; a change too small to move Dice by a point never is."""
-    from PEFTAdaptLib.models.registry import model_card
     from PEFTAdaptLib.selection import class_distance
-    from PEFTAdaptLib.uncertainty import Uncertainty
 
     card = model_card("deepbet-brain")
     image = sitk.Image(20, 20, 20, sitk.sitkFloat32)
@@ -210,11 +211,11 @@ def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking(
     base[1, :10, :10, :10], adapted[1, 2:12, :10, :10] = 1, 1
     measured = Uncertainty.measure(adapted, adapted.argmax(0).astype(np.uint8), image, base)
     assert measured.class_voxels[1] == (1000, 1000) and measured.class_change[1] == pytest.approx(400 / 1200)
-    assert changed_classes("bert", measured, card) == []  # the volume rule alone cannot see a moved boundary
-    [message] = changed_classes("bert", measured, card, {1: 0.1})
+    assert volume_warning("bert", image, measured, card) is None  # the volume rule alone cannot see a moved boundary
+    message = volume_warning("bert", image, measured, card, {1: 0.1})
     assert message.startswith("bert: ") and "33 %" in message and "10 %" in message and "check it" in message
-    assert changed_classes("bert", measured, card, {1: 0.2}) == []  # the audit saw a change of this size
+    assert volume_warning("bert", image, measured, card, {1: 0.2}) is None  # the audit saw a change of this size
     small = Uncertainty(measured.entropy, None, {}, {1: (1000, 1000)}, {1: 0.015})
-    assert changed_classes("bert", small, card, {1: 0.0}) == []  # below a point of Dice: not worth a warning
+    assert volume_warning("bert", image, small, card, {1: 0.0}) is None  # below a point of Dice: not worth a warning
     assert class_distance(np.zeros((3, 3)), np.zeros((3, 3)), 2) == {}  # no class in either: nothing changed
 
