@@ -2,6 +2,7 @@
 and the sections of docs/benchmarks.md that a script owns, replaced in place."""
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -15,6 +16,9 @@ WORSE_BY = 0.01
 def mean_sd(values: list[float], digits: int = 3) -> str:
     if not values:
         return "—"
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):  # a surface distance to an empty prediction
+        return f"{mean_sd(finite, digits)} (∞ in {len(values) - len(finite)} of {len(values)}: nothing predicted)"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
