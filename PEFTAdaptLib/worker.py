@@ -182,8 +182,9 @@ class Run:
                                                        "give them as audit cases to see their Dice"})
         cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
                       self.cases(spec.source, model, True))
-        held_out, trained_on = [], [volume_digest(case.image) for case in cases.support]
+        held_out, trained_on = [], []
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
+            trained_on = [volume_digest(case.image) for case in cases.support]  # the volumes that audit covers
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
         predict_inputs = self.predict_inputs(spec)
         card = replace(model.card, patch_size=patch_size)

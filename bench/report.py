@@ -46,13 +46,14 @@ def rows(result: dict) -> list[dict]:
         changes = [(c["dice"] - zero_cases[c["case"]], r["seed"], c) for r in runs for c in r["cases"]
                    if c["case"] in zero_cases]
         worst = min((change for change, _, _ in changes), default=0.0)
+        losses = [(change, seed, c) for change, seed, c in changes if change < -WORSE_BY]
         below = [f"{100 * change:+.1f} on {c['case']} (seed {seed}, {'warned' if c.get('warned') else 'not warned'})"
-                 for change, seed, c in changes if change < -WORSE_BY]
+                 for change, seed, c in losses]
         kind = (runs[0]["request"].get("method") or {}).get("name", "zero-shot")
         table.append({
-            "method": method, "kind": kind, "named": sum(bool(c.get("warned")) for _, _, c in changes),
-            "predicted": len(changes), "losses": len(below),
-            "named_losses": sum(bool(c.get("warned")) for change, _, c in changes if change < -WORSE_BY), "dice": [r["dice"] for r in runs], "hd95": [r["hd95"] for r in runs],
+            "method": method, "kind": kind, "dice": [r["dice"] for r in runs], "hd95": [r["hd95"] for r in runs],
+            "predicted": len(changes), "named": sum(bool(c.get("warned")) for _, _, c in changes),
+            "named_losses": sum(bool(c.get("warned")) for _, _, c in losses),
             "worst_case_change": worst, "below": below, "trainable": max(r["trainable"] for r in runs),
             "fraction": max(r["trainable"] for r in runs) / result["total"],
             "seconds": statistics.mean(r["train_seconds"] for r in runs),
@@ -111,9 +112,9 @@ def markdown(result: dict) -> str:
                  f"user to check that volume): {'; '.join(below) if below else 'none'}.")
     adapted = [row for row in table if row.get("kind", "zero-shot") != "zero-shot"]
     if adapted:
-        named, losses = sum(r["named"] for r in adapted), sum(r["losses"] for r in adapted)
-        lines.append(f"- Test predictions the jobs named for checking: {named} of {sum(r['predicted'] for r in adapted)}"
-                     f"; of the {losses} more than {100 * WORSE_BY:.0f} point below zero-shot, "
+        named, predicted = sum(r["named"] for r in adapted), sum(r["predicted"] for r in adapted)
+        lines.append(f"- Test predictions the jobs named for checking: {named} of {predicted}; of the "
+                     f"{sum(len(r['below']) for r in adapted)} more than {100 * WORSE_BY:.0f} point below zero-shot, "
                      f"{sum(r['named_losses'] for r in adapted)} were named.")
     goal = margins(table)
     if goal:
