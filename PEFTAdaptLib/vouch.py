@@ -2,9 +2,9 @@
 
 The selection rule judges a state on the audit volumes only. A predicted volume is named for checking, in one line
 with every reason (`volume_warning`), when the adapter changes it more than the audit saw (`changed_classes`), and,
-when the audit was only held-out slabs of the training volumes, whenever it is not one of those volumes
-(`outside_cover`): a slab of one subject vouched for gains that did not carry over to another subject more than
-once. Both records travel in the adapter's metadata, so a later predict job with the adapter names the same volumes.
+when the audit was only slabs of the training scans (held out by the job, or given as audit volumes cut from the same
+scan: `same_scan_caveat`), whenever it is not one of those volumes (`outside_cover`): a slab of one subject vouched
+for gains that did not carry over to another subject, or to a farther slab of the same one, more than once. Both records travel in the adapter's metadata, so a later predict job with the adapter names the same volumes.
 Adapters are untrusted data: a malformed record is one line naming the file.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .data.cases import Case
 from .errors import ModelError
 from .models.card import ModelCard
 from .selection import BEYOND_AUDIT, VOLUME_CHANGE, beyond_audit
@@ -30,8 +31,8 @@ AUDIT_CHANGE = "audit_change"
 SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
                      "only: check the predictions of other subjects, or give an annotated volume of another subject as "
                      "the audit")
-#: adapter metadata, present when the audit was held-out slabs of the training volumes: the digests of those volumes
-#: (`volume_digest`), the only ones the audit's gain speaks for
+#: adapter metadata, present when the audit was slabs of the training scans: the digests of the training and audit
+#: volumes (`volume_digest`), the only ones the audit's gain speaks for
 AUDIT_COVERS = "audit_covers"
 
 
@@ -67,11 +68,45 @@ def changed_classes(measured: Uncertainty, card: ModelCard, checked: dict[int, f
 
 
 def outside_cover(image: sitk.Image, covers: list[str] | None) -> list[str]:
-    """The reason, when a held-out-slab audit covers only other volumes (`covers`: digests; None: the audit was
-    volumes of their own, or the adapter predates the record)."""
+    """The reason, when an audit on slabs of the training scans covers only other volumes (`covers`: digests; None:
+    the audit was scans of their own, or the adapter predates the record)."""
     if covers is None or volume_digest(image) in covers:
         return []
-    return ["the adapter was audited on held-out slabs of its training volume(s) only, and this is another volume"]
+    return ["the adapter was audited only on slabs of the scan(s) it was trained on, and this is another volume"]
+
+
+def same_scan_caveat(support: list[Case], audit: list[Case]) -> str | None:
+    """What to say when an audit volume was cut from the scan of a training volume (a neighbouring slab): its gain,
+    like a held-out slab's, is shown on that scan only. None when every audit volume is a scan of its own."""
+    pairs = [(a.name, s.name) for a in audit for s in support if cut_from_one_scan(s.image, a.image)]
+    if not pairs:
+        return None
+    named = ", ".join(f"{a} from {s}" for a, s in pairs)
+    return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the gain is shown on "
+            "those scans only: check the predictions of other volumes, or give an annotated volume of another subject "
+            "as the audit")
+
+
+def cut_from_one_scan(a: sitk.Image, b: sitk.Image) -> bool:
+    """Whether two volumes are crops of one scan: they lie on one voxel grid and are either slabs side by side along
+    one axis (overlapping along the others) or overlap with the same voxels. Two subjects resampled onto one
+    template grid overlap with different voxels, and are not."""
+    if (a.GetDimension() != b.GetDimension() or not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-4)
+            or not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)):
+        return False
+    offset = np.array(a.TransformPhysicalPointToContinuousIndex(b.GetOrigin()))
+    if not np.allclose(offset, np.round(offset), atol=1e-3):  # grids shifted by a fraction of a voxel
+        return False
+    start = np.round(offset).astype(int)
+    low, high = np.maximum(start, 0), np.minimum(start + b.GetSize(), a.GetSize())
+    apart = high <= low  # per axis (x, y, z): no overlap
+    if apart.any():
+        return int(apart.sum()) == 1
+    in_a = tuple(slice(lo, hi) for lo, hi in zip(low[::-1], high[::-1]))  # array order is (z, y, x)
+    in_b = tuple(slice(lo, hi) for lo, hi in zip((low - start)[::-1], (high - start)[::-1]))
+    overlap_a = sitk.GetArrayViewFromImage(a)[in_a].astype(np.float64)
+    overlap_b = sitk.GetArrayViewFromImage(b)[in_b].astype(np.float64)
+    return bool(np.allclose(overlap_a, overlap_b, rtol=1e-5, atol=1e-6))
 
 
 def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, float] | None:

@@ -44,7 +44,8 @@ from .training import (
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
-    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, volume_digest, volume_warning,
+    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, same_scan_caveat, volume_digest,
+    volume_warning,
 )
 
 TRACEBACK_FILE = "traceback.txt"
@@ -144,7 +145,8 @@ class Run:
             images = [resolve_input(self.job_dir, p) for p in spec.images]
             label = resolve_input(self.job_dir, spec.label) if labelled and spec.label else None
             annotated = resolve_input(self.job_dir, spec.annotated) if label and spec.annotated else None
-            cases.append(load_case(images, model.card, label, model.locate, annotated))
+            case = load_case(images, model.card, label, model.locate, annotated)
+            cases.append(replace(case, name=spec.name) if spec.name else case)  # the user's name, not the job's copy
         return cases
 
     def predict_inputs(self, spec: JobSpec) -> list[list[Path]]:
@@ -182,10 +184,14 @@ class Run:
                                                        "give them as audit cases to see their Dice"})
         cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
                       self.cases(spec.source, model, True))
-        held_out, trained_on = [], []
+        # an audit on slabs of the training scans vouches for those volumes only (`trained_on`); the caveat says so
+        held_out, trained_on, audit_caveat = [], [], None
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
-            trained_on = [volume_digest(case.image) for case in cases.support]  # the volumes that audit covers
+            trained_on = [volume_digest(case.image) for case in cases.support]
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
+            audit_caveat = SAME_VOLUME_AUDIT
+        elif labelled and (audit_caveat := same_scan_caveat(cases.support, cases.audit)):
+            trained_on = [volume_digest(case.image) for case in cases.support + cases.audit]
         predict_inputs = self.predict_inputs(spec)
         card = replace(model.card, patch_size=patch_size)
         total = model.num_parameters()
@@ -229,9 +235,9 @@ class Run:
         summary = trainer.summary()
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
         checked = audit_change(model.network, cases.audit, card, device) if completed and cases.audit else None
-        # what the audit vouches for: the earlier round's record when its adapter is kept, the training volumes when
-        # a state judged on slabs of them is kept, nothing more to say otherwise
-        covers = warm_covers if summary["kept_start"] else trained_on if held_out else None
+        # what the audit vouches for: the earlier round's record when its adapter is kept, the training (and audit)
+        # volumes when a state judged on slabs of their scans is kept, nothing more to say otherwise
+        covers = warm_covers if summary["kept_start"] else trained_on if audit_caveat else None
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                          "steps": config.steps, "final": completed,
                          **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {}),
@@ -249,8 +255,8 @@ class Run:
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
-        if held_out and outcome["kept"] == "adapted":
-            self.emit({"event": "warning", "message": SAME_VOLUME_AUDIT})
+        if audit_caveat and outcome["kept"] == "adapted":
+            self.emit({"event": "warning", "message": audit_caveat})
         self.write_predictions(spec, predict_inputs, model, device, checked, covers)
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],

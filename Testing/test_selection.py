@@ -20,7 +20,9 @@ from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model, model_card
 from PEFTAdaptLib.selection import AuditCounts, SelectionRule
 from PEFTAdaptLib.uncertainty import Uncertainty
-from PEFTAdaptLib.vouch import AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, volume_digest, volume_warning
+from PEFTAdaptLib.vouch import (
+    AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, cut_from_one_scan, same_scan_caveat, volume_digest, volume_warning,
+)
 
 BRATS = "brats/brats_2013_pat0004_1"
 MESHNET = "meshnet/model5_gw_ae"
@@ -190,10 +192,64 @@ def test_an_adapters_record_of_what_its_audit_covers_is_checked_as_untrusted_dat
     assert volume_warning("t1", image, unchanged, card, covers=covers) is None  # the volume audited on
     assert volume_warning("t1", moved, unchanged, card) is None  # an adapter audited on volumes of their own
     message = volume_warning("moved", moved, unchanged, card, covers=covers)
-    assert message.startswith("moved: the adapter was audited on held-out slabs") and "check it" in message
+    assert message.startswith("moved: the adapter was audited only on slabs of the scan(s) it was trained on")
+    assert "check it" in message
     # every reason in one line per volume
     both = volume_warning("moved", moved, grown, card, covers=covers)
-    assert both.count("moved:") == 1 and "+75 %" in both and "held-out slabs" in both
+    assert both.count("moved:") == 1 and "+75 %" in both and "only on slabs" in both
+
+
+def test_an_audit_volume_cut_from_a_training_scan_is_told_apart_from_a_scan_of_its_own():
+    """Found on spinal cord T2*: the audit volume given was the slab next to the training slab of the same scan;
+    its gain (like a held-out slab's) did not carry over to the farther slab, and no rule named that slab. Slabs or
+    crops of one scan share its voxel grid; two subjects on one template grid share the grid but not the voxels."""
+    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    upper, middle, lower = scan[:, :, 100:140], scan[:, :, 60:100], scan[:, :, 20:59]  # a slice's gap: still one scan
+    assert cut_from_one_scan(upper, middle) and cut_from_one_scan(upper, lower) and cut_from_one_scan(lower, upper)
+    assert cut_from_one_scan(scan[20:200, :, :], scan[100:, 30:, :])  # overlapping crops: the same voxels
+    other_subject = sitk.Image(scan)
+    other_subject.CopyInformation(scan)
+    other_subject[128, 128, 128] = (scan[128, 128, 128] + 100) % 256  # same template grid, other voxels
+    assert not cut_from_one_scan(scan, other_subject) and cut_from_one_scan(scan, sitk.Image(scan))
+    shifted = sitk.Image(middle)
+    shifted.SetOrigin([o + 0.5 * s for o, s in zip(middle.GetOrigin(), middle.GetSpacing())])  # off the grid
+    coarser = sitk.Image(middle)
+    coarser.SetSpacing([2 * s for s in middle.GetSpacing()])
+    corner = scan[:100, :100, 100:140], scan[100:, 100:, 60:100]  # apart along two axes: not slabs of one field
+    assert not any(cut_from_one_scan(upper, v) for v in (shifted, coarser)) and not cut_from_one_scan(*corner)
+
+    card = model_card("deepbet-brain")
+    support, middle_case, b_case = (prepare_case(n, [v], card) for n, v in
+                                    (("upper", upper), ("middle", middle), ("B", other_subject)))
+    caveat = same_scan_caveat([support], [middle_case, b_case])
+    assert "(middle from upper)" in caveat and "B " not in caveat
+    assert same_scan_caveat([support], [b_case]) is None
+
+
+def test_an_adapter_audited_on_a_slab_of_its_training_scan_names_every_other_volume(tmp_path):
+    """The worker treats an audit volume cut from the training scan as it treats a held-out slab: a state kept on
+    it comes with the caveat, and every predicted volume but the training and audit volumes is named for checking,
+    by this job and (from the adapter's record) by later ones."""
+    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    cases = {}
+    for name, (a, b) in {"upper": (100, 140), "middle": (60, 100), "farther": (20, 60)}.items():
+        image = scan[:, :, a:b]
+        label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+        label.CopyInformation(image)
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(label, str(tmp_path / f"{name}_label.nii.gz"))
+        cases[name] = CaseSpec([str(tmp_path / f"{name}.nii.gz")], str(tmp_path / f"{name}_label.nii.gz"), name=name)
+    request = JobSpec(model=str(shared(MESHNET)), support=[cases["upper"]], audit=[cases["middle"]],
+                      predict=[CaseSpec(cases[n].images, name=n) for n in ("farther", "middle")],
+                      method=make_method("bitfit"), train=TrainSpec(steps=6, patches_per_step=1, audit_every=1,
+                                                                    device="cpu"))
+    job = JobClient(tmp_path / "work").submit(request)
+    state = job.wait(timeout=900)
+    assert state.outcome == "finished" and state.message == "adapted state of step 6 kept"
+    assert "(middle from upper), so the gain is shown on those scans only" in " ".join(state.warnings)
+    assert [w.split(":")[0] for w in state.warnings if "only on slabs" in w] == ["farther"]
+    saved = json.loads((job.adapter_folder / "adapter.json").read_text())["metadata"][AUDIT_COVERS]
+    assert saved == [volume_digest(sitk.ReadImage(str(tmp_path / f"{n}.nii.gz"))) for n in ("upper", "middle")]
 
 
 def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking():
