@@ -4,7 +4,8 @@ The selection rule judges a state on the audit volumes only. A predicted volume 
 with every reason (`volume_warning`), when the adapter changes it more than the audit saw (`changed_classes`), and,
 when the audit was only slabs of the training scans (held out by the job, or given as audit volumes cut from the same
 scan: `same_scan_caveat`), whenever it is not one of those volumes (`outside_cover`): a slab of one subject vouched
-for gains that did not carry over to another subject, or to a farther slab of the same one, more than once. Both records travel in the adapter's metadata, so a later predict job with the adapter names the same volumes.
+for gains that did not carry over to another subject, or to a farther slab of the same one, more than once. Both
+records travel in the adapter's metadata, so a later predict job with the adapter names the same volumes.
 Adapters are untrusted data: a malformed record is one line naming the file.
 """
 from __future__ import annotations

@@ -21,7 +21,8 @@ from PEFTAdaptLib.models.registry import load_model, model_card
 from PEFTAdaptLib.selection import AuditCounts, SelectionRule
 from PEFTAdaptLib.uncertainty import Uncertainty
 from PEFTAdaptLib.vouch import (
-    AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, cut_from_one_scan, same_scan_caveat, volume_digest, volume_warning,
+    AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, cut_from_one_scan, same_scan_caveat, volume_digest,
+    volume_warning,
 )
 
 BRATS = "brats/brats_2013_pat0004_1"
