@@ -208,8 +208,7 @@ def test_an_audit_volume_cut_from_a_training_scan_is_told_apart_from_a_scan_of_i
     upper, middle, lower = scan[:, :, 100:140], scan[:, :, 60:100], scan[:, :, 20:59]  # a slice's gap: still one scan
     assert cut_from_one_scan(upper, middle) and cut_from_one_scan(upper, lower) and cut_from_one_scan(lower, upper)
     assert cut_from_one_scan(scan[20:200, :, :], scan[100:, 30:, :])  # overlapping crops: the same voxels
-    other_subject = sitk.Image(scan)
-    other_subject.CopyInformation(scan)
+    other_subject = sitk.Image(scan)  # a copy keeps the geometry
     other_subject[128, 128, 128] = (scan[128, 128, 128] + 100) % 256  # same template grid, other voxels
     assert not cut_from_one_scan(scan, other_subject) and cut_from_one_scan(scan, sitk.Image(scan))
     shifted = sitk.Image(middle)
