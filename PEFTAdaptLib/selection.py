@@ -39,15 +39,17 @@ class AuditCounts:
     @staticmethod
     def measure(prediction: np.ndarray, reference: np.ndarray, classes: int, units: int = UNITS,
                 annotated: np.ndarray | None = None) -> np.ndarray:
-        """Counts of one case from its predicted and reference class-index volumes (x, y, z). With `annotated`
-        (a sparse reference) only those voxels count, and the slabs divide the annotated planes; when they lie in
-        one plane, the slabs run along the first axis instead (a single slice still gives several units)."""
+        """Counts of one case from its predicted and reference class-index volumes (x, y, z) or images (x, y; the
+        slabs are bands of rows). With `annotated` (a sparse reference) only those voxels count, and the slabs divide
+        the annotated planes; when they lie in one plane, the slabs run along the first axis instead (a single
+        slice still gives several units)."""
         if annotated is None:
             annotated = np.ones(prediction.shape, bool)
-        planes = np.flatnonzero(annotated.any(axis=(0, 1)))
+        across = tuple(range(prediction.ndim - 1))  # (x, y) of a volume, x of a 2D image's rows
+        planes = np.flatnonzero(annotated.any(axis=across))
         if len(planes) == 1:
             prediction, reference, annotated = (np.moveaxis(a, 0, -1) for a in (prediction, reference, annotated))
-            planes = np.flatnonzero(annotated.any(axis=(0, 1)))
+            planes = np.flatnonzero(annotated.any(axis=across))
         edges = np.linspace(0, len(planes), min(units, len(planes)) + 1).round().astype(int)
         counts = np.zeros((len(edges) - 1, classes - 1, 3), dtype=np.int64)
         for u, (a, b) in enumerate(zip(edges[:-1], edges[1:])):

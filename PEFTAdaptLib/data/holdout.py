@@ -1,9 +1,11 @@
 """An audit from the annotated volumes a user has, when they gave no separate audit volume.
 
-Each support volume gives up a slab along its last axis (a band of rows of a 2D image) (a quarter of it, centred on the middle of its foreground)
-as audit; training patches come from the parts on either side, so no audited voxel is ever trained on. The volume
-was normalised as a whole before it is cut (a slab is never re-normalised on its own: min–max or percentile
-schemes would shift its intensities), so the audit sees exactly what inference sees.
+Each support volume gives up a slab along its last axis (a band of rows of a 2D image) (a quarter of it, centred on
+the middle of its foreground) as audit; training patches come from the parts on either side, so no audited voxel is
+ever trained on. The audit sees what inference sees: the volume was normalised as a whole before it is cut (min–max
+or percentile schemes would shift a slab normalised alone), and the audit case is the whole volume with only the
+slab's voxels annotated, so the slab is predicted in its volume's context (a network's receptive field reaches past
+a cut slab's faces, where a cut slab would be predicted from padding instead).
 
 A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead. Whole annotated
 slices (runs of annotated planes along the model grid's last axis) are held out — a quarter of the runs, at least
@@ -29,7 +31,8 @@ SHARE = 0.25  # of each support volume's depth held out
 
 
 def hold_out(case: Case, share: float = SHARE) -> tuple[list[Case], Case, tuple[int, int]]:
-    """(training parts, audit slab, the slab's range on the model grid's last axis) of one annotated case."""
+    """(training parts, audit case, the slab's range on the model grid's last axis) of one annotated case; the audit
+    case is the whole volume, annotated on the slab only."""
     depth = case.array.shape[-1]
     width = max(1, round(depth * share))
     label = case.label[0]
@@ -46,7 +49,11 @@ def hold_out(case: Case, share: float = SHARE) -> tuple[list[Case], Case, tuple[
     parts = [p for p in parts if p.label.any()]
     if not parts:
         raise InputError(f"{case.name}: all annotated foreground lies in the held-out audit slab; give an audit volume")
-    return parts, cut(start, end, f"audit_z{start}-{end}"), (start, end)
+    slab = np.zeros(case.label.shape, bool)
+    slab[..., start:end] = True
+    audit = replace(case, name=f"{case.name}_audit_z{start}-{end}", label=with_unannotated(case.label, slab),
+                    label_image=None)
+    return parts, audit, (start, end)
 
 
 def hold_out_annotated(case: Case, share: float = SHARE) -> tuple[Case, Case, dict]:
