@@ -107,8 +107,8 @@ def test_a_held_out_slab_is_normalised_with_its_whole_volume():
 
 def test_a_held_out_slab_is_audited_inside_its_whole_volume():
     """MeshNet's receptive field (93 voxels) reaches past a cut slab's faces: predicted alone, a slab of a FreeSurfer
-    brain scored 13–15 Dice points below the same voxels predicted in the whole volume, as inference predicts them,
-    and adapting to that padding looked like a gain. The audit scores the slab's voxels of the whole prediction."""
+    brain scored 13–15 Dice points below the same voxels predicted in the whole volume, as inference predicts them.
+    The audit scores the slab's voxels of the whole prediction."""
     model = load_model(shared(MESHNET))
     image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
     label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 80)), sitk.sitkUInt8)
