@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(2)
+# worker subprocesses sum on as many threads as pytest does, so a job run in either reproduces the other's numbers
+os.environ["OMP_NUM_THREADS"] = "2"
 EXIT_STATUS = pytest.StashKey[int]()
 
 
