@@ -3,9 +3,10 @@
 The selection rule judges a state on the audit volumes only. A predicted volume is named for checking, in one line
 with every reason (`volume_warning`), when the adapter changes it more than the audit saw (`changed_classes`), and,
 when the audit was only slabs of the training scans (held out by the job, or given as audit volumes cut from the same
-scan: `same_scan_caveat`), whenever it is not one of those volumes (`outside_cover`): a slab of one subject vouched
-for gains that did not carry over to another subject, or to a farther slab of the same one, more than once. Both
-records travel in the adapter's metadata, so a later predict job with the adapter names the same volumes.
+scan: `same_scan_caveat`), or was one volume (`one_volume_caveat`), whenever it is not one of the training or audit
+volumes (`outside_cover`): a slab of one subject, or one 2D image of another patient, vouched for gains that did not
+carry over to other subjects, or to a farther slab of the same one, more than once. Both records travel in the
+adapter's metadata, so a later predict job with the adapter names the same volumes.
 Adapters are untrusted data: a malformed record is one line naming the file.
 """
 from __future__ import annotations
@@ -30,10 +31,10 @@ AUDIT_CHANGE = "audit_change"
 #: said when the state kept was judged on held-out slabs of the training volumes only: their gain need not carry over
 #: to other subjects (docs/benchmarks.md shows it did not, more than once)
 SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
-                     "only: check the predictions of other subjects, or give an annotated volume of another subject as "
-                     "the audit")
-#: adapter metadata, present when the audit was slabs of the training scans: the digests of the training and audit
-#: volumes (`volume_digest`), the only ones the audit's gain speaks for
+                     "only: check the predictions of other subjects, or give annotated volumes of two or more other "
+                     "subjects as the audit")
+#: adapter metadata, present when the audit was slabs of the training scans or one volume: the digests of the training
+#: and audit volumes (`volume_digest`), the only ones the audit's gain speaks for
 AUDIT_COVERS = "audit_covers"
 
 
@@ -69,11 +70,11 @@ def changed_classes(measured: Uncertainty, card: ModelCard, checked: dict[int, f
 
 
 def outside_cover(image: sitk.Image, covers: list[str] | None) -> list[str]:
-    """The reason, when an audit on slabs of the training scans covers only other volumes (`covers`: digests; None:
-    the audit was scans of their own, or the adapter predates the record)."""
+    """The reason, when the audit covers only other volumes (`covers`: digests; None: the audit was two or more scans
+    of their own, or the adapter predates the record)."""
     if covers is None or volume_digest(image) in covers:
         return []
-    return ["the adapter was audited only on slabs of the scan(s) it was trained on, and this is another volume"]
+    return ["the adapter's audit covers only the volume(s) it was trained and audited on, and this is another volume"]
 
 
 def same_scan_caveat(support: list[Case], audit: list[Case]) -> str | None:
@@ -84,8 +85,17 @@ def same_scan_caveat(support: list[Case], audit: list[Case]) -> str | None:
         return None
     named = ", ".join(f"{a} from {s}" for a, s in pairs)
     return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the gain is shown on "
-            "those scans only: check the predictions of other volumes, or give an annotated volume of another subject "
-            "as the audit")
+            "those scans only: check the predictions of other volumes, or give annotated volumes of two or more other "
+            "subjects as the audit")
+
+
+def one_volume_caveat(audit: list[Case]) -> str | None:
+    """What to say when the audit is a single volume: a gain on one subject's scan (or one 2D image) gives no measure
+    of how it varies between subjects, so it is shown on that volume only. None with two or more audit volumes."""
+    if len(audit) != 1:
+        return None
+    return (f"the audit is one volume ({audit[0].name}), so its gain is shown on that volume only: check the "
+            "predictions of other volumes, or give annotated volumes of two or more subjects as the audit")
 
 
 def cut_from_one_scan(a: sitk.Image, b: sitk.Image) -> bool:

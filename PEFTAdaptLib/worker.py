@@ -44,8 +44,8 @@ from .training import (
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
-    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, same_scan_caveat, volume_digest,
-    volume_warning,
+    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, one_volume_caveat, same_scan_caveat,
+    volume_digest, volume_warning,
 )
 
 TRACEBACK_FILE = "traceback.txt"
@@ -184,13 +184,15 @@ class Run:
                                                        "give them as audit cases to see their Dice"})
         cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
                       self.cases(spec.source, model, True))
-        # an audit on slabs of the training scans vouches for those volumes only (`trained_on`); the caveat says so
+        # an audit on slabs of the training scans, or on one volume, vouches for those volumes only (`trained_on`); the
+        # caveat says so
         held_out, trained_on, audit_caveat = [], [], None
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
             trained_on = [volume_digest(case.image) for case in cases.support]
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
             audit_caveat = SAME_VOLUME_AUDIT
-        elif labelled and (audit_caveat := same_scan_caveat(cases.support, cases.audit)):
+        elif labelled and (audit_caveat := (same_scan_caveat(cases.support, cases.audit)
+                                            or one_volume_caveat(cases.audit))):
             trained_on = [volume_digest(case.image) for case in cases.support + cases.audit]
         predict_inputs = self.predict_inputs(spec)
         card = replace(model.card, patch_size=patch_size)
@@ -236,7 +238,7 @@ class Run:
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
         checked = audit_change(model.network, cases.audit, card, device) if completed and cases.audit else None
         # what the audit vouches for: the earlier round's record when its adapter is kept, the training (and audit)
-        # volumes when a state judged on slabs of their scans is kept, nothing more to say otherwise
+        # volumes when a state judged on slabs of their scans or on one volume is kept, nothing more to say otherwise
         covers = warm_covers if summary["kept_start"] else trained_on if audit_caveat else None
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                          "steps": config.steps, "final": completed,

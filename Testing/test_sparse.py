@@ -165,7 +165,7 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     assert SAME_VOLUME_AUDIT in warnings
     # the volume trained on is covered; the other is named, and the adapter keeps the record for later jobs
-    unvouched = [m for m in warnings if "audited only on slabs of the scan(s) it was trained on" in m]
+    unvouched = [m for m in warnings if "covers only the volume(s) it was trained and audited on" in m]
     assert [m.split(":")[0] for m in unvouched] == ["other"]
     metadata = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]
     assert metadata[AUDIT_COVERS] == [volume_digest(sitk.ReadImage(str(thin / "thin.nii.gz")))]
@@ -174,7 +174,7 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
         predict=[CaseSpec([str(thin / "thin.nii.gz")], name="again"),
                  CaseSpec([str(tmp_path / "other.nii.gz")], name="new")]))
     state = later.wait(timeout=600)
-    assert state.succeeded and [w.split(":")[0] for w in state.warnings if "only on slabs" in w] == ["new"]
+    assert state.succeeded and [w.split(":")[0] for w in state.warnings if "covers only" in w] == ["new"]
     # how much the adapter changed each class: here, and on the held-out annotated slices its audit scored
     assert prediction["change"] and all(0 <= d <= 1 for d in prediction["change"].values())
     checked = json.loads((out / "adapter" / "adapter.json").read_text())["metadata"]["audit_change"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from product import Settings, run  # noqa: E402
+from product import Settings, run, with_warnings  # noqa: E402
+from report import harm, mean_sd, rows  # noqa: E402
 from shifts import Shift, brats_images, write_case  # noqa: E402
 
 from PEFTAdaptLib.methods import Budget, make_method  # noqa: E402
@@ -70,17 +70,16 @@ def main() -> None:
                 for label, method in methods for seed in range(args.seeds)]
     print(f"\n{target.title}; {args.steps} steps × 4 patches of 64², seeds 0..{args.seeds - 1}; total "
           f"{lora['total']:,} parameters\n")
-    print("| method | test Dice (mean ± sd over seeds) | HD95 mm | trainable | train s |")
-    print("|---|---|---|---|---|")
-    for label in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == label]
-        if any("na" in r for r in runs):
-            print(f"| {label} | n/a: {runs[0]['na']} | | | |")
+    print("| method | test Dice (mean ± sd over seeds) | worst test case vs zero-shot | HD95 mm | trainable | train s |")
+    print("|---|---|---|---|---|---|")
+    table = rows({"runs": [with_warnings(r) for r in results], "total": lora["total"], "budget": budget})
+    for row in table:
+        if "na" in row:
+            print(f"| {row['method']} | n/a: {row['na']} | | | | |")
             continue
-        dice = [r["dice"] for r in runs]
-        spread = f" ± {statistics.stdev(dice):.3f}" if len(dice) > 1 else ""
-        print(f"| {label} | {statistics.mean(dice):.3f}{spread} | {statistics.mean(r['hd95'] for r in runs):.1f} | "
-              f"{runs[0]['trainable']:,} | {statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+        print(f"| {row['method']} | {mean_sd(row['dice'])} | {100 * row['worst_case_change']:+.1f} points | "
+              f"{mean_sd(row['hd95'], 1)} | {row['trainable']:,} | {row['seconds']:.0f} |")
+    print("\n" + "\n".join(harm(table)))
     (Path(__file__).resolve().parent / ".cache" / "planar.json").write_text(json.dumps(results, indent=1))
 
 

@@ -107,15 +107,7 @@ def markdown(result: dict) -> str:
         missing = (f"{label} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
                    for label, seeds in result["not_run"].items())
         lines.append(f"- Not run yet: {', '.join(missing)}.")
-    below = [f"{row['method']} {', '.join(row['below'])}" for row in table if row.get("below")]
-    lines.append(f"- Test cases more than {100 * WORSE_BY:.0f} point below zero-shot (and whether the job warned the "
-                 f"user to check that volume): {'; '.join(below) if below else 'none'}.")
-    adapted = [row for row in table if row.get("kind", "zero-shot") != "zero-shot"]
-    if adapted:
-        named, predicted = sum(r["named"] for r in adapted), sum(r["predicted"] for r in adapted)
-        lines.append(f"- Test predictions the jobs named for checking: {named} of {predicted}; of the "
-                     f"{sum(len(r['below']) for r in adapted)} more than {100 * WORSE_BY:.0f} point below zero-shot, "
-                     f"{sum(r['named_losses'] for r in adapted)} were named.")
+    lines += harm(table)
     goal = margins(table)
     if goal:
         text = "; ".join(f"{name} − {goal['best']} = **{m:+.1f} Dice points** (s.e. {se:.1f})"
@@ -130,6 +122,21 @@ def markdown(result: dict) -> str:
                          "budget parameters.")
     lines.append("")
     return "\n".join(lines)
+
+
+def harm(table: list[dict]) -> list[str]:
+    """The lines under a table (`rows`) that say whether adaptation made a test case worse, and whether the job named
+    it for checking."""
+    below = [f"{row['method']} {', '.join(row['below'])}" for row in table if row.get("below")]
+    lines = [f"- Test cases more than {100 * WORSE_BY:.0f} point below zero-shot (and whether the job warned the user "
+             f"to check that volume): {'; '.join(below) if below else 'none'}."]
+    adapted = [row for row in table if row.get("kind", "zero-shot") != "zero-shot"]
+    if adapted:
+        named, predicted = sum(r["named"] for r in adapted), sum(r["predicted"] for r in adapted)
+        lines.append(f"- Test predictions the jobs named for checking: {named} of {predicted}; of the "
+                     f"{sum(len(r['below']) for r in adapted)} more than {100 * WORSE_BY:.0f} point below zero-shot, "
+                     f"{sum(r['named_losses'] for r in adapted)} were named.")
+    return lines
 
 
 def replace_section(title: str, body: str) -> None:
