@@ -47,8 +47,8 @@ class TqdmProgress:
                     postfix[self.score[0]] = f"{self.score[1]:.3f}"
                 self.bar.set_postfix(postfix)
                 self.bar.update(1)
-            if event["event"] in ("warning",):
-                print(f"peftadapt: warning: {event['message']}", file=sys.stderr)
+            if event["event"] == "warning":  # on a line of its own, above the bar
+                tqdm.write(f"peftadapt: warning: {event['message']}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

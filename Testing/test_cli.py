@@ -83,3 +83,16 @@ def test_corrupt_file_is_named(tmp_path):
     corrupt.write_bytes(b"\x1f\x8b not really gzip")
     assert_one_line_error(run("predict", "--image", str(corrupt), "--output", str(tmp_path / "o.nii.gz")),
                           str(corrupt), "cannot read")
+
+
+def test_a_warning_during_training_gets_a_line_of_its_own(capsys):
+    """Found running the demo: the one-volume caveat was printed right after the progress bar's text, on its line."""
+    from PEFTAdaptLib.cli import TqdmProgress
+
+    progress = TqdmProgress("adapting")
+    progress([{"event": "step", "step": 1, "steps": 3, "loss": 1.0}, {"event": "warning", "message": "check it"},
+              {"event": "step", "step": 2, "steps": 3, "loss": 0.5}])
+    progress.close()
+    err = capsys.readouterr().err
+    before, _, _ = err.partition("peftadapt: warning: check it\n")
+    assert before and before[-1] in "\r\n", repr(err)
