@@ -70,7 +70,8 @@ def main() -> None:
                 for label, method in methods for seed in range(args.seeds)]
     print(f"\n{target.title}; {args.steps} steps × 4 patches of 64², seeds 0..{args.seeds - 1}; total "
           f"{lora['total']:,} parameters\n")
-    print("| method | test Dice (mean ± sd over seeds) | worst test case vs zero-shot | HD95 mm | trainable | train s |")
+    print("| method | test Dice (mean ± sd over seeds) | worst test case vs zero-shot | HD95 mm | trainable | "
+          "train s |")
     print("|---|---|---|---|---|---|")
     table = rows({"runs": [with_warnings(r) for r in results], "total": lora["total"], "budget": budget})
     for row in table:
