@@ -28,11 +28,14 @@ from .uncertainty import Uncertainty
 #: adapter metadata: per class index, the largest change the adapter made on an audit case (training.audit_change)
 AUDIT_CHANGE = "audit_change"
 
+#: what every caveat below asks of the user: a gain shown on one subject's volumes says nothing of its spread between
+#: subjects
+ASK_FOR_SUBJECTS = ("check the predictions of other volumes, or give annotated volumes of two or more other subjects "
+                    "as the audit")
 #: said when the state kept was judged on held-out slabs of the training volumes only: their gain need not carry over
 #: to other subjects (docs/benchmarks.md shows it did not, more than once)
 SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
-                     "only: check the predictions of other subjects, or give annotated volumes of two or more other "
-                     "subjects as the audit")
+                     f"only: {ASK_FOR_SUBJECTS}")
 #: adapter metadata, present when the audit was slabs of the training scans or one volume: the digests of the training
 #: and audit volumes (`volume_digest`), the only ones the audit's gain speaks for
 AUDIT_COVERS = "audit_covers"
@@ -85,8 +88,7 @@ def same_scan_caveat(support: list[Case], audit: list[Case]) -> str | None:
         return None
     named = ", ".join(f"{a} from {s}" for a, s in pairs)
     return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the gain is shown on "
-            "those scans only: check the predictions of other volumes, or give annotated volumes of two or more other "
-            "subjects as the audit")
+            f"those scans only: {ASK_FOR_SUBJECTS}")
 
 
 def one_volume_caveat(audit: list[Case]) -> str | None:
@@ -94,8 +96,7 @@ def one_volume_caveat(audit: list[Case]) -> str | None:
     of how it varies between subjects, so it is shown on that volume only. None with two or more audit volumes."""
     if len(audit) != 1:
         return None
-    return (f"the audit is one volume ({audit[0].name}), so its gain is shown on that volume only: check the "
-            "predictions of other volumes, or give annotated volumes of two or more subjects as the audit")
+    return f"the audit is one volume ({audit[0].name}), so its gain is shown on that volume only: {ASK_FOR_SUBJECTS}"
 
 
 def cut_from_one_scan(a: sitk.Image, b: sitk.Image) -> bool:
