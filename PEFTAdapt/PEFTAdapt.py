@@ -18,7 +18,7 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import qt
 import slicer
@@ -73,6 +73,17 @@ def installedVersion(distribution: str):
 
 UNSUPPORTED = unsupportedReason()
 
+
+class PairList(NamedTuple):
+    """One of the panel's lists of (volume, segmentation) pairs: its two parameter-node fields."""
+
+    volumes: str
+    segmentations: str
+
+
+TRAINING_PAIRS = PairList("trainingVolumes", "trainingSegmentations")
+AUDIT_PAIRS = PairList("auditVolumes", "auditSegmentations")
+
 if not UNSUPPORTED:
     if engineFolder() not in sys.path:
         sys.path.insert(0, engineFolder())
@@ -83,7 +94,7 @@ if not UNSUPPORTED:
     from PEFTAdaptLib.jobs.spec import DEVICES, TrainSpec
     from PEFTAdaptLib.methods import DEFAULT_METHOD, Budget, default_budget, method_class, method_names
     from PEFTAdaptLib.models.registry import DEFAULT_MODEL
-    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic
+    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic, audit_advice
     from PEFTAdaptLib.mrml.scene_io import SceneError, import_prediction, labels_from_card, write_volume
 
     TRAIN_DEFAULTS = TrainSpec()
@@ -97,8 +108,8 @@ if not UNSUPPORTED:
         method: str = DEFAULT_METHOD
         trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
         trainingSegmentations: list[slicer.vtkMRMLSegmentationNode]
-        auditVolume: slicer.vtkMRMLScalarVolumeNode
-        auditSegmentation: slicer.vtkMRMLSegmentationNode
+        auditVolumes: list[slicer.vtkMRMLScalarVolumeNode]
+        auditSegmentations: list[slicer.vtkMRMLSegmentationNode]
         #: percent of the model's parameters; 0 takes the model's default budget
         budgetPercent: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
         #: 0 lets the method choose (from the budget, or its default rank)
@@ -128,7 +139,7 @@ class PEFTAdapt(ScriptedLoadableModule):
         self.parent.contributors = ["The PEFTAdapt authors"]
         self.parent.helpText = _(
             "Adapt a pretrained 3D segmentation model to your images from a few annotated volumes. Pick a model, "
-            "training pairs, an audit volume and a method; adapters train in a background process while the audit "
+            "training pairs, audit pairs and a method; adapters train in a background process while the audit "
             "Dice is plotted live. Correct the result in the Segment Editor and re-adapt."
         )
         if UNSUPPORTED:
@@ -174,8 +185,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem(card["title"], card["id"])
         for name in method_names():
             self.ui.methodComboBox.addItem(method_class(name).label, name)
-        self.ui.trainingTable.setHorizontalHeaderLabels([_("Volume"), _("Segmentation")])
-        self.ui.trainingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        for table in (self.ui.trainingTable, self.ui.auditTable):
+            table.setHorizontalHeaderLabels([_("Volume"), _("Segmentation")])
+            table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
         self.ui.jobsTable.setHorizontalHeaderLabels([_("Job"), _("Method"), _("State"), _("Step"), _("Best Dice")])
         self.plotWidget = self._addPlotWidget(self.ui.plotContainer)
         self.allocationPlotWidget = self._addPlotWidget(self.ui.allocationPlotContainer)
@@ -190,8 +202,10 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
-        self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
+        self.ui.addPairButton.connect("clicked(bool)", lambda: self.onAddPair(TRAINING_PAIRS))
+        self.ui.removePairButton.connect("clicked(bool)", lambda: self.onRemovePair(TRAINING_PAIRS))
+        self.ui.addAuditPairButton.connect("clicked(bool)", lambda: self.onAddPair(AUDIT_PAIRS))
+        self.ui.removeAuditPairButton.connect("clicked(bool)", lambda: self.onRemovePair(AUDIT_PAIRS))
         self.ui.loadModelFolderButton.connect("clicked(bool)", self.onLoadModelFolder)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.readaptButton.connect("clicked(bool)", self.onReadapt)
@@ -280,7 +294,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- parameter node → widgets ---------------------------------------------------------------------------------
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         """The widgets the parameter node wrapper does not bind: model, method and rank combo boxes, the fields the
-        chosen method takes, the model description, the training table and the buttons."""
+        chosen method takes, the model description, the pair tables and the buttons."""
         p = self._parameterNode
         if p is None:
             return
@@ -295,7 +309,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.visible = bool(method.ranks)
         self.ui.budgetCountLabel.text = self.logic.budgetText(p) if method.takes_budget else ""
         self.ui.modelDescriptionLabel.text = self.logic.modelDescription(p.modelId)
-        self._refreshTrainingTable()
+        for pairList in (TRAINING_PAIRS, AUDIT_PAIRS):
+            self._refreshPairTable(pairList)
+        self.ui.auditAdviceLabel.text = audit_advice(len(p.auditVolumes))
         self._updateButtons()
 
     @staticmethod
@@ -319,13 +335,15 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             comboBox.addItem(str(rank), rank)
         comboBox.blockSignals(wasBlocked)
 
-    def _refreshTrainingTable(self) -> None:
-        p = self._parameterNode
-        pairs = list(zip(p.trainingVolumes, p.trainingSegmentations))
-        self.ui.trainingTable.setRowCount(len(pairs))
+    def _pairTable(self, pairList: PairList):
+        return self.ui.trainingTable if pairList is TRAINING_PAIRS else self.ui.auditTable
+
+    def _refreshPairTable(self, pairList: PairList) -> None:
+        pairs, table = self.logic.pairs(self._parameterNode, pairList), self._pairTable(pairList)
+        table.setRowCount(len(pairs))
         for row, (volume, segmentation) in enumerate(pairs):
-            self.ui.trainingTable.setItem(row, 0, qt.QTableWidgetItem(volume.GetName() if volume else ""))
-            self.ui.trainingTable.setItem(row, 1, qt.QTableWidgetItem(segmentation.GetName() if segmentation else ""))
+            table.setItem(row, 0, qt.QTableWidgetItem(volume.GetName() if volume else ""))
+            table.setItem(row, 1, qt.QTableWidgetItem(segmentation.GetName() if segmentation else ""))
 
     def _running(self) -> bool:
         return self._run is not None and not self._run.state.finished
@@ -383,18 +401,18 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and rank is not None and rank != self._parameterNode.rank:
             self._parameterNode.rank = rank
 
-    def onAddPair(self) -> None:
+    def onAddPair(self, pairList: PairList) -> None:
         volume = self.ui.pairVolumeSelector.currentNode()
         segmentation = self.ui.pairSegmentationSelector.currentNode()
         if not volume or not segmentation:
             slicer.util.warningDisplay(_("Select a volume and its segmentation first."))
             return
-        self.logic.addTrainingPair(self._parameterNode, volume, segmentation)
+        self.logic.addPair(self._parameterNode, pairList, volume, segmentation)
 
-    def onRemovePair(self) -> None:
-        row = self.ui.trainingTable.currentRow()
+    def onRemovePair(self, pairList: PairList) -> None:
+        row = self._pairTable(pairList).currentRow()
         if row >= 0:
-            self.logic.removeTrainingPair(self._parameterNode, row)
+            self.logic.removePair(self._parameterNode, pairList, row)
 
     # -- actions --------------------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
@@ -408,7 +426,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onReadapt(self) -> None:
         p = self._parameterNode
         if p.useCorrectedForTraining and p.outputSegmentation and p.targetVolume:
-            self.logic.addTrainingPair(p, p.targetVolume, p.outputSegmentation)
+            self.logic.addPair(p, TRAINING_PAIRS, p.targetVolume, p.outputSegmentation)
         self._start(warmStart=True)
 
     def onNextSlice(self) -> None:
@@ -641,8 +659,8 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         if method_class(p.method).needs_labels:
             if not p.trainingVolumes:
                 return _("Add at least one training pair (volume and segmentation)")
-            if not (p.auditVolume and p.auditSegmentation):
-                return _("Choose an audit volume and its segmentation")
+            if not p.auditVolumes:
+                return _("Add at least one audit pair (a held-out volume and its segmentation)")
         elif not p.targetVolume:
             return _("Label-free: choose the volume to adapt to (Segment volume)")
         return ""
@@ -669,28 +687,34 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
 
     # -- parameter node edits -----------------------------------------------------------------------------------------
     @staticmethod
-    def addTrainingPair(p, volume, segmentation) -> None:
-        pairs = list(zip(p.trainingVolumes, p.trainingSegmentations))
-        if (volume, segmentation) in pairs:
-            return
-        with slicer.util.NodeModify(p):
-            p.trainingVolumes = [v for v, _s in pairs] + [volume]
-            p.trainingSegmentations = [s for _v, s in pairs] + [segmentation]
+    def pairs(p, pairList: PairList) -> list:
+        return list(zip(getattr(p, pairList.volumes), getattr(p, pairList.segmentations)))
 
     @staticmethod
-    def removeTrainingPair(p, row: int) -> None:
-        volumes, segmentations = list(p.trainingVolumes), list(p.trainingSegmentations)
-        del volumes[row], segmentations[row]
+    def setPairs(p, pairList: PairList, pairs: list) -> None:
         with slicer.util.NodeModify(p):
-            p.trainingVolumes, p.trainingSegmentations = volumes, segmentations
+            setattr(p, pairList.volumes, [volume for volume, _segmentation in pairs])
+            setattr(p, pairList.segmentations, [segmentation for _volume, segmentation in pairs])
+
+    @classmethod
+    def addPair(cls, p, pairList: PairList, volume, segmentation) -> None:
+        pairs = cls.pairs(p, pairList)
+        if (volume, segmentation) not in pairs:
+            cls.setPairs(p, pairList, pairs + [(volume, segmentation)])
+
+    @classmethod
+    def removePair(cls, p, pairList: PairList, row: int) -> None:
+        pairs = cls.pairs(p, pairList)
+        del pairs[row]
+        cls.setPairs(p, pairList, pairs)
 
     # -- jobs -------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def request(p, warmStart: bool = False):
+    @classmethod
+    def request(cls, p, warmStart: bool = False):
         return AdaptationRequest(
             modelId=p.modelId,
-            trainingPairs=list(zip(p.trainingVolumes, p.trainingSegmentations)),
-            auditPair=(p.auditVolume, p.auditSegmentation),
+            trainingPairs=cls.pairs(p, TRAINING_PAIRS),
+            auditPairs=cls.pairs(p, AUDIT_PAIRS),
             method=p.method,
             budgetPercent=p.budgetPercent or None,
             rank=p.rank or None,
@@ -726,12 +750,10 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         if resume:
             self._useDevice(load_job(folder).train.device)
         run, request = self.sceneLogic.openJob(folder, log=log, resume=resume)
-        pairs = request.trainingPairs
         with slicer.util.NodeModify(p):
             p.modelId, p.method = request.modelId, request.method
-            p.trainingVolumes = [volume for volume, _segmentation in pairs]
-            p.trainingSegmentations = [segmentation for _volume, segmentation in pairs]
-            p.auditVolume, p.auditSegmentation = request.auditPair
+            self.setPairs(p, TRAINING_PAIRS, request.trainingPairs)
+            self.setPairs(p, AUDIT_PAIRS, request.auditPairs)
             p.budgetPercent = request.budgetPercent or 0.0
             p.rank = request.rank or 0
             p.steps, p.patchSize, p.seed = request.steps, request.patchSize or 0, request.seed
@@ -866,7 +888,7 @@ class PEFTAdaptTest(ScriptedLoadableModuleTest):
         volume, segmentation = self._syntheticCase(logic, np)
         p = logic.getParameterNode()
         p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]
-        p.auditVolume, p.auditSegmentation = volume, segmentation
+        p.auditVolumes, p.auditSegmentations = [volume], [segmentation]
 
         self.delayDisplay("Scene export into a job folder, checked as the worker will read it")
         folder = Path(logic.sceneLogic.client.new_folder("selftest"))
@@ -927,7 +949,7 @@ class PEFTAdaptTest(ScriptedLoadableModuleTest):
         reference = logic.importResults(p, self._waitFor(logic.segment(p)), isSegmentation=True)
         self.assertGreater(reference.GetSegmentation().GetNumberOfSegments(), 0)
         p.trainingVolumes, p.trainingSegmentations = [volume], [reference]
-        p.auditVolume, p.auditSegmentation = volume, reference
+        p.auditVolumes, p.auditSegmentations = [volume], [reference]
         p.targetVolume, p.outputSegmentation = None, None
         p.method, p.rank, p.steps, p.patchSize = "lora", 2, 3, 64
         self.delayDisplay("Adapting for 3 steps on the CPU")

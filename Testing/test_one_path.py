@@ -36,7 +36,7 @@ def test_the_cli_the_slicer_logic_and_the_benchmarks_write_the_same_job_json(tmp
     segmentation = {role: load_segmentation(scene, files[role, "label"], volume[role], f"{role} brain", "brain")
                     for role in ("support", "audit")}
     request = AdaptationRequest(modelId="deepbet-brain", trainingPairs=[(volume["support"], segmentation["support"])],
-                                auditPair=(volume["audit"], segmentation["audit"]), method="lora", budgetPercent=1.0,
+                                auditPairs=[(volume["audit"], segmentation["audit"])], method="lora", budgetPercent=1.0,
                                 patchSize=64, device="cpu", targetVolumes=[volume["test"]])
     (tmp_path / "export").mkdir()
     slicer = create_job(tmp_path / "slicer", logic.jobRequest(request, tmp_path / "export"))

@@ -110,7 +110,7 @@ def test_a_single_slice_adapts_in_the_slicer_scene_and_imports_a_segmentation(mo
 
     target = load_volume(logic.scene, files[6]["slice"], "T1c 6")
     run = logic.startAdaptation(AdaptationRequest(
-        modelId=card["id"], trainingPairs=[pair(3)], auditPair=pair(4), targetVolumes=[target], method="lora",
+        modelId=card["id"], trainingPairs=[pair(3)], auditPairs=[pair(4)], targetVolumes=[target], method="lora",
         rank=2, steps=4, patchSize=32, device="cpu", seed=1, auditEvery=2, learningRate=3e-3))
     assert run.wait(300).outcome == "finished", run.state.message
     [segmentation] = run.importResults()

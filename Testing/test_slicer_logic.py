@@ -33,8 +33,9 @@ def pair(logic, case: int):
 
 
 def request(logic, steps=4, **changes) -> AdaptationRequest:
-    values = dict(modelId="deepbet-brain", trainingPairs=[pair(logic, 3)], auditPair=pair(logic, 4), method="lora",
-                  rank=2, steps=steps, patchSize=64, device="cpu", seed=1, auditEvery=2, learningRate=3e-3)
+    values = dict(modelId="deepbet-brain", trainingPairs=[pair(logic, 3)], auditPairs=[pair(logic, 4)],
+                  method="lora", rank=2, steps=steps, patchSize=64, device="cpu", seed=1, auditEvery=2,
+                  learningRate=3e-3)
     values.update(changes)
     return AdaptationRequest(**values)
 

@@ -65,7 +65,7 @@ def add_training_data(fake, p) -> None:
     volume = load_volume(fake.scene, brats(3, "T1c_subtrMeanDivStd.nii.gz"), "T1c 3")
     segmentation = load_segmentation(fake.scene, brats(3, "brainmask.nii.gz"), volume, "brain 3", "brain")
     p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]
-    p.auditVolume, p.auditSegmentation = volume, segmentation
+    p.auditVolumes, p.auditSegmentations = [volume], [segmentation]
 
 
 def start_waiting_run(fake, panel, seconds: float = 120):
@@ -150,6 +150,55 @@ def test_a_request_takes_only_what_the_method_offers(fake, panel):
     spec = panel.logic.sceneLogic.jobRequest(panel.logic.request(p), export)
     assert (spec.method.name, spec.method.rank, spec.method.budget) == ("norm-affine", None, None)
 
+
+
+def test_audit_pairs_are_a_list_like_the_training_pairs_and_come_back_with_the_job(fake, panel):
+    """Issue 18: one audit volume vouches for itself only, so the panel takes audit pairs of several subjects (it
+    took one) and says before a run what one audit volume means; an opened job brings every audit pair back."""
+    ui, p = panel.ui, panel._parameterNode
+    panel.logic.sceneLogic.client.runner = runner = WaitingRunner()
+    cases = {}
+    for case in (3, 4, 5):
+        volume = load_volume(fake.scene, brats(case, "T1c_subtrMeanDivStd.nii.gz"), f"T1c {case}")
+        cases[case] = volume, load_segmentation(fake.scene, brats(case, "brainmask.nii.gz"), volume, f"brain {case}",
+                                                "brain")
+
+    def add(case, button):
+        ui.pairVolumeSelector.setCurrentNode(cases[case][0])
+        ui.pairSegmentationSelector.setCurrentNode(cases[case][1])
+        button.click()
+
+    add(3, ui.addPairButton)
+    assert ui.trainingTable.rowCount() == 1 and ui.auditTable.rowCount() == 0
+    assert not ui.applyButton.enabled and "audit pair" in ui.applyButton.toolTip
+    assert "two or more subjects" in ui.auditAdviceLabel.text
+    add(4, ui.addAuditPairButton)
+    assert ui.applyButton.enabled and ui.auditTable.item(0, 0).text() == "T1c 4"
+    assert "One audit volume vouches for itself only" in ui.auditAdviceLabel.text
+    add(5, ui.addAuditPairButton)
+    add(5, ui.addAuditPairButton)  # a pair already listed is not added twice
+    assert [ui.auditTable.item(row, 1).text() for row in range(ui.auditTable.rowCount())] == ["brain 4", "brain 5"]
+    assert ui.auditAdviceLabel.text == ""
+
+    ui.applyButton.click()
+    assert not fake.dialogs, fake.dialogs
+    folder = panel._run.jobDir
+    assert [case.name for case in panel._run.job.spec.audit] == ["T1c 4", "T1c 5"]
+    assert [case.name for case in panel._run.job.spec.support] == ["T1c 3"]
+    panel._run.cancel()
+    assert ended(runner.processes[0])
+    panel._stopFollowing()
+
+    ui.auditTable.setCurrentCell(0, 0)
+    ui.removeAuditPairButton.click()
+    assert [v.GetName() for v in p.auditVolumes] == ["T1c 5"] and ui.auditTable.rowCount() == 1
+
+    panel.parent.isEntered = True
+    fake.scene.Clear(0)
+    p = panel._parameterNode
+    panel.logic.openJob(p, folder)
+    assert [v.GetName() for v in p.auditVolumes] == ["T1c 4", "T1c 5"] and len(p.auditSegmentations) == 2
+    assert ui.auditTable.rowCount() == 2 and [v.GetName() for v in p.trainingVolumes] == ["T1c 3"]
 
 # -- defect 3 and 10: installing what the worker needs ---------------------------------------------------------------
 

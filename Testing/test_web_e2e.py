@@ -31,7 +31,8 @@ from conftest import REPO, shared
 SCREENSHOTS = REPO / "out" / "web-e2e"
 CHROMIUM_ENV = "PEFTADAPT_CHROMIUM"
 RUN_TIMEOUT_MS = 20 * 60 * 1000  # one adaptation round on 2 shared CPU cores, with room
-CASES = {"train": "brats_2013_pat0003_1", "audit": "brats_2013_pat0004_1", "target": "brats_2013_pat0006_1"}
+CASES = {"train": "brats_2013_pat0003_1", "audit": "brats_2013_pat0004_1", "audit2": "brats_2013_pat0005_1",
+         "target": "brats_2013_pat0006_1"}
 IMAGE, MASK = "T1c_subtrMeanDivStd.nii.gz", "brainmask.nii.gz"
 
 
@@ -215,12 +216,19 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
             assert "error" in page.locator("#message").get_attribute("class")
         shot(page, "01-bad-upload")
         load_from_data_folder(page, f"{CASES['train']}/{MASK}", as_label=True)  # the app kept working
-        for role in ("audit", "target"):
+        # audit pairs of two other subjects: with one, the panel says it vouches for that volume only
+        load_from_data_folder(page, f"{CASES['audit']}/{IMAGE}")
+        load_from_data_folder(page, f"{CASES['audit']}/{MASK}", as_label=True)
+        assert "One audit volume vouches for itself only" in page.locator("#audit-advice").inner_text()
+        page.click("#add-audit")
+        for role in ("audit2", "target"):
             load_from_data_folder(page, f"{CASES[role]}/{IMAGE}")
-            if role == "audit":
+            if role == "audit2":
                 load_from_data_folder(page, f"{CASES[role]}/{MASK}", as_label=True)
         assert CASES["train"] in selected(page, "#pair-0-segmentation")
-        assert CASES["audit"] in selected(page, "#audit-segmentation")
+        assert CASES["audit"] in selected(page, "#audit-0-segmentation")
+        assert CASES["audit2"] in selected(page, "#audit-1-segmentation")
+        assert page.locator("#audit-advice").is_hidden()
         assert CASES["target"] in selected(page, "#targets")
         assert wait_for_pixels(page, lambda n: n < 50) < 50  # the target volume alone: greyscale
 
@@ -316,6 +324,9 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
 
         # the correction went into round 2's training cases: more brain than round 1 predicted
         rounds = sorted((work / "jobs").glob("job-*"))
+        for job in rounds:  # both rounds audited on both audit pairs
+            audit = json.loads((job / "job.json").read_text())["audit"]
+            assert [case["name"].split("/")[0] for case in audit] == [CASES["audit"], CASES["audit2"]], audit
         first = sitk.GetArrayFromImage(sitk.ReadImage(str(next((rounds[0] / "predictions").iterdir()))))
         corrected = sitk.GetArrayFromImage(sitk.ReadImage(str(rounds[1] / "inputs" / "support1_label.nrrd")))
         assert corrected.sum() > first.sum() + 100

@@ -51,7 +51,9 @@ class AdaptationRequest:
 
     modelId: str
     trainingPairs: list  # (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
-    auditPair: tuple = (None, None)
+    #: held-out (volume, segmentation) pairs; volumes of two or more subjects other than the training ones let the
+    #: audit vouch for other volumes (vouch.py), one volume vouches for itself only
+    auditPairs: list = field(default_factory=list)
     method: str = DEFAULT_METHOD
     budgetPercent: float | None = None
     rank: int | None = None
@@ -75,6 +77,17 @@ def method_config(name: str, budgetPercent: float | None = None, rank: int | Non
     if cls.ranks and rank:
         fields["rank"] = rank
     return make_method(name, **fields)
+
+
+def audit_advice(count: int) -> str:
+    """What a panel says under its `count` audit pairs before a run; the run's caveats (vouch.py) say it after."""
+    subjects = "Give annotated volumes of two or more subjects other than the training ones."
+    if count == 0:
+        return ("Audit pairs are held out: the adapted model replaces the source only if its Dice gain on them is "
+                f"larger than their noise. {subjects}")
+    if count == 1:
+        return f"One audit volume vouches for itself only: the run will name every other volume it segments. {subjects}"
+    return ""
 
 
 def describe_event(event: dict) -> str:
@@ -291,12 +304,13 @@ class SceneLogic:
         method = method_config(request.method, request.budgetPercent, request.rank)
         card = self.card(request.modelId)
         labels = labels_from_card(card["labels"])
-        if any(volume is None or segmentation is None for volume, segmentation in request.trainingPairs):
-            raise SceneError("every training pair needs a volume and its segmentation")
+        for role, given in (("training", request.trainingPairs), ("audit", request.auditPairs)):
+            if any(volume is None or segmentation is None for volume, segmentation in given):
+                raise SceneError(f"every {role} pair needs a volume and its segmentation")
         pairs = [self._exportCase(exportFolder, f"train{i}", v, s, labels)
                  for i, (v, s) in enumerate(request.trainingPairs)]
-        volume, segmentation = request.auditPair
-        audit = [self._exportCase(exportFolder, "audit", volume, segmentation, labels)] if volume and segmentation else []
+        audit = [self._exportCase(exportFolder, f"audit{i}", v, s, labels)
+                 for i, (v, s) in enumerate(request.auditPairs)]
         targets = [self._exportCase(exportFolder, f"target{i}", v) for i, v in enumerate(request.targetVolumes)]
         # without labels the method adapts to the targets (labelled pairs, if any, are its source-like cases)
         support, source = (pairs, []) if method.needs_labels else (
@@ -377,7 +391,7 @@ class SceneLogic:
         budget = method.budget
         train = spec.train
         request = AdaptationRequest(
-            modelId=modelId, trainingPairs=pairs, auditPair=load(spec.audit[0]) if spec.audit else (None, None),
+            modelId=modelId, trainingPairs=pairs, auditPairs=[load(c) for c in spec.audit],
             method=method.name, budgetPercent=100 * budget.fraction if budget and budget.fraction else None,
             rank=method.rank, steps=train.steps, patchSize=train.patch_size[0] if train.patch_size else None,
             device=train.device, seed=train.seed, targetVolumes=targets,

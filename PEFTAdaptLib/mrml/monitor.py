@@ -58,7 +58,7 @@ class AdaptationMonitor:
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} audit Dice")
         self.chart.SetTitle("Audit Dice during adaptation")
         self.chart.SetXAxisTitle("training step")
-        self.chart.SetYAxisTitle("Dice (held-out audit volume)")
+        self.chart.SetYAxisTitle("Dice (held-out audit volumes)")
         self.dice_series = self._series(self.dice_table, "audit Dice", "step", "dice", (0.1, 0.4, 0.9))
         self.chart.AddAndObservePlotSeriesNodeID(self.dice_series.GetID())
         for column, label in (("dice_low", "95 % band, low"), ("dice_high", "95 % band, high")):

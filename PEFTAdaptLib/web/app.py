@@ -29,12 +29,15 @@ from ..errors import InputError, PEFTAdaptError
 from ..jobs import RESUMABLE
 from ..jobs.spec import DEVICES
 from ..methods import DEFAULT_METHOD, method_class, method_names
-from ..mrml.logic import AdaptationRequest
+from ..mrml.logic import AdaptationRequest, audit_advice
 from ..mrml.scene_io import SceneError
 from . import access, charts, panel
 from .session import JOBS, PanelSession, write_demo_files
 
 POLL_SECONDS = 0.5
+#: the panel's lists of {"volume", "segmentation"} node ids: training pairs, then audit pairs
+PAIR_LISTS = ("pairs", "audit_pairs")
+EMPTY_PAIR = {"volume": None, "segmentation": None}
 log = logging.getLogger("peftadapt.web")
 
 
@@ -71,6 +74,13 @@ def reports_errors(handler):
         return None
 
     return run
+
+
+def _pair_list(key: str) -> str:
+    """A pair list named by a click of the page (the page is not trusted to name state keys)."""
+    if key not in PAIR_LISTS:
+        raise InputError(f"no pair list '{key}'")
+    return key
 
 
 def four_up() -> Layout:
@@ -122,7 +132,8 @@ class WebApp:
             "models": [{"title": c.get("title") or c["id"], "value": c["id"]} for c in cards],
             "model_id": cards[0]["id"] if cards else None,
             "methods": [{"title": f"{n} — {method_class(n).label}", "value": n} for n in method_names()],
-            "method": DEFAULT_METHOD, "devices": list(DEVICES), "pairs": [{"volume": None, "segmentation": None}],
+            "method": DEFAULT_METHOD, "devices": list(DEVICES),
+            **{key: [dict(EMPTY_PAIR)] for key in PAIR_LISTS}, "audit_advice": audit_advice(0),
             "has_data_folder": data_dir is not None,
             "data_files": access.data_files(Path(data_dir)) if data_dir else [],
             "dice_chart": charts.dice_figure([]), "allocation_chart": charts.allocation([])[0], "units": [],
@@ -133,6 +144,7 @@ class WebApp:
         state.change("model_id", "budget_percent")(self._on_model)
         state.change("shown_volume")(self._on_shown_volume)
         state.change("edit_segmentation")(self._on_edit_segmentation)
+        state.change("audit_pairs")(self._on_audit_pairs)
         self._on_method(state.method)
         self._on_model()
         self._publish_nodes()
@@ -207,6 +219,9 @@ class WebApp:
         count = self.session.logic.budgetParameters(model_id, percent) if percent > 0 else None
         self.state.budget_text = f"= {count:,} trainable parameters" if count else ""
 
+    def _on_audit_pairs(self, audit_pairs, **_) -> None:
+        self.state.audit_advice = audit_advice(sum(1 for pair in audit_pairs if pair.get("volume")))
+
     @reports_errors
     def _on_shown_volume(self, shown_volume, **_) -> None:
         volume = self.session.node(shown_volume)
@@ -250,28 +265,27 @@ class WebApp:
         self.say(f"loaded {shown_as} as '{node.GetName()}'")
 
     def _place_volume(self, volume_id: str) -> None:
-        """Volumes fill the panel in the order a user brings them: training pairs, the audit pair, then the volume
-        to segment (each can be changed afterwards)."""
+        """Volumes fill the panel in the order a user brings them: the empty training and audit pairs, then the
+        volume to segment (each can be changed afterwards; "Add pair" makes room for more)."""
         state = self.state
-        pairs = [dict(p) for p in state.pairs]
-        empty = next((p for p in pairs if not p["volume"]), None)
-        if empty is not None:
-            empty["volume"] = volume_id
-            state.pairs = pairs
-        elif not state.audit_volume:
-            state.audit_volume = volume_id
-        elif not state.targets:
+        for key in PAIR_LISTS:
+            pairs = [dict(p) for p in state[key]]
+            empty = next((p for p in pairs if not p["volume"]), None)
+            if empty is not None:
+                empty["volume"] = volume_id
+                state[key] = pairs
+                return
+        if not state.targets:
             state.targets = [volume_id]
 
     def _place_segmentation(self, volume_id: str, segmentation_id: str) -> None:
-        pairs = [dict(p) for p in self.state.pairs]
-        for pair in pairs:
-            if pair["volume"] == volume_id and not pair["segmentation"]:
-                pair["segmentation"] = segmentation_id
-                self.state.pairs = pairs
-                return
-        if self.state.audit_volume == volume_id and not self.state.audit_segmentation:
-            self.state.audit_segmentation = segmentation_id
+        for key in PAIR_LISTS:
+            pairs = [dict(p) for p in self.state[key]]
+            for pair in pairs:
+                if pair["volume"] == volume_id and not pair["segmentation"]:
+                    pair["segmentation"] = segmentation_id
+                    self.state[key] = pairs
+                    return
 
     @reports_errors
     def load_from_data(self) -> None:
@@ -298,8 +312,8 @@ class WebApp:
             volume = self.session.load_volume(image, self.state.model_id, f"demo/{image.name}")
             nodes[role] = (volume, self.session.load_label(label, volume, self.state.model_id, f"demo/{label.name}"))
         ids = {role: (v.GetID(), s.GetID()) for role, (v, s) in nodes.items()}
-        self.state.pairs = [{"volume": ids["support"][0], "segmentation": ids["support"][1]}]
-        self.state.audit_volume, self.state.audit_segmentation = ids["audit"]
+        for key, role in zip(PAIR_LISTS, ("support", "audit")):
+            self.state[key] = [{"volume": ids[role][0], "segmentation": ids[role][1]}]
         self.state.targets = [ids["test"][0]]
         self.state.shown_volume = ids["test"][0]
         self._publish_nodes()
@@ -316,12 +330,14 @@ class WebApp:
         self.say(f"model '{card['id']}' loaded from {self.state.model_folder}")
 
     @reports_errors
-    def add_pair(self) -> None:
-        self.state.pairs = self.state.pairs + [{"volume": None, "segmentation": None}]
+    def add_pair(self, key: str) -> None:
+        key = _pair_list(key)
+        self.state[key] = self.state[key] + [dict(EMPTY_PAIR)]
 
     @reports_errors
-    def remove_pair(self, index: int) -> None:
-        self.state.pairs = [p for i, p in enumerate(self.state.pairs) if i != index]
+    def remove_pair(self, key: str, index: int) -> None:
+        key = _pair_list(key)
+        self.state[key] = [p for i, p in enumerate(self.state[key]) if i != index]
 
     # -- runs ------------------------------------------------------------------------------------------------------
     def request(self) -> AdaptationRequest:
@@ -331,7 +347,7 @@ class WebApp:
         return AdaptationRequest(
             modelId=state.model_id,
             trainingPairs=[(node(p.get("volume")), node(p.get("segmentation"))) for p in state.pairs],
-            auditPair=(node(state.audit_volume), node(state.audit_segmentation)),
+            auditPairs=[(node(p.get("volume")), node(p.get("segmentation"))) for p in state.audit_pairs],
             method=state.method,
             budgetPercent=_positive(state.budget_percent, "budget", whole=False) if state.method_takes_budget else None,
             rank=int(state.rank) if state.method_ranks and state.rank else None,
@@ -362,7 +378,7 @@ class WebApp:
         await self._starting("re-adapting with the corrected segmentation added to the training pairs…")
         self.session.readapt()
         self._publish_run()
-        self.say(f"round {len(self.session.rounds)} started: warm start, same audit volume")
+        self.say(f"round {len(self.session.rounds)} started: warm start, same audit pairs")
 
     @reports_errors
     def next_slice(self) -> None:
@@ -434,10 +450,8 @@ class WebApp:
         request = self.session.open_job(folder, resume)
         state = self.state
         state.model_id = request.modelId
-        state.pairs = [{"volume": v.GetID(), "segmentation": s.GetID()} for v, s in request.trainingPairs]
-        volume, segmentation = request.auditPair
-        state.audit_volume = volume.GetID() if volume else None
-        state.audit_segmentation = segmentation.GetID() if segmentation else None
+        for key, pairs in zip(PAIR_LISTS, (request.trainingPairs, request.auditPairs)):
+            state[key] = [{"volume": v.GetID(), "segmentation": s.GetID()} for v, s in pairs]
         state.targets = [v.GetID() for v in request.targetVolumes]
         state.method = request.method
         self._on_method(request.method)

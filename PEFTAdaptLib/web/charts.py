@@ -41,7 +41,7 @@ def dice_figure(runs: list[SceneRun]) -> dict:
         data.insert(0, {"type": "scatter", "mode": "lines", "name": "zero-shot", "x": [0, max(offset, 1)],
                         "y": [first[0][1]] * 2, "line": {"dash": "dash", "color": "#888"}, "hoverinfo": "y"})
     return {"data": data, "layout": {
-        **_STYLE, "title": {"text": "Audit Dice (held-out volume)", "font": {"size": 14}}, "margin": _MARGINS,
+        **_STYLE, "title": {"text": "Audit Dice (held-out volumes)", "font": {"size": 14}}, "margin": _MARGINS,
         "xaxis": {**_AXIS, "title": {"text": "training step (rounds one after another)"}, "rangemode": "tozero"},
         "yaxis": {**_AXIS, "title": {"text": "Dice"}}, "legend": {"orientation": "h", "y": -0.3}}}
 

@@ -46,6 +46,21 @@ def _app_bar(app) -> None:
         v3.VChip("{{ run_phase }}", v_show=("run_phase",), id="phase", size="small", classes="mx-2")
 
 
+def _pairs_editor(app, key: str, prefix: str, add_text: str) -> None:
+    """The rows of one of the app's pair lists (`PAIR_LISTS`), each a volume and a segmentation; ids `<prefix>-<i>-…`."""
+    with html.Div(v_for=f"(pair, i) in {key}", key="i", classes="d-flex align-center mb-3"):
+        with html.Div(style="flex: 1; min-width: 0;"):
+            for field, label in (("volume", "Volume"), ("segmentation", "Segmentation")):
+                v3.VSelect(label=(f"`{label} ${{i + 1}}`",), items=(f"{field}s",),
+                           model_value=(f"{key}[i].{field}",), id=(f"`{prefix}-${{i}}-{field}`",),
+                           update_modelValue=f"{key}[i].{field} = $event; flushState('{key}')",
+                           classes="mb-1", **SELECT)
+        v3.VBtn(icon="mdi-close", size="small", variant="text", click=(app.remove_pair, f"['{key}', i]"),
+                id=(f"`{prefix}-${{i}}-remove`",))
+    v3.VBtn(add_text, prepend_icon="mdi-plus", size="small", variant="tonal", click=(app.add_pair, f"['{key}']"),
+            id=f"add-{prefix}")
+
+
 def _section(title: str, value: str):
     return v3.VExpansionPanel(title=title, value=value)
 
@@ -68,24 +83,12 @@ def _panel(app) -> None:
                               id="model-folder", **FIELD)
                 v3.VBtn("Load", click=app.load_model_folder, id="load-model-folder", variant="tonal",
                         classes="ml-2")
-        with _section("Training pairs", "training"), v3.VExpansionPanelText():
-            with html.Div(v_for="(pair, i) in pairs", key="i", classes="d-flex align-center mb-3"):
-                with html.Div(style="flex: 1; min-width: 0;"):
-                    for field, label in (("volume", "Volume"), ("segmentation", "Segmentation")):
-                        v3.VSelect(label=(f"`{label} ${{i + 1}}`",), items=(f"{field}s",),
-                                   model_value=(f"pairs[i].{field}",), id=(f"`pair-${{i}}-{field}`",),
-                                   update_modelValue=f"pairs[i].{field} = $event; flushState('pairs')",
-                                   classes="mb-1", **SELECT)
-                v3.VBtn(icon="mdi-close", size="small", variant="text", click=(app.remove_pair, "[i]"),
-                        id=("`pair-${i}-remove`",))
-            v3.VBtn("Add pair", prepend_icon="mdi-plus", size="small", variant="tonal", click=app.add_pair,
-                    id="add-pair")
-            html.Div("Audit pair (held out: its Dice decides whether the adapted model is better)",
-                     classes="text-caption mt-3 mb-1")
-            v3.VSelect(label="Audit volume", items=("volumes",), v_model=("audit_volume", None), id="audit-volume",
-                       classes="mb-1", **SELECT)
-            v3.VSelect(label="Audit segmentation", items=("segmentations",), v_model=("audit_segmentation", None),
-                       id="audit-segmentation", **SELECT)
+        with _section("Training and audit pairs", "training"), v3.VExpansionPanelText():
+            _pairs_editor(app, "pairs", "pair", "Add training pair")
+            html.Div("Audit pairs (held out: the adapted model replaces the source only if its Dice gain on them is "
+                     "larger than their noise)", classes="text-caption mt-3 mb-1")
+            _pairs_editor(app, "audit_pairs", "audit", "Add audit pair")
+            html.Div("{{ audit_advice }}", v_show=("audit_advice",), id="audit-advice", classes="text-caption mt-1")
             v3.VSelect(label="Segment after adapting", items=("volumes",), v_model=("targets", []), multiple=True,
                        chips=True, id="targets", classes="mt-3", **SELECT)
         with _section("Method", "method"), v3.VExpansionPanelText():
