@@ -177,3 +177,32 @@ def test_a_killed_job_is_listed_interrupted_and_resumes_from_the_jobs_list(app):
     assert len(started) == 2 and started[-1]["resumed_from_step"] == 2
     app.refresh_jobs_now()
     assert app.state.jobs[0]["state"] == "finished" and not app.state.jobs[0]["resumable"]
+
+
+def test_audit_pairs_fill_like_training_pairs_and_a_click_names_no_other_state(app):
+    """Issue 18: the app takes a list of audit pairs (it took one) and says what one audit volume vouches for."""
+    session, model = app.session, app.state.model_id
+    nodes = {}
+    for case in (3, 4, 5):
+        volume = session.load_volume(shared(f"brats/brats_2013_pat000{case}_1/T1c_subtrMeanDivStd.nii.gz"), model,
+                                     f"pat{case}/T1c.nii.gz")
+        app._place_volume(volume.GetID())
+        label = session.load_label(shared(f"brats/brats_2013_pat000{case}_1/brainmask.nii.gz"), volume, model,
+                                   f"pat{case}/brainmask.nii.gz")
+        app._place_segmentation(volume.GetID(), label.GetID())
+        nodes[case] = volume, label
+        if case == 4:  # the server is not started: its change listener is called as a page's edit would call it
+            app._on_audit_pairs(app.state.audit_pairs)
+            assert app.state.audit_advice.startswith("One audit volume vouches for itself only")
+            app.add_pair("audit_pairs")
+    app._on_audit_pairs(app.state.audit_pairs)
+    assert app.state.audit_advice == ""
+    app.add_pair("pairs")  # left empty: no pair
+    request = app.request()
+    assert request.trainingPairs == [nodes[3]] and request.auditPairs == [nodes[4], nodes[5]]
+
+    pairs = list(app.state.pairs)
+    app.add_pair("message")
+    assert app.state.message == "no pair list 'message'" and app.state.message_kind == "error"
+    app.remove_pair("audit_pairs", 0)
+    assert app.request().auditPairs == [nodes[5]] and app.state.pairs == pairs

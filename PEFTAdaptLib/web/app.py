@@ -346,8 +346,7 @@ class WebApp:
             raise InputError("choose a foundation model")
         return AdaptationRequest(
             modelId=state.model_id,
-            trainingPairs=[(node(p.get("volume")), node(p.get("segmentation"))) for p in state.pairs],
-            auditPairs=[(node(p.get("volume")), node(p.get("segmentation"))) for p in state.audit_pairs],
+            trainingPairs=self._pairs("pairs"), auditPairs=self._pairs("audit_pairs"),
             method=state.method,
             budgetPercent=_positive(state.budget_percent, "budget", whole=False) if state.method_takes_budget else None,
             rank=int(state.rank) if state.method_ranks and state.rank else None,
@@ -357,6 +356,12 @@ class WebApp:
             targetVolumes=[node(t) for t in state.targets or []],
             auditEvery=_positive(state.audit_every, "audit every"),
         )
+
+    def _pairs(self, key: str) -> list:
+        """A pair list's (volume, segmentation) nodes; a row left empty is no pair (a half-filled one is refused
+        when the job is built)."""
+        return [(self.session.node(p.get("volume")), self.session.node(p.get("segmentation")))
+                for p in self.state[key] if p.get("volume") or p.get("segmentation")]
 
     async def _starting(self, text: str) -> None:
         """Show that a start is under way before the nodes are exported (a second or two)."""
