@@ -47,7 +47,8 @@ def _app_bar(app) -> None:
 
 
 def _pairs_editor(app, key: str, prefix: str, add_text: str) -> None:
-    """The rows of one of the app's pair lists (`PAIR_LISTS`), each a volume and a segmentation; ids `<prefix>-<i>-…`."""
+    """The rows of one of the app's pair lists (`PAIR_LISTS`), each a volume and a segmentation; ids `<prefix>-<i>-…`
+    (the end-to-end test clicks them)."""
     with html.Div(v_for=f"(pair, i) in {key}", key="i", classes="d-flex align-center mb-3"):
         with html.Div(style="flex: 1; min-width: 0;"):
             for field, label in (("volume", "Volume"), ("segmentation", "Segmentation")):
