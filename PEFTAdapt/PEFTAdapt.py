@@ -656,11 +656,9 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def startProblem(p) -> str:
         """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs."""
-        if method_class(p.method).needs_labels:
+        if method_class(p.method).needs_labels:  # without audit pairs the job holds out a slab of each training pair
             if not p.trainingVolumes:
                 return _("Add at least one training pair (volume and segmentation)")
-            if not p.auditVolumes:
-                return _("Add at least one audit pair (a held-out volume and its segmentation)")
         elif not p.targetVolume:
             return _("Label-free: choose the volume to adapt to (Segment volume)")
         return ""
@@ -887,8 +885,7 @@ class PEFTAdaptTest(ScriptedLoadableModuleTest):
         logic = PEFTAdaptLogic()
         volume, segmentation = self._syntheticCase(logic, np)
         p = logic.getParameterNode()
-        p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]
-        p.auditVolumes, p.auditSegmentations = [volume], [segmentation]
+        p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]  # no audit pair: the job holds out a slab
 
         self.delayDisplay("Scene export into a job folder, checked as the worker will read it")
         folder = Path(logic.sceneLogic.client.new_folder("selftest"))
@@ -948,8 +945,7 @@ class PEFTAdaptTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Zero-shot brain mask as the starting annotation (background predict job)")
         reference = logic.importResults(p, self._waitFor(logic.segment(p)), isSegmentation=True)
         self.assertGreater(reference.GetSegmentation().GetNumberOfSegments(), 0)
-        p.trainingVolumes, p.trainingSegmentations = [volume], [reference]
-        p.auditVolumes, p.auditSegmentations = [volume], [reference]
+        p.trainingVolumes, p.trainingSegmentations = [volume], [reference]  # audited on a slab the job holds out
         p.targetVolume, p.outputSegmentation = None, None
         p.method, p.rank, p.steps, p.patchSize = "lora", 2, 3, 64
         self.delayDisplay("Adapting for 3 steps on the CPU")

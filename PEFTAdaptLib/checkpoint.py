@@ -3,6 +3,7 @@ history, hook/allocator state) and the job they belong to — written to a fresh
 kill at any instant leaves either the previous or the new checkpoint complete."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from .jobs.spec import JOB_FILE, JobSpec, changed_fields
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
+#: the trainer state's record of the job it belongs to (a file copied in from another job is refused)
+JOB_KEY = "job_sha256"
 
 
 def save_checkpoint(job_dir: Path, trainer, base_fingerprint: str, metadata: dict, spec: JobSpec) -> Path:
     """Only called between steps: the state is then consistent (a crash mid-step writes no checkpoint)."""
     def write(folder: Path) -> None:
         save_adapters(trainer.network, folder / "adapter", base_fingerprint, {**metadata, "step": trainer.step})
-        torch.save(trainer.state_dict(), folder / STATE_FILE)
+        torch.save({**trainer.state_dict(), JOB_KEY: job_digest(spec)}, folder / STATE_FILE)
         write_file(folder / JOB_FILE, spec.to_json())
 
     return replace_folder(job_dir, CHECKPOINT_DIR, write)
@@ -49,9 +52,24 @@ def check_same_job(folder: Path, spec: JobSpec, job_file: Path) -> None:
                          "continues the job as it was — restore those fields, or start a new job")
 
 
-def load_checkpoint(folder: Path, trainer, base_fingerprint: str) -> None:
-    load_adapters(trainer.network, folder / "adapter", base_fingerprint)
+def job_digest(spec: JobSpec) -> str:
+    return hashlib.sha256(spec.to_json().encode()).hexdigest()
+
+
+def load_checkpoint(folder: Path, trainer, base_fingerprint: str, spec: JobSpec) -> None:
+    """The checkpoint's adapter and trainer state, which must be of this job and of the adapter's step: a state
+    file from another job or step would resume a run that never happened, and report it as this one."""
+    config = load_adapters(trainer.network, folder / "adapter", base_fingerprint)
+    path = folder / STATE_FILE
     try:
-        trainer.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001 - any unpickling or fitting problem means an unusable checkpoint
-        raise ModelError(f"{folder / STATE_FILE}: unusable checkpoint ({type(exc).__name__}: {exc})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step, saved_job = state["step"], state.get(JOB_KEY)  # checkpoints written before the record have none
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem means an unusable checkpoint
+        raise ModelError(f"{path}: unusable checkpoint ({type(exc).__name__}: {exc})") from None
+    if step != config.get("metadata", {}).get("step") or saved_job not in (None, job_digest(spec)):
+        raise ModelError(f"{path}: not this checkpoint's trainer state (another job's, or another step's than its "
+                         "adapter); start the job again (--overwrite)")
+    try:
+        trainer.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - any fitting problem means an unusable checkpoint
+        raise ModelError(f"{path}: unusable checkpoint ({type(exc).__name__}: {exc})") from None

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -21,6 +23,13 @@ JOB_OPTIONS = ("train", "annotated", "slices", "target", "audit", "source", "pre
                "model")
 #: `adapt` options that set the TrainSpec field of the same name (unset: TrainSpec's default)
 TRAIN_OPTIONS = ("steps", "lr", "patch_size", "patches_per_step", "audit_every", "checkpoint_every", "seed", "device")
+
+
+class Parser(argparse.ArgumentParser):
+    """A mistyped option is one line, like every other bad input (the usage is a --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"peftadapt: error: {message} (see: {self.prog} --help)\n")
 
 
 class TqdmProgress:
@@ -39,12 +48,15 @@ class TqdmProgress:
                 key = "dice" if event["event"] == "audit" else "agreement"
                 self.score = (f"audit_{key}" if key == "dice" else key, event[key])
             if event["event"] == "step":
-                if self.bar is None:
+                if self.bar is None:  # events come in bursts: the worker's own estimate, not tqdm's rate
                     self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr,
-                                    initial=event["step"] - 1)
+                                    initial=event["step"] - 1,
+                                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
                 postfix = {"loss": f"{event['loss']:.3f}"}
                 if self.score is not None:
                     postfix[self.score[0]] = f"{self.score[1]:.3f}"
+                if event.get("eta_s") is not None:
+                    postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
                 self.bar.set_postfix(postfix)
                 self.bar.update(1)
             if event["event"] == "warning":  # on a line of its own, above the bar
@@ -150,7 +162,7 @@ def report(job) -> int:
         print(f"method: {state.method}" + (f" — {how}" if how else ""))
     if state.trainable_text:
         print(f"trainable: {state.trainable_text}")
-    if state.first_dice is not None:
+    if state.first_dice is not None and state.outcome != "cancelled":  # a cancelled run says what it holds below
         print(f"audit Dice: start {state.first_dice:.4f}, kept {state.last_dice:.4f}"
               + (f" — {state.gain_text}" if state.gain_text else ""))
     if len(state.classes) > 1:
@@ -167,6 +179,8 @@ def report(job) -> int:
     for path in job.prediction_paths():
         print(f"wrote {path}")
     if state.outcome == "cancelled":
+        if state.kept:
+            print(f"result: {state.message}")
         print(f"cancelled; resume with: peftadapt adapt --resume --output {job.folder}", file=sys.stderr)
         return EXIT_CANCELLED
     return 0 if state.outcome == "finished" else EXIT_FAILED
@@ -192,26 +206,69 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return report(job)
 
 
-def check_output_file(path: Path) -> None:
-    """Before any work: a label map path of a type we write, whose folder can be made and written."""
+def check_output_file(path: Path, inputs: Sequence[Path] = ()) -> None:
+    """Before any work: a label map path of a type we write, whose folder can be made and written, and neither it
+    nor a file written beside it (`uncertainty.companion_paths`) one of the inputs."""
     from .data.formats import image_suffix
     from .jobs.files import check_writable
+    from .uncertainty import companion_paths
 
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the output file, e.g. {path / 'segmentation.nii.gz'}")
     image_suffix(path)
     check_writable(path.parent, "the output")
+    for target in (path, *companion_paths(path).values()):
+        if any(target.exists() and given.exists() and target.samefile(given) for given in inputs):
+            raise InputError(f"{target}: is an input of this command and would be overwritten; give another --output")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    check_output_file(Path(args.output).expanduser().absolute())  # before torch and the model are loaded
-    from .models.registry import load_model
-    from .pipeline import predict_file, with_adapter
+    """A predict job, like every front-end's (the audit's naming of volumes it cannot vouch for included), in a
+    private scratch folder; its label map and uncertainty files are then written where --output says."""
+    from .jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+    from .models.registry import DEFAULT_MODEL
 
-    model = with_adapter(load_model(args.model), args.adapter)
-    path, _ = predict_file(model, args.image.split(","), args.output, args.device)
-    print(f"wrote {path}")
+    output = Path(args.output).expanduser().absolute()
+    images = [Path(p).expanduser().absolute() for p in args.image.split(",")]
+    check_output_file(output, images)  # before torch and the model are loaded
+    adapter = str(Path(args.adapter).expanduser().absolute()) if args.adapter else None
+    request = JobSpec(model=args.model or DEFAULT_MODEL, task="predict", adapter=adapter,
+                      predict=[CaseSpec([str(p) for p in images], None)],
+                      train=TrainSpec(**({"device": args.device} if args.device else {})))
+    with tempfile.TemporaryDirectory(prefix="peftadapt-predict-") as scratch:
+        job = JobClient(scratch).submit(request, Path(scratch) / "job")
+        follow(job, "segmenting")
+        if adapter and job.state.message:  # the worker read the job's copy of the adapter: name the user's
+            copy = job.folder / job.spec.adapter
+            for name in (str(copy.resolve()), str(copy)):
+                job.state.message = job.state.message.replace(name, adapter)
+        if job.state.outcome != "finished":
+            return report(job)
+        for path in deliver(job.prediction_paths()[0], output):
+            print(f"wrote {path}")
     return 0
+
+
+def deliver(prediction: Path, output: Path) -> list[Path]:
+    """A job's label map and its uncertainty files, rewritten at `output` (in its format) and beside it."""
+    from .data.io import read_image, write_image
+    from .uncertainty import companion_paths
+
+    def rewrite(source: Path, target: Path) -> Path:
+        image = read_image(source, "prediction")
+        for key in image.GetMetaDataKeys():  # the input format's header fields, which another format cannot hold
+            image.EraseMetaData(key)
+        return write_image(image, target)
+
+    written = [rewrite(prediction, output)]
+    for kind, path in companion_paths(prediction).items():
+        target = companion_paths(output)[kind]
+        if path.suffix == ".json" and path.is_file():
+            target.write_text(path.read_text())
+            written.append(target)
+        elif path.is_file():
+            written.append(rewrite(path, target))
+    return written
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -288,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models.registry import DEFAULT_MODEL
 
     defaults = TrainSpec()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="peftadapt", description="Adapt a pretrained 3D segmentation model to your site with a few labelled volumes."
     )
     parser.add_argument("--version", action="version", version=f"peftadapt {__version__}")
@@ -306,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
     predict.add_argument("--image", required=True, help="input volume (NIfTI/NRRD/MHA); channels comma-separated")
-    predict.add_argument("--output", required=True, help="output label map path (.nii.gz, .nrrd, .mha)")
-    predict.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    predict.add_argument("--output", required=True, help="output label map path (.nii.gz, .nrrd, .mha, .mgz); its "
+                                                          "uncertainty map and slice ranking are written beside it "
+                                                          "(<name>_uncertainty…, <name>_slices.json)")
+    predict.add_argument("--device", choices=DEVICES, help=f"default: {defaults.device}")
     predict.set_defaults(func=cmd_predict)
 
     methods = "; ".join(f"{name}: {method_class(name).label}" for name in method_names())
@@ -333,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--method", choices=method_names(), help=f"adaptation method (default: {DEFAULT_METHOD})")
     adapt.add_argument("--rank", type=int, help="rank of lora / convlora / salt / label-free (default: the largest "
                                                 "that fits the budget, or the method's default)")
-    adapt.add_argument("--budget", help="trainable-parameter budget: 1%%, 0.01 (fraction) or 21262 (count); "
+    adapt.add_argument("--budget", help="trainable-parameter budget: 1%%, 0.01 or 1.0 (fraction) or 21262 (count); "
                                         "default: the model's (1 %%)")
     adapt.add_argument("--steps", type=int, help=f"training steps (default: {defaults.steps})")
     adapt.add_argument("--lr", type=float, help="learning rate (default: the method's)")
@@ -374,6 +433,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with stop_signals_interrupt():
+        return run(args)
+
+
+@contextmanager
+def stop_signals_interrupt():
+    """A kill or a closed terminal stops a run as Ctrl-C does (the worker cancelled, its checkpoint kept), instead
+    of leaving the worker to train on unattended."""
+    from .jobs.runner import STOP_SIGNALS
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    stops = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT]
+    previous = {sig: signal.signal(sig, interrupt) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except PEFTAdaptError as exc:

@@ -68,6 +68,7 @@ def run_demo(output_dir: str | Path, steps: int = 80, seed: int = 0, progress=No
     )
     return {
         "zero_shot": zero, "adapted": tuned, "trainable": state.trainable, "total": state.total, "method": method,
+        "trainable_text": state.trainable_text,
         "allocation": state.allocation_summary, "result": state.message,
         "seconds": time.monotonic() - start, "train_seconds": finished["seconds"],
         "best_step": finished["best_step"], "output_dir": str(out), "prediction": str(prediction_path),
@@ -85,7 +86,7 @@ def format_table(r: dict) -> str:
     gain = r["adapted"]["dice"] - r["zero_shot"]["dice"]
     lines += [
         f"Dice gain on the held-out test volume: {gain:+.4f}",
-        f"trainable parameters: {r['trainable']:,} of {r['total']:,} ({100 * r['trainable'] / r['total']:.2f} %)",
+        f"trainable: {r['trainable_text']}",
         *(["allocation: " + r["allocation"].replace("\n", "\n" + " " * 12)] if r["allocation"] else []),
         f"result: {r['result']}",
         f"wall time: {r['seconds']:.0f} s (training {r['train_seconds']:.0f} s, best audit at step {r['best_step']})",

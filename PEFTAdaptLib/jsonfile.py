@@ -12,7 +12,7 @@ def read_json(path: str | Path, what: str, error: type[PEFTAdaptError] = InputEr
     """The JSON object in `path`, or `error` naming the file and `what` it should be."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{path}: {what} not found")
+        raise error(f"{path}: {what} " + ("is a folder, not a file" if path.is_dir() else "not found"))
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .adapters import load_adapters
 from .data.cases import load_case
 from .data.io import write_image
 from .data.transforms import to_array
@@ -28,12 +27,6 @@ def predict_file(
     path = write_image(label, output_path)
     uncertainty.write(path, case.image)
     return path, label
-
-
-def with_adapter(model: FoundationModel, adapter_dir: str | Path | None) -> FoundationModel:
-    if adapter_dir is not None:
-        load_adapters(model.network, adapter_dir, model.base_fingerprint)
-    return model
 
 
 def evaluate(prediction: sitk.Image, reference: sitk.Image, foreground: Sequence[int]) -> dict[str, float]:

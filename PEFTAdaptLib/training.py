@@ -238,7 +238,8 @@ class TrainingHook(Protocol):
 
     def after_step(self, step: int, context: TrainingContext) -> None: ...
 
-    # optional: `on_start(context)`, called once before the step-0 audit
+    # optional: `on_start(context)`, called once before the step-0 audit; `on_restore(step, best_step, context)`,
+    # called once the best state is restored (its gates may differ from the last ones the hook set)
 
     def state_dict(self) -> dict: ...
 
@@ -409,9 +410,13 @@ class Trainer:
         return True
 
     def restore_best(self) -> None:
-        """Leave the network at the best audited state."""
+        """Leave the network at the best audited state; hooks that report the units they switched on say which ones
+        that state has (the kept adapter's, not the last they set)."""
         self._load_unit_state(self.best_state)
         self.network.eval()
+        for hook in self.hooks:
+            if hasattr(hook, "on_restore"):
+                hook.on_restore(self.step, self.best_step, self.context)
 
     def summary(self) -> dict:
         """The run's outcome; `kept_start` says the starting state was kept (no state passed the rule)."""

@@ -11,8 +11,6 @@ Adapters are untrusted data: a malformed record is one line naming the file.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data.cases import Case
+from .data.io import volume_digest
 from .errors import ModelError
 from .models.card import ModelCard
 from .selection import BEYOND_AUDIT, VOLUME_CHANGE, beyond_audit
@@ -137,16 +136,6 @@ def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, fl
         raise ModelError(f"{folder}: metadata field '{AUDIT_CHANGE}' must map class indices of this model to "
                          "changes between 0 and 1")
     return checked
-
-
-def volume_digest(image: sitk.Image) -> str:
-    """A volume's identity from its voxels and geometry, whatever its file is called: a later job can tell whether it
-    predicts a volume the adapter was trained and audited on."""
-    geometry = [image.GetSize(), [round(v, 4) for v in image.GetSpacing()], [round(v, 3) for v in image.GetOrigin()],
-                [round(v, 4) for v in image.GetDirection()], image.GetPixelIDTypeAsString()]
-    digest = hashlib.sha256(json.dumps(geometry).encode())
-    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
-    return digest.hexdigest()
 
 
 def audit_covers_of(config: dict, folder: Path) -> list[str] | None:

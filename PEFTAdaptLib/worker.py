@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,8 +32,9 @@ from .jobs.client import (
     ADAPTER_DIR, CANCEL_FILE, EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED,
 )
 from .jobs.events import EventLog
-from .jobs.files import job_subfolder, refuse_links, remove, replace_folder, write_file
+from .jobs.files import job_subfolder, refuse_linked_folder, refuse_links, remove, replace_folder, write_file
 from .jobs.lock import JobLock, JobLocked
+from .jobs.runner import STOP_SIGNALS
 from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
 from .models.card import TRAINED_IN_FULL
@@ -70,7 +71,7 @@ class CancelWatch:
     def __init__(self, job_dir: Path):
         self.file = job_dir / CANCEL_FILE
         self.signalled = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -83,6 +84,11 @@ class CancelWatch:
 def run_job(job_dir: str | Path, resume: bool = False, device: str | None = None,
             emit_extra: Callable[[dict], None] | None = None, echo: bool = True) -> int:
     """Run one job to its end; returns the exit code. `emit_extra` also receives every event."""
+    try:
+        refuse_linked_folder(Path(job_dir).absolute())  # before resolving, which would follow it
+    except InputError as exc:
+        print(f"peftadapt worker: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     job_dir = Path(job_dir).resolve()
     if not job_dir.is_dir():
         print(f"peftadapt worker: {job_dir}: job folder not found", file=sys.stderr)
@@ -184,6 +190,8 @@ class Run:
                                                        "give them as audit cases to see their Dice"})
         cases = Cases(self.cases(spec.support, model, labelled), self.cases(spec.audit, model, True),
                       self.cases(spec.source, model, True))
+        if spec.train.patch_size:
+            check_patch_fits(patch_size, cases.support, model.card.divisible_by)
         # an audit on slabs of the training scans, or on one volume, vouches for those volumes only (`trained_on`); the
         # caveat says so
         held_out, trained_on, audit_caveat = [], [], None
@@ -221,7 +229,7 @@ class Run:
         if resume and checkpoint is None:
             self.emit({"event": "warning", "message": "no checkpoint to resume from; starting from the beginning"})
         if checkpoint is not None:
-            load_checkpoint(checkpoint, trainer, model.base_fingerprint)
+            load_checkpoint(checkpoint, trainer, model.base_fingerprint, spec)
         trainer.prepare()  # e.g. SEA-PEFT's first allocation: the trainable count below is the real one
         self.emit({"event": "started", "task": "adapt", "model": model.card.id, "method": method.name,
                    "rank": plan.rank, "budget": plan.budget, "device": device, "steps": config.steps, "lr": config.lr,
@@ -246,13 +254,18 @@ class Run:
                          **({AUDIT_COVERS: covers} if covers is not None else {})})
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
                                  lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
-        if not completed:
-            self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
-                       "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "exit_code": EXIT_CANCELLED})
-            return EXIT_CANCELLED
         start = ("the adapter it started from" if warm is not None else
                  "the source model, whose new head is untrained: its predictions mean nothing" if
                  card.extra.get(TRAINED_IN_FULL) else "the source model")
+        if not completed:  # the adapter holds the best state so far: say which, not the last audit's
+            kept = "start" if summary["kept_start"] else "adapted"
+            held = (f"no state passed the selection rule so far: the adapter is {start}" if kept == "start" else
+                    f"the adapter is the state of step {summary['best_step']} (audit {scorer.key} "
+                    f"{summary['best_score']:.4f}), the best so far that passed the selection rule")
+            self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
+                       "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "kept": kept,
+                       "message": f"cancelled at step {trainer.step}; {held}", "exit_code": EXIT_CANCELLED})
+            return EXIT_CANCELLED
         outcome = self.outcome(summary, start, len(trainer.history))
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
@@ -331,6 +344,17 @@ class Run:
                                                     case.images[0]), np.uint8) > 0
                 mask = annotated if mask is None else mask | annotated
         return mask
+
+
+def check_patch_fits(patch: Sequence[int], support: Sequence[Case], step: int) -> None:
+    """A requested patch larger than every training volume along every axis trains on padding, at many times the
+    cost of one that just holds the largest volume: refused before training, naming that size."""
+    largest = np.max([case.array.shape[1:] for case in support], axis=0)
+    enough = [max(2 * step, -(-int(edge) // step) * step) for edge in largest]
+    if all(p > e for p, e in zip(patch, enough)):
+        raise InputError(f"train.patch_size: {list(patch)} is larger than every training volume along every axis "
+                         f"(the largest is {'×'.join(map(str, largest))} voxels on the model's grid): it would train "
+                         f"on padding at many times the cost; give at most {enough}")
 
 
 def output_name(case: CaseSpec, taken: set[str]) -> str:

@@ -30,7 +30,7 @@ from PEFTAdaptLib.adapters.base import base_layer_names
 from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.jobs import Job, JobClient, JobSpec, SubprocessRunner, create_job, load_job
 from PEFTAdaptLib.jobs.events import EventLog
-from PEFTAdaptLib.jobs.lock import JobLock
+from PEFTAdaptLib.jobs.lock import JobLock, is_running
 from PEFTAdaptLib.methods import Plan, method_class, register_method
 from PEFTAdaptLib.training import SupervisedObjective, audit_dice
 from PEFTAdaptLib.worker import EXIT_CANCELLED, EXIT_FAILED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED, run_job
@@ -142,6 +142,30 @@ def test_overwriting_a_job_folder_removes_its_links_without_following_them(tmp_p
     create_job(job, spec(steps=3), overwrite=True)
     assert_untouched(victims)
     assert not (job / "inputs").is_symlink() and load_job(job).train.steps == 3
+
+
+def test_a_job_folder_that_is_a_link_is_refused_and_what_it_points_to_is_untouched(tmp_path, template, capsys):
+    """Followed, the link would have `--overwrite` empty the folder it points to and a resume write there; a dangling
+    one said "File exists". A link among the job folder's parents (/tmp on macOS) stays allowed."""
+    real = tmp_path / "real"
+    shutil.copytree(template, real)
+    (real / "notes.txt").write_text(VICTIM_TEXT)
+    before = digest(real)
+    link, dangling = tmp_path / "link", tmp_path / "dangling"
+    link.symlink_to(real, target_is_directory=True)
+    dangling.symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    for folder in (link, dangling):
+        refusal = f"{folder}: is a symbolic link (to {os.readlink(folder)}); give the real folder path"
+        for argv in (adapt_args(folder, "--overwrite"), ["adapt", "--resume", "--output", str(folder)]):
+            assert in_process(argv, capsys) == (2, [f"peftadapt: error: {refusal}"])
+        assert run_job(folder, echo=False) == EXIT_INVALID
+        assert capsys.readouterr().err.strip() == f"peftadapt worker: {refusal}"
+    assert digest(real) == before and not (tmp_path / "nowhere").exists()
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "parent").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    create_job(tmp_path / "parent" / "job", spec(steps=2))
+    assert load_job(tmp_path / "elsewhere" / "job").train.steps == 2
 
 
 def _events(job: Path):
@@ -359,6 +383,35 @@ def test_a_second_adapt_never_touches_a_running_job(tmp_path):
     assert sum(e["event"] == "started" for e in events(folder)) == 1
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_killed_command_line_cancels_its_worker_as_ctrl_c_does(tmp_path, stop):
+    """Found by a user-level check: `kill` (SIGTERM) or a closed terminal (SIGHUP) ended the command line and left
+    its worker training on unattended, so a resume was refused ("a worker is already running this job")."""
+    folder = tmp_path / "job"
+    command = subprocess.Popen([str(PEFTADAPT), *adapt_args(folder, "--steps", "200", "--checkpoint-every", "1")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(folder, lambda seen: any(e["event"] == "checkpoint" for e in seen))
+    command.send_signal(getattr(signal, stop))
+    _, err = command.communicate(timeout=300)
+    assert command.returncode == EXIT_CANCELLED, err
+    assert "resume with: peftadapt adapt --resume" in err
+    assert events(folder)[-1]["event"] == "cancelled" and not is_running(folder)
+
+
+def test_a_patch_larger_than_every_training_volume_is_refused_before_training(tmp_path):
+    """Found by a user-level check: `--patch-size 256` on a 60×55×52 volume trained on padding, 100 times slower."""
+    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))[100:140, 100:140, 100:140]
+    label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+    sitk.WriteImage(image, str(tmp_path / "small.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "small_label.nii.gz"))
+    result = peftadapt("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "bitfit", "--train",
+                       str(tmp_path / "small.nii.gz"), str(tmp_path / "small_label.nii.gz"), "--steps", "2",
+                       "--patch-size", "64", "--device", "cpu", "--output", str(tmp_path / "job"))
+    assert_one_line_error(result, "train.patch_size: [64, 64, 64] is larger than every training volume along every "
+                                  "axis (the largest is 40×40×40 voxels", "give at most [40, 40, 40]")
+    assert not any(e["event"] == "step" for e in events(tmp_path / "job"))
+
+
 def test_a_worker_started_while_a_job_is_being_written_stops_with_exit_5_and_writes_nothing(tmp_path, monkeypatch):
     """The race of two requests for one folder: the first one's worker starts while the second is writing."""
     raced = {}
@@ -540,6 +593,24 @@ def test_predict_with_an_adapter_naming_a_missing_layer_is_one_line(adapter, tmp
     result = peftadapt("predict", "--image", IMAGE, "--adapter", str(adapter), "--output", str(tmp_path / "s.nii.gz"))
     assert result.returncode == 2
     assert_one_line_error(result, str(adapter / "adapter.json"), "no layer 'no_such_layer'")
+
+
+@pytest.mark.parametrize("made_for, named", [
+    ("deepbet-brain", "it was made for model 'deepbet-brain'; give that model (--model)"),
+    ("forged\nname" * 20, "it was made for model 'forged\\nname"),  # untrusted text: quoted, one line
+])
+def test_predict_with_an_adapter_of_another_model_names_the_model_it_was_made_for(adapter, tmp_path, made_for,
+                                                                                   named):
+    """The fingerprints alone do not tell the user which model to give; adapter.json records it as the worker
+    writes it (`metadata.model`)."""
+    config = json.loads((adapter / "adapter.json").read_text())
+    config["metadata"]["model"] = made_for
+    (adapter / "adapter.json").write_text(json.dumps(config))
+    result = peftadapt("predict", "--model", str(shared("meshnet/model5_gw_ae")), "--image", IMAGE, "--adapter",
+                       str(adapter), "--output", str(tmp_path / "s.nii.gz"))
+    assert result.returncode == 2
+    assert_one_line_error(result, str(adapter), "different base model (fingerprint ", " ≠ ", named)
+    assert not (tmp_path / "s.nii.gz").exists()
 
 
 def test_an_internal_error_leaves_its_traceback_in_the_job_folder_or_the_user_log_folder(tmp_path, template,

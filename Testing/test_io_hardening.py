@@ -26,6 +26,7 @@ from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 PEFTADAPT = Path(sys.executable).with_name("peftadapt.exe" if sys.platform == "win32" else "peftadapt")
 BRATS_T1C = "brats/brats_2013_pat0003_1/T1c_subtrMeanDivStd.nii.gz"  # float32, 240×240×155
 SPINE_T2 = "spine/t2/t2.nii.gz"  # int16, 60×55×52, 1 mm
+SPINE_T2_LABEL = "spine/t2/t2_seg-manual.nii.gz"
 NORM_MGZ = "freesurfer/bert/norm.mgz"  # uint8, 256³ conformed (LIA)
 ASEG_MGZ = "freesurfer/bert/aseg.mgz"  # int32 FreeSurfer labels
 
@@ -146,6 +147,26 @@ def test_nan_nifti_is_refused_by_the_cli(tmp_path):
     assert "NaN" in cli_error("predict", "--image", str(path), "--output", str(tmp_path / "o.nii.gz"))
 
 
+def test_a_constant_image_is_refused_before_training(tmp_path):
+    """Found by a user-level check: a blank volume (every voxel 0) trained, and its audit reported Dice 0 kept."""
+    path = tmp_path / "blank.nii.gz"
+    scan = nib.load(str(shared(SPINE_T2)))
+    nib.save(nib.Nifti1Image(np.zeros(scan.shape, np.float32), scan.affine), str(path))
+    line = cli_error("adapt", "--train", str(path), str(shared(SPINE_T2_LABEL)), "--output", str(tmp_path / "job"))
+    assert line == f"peftadapt: error: {path}: image is constant (every voxel 0); give the scan itself"
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_slice_saved_with_its_volumes_3d_affine_names_the_singular_direction(tmp_path):
+    """Found by a user-level check: ITK prints the direction matrix over several lines after its message, and the
+    error line ended on the matrix's last row ("cannot read image …: 1 -0")."""
+    path = tmp_path / "slice.nii.gz"
+    scan = nib.load(str(shared(SPINE_T2)))
+    nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[:, :, 26].astype(np.float32), scan.affine), str(path))
+    line = cli_error("predict", "--image", str(path), "--output", str(tmp_path / "o.nii.gz"))
+    assert line.startswith(f"peftadapt: error: {path}: cannot read image (corrupt or not an image): Bad direction")
+
+
 # --- 9: sizes from the header, before any voxel is allocated ----------------------------------------------------------
 
 
@@ -264,3 +285,25 @@ def test_an_mgz_with_a_damaged_header_is_named(tmp_path):
     with pytest.raises(InputError, match="cannot read image|truncated") as error:
         read_image(broken)
     assert str(broken) in str(error.value)
+
+
+# --- a folder given where an image file is expected -----------------------------------------------------------------
+
+
+def test_a_folder_given_as_an_image_or_label_is_called_a_folder(tmp_path):
+    """Not "file not found" (a folder named like an image) nor "unsupported file type" (a data folder; no folder,
+    a DICOM series included, is an input we read)."""
+    named, data_folder = tmp_path / "t2.nii.gz", shared(SPINE_T2).parent
+    named.mkdir()
+    for folder in (named, data_folder):
+        with pytest.raises(InputError) as error:
+            read_image(folder)
+        assert str(error.value) == f"{folder}: is a folder, not an image file"
+    with pytest.raises(InputError, match="t2.nii.gz: is a folder, not a label file$"):
+        read_image(named, what="label")
+    job = tmp_path / "job"
+    assert cli_error("adapt", "--model", "deepbet-brain", "--train", str(data_folder), str(named), "--output",
+                     str(job)) == f"peftadapt: error: {data_folder}: is a folder, not an image file"
+    assert cli_error("adapt", "--train", str(shared(SPINE_T2)), str(named), "--output",
+                     str(job)) == f"peftadapt: error: {named}: is a folder, not a label file"
+    assert not job.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, RunState
 from PEFTAdaptLib.methods import make_method
 client = JobClient({str(tmp_path)!r})
 case = CaseSpec([{brats(3, "T1c_subtrMeanDivStd.nii.gz")!r}], {brats(3, "brainmask.nii.gz")!r})
-folder = client.create(JobSpec("deepbet-brain", [case], [case], method=make_method("sea-peft")))
+audit = CaseSpec([{brats(4, "T1c_subtrMeanDivStd.nii.gz")!r}], {brats(4, "brainmask.nii.gz")!r})
+folder = client.create(JobSpec("deepbet-brain", [case], [audit], method=make_method("sea-peft")))
 state = RunState()
 state.update({{"event": "started", "method": "lora", "trainable": 10, "total": 1000}})
 print(folder.name, state.trainable_text, [j.state for j in client.jobs()], "torch" in sys.modules)
@@ -80,6 +82,20 @@ def test_a_refused_request_leaves_no_job_behind(tmp_path):
     assert not (tmp_path / "job" / "job.json").exists() and not (tmp_path / "job" / "inputs").exists()
 
 
+def test_an_audit_that_is_a_training_volume_or_a_label_that_is_its_image_is_refused(tmp_path):
+    """Found by a user-level check: the training volume given again as the audit (any file name) was audited, and
+    its gain reported with a confidence bound, on voxels it trained on; a label given as its own image trained."""
+    shutil.copyfile(brats(3, "T1c_subtrMeanDivStd.nii.gz"), tmp_path / "copy.nii.gz")
+    again = CaseSpec([str(tmp_path / "copy.nii.gz")], brats(3, "brainmask.nii.gz"))
+    with pytest.raises(InputError, match="copy.nii.gz: this audit volume is the training volume .*pat0003"):
+        JobClient(tmp_path).create(request(audit=[request().audit[0], again]), tmp_path / "job")
+    itself = CaseSpec([brats(3, "brainmask.nii.gz")], brats(3, "brainmask.nii.gz"))
+    with pytest.raises(InputError, match="brainmask.nii.gz: the label is the image file itself"):
+        JobClient(tmp_path).create(request(support=[itself]), tmp_path / "job")
+    assert not (tmp_path / "job").exists()
+    JobClient(tmp_path).create(request(audit=[request().audit[0]] * 2), tmp_path / "job")  # one audit twice is no harm
+
+
 class RecordingRunner:
     """A runner that starts nothing (the injection point Slicer uses for PythonSlicer): it records the command and
     returns a process that has already ended."""
@@ -112,6 +128,44 @@ def test_the_process_runner_is_injected_and_a_worker_that_never_reported_is_a_fa
     job.cancel()  # an ended worker is never signalled (its PID may belong to another process by now)
 
 
+class RunningRunner:
+    """A worker process that is still running (it writes nothing: the test writes its events)."""
+
+    def start(self, args, cwd, stdout, stderr):
+        class Running:
+            pid = -1
+
+            def poll(self):
+                return None
+
+        return Running()
+
+
+def test_a_resumed_job_is_followed_from_its_new_session_and_a_finished_one_is_not_rerun(tmp_path):
+    """Found by a user-level check: a resume replayed the old log, reported the last session's `cancelled` at once
+    and exited, while the new worker trained on unattended; a finished job was trained again."""
+    def log(folder, *events):
+        with (folder / "events.jsonl").open("a") as file:
+            file.writelines(json.dumps({"time": 1.0, **e}) + "\n" for e in events)
+
+    client = JobClient(tmp_path, RunningRunner())
+    folder = client.create(request())
+    log(folder, {"event": "started", "task": "adapt", "method": "lora", "steps": 30, "trainable": 5},
+        {"event": "step", "step": 7, "steps": 30, "loss": 0.5}, {"event": "cancelled", "exit_code": 4})
+    (folder / "status.json").write_text(json.dumps({"state": "cancelled", "step": 7, "steps": 30}))
+    job = client.resume(folder)
+    assert job.poll() == [] and not job.state.finished and job.state.step == 7 and job.state.method == "lora"
+    log(folder, {"event": "started", "task": "adapt", "steps": 30, "resumed_from_step": 7})
+    assert [e["event"] for e in job.poll()] == ["started"] and not job.state.finished
+    reopened = JobClient(tmp_path).attach(folder)  # a panel or page reopened on the resumed job
+    assert reopened.poll() and not reopened.state.finished
+    log(folder, {"event": "finished", "exit_code": 0})
+    assert job.poll() and job.state.outcome == "finished"
+    (folder / "status.json").write_text(json.dumps({"state": "finished", "step": 30, "steps": 30}))
+    with pytest.raises(InputError, match="the job has finished; nothing to resume"):
+        client.resume(folder)
+
+
 def test_a_job_whose_worker_died_is_listed_as_interrupted(tmp_path):
     client = JobClient(tmp_path)
     folder = client.create(request())
@@ -119,6 +173,24 @@ def test_a_job_whose_worker_died_is_listed_as_interrupted(tmp_path):
     (folder / "status.json").write_text(json.dumps({"state": "running", "step": 7, "steps": 30, "updated": 2.0}))
     [info] = client.jobs()
     assert info.state == "interrupted" and "resume" in info.message and "step 7" in info.message
+
+
+def test_a_damaged_status_file_lists_the_job_as_invalid_and_stops_a_worker_in_one_line(tmp_path):
+    """Found by a user-level check: a garbage status.json blanked the job's task, method and model in the list, and
+    a status.json that is a folder crashed the worker (IsADirectoryError, traceback) instead of being refused."""
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    client = JobClient(tmp_path)
+    folder = client.create(request())
+    (folder / "status.json").write_text("[1, 2]")
+    [info] = client.jobs()
+    assert (info.state, info.task, info.method, info.model) == ("invalid", "adapt", "lora", "deepbet-brain")
+    (folder / "status.json").unlink()
+    (folder / "status.json").mkdir()
+    with pytest.raises(InputError, match="status.json: is not a file; remove it"):
+        EventLog(folder, echo=False)
+    [info] = client.jobs()
+    assert info.state == "invalid" and "status.json: the worker's status is a folder" in info.message
 
 
 def test_readapt_keeps_the_audit_cases_and_adds_the_corrected_one(tmp_path):

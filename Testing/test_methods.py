@@ -51,7 +51,8 @@ def build(method, case):
 
 # -- budget ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, fraction, count", [("1%", 0.01, None), ("0.5 %", 0.005, None), ("0.01", 0.01, None),
-                                                   ("21262", None, 21262), ("1", None, 1)])
+                                                   ("21262", None, 21262), ("1", None, 1),
+                                                   ("1.0", 1.0, None)])  # read as one parameter, it failed late
 def test_a_budget_is_a_fraction_or_a_count_and_says_which(text, fraction, count):
     budget = Budget.parse(text)
     assert (budget.fraction, budget.count) == (fraction, count)
@@ -60,6 +61,7 @@ def test_a_budget_is_a_fraction_or_a_count_and_says_which(text, fraction, count)
 
 
 @pytest.mark.parametrize("text, fragment", [("1.5", "for a percentage write 1.5%"), ("nan", "not a finite"),
+                                            ("2.0", "for a percentage write 2.0%"),
                                             ("0", "fraction 0.0 must be"), ("-2%", "must be a number in (0, 1]"),
                                             ("lots", "not a number")])
 def test_a_bad_budget_is_refused_naming_it(text, fragment):
@@ -172,9 +174,11 @@ def _plugin_env(site: Path) -> dict:
 def test_a_method_registered_from_a_test_file_runs_through_the_cli_and_the_job_client(toy_plugin, tmp_path):
     brats = shared("brats/brats_2013_pat0003_1")
     image, mask = str(brats / "T1c_subtrMeanDivStd.nii.gz"), str(brats / "brainmask.nii.gz")
+    other = shared("brats/brats_2013_pat0004_1")
+    audit = [str(other / "T1c_subtrMeanDivStd.nii.gz"), str(other / "brainmask.nii.gz")]
     peftadapt = Path(sys.executable).with_name("peftadapt")
     cli = subprocess.run([str(peftadapt), "adapt", "--method", "toy-last-bias", "--train", image, mask, "--audit",
-                          image, mask, "--steps", "2", "--patch-size", "64", "--patches-per-step", "1",
+                          *audit, "--steps", "2", "--patch-size", "64", "--patches-per-step", "1",
                           "--audit-every", "2", "--device", "cpu", "--output", str(tmp_path / "cli")],
                          capture_output=True, text=True, env=_plugin_env(toy_plugin), timeout=900)
     assert cli.returncode == 0, cli.stderr
@@ -187,7 +191,7 @@ def test_a_method_registered_from_a_test_file_runs_through_the_cli_and_the_job_c
 
     client = JobClient(tmp_path / "work", SubprocessRunner(python_path=[str(toy_plugin), str(TESTING)]))
     job = client.submit(JobSpec(model="deepbet-brain", support=[CaseSpec([image], mask)],
-                                audit=[CaseSpec([image], mask)], method=make_method("toy-last-bias"),
+                                audit=[CaseSpec(audit[:1], audit[1])], method=make_method("toy-last-bias"),
                                 train=TrainSpec(steps=2, patch_size=[64] * 3, patches_per_step=1, audit_every=2,
                                                 device="cpu")))
     state = job.wait(timeout=900)

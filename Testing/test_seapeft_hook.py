@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -355,6 +356,58 @@ def test_real_allocation_run_through_the_worker_keeps_the_budget(tmp_path):
     dice = [e["dice"] for e in seen if e["event"] == "audit"]
     finished = next(e for e in seen if e["event"] == "finished")
     assert finished["best_dice"] >= dice[0]
+
+
+# -- what a front-end says the job kept ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def planar(tmp_path_factory) -> dict:
+    """The 2D tests' small model (planar_model.py) with T1c slices of two BraTS patients: a SEA-PEFT job in seconds."""
+    from planar_model import as_single_slice, brats_slice, train_bundle
+
+    from PEFTAdaptLib.jobs import CaseSpec
+
+    folder = tmp_path_factory.mktemp("planar")
+    cases = {}
+    for patient in (3, 4):
+        image, label = brats_slice(patient, "T1c")
+        cases[patient] = CaseSpec([str(as_single_slice(image, folder / f"p{patient}.nii.gz"))],
+                                  str(as_single_slice(label, folder / f"p{patient}_label.nii.gz")))
+    return {"model": train_bundle(folder / "brats-2d"), "support": [cases[3]], "audit": [cases[4]]}
+
+
+def _planar_job(planar: dict, folder: Path, steps: int, lr: float):
+    from PEFTAdaptLib.jobs import JobClient, JobSpec, TrainSpec
+    from PEFTAdaptLib.methods import Budget, make_method
+
+    job = JobClient(folder).submit(JobSpec(
+        model=str(planar["model"]), support=planar["support"], audit=planar["audit"],
+        method=make_method("sea-peft", budget=Budget(fraction=0.1)),
+        train=TrainSpec(steps=steps, lr=lr, patches_per_step=2, audit_every=4, seed=2, device="cpu")))
+    assert job.wait(timeout=300).outcome == "finished", job.state.message
+    return job
+
+
+def test_the_allocation_summary_names_the_kept_state_not_the_last_allocation(planar, tmp_path):
+    """Found by a user: the CLI's allocation line (RunState, also the Slicer panel's and the browser's) was the last
+    allocation or final sweep, while the job kept, and saved, an earlier audited state with other units."""
+    job = _planar_job(planar, tmp_path, steps=45, lr=0.05)  # re-allocated at 44, final sweep at 45
+    saved = json.loads((job.adapter_folder / "adapter.json").read_text())
+    active = sorted(f"{unit['layer']}::{unit['name']}" for unit in saved["units"] if unit["active"])
+    last = [e for e in job.events if e["event"] in ("allocation", "final_selection")][-1]
+    state = job.state
+    assert state.kept == "adapted" and sorted(last["units"]) != active, "the case: the kept state is an earlier one"
+    assert state.units == active
+    cost = {e["unit"]: e["cost"] for e in job.events if e["event"] in ("unit_audit", "unit_state")}
+    parameters = sum(cost[name] for name in active)  # a unit's cost is its trainable parameters
+    assert state.trainable == parameters
+    assert state.allocation_summary.startswith(f"{len(active)} active adapter units, {parameters:,} of ")
+
+
+def test_when_the_source_model_is_kept_no_allocation_is_shown_as_delivered(planar, tmp_path):
+    job = _planar_job(planar, tmp_path, steps=2, lr=1e-6)  # too small a step for any reliable gain
+    state = job.state
+    assert state.kept == "start" and state.active_units is not None  # units were allocated, and none kept
+    assert state.allocation_summary == "" and state.trainable_text.endswith(", trained but not kept")
 
 
 # -- the final sweep's choice ----------------------------------------------------------------------------------------

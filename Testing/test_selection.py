@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import shared
+from PEFTAdaptLib import cli
 from PEFTAdaptLib.data.cases import load_case, prepare_case
 from PEFTAdaptLib.data.holdout import hold_out
 from PEFTAdaptLib.data.transforms import normalize_intensity, to_array
@@ -284,12 +285,26 @@ def _adapt_on_slabs_of_one_scan(tmp_path, audit: str, own_scan: bool):
     return job
 
 
-def test_an_adapter_audited_on_a_slab_of_its_training_scan_names_every_other_volume(tmp_path):
+def test_an_adapter_audited_on_a_slab_of_its_training_scan_names_every_other_volume(tmp_path, capsys):
     """The worker treats an audit volume cut from the training scan as it treats a held-out slab: a state kept on
     it comes with the caveat, and every predicted volume but the training and audit volumes is named for checking,
     by this job and (from the adapter's record) by later ones."""
     job = _adapt_on_slabs_of_one_scan(tmp_path, "middle", own_scan=False)
     assert "(middle from upper), so the gain is shown on those scans only" in " ".join(job.state.warnings)
+
+    # the command line's predict is a predict job too: it names the volume as the panels do (it printed only the
+    # file it wrote), and writes the label map and its uncertainty files where --output says, in its format
+    output = tmp_path / "out" / "farther_seg.mha"
+    code = cli.main(["predict", "--model", str(shared(MESHNET)), "--adapter", str(job.adapter_folder), "--image",
+                     str(tmp_path / "farther.nii.gz"), "--output", str(output)])
+    captured = capsys.readouterr()
+    assert code == 0
+    [warning] = [line for line in captured.err.splitlines() if line.startswith("peftadapt: warning: farther:")]
+    assert "covers only the volume(s) it was trained and audited on" in warning
+    written = [output, *(output.with_name(f"farther_{kind}") for kind in ("uncertainty.mha", "disagreement.mha",
+                                                                           "slices.json"))]
+    assert captured.out.splitlines() == [f"wrote {path}" for path in written]
+    assert sitk.ReadImage(str(output)).GetSize() == sitk.ReadImage(str(tmp_path / "farther.nii.gz")).GetSize()
 
 
 def test_an_adapter_audited_on_one_volume_names_every_other_volume(tmp_path):

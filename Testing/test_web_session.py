@@ -154,7 +154,7 @@ def test_a_killed_job_is_listed_interrupted_and_resumes_from_the_jobs_list(app):
 
     image, mask = str(shared(BRATS_IMAGE)), str(shared(BRATS_MASK))
     job = app.session.logic.client.submit(JobSpec(
-        "deepbet-brain", support=[CaseSpec([image], mask, "T1c 6")], audit=[CaseSpec([image], mask, "T1c 6")],
+        "deepbet-brain", support=[CaseSpec([image], mask, "T1c 6")],
         method=make_method("bitfit"), train=TrainSpec(steps=4, patch_size=[64] * 3, patches_per_step=1,
                                                       audit_every=2, checkpoint_every=2, device="cpu")))
     deadline = time.monotonic() + 600

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from safetensors.torch import load_file
 
 from conftest import shared
-from PEFTAdaptLib.checkpoint import latest_checkpoint
+from PEFTAdaptLib.checkpoint import JOB_KEY, STATE_FILE, latest_checkpoint
 from PEFTAdaptLib.jobs import CaseSpec, JobSpec, TrainSpec, create_job
-from PEFTAdaptLib.jobs.events import read_events
+from PEFTAdaptLib.jobs.events import EventLog, read_events
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.worker import EXIT_CANCELLED, EXIT_FINISHED, EXIT_INVALID, EXIT_LOCKED, run_job
 
@@ -103,6 +105,11 @@ def test_cancel_keeps_a_loadable_checkpoint_and_reports_cancelled(tmp_path):
     assert process.wait(timeout=300) == EXIT_CANCELLED
     last = events(tmp_path)[-1]
     assert last["event"] == "cancelled" and last["step"] < 200
+    # it says which state its adapter holds (the command line printed the last audit's Dice as "kept")
+    metadata = json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]
+    assert last["kept"] == "start" and metadata["best_step"] == 0 and metadata["final"] is False
+    assert last["message"] == (f"cancelled at step {last['step']}; no state passed the selection rule so far: the "
+                               "adapter is the source model")
     checkpoint = latest_checkpoint(tmp_path)
     assert checkpoint is not None and adapter_tensors(checkpoint / "adapter")
     # and it resumes from there
@@ -114,6 +121,29 @@ def test_cancel_keeps_a_loadable_checkpoint_and_reports_cancelled(tmp_path):
     started = [e for e in events(tmp_path) if e["event"] == "started"]
     assert started[-1]["resumed_from_step"] == last["step"]
     assert events(tmp_path)[-1]["step"] > last["step"]
+
+
+def test_a_line_cut_short_by_a_kill_does_not_swallow_the_next_sessions_first_event(tmp_path):
+    """Found by a user-level check: the resumed session's `started` was glued onto a cut line and lost, so the
+    summary had no method, trainable count or true start Dice."""
+    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "step", "step": 1}) + '\n{"event": "st')
+    EventLog(tmp_path, echo=False)({"event": "started", "resumed_from_step": 1})
+    assert [e["event"] for e in events(tmp_path)] == ["step", "started"]
+
+
+@pytest.mark.parametrize("swap", ["step", "job"])
+def test_a_trainer_state_of_another_step_or_job_is_refused(tmp_path, uninterrupted, swap):
+    """Found by a user-level check: another job's trainer_state.pt copied into a checkpoint resumed as if it were
+    this job's (its step, its history, its result) and was reported as this job's."""
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "checkpoint" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    state["step" if swap == "step" else JOB_KEY] = state["step"] - 2 if swap == "step" else "0" * 64
+    torch.save(state, path)
+    process = launch(tmp_path, "--resume")
+    assert process.wait(timeout=600) == EXIT_INVALID
+    failed = events(tmp_path)[-1]
+    assert failed["event"] == "failed" and failed["message"].startswith(f"{path}: not this checkpoint's trainer state")
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
@@ -162,9 +192,11 @@ def test_readapt_starts_from_the_previous_adapter_and_keeps_it_without_a_reliabl
     assert finished["kept"] == "start" and "kept" in finished["message"]
 
     from PEFTAdaptLib.models.deepbet import load_deepbet
-    from PEFTAdaptLib.pipeline import predict_file, with_adapter
+    from PEFTAdaptLib.adapters import load_adapters
+    from PEFTAdaptLib.pipeline import predict_file
 
-    before = with_adapter(load_deepbet(), uninterrupted / "adapter")
+    before = load_deepbet()
+    load_adapters(before.network, uninterrupted / "adapter", before.base_fingerprint)
     _, old = predict_file(before, [brats(6, "T1c_subtrMeanDivStd.nii.gz")], tmp_path / "old.nii.gz")
     new = sitk.ReadImage(str(tmp_path / "predictions" / "T1c_subtrMeanDivStd_seg.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(new), sitk.GetArrayFromImage(old))

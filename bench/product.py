@@ -159,7 +159,7 @@ def run(shift: Shift, label: str, method: MethodConfig | None, settings: Setting
         raise RuntimeError(f"{shift.name} {label} seed {seed}: {state.outcome}: {state.message} ({folder})")
     cases = score(shift, job.prediction_paths())
     finished = next(e for e in job.events if e["event"] == "finished")
-    allocation = [e for e in job.events if e["event"] in ("final_selection", "allocation")]
+    allocation = [e for e in job.events if e["event"] in ("final_selection", "allocation", "kept_allocation")]
     result = {
         "method": label, "seed": seed, "request": spec.to_dict(), "cases": cases,
         "dice": float(np.mean([c["dice"] for c in cases])), "hd95": float(np.mean([c["hd95"] for c in cases])),

@@ -112,6 +112,16 @@ def _checked_units(model: nn.Module, config: dict, folder: Path) -> list[dict]:
     return units
 
 
+def _made_for(config: dict) -> str:
+    """What to do about a fingerprint mismatch: name the model the adapter records (`metadata.model`, written by
+    the worker) so the user knows which one to give; the name is untrusted text, so quoted, cut short, one line."""
+    metadata = config.get("metadata")
+    name = metadata.get("model") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        return "load it onto the model it was made for"
+    return f"it was made for model {name[:80]!r}; give that model (--model)"
+
+
 def load_adapters(model: nn.Module, folder: str | Path, base_fingerprint: str | None = None) -> dict:
     """Recreate the saved units on `model` and load their tensors, once `model` is shown to be the base network the
     adapter was made for: its fingerprint is computed here, from its own tensors (a caller's string could be stale).
@@ -122,7 +132,7 @@ def load_adapters(model: nn.Module, folder: str | Path, base_fingerprint: str | 
     if config.get("base_fingerprint") != actual:
         raise ModelError(
             f"{folder}: this adapter was trained on a different base model (fingerprint "
-            f"{str(config.get('base_fingerprint'))[:12]}… ≠ {actual[:12]}…); load it onto the model it was made for"
+            f"{str(config.get('base_fingerprint'))[:12]}… ≠ {actual[:12]}…); {_made_for(config)}"
         )
     if base_fingerprint is not None and base_fingerprint != actual:
         raise ModelError(f"{folder}: the model's weights changed since it was fingerprinted "

@@ -78,6 +78,9 @@ def read_case_files(
     channels = [read_image(p) for p in paths]
     for path, channel in zip(paths, channels):
         check_dimensions(channel, card.spatial_dims, card.id, f"{path}: image")
+        voxels = sitk.GetArrayViewFromImage(channel)
+        if voxels.min() == voxels.max():  # a blank export or a mask given as the image: nothing to segment
+            raise InputError(f"{path}: image is constant (every voxel {voxels.flat[0]:g}); give the scan itself")
     for path, channel in zip(paths[1:], channels[1:]):
         if not same_geometry(channel, channels[0]):
             raise InputError(f"{path}: geometry differs from the first channel {paths[0]}; co-register the channels")

@@ -30,11 +30,12 @@ def unreadable(path: Path, what: str, exc: Exception) -> InputError:
     """The one-line error for a file no reader understands, with the reader's last word on why.
 
     ITK ends some messages with a stale `Reason: <errno text>` (a truncated MetaImage says "No such file or
-    directory"); the line before it is the true one.
+    directory"), and some with a matrix printed over several lines (a singular direction); the `ITK ERROR` line is
+    the true one.
     """
-    lines = [re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", line) for line in str(exc).strip().splitlines()
-             if line.strip() and not line.startswith("Reason:")]
-    reason = lines[-1] if lines else type(exc).__name__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip() and not line.startswith("Reason:")]
+    reason = next((line for line in reversed(lines) if line.startswith("ITK ERROR:")), lines[-1] if lines else "")
+    reason = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", reason) or type(exc).__name__
     return InputError(f"{path}: cannot read {what} (corrupt or not an image): {reason}")
 
 

@@ -6,6 +6,8 @@ their header (`integrity.py`): SimpleITK would read them truncated or with NaN t
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,8 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     multi-component and non-finite files. Whether a single slice suits the model is the model card's question
     (`cases.check_dimensions`)."""
     path = Path(path)
+    if path.is_dir():  # a folder (a DICOM series too) is no image we read: say so, not "not found" or its suffix
+        raise InputError(f"{path}: is a folder, not a{'n' * (what[0] in 'aeiou')} {what} file")
     checked = image_suffix(path) in CHECKED_AGAINST_HEADER
     if not path.is_file():
         raise InputError(f"{path}: {what} file not found")
@@ -100,9 +104,20 @@ def read_label(path: str | Path, image: sitk.Image, image_path: str | Path, allo
         raise InputError(f"{path}: label holds non-integer values; a label map of integer classes is required")
     unknown = sorted(set(int(v) for v in values) - set(allowed_values))
     if unknown:
-        raise InputError(
-            f"{path}: label values {unknown} are not classes of this model (known: {sorted(allowed_values)})"
-        )
+        many = len(unknown) > 8  # an image given as the label: its list would fill the screen
+        shown = ", ".join(map(str, unknown[:8])) + (f", … ({len(unknown)} values)" if many else "")
+        raise InputError(f"{path}: label values [{shown}] are not classes of this model (known: "
+                         f"{sorted(allowed_values)})" + ("; is it an image rather than a label map?" if many else ""))
     if not (values != 0).any():
         raise InputError(f"{path}: label is empty (no foreground voxel); annotate at least one structure")
     return sitk.Cast(label, sitk.sitkUInt8)
+
+
+def volume_digest(image: sitk.Image) -> str:
+    """A volume's identity from its voxels and geometry, whatever its file is called: a job can tell an audit volume
+    from a training volume, and a later job whether it predicts a volume the adapter was trained and audited on."""
+    geometry = [image.GetSize(), [round(v, 4) for v in image.GetSpacing()], [round(v, 3) for v in image.GetOrigin()],
+                [round(v, 4) for v in image.GetDirection()], image.GetPixelIDTypeAsString()]
+    digest = hashlib.sha256(json.dumps(geometry).encode())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    return digest.hexdigest()

@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..jsonfile import read_json
 from .create import ADAPTER_DIR, create_job
 from .events import EVENTS_FILE, STATUS_FILE, read_events
-from .files import check_writable, open_job_file, refuse_links
+from .files import check_writable, open_job_file, refuse_linked_folder, refuse_links
 from .lock import is_running
 from .runner import Process, ProcessRunner, SubprocessRunner, stop_process_tree
 from .runstate import RunState
@@ -74,6 +74,12 @@ class Job:
             return new
         self._fold(new)
         return new
+
+    def fold_history(self) -> None:
+        """The events of the job's earlier sessions, folded in without their outcome (the job is about to resume)."""
+        history, self._offset = read_events(self.folder, self._offset)
+        self._fold(history)
+        self.state.reopen()
 
     def _fold(self, events: list[dict]) -> None:
         for event in events:
@@ -155,14 +161,18 @@ class JobClient:
 
     def launch(self, folder: str | Path, resume: bool = False, device: str | None = None) -> Job:
         folder = Path(folder).absolute()
+        refuse_linked_folder(folder)
         if not (folder / JOB_FILE).is_file():
             raise InputError(f"{folder}: not a job folder (no {JOB_FILE})")
         if is_running(folder):
             raise InputError(f"{folder}: a worker is already running this job")
         refuse_links(folder)
         args = [str(folder)] + (["--resume"] if resume else []) + (["--device", device] if device else [])
-        process = self.runner.start(args, folder, folder / STDOUT_LOG, folder / STDERR_LOG)
-        return Job(folder, process)
+        job = Job(folder)
+        if resume:  # read before the worker starts: what follows is this session's
+            job.fold_history()
+        job.process = self.runner.start(args, folder, folder / STDOUT_LOG, folder / STDERR_LOG)
+        return job
 
     def submit(self, request: JobSpec, folder: str | Path | None = None, overwrite: bool = False,
                device: str | None = None) -> Job:
@@ -170,7 +180,10 @@ class JobClient:
         return self.launch(self.create(request, folder, overwrite), device=device)
 
     def resume(self, folder: str | Path, device: str | None = None) -> Job:
-        """Continue an interrupted or cancelled job from its last checkpoint."""
+        """Continue an interrupted or cancelled job from its last checkpoint; a finished one has nothing left."""
+        folder = Path(folder).absolute()
+        if (folder / JOB_FILE).is_file() and job_info(folder).state == "finished":
+            raise InputError(f"{folder}: the job has finished; nothing to resume (its results are in the folder)")
         return self.launch(folder, resume=True, device=device)
 
     def attach(self, folder: str | Path) -> Job:
@@ -206,12 +219,13 @@ class JobClient:
 def job_info(folder: Path) -> JobInfo:
     """A job as listed. A job that says it runs is `interrupted` when its lock is free (the worker died, even by
     kill -9), unless it runs on another computer, where this one cannot tell."""
+    task = model = method = ""
     try:
         spec = load_job(folder)
         task, model, method = spec.task, spec.model, spec.method.name if spec.method else ""
         status = _read_status(folder)
-    except InputError as exc:
-        return JobInfo(folder, "", "", "", "invalid", 0, 0, None, str(exc), folder.stat().st_mtime)
+    except InputError as exc:  # what the job is stays listed when only its status is damaged
+        return JobInfo(folder, task, model, method, "invalid", 0, 0, None, str(exc), folder.stat().st_mtime)
     state = status.get("state", "created" if not (folder / EVENTS_FILE).exists() else "starting")
     message = status.get("message", "")
     worker = f"the worker (PID {status.get('pid', '?')} on {status.get('host', '?')})"
@@ -228,4 +242,4 @@ def job_info(folder: Path) -> JobInfo:
 
 def _read_status(folder: Path) -> dict:
     path = folder / STATUS_FILE
-    return read_json(path, "the worker's status") if path.is_file() else {}
+    return read_json(path, "the worker's status") if path.exists() else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..data.formats import image_suffix, stem
 from ..errors import InputError
 from ..models.card import TRAINED_IN_FULL
-from .files import check_writable, remove
+from .files import check_writable, refuse_linked_folder, remove
 from .lock import LOCK_FILE, JobLock, JobLocked, is_running
 from .spec import JOB_FILE, CaseSpec, JobSpec, write_spec
 
@@ -62,8 +62,10 @@ def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
 
 
 def _check_folder(job_dir: Path, overwrite: bool) -> None:
-    """Refuse (writing nothing) a folder that cannot take this job: not makeable, or holding something that is not
-    an earlier job of ours (the job lock file aside) unless `overwrite` replaces that job."""
+    """Refuse (writing nothing) a folder that cannot take this job: a link (written, or emptied, through), not
+    makeable, or holding something that is not an earlier job of ours (the job lock file aside) unless `overwrite`
+    replaces that job."""
+    refuse_linked_folder(job_dir)
     if job_dir.exists() and not job_dir.is_dir():
         raise InputError(f"{job_dir}: exists and is not a folder; choose a job folder path")
     check_writable(job_dir, "the job folder")
@@ -132,6 +134,7 @@ def check_inputs(request: JobSpec) -> None:
     """Read every input as the worker will (model card known, files named as the user gave them), so that a bad
     file is refused in one line before a job folder exists."""
     from ..data.cases import read_case_files
+    from ..data.io import volume_digest
     from ..data.sparse import read_annotated
     from ..models.registry import model_card
 
@@ -142,8 +145,26 @@ def check_inputs(request: JobSpec) -> None:
                          "an adaptation trains: adapt it first, then predict with its adapter")
     labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
                 "predict": False}
+    trained: dict[str, str] = {}  # volume digest → the training image file
     for role in ROLES:
         for case in getattr(request, role):
+            if labelled[role] and case.label and any(_same_file(case.label, image) for image in case.images):
+                raise InputError(f"{case.label}: the label is the image file itself; give the label map")
             channels, _ = read_case_files(case.images, card, case.label if labelled[role] else None)
             if case.annotated and labelled[role]:
                 read_annotated(case.annotated, channels[0], case.images[0])
+            if role in ("support", "audit") and labelled[role]:
+                digest = volume_digest(channels[0])
+                if role == "audit" and digest in trained:
+                    raise InputError(f"{case.images[0]}: this audit volume is the training volume {trained[digest]} "
+                                     "(the same voxels): an audit must be a volume the job does not train on; give "
+                                     "another, or none (the job then holds out a slab of each training volume)")
+                if role == "support":
+                    trained.setdefault(digest, case.images[0])
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).samefile(b)
+    except OSError:  # a missing file: named by the reader
+        return False

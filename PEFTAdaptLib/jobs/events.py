@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..errors import InputError
 from .files import open_job_file, write_file
 
 EVENTS_FILE = "events.jsonl"
@@ -33,7 +34,14 @@ class EventLog:
         self.job_dir = job_dir
         self.echo = echo
         self.status: dict = {"state": "starting", "pid": os.getpid(), "host": socket.gethostname()}
+        if (job_dir / STATUS_FILE).exists() and not (job_dir / STATUS_FILE).is_file():  # it could not be replaced
+            raise InputError(f"{job_dir / STATUS_FILE}: is not a file; remove it, then start or resume the job")
         self._file = open_job_file(job_dir / EVENTS_FILE, "a")
+        if self._file.tell():  # a line cut short by a kill mid-write: the next event starts a line of its own
+            with open(job_dir / EVENTS_FILE, "rb") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    self._file.write("\n")
 
     def __call__(self, event: dict) -> None:
         event = _clean({"time": round(time.time(), 3), **event})

@@ -101,6 +101,13 @@ def replace_folder(job_dir: Path, name: str, write: Callable[[Path], None]) -> P
     return final
 
 
+def refuse_linked_folder(job_dir: Path) -> None:
+    """Refuse a job folder that is itself a symbolic link (dangling or not): the job would be written, and an
+    `--overwrite` would empty, wherever it points. Links among its parent folders (/tmp on macOS) are fine."""
+    if os.path.islink(job_dir):
+        raise InputError(f"{job_dir}: is a symbolic link (to {os.readlink(job_dir)}); give the real folder path")
+
+
 def refuse_links(folder: Path) -> None:
     """Refuse a job folder holding a symbolic link at any depth (links are not followed while looking)."""
     for root, dirs, files in os.walk(folder):

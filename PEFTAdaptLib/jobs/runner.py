@@ -3,6 +3,7 @@ may pass one that runs nothing); the default starts `python -m PEFTAdaptLib.work
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ from typing import Protocol
 from .files import open_job_file
 
 WORKER_MODULE = "PEFTAdaptLib.worker"
+#: what stops a run with a checkpoint, as a cancel does: a closed terminal (SIGHUP) too, where there is one
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
 class Process(Protocol):

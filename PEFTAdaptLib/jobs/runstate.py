@@ -37,7 +37,7 @@ class RunState:
     classes: dict = field(default_factory=dict)  # audit Dice per class of the kept state
     warnings: list[str] = field(default_factory=list)
     active_units: int | None = None
-    units: list[str] = field(default_factory=list)  # the active adapter units ("layer::unit"), as last allocated
+    units: list[str] = field(default_factory=list)  # active units ("layer::unit"); at the end, the kept state's
     budget_used: float | None = None
     budget: float | None = None
     predictions: list[str] = field(default_factory=list)
@@ -52,13 +52,16 @@ class RunState:
 
     @property
     def trainable_text(self) -> str:
+        """The trainable count; once the starting state is kept, it says those parameters were not delivered."""
         if self.trainable is None or not self.total:
             return ""
-        return f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f} %)"
+        text = f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f} %)"
+        return text + (", trained but not kept" if self.kept == "start" else "")
 
     def update(self, event: dict) -> None:
         kind = event.get("event", "")
         if kind == "started":
+            self.reopen()  # a resumed session: the earlier one's outcome is not this one's
             self.phase = "training" if event.get("task", "adapt") == "adapt" else "predicting"
             self.task = event.get("task", self.task)
             self.steps = int(event.get("steps") or self.steps or 0)
@@ -71,7 +74,7 @@ class RunState:
             self.steps = int(event.get("steps") or self.steps)
             self.loss = event.get("loss", self.loss)
             self.eta_s = event.get("eta_s", self.eta_s)
-        elif kind in ("allocation", "final_selection"):  # SEA-PEFT's allocation rounds, then its final choice
+        elif kind in ("allocation", "final_selection", "kept_allocation"):  # SEA-PEFT's rounds, final sweep, kept set
             self.units = list(event.get("units", self.units))
             self.active_units = len(self.units)
             self.budget_used = event.get("budget_used", self.budget_used)
@@ -99,6 +102,7 @@ class RunState:
             self.message = event.get("message") or event.get("reason") or ""
             self.exit_code = event.get("exit_code", self.exit_code)
             self.needs = event.get("needs", "")
+            self.kept = event.get("kept", self.kept)
 
     def _score(self, key: str, value: float) -> None:
         if getattr(self, f"first_{key}") is None:
@@ -106,6 +110,10 @@ class RunState:
         setattr(self, f"last_{key}", value)
         best = getattr(self, f"best_{key}")
         setattr(self, f"best_{key}", value if best is None else max(best, value))
+
+    def reopen(self) -> None:
+        """Forget how the last session ended (its events stay folded in): the job runs again."""
+        self.outcome, self.phase, self.message, self.exit_code, self.needs = None, "starting", "", None, ""
 
     def fail(self, message: str) -> None:
         """The process ended without a terminal event (killed, crashed before writing one)."""
@@ -116,7 +124,7 @@ class RunState:
         if self.outcome == "failed":
             return f"{'More annotation needed' if self.needs == 'annotation' else 'Failed'}: {self.message}"
         if self.outcome == "cancelled":
-            return "Cancelled — the last checkpoint was kept"
+            return "Cancelled — the last checkpoint was kept" + (f": {self.message}" if self.kept else "")
         if self.outcome == "finished":
             checks = "".join(f"\nCheck: {warning}" for warning in self.warnings)
             return "Finished" + (f" — {self.message}" if self.message else "") + checks
@@ -141,8 +149,9 @@ class RunState:
     @property
     def allocation_summary(self) -> str:
         """How many units SEA-PEFT keeps active and, on a second line, where they went: how many of each kind and
-        in each module below the prefix all their layers share (`model.` of a MONAI UNet)."""
-        if self.active_units is None:
+        in each module below the prefix all their layers share (`model.` of a MONAI UNet). Nothing once the starting
+        state is kept: no allocation is delivered then."""
+        if self.active_units is None or self.kept == "start":
             return ""
         text = f"{self.active_units} active adapter units"
         if self.budget_used is not None and self.budget:

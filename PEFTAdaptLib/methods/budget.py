@@ -33,7 +33,8 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str | float | int) -> "Budget":
-        """`1%` or `0.5 %` (percent), a number below 1 (fraction), a whole number ≥ 1 (parameter count)."""
+        """`1%` or `0.5 %` (percent), a number below 1 or written with a decimal point (fraction: `1.0` is the whole
+        model, never one parameter), a whole number ≥ 1 (parameter count)."""
         raw = str(text).strip()
         try:
             if raw.endswith("%"):
@@ -43,11 +44,11 @@ class Budget:
             raise InputError(f"budget: '{raw}' is not a number, a percentage (1%) or a parameter count") from None
         if not math.isfinite(value):
             raise InputError(f"budget: '{raw}' is not a finite number")
-        if value < 1:
-            return cls(fraction=value)
-        if value != int(value):
-            raise InputError(f"budget: '{raw}' is neither a fraction below 1 nor a whole parameter count "
+        if value > 1 and (value != int(value) or "." in raw):
+            raise InputError(f"budget: '{raw}' is neither a fraction up to 1 nor a whole parameter count "
                              f"(for a percentage write {raw}%)")
+        if value < 1 or "." in raw:
+            return cls(fraction=value)
         return cls(count=int(value))
 
     @classmethod

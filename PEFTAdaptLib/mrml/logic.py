@@ -83,8 +83,9 @@ def audit_advice(count: int) -> str:
     """What a panel says under its `count` audit pairs before a run; the run's caveats (vouch.py) say it after."""
     subjects = "Give annotated volumes of two or more subjects other than the training ones."
     if count == 0:
-        return ("Audit pairs are held out: the adapted model replaces the source only if its Dice gain on them is "
-                f"larger than their noise. {subjects}")
+        return ("No audit pair: the run holds out a slab of each training volume, and the adapted model replaces the "
+                "source only if its Dice gain there is larger than its noise; that gain is shown on the training "
+                f"volumes only. {subjects}")
     if count == 1:
         return f"One audit volume vouches for itself only: the run will name every other volume it segments. {subjects}"
     return ""

@@ -108,6 +108,8 @@ class AdaptationMonitor:
         elif kind == "allocation" and "active_units" in event:
             _append_row(self.timeline_table, (event["step"], event["active_units"], event.get("budget_used", 0)))
             self._update_layers()
+        elif kind == "kept_allocation":  # the restored state's units (their unit_state events came first)
+            self._update_layers()
 
     def _update_unit(self, event: dict) -> None:
         """One row per unit; an event updates only the fields it carries."""

@@ -10,7 +10,9 @@ Schedule (steps are optimizer steps; `training.Trainer` calls `after_step` after
   knapsack, let the controller flip gates;
 - at the last step (`config.steps`): the final configuration sweep sets the gates of the best candidate (the set
   the training ended on, unless another is better by the selection rule), which the trainer's own audit then
-  compares with its best state so far.
+  compares with its best state so far;
+- when the trainer restores its best state (`on_restore`): `kept_allocation` names that state's units, the
+  adapter the job keeps.
 
 All pool units sit in the optimizer from the start; a gated-off unit gets no gradient, so AdamW leaves it alone.
 """
@@ -208,6 +210,18 @@ class SeaPeftHook:
                                      for c in scored],
                       "seconds": dict(self.seconds)}
         context.emit(self.final)
+
+    def on_restore(self, step: int, best_step: int, context) -> None:
+        """The trainer restored its best state (audited at `best_step`), gates included: that is the adapter the job
+        keeps, not the last allocation or final sweep, so the allocator takes its set and `kept_allocation` names
+        it (the GUI's unit table ends on it too)."""
+        kept, before = set(self.active_units()), self.allocator.active()
+        self.allocator.controller.finish(kept)
+        for name in sorted(before.symmetric_difference(kept)):
+            context.emit(self.allocator.unit_event("unit_state", name, step))
+        context.emit({"event": "kept_allocation", "step": step, "best_step": best_step, "units": sorted(kept),
+                      "active_units": len(kept), "budget_used": self.allocator.budget_used(kept),
+                      "budget": self.config.budget})
 
     # -- reporting ---------------------------------------------------------------------------------------------------
     def allocation(self) -> list[dict]:
