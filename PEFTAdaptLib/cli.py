@@ -39,6 +39,7 @@ class TqdmProgress:
         self.description = description
         self.bar = None
         self.score: tuple[str, float] | None = None
+        self.postfix: dict[str, str] = {}
 
     def __call__(self, events: list[dict]) -> None:
         from tqdm import tqdm
@@ -52,13 +53,16 @@ class TqdmProgress:
                     self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr,
                                     initial=event["step"] - 1,
                                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-                postfix = {"loss": f"{event['loss']:.3f}"}
+                self.postfix = {"loss": f"{event['loss']:.3f}"}
                 if self.score is not None:
-                    postfix[self.score[0]] = f"{self.score[1]:.3f}"
+                    self.postfix[self.score[0]] = f"{self.score[1]:.3f}"
                 if event.get("eta_s") is not None:
-                    postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
-                self.bar.set_postfix(postfix)
+                    self.postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
+                self.bar.set_postfix(self.postfix)
                 self.bar.update(1)
+            if event["event"] == "validation" and self.bar is not None and event.get("dice") is not None:
+                self.postfix["audit_dice"] = f"{event['dice']:.3f}"  # the kept state's, as the summary says
+                self.bar.set_postfix(self.postfix)
             if event["event"] == "warning":  # on a line of its own, above the bar
                 tqdm.write(f"peftadapt: warning: {event['message']}", file=sys.stderr)
 

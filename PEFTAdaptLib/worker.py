@@ -311,6 +311,7 @@ class Run:
         False when cancelled in between."""
         model.network.eval()
         names: set[str] = set()
+        shared = {c.name for c in spec.predict if [d.name for d in spec.predict].count(c.name) > 1}
         for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):
             if self.should_stop():
                 return False
@@ -326,7 +327,8 @@ class Run:
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra,
                        **({"change": change} if change else {})})
-            message = volume_warning(case_spec.name, case.image, uncertainty, model.card, checked, covers)
+            shown = f"{case_spec.name} ({path.name})" if case_spec.name in shared else case_spec.name  # which one
+            message = volume_warning(shown, case.image, uncertainty, model.card, checked, covers)
             if message:
                 self.emit({"event": "warning", "message": message})
         return True

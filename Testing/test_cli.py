@@ -103,3 +103,20 @@ def test_a_warning_during_training_gets_a_line_of_its_own(capsys):
     err = capsys.readouterr().err
     before, _, _ = err.partition("peftadapt: warning: check it\n")
     assert before and before[-1] in "\r\n", repr(err)
+
+
+def test_the_progress_bar_ends_on_the_kept_states_audit_and_the_workers_time_estimate(capsys):
+    """Found by a user-level check: the bar ended on the last audit (0.794) while the summary said kept 0.897, and
+    showed tqdm's rate of events arriving in bursts ("8905.10step/s")."""
+    from PEFTAdaptLib.cli import TqdmProgress
+
+    progress = TqdmProgress("adapting")
+    progress([{"event": "audit", "step": 0, "dice": 0.794},
+              {"event": "step", "step": 1, "steps": 2, "loss": 1.0, "eta_s": 75.0},
+              {"event": "step", "step": 2, "steps": 2, "loss": 0.5, "eta_s": 0.0},
+              {"event": "validation", "step": 2, "dice": 0.897}])
+    progress.close()
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "audit_dice=0.897" in last and "left=0:00" in last
+    assert "left=1:15" in err and "step/s" not in err
