@@ -303,7 +303,7 @@ def test_a_folder_given_as_an_image_or_label_is_called_a_folder(tmp_path):
         read_image(named, what="label")
     job = tmp_path / "job"
     assert cli_error("adapt", "--model", "deepbet-brain", "--train", str(data_folder), str(named), "--output",
-                     str(job)) == f"peftadapt: error: {data_folder}: is a folder, not an image file"
+                     str(job)) == f"peftadapt: error: {data_folder.resolve()}: is a folder, not an image file"
     assert cli_error("adapt", "--train", str(shared(SPINE_T2)), str(named), "--output",
                      str(job)) == f"peftadapt: error: {named}: is a folder, not a label file"
     assert not job.exists()
