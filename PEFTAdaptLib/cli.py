@@ -230,13 +230,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """A predict job, like every front-end's (the audit's naming of volumes it cannot vouch for included), in a
     private scratch folder; its label map and uncertainty files are then written where --output says."""
     from .jobs import CaseSpec, JobClient, JobSpec, TrainSpec
-    from .models.registry import DEFAULT_MODEL
 
     output = Path(args.output).expanduser().absolute()
     images = [Path(p).expanduser().absolute() for p in args.image.split(",")]
     check_output_file(output, images)  # before torch and the model are loaded
     adapter = str(Path(args.adapter).expanduser().absolute()) if args.adapter else None
-    request = JobSpec(model=args.model or DEFAULT_MODEL, task="predict", adapter=adapter,
+    request = JobSpec(model=args.model, task="predict", adapter=adapter,
                       predict=[CaseSpec([str(p) for p in images], None)],
                       train=TrainSpec(**({"device": args.device} if args.device else {})))
     with tempfile.TemporaryDirectory(prefix="peftadapt-predict-") as scratch:
@@ -264,9 +263,9 @@ def deliver(prediction: Path, output: Path) -> list[Path]:
             image.EraseMetaData(key)
         return write_image(image, target)
 
-    written = [rewrite(prediction, output)]
+    written, targets = [rewrite(prediction, output)], companion_paths(output)
     for kind, path in companion_paths(prediction).items():
-        target = companion_paths(output)[kind]
+        target = targets[kind]
         if path.suffix == ".json" and path.is_file():
             target.write_text(path.read_text())
             written.append(target)

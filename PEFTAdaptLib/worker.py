@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -311,7 +312,7 @@ class Run:
         False when cancelled in between."""
         model.network.eval()
         names: set[str] = set()
-        shared = {c.name for c in spec.predict if [d.name for d in spec.predict].count(c.name) > 1}
+        uses = Counter(c.name for c in spec.predict)
         for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):
             if self.should_stop():
                 return False
@@ -327,7 +328,7 @@ class Run:
             self.emit({"event": "prediction", "input": case_spec.images[0], "name": case_spec.name,
                        "path": str(path.relative_to(self.job_dir)), "index": index, **extra,
                        **({"change": change} if change else {})})
-            shown = f"{case_spec.name} ({path.name})" if case_spec.name in shared else case_spec.name  # which one
+            shown = f"{case_spec.name} ({path.name})" if uses[case_spec.name] > 1 else case_spec.name  # which one
             message = volume_warning(shown, case.image, uncertainty, model.card, checked, covers)
             if message:
                 self.emit({"event": "warning", "message": message})

@@ -151,10 +151,11 @@ def test_a_resumed_job_is_followed_from_its_new_session_and_a_finished_one_is_no
     client = JobClient(tmp_path, RunningRunner())
     folder = client.create(request())
     log(folder, {"event": "started", "task": "adapt", "method": "lora", "steps": 30, "trainable": 5},
-        {"event": "step", "step": 7, "steps": 30, "loss": 0.5}, {"event": "cancelled", "exit_code": 4})
+        {"event": "step", "step": 7, "steps": 30, "loss": 0.5}, {"event": "cancelled", "kept": "start", "exit_code": 4})
     (folder / "status.json").write_text(json.dumps({"state": "cancelled", "step": 7, "steps": 30}))
     job = client.resume(folder)
     assert job.poll() == [] and not job.state.finished and job.state.step == 7 and job.state.method == "lora"
+    assert job.state.kept == ""  # what the cancelled session kept is not what this one will
     log(folder, {"event": "started", "task": "adapt", "steps": 30, "resumed_from_step": 7})
     assert [e["event"] for e in job.poll()] == ["started"] and not job.state.finished
     reopened = JobClient(tmp_path).attach(folder)  # a panel or page reopened on the resumed job

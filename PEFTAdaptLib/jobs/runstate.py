@@ -112,8 +112,10 @@ class RunState:
         setattr(self, f"best_{key}", value if best is None else max(best, value))
 
     def reopen(self) -> None:
-        """Forget how the last session ended (its events stay folded in): the job runs again."""
+        """Forget how the last session ended (its events stay folded in): the job runs again, and whether it keeps
+        an adapted state is this session's to say."""
         self.outcome, self.phase, self.message, self.exit_code, self.needs = None, "starting", "", None, ""
+        self.kept = ""
 
     def fail(self, message: str) -> None:
         """The process ended without a terminal event (killed, crashed before writing one)."""
