@@ -235,7 +235,10 @@ class Run:
         self.emit({"event": "started", "task": "adapt", "model": model.card.id, "method": method.name,
                    "rank": plan.rank, "budget": plan.budget, "device": device, "steps": config.steps, "lr": config.lr,
                    "resumed_from_step": trainer.step, "trainable": count_trainable(model.network), "total": total,
-                   "pid": os.getpid(), **({"audit_held_out": held_out} if held_out else {}), **plan.info})
+                   "pid": os.getpid(), **({"audit_held_out": held_out} if held_out else {}), **plan.info,
+                   # a resumed run's start score, from its checkpoint: what the summary compares with, whatever
+                   # became of the earlier sessions' events
+                   **({f"start_{scorer.key}": trainer.baseline.value} if trainer.baseline is not None else {})})
 
         def checkpoint_now(t: Trainer) -> None:
             folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, metadata, spec)

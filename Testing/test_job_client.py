@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, shared
 from PEFTAdaptLib.errors import InputError
-from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec, load_job
+from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, RunState, TrainSpec, load_job
 from PEFTAdaptLib.methods import Budget, make_method
 
 ENGINE = REPO / "PEFTAdaptLib"
@@ -165,6 +165,19 @@ def test_a_resumed_job_is_followed_from_its_new_session_and_a_finished_one_is_no
     (folder / "status.json").write_text(json.dumps({"state": "finished", "step": 30, "steps": 30}))
     with pytest.raises(InputError, match="the job has finished; nothing to resume"):
         client.resume(folder)
+
+
+def test_a_resumed_job_whose_log_was_emptied_starts_its_gain_from_the_checkpoints_score():
+    """Found by a user-level check: with events.jsonl emptied by hand, a resumed job reported its first audit after
+    the resume as the start Dice, so the gain shown was against the wrong model."""
+    state = RunState()
+    state.update({"event": "started", "task": "adapt", "resumed_from_step": 6, "start_dice": 0.41})
+    state.update({"event": "audit", "step": 8, "dice": 0.52})
+    assert (state.first_dice, state.last_dice, state.best_dice) == (0.41, 0.52, 0.52)
+    fresh = RunState()  # an intact log: the step-0 audit was folded in first and stays the start
+    for event in ({"event": "audit", "step": 0, "dice": 0.40}, {"event": "started", "start_dice": 0.41}):
+        fresh.update(event)
+    assert fresh.first_dice == 0.40
 
 
 def test_a_job_whose_worker_died_is_listed_as_interrupted(tmp_path):

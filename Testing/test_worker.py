@@ -157,6 +157,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted
     assert resumed.wait(timeout=600) == EXIT_FINISHED
     started = [e for e in events(tmp_path) if e["event"] == "started"]
     assert started[-1]["resumed_from_step"] >= 2
+    # the start score travels in the checkpoint: a summary whose log lost the first audit still compares with it
+    first_audit = next(e for e in events(tmp_path) if e["event"] == "audit")
+    assert first_audit["step"] == 0 and started[-1]["start_dice"] == first_audit["dice"]
     ours, reference = adapter_tensors(tmp_path / "adapter"), adapter_tensors(uninterrupted / "adapter")
     assert ours.keys() == reference.keys()
     for key in ours:  # stated tolerance (docs/worker.md): 1e-5 absolute

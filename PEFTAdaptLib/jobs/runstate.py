@@ -68,6 +68,9 @@ class RunState:
             for key in ("method", "rank", "rank_reason", "budget_reason", "trainable", "total"):
                 if event.get(key) is not None:
                     setattr(self, key, event[key])
+            for key in ("dice", "agreement"):  # a resumed run's start score (its checkpoint's), if the log lost it
+                if event.get(f"start_{key}") is not None and getattr(self, f"first_{key}") is None:
+                    self._score(key, float(event[f"start_{key}"]))
         elif kind == "step":
             self.phase = "training"
             self.step = int(event["step"])
