@@ -166,12 +166,9 @@ def report(job) -> int:
         print(f"method: {state.method}" + (f" — {how}" if how else ""))
     if state.trainable_text:
         print(f"trainable: {state.trainable_text}")
-    if state.first_dice is not None and state.outcome != "cancelled":  # a cancelled run says what it holds below
-        print(f"audit Dice: start {state.first_dice:.4f}, kept {state.last_dice:.4f}"
-              + (f" — {state.gain_text}" if state.gain_text else ""))
-    if len(state.classes) > 1:
-        print("audit Dice per class: " + ", ".join(f"{name} {value:.4f}" for name, value in state.classes.items()
-                                                  if value is not None))
+    for line in (state.dice_text, state.class_text):
+        if line:
+            print(line)
     if state.allocation_summary:
         print("allocation: " + state.allocation_summary.replace("\n", "\n            "))
     if state.message and state.outcome == "finished":

@@ -152,6 +152,23 @@ class RunState:
         return f"audit Dice {100 * self.gain:+.1f} points{low}"
 
     @property
+    def dice_text(self) -> str:
+        """A finished run's audit Dice, from the start to the state kept, with the verdict: what every front-end shows
+        (a cancelled run says what its adapter holds in its message instead)."""
+        if self.first_dice is None or self.outcome != "finished":
+            return ""
+        return (f"audit Dice: start {self.first_dice:.4f}, kept {self.last_dice:.4f}"
+                + (f" — {self.gain_text}" if self.gain_text else ""))
+
+    @property
+    def class_text(self) -> str:
+        """The kept state's audit Dice per class, when the model has several."""
+        if len(self.classes) < 2:
+            return ""
+        return "audit Dice per class: " + ", ".join(f"{name} {value:.4f}" for name, value in self.classes.items()
+                                                    if value is not None)
+
+    @property
     def allocation_summary(self) -> str:
         """How many units SEA-PEFT keeps active and, on a second line, where they went: how many of each kind and
         in each module below the prefix all their layers share (`model.` of a MONAI UNet). Nothing once the starting
