@@ -8,6 +8,7 @@ client; nothing here starts a process or reads a worker's events.
 Supported: 3D Slicer 5.10 or later (Python 3.12). This file stays valid Python 3.9 and imports the engine only on a
 supported Slicer, so that Slicer 5.6/5.8 load it and say what to install instead of printing a traceback.
 """
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -105,6 +106,8 @@ if not UNSUPPORTED:
         (their choices come from the model catalog and the method registry, which a `Choice` cannot list)."""
 
         modelId: str = DEFAULT_MODEL
+        #: the folder of a model loaded with "Load from folder…": a restored scene loads it again
+        modelFolder: str = ""
         method: str = DEFAULT_METHOD
         trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
         trainingSegmentations: list[slicer.vtkMRMLSegmentationNode]
@@ -163,6 +166,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None  # the SceneRun the panel follows
+        self._adaptedRun = None  # the last adaptation that finished: Re-adapt continues it
         self._checkedRun = None  # the last run whose segmentation came in: "Next slice to check" walks its ranking
         self._shownSlice = None  # the SliceToCheck that "Next slice to check" showed last
         self._runIsSegmentation = False
@@ -259,10 +263,12 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """The scene's nodes are about to go: stop following the run (cancelling it only if its worker still runs)
-        and let go of every node of the closing scene."""
+        and let go of every node of the closing scene; the labels say no run is followed any more."""
+        cancelled = self._running()
         self._stopFollowing()
-        self._checkedRun = self._shownSlice = None
+        self._checkedRun = self._shownSlice = self._adaptedRun = None
         self.setParameterNode(None)
+        self._showNoRun(_("Cancelled (scene closed)") if cancelled else "")
         self.plotWidget.setMRMLPlotViewNode(None)
         self.allocationPlotWidget.setMRMLPlotViewNode(None)
         self.ui.unitsTableView.setMRMLTableNode(None)
@@ -298,6 +304,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        restored = self.logic.restoreModel(p)
+        if restored:
+            self._listModel(restored)
         self._selectData(self.ui.modelComboBox, p.modelId)
         self._selectData(self.ui.methodComboBox, p.method)
         method = method_class(p.method)
@@ -313,6 +322,10 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refreshPairTable(pairList)
         self.ui.auditAdviceLabel.text = audit_advice(len(p.auditVolumes))
         self._updateButtons()
+
+    def _listModel(self, card: dict) -> None:
+        if self.ui.modelComboBox.findData(card["id"]) < 0:
+            self.ui.modelComboBox.addItem(card["title"], card["id"])
 
     @staticmethod
     def _selectData(comboBox: "qt.QComboBox", data) -> None:
@@ -385,7 +398,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelSelected(self, index) -> None:
         modelId = self.ui.modelComboBox.itemData(index)
         if self._parameterNode and modelId and modelId != self._parameterNode.modelId:
-            self._parameterNode.modelId = modelId
+            self.logic.selectModel(self._parameterNode, modelId)
 
     def onMethodSelected(self, index) -> None:
         name = self.ui.methodComboBox.itemData(index)
@@ -421,13 +434,10 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelRequested = True
             self._updateButtons()
             return
-        self._start(warmStart=False)
+        self._start(lambda log: self.logic.startAdaptation(self._parameterNode, log=log))
 
     def onReadapt(self) -> None:
-        p = self._parameterNode
-        if p.useCorrectedForTraining and p.outputSegmentation and p.targetVolume:
-            self.logic.addPair(p, TRAINING_PAIRS, p.targetVolume, p.outputSegmentation)
-        self._start(warmStart=True)
+        self._start(lambda log: self.logic.readapt(self._parameterNode, self._adaptedRun, log=log))
 
     def onNextSlice(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to move to the next slice."), waitCursor=True):
@@ -447,13 +457,13 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("{volume}: axial slice {index} marked as right; Re-adapt trains on it.").format(
             volume=shown.volume.GetName(), index=shown.index)
 
-    def _start(self, warmStart: bool) -> None:
+    def _start(self, start) -> None:
+        """`start(log)` submits the adaptation job and returns its run."""
         with slicer.util.tryWithErrorDisplay(_("Failed to start adaptation."), waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
             self.ui.logTextEdit.clear()
-            run = self.logic.startAdaptation(self._parameterNode, warmStart, log=self.ui.logTextEdit.appendPlainText)
-            self._follow(run, isSegmentation=False)
+            self._follow(start(self.ui.logTextEdit.appendPlainText), isSegmentation=False)
 
     def onSegment(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
@@ -517,6 +527,8 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if state.finished:
             self._pollTimer.stop()
             self._run = None
+            if state.succeeded and not self._runIsSegmentation:
+                self._adaptedRun = run
             if state.succeeded:
                 with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
                     segmentation = self.logic.importResults(self._parameterNode, run, self._runIsSegmentation)
@@ -540,10 +552,29 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = state.describe()
         self.ui.runInfoLabel.text = "\n".join(
             text for text in (state.trainable_text, state.rank_reason, state.budget_reason) if text)
-        if state.best_dice is not None:
-            self.ui.bestDiceLabel.text = _("Audit Dice: current {current:.3f}, best {best:.3f} (zero-shot {zero:.3f})")\
-                .format(current=state.last_dice, best=state.best_dice, zero=state.first_dice)
+        self.ui.bestDiceLabel.text = self._diceText(state)
         self.ui.allocationSummaryLabel.text = state.allocation_summary
+
+    @staticmethod
+    def _diceText(state) -> str:
+        """While training, the latest and best audit; once finished, what the command line reports: the start, the
+        kept state and its gain, per class when there are several ("best" may be a state that was not kept)."""
+        if state.best_dice is None or (state.finished and not state.succeeded):
+            return ""
+        if state.finished:
+            return "\n".join(text for text in (state.dice_text, state.class_text) if text)
+        return _("Audit Dice: current {current:.3f}, best {best:.3f} (zero-shot {zero:.3f})").format(
+            current=state.last_dice, best=state.best_dice, zero=state.first_dice)
+
+    def _showNoRun(self, status: str) -> None:
+        """No run followed any more (the scene closed): nothing of the last run stays on the panel."""
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat("")
+        self.ui.statusLabel.text = status
+        for label in (self.ui.runInfoLabel, self.ui.bestDiceLabel, self.ui.allocationSummaryLabel):
+            label.text = ""
+        self._updateButtons()
 
     def onLoadModelFolder(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder"))
@@ -561,9 +592,8 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 self.logic.sceneLogic.trustTorchScript(path)
             card = self.logic.sceneLogic.registerModelFolder(folder)
-            if self.ui.modelComboBox.findData(card["id"]) < 0:
-                self.ui.modelComboBox.addItem(card["title"], card["id"])
-            self._parameterNode.modelId = card["id"]
+            self._listModel(card)
+            self.logic.selectModel(self._parameterNode, card["id"])
 
     def onSaveAdapter(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Save adapter to folder"))
@@ -611,6 +641,8 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         runner = SubprocessRunner(python=shutil.which("PythonSlicer") or sys.executable, python_path=[engineFolder()])
         self.sceneLogic = SceneLogic(slicer.mrmlScene, JobClient(self.workFolder(), runner))
+        #: (model id, folder) → why a saved model folder could not be loaded again ("": it was)
+        self._restoreProblems = {}
 
     @staticmethod
     def workFolder() -> str:
@@ -653,9 +685,12 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             extra.get("parameters"))
         return text if p.budgetPercent else _("Model default: {budget}").format(budget=text)
 
-    @staticmethod
-    def startProblem(p) -> str:
+    def startProblem(self, p) -> str:
         """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs."""
+        if not self.modelKnown(p.modelId):
+            return self._restoreProblems.get((p.modelId, p.modelFolder)) or _(
+                "Unknown model '{model}': choose a model, or load its folder with Load model from folder…").format(
+                model=p.modelId)
         if method_class(p.method).needs_labels:  # without audit pairs the job holds out a slab of each training pair
             if not p.trainingVolumes:
                 return _("Add at least one training pair (volume and segmentation)")
@@ -684,6 +719,31 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             version=version, build=build)
 
     # -- parameter node edits -----------------------------------------------------------------------------------------
+    def selectModel(self, p, modelId: str) -> None:
+        with slicer.util.NodeModify(p):
+            p.modelId, p.modelFolder = modelId, self.sceneLogic.modelFolder(modelId)
+
+    def restoreModel(self, p):
+        """The card of a folder-loaded model of a restored scene, loaded again from the folder the scene saved (tried
+        once; `startProblem` says why it failed); None when there is nothing to load."""
+        key = (p.modelId, p.modelFolder)
+        if not p.modelFolder or key in self._restoreProblems or self.modelKnown(p.modelId):
+            return None
+        try:
+            card = self.sceneLogic.restoreModelFolder(*key)
+        except SceneError as exc:
+            self._restoreProblems[key] = str(exc)
+            return None
+        self._restoreProblems[key] = ""
+        return card
+
+    def modelKnown(self, modelId: str) -> bool:
+        try:
+            self.sceneLogic.card(modelId)
+        except SceneError:
+            return False
+        return True
+
     @staticmethod
     def pairs(p, pairList: PairList) -> list:
         return list(zip(getattr(p, pairList.volumes), getattr(p, pairList.segmentations)))
@@ -737,6 +797,20 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         self._useDevice(p.device)
         return self.sceneLogic.startAdaptation(self.request(p, warmStart), log=log)
 
+    def readapt(self, p, previous, log=None):
+        """The next round after `previous` (the last adaptation that finished): its cases, every earlier round's
+        corrections included, plus the corrected result when the box is ticked. The parameter node's pairs are left
+        as they are, and the result comes into a new segmentation: the correction stays as the user made it. Without
+        a previous run of this adapter (loaded from a folder, or a restored scene) the adapter warm-starts Start."""
+        corrected = [(p.targetVolume, p.outputSegmentation)] \
+            if p.useCorrectedForTraining and p.targetVolume and p.outputSegmentation else []
+        self._useDevice(p.device)
+        if previous is not None and str(previous.adapterFolder) == p.adapterFolder:
+            return self.sceneLogic.startReadaptation(previous, corrected, log=log)
+        request = self.request(p, warmStart=True)
+        request.trainingPairs += corrected
+        return self.sceneLogic.startAdaptation(request, log=log)
+
     def segment(self, p, log=None):
         """Segment the target volume with the model (and adapter, if any) in a background predict job."""
         self._useDevice(p.device)
@@ -749,7 +823,8 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             self._useDevice(load_job(folder).train.device)
         run, request = self.sceneLogic.openJob(folder, log=log, resume=resume)
         with slicer.util.NodeModify(p):
-            p.modelId, p.method = request.modelId, request.method
+            self.selectModel(p, request.modelId)
+            p.method = request.method
             self.setPairs(p, TRAINING_PAIRS, request.trainingPairs)
             self.setPairs(p, AUDIT_PAIRS, request.auditPairs)
             p.budgetPercent = request.budgetPercent or 0.0
@@ -761,8 +836,9 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def importResults(p, run, isSegmentation: bool):
-        """Load a finished run's segmentation into the output node; an adaptation also becomes the current adapter.
-        Returns the segmentation node, or None when the run predicted nothing."""
+        """Load a finished run's segmentation into the output node (a new node for a run that trains on it, such as a
+        re-adapt); an adaptation also becomes the current adapter. Returns the segmentation node, or None when the
+        run predicted nothing."""
         if not isSegmentation:
             p.adapterFolder = str(run.adapterFolder)
         segmentations = run.importResults(p.outputSegmentation)
@@ -824,37 +900,43 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             is not None
 
     def _ensurePackages(self, requirements) -> bool:
-        constraints = self._constraintsFile()
+        missingNow = self.missingDependencies()
+        missing = [requirement for requirement in requirements if requirement in missingNow]
+        if not missing:
+            return True
         try:
             packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12 and later
         except ImportError:
             packaging = None
-        if packaging is not None:
-            try:
-                packaging.pip_ensure(requirements, constraints=constraints, requester="PEFTAdapt")
-            except RuntimeError:  # the user declined
-                return False
-            return True
-        missing = [requirement for requirement in requirements if requirement in self.missingDependencies()]
-        if not missing:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
+        if packaging is None and not slicer.util.confirmOkCancelDisplay(
                 _("PEFTAdapt needs these Python packages to run its background worker. Install them now (needs a "
                   "network connection, takes a few minutes)?"),
                 _("PEFTAdapt - Install Python packages"),
                 detailedText="\n".join(str(requirement) for requirement in missing)):
             return False
-        slicer.util.pip_install([str(requirement) for requirement in missing] + ["--constraint", constraints])
-        return True
+        with self._constraintsFile() as constraints:
+            if packaging is None:
+                slicer.util.pip_install([str(requirement) for requirement in missing] + ["--constraint", constraints])
+                return True
+            try:
+                packaging.pip_ensure(requirements, constraints=constraints, requester="PEFTAdapt")
+            except RuntimeError:  # the user declined
+                return False
+            return True
 
-    def _constraintsFile(self) -> str:
-        """A pip constraints file pinning the installed versions of the packages Slicer and the PyTorch extension
-        own: installing the requirements may not replace them (a conflict fails instead of breaking Slicer)."""
+    @staticmethod
+    @contextlib.contextmanager
+    def _constraintsFile():
+        """A temporary pip constraints file pinning the installed versions of the packages Slicer and the PyTorch
+        extension own: installing the requirements may not replace them (a conflict fails instead of breaking
+        Slicer). Made only for an install, and removed after it."""
         pins = [f"{name}=={installedVersion(name)}" for name in KEEP_INSTALLED if installedVersion(name)]
-        path = os.path.join(self.workFolder(), "constraints.txt")
-        with open(path, "w") as file:
+        with tempfile.NamedTemporaryFile("w", prefix="PEFTAdapt-constraints-", suffix=".txt", delete=False) as file:
             file.write("\n".join(pins) + "\n")
-        return path
+        try:
+            yield file.name
+        finally:
+            os.remove(file.name)
 
 
 #

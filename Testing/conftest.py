@@ -45,3 +45,18 @@ def deepbet():
     from PEFTAdaptLib.models.deepbet import load_deepbet
 
     return load_deepbet()
+
+
+@pytest.fixture(scope="module")
+def thin(tmp_path_factory):
+    """A 40-slice slab of the real conformed T1 and a threshold label of it: a MeshNet job on it takes seconds."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = tmp_path_factory.mktemp("thin")
+    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))[:, :, 100:140]
+    label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+    label.CopyInformation(image)
+    sitk.WriteImage(image, str(folder / "thin.nii.gz"))
+    sitk.WriteImage(label, str(folder / "thin_label.nii.gz"))
+    return folder

@@ -164,7 +164,8 @@ CLASSES: dict[str, Class] = {
     "qMRMLWidget": Class(slicer("Libs/MRML/Widgets/qMRMLWidget.h"), "QWidget", {
         "setMRMLScene": None, "mrmlSceneChanged(vtkMRMLScene*)": None}),
     "qMRMLNodeComboBox": Class(slicer("Libs/MRML/Widgets/qMRMLNodeComboBox.h"), "QWidget", {
-        "nodeTypes": None, "noneEnabled": None, "addEnabled": None, "removeEnabled": None, "setMRMLScene": None,
+        "nodeTypes": None, "hideChildNodeTypes": None, "noneEnabled": None, "addEnabled": None, "removeEnabled": None,
+        "setMRMLScene": None,
         "currentNode": None, "setCurrentNode": None, "currentNodeChanged(vtkMRMLNode*)": None}),
     "qMRMLTableView": Class(slicer("Libs/MRML/Widgets/qMRMLTableView.h"), "QTableView", {
         "setMRMLScene": None, "setMRMLTableNode": None, "mrmlTableNode": None}),

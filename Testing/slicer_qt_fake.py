@@ -450,6 +450,7 @@ class qMRMLNodeComboBox(QWidget):
     def __init__(self, parent=None):
         super().__init__()
         self.nodeTypes = []
+        self.hideChildNodeTypes = []  # subclasses of nodeTypes not offered (qMRMLSortFilterProxyModel's filter)
         self.noneEnabled = self.addEnabled = self.removeEnabled = False
         self._scene = None
         self._node = None
@@ -464,7 +465,8 @@ class qMRMLNodeComboBox(QWidget):
 
     def setCurrentNode(self, node):
         if node is not None and not (self._scene is not None and self._scene.IsNodePresent(node)
-                                     and any(node.IsA(kind) for kind in self.nodeTypes)):
+                                     and any(node.IsA(kind) for kind in self.nodeTypes)
+                                     and not any(node.IsA(kind) for kind in self.hideChildNodeTypes)):
             node = None  # not offered by the combo box: nothing is selected
         if node is not self._node:
             self._node = node
@@ -694,7 +696,10 @@ def tempDirectory(key="__SlicerTemp__", tempDir=None, includeDateTime=True):
 
 
 def pip_install(requirements):
+    """Records the arguments, and the constraint files as pip reads them (they may be gone once it returns)."""
     FAKE.pipInstalls.append(requirements)
+    FAKE.pipConstraints += [Path(requirements[i + 1]).read_text() for i, argument in enumerate(requirements)
+                            if argument == "--constraint"]
 
 
 UTIL = {function.__name__: function for function in (
@@ -967,6 +972,7 @@ class SlicerQtFake:
         self.dialogs: list[tuple[str, str]] = []
         self.messages: list[str] = []
         self.pipInstalls: list = []
+        self.pipConstraints: list[str] = []
         self.slotErrors: list[Exception] = []
         self.confirmAnswers: list[bool] = []
         self.folderAnswers: list[str] = []

@@ -102,15 +102,35 @@ def test_cancel_leaves_the_scene_consistent(scene_logic):
 
 def test_an_empty_segmentation_is_refused_in_one_line_before_any_worker_starts(scene_logic):
     """The job builder reads every exported file as the worker will: an empty label stops the request where it is
-    made, naming the file, and leaves no job folder behind."""
+    made, and leaves no job folder behind.
+
+    Found by a user-level check: the message named the temporary export file ('…/.job-….export/train0_image.nrrd:
+    image has size (256, 256, 1) …'), deleted by then and called by no name the user sees; with several pairs the
+    user could not tell which was wrong. It names the node and its pair now."""
     from PEFTAdaptLib.errors import InputError
 
     volume, segmentation = pair(scene_logic, 3)
     empty = scene_logic.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     empty.GetSegmentation().AddEmptySegment("", "brain")
-    with pytest.raises(InputError, match=r"train0_label\.nrrd: label is empty"):
-        scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, empty)]))
+    with pytest.raises(InputError, match=r"^segmentation 'empty' \(training pair 2\): label is empty") as refused:
+        scene_logic.startAdaptation(request(scene_logic, trainingPairs=[(volume, segmentation), (volume, empty)]))
+    assert ".export" not in str(refused.value)
+    flat = scene_logic.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "one slice")
+    flat.SetAndObserveImageData(_one_slice(volume))
+    with pytest.raises(InputError, match=r"^volume 'one slice' \(volume to segment\): image has size"):
+        scene_logic.segment("deepbet-brain", flat)
     assert list(scene_logic.client.work_dir.iterdir()) == []
+
+
+def _one_slice(volume):
+    import vtk
+
+    extract = vtk.vtkExtractVOI()
+    extract.SetInputData(volume.GetImageData())
+    extent = volume.GetImageData().GetExtent()
+    extract.SetVOI(extent[0], extent[1], extent[2], extent[3], extent[4], extent[4])
+    extract.Update()
+    return extract.GetOutput()
 
 
 def _events(run):

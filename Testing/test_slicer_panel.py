@@ -251,10 +251,12 @@ def test_slicer_510_installs_through_pip_install_with_slicers_packages_pinned(fa
     assert kind == "confirm" and "nilearn>=0.10" not in text
     [arguments] = fake.pipInstalls
     assert arguments[:2] == ["nilearn>=0.10", "--constraint"]
-    pins = Path(arguments[2]).read_text().split()
+    [constraints] = fake.pipConstraints
+    pins = constraints.split()
     from importlib.metadata import version
 
     assert f"torch=={version('torch')}" in pins and f"numpy=={version('numpy')}" in pins
+    assert not Path(arguments[2]).exists()  # a temporary file, removed once pip is done
     fake.dialogs.clear()
     fake.confirmAnswers.append(False)  # declined: Start stops, nothing is installed
     assert not fake.module.PEFTAdaptLogic().ensureDependencies()
@@ -265,13 +267,31 @@ def test_slicer_512_installs_through_slicer_packaging(fake, monkeypatch, pytorch
     ensured = []
     packaging = types.ModuleType("slicer.packaging")  # Slicer 5.12's module, standing in for its pip machinery
     packaging.pip_ensure = lambda requirements, constraints=None, requester=None, **kw: ensured.append(
-        ([str(r) for r in requirements], constraints, requester))
+        ([str(r) for r in requirements], Path(constraints).read_text(), requester))
     packaging.load_requirements = lambda path: []
     monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
     assert fake.module.PEFTAdaptLogic().ensureDependencies()
+    assert not ensured  # everything is installed: nothing to ensure
+    only_missing(monkeypatch, {"nilearn": None})
+    assert fake.module.PEFTAdaptLogic().ensureDependencies()
     [(requirements, constraints, requester)] = ensured
     assert "monai>=1.3" in requirements and not any(r.startswith("torch") for r in requirements)
-    assert requester == "PEFTAdapt" and Path(constraints).is_file() and not fake.pipInstalls
+    assert requester == "PEFTAdapt" and "numpy==" in constraints and not fake.pipInstalls
+
+
+def test_the_constraints_file_is_made_only_for_an_install_and_removed_after_it(fake, monkeypatch, pytorch_extension):
+    """Found by a user-level check: every Start wrote `constraints.txt` into the work folder, where the job folders
+    are, even when nothing was installed (and docs/slicer.md did not say what the file was)."""
+    made = []
+    real = fake.module.tempfile.NamedTemporaryFile
+    monkeypatch.setattr(fake.module.tempfile, "NamedTemporaryFile", lambda *a, **k: made.append(1) or real(*a, **k))
+    logic = fake.module.PEFTAdaptLogic()
+    assert logic.ensureDependencies()  # everything installed
+    assert not made and not fake.pipInstalls and not fake.dialogs
+    only_missing(monkeypatch, {"nilearn": None})
+    assert logic.ensureDependencies()
+    assert len(made) == 1 and len(fake.pipConstraints) == 1 and not Path(fake.pipInstalls[0][2]).exists()
+    assert [path.name for path in Path(logic.workFolder()).iterdir()] == []
 
 
 def test_an_old_torch_is_refused_with_the_versions_named(fake, monkeypatch, pytorch_extension):
@@ -661,3 +681,361 @@ def test_a_killed_job_is_listed_interrupted_resumes_from_its_checkpoint_and_open
     assert (p.steps, p.patchSize, p.method) == (30, 64, run.job.spec.method.name)
     poll_until_finished(panel, seconds=30)
     assert p.adapterFolder == str(run.jobDir / "adapter") and not fake.dialogs
+
+
+# -- the user-level check of the panel (docs/slicer.md): results, rounds, restored scenes, reopened jobs ---------------
+
+MESHNET = "meshnet/model5_gw_ae"
+
+
+def load_meshnet(fake, panel, folder=None):
+    fake.folderAnswers.append(str(folder or shared(MESHNET)))
+    panel.ui.loadModelFolderButton.click()
+    assert not fake.dialogs, fake.dialogs
+
+
+def world_bounds(node) -> list[float]:
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    return bounds
+
+
+def exported(panel, segmentation, volume, path):
+    """The label a job would train on: the segmentation written onto its volume's grid, as a re-adapt writes it."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PEFTAdaptLib.mrml.scene_io import labels_from_card, write_segmentation_as_labelmap
+
+    labels = labels_from_card(panel.logic.sceneLogic.card(panel._parameterNode.modelId)["labels"])
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(write_segmentation_as_labelmap(segmentation, volume, labels,
+                                                                                    path)))).astype(np.uint8)
+
+
+def test_a_result_its_overlay_and_next_slice_follow_the_volumes_transform_and_export_back_as_predicted(
+        fake, panel, thin, tmp_path):
+    """Found by a user-level check: with the volume under a registration transform, the segmentation and the
+    uncertainty overlay came in without it (drawn 40 mm off), "Next slice to check" moved the views outside the
+    volume, and the unedited result exported back onto its volume (what a Re-adapt trains on) lost every voxel."""
+    import numpy as np
+    import SimpleITK as sitk
+    import vtk
+
+    from PEFTAdaptLib.uncertainty import companion_paths
+
+    ui, p, scene = panel.ui, panel._parameterNode, fake.scene
+    load_meshnet(fake, panel)
+    volume = load_volume(scene, thin / "thin.nii.gz", "T1 moved")
+    registration = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 40.0)
+    shift.SetElement(1, 3, -25.0)
+    registration.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(registration.GetID())
+    p.targetVolume, p.device = volume, "cpu"
+    ui.segmentButton.click()
+    poll_until_finished(panel)
+    assert not fake.dialogs, fake.dialogs
+    segmentation = p.outputSegmentation
+    [overlay] = panel._checkedRun.uncertaintyNodes
+    assert segmentation.GetParentTransformNode() is registration and overlay.GetParentTransformNode() is registration
+    assert np.allclose(world_bounds(overlay), world_bounds(volume), atol=1e-3)
+    inside = world_bounds(volume)
+    seg_bounds = world_bounds(segmentation)
+    assert all(inside[2 * i] - 1e-3 <= seg_bounds[2 * i] <= seg_bounds[2 * i + 1] <= inside[2 * i + 1] + 1e-3
+               for i in range(3)), (seg_bounds, inside)
+
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetLayoutName("Red")
+    ui.nextSliceButton.click()
+    prediction = segmentation.GetAttribute("PEFTAdapt.startedFrom")
+    ranking = json.loads(companion_paths(Path(prediction))["slices"].read_text())["planes"]["axial"]["slices"]
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    local = ijk_to_ras.MultiplyPoint([*map(float, ranking[0]["at"]), 1.0])[:3]
+    centre = [slice_node.GetSliceToRAS().GetElement(i, 3) for i in range(3)]
+    assert np.allclose(centre, [local[0] + 40.0, local[1] - 25.0, local[2]], atol=1e-3)
+
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(prediction))
+    again = exported(panel, segmentation, volume, tmp_path / "again.nrrd")
+    assert (predicted > 0).sum() > 1000 and np.array_equal(again, predicted)
+
+
+def test_readapt_rounds_keep_the_corrected_segmentation_and_train_on_every_rounds_corrections(
+        fake, panel, thin, tmp_path):
+    """Found by a user-level check: Re-adapt loaded the next prediction into the segmentation the clinician had just
+    corrected (the correction was gone from the scene), the next round trained on the newest correction only, and
+    the corrected pair left in the training list refused a plain Start afterwards ("the prediction as it was")."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PEFTAdaptLib.data.transforms import from_array, to_array
+    from PEFTAdaptLib.mrml.scene_io import import_prediction, labels_from_card
+
+    ui, p, scene = panel.ui, panel._parameterNode, fake.scene
+    load_meshnet(fake, panel)
+    labels = labels_from_card(panel.logic.sceneLogic.card(p.modelId)["labels"])
+    volume = load_volume(scene, thin / "thin.nii.gz", "T1")
+    drawn = load_segmentation(scene, thin / "thin_label.nii.gz", volume, "drawn", "White Matter")
+    p.trainingVolumes, p.trainingSegmentations = [volume], [drawn]
+    p.method, p.steps, p.patchSize, p.device, p.targetVolume = "bitfit", 1, 32, "cpu", volume
+
+    def correct(segmentation, k):
+        """The user paints white matter into a block of axial slice k, as with the Segment Editor."""
+        path = tmp_path / f"edit{k}.nrrd"
+        exported(panel, segmentation, volume, path)
+        image = sitk.ReadImage(str(path))
+        array = to_array(image, np.uint8)
+        array[60:120, 10:30, k] = 1
+        sitk.WriteImage(from_array(array, image), str(path))
+        import_prediction(scene, path, volume, labels, "edited", segmentation)
+        return exported(panel, segmentation, volume, tmp_path / f"as_corrected{k}.nrrd")
+
+    def trained_slices(run):
+        spec = json.loads((run.jobDir / "job.json").read_text())
+        return [np.flatnonzero(to_array(sitk.ReadImage(str(run.jobDir / case["annotated"])), np.uint8)
+                               .any(axis=(0, 1))).tolist() if case.get("annotated") else "whole"
+                for case in spec["support"]]
+
+    ui.applyButton.click()
+    poll_until_finished(panel)
+    first = p.outputSegmentation
+    first_prediction = first.GetAttribute("PEFTAdapt.startedFrom")
+    as_corrected = correct(first, 5)
+    ui.readaptButton.click()
+    poll_until_finished(panel)
+    assert not fake.dialogs, fake.dialogs
+    second = p.outputSegmentation
+    assert second is not first and second.GetName() == "T1 bitfit segmentation round 2"
+    assert first.GetName() == "T1 bitfit segmentation" and first.GetAttribute("PEFTAdapt.startedFrom") == \
+        first_prediction
+    assert np.array_equal(exported(panel, first, volume, tmp_path / "first.nrrd"), as_corrected)  # as the user left it
+    assert panel.ui.segmentEditorWidget._segmentation is second
+    assert list(p.trainingSegmentations) == [drawn]  # the training list is the user's, as they made it
+    assert trained_slices(panel._checkedRun) == ["whole", [5]]
+
+    correct(second, 15)
+    ui.readaptButton.click()
+    poll_until_finished(panel)
+    assert not fake.dialogs, fake.dialogs
+    assert trained_slices(panel._checkedRun) == ["whole", [5], [15]]  # round 1's correction still trains
+    assert p.outputSegmentation.GetName() == "T1 bitfit segmentation round 3"
+
+    ui.applyButton.click()  # a plain Start: the pairs of the training list only
+    assert not fake.dialogs, fake.dialogs
+    assert trained_slices(panel._run) == ["whole"]
+    poll_until_finished(panel)
+
+
+def test_the_dice_line_says_what_the_command_line_says_once_a_run_ends_and_the_kept_state_is_its_own_series(
+        fake, panel):
+    """Found by a user-level check: when no audit gain was reliable and the source model was kept, the panel's Dice
+    line still read 'best 0.950' (a state not delivered) and never showed the kept Dice, the gain or its lower bound;
+    the kept state was drawn as one more point of the audit series."""
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    run, process = start_waiting_run(fake, panel)
+    log = EventLog(run.jobDir, echo=False)
+    log({"event": "started", "task": "adapt", "steps": 40, "method": "lora", "trainable": 21000, "total": 2126258})
+    log({"event": "audit", "step": 0, "dice": 0.91})
+    log({"event": "audit", "step": 20, "dice": 0.95, "gain": 0.04, "gain_low": -0.01, "gain_high": 0.09,
+         "reliable": False})
+    panel._pollTimer._fire()
+    assert panel.ui.bestDiceLabel.text == "Audit Dice: current 0.950, best 0.950 (zero-shot 0.910)"
+    log({"event": "validation", "step": 40, "dice": 0.91, "gain": 0.0, "gain_low": -0.02, "kept": "start",
+         "classes": {"White Matter": 0.93, "Grey Matter": 0.89},
+         "message": "no reliable gain on the audit: the source model is kept"})
+    (run.jobDir / "adapter").mkdir()
+    log({"event": "finished", "adapter": "adapter", "kept": "start", "exit_code": 0,
+         "message": "no reliable gain on the audit: the source model is kept"})
+    log.close()
+    panel._pollTimer._fire()
+    assert panel.ui.bestDiceLabel.text.split("\n") == [
+        "audit Dice: start 0.9100, kept 0.9100 — audit Dice +0.0 points (95 % lower bound -2.0)",
+        "audit Dice per class: White Matter 0.9300, Grey Matter 0.8900"]
+    assert run.state.dice_text in panel.ui.bestDiceLabel.text and "best" not in panel.ui.bestDiceLabel.text
+    chart = run.monitor.chart
+    names = [fake.scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(i)).GetName()
+             for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert "kept state" in names and run.monitor.dice_values() == [(0, 0.91), (20, 0.95)]
+    process.kill()
+
+
+def test_a_saved_scene_loads_its_folder_model_again_and_start_says_why_when_it_cannot(thin, tmp_path, monkeypatch):
+    """Found by a user-level check: a scene saved with a model loaded from a folder reopened (a restarted Slicer)
+    with an empty model box and "unknown model", yet Start was enabled and failed; the parameter node kept the
+    model's id only."""
+    import shutil
+
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("PEFTADAPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder = tmp_path / "model5_gw_ae"
+    shutil.copytree(shared(MESHNET), folder)
+    mrml = tmp_path / "saved" / "scene.mrml"
+    mrml.parent.mkdir()
+
+    def session(scene):
+        fake = SlicerQtFake(scene, tmp_path / "slicer-temp")
+        fake.loadModule()
+        return fake, fake.createWidget()
+
+    fake, panel = session(new_scene())
+    try:
+        load_meshnet(fake, panel, folder)
+        p = panel._parameterNode
+        volume = load_volume(fake.scene, thin / "thin.nii.gz", "T1")
+        segmentation = load_segmentation(fake.scene, thin / "thin_label.nii.gz", volume, "drawn", "White Matter")
+        p.trainingVolumes, p.trainingSegmentations = [volume], [segmentation]
+        storage = segmentation.CreateDefaultStorageNode()
+        fake.scene.AddNode(storage)
+        segmentation.SetAndObserveStorageNodeID(storage.GetID())
+        storage.SetFileName(str(mrml.parent / "drawn.seg.nrrd"))
+        assert storage.WriteData(segmentation)
+        fake.scene.SetURL(str(mrml))
+        fake.scene.SetRootDirectory(str(mrml.parent))
+        assert fake.scene.Commit()
+    finally:
+        panel.cleanup()
+        fake.close()
+
+    def restored():
+        scene = new_scene()
+        fake, panel = session(scene)
+        scene.SetURL(str(mrml))
+        assert scene.Connect()
+        panel.parent.isEntered = True
+        panel.initializeParameterNode()
+        return fake, panel
+
+    fake, panel = restored()  # a restarted Slicer opens the saved scene
+    try:
+        ui = panel.ui
+        assert panel._parameterNode.modelId == "model5_gw_ae"
+        assert ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) == "model5_gw_ae"
+        assert "White Matter" in ui.modelDescriptionLabel.text and ui.applyButton.enabled, ui.applyButton.toolTip
+    finally:
+        panel.cleanup()
+        fake.close()
+
+    shutil.rmtree(folder)  # the model folder moved away
+    fake, panel = restored()
+    try:
+        ui = panel.ui
+        assert not ui.applyButton.enabled
+        assert "model5_gw_ae" in ui.applyButton.toolTip and f"{folder} is missing" in ui.applyButton.toolTip
+        assert "Load model from folder" in ui.applyButton.toolTip
+    finally:
+        panel.cleanup()
+        fake.close()
+
+
+def test_resume_and_open_show_the_scenes_own_nodes_and_load_a_file_the_job_holds_twice_once(fake, panel):
+    """Found by a user-level check: every Resume of a job loaded its cases again as new nodes (the same volume twice
+    when it was also the volume to segment) and moved the training pairs onto the copies, so edits of the original
+    segmentation were no longer used."""
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    ui, p, scene = panel.ui, panel._parameterNode, fake.scene
+    panel.logic.sceneLogic.client.runner = runner = WaitingRunner()
+    add_training_data(fake, p)
+    volume, segmentation, audit = p.trainingVolumes[0], p.trainingSegmentations[0], p.auditVolumes[0]
+    p.targetVolume = volume
+
+    def counts():
+        return {kind: scene.GetNodesByClass(kind).GetNumberOfItems()
+                for kind in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")}
+
+    def cancel():
+        """Cancel, and the job says so as its worker would (the waiting process writes nothing)."""
+        log = EventLog(panel._run.jobDir, echo=False)
+        log({"event": "cancelled", "step": 0})
+        log.close()
+        ui.applyButton.click()
+        assert ended(runner.processes[-1])
+        poll_until_finished(panel, seconds=30)
+        assert not fake.dialogs, fake.dialogs
+
+    before = counts()
+    ui.applyButton.click()
+    assert not fake.dialogs, fake.dialogs
+    for resume in range(2):
+        cancel()
+        ui.refreshJobsButton.click()
+        ui.jobsTable.setCurrentCell(0, 0)
+        ui.resumeJobButton.click()
+        assert not fake.dialogs, fake.dialogs
+        assert len(runner.processes) == resume + 2 and counts() == before
+        assert (list(p.trainingVolumes), list(p.trainingSegmentations), list(p.auditVolumes), p.targetVolume) == \
+            ([volume], [segmentation], [audit], volume)
+    cancel()
+
+    panel.parent.isEntered = True
+    fake.scene.Clear(0)  # a new scene: the job's files are loaded, the volume it trains on and segments once
+    p = panel._parameterNode
+    ui.refreshJobsButton.click()
+    ui.jobsTable.setCurrentCell(0, 0)
+    ui.openJobButton.click()
+    assert not fake.dialogs, fake.dialogs
+    assert sorted(node.GetName() for node in (scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetItemAsObject(i)
+                  for i in range(scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems()))) == \
+        ["T1c 3", "T1c 4"]
+    assert p.targetVolume is p.trainingVolumes[0]
+    poll_until_finished(panel, seconds=30)
+
+
+def test_closing_the_scene_and_a_new_segment_leave_no_label_of_the_last_run(fake, panel):
+    """Found by a user-level check: after File → Close scene under a running job the panel still said 'Training,
+    step 120/400 …' with the progress bar at 120/400 and a Cancel button; pressing Segment after an adaptation kept
+    the adaptation's (failed) Dice line next to the segmentation's status."""
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    ui = panel.ui
+    run, process = start_waiting_run(fake, panel)
+    log = EventLog(run.jobDir, echo=False)
+    log({"event": "started", "task": "adapt", "steps": 400, "method": "lora", "trainable": 21000, "total": 2126258})
+    log({"event": "audit", "step": 0, "dice": 0.91})
+    log({"event": "step", "step": 120, "steps": 400, "loss": 0.3, "eta_s": 600})
+    log.close()
+    panel._pollTimer._fire()
+    assert ui.progressBar.value == 120 and ui.bestDiceLabel.text and ui.applyButton.text == "Cancel"
+    fake.scene.Clear(0)  # the module is not entered: nothing re-initialises the panel afterwards
+    assert ended(process)
+    assert ui.statusLabel.text == "Cancelled (scene closed)" and ui.progressBar.value == 0
+    assert ui.bestDiceLabel.text == "" and ui.runInfoLabel.text == "" and ui.applyButton.text == "Start"
+
+    panel.initializeParameterNode()
+    run, process = start_waiting_run(fake, panel)
+    log = EventLog(run.jobDir, echo=False)
+    log({"event": "audit", "step": 0, "dice": 0.91})
+    log({"event": "failed", "message": "out of memory", "exit_code": 3})
+    log.close()
+    panel._pollTimer._fire()
+    fake.dialogs.clear()
+    process.kill()
+    panel._parameterNode.targetVolume = panel._parameterNode.trainingVolumes[0]
+    ui.segmentButton.click()
+    assert not fake.dialogs, fake.dialogs
+    assert ui.bestDiceLabel.text == "" and ui.statusLabel.text.startswith("Starting")
+    panel._run.cancel()
+
+
+def test_the_volume_selectors_offer_no_label_map_and_a_label_map_given_as_the_image_is_refused(fake, panel):
+    """Found by a user-level check: a label map volume was offered as a training volume and as the volume to
+    segment (Slicer's node combo box lists subclasses), and a run trained on it as the image without a word."""
+    from PEFTAdaptLib.mrml.scene_io import SceneError
+
+    ui, p = panel.ui, panel._parameterNode
+    add_training_data(fake, p)
+    labelmap = fake.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
+    labelmap.SetAndObserveImageData(p.trainingVolumes[0].GetImageData())
+    for selector in (ui.pairVolumeSelector, ui.targetVolumeSelector):
+        assert selector.hideChildNodeTypes == ["vtkMRMLLabelMapVolumeNode"]
+        selector.setCurrentNode(labelmap)
+        assert selector.currentNode() is None
+        selector.setCurrentNode(p.trainingVolumes[0])
+        assert selector.currentNode() is p.trainingVolumes[0]
+    p.trainingVolumes = [labelmap]  # set from Python, past the selector
+    with pytest.raises(SceneError, match=r"volume 'mask' \(training pair 1\) is a label map, not an image"):
+        panel.logic.startAdaptation(p)
+    assert panel.logic.sceneLogic.adaptationJobs() == []

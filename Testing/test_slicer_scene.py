@@ -144,3 +144,56 @@ def test_run_state_of_a_predict_job_counts_its_volumes_and_says_whether_it_succe
     cancelled = RunState()
     cancelled.update({"event": "cancelled", "reason": "stopped by the user"})
     assert cancelled.finished and not cancelled.succeeded
+
+
+def test_a_segment_gets_its_classs_value_whatever_the_case_of_its_name_or_the_name_of_a_single_segment(tmp_path):
+    """Found by a user-level check: a segment named 'Segment_1' (the Segment Editor's default) for a one-class model,
+    or 'white matter' for a model whose class is 'White Matter', was exported with a value past the model's classes
+    ([0, 2], [0, 3]): Slicer looked the segment's own name up in a colour table keyed by the class names, and the job
+    was refused with 'label values [3] are not classes of this model'."""
+    scene = new_scene()
+    volume = load_volume(scene, shared("spine/t2/t2.nii.gz"))
+    label = shared("spine/t2/t2_seg-manual.nii.gz")
+    matter = [SegmentLabel(0, "background", (0, 0, 0)), SegmentLabel(1, "White Matter", (1, 1, 1)),
+              SegmentLabel(2, "Grey Matter", (0.5, 0.5, 0.5))]
+    for labels, name, value in ((CORD, "Segment_1", 1), (CORD, "SPINAL CORD", 1), (matter, "white matter", 1),
+                                (matter, "grey MATTER", 2)):
+        segmentation = load_segmentation(scene, label, volume, name, name)
+        written = write_segmentation_as_labelmap(segmentation, volume, labels, tmp_path / f"{name}.nrrd")
+        assert np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(written)))).tolist() == [0, value], name
+    both = load_segmentation(scene, label, volume, "both", "White Matter")
+    both.GetSegmentation().AddEmptySegment("", "white matter")
+    with pytest.raises(SceneError, match=r"'both': segments \['White Matter', 'white matter'\] are the same class"):
+        write_segmentation_as_labelmap(both, volume, matter, tmp_path / "both.nrrd")
+
+
+def test_the_kept_state_is_its_own_series_and_the_end_of_a_run_reads_as_the_command_line_reports_it(capsys):
+    """Found by a user-level check: the kept state's validation Dice was drawn as one more, unlabelled point of the
+    audit series, and the panel's Dice line named the best audit even when that state was not kept; the command
+    line's report (start, kept, gain with its lower bound, Dice per class) is now the RunState's text for both."""
+    import types
+    from pathlib import Path
+
+    from PEFTAdaptLib import cli
+
+    scene = new_scene()
+    monitor, state = AdaptationMonitor(scene, "run"), RunState()
+    events = [{"event": "audit", "step": 0, "dice": 0.91},
+              {"event": "audit", "step": 20, "dice": 0.95, "gain": 0.04, "gain_low": -0.01, "gain_high": 0.09},
+              {"event": "validation", "step": 20, "dice": 0.93, "gain": 0.02, "gain_low": 0.005, "kept": "adapted",
+               "classes": {"White Matter": 0.95, "Grey Matter": 0.91}},
+              {"event": "finished", "exit_code": 0}]
+    for event in events:
+        monitor.handle(event)
+        state.update(event)
+    assert monitor.dice_values() == [(0, 0.91), (20, 0.95)]
+    series = {scene.GetNodeByID(monitor.chart.GetNthPlotSeriesNodeID(i)).GetName(): i
+              for i in range(monitor.chart.GetNumberOfPlotSeriesNodes())}
+    kept = scene.GetNodeByID(monitor.chart.GetNthPlotSeriesNodeID(series["kept state"]))
+    assert kept.GetTableNodeID() == monitor.kept_table.GetID()
+    assert monitor.kept_table.GetTable().GetValue(0, 1).ToDouble() == 0.93
+    assert state.dice_text == "audit Dice: start 0.9100, kept 0.9300 — audit Dice +2.0 points (95 % lower bound +0.5)"
+    assert state.class_text == "audit Dice per class: White Matter 0.9500, Grey Matter 0.9100"
+    cli.report(types.SimpleNamespace(state=state, adapter_folder=Path("/nonexistent"),
+                                     prediction_paths=lambda: [], folder=None))
+    assert capsys.readouterr().out.splitlines()[:2] == [state.dice_text, state.class_text]

@@ -15,22 +15,11 @@ from slicer_scene import load_segmentation, load_volume, new_scene
 
 from PEFTAdaptLib.data.transforms import from_array, to_array  # noqa: E402
 from PEFTAdaptLib.jobs import JobClient  # noqa: E402
-from PEFTAdaptLib.mrml.logic import STARTED_FROM, AdaptationRequest, SceneLogic  # noqa: E402
+from PEFTAdaptLib.mrml.logic import STARTED_FROM, UNCERTAINTY_ROLE, AdaptationRequest, SceneLogic  # noqa: E402
 from PEFTAdaptLib.uncertainty import companion_paths  # noqa: E402
 from PEFTAdaptLib.mrml.scene_io import (  # noqa: E402
     SceneError, import_prediction, labels_from_card, write_segmentation_as_labelmap,
 )
-
-
-@pytest.fixture(scope="module")
-def thin(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("thin")
-    image = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))[:, :, 100:140]
-    label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
-    label.CopyInformation(image)
-    sitk.WriteImage(image, str(folder / "thin.nii.gz"))
-    sitk.WriteImage(label, str(folder / "thin_label.nii.gz"))
-    return folder
 
 
 def test_corrected_slices_are_what_a_readapt_trains_on(thin, tmp_path):
@@ -85,3 +74,32 @@ def test_corrected_slices_are_what_a_readapt_trains_on(thin, tmp_path):
     assert np.flatnonzero(mask.any(axis=(0, 1))).tolist() == [10, 25]
     assert spec["support"][0].get("annotated") is None  # the first round's drawn label counts whole
     assert second.wait(600).outcome == "finished", second.state.message
+
+
+def test_each_result_segmentation_keeps_one_uncertainty_overlay_across_runs(thin, tmp_path):
+    """Found by a user-level check: every run added another '<volume> uncertainty' volume and colour table of the same
+    name (the old ones stayed in the scene and in the volume selectors) while the segmentation itself was reused."""
+    scene = new_scene()
+    logic = SceneLogic(scene, JobClient(tmp_path / "jobs"))
+    card = logic.registerModelFolder(str(shared("meshnet/model5_gw_ae")))
+    volume = load_volume(scene, thin / "thin.nii.gz", "T1")
+
+    def segment(into=None):
+        run = logic.segment(card["id"], volume, device="cpu")
+        assert run.wait(600).outcome == "finished", run.state.message
+        [segmentation] = run.importResults(into)
+        return segmentation, run.uncertaintyNodes[0]
+
+    def counts():
+        return [scene.GetNodesByClass(kind).GetNumberOfItems() for kind in ("vtkMRMLScalarVolumeNode",
+                                                                            "vtkMRMLColorTableNode")]
+
+    segmentation, overlay = segment()
+    before = counts()
+    assert segmentation.GetNodeReference(UNCERTAINTY_ROLE) is overlay
+    assert overlay.GetName() == f"{segmentation.GetName()} uncertainty"
+    again, overlay_again = segment(segmentation)
+    assert (again, overlay_again) == (segmentation, overlay) and counts() == before
+    assert overlay.GetDisplayNode().GetColorNode().GetName() == f"{overlay.GetName()} colours"
+    other, other_overlay = segment()  # another result segmentation has its own overlay
+    assert other is not segmentation and other_overlay is not overlay

@@ -15,9 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import PEFTAdaptError
 from ..jobs import (
     ADAPTER_DIR, RESUMABLE, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec, job_info, load_job,
 )
+from ..jobs.create import ROLES
 from ..jobs.spec import resolve_input
 from ..methods import DEFAULT_METHOD, Budget, make_method, method_class
 from .monitor import AdaptationMonitor
@@ -32,6 +34,9 @@ EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactl
 #: checked (JSON [[axis, index], …], IJK of its volume). A training pair whose segmentation started from a
 #: prediction trains on the slices that differ from it, and on the marked ones (sparse supervision, data/sparse.py)
 STARTED_FROM, CHECKED_SLICES = "PEFTAdapt.startedFrom", "PEFTAdapt.checkedSlices"
+#: node reference of a result segmentation to its uncertainty overlay: the next result read into the segmentation
+#: reads its overlay into the same volume node
+UNCERTAINTY_ROLE = "PEFTAdapt.uncertainty"
 _TRAIN_DEFAULTS = TrainSpec()
 
 
@@ -100,8 +105,11 @@ def describe_event(event: dict) -> str:
 class SceneRun:
     """One job seen from the scene: its monitor nodes (tables, charts) and, when it finishes, its segmentations."""
 
-    def __init__(self, logic: "SceneLogic", job: Job, modelId: str, volumes: list, label: str, log=None):
+    def __init__(self, logic: "SceneLogic", job: Job, modelId: str, volumes: list, label: str, log=None,
+                 trainedOn: tuple = (), round: int = 1):
         self.logic, self.job, self.modelId, self.volumes, self.label = logic, job, modelId, volumes, label
+        #: the segmentation nodes the run trains on: its results never overwrite them (a correction stays as made)
+        self.trainedOn, self.round = tuple(trainedOn), round
         self.monitor = AdaptationMonitor(logic.scene, f"PEFTAdapt {job.folder.name}")
         self.log = log or (lambda line: None)
         self.uncertaintyNodes: list = []  # the imported uncertainty maps (colour overlays of the slice views)
@@ -149,20 +157,27 @@ class SceneRun:
 
     def importResults(self, segmentationNode=None) -> list:
         """Segmentation nodes for the predicted volumes (the model's names, colours, terminology; the volume's
-        geometry); `segmentationNode` is reused for the first one."""
+        geometry); `segmentationNode` is reused for the first one unless the run trains on it. A later round's result
+        goes into a new node named after its round. Each segmentation keeps its uncertainty overlay (a node
+        reference), which the next result read into it reuses."""
         labels = labels_from_card(self.logic.card(self.modelId)["labels"])
+        if segmentationNode in self.trainedOn:
+            segmentationNode = None
+        rounds = f" round {self.round}" if self.round > 1 else ""
         nodes = []
         for volume, path in zip(self.volumes, self.job.prediction_paths()):
-            node = import_prediction(self.logic.scene, path, volume, labels, f"{volume.GetName()} {self.label}",
-                                     segmentationNode)
+            node = import_prediction(self.logic.scene, path, volume, labels,
+                                     f"{volume.GetName()} {self.label}{rounds}", segmentationNode)
             node.SetAttribute(STARTED_FROM, str(path))  # a correction of it trains on the slices it changes
             node.RemoveAttribute(CHECKED_SLICES)
             nodes.append(node)
             segmentationNode = None
             uncertainty = companion_paths(path)["uncertainty"]
             if uncertainty.is_file():
-                self.uncertaintyNodes.append(import_overlay(self.logic.scene, uncertainty,
-                                                            f"{volume.GetName()} uncertainty"))
+                overlay = import_overlay(self.logic.scene, uncertainty, f"{node.GetName()} uncertainty", volume,
+                                         node.GetNodeReference(UNCERTAINTY_ROLE))
+                node.SetNodeReferenceID(UNCERTAINTY_ROLE, overlay.GetID())
+                self.uncertaintyNodes.append(overlay)
         return nodes
 
 
@@ -172,6 +187,11 @@ class SceneLogic:
         self.client = client
         self._folderCards: dict[str, dict] = {}
         self._listedCards: list[dict] | None = None
+        #: this job request's exported files → (node, what the user calls it), while `_submit` builds it
+        self._exports: dict[str, tuple] = {}
+        #: a job input file (resolved path) → the scene node it was exported from or loaded into: reopening a job
+        #: shows those nodes instead of loading copies
+        self._inputNodes: dict[str, object] = {}
 
     # -- models ----------------------------------------------------------------------------------------------------
     def modelCards(self) -> list[dict]:
@@ -195,6 +215,27 @@ class SceneLogic:
     def modelReference(self, modelId: str) -> str:
         """What the worker loads: the id of a built-in model, else the model's folder (ids of folders are local)."""
         return self.card(modelId).get("path") or modelId
+
+    def modelFolder(self, modelId: str) -> str:
+        """The folder of a model loaded with "Load from folder…" ("" for the others): the scene saves it, so that a
+        restored scene can load the model again."""
+        card = self._folderCards.get(modelId)
+        return card["path"] if card else ""
+
+    def restoreModelFolder(self, modelId: str, folder: str) -> dict:
+        """A model loaded from `folder` before the scene was saved, loaded again; refused with the reason when the
+        folder is gone, holds another model, or runs TorchScript the user has not trusted (they load it themselves)."""
+        unknown = f"unknown model '{modelId}'"
+        if not Path(folder).is_dir():
+            raise SceneError(f"{unknown}: its folder {folder} is missing; load the model with Load model from "
+                             "folder…")
+        if self.untrustedTorchScript(folder):
+            raise SceneError(f"{unknown}: {folder} is a TorchScript model not trusted on this computer; load it with "
+                             "Load model from folder…")
+        card = self.registerModelFolder(folder)
+        if card["id"] != modelId:
+            raise SceneError(f"{unknown}: {folder} now holds model '{card['id']}'")
+        return card
 
     def registerModelFolder(self, folder: str) -> dict:
         """A MONAI bundle, nnU-Net v2 folder, TorchScript + card or MeshNet folder; refused with the reason if its
@@ -255,15 +296,25 @@ class SceneLogic:
         return config
 
     # -- jobs ------------------------------------------------------------------------------------------------------
-    def _exportCase(self, folder: Path, name: str, volume, segmentation=None, labels=None) -> CaseSpec:
+    def _exportCase(self, folder: Path, name: str, what: str, volume, segmentation=None, labels=None) -> CaseSpec:
+        """Write a case's nodes as the job's input files; `what` is the case as the panel lists it ("training pair
+        1"), which an error about the files names instead of the temporary file."""
         if volume is None:
-            raise SceneError(f"{name}: a volume is needed")
+            raise SceneError(f"{what}: a volume is needed")
+        if volume.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise SceneError(f"volume '{volume.GetName()}' ({what}) is a label map, not an image: choose the image; "
+                             "an annotation kept as a label map is converted to a segmentation in the Data module")
         image = write_volume(volume, folder / f"{name}_image{EXPORT_SUFFIX}")
+        self._exports[str(image)] = volume, f"volume '{volume.GetName()}' ({what})"
         label = annotated = None
         if segmentation is not None:
             label = write_segmentation_as_labelmap(segmentation, volume, labels,
                                                    folder / f"{name}_label{EXPORT_SUFFIX}")
+            self._exports[str(label)] = segmentation, f"segmentation '{segmentation.GetName()}' ({what})"
             annotated = self._correctedSlices(segmentation, label, folder / f"{name}_annotated{EXPORT_SUFFIX}")
+            if annotated:
+                self._exports[str(annotated)] = None, f"the corrected slices of segmentation " \
+                                                      f"'{segmentation.GetName()}' ({what})"
         return CaseSpec([str(image)], str(label) if label else None, volume.GetName(),
                         str(annotated) if annotated else None)
 
@@ -308,11 +359,12 @@ class SceneLogic:
         for role, given in (("training", request.trainingPairs), ("audit", request.auditPairs)):
             if any(volume is None or segmentation is None for volume, segmentation in given):
                 raise SceneError(f"every {role} pair needs a volume and its segmentation")
-        pairs = [self._exportCase(exportFolder, f"train{i}", v, s, labels)
+        pairs = [self._exportCase(exportFolder, f"train{i}", f"training pair {i + 1}", v, s, labels)
                  for i, (v, s) in enumerate(request.trainingPairs)]
-        audit = [self._exportCase(exportFolder, f"audit{i}", v, s, labels)
+        audit = [self._exportCase(exportFolder, f"audit{i}", f"audit pair {i + 1}", v, s, labels)
                  for i, (v, s) in enumerate(request.auditPairs)]
-        targets = [self._exportCase(exportFolder, f"target{i}", v) for i, v in enumerate(request.targetVolumes)]
+        targets = [self._exportCase(exportFolder, f"target{i}", "volume to segment", v)
+                   for i, v in enumerate(request.targetVolumes)]
         # without labels the method adapts to the targets (labelled pairs, if any, are its source-like cases)
         support, source = (pairs, []) if method.needs_labels else (
             [CaseSpec(c.images, None, c.name) for c in targets], pairs)
@@ -325,23 +377,53 @@ class SceneLogic:
             warm_start=request.warmStartAdapter,
         )
 
-    def _submit(self, build, modelId: str, volumes: list, label: str, log=None) -> SceneRun:
+    def _submit(self, build, modelId: str, volumes: list, label: str, log=None, **run) -> SceneRun:
         folder = self.client.new_folder()
         export = folder.parent / f".{folder.name}.export"
         export.mkdir()
+        self._exports = {}
         try:
-            job = self.client.launch(self.client.create(build(export), folder))
+            spec = build(export)
+            self.client.create(spec, folder)
+            self._rememberInputs(spec, folder)
+            job = self.client.launch(folder)
+        except PEFTAdaptError as exc:  # the engine names the temporary export file: name the user's node instead
+            shutil.rmtree(folder, ignore_errors=True)
+            exc.args = (self._namedNodes(str(exc)),)
+            raise
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         finally:
             shutil.rmtree(export, ignore_errors=True)
-        return SceneRun(self, job, modelId, volumes, label, log)
+            self._exports = {}
+        return SceneRun(self, job, modelId, volumes, label, log, **run)
+
+    def _namedNodes(self, message: str) -> str:
+        for path, (_node, what) in sorted(self._exports.items(), key=lambda item: -len(item[0])):
+            message = message.replace(path, what)
+        return message
+
+    def _rememberInputs(self, spec: JobSpec, folder: Path) -> None:
+        """Record which node each input file of the new job came from (exported now, or an input of an earlier job
+        that a re-adapt carries over), so that opening the job again shows those nodes."""
+        staged = load_job(folder)
+        for role in ROLES:
+            for given, copied in zip(getattr(spec, role), getattr(staged, role)):
+                for source, target in zip([*given.images, given.label], [*copied.images, copied.label]):
+                    if not (source and target):
+                        continue
+                    node = self._exports.get(source, (None,))[0] or self._inputNodes.get(_resolved(folder, source))
+                    if node is not None:
+                        self._inputNodes[_resolved(folder, target)] = node
 
     def startAdaptation(self, request: AdaptationRequest, log=None) -> SceneRun:
-        """Export the nodes, make the job and start its worker in the background; poll the returned run."""
+        """Export the nodes, make the job and start its worker in the background; poll the returned run. A run
+        warm-started from an adapter is a later round."""
         return self._submit(lambda export: self.jobRequest(request, export), request.modelId,
-                            list(request.targetVolumes), f"{request.method} segmentation", log)
+                            list(request.targetVolumes), f"{request.method} segmentation", log,
+                            trainedOn=[segmentation for _volume, segmentation in request.trainingPairs],
+                            round=2 if request.warmStartAdapter else 1)
 
     def startReadaptation(self, previous: SceneRun, correctedPairs: list, log=None) -> SceneRun:
         """The next round after a finished run: warm start from its adapter, its training cases plus the corrected
@@ -349,11 +431,14 @@ class SceneLogic:
         labels = labels_from_card(self.card(previous.modelId)["labels"])
 
         def build(export: Path) -> JobSpec:
-            corrected = [self._exportCase(export, f"corrected{i}", volume, segmentation, labels)
+            corrected = [self._exportCase(export, f"corrected{i}", f"corrected pair {i + 1}", volume, segmentation,
+                                          labels)
                          for i, (volume, segmentation) in enumerate(correctedPairs)]
             return self.client.readapt_request(previous.jobDir, corrected)
 
-        return self._submit(build, previous.modelId, previous.volumes, previous.label, log)
+        return self._submit(build, previous.modelId, previous.volumes, previous.label, log,
+                            trainedOn=[*previous.trainedOn, *(segmentation for _, segmentation in correctedPairs)],
+                            round=previous.round + 1)
 
     def adaptationJobs(self) -> list:
         """The work folder's adaptation jobs as `JobInfo`, newest first (a job whose worker died is `interrupted`)."""
@@ -375,16 +460,31 @@ class SceneLogic:
         modelId = next((card["id"] for card in self.modelCards() if spec.model in (card["id"], card.get("path"))),
                        None) or self.registerModelFolder(spec.model)["id"]
         labels = labels_from_card(self.card(modelId)["labels"])
+        loaded: dict[str, object] = {}  # file content → node: a file the job holds twice (training and target) once
+
+        def node_for(path: str, make):
+            """The scene's node for a job input: the one it came from or was loaded into before, if still there."""
+            from ..models.safe_load import sha256_file
+
+            key = _resolved(folder, path)
+            node = self._inputNodes.get(key)
+            if node is None or not self.scene.IsNodePresent(node):
+                digest = sha256_file(key)
+                node = loaded.get(digest)
+                if node is None or not self.scene.IsNodePresent(node):
+                    node = loaded[digest] = make(Path(key))
+                self._inputNodes[key] = node
+            return node
 
         def load(case: CaseSpec, labelled: bool = True):
             if len(case.images) != 1:
                 raise SceneError(f"{folder}: case '{case.name}' has {len(case.images)} channels; the panel shows "
                                  "single-channel cases")
-            volume = read_volume(self.scene, resolve_input(folder, case.images[0]), case.name or "volume")
+            volume = node_for(case.images[0], lambda path: read_volume(self.scene, path, case.name or "volume"))
             if not (labelled and case.label):
                 return volume
-            return volume, import_prediction(self.scene, resolve_input(folder, case.label), volume, labels,
-                                             f"{volume.GetName()} segmentation")
+            return volume, node_for(case.label, lambda path: import_prediction(
+                self.scene, path, volume, labels, f"{volume.GetName()} segmentation"))
 
         method = spec.method
         pairs = [load(c) for c in (spec.support if method.needs_labels else spec.source)]
@@ -411,6 +511,12 @@ class SceneLogic:
 
         def build(export: Path) -> JobSpec:
             return JobSpec(model=self.modelReference(modelId), task="predict", adapter=adapterFolder,
-                           predict=[self._exportCase(export, "volume", volume)], train=TrainSpec(device=device))
+                           predict=[self._exportCase(export, "volume", "volume to segment", volume)],
+                           train=TrainSpec(device=device))
 
         return self._submit(build, modelId, [volume], "segmentation", log)
+
+
+def _resolved(folder: Path, path: str) -> str:
+    """A job input's path as one key, however the job names it (relative to its folder, or absolute)."""
+    return str(resolve_input(Path(folder), path).resolve())

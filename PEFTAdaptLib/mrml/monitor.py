@@ -11,6 +11,7 @@ import vtk
 #: dice_low/dice_high: the audit Dice moved by the 95 % interval of its gain over the start (the band the chart
 #: draws: a state is kept only when the band's lower edge clears the start)
 DICE_COLUMNS = ("step", "dice", "dice_low", "dice_high")
+KEPT_COLUMNS = ("step", "dice")
 LOSS_COLUMNS = ("step", "loss")
 AGREEMENT_COLUMNS = ("step", "agreement")
 UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delta_dice", "state")
@@ -66,6 +67,11 @@ class AdaptationMonitor:
             edge.SetPlotType(edge.PlotTypeLine)
             edge.SetLineStyle(edge.LineStyleDash)
             self.chart.AddAndObservePlotSeriesNodeID(edge.GetID())
+        # the state the run delivers (the `validation` event) as its own series: not one more audit point
+        self.kept_table = _new_table(scene, f"{name} kept state", KEPT_COLUMNS)
+        kept = self._series(self.kept_table, "kept state", "step", "dice", (0.9, 0.2, 0.1))
+        kept.SetMarkerStyle(kept.MarkerStyleDiamond)
+        self.chart.AddAndObservePlotSeriesNodeID(kept.GetID())
         self.agreement_table = _new_table(scene, f"{name} ESH agreement", AGREEMENT_COLUMNS)
         self.agreement_series = self._series(self.agreement_table, "ESH/decoder agreement (label-free)", "step",
                                              "agreement", (0.8, 0.2, 0.6))
@@ -95,8 +101,10 @@ class AdaptationMonitor:
 
     def handle(self, event: dict) -> None:
         kind = event.get("event")
-        if kind in ("audit", "validation") and "dice" in event:
+        if kind == "audit" and "dice" in event:
             _append_row(self.dice_table, (event["step"], *_dice_band(event)))
+        elif kind == "validation" and "dice" in event:
+            _append_row(self.kept_table, (event["step"], event["dice"]))
         elif kind == "agreement":  # label-free: ESH/decoder agreement, plus Dice when an evaluation reference exists
             _append_row(self.agreement_table, (event["step"], event["agreement"]))
             if event.get("dice") is not None:

@@ -71,21 +71,25 @@ def read_labelmap(scene, path: Path, name: str):
     return _read_volume_node(scene, path, name, "vtkMRMLLabelMapVolumeNode", "the prediction")
 
 
-def read_volume(scene, path: Path, name: str):
-    """Load a scalar volume with its file's geometry and a default (greyscale, auto window/level) display."""
-    node = _read_volume_node(scene, path, name, "vtkMRMLScalarVolumeNode", "volume")
+def read_volume(scene, path: Path, name: str, node=None):
+    """Load a scalar volume with its file's geometry and a default (greyscale, auto window/level) display; `node`
+    (an earlier load of the same kind of file) is read into again instead of adding a node."""
+    node = _read_volume_node(scene, path, name, "vtkMRMLScalarVolumeNode", "volume", node)
     node.CreateDefaultDisplayNodes()
     return node
 
 
-def _read_volume_node(scene, path: Path, name: str, class_name: str, what: str):
-    node = scene.AddNewNodeByClass(class_name, name)
+def _read_volume_node(scene, path: Path, name: str, class_name: str, what: str, node=None):
+    new = node is None
+    if new:
+        node = scene.AddNewNodeByClass(class_name, name)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     scene.AddNode(storage)
     try:
         storage.SetFileName(str(path))
         if not storage.ReadData(node):
-            remove_node(scene, node)
+            if new:
+                remove_node(scene, node)
             raise SceneError(f"could not read {what} {path}")
     finally:
         scene.RemoveNode(storage)
@@ -120,14 +124,23 @@ def write_segmentation_as_labelmap(
             f"segmentation '{segmentation_node.GetName()}': segments {unmatched} match no class of the model "
             f"({', '.join(l.name for l in foreground)}); rename or remove them"
         )
+    # Slicer looks a segment's value up by its own name in the export colour table (GetLabelValuesFromColorNode): the
+    # table holds each matched segment's name at its class's value, so 'Segment_1' or 'white matter' gets the value
+    by_value: dict[int, set[str]] = {}
+    for segment_id, label in assignment.items():
+        by_value.setdefault(label.value, set()).add(segments[segment_id])
+    clash = next((names for names in by_value.values() if len(names) > 1), None)
+    if clash:
+        raise SceneError(f"segmentation '{segmentation_node.GetName()}': segments {sorted(clash)} are the same class; "
+                         "merge them into one segment")
+    entries = [SegmentLabel(label.value, segments[segment_id], label.color) for segment_id, label in assignment.items()]
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation_node.GetName()}_export")
-    color_table = _color_table(scene, labels, f"{segmentation_node.GetName()}_colors")
+    color_table = _color_table(scene, entries, f"{segmentation_node.GetName()}_colors")
     try:
         ids = vtk.vtkStringArray()
         for segment_id in assignment:
             ids.InsertNextValue(segment_id)
-        # the colour table maps each segment (by name) to the model's label value
         if not SEGMENTATIONS.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume,
                                                   slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, color_table):
             raise SceneError(f"could not export segmentation '{segmentation_node.GetName()}'")
@@ -154,7 +167,8 @@ def import_prediction(
     scene, label_path: Path, reference_volume, labels: Sequence[SegmentLabel], name: str, segmentation_node=None
 ):
     """Load a predicted label map as a segmentation node: the model's segment names, colours and terminology, the
-    reference geometry of `reference_volume`, placed under the volume's study in the subject hierarchy."""
+    reference geometry of `reference_volume`, placed under the volume's study in the subject hierarchy and under
+    its parent transform (the file holds the volume's local grid, as `write_volume` wrote it)."""
     labelmap = read_labelmap(scene, label_path, f"{name}_labelmap")
     color_table = _color_table(scene, labels, f"{name}_colors")
     try:
@@ -164,6 +178,9 @@ def import_prediction(
             segmentation_node.CreateDefaultDisplayNodes()
         else:
             segmentation_node.GetSegmentation().RemoveAllSegments()
+        # label map and segmentation share the volume's transform: imported voxel for voxel, shown where the volume is
+        labelmap.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+        segmentation_node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation_node.SetNodeReferenceID(
             segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_volume.GetID()
@@ -212,13 +229,17 @@ def labels_from_card(card_labels: Sequence[dict]) -> list[SegmentLabel]:
 OVERLAY_THRESHOLD, OVERLAY_OPACITY = 0.1, 0.5
 
 
-def import_overlay(scene, path: Path, name: str):
-    """Load a [0, 1] map (an uncertainty map) as a colour overlay: the foreground layer of every slice view, its
-    lowest values transparent."""
-    node = read_volume(scene, path, name)
-    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours")
-    colors.SetTypeToWarm1()
+def import_overlay(scene, path: Path, name: str, reference_volume, node=None):
+    """Load a [0, 1] map (an uncertainty map) of `reference_volume` as a colour overlay under the volume's transform:
+    the foreground layer of every slice view, its lowest values transparent. `node` (the overlay of an earlier run)
+    is read into again, with its colour table, so that runs do not pile up overlays of the same name."""
+    node = read_volume(scene, path, name, node)
+    node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
     display = node.GetDisplayNode()
+    colors = display.GetColorNode()
+    if colors is None or colors.GetName() != f"{name} colours":
+        colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours")
+        colors.SetTypeToWarm1()
     display.SetAndObserveColorNodeID(colors.GetID())
     display.SetAutoWindowLevel(0)
     display.SetWindowLevelMinMax(0.0, 1.0)
@@ -231,13 +252,16 @@ def import_overlay(scene, path: Path, name: str):
 
 
 def show_voxel(scene, volume, ijk) -> list[float]:
-    """Move every slice view to the voxel `ijk` of `volume` (centred on it); returns its RAS position."""
+    """Move every slice view to the voxel `ijk` of `volume` (centred on it); returns its world (RAS) position:
+    IJK→RAS gives the volume's local position, its parent transform (a registration) moves it to world."""
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
-    ras = matrix.MultiplyPoint([float(i) for i in ijk] + [1.0])[:3]
+    local = matrix.MultiplyPoint([float(i) for i in ijk] + [1.0])[:3]
+    world = [0.0, 0.0, 0.0]
+    volume.TransformPointToWorld(local, world)
     for slice_node in _nodes(scene, "vtkMRMLSliceNode"):
-        slice_node.JumpSliceByCentering(*ras)
-    return list(ras)
+        slice_node.JumpSliceByCentering(*world)
+    return list(world)
 
 
 def _nodes(scene, class_name: str) -> list:
