@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,3 +248,47 @@ def test_no_engine_module_imports_the_worker_and_no_private_name_crosses_a_modul
             if path in core:
                 assert not module.startswith(("slicer", "qt", "PEFTAdaptLib.mrml", "PEFTAdaptLib.web")), \
                     f"{path}: the engine core never imports {module}"
+
+
+def test_a_job_cancelled_while_its_worker_starts_claims_no_checkpoint_and_is_listed_cancelled(tmp_path):
+    """Found by a user-level check: Cancel pressed while the worker started (a real worker, stopped before it wrote
+    anything) said 'the last checkpoint was kept' with no checkpoint, and the job was listed as `created`, with no
+    way to resume it."""
+    from PEFTAdaptLib.jobs.runstate import CANCELLED_EARLY
+
+    client = JobClient(tmp_path)
+    job = client.submit(request())
+    job.cancel()  # the worker is still importing: nothing of the job is written yet
+    job.process.wait(timeout=120)
+    job.poll()
+    assert not (job.folder / "checkpoint").exists() and not (job.folder / "events.jsonl").exists()
+    assert job.state.outcome == "cancelled" and job.state.describe() == CANCELLED_EARLY.capitalize()
+    reopened = client.attach(job.folder)  # Open in a panel: the cancel request tells what happened
+    reopened.poll()
+    assert reopened.state.describe() == CANCELLED_EARLY.capitalize()
+    [info] = client.jobs()  # as `peftadapt jobs` lists it: cancelled, and a resume starts it from the beginning
+    assert (info.state, info.message, info.resumable) == ("cancelled", CANCELLED_EARLY, True)
+
+    kept = RunState()  # a checkpoint written: then it was kept
+    for event in ({"event": "started", "steps": 9}, {"event": "checkpoint", "step": 2, "path": "checkpoint"},
+                  {"event": "cancelled", "reason": "stopped by the user"}):
+        kept.update(event)
+    assert kept.describe().startswith("Cancelled — the last checkpoint was kept")
+
+
+def test_job_folders_that_are_links_are_listed_invalid_without_reading_through_them(tmp_path):
+    """Found by a user-level check: `jobs/job-link-out → a job elsewhere` was listed with what it held, and opened."""
+    client = JobClient(tmp_path / "work")
+    inside = client.create(request())
+    outside = JobClient(tmp_path / "elsewhere").create(request())
+    os.symlink(outside, client.work_dir / "job-link-out")
+    os.symlink(inside.name, client.work_dir / "job-link-in")
+    listed = {info.folder.name: info for info in client.jobs()}
+    assert listed[inside.name].state == "created" and listed[inside.name].model == "deepbet-brain"
+    for name in ("job-link-out", "job-link-in"):
+        info = listed[name]
+        assert (info.state, info.model, info.resumable) == ("invalid", "", False)
+        assert "is a symbolic link" in info.message and "\n" not in info.message
+        with pytest.raises(InputError, match="is a symbolic link"):
+            client.resume(client.work_dir / name)
+    assert not (outside / "worker.log").exists() and not (inside / "worker.log").exists()  # no worker started

@@ -76,6 +76,15 @@ def test_uploads_are_renamed_into_the_work_folder_and_checked(tmp_path, monkeypa
         access.save_upload(tmp_path / "uploads", "big.nrrd", b"x" * 11)
 
 
+def test_an_upload_of_an_unknown_type_lists_only_the_types_an_upload_takes():
+    """Found by a user-level check: the refusal of `readme.txt` listed .mhd, .png and .dcm, which uploads refuse."""
+    with pytest.raises(InputError) as refused:
+        access.upload_name("folder/readme.txt")
+    text = str(refused.value)
+    assert text.startswith("readme.txt: unsupported file type") and text.endswith(", ".join(access.UPLOAD_SUFFIXES))
+    assert not any(other in text for other in (".mhd", ".nhdr", ".png", ".dcm"))
+
+
 def test_the_data_folder_lists_image_files_by_relative_path():
     files = access.data_files(shared("spine"))
     assert "t2/t2.nii.gz" in files and "t2/t2_seg-manual.nii.gz" in files

@@ -174,6 +174,34 @@ def click_latency_ms(page) -> float:
     }""")
 
 
+def on_the_panel(page, selector: str) -> dict:
+    """The button's box, after checking that it lies on the panel and that the mouse reaches it there (no view
+    covers it); a click by id would not notice either."""
+    button = page.locator(selector)
+    button.scroll_into_view_if_needed()  # up or down: the panel must not have scrolled sideways to show it
+    assert page.evaluate("() => document.querySelector('.v-navigation-drawer__content').scrollLeft") == 0, selector
+    box, panel = button.bounding_box(), page.locator(".v-navigation-drawer").bounding_box()
+    assert panel["x"] <= box["x"] and box["x"] + box["width"] <= panel["x"] + panel["width"], (selector, box, panel)
+    centre = [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2]
+    assert page.evaluate("""([x, y, id]) => {
+        const hit = document.elementFromPoint(x, y), button = document.getElementById(id);
+        return button.disabled ? !!hit?.closest('.v-navigation-drawer') : hit?.closest('button') === button }""",
+                         [*centre, selector[1:]]), selector  # a disabled button lets the pointer through to the panel
+    return {"x": centre[0], "y": centre[1]}
+
+
+def mouse_click(page, selector: str) -> None:
+    centre = on_the_panel(page, selector)
+    page.mouse.click(centre["x"], centre["y"])
+
+
+def unnamed_buttons(page) -> list[str]:
+    """The visible buttons a screen reader would announce as just 'button'."""
+    return page.evaluate("""() => [...document.querySelectorAll('button')].filter(b => b.offsetParent !== null)
+        .filter(b => !(b.getAttribute('aria-label') || b.getAttribute('title') || b.innerText).trim())
+        .map(b => b.id || b.outerHTML.slice(0, 120))""")
+
+
 def geometry(image: sitk.Image) -> tuple:
     return (image.GetSize(), *(tuple(np.round(values, 3).tolist())
                                for values in (image.GetSpacing(), image.GetOrigin(), image.GetDirection())))
@@ -243,6 +271,10 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
         points, text = dice_traces(page).get("round 1", 0), run_text(page)
         assert points >= 2 and not text.startswith(("Finished", "Failed")), (points, text)
         shot(page, "02-training")
+        open_section(page, "Jobs in the work folder")  # the panel follows one job: no other is opened meanwhile
+        page.click("#refresh-jobs")
+        page.wait_for_selector(".job-open")
+        assert all(button.is_disabled() for button in page.locator(".job-open").all())
 
         # while it trains: clicks are answered, a second tab sees the same run, a reload loses nothing
         latencies = []
@@ -261,6 +293,7 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
         assert page.locator("#start").is_disabled() or run_text(page).startswith("Finished")
 
         assert wait_run_end(page).startswith("Finished"), run_text(page)
+        assert re.search(r"^audit Dice: start \d\.\d{4}, kept \d\.\d{4}", run_text(page), re.M), run_text(page)
         assert wait_for_pixels(page, lambda n: n > 2000) > 2000  # the result over the volume, in the model's colour
         shot(page, "03-result")
 
@@ -283,9 +316,9 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
         shot(page, "04-corrected")
 
         # the ranked slice shown first is right as predicted: marked, the re-adapt trains on it as well
-        page.click("#next-slice")
+        mouse_click(page, "#next-slice")
         wait_message(page, "where the model is least sure")
-        page.click("#mark-checked")
+        mouse_click(page, "#mark-checked")
         wait_message(page, "marked as right")
 
         # re-adapt with the correction; the server is restarted meanwhile: the job folder carries the run
@@ -345,6 +378,44 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
              "all_ms": [round(v, 1) for v in latencies]}, indent=2))
         print(f"\nbrowser screenshots: {SCREENSHOTS}; click while training: median "
               f"{statistics.median(latencies):.0f} ms, max {max(latencies):.0f} ms")
+    except Exception:
+        print("".join(server.output[-60:]))
+        raise
+    finally:
+        server.stop()
+
+
+def test_the_panel_s_buttons_are_on_it_named_and_every_message_shows(browser, tmp_path):
+    """Found by a user-level check: at 1600 px the run row ran off the panel behind the views (the correction buttons
+    could not be clicked), icon-only buttons had no name, a closed message line stayed closed for every later
+    message, and the run text lost its line breaks."""
+    server = AppServer(tmp_path / "work")
+    try:
+        for width, height in ((1600, 1000), (700, 900)):
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(server.url)
+            page.wait_for_selector("#start", timeout=60_000)
+            for button in ("#start", "#cancel", "#readapt", "#next-slice", "#mark-checked"):
+                on_the_panel(page, button)
+            for title in ("Model", "Correct (segment editor)", "Downloads", "Jobs in the work folder"):
+                open_section(page, title)
+            page.wait_for_timeout(500)
+            assert unnamed_buttons(page) == []
+        assert page.evaluate("() => getComputedStyle(document.querySelector('#run-text')).whiteSpace") == "pre-line"
+
+        page.fill("#steps", "0")
+        mouse_click(page, "#start")
+        assert "steps: '0'" in wait_message(page, "steps: '0'")
+        page.locator("#message button").click()  # the message line's close button
+        page.wait_for_selector("#message", state="hidden")
+        page.fill("#steps", "-5")
+        mouse_click(page, "#start")
+        assert "steps: '-5'" in wait_message(page, "steps: '-5'") and page.locator("#message").is_visible()
+        page.fill("#steps", "4")
+        page.fill("#budget", "1000")
+        mouse_click(page, "#start")
+        wait_message(page, "budget: '1000' % must be at most 100 %")
+        assert not (tmp_path / "work" / "jobs").exists() or not any((tmp_path / "work" / "jobs").iterdir())
     except Exception:
         print("".join(server.output[-60:]))
         raise

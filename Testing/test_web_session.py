@@ -3,6 +3,7 @@ downloads on the volume's grid, the views' rendering of a segmentation over its 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,182 @@ def test_audit_pairs_fill_like_training_pairs_and_a_click_names_no_other_state(a
     assert app.state.message == "no pair list 'message'" and app.state.message_kind == "error"
     app.remove_pair("audit_pairs", 0)
     assert app.request().auditPairs == [nodes[5]] and app.state.pairs == pairs
+
+
+def _short_run(app, patch: str = "64", steps: str = "4", target: bool = False):
+    """The panel filled as a user fills it: a BraTS training pair (audit on its held-out slabs), BitFit on the CPU."""
+    session, model = app.session, app.state.model_id
+    volume = session.load_volume(shared(BRATS_IMAGE), model, "pat0006/T1c.nii.gz")
+    app._place_volume(volume.GetID())
+    label = session.load_label(shared(BRATS_MASK), volume, model, "pat0006/brainmask.nii.gz")
+    app._place_segmentation(volume.GetID(), label.GetID())
+    app.state.targets = [volume.GetID()] if target else []
+    app.state.method = "bitfit"
+    app._on_method("bitfit")
+    app.state.update({"steps": steps, "patch_size": patch, "device": "cpu", "audit_every": "2"})
+    return app.request()
+
+
+def _job_spec(steps: int = 4):
+    from PEFTAdaptLib.jobs import CaseSpec, JobSpec, TrainSpec
+    from PEFTAdaptLib.methods import make_method
+
+    return JobSpec("deepbet-brain", support=[CaseSpec([str(shared(BRATS_IMAGE))], str(shared(BRATS_MASK)), "T1c 6")],
+                   method=make_method("bitfit"), train=TrainSpec(steps=steps, patch_size=[64] * 3, patches_per_step=1,
+                                                                 audit_every=2, device="cpu"))
+
+
+def _other_job(client):
+    """A job folder made and not started (as the jobs list shows one)."""
+    return client.create(_job_spec())
+
+
+def _follow_to_the_end(app, timeout: float = 900) -> None:
+    """What the server's polling task does between clicks, until the run ends."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while app.session.running:
+        assert time.monotonic() < deadline, "the job did not end"
+        app.follow_once()
+        time.sleep(0.3)
+
+
+def test_while_a_job_runs_no_other_is_opened_and_its_end_shows_the_command_lines_numbers(app):
+    """Found by a user-level check: Resume on another job while one trained started a second worker (Open lost
+    track of the running one); the finished run never showed the audit gain the CLI prints; the uncertainty map was
+    listed as a volume to train on."""
+    import asyncio
+
+    _short_run(app, target=True)
+    other = _other_job(app.session.logic.client)
+    asyncio.run(app.start())
+    run = app.session.current.run
+    assert app.state.message == f"adaptation started in {run.jobDir}"
+    for press in (app.resume_job, app.open_job):
+        asyncio.run(press(other.name))
+        assert (app.state.message, app.state.message_kind) == (
+            "an adaptation is running; cancel it or wait for it to finish", "error")
+        assert app.session.current.run is run and app.session.running
+    assert not (other / "worker.log").exists()  # no second worker
+
+    _follow_to_the_end(app)
+    state = run.state
+    assert state.outcome == "finished", state.describe()
+    assert state.dice_text.startswith("audit Dice: start ")
+    assert app.state.run_text.splitlines()[-1] == state.dice_text  # the command line's words (`peftadapt adapt`)
+    assert run.uncertaintyNodes and all(node.GetName().endswith("uncertainty") for node in run.uncertaintyNodes)
+    titles = [item["title"] for item in app.state.volumes]
+    assert titles == ["pat0006/T1c"], titles  # the overlay is shown over the slices, not picked as a volume
+
+
+def test_a_run_the_worker_refuses_says_why_as_an_error_and_offers_no_resume(app):
+    """Found by a user-level check: a patch larger than every training volume failed in the worker while the message
+    line kept saying 'adaptation started', and the job was offered for Resume, which can only fail the same way."""
+    import asyncio
+
+    _short_run(app, patch="1024", steps="3")
+    asyncio.run(app.start())
+    run = app.session.current.run
+    assert app.state.message.startswith("adaptation started")
+    _follow_to_the_end(app)
+    assert run.state.exit_code == 2 and "is larger than every training volume" in run.state.message
+    assert (app.state.message, app.state.message_kind) == (run.state.describe().splitlines()[0], "error")
+    [row] = app.state.jobs  # listed when the run ended
+    assert row["state"] == "failed" and not row["resumable"]
+    with pytest.raises(InputError, match="a resume keeps its inputs and settings"):  # the command line's --resume too
+        app.session.logic.client.resume(run.jobDir)
+
+
+def test_a_budget_above_100_percent_is_refused_in_percent(app):
+    """Found by a user-level check: 1000 typed in the % field was refused as 'fraction 10.0 must be in (0, 1]'."""
+    import asyncio
+
+    app.state.update({"steps": "4", "audit_every": "2", "patch_size": "", "budget_percent": "1000"})
+    assert app.state.method_takes_budget
+    asyncio.run(app.start())
+    assert (app.state.message, app.state.message_kind) == ("budget: '1000' % must be at most 100 %", "error")
+    assert app.session.current is None and not list((app.session.work_dir / "jobs").glob("*"))
+    app.state.budget_percent = "100"
+    assert app.request().budgetPercent == 100
+
+
+def test_job_folders_that_are_links_are_not_listed_and_refused_by_open_and_resume(app, tmp_path):
+    """Found by a user-level check: links in the jobs folder were listed with what they pointed to, and Open and
+    Resume followed them (one to a job outside the work folder)."""
+    import asyncio
+
+    from PEFTAdaptLib.jobs import JobClient
+
+    jobs = app.session.logic.client.work_dir
+    real = _other_job(app.session.logic.client)
+    outside = _other_job(JobClient(tmp_path / "elsewhere"))
+    os.symlink(real.name, jobs / "job-link-in")
+    os.symlink(outside, jobs / "job-link-out")
+    app.refresh_jobs_now()
+    assert [row["name"] for row in app.state.jobs] == [real.name]  # listed `invalid`, which is no adaptation job
+    for name in ("job-link-in", "job-link-out"):
+        for press in (app.open_job, app.resume_job):
+            asyncio.run(press(name))
+            assert app.state.message_kind == "error" and app.state.message.startswith(f"{jobs / name}: is a symbolic")
+    assert app.session.current is None
+    assert not (real / "worker.log").exists() and not (outside / "worker.log").exists()  # no worker started
+
+
+def test_a_ctrl_c_of_the_server_leaves_its_job_training(tmp_path):
+    """Found by a user-level check: Ctrl-C on `peftadapt web` (SIGINT to its terminal's process group) cancelled the
+    job its worker ran, so a restarted server found nothing running (docs/web.md promises it finds the job again).
+    The server here is the real app in a process of its own, leading its process group as a terminal makes it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO
+    from PEFTAdaptLib.jobs import read_events
+
+    script = f"""
+import time
+from pathlib import Path
+from trame.app import get_server
+from PEFTAdaptLib.web.app import WebApp
+from test_web_session import _job_spec
+app = WebApp(get_server("ctrl-c", client_type="vue3"), Path({str(tmp_path / 'work')!r}))
+job = app.session.logic.client.submit(_job_spec(steps=500))
+print(job.folder, job.process.pid, flush=True)
+while True:
+    time.sleep(1)
+"""
+    env = {**os.environ, "TRAME_ARGS": "", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "Testing"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if not env.get("DISPLAY"):
+        env["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    worker = None
+    try:
+        folder, pid = server.stdout.readline().split()
+        worker = psutil.Process(int(pid))
+        steps = lambda: [e["step"] for e in read_events(Path(folder), 0)[0] if e["event"] == "step"]  # noqa: E731
+        deadline = time.monotonic() + 600
+        while not steps():  # training: the worker's cancel handler is installed
+            assert time.monotonic() < deadline and worker.is_running(), "the worker did not start training"
+            time.sleep(0.3)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the server's terminal
+        assert server.wait(timeout=60) != 0
+        reached = max(steps())
+        while max(steps()) < reached + 2:  # it trains on
+            assert time.monotonic() < deadline and worker.is_running(), "the worker stopped with the server"
+            time.sleep(0.3)
+        events = [e["event"] for e in read_events(Path(folder), 0)[0]]
+        assert "cancelled" not in events
+        assert json.loads((Path(folder) / "status.json").read_text())["state"] == "running"
+    finally:
+        if server.poll() is None:
+            server.kill()
+        if worker is not None and worker.is_running():
+            worker.kill()
+            worker.wait(60)

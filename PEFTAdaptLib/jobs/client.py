@@ -16,14 +16,15 @@ from .events import EVENTS_FILE, STATUS_FILE, read_events
 from .files import check_writable, open_job_file, refuse_linked_folder, refuse_links
 from .lock import is_running
 from .runner import Process, ProcessRunner, SubprocessRunner, stop_process_tree
-from .runstate import RunState
+from .runstate import CANCELLED_EARLY, RunState
 from .spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 
 CANCEL_FILE = "cancel"
 STDOUT_LOG, STDERR_LOG = "worker.log", "worker.err.log"
 #: worker exit codes (PEFTAdaptLib.worker)
 EXIT_FINISHED, EXIT_INVALID, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOCKED = 0, 2, 3, 4, 5
-#: the listed states (`JobInfo.state`) a job can be resumed from: its last checkpoint is kept in each
+#: the listed states (`JobInfo.state`) a job can be resumed from: its last checkpoint is kept in each (but a job
+#: the worker refused as invalid input fails again: `JobInfo.resumable`)
 RESUMABLE = ("interrupted", "cancelled", "failed")
 
 
@@ -66,7 +67,7 @@ class Job:
             new, self._offset = read_events(self.folder, self._offset)  # written just before the worker ended
             self._fold(new)
             if not self.state.finished:
-                if self._cancel_requested:
+                if self._cancel_requested or (self.folder / CANCEL_FILE).exists():  # also one sent by another client
                     self.state.update({"event": "cancelled", "reason": "stopped by the user"})
                 else:
                     self.state.fail(self._last_error() or "the worker stopped without finishing; "
@@ -130,6 +131,12 @@ class JobInfo:
     best_dice: float | None
     message: str
     updated: float
+    exit_code: int | None = None  # the worker's, once it ended
+
+    @property
+    def resumable(self) -> bool:
+        """A resume restarts the same inputs and settings: a job the worker refused as invalid would fail again."""
+        return self.state in RESUMABLE and self.exit_code != EXIT_INVALID
 
 
 class JobClient:
@@ -182,8 +189,12 @@ class JobClient:
     def resume(self, folder: str | Path, device: str | None = None) -> Job:
         """Continue an interrupted or cancelled job from its last checkpoint; a finished one has nothing left."""
         folder = Path(folder).absolute()
-        if (folder / JOB_FILE).is_file() and job_info(folder).state == "finished":
+        info = job_info(folder) if (folder / JOB_FILE).is_file() else None
+        if info is not None and info.state == "finished":
             raise InputError(f"{folder}: the job has finished; nothing to resume (its results are in the folder)")
+        if info is not None and info.exit_code == EXIT_INVALID:
+            raise InputError(f"{folder}: the worker refused the job ({info.message}); a resume keeps its inputs and "
+                             "settings, so start a new job instead")
         return self.launch(folder, resume=True, device=device)
 
     def attach(self, folder: str | Path) -> Job:
@@ -218,8 +229,14 @@ class JobClient:
 
 def job_info(folder: Path) -> JobInfo:
     """A job as listed. A job that says it runs is `interrupted` when its lock is free (the worker died, even by
-    kill -9), unless it runs on another computer, where this one cannot tell."""
+    kill -9), unless it runs on another computer, where this one cannot tell. A folder that is or holds a link is
+    `invalid` and nothing is read through the link (it may lead outside the work folder)."""
     task = model = method = ""
+    try:
+        refuse_linked_folder(folder)
+        refuse_links(folder)
+    except InputError as exc:
+        return JobInfo(folder, task, model, method, "invalid", 0, 0, None, str(exc), folder.lstat().st_mtime)
     try:
         spec = load_job(folder)
         task, model, method = spec.task, spec.model, spec.method.name if spec.method else ""
@@ -228,6 +245,8 @@ def job_info(folder: Path) -> JobInfo:
         return JobInfo(folder, task, model, method, "invalid", 0, 0, None, str(exc), folder.stat().st_mtime)
     state = status.get("state", "created" if not (folder / EVENTS_FILE).exists() else "starting")
     message = status.get("message", "")
+    if state == "created" and (folder / CANCEL_FILE).exists() and not is_running(folder):  # cancelled while starting
+        state, message = "cancelled", CANCELLED_EARLY
     worker = f"the worker (PID {status.get('pid', '?')} on {status.get('host', '?')})"
     if state in ("starting", "running"):
         if status.get("host", socket.gethostname()) != socket.gethostname():
@@ -237,7 +256,8 @@ def job_info(folder: Path) -> JobInfo:
             message = (f"{worker} stopped at step {status.get('step', 0)} without finishing; resume with "
                        f"`peftadapt adapt --resume --output {folder}`")
     return JobInfo(folder, task, model, method, state, int(status.get("step", 0)), int(status.get("steps", 0)),
-                   status.get("best_dice"), message, status.get("updated", folder.stat().st_mtime))
+                   status.get("best_dice"), message, status.get("updated", folder.stat().st_mtime),
+                   status.get("exit_code"))
 
 
 def _read_status(folder: Path) -> dict:

@@ -31,12 +31,17 @@ class ProcessRunner(Protocol):
 
 class SubprocessRunner:
     """`python -m PEFTAdaptLib.worker ARGS` with output to files; `python_path` entries go first on PYTHONPATH (the
-    folder holding PEFTAdaptLib when it is not installed, as in Slicer), `environment` is added to the child's."""
+    folder holding PEFTAdaptLib when it is not installed, as in Slicer), `environment` is added to the child's.
+    `own_session`: the worker leaves the caller's process group, so a Ctrl-C or a closed terminal stops the caller but
+    not the job (the browser server, which finds the job again when restarted); the command line keeps Ctrl-C =
+    cancel."""
 
-    def __init__(self, python: str | None = None, python_path: Sequence[str] = (), environment: dict | None = None):
+    def __init__(self, python: str | None = None, python_path: Sequence[str] = (), environment: dict | None = None,
+                 own_session: bool = False):
         self.python = python or sys.executable
         self.python_path = [str(p) for p in python_path]
         self.environment = dict(environment or {})
+        self.own_session = own_session
 
     def start(self, args: Sequence[str], cwd: Path, stdout: Path, stderr: Path) -> Process:
         env = {**os.environ, **self.environment}
@@ -47,7 +52,10 @@ class SubprocessRunner:
             info = subprocess.STARTUPINFO()
             info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
             info.wShowWindow = subprocess.SW_HIDE
-            options = {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
+            group = subprocess.CREATE_NEW_PROCESS_GROUP if self.own_session else 0
+            options = {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW | group}
+        elif self.own_session:
+            options = {"start_new_session": True}
         with open_job_file(stdout, "ab") as out, open_job_file(stderr, "ab") as err:
             return subprocess.Popen([self.python, "-m", WORKER_MODULE, *args], cwd=str(cwd), stdout=out, stderr=err,
                                     stdin=subprocess.DEVNULL, env=env, **options)

@@ -5,6 +5,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 TERMINAL = ("finished", "failed", "cancelled")
+#: a run cancelled before its worker wrote a checkpoint (while it started): what the job list and the run both say
+CANCELLED_EARLY = "cancelled before the first checkpoint; nothing was kept"
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RunState:
     budget_used: float | None = None
     budget: float | None = None
     predictions: list[str] = field(default_factory=list)
+    checkpoint: str = ""  # the last checkpoint written (of any session): what a cancel keeps
 
     @property
     def finished(self) -> bool:
@@ -86,6 +89,8 @@ class RunState:
             self.kept = event.get("kept", self.kept)
             self.gain, self.gain_low = event.get("gain"), event.get("gain_low")
             self.classes = event.get("classes") or self.classes
+        elif kind == "checkpoint":
+            self.checkpoint = event.get("path") or "checkpoint"
         elif kind == "warning" and event.get("message"):
             self.warnings.append(event["message"])
         elif kind == "prediction" and event.get("path"):
@@ -128,6 +133,8 @@ class RunState:
     def describe(self) -> str:
         if self.outcome == "failed":
             return f"{'More annotation needed' if self.needs == 'annotation' else 'Failed'}: {self.message}"
+        if self.outcome == "cancelled" and not self.checkpoint:
+            return CANCELLED_EARLY.capitalize()
         if self.outcome == "cancelled":
             return "Cancelled — the last checkpoint was kept" + (f": {self.message}" if self.kept else "")
         if self.outcome == "finished":

@@ -100,7 +100,10 @@ def inside(root: Path, relative: str, what: str = "file") -> Path:
 def upload_name(name: str) -> str:
     """The file name an upload is saved under: no folders, an image type read in one file."""
     base = Path(name.replace("\\", "/")).name
-    suffix = image_suffix(base or name)
+    try:
+        suffix = image_suffix(base or name)
+    except InputError:  # its list names every type read, some of which an upload refuses
+        raise InputError(f"{base or name}: unsupported file type; upload one of {', '.join(UPLOAD_SUFFIXES)}") from None
     if suffix not in UPLOAD_SUFFIXES:
         raise InputError(f"{base}: {suffix} keeps its voxels in a second file; upload a single-file format "
                          f"({', '.join(UPLOAD_SUFFIXES)})")

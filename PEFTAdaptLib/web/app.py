@@ -20,13 +20,13 @@ from trame.app import get_server
 from trame_server.utils.asynchronous import create_task
 from trame_slicer import module as trame_slicer_module
 from trame_slicer.app.logic import SegmentEditorLogic
-from trame_slicer.app.ui import SegmentEditorUI
+from trame_slicer.app.ui import SegmentEditorUI, create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ..errors import InputError, PEFTAdaptError
-from ..jobs import RESUMABLE
+from ..jobs.files import refuse_linked_folder
 from ..jobs.spec import DEVICES
 from ..methods import DEFAULT_METHOD, method_class, method_names
 from ..mrml.logic import AdaptationRequest, audit_advice
@@ -110,12 +110,22 @@ def _positive(value, field: str, whole: bool = True) -> int | float:
     return int(number) if whole else number
 
 
+def _percent(value, field: str) -> float:
+    """A share typed in percent: refused in the field's own unit above 100 % (the engine's fraction is not shown)."""
+    number = _positive(value, field, whole=False)
+    if number > 100:
+        raise InputError(f"{field}: '{value}' % must be at most 100 %")
+    return number
+
+
 class WebApp:
     def __init__(self, server, work_dir: Path, data_dir: Path | None = None):
         self.server, self.state = server, server.state
         server.enable_module(trame_slicer_module)
         self.slicer = SlicerApp()
-        register_rca_factories(self.slicer.view_manager, server)
+        register_rca_factories(self.slicer.view_manager, server,
+                               panel.named_by_their_tooltips(create_vertical_slice_view_gutter_ui),
+                               panel.named_by_their_tooltips(create_vertical_view_gutter_ui))
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
         self.layout_manager.register_layout("Four-Up", four_up())
         self.layout_manager.set_layout("Four-Up")
@@ -179,7 +189,7 @@ class WebApp:
         run_state = current.run.state
         state.running = self.session.running
         state.run_phase = f"round {len(rounds)}: {run_state.phase}"
-        state.run_text = run_state.describe()
+        state.run_text = "\n".join(filter(None, (run_state.describe(), run_state.dice_text, run_state.class_text)))
         state.run_progress = 100 * run_state.step / run_state.steps if run_state.steps else 0
         state.trainable_text = run_state.trainable_text if run_state.trainable else ""  # SEA-PEFT: units decide
         state.allocation_text = run_state.allocation_summary
@@ -348,7 +358,7 @@ class WebApp:
             modelId=state.model_id,
             trainingPairs=self._pairs("pairs"), auditPairs=self._pairs("audit_pairs"),
             method=state.method,
-            budgetPercent=_positive(state.budget_percent, "budget", whole=False) if state.method_takes_budget else None,
+            budgetPercent=_percent(state.budget_percent, "budget") if state.method_takes_budget else None,
             rank=int(state.rank) if state.method_ranks and state.rank else None,
             steps=_positive(state.steps, "steps"),
             patchSize=_positive(state.patch_size, "patch size") if str(state.patch_size or "").strip() else None,
@@ -413,42 +423,55 @@ class WebApp:
         """Poll the running job between clicks (file reads only: the worker is another process)."""
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            if not self.session.running:
-                continue
-            try:
-                changed = self.session.poll()
-            except Exception as exc:  # noqa: BLE001 - a bad event must not stop the polling
-                log.exception("polling failed")
-                self.say(f"following the job failed: {exc}", "error")
-                self.session.current.imported = True
-                changed = True
-            if changed:
+            if self.session.running:
                 with self.state:
-                    self._publish_run()
-                    if not self.session.running:
-                        self._show_results()
-                        self.refresh_jobs_now()
+                    self.follow_once()
+
+    def follow_once(self) -> None:
+        """One poll of the running round into the panel; a run that failed says why in the message line (it said
+        "adaptation started" until then)."""
+        try:
+            changed = self.session.poll()
+        except Exception as exc:  # noqa: BLE001 - a bad event must not stop the polling
+            log.exception("polling failed")
+            self.say(f"following the job failed: {exc}", "error")
+            self.session.current.imported = True
+            changed = True
+        if not changed:
+            return
+        self._publish_run()
+        if not self.session.running:
+            run_state = self.session.current.run.state
+            if run_state.outcome == "failed":
+                self.say(run_state.describe(), "error")
+            self._show_results()
+            self.refresh_jobs_now()
 
     # -- jobs of the work folder -----------------------------------------------------------------------------------
     def refresh_jobs_now(self) -> None:
         self.state.jobs = [{"name": info.folder.name, "method": info.method, "state": info.state,
                             "best_dice": f"{info.best_dice:.3f}" if info.best_dice is not None else "",
-                            "message": info.message, "resumable": info.state in RESUMABLE}
+                            "message": info.message, "resumable": info.resumable}
                            for info in self.session.logic.adaptationJobs()]
 
     @reports_errors
     def refresh_jobs(self) -> None:
         self.refresh_jobs_now()
 
+    def _job_folder(self, name: str) -> Path:
+        """A job folder of the work folder named by the page: a link is refused before anything follows it."""
+        refuse_linked_folder(self.session.work_dir / JOBS / name)
+        return access.inside(self.session.work_dir / JOBS, name, "job folder")
+
     @reports_errors
     async def open_job(self, name: str) -> None:
         await self._starting(f"opening {name}…")
-        self.open_job_folder(access.inside(self.session.work_dir / JOBS, name, "job folder"))
+        self.open_job_folder(self._job_folder(name))
 
     @reports_errors
     async def resume_job(self, name: str) -> None:
         await self._starting(f"resuming {name} from its last checkpoint…")
-        self.open_job_folder(access.inside(self.session.work_dir / JOBS, name, "job folder"), resume=True)
+        self.open_job_folder(self._job_folder(name), resume=True)
 
     def open_job_folder(self, folder: Path, resume: bool = False) -> None:
         """A job of the work folder back in the panel; `resume` restarts an interrupted, cancelled or failed one."""

@@ -57,7 +57,8 @@ def _pairs_editor(app, key: str, prefix: str, add_text: str) -> None:
                            update_modelValue=f"{key}[i].{field} = $event; flushState('{key}')",
                            classes="mb-1", **SELECT)
         v3.VBtn(icon="mdi-close", size="small", variant="text", click=(app.remove_pair, f"['{key}', i]"),
-                id=(f"`{prefix}-${{i}}-remove`",))
+                id=(f"`{prefix}-${{i}}-remove`",),
+                raw_attrs=[f":aria-label=\"`{add_text.replace('Add', 'Remove', 1)} ${{i + 1}}`\""])
     v3.VBtn(add_text, prepend_icon="mdi-plus", size="small", variant="tonal", click=(app.add_pair, f"['{key}']"),
             id=f"add-{prefix}")
 
@@ -67,7 +68,8 @@ def _section(title: str, value: str):
 
 
 def _panel(app) -> None:
-    with v3.VAlert(v_show=("message",), type=("message_kind",), density="compact", closable=True, id="message",
+    # shown while there is a message: a closed alert keeps no flag of its own that would hide the next one
+    with v3.VAlert(model_value=("!!message",), type=("message_kind",), density="compact", closable=True, id="message",
                    classes="ma-2 text-body-2", click_close="message = ''"):
         html.Div("{{ message }}", title=("message",),
                  style="white-space: nowrap; overflow: hidden; text-overflow: ellipsis;")
@@ -110,24 +112,24 @@ def _panel(app) -> None:
                 v3.VTextField(label="Audit every (steps)", v_model=("audit_every", "20"), id="audit-every",
                               type="number", classes="ml-1", **FIELD)
         with _section("Run", "run"), v3.VExpansionPanelText():
-            with html.Div(classes="d-flex"):
+            with html.Div(classes="d-flex flex-wrap ga-2", id="run-buttons"):  # wraps: all on the panel at any width
                 v3.VBtn("Start", color="primary", click=app.start, id="start", disabled=("running || busy",))
-                v3.VBtn("Cancel", click=app.cancel, id="cancel", disabled=("!running",), classes="ml-2")
+                v3.VBtn("Cancel", click=app.cancel, id="cancel", disabled=("!running",))
                 v3.VBtn("Re-adapt", click=app.readapt, id="readapt", disabled=("!can_readapt || busy",),
-                        classes="ml-2", prepend_icon="mdi-refresh")
+                        prepend_icon="mdi-refresh")
                 v3.VBtn("Next slice to check", click=app.next_slice, id="next-slice", disabled=("!can_readapt",),
-                        classes="ml-2", prepend_icon="mdi-target")
+                        prepend_icon="mdi-target")
                 v3.VBtn("Slice is right", click=app.mark_slice_checked, id="mark-checked",
-                        disabled=("!can_readapt",), classes="ml-2", prepend_icon="mdi-check")
+                        disabled=("!can_readapt",), prepend_icon="mdi-check")
             v3.VProgressLinear(model_value=("run_progress", 0), height=6, classes="my-2", color="primary",
                                indeterminate=("running && !run_progress",))
-            html.Div("{{ run_text }}", id="run-text", classes="text-body-2")
+            html.Div("{{ run_text }}", id="run-text", classes="text-body-2", style="white-space: pre-line")
             html.Div("{{ trainable_text }}", classes="text-caption")
             html.Div("{{ allocation_text }}", classes="text-caption", style="white-space: pre-line")
         with _section("Correct (segment editor)", "editor"), v3.VExpansionPanelText():
             v3.VSelect(label="Segmentation to edit", items=("segmentations",), v_model=("edit_segmentation", None),
                        id="edit-segmentation", classes="mb-2", **SELECT)
-            app.editor_ui()
+            _named_by_their_tooltips(app.editor_ui())
         with _section("Downloads", "downloads"), v3.VExpansionPanelText():
             v3.VSelect(label="Segmentation", items=("segmentations",), v_model=("download_segmentation", None),
                        id="download-segmentation", classes="mb-2", **SELECT)
@@ -146,9 +148,40 @@ def _panel(app) -> None:
                 with v3.Template(raw_attrs=['v-slot:item.state="{ item }"']):
                     html.Span("{{ item.state }}", title=("item.message",))
                 with v3.Template(raw_attrs=['v-slot:item.open="{ item }"']):
-                    v3.VBtn("Open", size="x-small", variant="tonal", click=(app.open_job, "[item.name]"))
-                    v3.VBtn("Resume", size="x-small", variant="tonal", classes="ml-1", v_if="item.resumable",
-                            click=(app.resume_job, "[item.name]"))
+                    # the panel follows one job: none is opened or resumed while one runs (the server refuses too)
+                    v3.VBtn("Open", size="x-small", variant="tonal", click=(app.open_job, "[item.name]"),
+                            disabled=("running || busy",), classes="job-open")
+                    v3.VBtn("Resume", size="x-small", variant="tonal", classes="ml-1 job-resume",
+                            v_if="item.resumable", click=(app.resume_job, "[item.name]"),
+                            disabled=("running || busy",))
+
+
+def _text(element) -> str:
+    return "".join(child if isinstance(child, str) else _text(child) for child in element.children)
+
+
+def _named_by_their_tooltips(element) -> None:
+    """trame-slicer's icon buttons (the segment editor's tools, the views' camera and 3D buttons) name themselves in a
+    tooltip only, which a screen reader does not take for the button's name: the tooltip's text becomes their
+    aria-label."""
+    for child in element.children:
+        if isinstance(child, str):
+            continue
+        tooltip = next((c for c in child.children if isinstance(c, v3.VTooltip)), None)
+        if isinstance(child, v3.VBtn) and tooltip is not None:
+            child.props += [("aria_label", "aria-label")]
+            child.aria_label = _text(tooltip)
+        else:
+            _named_by_their_tooltips(child)
+
+
+def named_by_their_tooltips(populate):
+    """A view's gutter builder (trame-slicer's) whose icon buttons are named by their tooltips."""
+    def build(server, view_id, view) -> None:
+        with html.Div(style="display: contents") as gutter:  # no box of its own: the gutter lays out as before
+            populate(server, view_id, view)
+        _named_by_their_tooltips(gutter)
+    return build
 
 
 def _data_section(app) -> None:

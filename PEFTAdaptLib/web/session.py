@@ -15,7 +15,7 @@ from ..data.io import read_image, read_label, write_image
 from ..data.planar import check_dimensions
 from ..data.transforms import onto_grid
 from ..errors import InputError
-from ..jobs import JobClient
+from ..jobs import JobClient, SubprocessRunner
 from ..jobs.client import ADAPTER_DIR
 from ..jobs.create import ADAPTER_FILES
 from ..mrml.logic import AdaptationRequest, SceneLogic, SceneRun, SliceToCheck
@@ -43,7 +43,8 @@ class PanelSession:
         self.scene = scene
         self.work_dir = Path(work_dir).absolute()
         self.data_dir = Path(data_dir).absolute() if data_dir else None
-        self.logic = SceneLogic(scene, JobClient(self.work_dir / JOBS))
+        # workers in a session of their own: a Ctrl-C or a closed terminal stops the server, the job trains on
+        self.logic = SceneLogic(scene, JobClient(self.work_dir / JOBS, SubprocessRunner(own_session=True)))
         self.sources: dict[str, Path] = {}  # volume node ID → its file (a label is checked against it)
         self.rounds: list[Round] = []
 
@@ -157,12 +158,15 @@ class PanelSession:
                 current.results = current.run.importResults()
                 for node in current.results:
                     node.SetName(f"{node.GetName()} (round {len(self.rounds)})")
+                for overlay in current.run.uncertaintyNodes:  # shown over the slices, never a volume to pick
+                    overlay.SetHideFromEditors(True)
             changed = True
         return changed
 
     def open_job(self, folder: Path, resume: bool = False) -> AdaptationRequest:
         """A job folder of the work folder back in the panel, with the earlier rounds it continued from (`resume`:
-        its worker restarted from the last checkpoint)."""
+        its worker restarted from the last checkpoint). Refused while a round runs: the panel follows one job."""
+        self._refuse_while_running()
         run, request = self.logic.openJob(folder, resume=resume)
         self.rounds = [Round(run)]
         parent = self._continued_from(request.warmStartAdapter)
