@@ -131,9 +131,13 @@ def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_c
         first.monitor.handle({"event": "unit_state", "step": 0, "unit": unit, "site": unit[0], "family": unit[3:],
                               "cost": cost, "state": state, "utility": 0.5})
     first.monitor.handle({"event": "allocation", "step": 0, "active_units": 2, "budget_used": 104})
+    first.monitor.handle({"event": "validation", "step": 6, "dice": 0.955, "kept": "adapted"})
     figure = dice_figure([first, second])
     curves = {trace["name"]: trace for trace in figure["data"]}
     assert curves["round 1"]["x"] == [0, 2, 4, 6] and curves["round 2"]["x"] == [6, 8]
+    # the state the round delivers is its own mark, not one more audit on the curve
+    assert (curves["round 1: kept state"]["x"], curves["round 1: kept state"]["y"]) == ([6], [0.955])
+    assert "round 2: kept state" not in curves
     assert curves["zero-shot"]["y"] == [0.90, 0.90] and curves["zero-shot"]["x"] == [0, 10]
     # the gain's 95 % interval as an error bar on the audit that carries one, none elsewhere
     bars = curves["round 1"]["error_y"]
@@ -292,6 +296,12 @@ def test_a_run_the_worker_refuses_says_why_as_an_error_and_offers_no_resume(app)
     assert row["state"] == "failed" and not row["resumable"]
     with pytest.raises(InputError, match="a resume keeps its inputs and settings"):  # the command line's --resume too
         app.session.logic.client.resume(run.jobDir)
+    from PEFTAdaptLib.mrml.scene_io import SceneError
+
+    nodes = app.slicer.scene.GetNumberOfNodes()
+    with pytest.raises(SceneError, match="the worker refused this one's inputs or settings"):  # the panels' logic
+        app.session.logic.openJob(run.jobDir, resume=True)
+    assert app.slicer.scene.GetNumberOfNodes() == nodes  # refused before any of its nodes is loaded
 
 
 def test_a_budget_above_100_percent_is_refused_in_percent(app):

@@ -23,8 +23,8 @@ def table_rows(table_node) -> list[dict]:
 
 def dice_figure(runs: list[SceneRun]) -> dict:
     """One curve per round, each round continuing the step axis where the previous one ended, each audit with the 95 %
-    interval of its gain over the round's start as an error bar, and the zero-shot Dice (round 1 at step 0) as a
-    dashed line."""
+    interval of its gain over the round's start as an error bar, the state the round kept as a diamond, and the
+    zero-shot Dice (round 1 at step 0) as a dashed line."""
     data, offset = [], 0
     for index, run in enumerate(runs):
         points = run.monitor.dice_band()
@@ -35,6 +35,11 @@ def dice_figure(runs: list[SceneRun]) -> dict:
                                  "array": [high - dice for _, dice, _, high in points],
                                  "arrayminus": [dice - low for _, dice, low, _ in points]},
                      "marker": {"color": colour, "size": 7}})
+        kept = table_rows(run.monitor.kept_table)  # the state the round delivers, not one more audit
+        if kept:
+            data.append({"type": "scatter", "mode": "markers", "name": f"round {index + 1}: kept state",
+                         "x": [offset + row["step"] for row in kept], "y": [row["dice"] for row in kept],
+                         "marker": {"color": colour, "size": 11, "symbol": "diamond"}})
         offset += max([run.state.steps] + [int(step) for step, *_ in points])
     first = runs[0].monitor.dice_values() if runs else []
     if first:

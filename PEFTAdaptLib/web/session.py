@@ -155,9 +155,8 @@ class PanelSession:
         if state.finished:
             current.imported = True
             if state.outcome == "finished":
+                current.run.round = len(self.rounds)  # its results are named after it ("… round 2")
                 current.results = current.run.importResults()
-                for node in current.results:
-                    node.SetName(f"{node.GetName()} (round {len(self.rounds)})")
                 for overlay in current.run.uncertaintyNodes:  # shown over the slices, never a volume to pick
                     overlay.SetHideFromEditors(True)
             changed = True
