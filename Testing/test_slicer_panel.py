@@ -821,10 +821,18 @@ def test_readapt_rounds_keep_the_corrected_segmentation_and_train_on_every_round
     assert trained_slices(panel._checkedRun) == ["whole", [5], [15]]  # round 1's correction still trains
     assert p.outputSegmentation.GetName() == "T1 bitfit segmentation round 3"
 
-    ui.applyButton.click()  # a plain Start: the pairs of the training list only
+    third = p.outputSegmentation
+    as_corrected = correct(third, 20)  # corrected, then a plain Start (the pairs of the training list only)
+    ui.applyButton.click()
     assert not fake.dialogs, fake.dialogs
     assert trained_slices(panel._run) == ["whole"]
     poll_until_finished(panel)
+    fresh = p.outputSegmentation  # its result comes into a node of its own: the correction is not overwritten
+    assert fresh is not third and fresh.GetName() == "T1 bitfit segmentation_1"
+    assert np.array_equal(exported(panel, third, volume, tmp_path / "third.nrrd"), as_corrected)
+    ui.applyButton.click()  # nothing corrected since: the next result is read into the same node
+    poll_until_finished(panel)
+    assert p.outputSegmentation is fresh
 
 
 def test_the_dice_line_says_what_the_command_line_says_once_a_run_ends_and_the_kept_state_is_its_own_series(

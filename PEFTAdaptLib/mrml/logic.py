@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -157,17 +158,21 @@ class SceneRun:
 
     def importResults(self, segmentationNode=None) -> list:
         """Segmentation nodes for the predicted volumes (the model's names, colours, terminology; the volume's
-        geometry); `segmentationNode` is reused for the first one unless the run trains on it. A later round's result
-        goes into a new node named after its round. Each segmentation keeps its uncertainty overlay (a node
+        geometry); `segmentationNode` is reused for the first one unless the run trains on it or the user corrected
+        it since it came in (the result then comes into a new node). A later round's result goes into a new node
+        named after its round. Each segmentation keeps its uncertainty overlay (a node
         reference), which the next result read into it reuses."""
         labels = labels_from_card(self.logic.card(self.modelId)["labels"])
-        if segmentationNode in self.trainedOn:
+        keep = segmentationNode is not None and self.volumes and (
+            segmentationNode in self.trainedOn or corrected_by_the_user(segmentationNode, self.volumes[0], labels))
+        if keep:  # a correction (or the segmentation the run trained on) stays as the user left it
             segmentationNode = None
         rounds = f" round {self.round}" if self.round > 1 else ""
         nodes = []
         for volume, path in zip(self.volumes, self.job.prediction_paths()):
+            name = f"{volume.GetName()} {self.label}{rounds}"
             node = import_prediction(self.logic.scene, path, volume, labels,
-                                     f"{volume.GetName()} {self.label}{rounds}", segmentationNode)
+                                     self.logic.scene.GenerateUniqueName(name) if keep else name, segmentationNode)
             node.SetAttribute(STARTED_FROM, str(path))  # a correction of it trains on the slices it changes
             node.RemoveAttribute(CHECKED_SLICES)
             nodes.append(node)
@@ -323,21 +328,13 @@ class SceneLogic:
         """The annotated-voxel mask of a corrected prediction: the whole slices where the exported label differs
         from the prediction the node was imported from, plus the slices marked as checked; None for a segmentation
         that did not start from a prediction (all of it counts)."""
-        import SimpleITK as sitk
+        from ..data.io import write_image
+        from ..data.transforms import from_array
 
-        from ..data.io import same_geometry, write_image
-        from ..data.sparse import touched_slices
-        from ..data.transforms import from_array, onto_grid, to_array
-
-        started = segmentation.GetAttribute(STARTED_FROM)
-        if not started or not Path(started).is_file():
+        touched = _touchedSlices(segmentation, label)
+        if touched is None:
             return None
-        corrected = sitk.ReadImage(str(label))
-        start = sitk.ReadImage(started)
-        if not same_geometry(start, corrected):
-            start = onto_grid(start, corrected, is_label=True)
-        marked = json.loads(segmentation.GetAttribute(CHECKED_SLICES) or "[]")
-        mask = touched_slices(to_array(corrected, np.int64), to_array(start, np.int64), marked)
+        mask, corrected = touched
         if not mask.any():
             raise SceneError(f"segmentation '{segmentation.GetName()}' is the prediction as it was: correct some "
                              "slices (or mark the slices you checked) before training on it")
@@ -452,11 +449,11 @@ class SceneLogic:
         spec = load_job(folder)
         if spec.task != "adapt":
             raise SceneError(f"{folder}: a {spec.task} job, not an adaptation")
-        if resume:
-            state = job_info(folder).state
-            if state not in RESUMABLE:
-                raise SceneError(f"{folder.name}: the job is {state}; only an interrupted, cancelled or failed job "
-                                 "can be resumed")
+        info = job_info(folder) if resume else None
+        if info is not None and not info.resumable:  # refused before any node is loaded
+            raise SceneError(f"{folder.name}: the job is {info.state}; only an interrupted, cancelled or failed job "
+                             "can be resumed" + (", and the worker refused this one's inputs or settings: start a new "
+                                                 "job" if info.state in RESUMABLE else ""))
         modelId = next((card["id"] for card in self.modelCards() if spec.model in (card["id"], card.get("path"))),
                        None) or self.registerModelFolder(spec.model)["id"]
         labels = labels_from_card(self.card(modelId)["labels"])
@@ -515,6 +512,40 @@ class SceneLogic:
                            train=TrainSpec(device=device))
 
         return self._submit(build, modelId, [volume], "segmentation", log)
+
+
+def _touchedSlices(segmentation, label: Path):
+    """(mask of the slices the user changed or marked as checked, the exported label image) of a segmentation that
+    came in as a prediction, against that prediction; None for one that did not (or whose prediction is gone)."""
+    import SimpleITK as sitk
+
+    from ..data.io import same_geometry
+    from ..data.sparse import touched_slices
+    from ..data.transforms import onto_grid, to_array
+
+    started = segmentation.GetAttribute(STARTED_FROM)
+    if not started or not Path(started).is_file():
+        return None
+    corrected = sitk.ReadImage(str(label))
+    start = sitk.ReadImage(started)
+    if not same_geometry(start, corrected):
+        start = onto_grid(start, corrected, is_label=True)
+    marked = json.loads(segmentation.GetAttribute(CHECKED_SLICES) or "[]")
+    return touched_slices(to_array(corrected, np.int64), to_array(start, np.int64), marked), corrected
+
+
+def corrected_by_the_user(segmentation, volume, labels) -> bool:
+    """Whether a result segmentation holds the user's work: slices changed or marked as checked since it came in
+    (one it cannot export against the model's classes, e.g. a segment added by hand, counts as changed)."""
+    if not segmentation.GetAttribute(STARTED_FROM):
+        return False
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            label = write_segmentation_as_labelmap(segmentation, volume, labels, Path(scratch) / f"now{EXPORT_SUFFIX}")
+        except SceneError:
+            return True
+        touched = _touchedSlices(segmentation, label)
+        return touched is not None and bool(touched[0].any())
 
 
 def _resolved(folder: Path, path: str) -> str:
