@@ -160,10 +160,10 @@ class SceneRun:
         """Segmentation nodes for the predicted volumes (the model's names, colours, terminology; the volume's
         geometry); `segmentationNode` is reused for the first one unless the run trains on it or the user corrected
         it since it came in (the result then comes into a new node). A later round's result goes into a new node
-        named after its round. Each segmentation keeps its uncertainty overlay (a node
-        reference), which the next result read into it reuses."""
+        named after its round. Each segmentation keeps its uncertainty overlay (a node reference), which the next
+        result read into it reuses."""
         labels = labels_from_card(self.logic.card(self.modelId)["labels"])
-        keep = segmentationNode is not None and self.volumes and (
+        keep = segmentationNode is not None and bool(self.volumes) and (
             segmentationNode in self.trainedOn or corrected_by_the_user(segmentationNode, self.volumes[0], labels))
         if keep:  # a correction (or the segmentation the run trained on) stays as the user left it
             segmentationNode = None
@@ -384,12 +384,10 @@ class SceneLogic:
             self.client.create(spec, folder)
             self._rememberInputs(spec, folder)
             job = self.client.launch(folder)
-        except PEFTAdaptError as exc:  # the engine names the temporary export file: name the user's node instead
+        except Exception as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            exc.args = (self._namedNodes(str(exc)),)
-            raise
-        except Exception:
-            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, PEFTAdaptError):  # the engine names the temporary export file: name the user's node
+                exc.args = (self._namedNodes(str(exc)),)
             raise
         finally:
             shutil.rmtree(export, ignore_errors=True)
@@ -514,6 +512,12 @@ class SceneLogic:
         return self._submit(build, modelId, [volume], "segmentation", log)
 
 
+def _predictionOf(segmentation) -> Path | None:
+    """The predicted label map a result segmentation came in from, while that file exists."""
+    started = segmentation.GetAttribute(STARTED_FROM)
+    return Path(started) if started and Path(started).is_file() else None
+
+
 def _touchedSlices(segmentation, label: Path):
     """(mask of the slices the user changed or marked as checked, the exported label image) of a segmentation that
     came in as a prediction, against that prediction; None for one that did not (or whose prediction is gone)."""
@@ -523,11 +527,11 @@ def _touchedSlices(segmentation, label: Path):
     from ..data.sparse import touched_slices
     from ..data.transforms import onto_grid, to_array
 
-    started = segmentation.GetAttribute(STARTED_FROM)
-    if not started or not Path(started).is_file():
+    started = _predictionOf(segmentation)
+    if started is None:
         return None
     corrected = sitk.ReadImage(str(label))
-    start = sitk.ReadImage(started)
+    start = sitk.ReadImage(str(started))
     if not same_geometry(start, corrected):
         start = onto_grid(start, corrected, is_label=True)
     marked = json.loads(segmentation.GetAttribute(CHECKED_SLICES) or "[]")
@@ -537,7 +541,7 @@ def _touchedSlices(segmentation, label: Path):
 def corrected_by_the_user(segmentation, volume, labels) -> bool:
     """Whether a result segmentation holds the user's work: slices changed or marked as checked since it came in
     (one it cannot export against the model's classes, e.g. a segment added by hand, counts as changed)."""
-    if not segmentation.GetAttribute(STARTED_FROM):
+    if _predictionOf(segmentation) is None:  # nothing to compare with: no export needed
         return False
     with tempfile.TemporaryDirectory() as scratch:
         try:

@@ -155,7 +155,6 @@ class PanelSession:
         if state.finished:
             current.imported = True
             if state.outcome == "finished":
-                current.run.round = len(self.rounds)  # its results are named after it ("… round 2")
                 current.results = current.run.importResults()
                 for overlay in current.run.uncertaintyNodes:  # shown over the slices, never a volume to pick
                     overlay.SetHideFromEditors(True)
@@ -175,6 +174,7 @@ class PanelSession:
             self.rounds.insert(0, Round(earlier, imported=True))
             warm = earlier.job.spec.warm_start
             parent = self._continued_from(str(parent / warm)) if warm else None
+        run.round = len(self.rounds)  # its results are named after it ("… round 2"), as a re-adapt's are
         self.poll()
         return request
 
