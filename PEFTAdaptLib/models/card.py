@@ -7,12 +7,21 @@ from pathlib import Path
 
 from ..errors import InputError, ModelError
 from ..jsonfile import read_json
+from . import description as desc
 
 
 #: `extra` key of a network that takes only inputs of its patch size (a ViT's position embeddings: UNETR's `img_size`)
 FIXED_INPUT_SIZE = "fixed_input_size"
 #: `extra` key: modules that start untrained (a new task head), which every adaptation trains in full
 TRAINED_IN_FULL = "trained_in_full"
+#: `extra` key: the network is a TorchScript program (it predicts; adaptation jobs need an eager network)
+TORCHSCRIPT = "torchscript"
+#: intensity normalisations `data.transforms.normalize` applies, and the numeric settings each requires
+NORMALIZATIONS = {"none": (), "zscore": (), "minmax": (), "percentile_zscore": (), "clip_scale": ("lower", "upper"),
+                  "ct_zscore": ("lower", "upper", "mean", "std")}
+#: numeric settings a normalisation may carry (`clip` is a switch)
+NORMALIZATION_NUMBERS = ("lower", "upper", "out_min", "out_max", "mean", "std", "p_low", "p_high", "scale", "shift",
+                         "nonzero")
 
 
 @dataclass
@@ -47,15 +56,45 @@ class ModelCard:
     extra: dict = field(default_factory=dict)
     #: 3: volumes; 2: 2D images and single slices of volumes (`data/planar.py`)
     spatial_dims: int = 3
+    #: the file the card was read from, named in its errors (not part of the card: never saved)
+    described_in: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self):
+        """Refuse values that would fail deep inside resampling or inference (a NaN spacing, a negative ROI, an
+        unknown orientation), naming the card's file, before any job or network exists."""
+        where = self.described_in or f"model card '{self.id}'"
         if self.spatial_dims not in (2, 3):
-            raise ModelError(f"model card '{self.id}': spatial_dims {self.spatial_dims!r} must be 2 or 3")
-        for key in ("spacing", "patch_size", "inference_roi"):
-            value = getattr(self, key)
-            if value is not None and len(value) != self.spatial_dims:
-                raise ModelError(f"model card '{self.id}': {key} {list(value)} does not have spatial_dims = "
-                                 f"{self.spatial_dims} entries")
+            raise ModelError(f"{where}: spatial_dims {self.spatial_dims!r} must be 2 or 3")
+        lengths = (self.spatial_dims,)
+        if self.spacing is not None:
+            self.spacing = desc.spacing(self.spacing, where, "spacing", lengths)
+        self.patch_size = desc.sizes(self.patch_size, where, "patch_size", lengths)
+        self.inference_roi = desc.sizes(self.inference_roi, where, "inference_roi", lengths)
+        self.input_channels = desc.integer(self.input_channels, where, "input_channels", minimum=1)
+        self.divisible_by = desc.integer(self.divisible_by, where, "divisible_by", minimum=1)
+        if self.spatial_dims == 3:
+            self.orientation = desc.axcodes(self.orientation, where, "orientation")
+        self._check_normalization(where)
+        for index, label in enumerate(self.labels):
+            label.value = desc.integer(label.value, where, f"labels[{index}].value", minimum=0)
+            colour = desc.sequence(label.color, where, f"labels[{index}].color", length=3)
+            label.color = tuple(desc.number(c, where, f"labels[{index}].color") for c in colour)
+        if len({label.value for label in self.labels}) != len(self.labels):
+            raise ModelError(f"{where}: 'labels' repeat a value ({[label.value for label in self.labels]})")
+
+    def _check_normalization(self, where: str) -> None:
+        scheme = desc.mapping(self.normalization, where, "normalization")
+        name = scheme.get("name", "none")
+        if name not in NORMALIZATIONS:
+            raise desc.refusal(where, "normalization.name", f"one of {', '.join(NORMALIZATIONS)}", name)
+        missing = [key for key in NORMALIZATIONS[name] if key not in scheme]
+        if missing:
+            raise ModelError(f"{where}: normalisation '{name}' needs '{missing[0]}'")
+        for key in NORMALIZATION_NUMBERS:
+            if key in scheme:
+                desc.number(scheme[key], where, f"normalization.{key}")
+        if "lower" in scheme and "upper" in scheme and scheme["lower"] >= scheme["upper"]:
+            raise ModelError(f"{where}: normalisation bounds 'lower' {scheme['lower']} ≥ 'upper' {scheme['upper']}")
 
     def training_patch(self, requested: list[int] | None) -> tuple[int, ...]:
         """The training patch: the card's, or the requested one if the network can train on it. Each edge must be a
@@ -81,18 +120,24 @@ class ModelCard:
         return {label.value for label in self.labels}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "described_in"}
+
+    @property
+    def is_torchscript(self) -> bool:
+        return bool(self.extra.get(TORCHSCRIPT)) or self.extra.get("format") == TORCHSCRIPT
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "model card") -> "ModelCard":
+        data = {key: value for key, value in desc.mapping(data, source, "(top level)").items()
+                if key != "described_in"}
+        labels = desc.sequence(data.get("labels"), source, "labels")
         try:
-            data = dict(data)
-            data["labels"] = [LabelInfo(**{**lab, "color": tuple(lab.get("color", (1, 0, 0)))}) for lab in data["labels"]]
-            for key in ("spacing", "patch_size", "inference_roi"):
-                if data.get(key) is not None:
-                    data[key] = tuple(data[key])
-            return cls(**data)
-        except (KeyError, TypeError) as exc:
+            data["labels"] = [LabelInfo(**{**desc.mapping(lab, source, f"labels[{index}]"),
+                                           "color": tuple(lab.get("color", (1, 0, 0)))})
+                              for index, lab in enumerate(labels)]
+            data["extra"] = desc.mapping(data.get("extra", {}), source, "extra")
+            return cls(**data, described_in=source)
+        except TypeError as exc:
             raise ModelError(f"{source}: invalid model card ({exc})") from None
 
     @classmethod

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from .card import FIXED_INPUT_SIZE, LabelInfo, ModelCard
+from . import description as desc
+from .card import FIXED_INPUT_SIZE, TORCHSCRIPT, LabelInfo, ModelCard
 from .foundation import FoundationModel
 from .network_classes import import_network_class
 from .trust import load_trusted_torchscript, require_trusted
@@ -195,14 +196,18 @@ def _normalization(transforms: list[dict], path: Path) -> dict:
     if percentiles is not None:  # percentiles → [0, 1], then z-score: the spinal-cord networks' scheme
         if _named(transforms, NORMALIZE) is None:
             raise ModelError(f"{path}: {PERCENTILES} without a following {NORMALIZE} is not supported")
-        lower, upper = (_plain(percentiles.get(k), f"{PERCENTILES}.{k}", path) for k in ("lower", "upper"))
-        return {"name": "percentile_zscore", "p_low": float(lower), "p_high": float(upper)}
+        lower, upper = (desc.number(_plain(percentiles.get(k), f"{PERCENTILES}.{k}", path), path, f"{PERCENTILES}.{k}")
+                        for k in ("lower", "upper"))
+        return {"name": "percentile_zscore", "p_low": lower, "p_high": upper}
     scale = _named(transforms, SCALE_RANGE)
     if scale is not None:
         values = {k: _plain(scale.get(k, d), f"{SCALE_RANGE}.{k}", path)
                   for k, d in (("a_min", None), ("a_max", None), ("b_min", None), ("b_max", None), ("clip", False))}
         if values["a_min"] is None or values["a_max"] is None:
             raise ModelError(f"{path}: {SCALE_RANGE} without 'a_min'/'a_max'")
+        for key in ("a_min", "a_max", "b_min", "b_max"):
+            if values[key] is not None:
+                desc.number(values[key], path, f"{SCALE_RANGE}.{key}")
         scheme = {"name": "clip_scale", "lower": values["a_min"], "upper": values["a_max"], "clip": bool(values["clip"])}
         if values["b_min"] is not None and values["b_max"] is not None:
             scheme.update(out_min=values["b_min"], out_max=values["b_max"])
@@ -214,28 +219,35 @@ def _normalization(transforms: list[dict], path: Path) -> dict:
     return {"name": "none"}
 
 
+def _data_format(metadata: dict, path: Path, part: str) -> dict:
+    """`network_data_format#<part>`'s entry ('image' / 'pred', else the first one), checked to be mappings."""
+    formats = desc.mapping(metadata.get("network_data_format", {}), path, "network_data_format")
+    entries = desc.mapping(formats.get(part, {}), path, f"network_data_format#{part}")
+    name = next((n for n in ("image", "pred") if entries.get(n)), next(iter(entries), None))
+    return desc.mapping(entries[name], path, f"network_data_format#{part}#{name}") if name is not None else {}
+
+
 def _labels(metadata: dict, path: Path) -> list[LabelInfo]:
-    try:
-        outputs = metadata["network_data_format"]["outputs"]
-        output = outputs.get("pred") or next(iter(outputs.values()))
-        channel_def = output["channel_def"]
-    except (KeyError, StopIteration, AttributeError):
-        raise ModelError(f"{path}: key 'network_data_format#outputs#pred#channel_def' is missing") from None
+    field = "network_data_format#outputs#pred#channel_def"
+    channel_def = _data_format(metadata, path, "outputs").get("channel_def")
+    if channel_def is None:
+        raise ModelError(f"{path}: key '{field}' is missing")
+    values = {desc.class_index(key, path, field): name for key, name in desc.mapping(channel_def, path, field).items()}
     labels = []
-    for index, (key, name) in enumerate(sorted(channel_def.items(), key=lambda item: int(item[0]))):
+    for index, (value, name) in enumerate(sorted(values.items())):
         color = (0.0, 0.0, 0.0) if index == 0 else ((index * 0.37) % 1.0, (index * 0.61) % 1.0, (index * 0.83) % 1.0)
-        labels.append(LabelInfo(int(key), str(name), color))
+        labels.append(LabelInfo(value, str(name), color))
     return labels
 
 
-def _input(metadata: dict) -> dict:
-    inputs = metadata.get("network_data_format", {}).get("inputs", {})
-    return inputs.get("image") or next(iter(inputs.values()), {})
+def _input(metadata: dict, path: Path) -> dict:
+    return _data_format(metadata, path, "inputs")
 
 
-def _divisible_by(metadata: dict, network_def: dict) -> int:
+def _divisible_by(metadata: dict, network_def: dict, path: Path) -> int:
     """From metadata's 'spatial_shape' written as "16*n", else the product of a UNet-style `strides` list."""
-    for size in _input(metadata).get("spatial_shape", []):
+    shape = _input(metadata, path).get("spatial_shape", [])
+    for size in shape if isinstance(shape, list) else []:
         match = re.fullmatch(r"\s*(\d+)\s*\*\s*n\s*", str(size))
         if match:
             return int(match.group(1))
@@ -255,14 +267,18 @@ def _training_patch(folder: Path) -> list[int] | None:
     crops = [t for t in _transforms(config, path, "train") if t["_target_"].rsplit(".", 1)[-1] in TRAINING_CROPS]
     size = _plain(crops[0].get("spatial_size") or crops[0].get("roi_size"), "train crop spatial_size", path) \
         if crops else None
-    if size is not None and not _is_size(size):
-        raise ModelError(f"{path}: the training crop size {size!r} is not two or three integers")
-    return size
+    return None if size is None else list(desc.sizes(size, path, "train crop spatial_size"))
 
 
-def _is_size(value: Any) -> bool:
-    """A spatial size: two (2D networks) or three integers."""
-    return isinstance(value, list) and len(value) in (2, 3) and all(isinstance(v, int) for v in value)
+def _spacing(transform: dict | None, path: Path, dims: int) -> tuple[float, ...] | None:
+    """Spacingd's `pixdim`: one number per axis, or one number for all (as MONAI takes it)."""
+    field = f"{SPACING}.pixdim"
+    pixdim = _plain(transform.get("pixdim"), field, path) if transform else None
+    if not pixdim:
+        return None
+    if isinstance(pixdim, (int, float)) and not isinstance(pixdim, bool):
+        pixdim = [pixdim] * dims
+    return desc.spacing(pixdim, path, field, (dims,))
 
 
 def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
@@ -270,41 +286,46 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
     path = config_path(folder)
     if path is None:
         raise ModelError(f"{folder / CONFIG_NAMES[0]}: file is missing")
-    config, metadata = _load(path), _load(folder / METADATA)
+    metadata_path = folder / METADATA
+    config, metadata = _load(path), _load(metadata_path)
     transforms = _transforms(config, path)
-    spacing = _named(transforms, SPACING)
     orientation = _named(transforms, ORIENTATION)
-    roi = _expand(config.get("inferer", {}), config, path).get("roi_size") or _input(metadata).get("spatial_shape")
-    roi = _plain(roi, "inferer#roi_size", path)
-    if not _is_size(roi):
-        raise ModelError(f"{path}: key 'inferer#roi_size' is missing or not two or three integers")
+    input_info = _input(metadata, metadata_path)
+    inferer = desc.mapping(_expand(config.get("inferer", {}), config, path), path, "inferer")
+    roi = _plain(inferer.get("roi_size") or input_info.get("spatial_shape"), "inferer#roi_size", path)
+    if roi is None:
+        raise ModelError(f"{path}: key 'inferer#roi_size' is missing")
+    roi = list(desc.sizes(roi, path, "inferer#roi_size"))
     network_def = _expand(config.get("network_def", {}), config, path)
     declared = network_def.get("spatial_dims", len(roi)) if isinstance(network_def, dict) else len(roi)
     if declared != len(roi):
         raise ModelError(f"{path}: 'network_def#spatial_dims' is {declared!r} but 'inferer#roi_size' {roi} has "
                          f"{len(roi)} entries")
-    pixdim = _plain(spacing.get("pixdim"), f"{SPACING}.pixdim", path) if spacing else None
-    input_info = _input(metadata)
+    axcodes = _plain(orientation.get("axcodes", ""), f"{ORIENTATION}.axcodes", path) if orientation else ""
+    channels_field = "network_data_format#inputs#image#num_channels"
+    weights = weights_path(folder)
     return ModelCard(
         id=model_id or f"bundle-{metadata.get('name', folder.name)}".replace(" ", "_"),
         title=str(metadata.get("name", folder.name)),
         description=str(metadata.get("description", metadata.get("task", ""))),
         modality=str(input_info.get("modality", "unknown")),
-        input_channels=int(input_info.get("num_channels", 1)),
-        spacing=tuple(float(p) for p in pixdim) if pixdim else None,
-        orientation=str(_plain(orientation.get("axcodes", ""), f"{ORIENTATION}.axcodes", path)) if orientation else "",
+        input_channels=desc.integer(input_info.get("num_channels", 1), metadata_path, channels_field, minimum=1),
+        spacing=_spacing(_named(transforms, SPACING), path, len(roi)),
+        orientation=desc.axcodes(axcodes, path, f"{ORIENTATION}.axcodes") if len(roi) == 3 else str(axcodes),
         normalization=_normalization(transforms, path),
         patch_size=tuple(_training_patch(folder) or roi),
         inference_roi=tuple(roi),
-        labels=_labels(metadata, folder / METADATA),
+        labels=_labels(metadata, metadata_path),
         license=str(metadata.get("license", metadata.get("copyright", "see the bundle's LICENSE"))),
         source=str(folder),
         version=str(metadata.get("version", "1")),
-        divisible_by=_divisible_by(metadata, network_def),
+        divisible_by=_divisible_by(metadata, network_def, metadata_path),
         citation="; ".join(metadata.get("references", [])) if isinstance(metadata.get("references"), list) else "",
         extra={"format": "monai_bundle",
-               **({FIXED_INPUT_SIZE: True} if isinstance(network_def, dict) and "img_size" in network_def else {})},
+               **({FIXED_INPUT_SIZE: True} if isinstance(network_def, dict) and "img_size" in network_def else {}),
+               **({TORCHSCRIPT: True} if weights is not None and weights.suffix == ".ts" else {})},
         spatial_dims=len(roi),
+        described_in=str(path),
     )
 
 
@@ -327,9 +348,16 @@ def build_network(folder: Path):
     return _network(network_def, path, "network_def", build=True)
 
 
+def declared_out_channels(folder: Path) -> int | None:
+    """`network_def`'s `out_channels` (MONAI's networks name their output channels so), if it says."""
+    channels = _network_def(folder)[1].get("out_channels")
+    return channels if isinstance(channels, int) and not isinstance(channels, bool) else None
+
+
 def load_bundle(folder: str | Path, model_id: str | None = None) -> FoundationModel:
     """Eager network + state dict where the bundle has one; a TorchScript bundle gives a scripted network."""
     from ..adapters.io import fingerprint
+    from .output_channels import probed_channels, refuse_label_mismatch
     from .safe_load import load_into, load_state_dict_file
 
     folder = Path(folder)
@@ -338,9 +366,10 @@ def load_bundle(folder: str | Path, model_id: str | None = None) -> FoundationMo
     if weights is None:
         raise ModelError(f"{folder / WEIGHT_NAMES[1]}: file is missing (nor model.safetensors / model.ts)")
     if weights.suffix == ".ts":
-        network = load_trusted_torchscript(weights)
-        card.extra["torchscript"] = True
+        network = load_trusted_torchscript(weights).eval()
+        refuse_label_mismatch(probed_channels(network, card), card, folder / METADATA)
     else:
         network = load_into(build_network(folder), load_state_dict_file(weights), weights)
+        refuse_label_mismatch(declared_out_channels(folder), card, folder / METADATA)
     files = {"config": str(config_path(folder)), "metadata": str(folder / METADATA), "weights": str(weights)}
     return FoundationModel(network.eval(), card, fingerprint(network), files)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ModelError
 from ..jsonfile import read_json
+from . import description as desc
 from .card import LabelInfo, ModelCard
 from .foundation import FoundationModel
 from .network_classes import import_network_class
@@ -45,7 +46,7 @@ def is_nnunet_folder(folder: Path) -> bool:
 
 def configuration_name(folder: Path, plans: dict) -> str:
     """From the trained-model folder name `Trainer__Plans__configuration`, else the only/3d_fullres configuration."""
-    configurations = plans.get("configurations", {})
+    configurations = desc.mapping(plans.get("configurations", {}), folder / PLANS_JSON, "configurations")
     parts = folder.name.split("__")
     if len(parts) == 3 and parts[2] in configurations:
         return parts[2]
@@ -54,14 +55,16 @@ def configuration_name(folder: Path, plans: dict) -> str:
     return next(iter(configurations))
 
 
-def _configuration(plans: dict, name: str, path: Path) -> dict:
+def _configuration(plans: dict, name: str, path: Path, chain: tuple[str, ...] = ()) -> dict:
     """A configuration with its `inherits_from` chain resolved (e.g. 3d_cascade_fullres builds on 3d_fullres)."""
     configurations = plans.get("configurations")
-    if not isinstance(configurations, dict) or name not in configurations:
+    if not isinstance(configurations, dict) or not isinstance(name, str) or name not in configurations:
         raise ModelError(f"{path}: no configuration '{name}' under 'configurations'")
-    config = dict(configurations[name])
+    if name in chain:
+        raise ModelError(f"{path}: 'inherits_from' goes round in a circle ({' → '.join((*chain, name))})")
+    config = dict(desc.mapping(configurations[name], path, f"configurations.{name}"))
     parent = config.pop("inherits_from", None)
-    return {**_configuration(plans, parent, path), **config} if parent else config
+    return {**_configuration(plans, parent, path, (*chain, name)), **config} if parent else config
 
 
 def _need(mapping: dict, key: str, path: Path, where: str = "") -> Any:
@@ -70,10 +73,12 @@ def _need(mapping: dict, key: str, path: Path, where: str = "") -> Any:
     return mapping[key]
 
 
-def _axis_order(plans: dict) -> list[int]:
+def _axis_order(plans: dict, path: Path) -> list[int]:
     """For each network axis, the PEFTAdapt (x, y, z) axis it reads."""
     transpose = plans.get("transpose_forward", [0, 1, 2])
-    return [2 - int(axis) for axis in transpose]
+    if not isinstance(transpose, list) or sorted(transpose) != [0, 1, 2] or any(isinstance(a, bool) for a in transpose):
+        raise desc.refusal(path, "transpose_forward", "a permutation of 0, 1, 2 (each axis once)", transpose)
+    return [2 - axis for axis in transpose]
 
 
 def _in_our_order(values: list, order: list[int]) -> tuple:
@@ -84,12 +89,15 @@ def _in_our_order(values: list, order: list[int]) -> tuple:
 
 
 def _normalization(plans: dict, config: dict, path: Path) -> dict:
-    schemes = _need(config, "normalization_schemes", path, " in the configuration")
-    if len(set(schemes)) != 1:
+    schemes = desc.sequence(_need(config, "normalization_schemes", path, " in the configuration"), path,
+                            "normalization_schemes")
+    if len(set(map(str, schemes))) != 1:
         raise ModelError(f"{path}: per-channel normalisation schemes {schemes} are not supported (one scheme for all)")
-    scheme, use_mask = schemes[0], bool(config.get("use_mask_for_norm", [False])[0])
+    scheme = schemes[0]
+    use_mask = bool((desc.sequence(config.get("use_mask_for_norm", [False]), path, "use_mask_for_norm") or [False])[0])
     if scheme == "CTNormalization":
-        properties = _need(plans, "foreground_intensity_properties_per_channel", path)
+        properties = desc.mapping(_need(plans, "foreground_intensity_properties_per_channel", path), path,
+                                  "foreground_intensity_properties_per_channel")
         channel = properties.get("0") or _need(properties, "0", path, " in foreground_intensity_properties_per_channel")
         try:
             return {"name": "ct_zscore", "lower": channel["percentile_00_5"], "upper": channel["percentile_99_5"],
@@ -108,7 +116,7 @@ def _normalization(plans: dict, config: dict, path: Path) -> dict:
 
 
 def _labels(dataset: dict, path: Path) -> list[LabelInfo]:
-    labels = _need(dataset, "labels", path)
+    labels = desc.mapping(_need(dataset, "labels", path), path, "labels")
     if any(not isinstance(value, int) for value in labels.values()):
         raise ModelError(f"{path}: region-based labels (lists of values) are not supported; labels must be integers")
     ordered = sorted(labels.items(), key=lambda item: item[1])
@@ -129,12 +137,17 @@ def nnunet_card(folder: Path, model_id: str | None = None) -> ModelCard:
     plans = read_json(plans_path, "nnU-Net plans", ModelError)
     name = configuration_name(folder, plans)
     config = _configuration(plans, name, plans_path)
-    order = _axis_order(plans)
-    spacing = _in_our_order(_need(config, "spacing", plans_path, f" in configuration '{name}'"), order)
-    patch = _in_our_order(_need(config, "patch_size", plans_path, f" in configuration '{name}'"), order)
-    if len(patch) != 3 or None in patch:
-        raise ModelError(f"{plans_path}: configuration '{name}' is not 3D (patch size {config['patch_size']})")
-    channels = dataset.get("channel_names") or _need(dataset, "modality", dataset_path)
+    order = _axis_order(plans, plans_path)
+    where = f"configurations.{name}"
+    patch = _need(config, "patch_size", plans_path, f" in configuration '{name}'")
+    if isinstance(patch, list) and len(patch) != 3:
+        raise ModelError(f"{plans_path}: configuration '{name}' is not 3D (patch size {patch})")
+    patch = _in_our_order(desc.sizes(patch, plans_path, f"{where}.patch_size", (3,)), order)
+    spacing = desc.spacing(_need(config, "spacing", plans_path, f" in configuration '{name}'"), plans_path,
+                           f"{where}.spacing", (3,))
+    spacing = _in_our_order(spacing, order)
+    channels = desc.mapping(dataset.get("channel_names") or _need(dataset, "modality", dataset_path), dataset_path,
+                            "channel_names")
     reader = plans.get("image_reader_writer", "SimpleITKIO")
     strides = _strides(config, plans_path)
     divisible = max(_product([s[axis] for s in strides]) for axis in range(3))
@@ -144,16 +157,17 @@ def nnunet_card(folder: Path, model_id: str | None = None) -> ModelCard:
         description=f"nnU-Net v2 model, plans '{plans.get('plans_name', '?')}', configuration '{name}'.",
         modality=", ".join(str(v) for v in channels.values()),
         input_channels=len(channels),
-        spacing=tuple(float(s) for s in spacing),
+        spacing=spacing,
         orientation="RAS" if reader == "NibabelIOWithReorient" else "",
         normalization=_normalization(plans, config, plans_path),
-        patch_size=tuple(int(p) for p in patch),
-        inference_roi=tuple(int(p) for p in patch),
+        patch_size=patch,
+        inference_roi=patch,
         labels=_labels(dataset, dataset_path),
         license=str(dataset.get("licence", dataset.get("license", "see the model's release"))),
         source=str(folder),
         divisible_by=divisible,
         extra={"format": "nnunet_v2", "configuration": name, "axis_order": order, "image_reader_writer": reader},
+        described_in=str(plans_path),
     )
 
 
@@ -166,11 +180,14 @@ def _product(values: list[int]) -> int:
 
 def _strides(config: dict, path: Path) -> list[list[int]]:
     arch = config.get("architecture")
-    strides = arch.get("arch_kwargs", {}).get("strides") if isinstance(arch, dict) else config.get("pool_op_kernel_sizes")
+    strides = desc.mapping(arch.get("arch_kwargs", {}), path, "architecture.arch_kwargs").get("strides") \
+        if isinstance(arch, dict) else config.get("pool_op_kernel_sizes")
     if not strides:
         raise ModelError(f"{path}: the configuration names no strides ('architecture.arch_kwargs.strides' or "
                          "'pool_op_kernel_sizes')")
-    return [[s] * 3 if isinstance(s, int) else s for s in strides]
+    field = "architecture.arch_kwargs.strides" if isinstance(arch, dict) else "pool_op_kernel_sizes"
+    return [list(desc.sizes([s] * 3 if isinstance(s, int) else s, path, f"{field}[{i}]", (3,)))
+            for i, s in enumerate(desc.sequence(strides, path, field))]
 
 
 def _architecture(config: dict, num_inputs: int, num_classes: int, path: Path) -> tuple[type, dict]:
@@ -181,9 +198,10 @@ def _architecture(config: dict, num_inputs: int, num_classes: int, path: Path) -
     if isinstance(arch, dict):
         cls = import_network_class(_need(arch, "network_class_name", path, " in 'architecture'"),
                                    (ARCHITECTURE_PACKAGE,), path)
-        kwargs = dict(_need(arch, "arch_kwargs", path, " in 'architecture'"))
-        for key in arch.get("_kw_requires_import", []):
-            if kwargs.get(key) is not None:
+        kwargs = dict(desc.mapping(_need(arch, "arch_kwargs", path, " in 'architecture'"), path,
+                                   "architecture.arch_kwargs"))
+        for key in desc.sequence(arch.get("_kw_requires_import", []), path, "architecture._kw_requires_import"):
+            if isinstance(key, str) and kwargs.get(key) is not None:
                 kwargs[key] = import_network_class(kwargs[key], ("torch.nn.",), path)
     else:
         class_name = _need(config, "UNet_class_name", path, " (neither 'architecture' nor 'UNet_class_name')")
@@ -203,6 +221,9 @@ def _architecture(config: dict, num_inputs: int, num_classes: int, path: Path) -
         }
         if class_name == "ResidualEncoderUNet":
             kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
+    features = kwargs.get("features_per_stage")
+    for index, value in enumerate(features if isinstance(features, list) else [features] if features else []):
+        desc.integer(value, path, f"features_per_stage[{index}]", minimum=1)
     return cls, {**kwargs, "input_channels": num_inputs, "num_classes": num_classes, "deep_supervision": False}
 
 
@@ -217,6 +238,19 @@ def _numpy_scalar_globals() -> list:
     return [scalar, np.dtype, *(getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType"))]
 
 
+def _network_class(folder: Path, card: ModelCard) -> tuple[type, dict]:
+    """The network class and arguments the plans name, each name checked (nothing built)."""
+    plans_path = folder / PLANS_JSON
+    config = _configuration(read_json(plans_path, "nnU-Net plans", ModelError), card.extra["configuration"], plans_path)
+    return _architecture(config, card.input_channels, card.num_classes, plans_path)
+
+
+def check_nnunet(folder: Path) -> None:
+    """Raise the ModelError loading would for the plans' network (a class outside dynamic_network_architectures or
+    torch.nn, a bad feature count): JSON and imports only, no checkpoint read, so listing can say it."""
+    _network_class(folder, nnunet_card(folder))
+
+
 def load_nnunet(folder: str | Path, fold: str | None = None, model_id: str | None = None) -> FoundationModel:
     from ..adapters.io import fingerprint
     from .nnunet_network import AxisPermuted
@@ -228,14 +262,12 @@ def load_nnunet(folder: str | Path, fold: str | None = None, model_id: str | Non
     if weights is None:
         where = folder / (f"fold_{fold}" if fold is not None else "fold_*")
         raise ModelError(f"{where}: no {' or '.join(CHECKPOINTS)}")
+    cls, kwargs = _network_class(folder, card)
     checkpoint = load_checkpoint(weights, _numpy_scalar_globals())
     state = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ModelError(f"{weights}: key 'network_weights' is missing (not an nnU-Net v2 checkpoint)")
     plans_path = folder / PLANS_JSON
-    plans = read_json(plans_path, "nnU-Net plans", ModelError)
-    config = _configuration(plans, card.extra["configuration"], plans_path)
-    cls, kwargs = _architecture(config, card.input_channels, card.num_classes, plans_path)
     try:
         inner = cls(**kwargs)
     except (TypeError, ValueError, AssertionError) as exc:

@@ -59,10 +59,12 @@ def torchscript_card(path: Path, model_id: str | None = None) -> ModelCard:
 
 def load_torchscript(path: str | Path, model_id: str | None = None) -> FoundationModel:
     from ..adapters.io import fingerprint
+    from .output_channels import probed_channels, refuse_label_mismatch
 
     network_file, card_file = resolve(Path(path))
     card = torchscript_card(Path(path), model_id)
     network = load_trusted_torchscript(network_file).eval()
+    refuse_label_mismatch(probed_channels(network, card), card, card_file)
     return FoundationModel(network, card, fingerprint(network), {"network": str(network_file), "card": str(card_file)})
 
 
