@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .card import ModelCard
+from .containment import inside, refuse_outside_links
+from .description import unreadable
 from .meshnet import is_meshnet_folder
 from .monai_bundle import is_bundle_folder
 from .nnunet import is_nnunet_folder
@@ -57,8 +59,8 @@ _TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool
 
 
 def validate(instance, schema: dict, where: str = "entry") -> list[str]:
-    """Problems of `instance` against `schema` (type, enum, required, properties, additionalProperties, items,
-    minItems/maxItems, minimum/maximum, pattern); empty if valid."""
+    """Problems of `instance` against `schema` (type, enum, required, properties, additionalProperties,
+    propertyNames, items, minItems/maxItems, minimum/maximum, pattern); empty if valid."""
     problems: list[str] = []
     expected = schema.get("type")
     if expected is not None:
@@ -82,6 +84,8 @@ def validate(instance, schema: dict, where: str = "entry") -> list[str]:
     if isinstance(instance, dict):
         problems += [f"{where}: '{key}' is required" for key in schema.get("required", []) if key not in instance]
         properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        if "propertyNames" in schema:
+            problems += [p for key in instance for p in validate(key, schema["propertyNames"], f"{where} key")]
         for key, value in instance.items():
             if key in properties:
                 problems += validate(value, properties[key], f"{where}.{key}")
@@ -110,7 +114,17 @@ class CatalogEntry:
     registry: Path | None = None
 
     def card(self) -> ModelCard:
-        """The model card, read from the model's own files (no torch)."""
+        """The model card, read from the model's own files (no torch). A description no reader foresaw is this
+        folder's ModelError (its status in `peftadapt models`), never an internal error hiding the other folders."""
+        try:
+            self._contained()
+            return self._with_record(self._read_card())
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an untrusted description can upset a reader in many ways
+            raise unreadable(self.path, exc) from None
+
+    def _read_card(self) -> ModelCard:
         from .meshnet import meshnet_card_from_folder
         from .monai_bundle import bundle_card
         from .nnunet import nnunet_card
@@ -121,7 +135,17 @@ class CatalogEntry:
             "monai_bundle": bundle_card, "nnunet_v2": nnunet_card, "torchscript": torchscript_card,
             "meshnet": meshnet_card_from_folder, "segment_anything": sam_card,
         }
-        return self._with_record(readers[self.format](self.path, self.id))
+        return readers[self.format](self.path, self.id)
+
+    def _contained(self) -> None:
+        """Refuse links leading out of the model folder before any of its files is read."""
+        if self.path.is_dir():
+            refuse_outside_links(self.path)
+        elif self.format == "torchscript" and self.path.exists():
+            from .torchscript_card import resolve
+
+            for file in resolve(self.path):
+                inside(self.path.parent, file)
 
     def _with_record(self, card: ModelCard) -> ModelCard:
         """The registry entry's descriptive fields win over what the model's own files say."""
@@ -137,6 +161,7 @@ class CatalogEntry:
         if not self.path.exists():
             raise ModelError(f"{self.path}: model folder is missing"
                              + (f" (named by {self.registry})" if self.registry else ""))
+        self._contained()
         missing = [name for name in PACKAGES[self.format] if importlib.util.find_spec(name) is None]
         if missing:
             raise ModelError(f"{self.path}: needs the missing package(s) {', '.join(missing)} "
@@ -144,17 +169,20 @@ class CatalogEntry:
         if detect_format(self.path) != self.format:
             raise ModelError(f"{self.path}: does not hold a {self.format} model (files missing?)")
         _check_weights_present(self.format, self.path)
+        folder = self.path if self.path.is_dir() else self.path.parent
         for relative, expected in self.record.get("sha256", {}).items():
-            verify_sha256(self.path / relative if self.path.is_dir() else self.path.with_name(relative), expected,
-                          f"a file of model '{self.id}'")
+            verify_sha256(inside(folder, folder / relative), expected, f"a file of model '{self.id}'")
         _check_code(self.format, self.path)
 
     def availability(self) -> str:
+        """'available', or why not: one folder's problem is its own line, whatever it is."""
         try:
             self.check()
             self.card()
         except ModelError as exc:
             return str(exc)
+        except Exception as exc:  # noqa: BLE001 - the backstop: one bad folder never hides the others
+            return str(unreadable(self.path, exc))
         return "available"
 
     def load(self):
@@ -191,12 +219,16 @@ def _check_weights_present(model_format: str, path: Path) -> None:
 
 
 def _check_code(model_format: str, path: Path) -> None:
-    """What would run code: a bundle's `network_def` (network classes only) and TorchScript (trusted files only)."""
+    """What would run code: a bundle's `network_def` and nnU-Net plans (network classes only), TorchScript (trusted
+    files only)."""
     from .monai_bundle import check_bundle
+    from .nnunet import check_nnunet
     from .torchscript_card import check_trusted
 
     if model_format == "monai_bundle":
         check_bundle(path)
+    elif model_format == "nnunet_v2":
+        check_nnunet(path)
     elif model_format == "torchscript":
         check_trusted(path)
 
@@ -226,6 +258,8 @@ def _read_registry(path: Path) -> list[dict]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: not a readable registry ({exc})") from None
     records = content if isinstance(content, list) else [content]
+    if not records:
+        raise ModelError(f"{path}: holds no registry entry (an empty list); describe the model or delete the file")
     schema = registry_schema()
     for index, record in enumerate(records):
         problems = validate(record, schema, f"entry {index}")
@@ -234,10 +268,13 @@ def _read_registry(path: Path) -> list[dict]:
     return records
 
 
-def _from_record(record: dict, registry: Path) -> CatalogEntry:
-    path = Path(record["path"]).expanduser()
-    return CatalogEntry(record["id"], record["format"], path if path.is_absolute() else registry.parent / path,
-                        record, registry)
+def _from_record(record: dict, registry: Path, path: Path | None = None) -> CatalogEntry:
+    """The entry a registry record describes: at `path` when the user named the folder, else at the record's own
+    `path`, which must lead inside the registry's folder (no absolute path, no `..`, no link out)."""
+    if path is None:
+        path = registry.parent / record["path"]
+        inside(registry.parent, path)
+    return CatalogEntry(record["id"], record["format"], path, record, registry)
 
 
 def scan(folder: Path | None = None) -> tuple[dict[str, CatalogEntry], list[str]]:
@@ -266,7 +303,11 @@ def scan(folder: Path | None = None) -> tuple[dict[str, CatalogEntry], list[str]
             described.add(registry.parent)
             continue
         for record in records:
-            entry = _from_record(record, registry)
+            try:
+                entry = _from_record(record, registry)
+            except ModelError as exc:
+                problems.append(f"{registry}: entry '{record['id']}' skipped: {exc}")
+                continue
             described.add(entry.path.resolve())
             add(entry)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.resolve() not in described):
@@ -284,5 +325,5 @@ def entry_for_path(path: Path) -> CatalogEntry:
                          "MeshNet model.json + model.pth, SAM sam.json + checkpoint); see docs/models.md")
     registry = path / REGISTRY_FILE if path.is_dir() else None
     if registry is not None and registry.is_file():
-        return _from_record({**_read_registry(registry)[0], "path": str(path)}, registry)
+        return _from_record(_read_registry(registry)[0], registry, path)
     return CatalogEntry(path.stem if path.is_file() else path.name, model_format, path)
