@@ -196,21 +196,7 @@ def test_torchscript_bundle_and_torchscript_card_adapt_in_weight_space(tmp_path,
         adapted = with_adapter(loaded, LoRAConfig(r=2))
         assert len(adapted.network.layer_names) > 0
         assert torch.allclose(adapted.network(x), expected, atol=1e-5)
-    # an adaptation job on it is refused up front with the reason, naming the file (the worker needs eager layers)
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_worker import events, spec
-
-    from PEFTAdaptLib.jobs import create_job
-    from PEFTAdaptLib.worker import EXIT_INVALID, run_job
-
-    job = spec()
-    job.model = str(card_folder)
-    create_job(tmp_path / "job", job)
-    assert run_job(tmp_path / "job", echo=False) == EXIT_INVALID
-    message = events(tmp_path / "job")[-1]["message"]
-    assert "model.ts" in message and "TorchScript" in message
+    # an adaptation job on it is refused before its job folder exists: test_model_folders.py
 
 
 def test_bundle_code_in_the_network_definition_is_refused(tmp_path):

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..data.formats import image_suffix, stem
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from ..models.card import TRAINED_IN_FULL
 from .files import check_writable, refuse_linked_folder, remove
 from .lock import LOCK_FILE, JobLock, JobLocked, is_running
@@ -139,6 +139,10 @@ def check_inputs(request: JobSpec) -> None:
     from ..models.registry import model_card
 
     card = model_card(request.model)
+    if request.task == "adapt" and card.is_torchscript:
+        raise ModelError(f"{request.model}: a TorchScript model predicts (`peftadapt predict`) but cannot be adapted: "
+                         "the adaptation methods add their units to an eager network's layers; give the model's MONAI "
+                         "bundle or nnU-Net folder instead")
     card.training_patch(request.train.patch_size)
     if request.task == "predict" and not request.adapter and card.extra.get(TRAINED_IN_FULL):
         raise InputError(f"model '{card.id}' has an untrained part ({', '.join(card.extra[TRAINED_IN_FULL])}) that "
