@@ -1,5 +1,6 @@
 """Untrusted model folders cannot run code: MONAI bundle configs may only build network classes, and TorchScript (a
-program) runs only once the user trusted its exact bytes.
+program) runs only once the user trusted its exact bytes. Weight pickles and adapters are data: refused in one line
+naming the file, before the network changes or any inference runs.
 
 Every payload here is real and would act if it ran: a config gadget that creates a marker file, a scripted module
 that overwrites a victim file through `torch.from_file` when run — or already when loaded (`__setstate__`). Each test
@@ -17,8 +18,12 @@ import pytest
 import torch
 from torch import nn
 
+from safetensors.torch import load_file, save_file
+
 from conftest import shared
 from test_model_loaders import _write_bundle
+from PEFTAdaptLib.adapters import LoRAConfig, add_units, iter_units, load_adapters, save_adapters, unit_class_for
+from PEFTAdaptLib.adapters.base import base_layer_names
 from PEFTAdaptLib.cli import main
 from PEFTAdaptLib.errors import ModelError
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
@@ -268,3 +273,140 @@ def test_the_builtin_model_needs_no_trust_because_its_files_are_pinned():
     rows, _ = list_models(Path("/nonexistent"))
     assert rows[0].id == "deepbet-brain" and rows[0].status == "available"
     assert not store_path().exists()
+
+
+# --- 3: weight pickles and adapters are data -------------------------------------------------------------------------
+
+
+class RunsWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_torchs_advice(tmp_path):
+    """torch's refusal text advises re-running with `weights_only=False`, which would run the payload; the refusal
+    is one line naming the file and the global the pickle asked for."""
+    marker, bundle = tmp_path / "pwned", tmp_path / "evil_pickle"
+    _write_bundle(bundle)
+    torch.save({"state_dict": RunsWhenUnpickled(marker)}, bundle / "models" / "model.pt")
+    with pytest.raises(ModelError) as refused:
+        load_model(bundle)
+    message = str(refused.value)
+    assert message.startswith(f"{bundle / 'models' / 'model.pt'}: refused to load") and "\n" not in message
+    assert "GLOBAL posix.system" in message or "GLOBAL nt.system" in message
+    assert "weights_only" not in message and not marker.exists()
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    """A small real MONAI bundle (test_model_loaders' UNet) that segments the spine T2 volume in seconds."""
+    _write_bundle(tmp_path / "spleen")
+    return tmp_path / "spleen"
+
+
+def lora_layers(network: nn.Module) -> list[str]:
+    """The first two convolutions a LoRA unit can adapt: the adapters below hold two units."""
+    return base_layer_names(network, unit_class_for(LoRAConfig()).layer_types)[:2]
+
+
+@pytest.fixture
+def adapter(bundle, tmp_path) -> Path:
+    """A real two-unit LoRA adapter of `bundle`, saved as a job saves one."""
+    model = load_model(bundle)
+    config = LoRAConfig(r=2, alpha=2)
+    add_units(model.network, config, unit_class_for(config), "lora", layers=lora_layers(model.network))
+    return save_adapters(model.network, tmp_path / "adapter", model.base_fingerprint, {"model": "spleen"})
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def edit_tensors(adapter: Path, change) -> None:
+    """Rewrite adapter.safetensors with `change(name, tensor)` for each tensor (adapter.json untouched)."""
+    tensors = load_file(str(adapter / "adapter.safetensors"))
+    save_file({name: change(name, tensor) for name, tensor in tensors.items()}, str(adapter / "adapter.safetensors"))
+
+
+def snapshot(network: nn.Module) -> tuple:
+    """Everything loading an adapter could change: module types, tensors and their gradient flags."""
+    return ([(name, type(module)) for name, module in network.named_modules()],
+            {name: tensor.clone() for name, tensor in network.state_dict().items()},
+            [(name, p.requires_grad) for name, p in network.named_parameters()])
+
+
+def assert_unchanged(network: nn.Module, before: tuple) -> None:
+    modules, tensors, flags = snapshot(network)
+    assert modules == before[0] and flags == before[2] and not list(iter_units(network))
+    assert tensors.keys() == before[1].keys() and all(torch.equal(tensors[k], before[1][k]) for k in tensors)
+
+
+def refused_load(bundle: Path, adapter: Path) -> str:
+    """Load `adapter` onto a fresh copy of `bundle`'s model: the one-line refusal, the network left as it was."""
+    model = load_model(bundle)
+    before = snapshot(model.network)
+    with pytest.raises(ModelError) as refused:
+        load_adapters(model.network, adapter, model.base_fingerprint)
+    assert "\n" not in str(refused.value)
+    assert_unchanged(model.network, before)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_an_adapter_with_non_finite_tensors_is_refused_naming_the_file_and_unit(bundle, adapter, value):
+    second = lora_layers(load_model(bundle).network)[1]
+    edit_tensors(adapter, lambda name, t: torch.full_like(t, value) if name.startswith(f"{second}::") else t)
+    message = refused_load(bundle, adapter)
+    assert message.startswith(f"{adapter / 'adapter.safetensors'}: unit {second}/lora: holds NaN or infinite")
+
+
+def test_cli_predict_refuses_a_nan_adapter_before_inference_and_writes_nothing(bundle, adapter, tmp_path):
+    edit_tensors(adapter, lambda name, t: torch.full_like(t, float("nan")))
+    output = tmp_path / "out" / "seg.nii.gz"
+    line = one_error_line(run_cli("predict", "--model", str(bundle), "--adapter", str(adapter), "--image",
+                                  str(shared(SPINE_T2)), "--output", str(output)))
+    assert f"{adapter / 'adapter.safetensors'}: unit " in line and "NaN or infinite" in line
+    assert not output.parent.exists() or not list(output.parent.iterdir())
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("r", "x", "config field 'r' must be a whole number, not 'x'"),
+    ("r", -1, "LoRA rank must be ≥ 1, got -1"),
+    ("r", 2.5, "config field 'r' must be a whole number"),
+    ("alpha", float("nan"), "config field 'alpha' must be a finite number"),
+    ("init", "bogus", "unknown LoRA init 'bogus'"),
+])
+def test_a_bad_unit_config_is_one_line_naming_the_file_and_unit_and_changes_nothing(bundle, adapter, field, value,
+                                                                                     fragment):
+    """The bad unit is the last one, so a loader that adds units as it goes would have changed the network."""
+    edit_json(adapter / "adapter.json", lambda config: config["units"][-1]["config"].__setitem__(field, value))
+    message = refused_load(bundle, adapter)
+    second = lora_layers(load_model(bundle).network)[1]
+    assert message.startswith(f"{adapter / 'adapter.json'}: invalid unit {second}/lora (") and fragment in message
+
+
+def test_cli_predict_with_a_bad_unit_config_is_one_line(bundle, adapter, tmp_path):
+    edit_json(adapter / "adapter.json", lambda config: config["units"][-1]["config"].__setitem__("r", "x"))
+    line = one_error_line(run_cli("predict", "--model", str(bundle), "--adapter", str(adapter), "--image",
+                                  str(shared(SPINE_T2)), "--output", str(tmp_path / "seg.nii.gz")))
+    assert f"{adapter / 'adapter.json'}: invalid unit " in line and "config field 'r'" in line
+
+
+def test_an_adapter_tensor_of_the_wrong_shape_is_one_line_with_names_and_shapes(bundle, adapter):
+    first = lora_layers(load_model(bundle).network)[0]
+    edit_tensors(adapter, lambda name, t: torch.zeros(3, 3) if name == f"{first}::lora::lora_A" else t)
+    message = refused_load(bundle, adapter)
+    assert message.startswith(f"{adapter / 'adapter.safetensors'}: unit {first}/lora: its tensors do not fit it")
+    assert "lora_A (3, 3) ≠ (2, " in message
+
+
+def test_an_adapter_without_a_base_fingerprint_says_the_field_is_missing(bundle, adapter):
+    edit_json(adapter / "adapter.json", lambda config: config.pop("base_fingerprint"))
+    message = refused_load(bundle, adapter)
+    assert message.startswith(f"{adapter / 'adapter.json'}: the base model's fingerprint ('base_fingerprint') is "
+                              "missing") and "None" not in message

@@ -13,8 +13,11 @@ weight.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+import math
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -51,10 +54,58 @@ class AdapterConfig:
         data = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "AdapterConfig":
+        """The config saved values describe (an adapter.json is untrusted data): an unknown field, or a value not
+        of its field's type (a string or NaN where a rank or scale belongs), is a TypeError naming the field,
+        rather than a failure deep inside a unit or, worse, a unit built from it."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"config is a {type(values).__name__}, not an object of fields")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(str(key) for key in values if key not in known)
+        if unknown:
+            raise TypeError(f"unknown config field(s) {', '.join(map(repr, unknown))}")
+        for key, value in values.items():
+            if not _is_of(value, hints[key]):
+                raise TypeError(f"config field '{key}' must be {_type_name(hints[key])}, not {str(value)[:40]!r}")
+        return cls(**values)
+
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.target_modules) and not any(
             fnmatch.fnmatchcase(name, p) for p in self.exclude_modules
         )
+
+
+def _is_of(value, hint) -> bool:
+    """Whether a JSON value fits a config field's annotation; numbers must be finite, and a bool is no number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_of(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        number = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is not None and args:  # Sequence[str] and the like: a JSON list
+        return isinstance(value, (list, tuple)) and all(_is_of(item, args[0]) for item in value)
+    return True  # a type this check does not know: the unit's own checks decide
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if hint is type(None):
+        return "null"
+    if args:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
 
 
 class AdapterUnit(nn.Module):
@@ -283,20 +334,30 @@ def add_units(
     """Put one `unit_class` unit named `name` on every matching layer (or on the given `layers`)."""
     names = base_layer_names(model, unit_class.layer_types)
     chosen = [n for n in names if (n in layers if layers is not None else config.matches(n))]
-    records = []
-    for layer_name in chosen:
-        module = model.get_submodule(layer_name)
-        if not isinstance(module, AdaptedLayer):
-            for p in module.parameters():
-                p.requires_grad_(False)
-            plain, module = module, AdaptedLayer(module)
-            _replace_module(model, plain, module)
-        base = module.base
-        tensors = [t for t in list(base.parameters()) + list(base.buffers())]
-        unit = unit_class(base, config).to(tensors[0].device if tensors else "cpu")
-        module.add_unit(name, unit, active=active)
-        records.append(UnitRecord(layer_name, name, unit, module))
-    return records
+    return [attach_unit(model, layer_name, name, build_unit(model, layer_name, config, unit_class), active)
+            for layer_name in chosen]
+
+
+def build_unit(model: nn.Module, layer_name: str, config: AdapterConfig,
+               unit_class: type[AdapterUnit]) -> AdapterUnit:
+    """A unit for the layer `layer_name`, on that layer's device but not yet attached to it: building is where a
+    unit checks its config against the layer, so a refusal here leaves the network as it was."""
+    module = model.get_submodule(layer_name)
+    base = module.base if isinstance(module, AdaptedLayer) else module
+    tensors = list(base.parameters()) + list(base.buffers())
+    return unit_class(base, config).to(tensors[0].device if tensors else "cpu")
+
+
+def attach_unit(model: nn.Module, layer_name: str, name: str, unit: AdapterUnit, active: bool = True) -> UnitRecord:
+    """Put a built unit on its layer, wrapping (and freezing) the plain layer in an AdaptedLayer the first time."""
+    module = model.get_submodule(layer_name)
+    if not isinstance(module, AdaptedLayer):
+        for p in module.parameters():
+            p.requires_grad_(False)
+        plain, module = module, AdaptedLayer(module)
+        _replace_module(model, plain, module)
+    module.add_unit(name, unit, active=active)
+    return UnitRecord(layer_name, name, unit, module)
 
 
 def iter_units(model: nn.Module) -> Iterator[UnitRecord]:

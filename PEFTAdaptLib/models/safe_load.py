@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,11 +53,20 @@ def is_safetensors(path: Path) -> bool:
     return 0 < header_length < 100_000_000 and head[8:9] == b"{"
 
 
+def first_line(exc: Exception) -> str:
+    """The first non-empty line of a library's message, whitespace collapsed: our refusals are one line."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _refused(path: Path, exc: Exception) -> ModelError:
+    """One line naming what the pickle asked for (torch's `GLOBAL module.name`), never torch's own text around it,
+    which advises re-running with `weights_only=False`: that would run the code of the file just refused."""
+    named = re.search(r"GLOBAL [\w.]+", str(exc))
+    reason = named.group(0) if named else "not a weights-only pickle"
     return ModelError(
-        f"{path}: refused to load — this pickle would run code or build objects beyond plain tensors ({exc}). "
-        "Only load it if you trust its source; then convert it once, e.g. `safetensors.torch.save_file("
-        "torch.load(path, weights_only=False), 'model.safetensors')`, and point PEFTAdapt at the .safetensors file"
+        f"{path}: refused to load — this pickle would run code or build objects beyond plain tensors ({reason}); "
+        "convert a file only from a source you trust to .safetensors and point PEFTAdapt at that (docs/models.md)"
     )
 
 
@@ -77,7 +87,7 @@ def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> An
     except pickle.UnpicklingError as exc:
         raise _refused(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelError(f"{path}: not a readable PyTorch weights file ({exc})") from None
+        raise ModelError(f"{path}: not a readable PyTorch weights file ({first_line(exc)})") from None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, "torch.Tensor"]:
@@ -103,25 +113,31 @@ def load_state_dict_file(path: str | Path) -> dict[str, "torch.Tensor"]:
     return dict(state)
 
 
-def _shown(names: list[str]) -> str:
+def shown_names(names: list[str]) -> str:
     more = len(names) - SHOWN_MISMATCHES
     return ", ".join(names[:SHOWN_MISMATCHES]) + (f" and {more} more" if more > 0 else "")
 
 
-def load_into(network: "nn.Module", state: Mapping[str, "torch.Tensor"], path: str | Path) -> "nn.Module":
-    """Copy `state` into `network`, or say which tensors of `path` do not fit the network built for it."""
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} ≠ {tuple(own[k].shape)}" for k in own
-             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+def state_mismatches(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, "torch.Tensor"]) -> list[str]:
+    """What keeps `state` from loading into a module whose tensors have the `expected` names and shapes: shape
+    mismatches, missing and unexpected names, each list cut short (one line however large the network)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} ≠ {tuple(expected[k])}" for k in expected
+             if k in state and tuple(state[k].shape) != tuple(expected[k])]
     problems = []
     if wrong:
-        problems.append(f"shape mismatch (file ≠ network) for {_shown(wrong)}")
+        problems.append(f"shape mismatch (file ≠ network) for {shown_names(wrong)}")
     if missing:
-        problems.append(f"missing {_shown(missing)}")
+        problems.append(f"missing {shown_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_shown(unexpected)}")
+        problems.append(f"unexpected {shown_names(unexpected)}")
+    return problems
+
+
+def load_into(network: "nn.Module", state: Mapping[str, "torch.Tensor"], path: str | Path) -> "nn.Module":
+    """Copy `state` into `network`, or say which tensors of `path` do not fit the network built for it."""
+    problems = state_mismatches({k: tuple(v.shape) for k, v in network.state_dict().items()}, state)
     if problems:
         raise ModelError(f"{path}: weights do not match the network described beside them: {'; '.join(problems)}")
     network.load_state_dict(dict(state))
