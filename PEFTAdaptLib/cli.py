@@ -238,10 +238,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="peftadapt-predict-") as scratch:
         job = JobClient(scratch).submit(request, Path(scratch) / "job")
         follow(job, "segmenting")
-        if adapter and job.state.message:  # the worker read the job's copy of the adapter: name the user's
-            copy = job.folder / job.spec.adapter
-            for name in (str(copy.resolve()), str(copy)):
-                job.state.message = job.state.message.replace(name, adapter)
+        if job.state.message:  # the worker read the job's copies, in a scratch folder gone once this command ends
+            job.state.message = _with_users_paths(job.state.message, job, request)
         if job.state.outcome != "finished":
             return report(job)
         for path in deliver(job.prediction_paths()[0], output):
@@ -249,26 +247,77 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_users_paths(message: str, job, request) -> str:
+    """`message` with the job's copies of the image and adapter named as the user gave them."""
+    copies = list(zip(job.spec.predict[0].images, request.predict[0].images))
+    if request.adapter:
+        copies.append((job.spec.adapter, request.adapter))
+    for copy, given in copies:
+        path = job.folder / copy
+        for name in (str(path.resolve()), str(path)):
+            message = message.replace(name, given)
+    return message
+
+
+#: what each file of a prediction is, in messages
+RESULT_NAMES = {"uncertainty": "uncertainty map", "disagreement": "disagreement map", "slices": "slice list"}
+
+
 def deliver(prediction: Path, output: Path) -> list[Path]:
-    """A job's label map and its uncertainty files, rewritten at `output` (in its format) and beside it."""
-    from .data.io import read_image, write_image
+    """A job's label map and its uncertainty files, rewritten at `output` (in its format) and beside it, all or
+    none: every file is read and checked first, then each is written under a temporary name beside its place and
+    renamed there once all are written, so a refusal leaves nothing half-made at the user's paths."""
     from .uncertainty import companion_paths
 
-    def rewrite(source: Path, target: Path) -> Path:
-        image = read_image(source, "prediction")
-        for key in image.GetMetaDataKeys():  # the input format's header fields, which another format cannot hold
-            image.EraseMetaData(key)
-        return write_image(image, target)
+    sources = {output: (prediction, "label map")}
+    sources |= {companion_paths(output)[kind]: (path, RESULT_NAMES[kind])
+                for kind, path in companion_paths(prediction).items() if path.is_file()}
+    contents = {target: _read_result(source, what, output) for target, (source, what) in sources.items()}
+    partial: dict[Path, Path] = {}
+    try:
+        for target, content in contents.items():
+            partial[target] = target.with_name(f".partial-{os.getpid()}-{target.name}")
+            _write_result(content, partial[target], target)
+        for target, temporary in partial.items():
+            temporary.replace(target)
+    finally:
+        for temporary in partial.values():
+            temporary.unlink(missing_ok=True)
+    return list(contents)
 
-    written, targets = [rewrite(prediction, output)], companion_paths(output)
-    for kind, path in companion_paths(prediction).items():
-        target = targets[kind]
-        if path.suffix == ".json" and path.is_file():
-            target.write_text(path.read_text())
-            written.append(target)
-        elif path.is_file():
-            written.append(rewrite(path, target))
-    return written
+
+def _read_result(source: Path, what: str, output: Path):
+    """A file the job wrote in its scratch folder, read and checked (an image without its input format's header
+    fields, which another format cannot hold); a problem is told about the user's output, since the scratch folder
+    is gone by the time the message is read."""
+    from .data.io import read_image
+
+    if source.suffix == ".json":
+        return source.read_text()
+    try:
+        image = read_image(source, f"this run's {what}")
+    except PEFTAdaptError as exc:
+        problem = str(exc).removeprefix(f"{source}: ").split("; ")[0]
+        raise type(exc)(f"{output}: nothing written: {problem} (the model or adapter gives unusable values on "
+                        "this image)") from None
+    for key in image.GetMetaDataKeys():
+        image.EraseMetaData(key)
+    return image
+
+
+def _write_result(content, temporary: Path, target: Path) -> None:
+    """Write `content` under its temporary name; a failure names the user's path, not the temporary one."""
+    from .data.io import write_image
+
+    try:
+        if isinstance(content, str):
+            temporary.write_text(content)
+        else:
+            write_image(content, temporary)
+    except PEFTAdaptError as exc:
+        raise type(exc)(str(exc).replace(str(temporary), str(target))) from None
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write output ({exc.strerror or exc})") from None
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

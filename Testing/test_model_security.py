@@ -374,6 +374,24 @@ def test_cli_predict_refuses_a_nan_adapter_before_inference_and_writes_nothing(b
     assert not output.parent.exists() or not list(output.parent.iterdir())
 
 
+def test_cli_predict_whose_result_is_unusable_leaves_the_users_files_as_they_were(bundle, adapter, tmp_path):
+    """Finite but huge tensors pass the load and make the network's output NaN: the label map and its uncertainty
+    files are all refused before any is written, and the message names the user's output, not the scratch folder
+    (gone by then)."""
+    edit_tensors(adapter, lambda name, t: torch.full_like(t, 1e30))
+    output = tmp_path / "out" / "seg.nii.gz"
+    output.parent.mkdir()
+    output.write_bytes(b"an earlier result")
+    result = run_cli("predict", "--model", str(bundle), "--adapter", str(adapter), "--image", str(shared(SPINE_T2)),
+                     "--output", str(output))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("peftadapt: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr  # after the audit's warning about the volume
+    assert errors[0].startswith(f"peftadapt: error: {output}: nothing written: ") and "NaN or infinite" in errors[0]
+    assert "peftadapt-predict-" not in result.stderr
+    assert [p.name for p in output.parent.iterdir()] == ["seg.nii.gz"]
+    assert output.read_bytes() == b"an earlier result"
+
+
 @pytest.mark.parametrize("field, value, fragment", [
     ("r", "x", "config field 'r' must be a whole number, not 'x'"),
     ("r", -1, "LoRA rank must be ≥ 1, got -1"),
