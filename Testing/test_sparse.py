@@ -14,9 +14,10 @@ import torch
 from monai.losses import DiceCELoss
 
 from conftest import REPO, shared
+from test_labelfree import SPINE_CARD  # the spine source model's grid (1 mm, RAS): the hold-out needs no weights
 from PEFTAdaptLib.data.cases import load_case, prepare_case
-from PEFTAdaptLib.data.holdout import split_for_audit
-from PEFTAdaptLib.data.sparse import UNANNOTATED, annotated, slice_mask, touched_slices
+from PEFTAdaptLib.data.holdout import hold_out_annotated, split_for_audit
+from PEFTAdaptLib.data.sparse import UNANNOTATED, annotated, slice_mask, touched_slices, write_slice_mask
 from PEFTAdaptLib.data.transforms import to_array
 from PEFTAdaptLib.errors import InputError
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
@@ -92,10 +93,55 @@ def test_the_held_out_audit_of_a_sparse_case_is_whole_annotated_slices_nobody_tr
     one = prepare_case("thin", [image], card, sitk.ReadImage(str(thin / "thin_label.nii.gz")),
                        annotated=slice_mask(image, "coronal:20"))
     [train], [audit], [held] = split_for_audit([one])
-    assert held["axis"] == 0 and not (annotated(train.label[0]) & annotated(audit.label[0])).any()
+    assert held["slices"] == [20] and held["within"]["axis"] == 0
+    assert not (annotated(train.label[0]) & annotated(audit.label[0])).any()
     counts = AuditCounts.measure(audit.label[0], audit.label[0], card.num_classes,
                                  annotated=annotated(audit.label[0]))
     assert len(counts) > 1 and AuditCounts([counts]).dice() == 1.0
+
+
+def image_index(case, axis: int) -> np.ndarray:
+    """Per model voxel along the model's `axis`, the index along the image's `axis` of the voxel nearest its centre
+    (where nearest-neighbour resampling took its label from), found through physical space."""
+    centre = [s // 2 for s in case.array.shape[1:]]
+
+    def along(i: int) -> int:
+        point = case.model_image.TransformIndexToPhysicalPoint([i if a == axis else c for a, c in enumerate(centre)])
+        return case.image.TransformPhysicalPointToIndex(point)[axis]
+    return np.array([along(i) for i in range(case.array.shape[1 + axis])])
+
+
+@pytest.mark.parametrize("slices", ["axial:4", "axial:4,5", "axial:3,4,5", "axial:2,4,6"])
+def test_what_came_from_one_slice_on_a_thick_axis_is_held_out_or_trained_whole(slices, tmp_path):
+    """The real spinal-cord T2* has 9 axial slices of 7.5 mm; on the spine model's 1 mm grid each becomes ~7 copies. The
+    audit never holds out some copies of an annotated slice while training on the others (an audit of the training
+    data itself): adjacent slices are held out whole; a single slice gives up a strip of its own lines."""
+    image = shared("spine/t2s/t2s.nii.gz")
+    mask = write_slice_mask(image, slices, tmp_path / "mask.nii.gz")
+    case = load_case(image, SPINE_CARD, shared("spine/t2s/t2s_seg.nii.gz"), annotated_path=mask)
+    train, audit, held = hold_out_annotated(case)
+    trained, audited = annotated(train.label[0]), annotated(audit.label[0])
+    assert not (trained & audited).any() and np.array_equal(trained | audited, annotated(case.label[0]))
+    assert held["plane"] == "axial" and held["axis"] == 2
+    slice_of = image_index(case, 2)  # the image slice each model plane came from
+    audited_slices = set(slice_of[audited.any(axis=(0, 1))])
+    assert audited_slices == set(held["slices"])
+    if slices == "axial:4":  # the documented within-slice slab: the audit's image lines are never trained on
+        line_of = image_index(case, 0)
+        assert held["slices"] == [4] and held["within"]["axis"] == 0
+        assert set(line_of[audited.any(axis=(1, 2))]) == set(held["within"]["indices"])
+        assert not set(line_of[audited.any(axis=(1, 2))]) & set(line_of[trained.any(axis=(1, 2))])
+    else:
+        assert "within" not in held and not audited_slices & set(slice_of[trained.any(axis=(0, 1))])
+
+
+def test_the_held_out_slices_are_named_on_the_image_grid(tmp_path):
+    """The real T2 is PSR: its axial slices walk along image axis 1. What the started event says was held out is
+    the plane and the image's slice indices the user gave, not the model grid's."""
+    image = shared("spine/t2/t2.nii.gz")
+    mask = write_slice_mask(image, "axial:10,25,40", tmp_path / "mask.nii.gz")
+    case = load_case(image, SPINE_CARD, shared("spine/t2/t2_seg-manual.nii.gz"), annotated_path=mask)
+    assert hold_out_annotated(case)[2] == {"case": "t2", "plane": "axial", "axis": 1, "slices": [25]}
 
 
 def test_a_mask_off_the_image_grid_or_empty_is_refused_naming_the_file(thin, tmp_path):

@@ -7,14 +7,15 @@ or percentile schemes would shift a slab normalised alone), and the audit case i
 slab's voxels annotated, so the slab is predicted in its volume's context (a network's receptive field reaches past
 a cut slab's faces, where a cut slab would be predicted from padding instead).
 
-A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead. Whole annotated
-slices (runs of annotated planes along the model grid's last axis) are held out — a quarter of the runs, at least
-one and never every run holding foreground, spread evenly over those that do — when two or more hold foreground;
-the audit then measures what a
-correction is for, slices nobody trained on. With one such run (one corrected slice, a block of slices, or slices
-across the last axis) a slab of a quarter of its annotated planes around its foreground is held out (along the last
-axis; across a single slice, along the first). The held-out voxels become unannotated in the training case, so
-they never reach the loss; the audit case is the whole volume with only the held-out voxels annotated.
+A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead, by the image
+slices they came from (on a model grid finer than a thick slice, one corrected slice is several model planes of one
+label: held out or trained on together, never split). Whole annotated slices (runs of adjacent annotated image slices
+along the axis the user annotated in) are held out — a quarter of the runs, at least one and never every run holding
+foreground, spread evenly over those that do — when two or more hold foreground; the audit then measures what a
+correction is for, slices nobody trained on. With one such run, a quarter of its slices around its foreground is held
+out; with one slice, a strip of a quarter of its lines (along its first in-plane axis). The held-out voxels become
+unannotated in the training case, so they never reach the loss; the audit case is the whole volume with only the
+held-out voxels annotated.
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
+import SimpleITK as sitk
 
 from ..errors import InputError, NeedsAnnotation
 from .cases import Case
-from .sparse import annotated, foreground, is_sparse, with_unannotated
+from .planar import user_grid
+from .sparse import annotated, foreground, is_sparse, plane_of, with_unannotated
+from .transforms import onto_grid, to_array
 
 SHARE = 0.25  # of each support volume's depth held out
 
@@ -56,37 +60,63 @@ def hold_out(case: Case, share: float = SHARE) -> tuple[list[Case], Case, tuple[
     return parts, audit, (start, end)
 
 
+def source_voxels(grid: sitk.Image, model_grid: sitk.Image) -> np.ndarray:
+    """(dims, *model grid): the index on the user's `grid` of the voxel each model voxel took its label and mask from
+    (the same nearest-neighbour resampling as prepare_case), so copies of one annotated slice on a finer model grid
+    are known to be one slice."""
+    size = grid.GetSize()
+    flat = sitk.GetImageFromArray(np.arange(int(np.prod(size)), dtype=np.uint32).reshape(size[::-1]))
+    flat.CopyInformation(grid)
+    taken = to_array(onto_grid(flat, model_grid, is_label=True), np.int64)
+    return np.stack(np.unravel_index(taken, size, order="F"))
+
+
+def held_slab(index: np.ndarray, marked: np.ndarray, structure: np.ndarray, share: float) -> np.ndarray:
+    """A quarter (`share`) of the annotated image slices along one axis (`index`: each model voxel's image index
+    along it), centred on the structure's."""
+    lines = np.unique(index[marked])
+    width = max(1, round(len(lines) * share))
+    centre = np.searchsorted(lines, np.median(np.unique(index[structure])))
+    first = int(min(max(0, centre - width // 2), len(lines) - width))
+    return lines[first:first + width]
+
+
 def hold_out_annotated(case: Case, share: float = SHARE) -> tuple[Case, Case, dict]:
-    """(training case, audit case, what was held out) of a sparsely annotated case (the rule above)."""
+    """(training case, audit case, what was held out) of a sparsely annotated case (the rule above), decided on the
+    image's grid: what came from one annotated image slice is held out or trained on whole, never both."""
     label = case.label[0]
     marked, structure = annotated(label), foreground(label)
-    planes = np.flatnonzero(marked.any(axis=(0, 1)))
-    runs = np.split(planes, np.flatnonzero(np.diff(planes) > 1) + 1)
-    with_structure = [run for run in runs if structure[..., run].any()]
+    if not structure.any():
+        raise NeedsAnnotation(f"{case.name}: no annotated voxel holds a structure; annotate slices through it or give "
+                              "an audit volume")
+    grid = user_grid(case.image, case.model_image.GetDimension())
+    source = source_voxels(grid, case.model_image)
+    axis = int(np.argmin([len(np.unique(index[marked])) for index in source]))  # the axis the user annotated along
+    slices = np.unique(source[axis][marked])
+    runs = np.split(slices, np.flatnonzero(np.diff(slices) > 1) + 1)
+    with_structure = [run for run in runs if np.isin(run, source[axis][structure]).any()]
+    plane, within = plane_of(grid, axis), None
     if len(with_structure) >= 2:
         count = min(len(with_structure) - 1, max(1, round(len(runs) * share)))
         picks = [with_structure[round((i + 0.5) * len(with_structure) / count - 0.5)] for i in range(count)]
-        axis, chosen = 2, np.concatenate(picks)
-    elif with_structure:
-        axis = 2 if len(with_structure[0]) > 1 else 0
-        other = tuple(a for a in range(3) if a != axis)
-        lines = np.flatnonzero(marked.any(axis=other))
-        width = max(1, round(len(lines) * share))
-        centre = np.searchsorted(lines, np.median(np.flatnonzero(structure.any(axis=other))))
-        first = int(min(max(0, centre - width // 2), len(lines) - width))
-        chosen = lines[first:first + width]
-    else:
-        raise NeedsAnnotation(f"{case.name}: no annotated voxel holds a structure; annotate slices through it or give an "
-                         "audit volume")
-    held = np.zeros(label.shape, bool)
-    np.moveaxis(held, axis, 0)[chosen] = True
+        chosen = np.concatenate(picks)
+        held = np.isin(source[axis], chosen)
+    elif len(with_structure[0]) > 1:  # one block of adjacent slices: a slab of whole slices
+        chosen = held_slab(source[axis], marked, structure, share)
+        held = np.isin(source[axis], chosen)
+    else:  # one slice: a slab of its lines, along its first in-plane axis
+        across = next(a for a in range(source.shape[0]) if a != axis)
+        chosen, lines = with_structure[0], held_slab(source[across], marked, structure, share)
+        held = np.isin(source[axis], chosen) & np.isin(source[across], lines)
+        within = {"axis": across, "indices": lines.tolist()}
     held &= marked
     if not (structure & held).any() or not (structure & ~held).any():
         raise NeedsAnnotation(f"{case.name}: too few annotated slices hold the structure to keep some for an audit; "
-                         "annotate more slices through it or give an audit volume")
+                              "annotate more slices through it or give an audit volume")
     train = replace(case, label=with_unannotated(case.label, ~held[None]))
     audit = replace(case, name=f"{case.name}_audit", label=with_unannotated(case.label, held[None]), label_image=None)
-    return train, audit, {"case": case.name, "axis": axis, "slices": chosen.tolist()}
+    return train, audit, {"case": case.name, **({"plane": plane} if plane else {}), "axis": axis,
+                          "slices": chosen.tolist(), **({"within": within} if within else {})}
 
 
 def split_for_audit(support: Sequence[Case]) -> tuple[list[Case], list[Case], list[dict]]:

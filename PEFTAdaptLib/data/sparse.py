@@ -62,6 +62,15 @@ def index_axis(image: sitk.Image, plane: str) -> int:
     return int(np.argmax(direction[PLANES[plane]]))
 
 
+def plane_of(image: sitk.Image, axis: int) -> str | None:
+    """The anatomical plane whose slices index `axis` of a 3D image walks across, for naming them to the user (None
+    for a 2D image, or when no single plane falls on that axis)."""
+    if image.GetDimension() != 3:
+        return None
+    names = [plane for plane in PLANES if index_axis(image, plane) == axis]
+    return names[0] if len(names) == 1 else None
+
+
 def slice_mask(image: sitk.Image, spec: str, where: str = "--slices") -> sitk.Image:
     """A mask of whole slices from `plane:i,j,k` (e.g. `axial:12,40,77`; indices on the image's grid)."""
     plane, _, indices = spec.partition(":")
