@@ -12,6 +12,7 @@ Adapters are untrusted data: a malformed record is one line naming the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,22 @@ AUDIT_CHANGE = "audit_change"
 #: subjects
 ASK_FOR_SUBJECTS = ("check the predictions of other volumes, or give annotated volumes of two or more other subjects "
                     "as the audit")
-#: said when the state kept was judged on held-out slabs of the training volumes only: their gain need not carry over
-#: to other subjects (docs/benchmarks.md shows it did not, more than once)
-SAME_VOLUME_AUDIT = ("the audit was a held-out slab of the training volume(s), so its gain is shown on those volumes "
-                     f"only: {ASK_FOR_SUBJECTS}")
+#: what a job held out of its training volumes as the audit, by the kind of record data/holdout.py gives
+HELD_OUT = {"slab": "a held-out slab", "slices": "held-out corrected slices",
+            "within": "a held-out strip of a corrected slice"}
+
+
+def same_volume_audit(held: Sequence[dict] = ()) -> str:
+    """Said when the state kept was judged on parts of the training volumes only (`held`: the `audit_held_out`
+    records, worded by what they held out): their gain need not carry over to other subjects (docs/benchmarks.md shows
+    it did not, more than once)."""
+    kinds = dict.fromkeys("within" if "within" in r else "slices" if "slices" in r else "slab" for r in held)
+    return (f"the audit was {' and '.join(HELD_OUT[k] for k in kinds or ['slab'])} of the training volume(s), so its "
+            f"gain is shown on those volumes only: {ASK_FOR_SUBJECTS}")
+
+
+#: the caveat of an audit on held-out slabs of dense training volumes
+SAME_VOLUME_AUDIT = same_volume_audit()
 #: adapter metadata, present when the audit was slabs of the training scans or one volume: the digests of the training
 #: and audit volumes (`volume_digest`), the only ones the audit's gain speaks for
 AUDIT_COVERS = "audit_covers"

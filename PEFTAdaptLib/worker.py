@@ -46,8 +46,8 @@ from .training import (
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
-    AUDIT_CHANGE, AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_change_of, audit_covers_of, one_volume_caveat, same_scan_caveat,
-    volume_digest, volume_warning,
+    AUDIT_CHANGE, AUDIT_COVERS, audit_change_of, audit_covers_of, one_volume_caveat, same_scan_caveat,
+    same_volume_audit, volume_digest, volume_warning,
 )
 
 TRACEBACK_FILE = "traceback.txt"
@@ -199,7 +199,7 @@ class Run:
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
             trained_on = [volume_digest(case.image) for case in cases.support]
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
-            audit_caveat = SAME_VOLUME_AUDIT
+            audit_caveat = same_volume_audit(held_out)
         elif labelled and (audit_caveat := (same_scan_caveat(cases.support, cases.audit)
                                             or one_volume_caveat(cases.audit))):
             trained_on = [volume_digest(case.image) for case in cases.support + cases.audit]

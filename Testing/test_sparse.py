@@ -25,7 +25,7 @@ from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model
 from PEFTAdaptLib.selection import AuditCounts
 from PEFTAdaptLib.training import MaskedDiceCE, PatchSampler
-from PEFTAdaptLib.vouch import AUDIT_COVERS, SAME_VOLUME_AUDIT, volume_digest
+from PEFTAdaptLib.vouch import AUDIT_COVERS, same_volume_audit, volume_digest
 from PEFTAdaptLib.worker import EXIT_INVALID
 
 MESHNET = "meshnet/model5_gw_ae"
@@ -209,7 +209,8 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     kept = next(e for e in events if e["event"] == "validation")["kept"]
     assert kept == "adapted"
     warnings = [e["message"] for e in events if e["event"] == "warning"]
-    assert SAME_VOLUME_AUDIT in warnings
+    assert same_volume_audit([held]) in warnings  # worded by what was held out: whole corrected slices
+    assert "the audit was held-out corrected slices of the training volume(s)" in same_volume_audit([held])
     # the volume trained on is covered; the other is named, and the adapter keeps the record for later jobs
     unvouched = [m for m in warnings if "covers only the volume(s) it was trained and audited on" in m]
     assert [m.split(":")[0] for m in unvouched] == ["other"]
