@@ -52,6 +52,17 @@ from .vouch import (
 
 TRACEBACK_FILE = "traceback.txt"
 PREDICTIONS_DIR = "predictions"
+#: how the messages name what chose the state kept, by the scorer's event: the audit's selection rule, or (label-free)
+#: the highest ESH/decoder agreement, where there is no audit at all
+CHOSEN_BY = {
+    "audit": {"score": "audit dice", "best": "the best so far that passed the selection rule",
+              "none": "no state passed the selection rule", "unscored": "no audit after training",
+              "no_gain": "no reliable gain on the audit"},
+    "agreement": {"score": "agreement", "best": "the highest ESH/decoder agreement so far",
+                  "none": "no state's ESH/decoder agreement rose above step 0's",
+                  "unscored": "no ESH/decoder agreement measured after training",
+                  "no_gain": "ESH/decoder agreement never rose above step 0's"},
+}
 
 
 def select_device(requested: str) -> str:
@@ -263,14 +274,15 @@ class Run:
                  card.extra.get(TRAINED_IN_FULL) else "the source model")
         if not completed:  # the adapter holds the best state so far: say which, not the last audit's
             kept = "start" if summary["kept_start"] else "adapted"
-            held = (f"no state passed the selection rule so far: the adapter is {start}" if kept == "start" else
-                    f"the adapter is the state of step {summary['best_step']} (audit {scorer.key} "
-                    f"{summary['best_score']:.4f}), the best so far that passed the selection rule")
+            words = CHOSEN_BY[scorer.event]
+            held = (f"{words['none']} so far: the adapter is {start}" if kept == "start" else
+                    f"the adapter is the state of step {summary['best_step']} ({words['score']} "
+                    f"{summary['best_score']:.4f}), {words['best']}")
             self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
                        "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "kept": kept,
                        "message": f"cancelled at step {trainer.step}; {held}", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
-        outcome = self.outcome(summary, start, len(trainer.history))
+        outcome = self.outcome(summary, start, len(trainer.history), scorer.event)
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
@@ -284,13 +296,14 @@ class Run:
         return EXIT_FINISHED
 
     @staticmethod
-    def outcome(summary: dict, start: str, audits: int) -> dict:
-        """What the run gives the user, in words: the adapted state, or the starting model (`start`) kept."""
+    def outcome(summary: dict, start: str, audits: int, scored_by: str = "audit") -> dict:
+        """What the run gives the user, in words: the adapted state, or the starting model (`start`) kept, as the
+        scorer (`scored_by`: its event, CHOSEN_BY) chose it."""
         if not summary["kept_start"]:
             return {"kept": "adapted", "message": f"adapted state of step {summary['best_step']} kept"}
         if audits < 2:
-            return {"kept": "start", "message": f"no audit after training: {start} is kept"}
-        return {"kept": "start", "message": f"no reliable gain on the audit: {start} is kept"}
+            return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['unscored']}: {start} is kept"}
+        return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['no_gain']}: {start} is kept"}
 
     # -- predict -------------------------------------------------------------------------------------------------
     def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:

@@ -14,6 +14,7 @@ from conftest import shared
 from PEFTAdaptLib.adapters import ConvLoRAUnit, NormAffineUnit, iter_units
 from PEFTAdaptLib.data.cases import prepare_case
 from PEFTAdaptLib.jobs import CaseSpec, JobSpec, TrainSpec, create_job
+from PEFTAdaptLib.jobs.client import CANCEL_FILE
 from PEFTAdaptLib.jobs.events import read_events
 from PEFTAdaptLib.labelfree import (
     ESH_SOURCE_CONFIDENT, FeatureTap, LabelFreeConfig, build_head, build_label_free, choose_stage,
@@ -22,7 +23,7 @@ from PEFTAdaptLib.labelfree import (
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 from PEFTAdaptLib.training import TrainConfig, Trainer, TrainingContext
-from PEFTAdaptLib.worker import EXIT_FINISHED, run_job
+from PEFTAdaptLib.worker import EXIT_CANCELLED, EXIT_FINISHED, run_job
 
 SPINE_CARD = ModelCard(
     id="test-spine", title="spinal cord", description="", modality="MR", input_channels=1, spacing=(1.0, 1.0, 1.0),
@@ -155,15 +156,20 @@ def test_agreement_selection_restores_the_state_of_the_reported_step(spine_t2, s
         assert any(not torch.equal(final_state[k][n], t) for k in expected for n, t in expected[k].items())
 
 
-def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
-    """The real default model on a real brain volume given without any label (no audit either)."""
+def unlabelled_brain_job(folder, steps: int = 4) -> None:
+    """A label-free job of the real default model on a real brain volume given without any label (no audit either)."""
     image = str(shared("brats/brats_2013_pat0003_1/T1c_subtrMeanDivStd.nii.gz"))
     spec = JobSpec(
         model="deepbet-brain", support=[CaseSpec([image])], audit=[], method=make_method("label-free", rank=2),
-        train=TrainSpec(steps=4, lr=1e-3, patch_size=[64, 64, 64], patches_per_step=1, audit_every=2, seed=0,
+        train=TrainSpec(steps=steps, lr=1e-3, patch_size=[64, 64, 64], patches_per_step=1, audit_every=2, seed=0,
                         device="cpu"),
     )
-    create_job(tmp_path, spec)
+    create_job(folder, spec)
+
+
+def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
+    """The real default model on a real brain volume given without any label (no audit either)."""
+    unlabelled_brain_job(tmp_path)
     assert run_job(tmp_path, echo=False) == EXIT_FINISHED
     events = read_events(tmp_path)[0]
     kinds = [e["event"] for e in events]
@@ -182,3 +188,38 @@ def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
     assert metadata["final"] is True
     # one loop, one checkpoint format: a label-free job resumes like any other
     assert any(e["event"] == "checkpoint" for e in events) and (tmp_path / "checkpoint").is_dir()
+    # selection was by agreement, and there was no audit: the result says so
+    for said in (finished, next(e for e in events if e["event"] == "validation")):
+        assert "audit" not in said["message"]
+        assert said["message"] in (f"adapted state of step {finished['best_step']} kept",
+                                   "ESH/decoder agreement never rose above step 0's: the source model is kept")
+
+
+def test_a_cancelled_label_free_job_names_agreement_not_an_audit_and_resumes_exactly(tmp_path):
+    """Cancelled after its step-2 agreement (a real job, as a user's cancel file stops it): the message says which
+    state the adapter holds by the score that chose it, the ESH/decoder agreement; no audit exists. `--resume`
+    continues from the checkpoint, without a word, to the agreements of an uninterrupted run (docs/labelfree.md)."""
+    unlabelled_brain_job(tmp_path / "whole", steps=8)
+    assert run_job(tmp_path / "whole", echo=False) == EXIT_FINISHED
+    tmp_path = tmp_path / "cancelled"
+    unlabelled_brain_job(tmp_path, steps=8)
+
+    def cancel_after_step_2(event: dict) -> None:
+        if event["event"] == "agreement" and event["step"] == 2:
+            (tmp_path / CANCEL_FILE).touch()
+    assert run_job(tmp_path, emit_extra=cancel_after_step_2, echo=False) == EXIT_CANCELLED
+    events = read_events(tmp_path)[0]
+    agreement = {e["step"]: e["agreement"] for e in events if e["event"] == "agreement"}
+    cancelled = events[-1]
+    assert cancelled["event"] == "cancelled" and "audit" not in cancelled["message"]
+    step = cancelled["best_step"]
+    assert cancelled["message"].endswith(
+        f"the adapter is the state of step {step} (agreement {agreement.get(step, 0):.4f}), the highest ESH/decoder "
+        "agreement so far" if cancelled["kept"] == "adapted" else
+        "no state's ESH/decoder agreement rose above step 0's so far: the adapter is the source model")
+    assert run_job(tmp_path, resume=True, echo=False) == EXIT_FINISHED
+    resumed, whole = read_events(tmp_path)[0], read_events(tmp_path.parent / "whole")[0]
+    assert [e["resumed_from_step"] for e in resumed if e["event"] == "started"] == [0, cancelled["step"]]
+    assert not [e for e in resumed if e["event"] == "warning"]
+    scores = lambda events: {e["step"]: e["agreement"] for e in events if e["event"] == "agreement"}  # noqa: E731
+    assert scores(resumed) == scores(whole) and resumed[-1]["message"] == whole[-1]["message"]
