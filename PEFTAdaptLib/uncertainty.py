@@ -65,16 +65,18 @@ def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Ima
         taken = np.flatnonzero(corrected.all(axis=others)) if corrected is not None else ()
         slices = []
         for index, reason in ranked(scores, taken, extent):
-            at = focus(np.take(weighted, index, axis=axis), np.take(content, index, axis=axis))
+            at = focus(np.take(weighted, index, axis=axis), np.take(content, index, axis=axis), reason)
             at.insert(axis, index)
             slices.append({"index": index, "score": float(scores[index]), "reason": reason, "at": at})
         planes[plane] = {"axis": axis, "extent": list(extent), "slices": slices}
     return {"planes": planes}
 
 
-def focus(uncertainty: np.ndarray, content: np.ndarray) -> list[int]:
-    """Where the views centre on a slice: its most uncertain voxel, or the middle of its image if it has none."""
-    if uncertainty.max() > 0:
+def focus(uncertainty: np.ndarray, content: np.ndarray, reason: str = "uncertain") -> list[int]:
+    """Where the views centre on a slice: an uncertain pick on its most uncertain voxel; a coverage pick — a look
+    where the model may be wrong with confidence, which no uncertainty points to — on the middle of its image, as
+    does a slice with no uncertainty."""
+    if reason == "uncertain" and uncertainty.max() > 0:
         return [int(i) for i in np.unravel_index(int(uncertainty.argmax()), uncertainty.shape)]
     filled = np.argwhere(content) if content.any() else np.argwhere(np.ones_like(content))
     return [int(i) for i in np.round(filled.mean(0))]

@@ -205,6 +205,11 @@ def test_a_slice_list_adapts_through_the_command_line_and_the_worker(thin, tmp_p
     assert not {4, 12, 20, 28, 36} & {s["index"] for s in ranking["slices"]}
     assert [s["reason"] for s in ranking["slices"][:2]] == ["coverage", "uncertain"]
     assert ranking["slices"][1]["score"] == max(s["score"] for s in ranking["slices"])
+    # a coverage pick looks where the model may be wrong with confidence: the view centres on the slice's image
+    content = to_array(source) > to_array(source).min()
+    for pick in (s for s in ranking["slices"] if s["reason"] == "coverage"):
+        middle = np.round(np.argwhere(content[:, :, pick["index"]]).mean(0)).astype(int).tolist()
+        assert pick["at"] == middle + [pick["index"]]
     # its audit was a slab of the training volume: a state kept on it comes with that caveat (this run keeps one)
     kept = next(e for e in events if e["event"] == "validation")["kept"]
     assert kept == "adapted"
