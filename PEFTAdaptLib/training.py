@@ -41,6 +41,9 @@ class TrainConfig:
     device: str = "cpu"
     weight_decay: float = 0.0
     pos_fraction: float = 0.5  # share of patches centred on foreground
+    #: False where the start cannot be kept (a model whose new head starts untrained): there is nothing to compare a
+    #: trained state with, so the best audited trained state is kept whatever the start scored
+    start_is_candidate: bool = True
 
 
 def _random_state_to_json(state: tuple) -> list:
@@ -326,7 +329,18 @@ class Trainer:
     def judge(self) -> tuple[Score, Verdict | None]:
         """The network's audit score now, and whether the rule would let it replace the start."""
         score = self.scorer(self.network)
-        return score, (self.scorer.judge(score, self.baseline) if self.baseline is not None else None)
+        return score, self._verdict(score)
+
+    def _verdict(self, score: Score) -> Verdict | None:
+        """The rule's verdict on `score` against the start; None where there is nothing to compare with (no start
+        audited yet, or a start that is no candidate: an untrained new head)."""
+        if self.baseline is None or not self.config.start_is_candidate:
+            return None
+        return self.scorer.judge(score, self.baseline)
+
+    def _beats_best(self, score: Score) -> bool:
+        """Whether `score` beats the best state so far; a start that is no candidate is beaten by any trained state."""
+        return score.value > self.best_score or (self.best_step == 0 and not self.config.start_is_candidate)
 
     def audit(self) -> float:
         """Score the network; the first score is the baseline, a later one becomes the best state only if the
@@ -338,14 +352,14 @@ class Trainer:
             self.baseline = score
             self.best_score, self.best_step, self.best_state = score.value, self.step, self._unit_state()
         else:
-            verdict = self.scorer.judge(score, self.baseline)
+            verdict = self._verdict(score)
             accepted = verdict is None or verdict.reliable
             if verdict is not None:
                 fields.update(verdict.fields())
                 if verdict.flag and not self.flagged:
                     self.flagged = True
                     self.emit({"event": "warning", "step": self.step, "message": verdict.flag})
-            if accepted and score.value > self.best_score:
+            if accepted and self._beats_best(score):
                 self.best_score, self.best_step, self.best_state = score.value, self.step, self._unit_state()
                 self.best_verdict = verdict.fields() if verdict is not None else {}
         self.emit({"event": self.scorer.event, "step": self.step, **fields})

@@ -160,3 +160,4 @@ def audit_covers_of(config: dict, folder: Path) -> list[str] | None:
     if not (isinstance(saved, list) and all(isinstance(d, str) and re.fullmatch("[0-9a-f]{64}", d) for d in saved)):
         raise ModelError(f"{folder}: metadata field '{AUDIT_COVERS}' must list volume digests (64 hex digits each)")
     return saved
+

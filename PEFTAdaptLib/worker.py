@@ -38,7 +38,7 @@ from .jobs.lock import JobLock, JobLocked
 from .jobs.runner import STOP_SIGNALS
 from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
-from .models.card import TRAINED_IN_FULL
+from .models.card import TRAINED_IN_FULL, holds_untrained_head, refuse_untrained_head
 from .models.foundation import FoundationModel
 from .models.registry import load_model
 from .training import (
@@ -228,8 +228,10 @@ class Run:
                                              spec.train.patches_per_step, spec.train.seed, device, cases, self.emit))
             if card.extra.get(TRAINED_IN_FULL):  # a new head: trained in full whatever the method
                 plan.info["trained_in_full"] = train_in_full(model.network, card.extra[TRAINED_IN_FULL])
+        untrained_start = warm is None and bool(card.extra.get(TRAINED_IN_FULL))  # a new head: no source model
         config = TrainConfig(steps=spec.train.steps, lr=spec.lr, patches_per_step=spec.train.patches_per_step,
-                             audit_every=spec.train.audit_every, seed=spec.train.seed, device=device)
+                             audit_every=spec.train.audit_every, seed=spec.train.seed, device=device,
+                             start_is_candidate=not untrained_start)
         objective = plan.objective or SupervisedObjective(cases.support, card.patch_size, config.patches_per_step,
                                                           config.pos_fraction, config.seed,
                                                           AugmentationConfig.from_card(card.extra))
@@ -270,8 +272,8 @@ class Run:
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
                                  lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
         start = ("the adapter it started from" if warm is not None else
-                 "the source model, whose new head is untrained: its predictions mean nothing" if
-                 card.extra.get(TRAINED_IN_FULL) else "the source model")
+                 "the model's untrained new head, which cannot predict: resume the job" if untrained_start else
+                 "the source model")
         if not completed:  # the adapter holds the best state so far: say which, not the last audit's
             kept = "start" if summary["kept_start"] else "adapted"
             words = CHOSEN_BY[scorer.event]
@@ -282,13 +284,17 @@ class Run:
                        "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "kept": kept,
                        "message": f"cancelled at step {trainer.step}; {held}", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
-        outcome = self.outcome(summary, start, len(trainer.history), scorer.event)
+        outcome = self.outcome(summary, start, len(trainer.history), scorer.event, compared=not untrained_start)
         final = scorer(model.network)
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
         if audit_caveat and outcome["kept"] == "adapted":
             self.emit({"event": "warning", "message": audit_caveat})
-        self.write_predictions(spec, predict_inputs, model, device, checked, covers)
+        if holds_untrained_head(metadata):
+            self.emit({"event": "warning", "message": "no trained state was kept, so no prediction was written: the "
+                                                      "model's new head is untrained"})
+        else:
+            self.write_predictions(spec, predict_inputs, model, device, checked, covers)
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                    "trainable": count_trainable(model.network), "seconds": summary["seconds"], **outcome,
@@ -296,11 +302,16 @@ class Run:
         return EXIT_FINISHED
 
     @staticmethod
-    def outcome(summary: dict, start: str, audits: int, scored_by: str = "audit") -> dict:
+    def outcome(summary: dict, start: str, audits: int, scored_by: str = "audit", compared: bool = True) -> dict:
         """What the run gives the user, in words: the adapted state, or the starting model (`start`) kept, as the
-        scorer (`scored_by`: its event, CHOSEN_BY) chose it."""
+        scorer (`scored_by`: its event, CHOSEN_BY) chose it. Not `compared`: the start was no candidate (an
+        untrained new head), so the best trained state is kept as is."""
         if not summary["kept_start"]:
-            return {"kept": "adapted", "message": f"adapted state of step {summary['best_step']} kept"}
+            kept = f"adapted state of step {summary['best_step']} kept"
+            if not compared:
+                kept += (", the best on the audit; there is no source model to compare it with, as the model's head "
+                         "is new")
+            return {"kept": "adapted", "message": kept}
         if audits < 2:
             return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['unscored']}: {start} is kept"}
         return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['no_gain']}: {start} is kept"}
@@ -312,6 +323,7 @@ class Run:
         if spec.adapter:
             folder = resolve_input(self.job_dir, spec.adapter)
             config = load_adapters(model.network, folder, model.base_fingerprint)
+            refuse_untrained_head(config, folder)
             checked, covers = audit_change_of(config, folder, model.card), audit_covers_of(config, folder)
         self.emit({"event": "started", "task": "predict", "model": model.card.id, "device": device,
                    "steps": len(inputs), "adapter": spec.adapter, "pid": os.getpid()})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -18,10 +19,12 @@ import SimpleITK as sitk
 import torch
 
 from planar_model import as_png, brats_slice
+from test_cli import assert_one_line_error, run
 from PEFTAdaptLib.adapters.io import read_adapter_config
 from PEFTAdaptLib.data.io import same_geometry
 from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+from PEFTAdaptLib.jobs.events import read_events
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import list_models, load_model, model_card
 from PEFTAdaptLib.models.sam_network import ImageEncoderViT, encoder_settings
@@ -34,6 +37,10 @@ TINY = {"img_size": 64, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads
 
 @pytest.fixture
 def reference(monkeypatch):
+    return import_reference(monkeypatch)
+
+
+def import_reference(monkeypatch):
     """segment-anything's `modeling.image_encoder` module, imported without the package's `__init__` (which
     imports torchvision for its predictor)."""
     spec = importlib.util.find_spec("segment_anything")
@@ -166,14 +173,20 @@ def test_seapeft_pool_on_sam_puts_qv_lora_on_the_fused_qkv_and_lora_on_the_mlp(r
         assert any(u.startswith("sea_lora_r") for u in sites[f"image_encoder.blocks.{block}.mlp.lin1"])
 
 
-def test_a_sam_model_adapts_its_query_value_rows_and_new_head_and_predicts_on_the_images_geometry(reference,
-                                                                                                  tmp_path):
-    folder = write_sam_folder(tmp_path / "sam", reference, image_size=64)
+def png_slices(folder: Path) -> dict[int, tuple[Path, Path]]:
+    """Per patient (3, 4, 6): the T1c slice through the tumour as a PNG and its whole-tumour label as a PNG."""
     files = {}
     for patient in (3, 4, 6):
         image, label = brats_slice(patient, "T1c")
-        files[patient] = (as_png(image, tmp_path / f"p{patient}.png"), tmp_path / f"p{patient}_label.png")
+        files[patient] = (as_png(image, folder / f"p{patient}.png"), folder / f"p{patient}_label.png")
         sitk.WriteImage(label, str(files[patient][1]))
+    return files
+
+
+def test_a_sam_model_adapts_its_query_value_rows_and_new_head_and_predicts_on_the_images_geometry(reference,
+                                                                                                  tmp_path):
+    folder = write_sam_folder(tmp_path / "sam", reference, image_size=64)
+    files = png_slices(tmp_path)
     client = JobClient(tmp_path / "jobs")
     job = client.submit(JobSpec(
         model=str(folder), support=[CaseSpec([str(files[3][0])], str(files[3][1]))],
@@ -210,3 +223,59 @@ def test_a_new_head_is_not_used_to_predict_before_an_adaptation(reference, tmp_p
         JobClient(tmp_path / "jobs").submit(JobSpec(model=str(folder), task="predict", predict=[CaseSpec([str(image)])],
                                                     train=TrainSpec(device="cpu")))
     assert not list((tmp_path / "jobs").glob("*/job.json"))  # refused before a job was written
+
+
+@pytest.fixture(scope="module")
+def headless(tmp_path_factory):
+    """`peftadapt adapt` on a SAM folder without a head file, as the user-level check ran it (its untrained head once
+    scored best on the audit, and was kept): the folder, the job folder and the command's result."""
+    tmp_path = tmp_path_factory.mktemp("headless")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        folder = write_sam_folder(tmp_path / "sam", import_reference(monkeypatch), image_size=64)
+    files = png_slices(tmp_path)
+    job = tmp_path / "job"
+    result = run("adapt", "--model", str(folder), "--train", *map(str, files[3]), "--audit", *map(str, files[4]),
+                 "--method", "lora-qv", "--steps", "6", "--audit-every", "3", "--device", "cpu",
+                 "--predict", str(files[6][0]), "--output", str(job))
+    return folder, job, files, result
+
+
+def test_a_new_heads_untrained_start_is_never_kept_the_best_trained_state_is(headless):
+    """Found by a user-level check: the untrained head was kept as "the source model" (every pixel tumour), in a
+    garbled sentence, and its predictions written."""
+    _, job, _, result = headless
+    assert result.returncode == 0, result.stderr
+    validation = next(e for e in read_events(job)[0] if e["event"] == "validation")
+    assert validation["kept"] == "adapted" and "gain" not in validation  # nothing to compare with
+    assert read_adapter_config(job / "adapter")["metadata"]["best_step"] > 0
+    assert "result: adapted state of step" in result.stdout
+    assert "there is no source model to compare it with, as the model's head is new" in result.stdout
+    assert "audit Dice: kept" in result.stdout and "start" not in result.stdout.split("audit Dice:")[1].split("\n")[0]
+    assert "wrote " in result.stdout and list((job / "predictions").glob("p6_seg.png"))
+
+
+def test_predict_refuses_an_adapter_that_holds_the_untrained_head(headless, tmp_path):
+    """An adapter an earlier version kept at step 0 of a new head (its metadata: `trained_in_full`, `best_step` 0):
+    `predict --adapter` refuses it in one line, before a job is made."""
+    folder, job, files, _ = headless
+    adapter = tmp_path / "adapter"
+    shutil.copytree(job / "adapter", adapter)
+    config = json.loads((adapter / "adapter.json").read_text())
+    assert config["metadata"]["trained_in_full"] > 0
+    config["metadata"]["best_step"] = 0
+    (adapter / "adapter.json").write_text(json.dumps(config))
+    output = tmp_path / "seg.png"
+    assert_one_line_error(run("predict", "--model", str(folder), "--adapter", str(adapter), "--image",
+                              str(files[6][0]), "--output", str(output)),
+                          f"{adapter}: this adapter holds the model's new head untrained")
+    assert not output.exists()
+
+
+def test_the_trainable_line_says_how_much_is_adapter_and_how_much_new_head(headless):
+    """Found by a user-level check: a 1 % method printed 14 % trainable, the new head counted in without a word."""
+    folder, _, _, result = headless
+    network = load_model(str(folder)).network
+    head, total = sum(p.numel() for p in network.head.parameters()), sum(p.numel() for p in network.parameters())
+    adapter = 3 * 2 * (2 * 48 + 2 * 48)  # rank 2 on the q and v rows of 3 blocks
+    assert (f"trainable: {head + adapter:,} of {total:,} parameters ({100 * (head + adapter) / total:.2f} %): "
+            f"{adapter:,} adapter ({100 * adapter / total:.2f} %) + {head:,} new head trained in full") in result.stdout

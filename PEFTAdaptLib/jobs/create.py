@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..data.formats import image_suffix, stem
 from ..errors import InputError, ModelError
-from ..models.card import TRAINED_IN_FULL
+from ..jsonfile import read_json
+from ..models.card import TRAINED_IN_FULL, refuse_untrained_head
 from .files import check_writable, refuse_linked_folder, remove
 from .lock import LOCK_FILE, JobLock, JobLocked, is_running
 from .spec import JOB_FILE, CaseSpec, JobSpec, write_spec
@@ -49,11 +50,16 @@ def _stage_case(case: CaseSpec, job_dir: Path, prefix: str) -> CaseSpec:
     return CaseSpec(images, label, case.name or stem(case.images[0]), annotated)
 
 
-def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
+def _adapter_folder(source: str) -> Path:
     folder = Path(source).expanduser()
     missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
     if missing:
         raise InputError(f"{folder}: not an adapter folder ({' and '.join(missing)} missing)")
+    return folder
+
+
+def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
+    folder = _adapter_folder(source)
     target = job_dir / INPUTS_DIR / name
     target.mkdir()
     for file in ADAPTER_FILES:
@@ -147,6 +153,9 @@ def check_inputs(request: JobSpec) -> None:
     if request.task == "predict" and not request.adapter and card.extra.get(TRAINED_IN_FULL):
         raise InputError(f"model '{card.id}' has an untrained part ({', '.join(card.extra[TRAINED_IN_FULL])}) that "
                          "an adaptation trains: adapt it first, then predict with its adapter")
+    for source in filter(None, (request.adapter, request.warm_start)):
+        folder = _adapter_folder(source)
+        refuse_untrained_head(read_json(folder / ADAPTER_FILES[0], "adapter config", ModelError), folder)
     labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
                 "predict": False}
     trained: dict[str, str] = {}  # volume digest → the training image file

@@ -19,6 +19,8 @@ class RunState:
     budget_reason: str = ""
     trainable: int | None = None
     total: int | None = None
+    #: of `trainable`, a new head trained in full (its model has no trained one): the start is then no candidate
+    trained_in_full: int | None = None
     step: int = 0
     steps: int = 0
     eta_s: float | None = None
@@ -55,10 +57,15 @@ class RunState:
 
     @property
     def trainable_text(self) -> str:
-        """The trainable count; once the starting state is kept, it says those parameters were not delivered."""
+        """The trainable count, split into adapter and new head where a head is trained in full (a 1 % method
+        trains far more then); once the starting state is kept, it says those parameters were not delivered."""
         if self.trainable is None or not self.total:
             return ""
-        text = f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f} %)"
+        share = lambda count: f"{100 * count / self.total:.2f} %"  # noqa: E731
+        text = f"{self.trainable:,} of {self.total:,} parameters ({share(self.trainable)})"
+        if self.trained_in_full:
+            adapter = self.trainable - self.trained_in_full
+            text += f": {adapter:,} adapter ({share(adapter)}) + {self.trained_in_full:,} new head trained in full"
         return text + (", trained but not kept" if self.kept == "start" else "")
 
     def update(self, event: dict) -> None:
@@ -71,6 +78,7 @@ class RunState:
             for key in ("method", "rank", "rank_reason", "budget_reason", "trainable", "total"):
                 if event.get(key) is not None:
                     setattr(self, key, event[key])
+            self.trained_in_full = event.get("trained_in_full")
             for key in ("dice", "agreement"):  # a resumed run's start score (its checkpoint's), if the log lost it
                 if event.get(f"start_{key}") is not None and getattr(self, f"first_{key}") is None:
                     self._score(key, float(event[f"start_{key}"]))
@@ -161,9 +169,12 @@ class RunState:
     @property
     def dice_text(self) -> str:
         """A finished run's audit Dice, from the start to the state kept, with the verdict: what every front-end shows
-        (a cancelled run says what its adapter holds in its message instead)."""
+        (a cancelled run says what its adapter holds in its message instead). A new head's start is no model to
+        compare with: the kept state's Dice alone."""
         if self.first_dice is None or self.outcome != "finished":
             return ""
+        if self.trained_in_full:
+            return f"audit Dice: kept {self.last_dice:.4f}"
         return (f"audit Dice: start {self.first_dice:.4f}, kept {self.last_dice:.4f}"
                 + (f" — {self.gain_text}" if self.gain_text else ""))
 

@@ -146,3 +146,18 @@ class ModelCard:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def holds_untrained_head(metadata: dict) -> bool:
+    """Whether an adapter's kept state (its `metadata`, as the worker writes it) is a new head as it started: a model
+    whose head is trained in full (`trained_in_full`) kept at step 0, as a cancel before the first trained audit (or
+    an earlier version's selection) leaves it. Its predictions mean nothing."""
+    return bool(metadata.get(TRAINED_IN_FULL)) and metadata.get("best_step") == 0
+
+
+def refuse_untrained_head(config: dict, folder: str | Path) -> None:
+    """One line refusing to predict with an adapter (its loaded `config`) that `holds_untrained_head`."""
+    metadata = config.get("metadata")
+    if isinstance(metadata, dict) and holds_untrained_head(metadata):
+        raise InputError(f"{folder}: this adapter holds the model's new head untrained (no trained state was kept), "
+                         "so its predictions mean nothing; adapt the model to completion and use that adapter")
