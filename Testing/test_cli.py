@@ -15,9 +15,9 @@ from conftest import shared
 PEFTADAPT = Path(sys.executable).with_name("peftadapt.exe" if sys.platform == "win32" else "peftadapt")
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     assert PEFTADAPT.is_file(), f"{PEFTADAPT}: the peftadapt console script is installed by `pip install -e .`"
-    return subprocess.run([str(PEFTADAPT), *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(PEFTADAPT), *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 @pytest.mark.parametrize("command", ["adapt", "predict", "demo", "models"])

@@ -3,12 +3,16 @@ real slices of other patients' T1c as PNG, TIFF and single-slice volumes, adapta
 worker subprocess through the job client; predictions on each input's own geometry."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from conftest import shared
 from planar_model import as_png, as_single_slice, brats_slice, train_bundle
+from test_cli import assert_one_line_error, run
 from PEFTAdaptLib.data.cases import read_case_files
 from PEFTAdaptLib.data.io import same_geometry
 from PEFTAdaptLib.errors import InputError
@@ -119,3 +123,17 @@ def test_a_single_slice_adapts_in_the_slicer_scene_and_imports_a_segmentation(mo
     [prediction] = run.job.prediction_paths()
     written = sitk.ReadImage(str(prediction))
     assert written.GetSize() == (240, 240, 1) and same_geometry(written, sitk.ReadImage(str(files[6]["slice"])))
+
+
+def test_a_model_folder_given_relative_to_the_current_folder_is_found(model, files, tmp_path):
+    """Found by a user-level check: the worker runs in the job folder, where `--model rel/brats-2d` was unknown."""
+    shutil.copytree(model, tmp_path / "rel" / "brats-2d")
+    predicted = run("predict", "--model", "rel/brats-2d", "--image", str(files[6]["png"]), "--output", "seg.png",
+                    "--device", "cpu", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    assert (tmp_path / "seg.png").is_file()
+    adapted = run("adapt", "--model", "rel/brats-2d", "--train", str(files[3]["png"]), str(files[3]["label_png"]),
+                  "--method", "lora", "--rank", "2", "--steps", "2", "--audit-every", "1", "--device", "cpu",
+                  "--output", "job", cwd=tmp_path)
+    assert adapted.returncode == 0, adapted.stderr
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["model"] == str(tmp_path / "rel" / "brats-2d")

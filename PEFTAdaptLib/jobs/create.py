@@ -103,8 +103,11 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
 
     The folder must be new or empty (`overwrite=True` replaces an earlier job that is not running). It is checked
     before any input is read, and again under the job lock before anything is written."""
+    from ..models.registry import model_reference
+
     job_dir = Path(job_dir).expanduser().absolute()
     request.check("request")
+    request = replace(request, model=model_reference(request.model))
     _check_folder(job_dir, overwrite)
     if is_running(job_dir):
         raise InputError(f"{job_dir}: a worker is running this job; cancel it before replacing it")

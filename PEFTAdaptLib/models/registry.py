@@ -78,6 +78,13 @@ def _entry(key: str, folder: Path | None):
                      "`peftadapt models` lists the available ones")
 
 
+def model_reference(id_or_path: str) -> str:
+    """The model as the worker finds it from its own working directory (the job folder): a path the user gave
+    relative to theirs, made absolute; an id as it is."""
+    path = Path(id_or_path).expanduser()
+    return str(path.absolute()) if id_or_path not in BUILTIN and path.exists() else id_or_path
+
+
 def model_card(id_or_path: str | Path, folder: Path | None = None) -> ModelCard:
     """The card of a model, read from its files alone (no network built, no torch): what a request is checked
     against before a job is made."""
