@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "you corrected); MASK on the image's grid")
     adapt.add_argument("--slices", action=SparseOption, metavar="PLANE:I,J,…",
                        help="the --train case before it is annotated only on these slices (axial, coronal, sagittal "
-                            "or an index axis 0/1/2; indices on the image's grid), e.g. axial:12,40,77")
+                            "or an index axis 0/1/2; of a 2D image, 0 or 1: columns or rows; indices on the image's "
+                            "grid), e.g. axial:12,40,77")
     adapt.add_argument("--audit", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="a held-out annotated case whose Dice decides whether the adapted model is better "
                             "(repeatable; for label-free, evaluation only)")

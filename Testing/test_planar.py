@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -137,3 +138,32 @@ def test_a_model_folder_given_relative_to_the_current_folder_is_found(model, fil
                   "--output", "job", cwd=tmp_path)
     assert adapted.returncode == 0, adapted.stderr
     assert json.loads((tmp_path / "job" / "job.json").read_text())["model"] == str(tmp_path / "rel" / "brats-2d")
+
+
+def adapt_2d(model, files, output, *options: str) -> subprocess.CompletedProcess:
+    """`peftadapt adapt` of the 2D model on patient 3's PNG slice (2 steps of LoRA r2), with `options` after it."""
+    return run("adapt", "--model", str(model), "--train", str(files[3]["png"]), str(files[3]["label_png"]), *options,
+               "--method", "lora", "--rank", "2", "--steps", "2", "--audit-every", "1", "--device", "cpu",
+               "--output", str(output))
+
+
+def tumour_rows(label_path) -> list[int]:
+    """Four adjacent rows (index axis 1) through the middle of the tumour of a 2D label file."""
+    rows = np.flatnonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))).any(axis=1))
+    middle = int(np.median(rows))
+    return list(range(middle - 1, middle + 3))
+
+
+def test_slices_of_a_2d_image_are_rows_or_columns_and_a_plane_name_is_one_line(model, files, tmp_path):
+    """Found by a user-level check: `--slices` on a 2D image was an internal error (a reshape to 3×3, a transpose of
+    three axes, a third axis)."""
+    audit = ("--audit", str(files[4]["png"]), str(files[4]["label_png"]))
+    for spec in ("axial:0", "2:0"):
+        assert_one_line_error(adapt_2d(model, files, tmp_path / "refused", "--slices", spec, *audit),
+                              f"--slices: '{spec.split(':')[0]}' is no slice axis of a 2D image", "index axis 0")
+    assert not (tmp_path / "refused").exists()
+    rows = ",".join(map(str, tumour_rows(files[3]["label_png"])))
+    result = adapt_2d(model, files, tmp_path / "rows", "--slices", f"1:{rows}", *audit)
+    assert result.returncode == 0, result.stderr
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "rows" / "inputs" / "support0_annotated.nii.gz")))
+    assert mask.shape == (240, 240) and set(np.flatnonzero(mask.any(axis=1))) == set(map(int, rows.split(",")))

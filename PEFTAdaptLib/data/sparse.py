@@ -52,10 +52,14 @@ def read_annotated(path, image: sitk.Image, image_path) -> sitk.Image:
     return sitk.Cast(mask, sitk.sitkUInt8)
 
 
-def index_axis(image: sitk.Image, plane: str) -> int:
-    """The image's index axis that walks across slices of an anatomical `plane` (or an index axis given as 0/1/2)."""
-    if plane in ("0", "1", "2"):
+def index_axis(image: sitk.Image, plane: str, where: str = "--slices") -> int:
+    """The image's index axis that walks across slices of an anatomical `plane` (or an index axis given as 0/1/2).
+    A 2D image has rows and columns, not anatomical planes: index axis 0 or 1 only."""
+    if plane in [str(axis) for axis in range(image.GetDimension())]:
         return int(plane)
+    if image.GetDimension() == 2:
+        raise InputError(f"{where}: '{plane}' is no slice axis of a 2D image; give index axis 0 (columns) or 1 "
+                         "(rows), e.g. 1:100,130")
     if plane not in PLANES:
         raise InputError(f"slice plane '{plane}' is not one of {', '.join(PLANES)} or an index axis 0, 1, 2")
     direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))  # column k: index axis k in patient space
@@ -78,13 +82,13 @@ def slice_mask(image: sitk.Image, spec: str, where: str = "--slices") -> sitk.Im
         chosen = sorted({int(i) for i in indices.split(",") if i.strip()})
     except ValueError:
         raise InputError(f"{where}: '{spec}' is not PLANE:INDEX,INDEX,… (e.g. axial:12,40,77)") from None
-    axis = index_axis(image, plane.strip().lower())
+    axis = index_axis(image, plane.strip().lower(), where)
     depth = image.GetSize()[axis]
     if not chosen or chosen[0] < 0 or chosen[-1] >= depth:
         raise InputError(f"{where}: '{spec}' needs slice indices between 0 and {depth - 1} along image axis {axis}")
     array = np.zeros(image.GetSize(), np.uint8)  # (x, y, z) index order
     np.moveaxis(array, axis, 0)[chosen] = 1
-    mask = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+    mask = sitk.GetImageFromArray(array.T)  # SimpleITK's array order is the reverse
     mask.CopyInformation(image)
     return mask
 
