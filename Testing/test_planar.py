@@ -18,6 +18,7 @@ from PEFTAdaptLib.data.cases import read_case_files
 from PEFTAdaptLib.data.io import same_geometry
 from PEFTAdaptLib.errors import InputError
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+from PEFTAdaptLib.jobs.events import read_events
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.metrics import hd95
 from PEFTAdaptLib.models.registry import model_card
@@ -167,3 +168,19 @@ def test_slices_of_a_2d_image_are_rows_or_columns_and_a_plane_name_is_one_line(m
     assert result.returncode == 0, result.stderr
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "rows" / "inputs" / "support0_annotated.nii.gz")))
     assert mask.shape == (240, 240) and set(np.flatnonzero(mask.any(axis=1))) == set(map(int, rows.split(",")))
+
+
+def test_a_partly_annotated_2d_image_without_an_audit_holds_out_a_band_of_its_rows(model, files, tmp_path):
+    """Found by a user-level check: every 2D mask was refused ("no annotated voxel holds a structure"), the hold-out
+    reading a 2D label as a volume."""
+    image = sitk.ReadImage(str(files[3]["png"]))
+    array = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    array[5:, 5:] = 1  # every tumour pixel, not the image's first rows and columns
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(image)
+    sitk.WriteImage(mask, str(tmp_path / "annotated.png"))
+    result = adapt_2d(model, files, tmp_path / "job", "--annotated", str(tmp_path / "annotated.png"))
+    assert result.returncode == 0, result.stderr
+    started = next(e for e in read_events(tmp_path / "job")[0] if e["event"] == "started")
+    [held] = started["audit_held_out"]
+    assert held["axis"] == 1 and 0 < len(held["slices"]) < 120  # a band of the 2 mm grid's rows
