@@ -119,14 +119,15 @@ def _annotated(args: argparse.Namespace, index: int, scratch: Path | None) -> st
 
 
 def _patch_size(text: str) -> list[int]:
+    """N (every edge: the model card knows whether it is 2D or 3D), X,Y or X,Y,Z."""
     parts = text.lower().replace("x", ",").split(",")
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not N or X,Y,Z (whole numbers)") from None
-    if len(sizes) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"'{text}' is not N or X,Y,Z")
-    return sizes * 3 if len(sizes) == 1 else sizes
+        raise argparse.ArgumentTypeError(f"'{text}' is not N, X,Y or X,Y,Z (whole numbers)") from None
+    if len(sizes) > 3:
+        raise argparse.ArgumentTypeError(f"'{text}' is not N, X,Y or X,Y,Z")
+    return sizes
 
 
 def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
@@ -446,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "default: the model's (1 %%)")
     adapt.add_argument("--steps", type=int, help=f"training steps (default: {defaults.steps})")
     adapt.add_argument("--lr", type=float, help="learning rate (default: the method's)")
-    adapt.add_argument("--patch-size", type=_patch_size, help="training patch: N or X,Y,Z (default: the model's)")
+    adapt.add_argument("--patch-size", type=_patch_size,
+                       help="training patch: N (N×N for a 2D model, N×N×N for a 3D one), X,Y or X,Y,Z (default: the "
+                            "model's)")
     adapt.add_argument("--patches-per-step", type=int, help=f"default: {defaults.patches_per_step}")
     adapt.add_argument("--audit-every", type=int, help=f"steps between audits (default: {defaults.audit_every})")
     adapt.add_argument("--checkpoint-every", type=int,

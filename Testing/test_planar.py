@@ -19,6 +19,7 @@ from PEFTAdaptLib.data.io import same_geometry
 from PEFTAdaptLib.errors import InputError
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.jobs.events import read_events
+from PEFTAdaptLib.jobs.spec import load_job
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.metrics import hd95
 from PEFTAdaptLib.models.registry import model_card
@@ -184,3 +185,13 @@ def test_a_partly_annotated_2d_image_without_an_audit_holds_out_a_band_of_its_ro
     started = next(e for e in read_events(tmp_path / "job")[0] if e["event"] == "started")
     [held] = started["audit_held_out"]
     assert held["axis"] == 1 and 0 < len(held["slices"]) < 120  # a band of the 2 mm grid's rows
+
+
+def test_a_2d_models_patch_size_is_n_or_x_y(model, files, tmp_path):
+    """Found by a user-level check: `--patch-size 48` became [48, 48, 48] ("has 3 entries; model is 2D") and 48,48
+    was not understood, so no patch could be set for a 2D model."""
+    for given, patch in (("48", [48, 48]), ("48,32", [48, 32])):
+        result = adapt_2d(model, files, tmp_path / given, "--patch-size", given)
+        assert result.returncode == 0, result.stderr
+        assert model_card(str(model)).training_patch(load_job(tmp_path / given).train.patch_size) == tuple(patch)
+    assert "N, X,Y or X,Y,Z" in run("adapt", "--patch-size", "1,2,3,4", "--output", str(tmp_path)).stderr

@@ -45,7 +45,7 @@ def _whole(value, name: str, minimum: int) -> None:
 class TrainSpec:
     steps: int = 200
     lr: float | None = None  # None: the method's default
-    patch_size: list[int] | None = None  # None: the model card's
+    patch_size: list[int] | None = None  # None: the model card's; [N]: N along every axis of the model's
     patches_per_step: int = 2
     audit_every: int = 20
     checkpoint_every: int = 20
@@ -63,9 +63,9 @@ class TrainSpec:
             raise InputError(f"train.lr: {self.lr!r} must be a finite number in (0, {MAX_LR:g}] (typically 1e-4 "
                              "to 1e-2)")
         if self.patch_size is not None:
-            if not isinstance(self.patch_size, list) or len(self.patch_size) not in (2, 3):
-                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z), or "
-                                 "two (x, y) for a 2D model")
+            if not isinstance(self.patch_size, list) or len(self.patch_size) not in (1, 2, 3):
+                raise InputError(f"train.patch_size: {self.patch_size!r} must be three whole numbers (x, y, z), two "
+                                 "(x, y) for a 2D model, or one for every axis")
             for size in self.patch_size:
                 _whole(size, "patch_size", 8)
         if self.device not in DEVICES:

@@ -99,10 +99,12 @@ class ModelCard:
     def training_patch(self, requested: list[int] | None) -> tuple[int, ...]:
         """The training patch: the card's, or the requested one if the network can train on it. Each edge must be a
         multiple of `divisible_by` and at least two of them: at one multiple the bottleneck holds a single voxel,
-        where instance and batch norms cannot train (the run would fail mid-training)."""
+        where instance and batch norms cannot train (the run would fail mid-training). `[N]` is N along every axis."""
         if not requested:
             return self.patch_size
         where = f"train.patch_size: {list(requested)}"
+        if len(requested) == 1:  # one edge for every axis: a square for a 2D model, a cube for a 3D one
+            requested = list(requested) * self.spatial_dims
         if len(requested) != self.spatial_dims:
             raise InputError(f"{where} has {len(requested)} entries; model '{self.id}' is {self.spatial_dims}D")
         step = self.divisible_by
