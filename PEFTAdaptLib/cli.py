@@ -211,13 +211,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def check_output_file(path: Path, inputs: Sequence[Path] = ()) -> None:
     """Before any work: a label map path of a type we write, whose folder can be made and written, and neither it
     nor a file written beside it (`uncertainty.companion_paths`) one of the inputs."""
-    from .data.formats import image_suffix
+    from .data.formats import LABEL_SUFFIX, image_suffix
     from .jobs.files import check_writable
     from .uncertainty import companion_paths
 
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the output file, e.g. {path / 'segmentation.nii.gz'}")
-    image_suffix(path)
+    suffix = image_suffix(path)
+    if suffix in LABEL_SUFFIX:  # DICOM: a label map is no DICOM image (DICOM SEG is a format of its own)
+        raise InputError(f"--output {path}: a label map cannot be written as {suffix}; write the label as "
+                         f"{LABEL_SUFFIX[suffix]} or .nii.gz")
     check_writable(path.parent, "the output")
     for target in (path, *companion_paths(path).values()):
         if any(target.exists() and given.exists() and target.samefile(given) for given in inputs):
@@ -413,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
     predict.add_argument("--image", required=True, help="input volume (NIfTI/NRRD/MHA); channels comma-separated")
-    predict.add_argument("--output", required=True, help="output label map path (.nii.gz, .nrrd, .mha, .mgz); its "
-                                                          "uncertainty map and slice ranking are written beside it "
-                                                          "(<name>_uncertainty…, <name>_slices.json)")
+    predict.add_argument("--output", required=True,
+                         help="output label map path (.nii.gz, .nrrd, .mha, .mgz, .png…; not .dcm); its uncertainty "
+                              "map and slice ranking are written beside it (<name>_uncertainty…, <name>_slices.json)")
     predict.add_argument("--device", choices=DEVICES, help=f"default: {defaults.device}")
     predict.set_defaults(func=cmd_predict)
 

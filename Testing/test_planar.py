@@ -195,3 +195,13 @@ def test_a_2d_models_patch_size_is_n_or_x_y(model, files, tmp_path):
         assert result.returncode == 0, result.stderr
         assert model_card(str(model)).training_patch(load_job(tmp_path / given).train.patch_size) == tuple(patch)
     assert "N, X,Y or X,Y,Z" in run("adapt", "--patch-size", "1,2,3,4", "--output", str(tmp_path)).stderr
+
+
+def test_predict_refuses_a_dicom_output_before_any_work(model, files, tmp_path):
+    """Found by a user-level check: `--output seg.dcm` wrote the label as a DICOM image and a 0-byte uncertainty file,
+    then failed in a multi-line ITK message ending "check the folder exists and is writable"."""
+    output = tmp_path / "seg.dcm"
+    assert_one_line_error(run("predict", "--model", str(model), "--image", str(files[6]["dcm"]), "--output",
+                              str(output), "--device", "cpu"),
+                          f"--output {output}: a label map cannot be written as .dcm", ".nrrd or .nii.gz")
+    assert not list(tmp_path.iterdir())
