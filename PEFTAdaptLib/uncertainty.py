@@ -148,7 +148,9 @@ class Uncertainty:
         spread = entropy(probabilities)
         changed = disagreement(probabilities, base) if base is not None else None
         total = spread if changed is None else spread + changed
-        volume = image.GetDimension() == 3  # a 2D image (or a 2D model's plane of it) has no slices to rank
+        # a 2D image, or a volume of one slice (a 2D model's plane of it), has no slices to rank: across its single
+        # slice, every "slice" of another plane is a line of pixels
+        volume = image.GetDimension() == 3 and 1 not in image.GetSize()
         shape = image.GetSize()
         ranking = rank_slices(total.reshape(shape), label.reshape(shape), image, corrected) if volume else \
             {"planes": {}}

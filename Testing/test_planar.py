@@ -205,3 +205,14 @@ def test_predict_refuses_a_dicom_output_before_any_work(model, files, tmp_path):
                               str(output), "--device", "cpu"),
                           f"--output {output}: a label map cannot be written as .dcm", ".nrrd or .nii.gz")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_single_slice_volume_has_no_slices_to_rank_as_a_2d_image_has_none(model, files, tmp_path):
+    """Found by a user-level check: a single-slice volume's ranking listed 1-pixel lines as sagittal and coronal
+    slices (and its one slice as axial); the same slice as a 2D image had none."""
+    for kind in ("slice", "png"):
+        output = tmp_path / f"{kind}_seg.nii.gz"
+        result = run("predict", "--model", str(model), "--image", str(files[6][kind]), "--output", str(output),
+                     "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(companion_paths(output)["slices"].read_text()) == {"planes": {}}
