@@ -216,3 +216,24 @@ def test_a_single_slice_volume_has_no_slices_to_rank_as_a_2d_image_has_none(mode
                      "--device", "cpu")
         assert result.returncode == 0, result.stderr
         assert json.loads(companion_paths(output)["slices"].read_text()) == {"planes": {}}
+
+
+def test_a_grey_image_saved_as_rgb_is_read_as_grey_and_true_colour_is_one_line(model, files, tmp_path):
+    """Found by a user-level check: a grey slice exported as an RGB PNG (three equal channels, as radiographs and
+    screenshots often are) was refused as "3 components per voxel; a single-channel volume is required"."""
+    grey = sitk.GetArrayFromImage(sitk.ReadImage(str(files[6]["png"])))
+    rgb = tmp_path / "rgb.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, axis=-1), isVector=True), str(rgb))
+    outputs = {}
+    for name, image in (("rgb", rgb), ("grey", files[6]["png"])):
+        outputs[name] = tmp_path / f"{name}_seg.png"
+        result = run("predict", "--model", str(model), "--image", str(image), "--output", str(outputs[name]),
+                     "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(outputs["rgb"])))
+            == sitk.GetArrayFromImage(sitk.ReadImage(str(outputs["grey"])))).all()
+    colour = np.stack([grey, grey, np.flipud(grey)], axis=-1)
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / "colour.png"))
+    assert_one_line_error(run("predict", "--model", str(model), "--image", str(tmp_path / "colour.png"), "--output",
+                              str(tmp_path / "colour_seg.png")),
+                          "colour.png: image has 3 channels per voxel (colour)", "save it as greyscale")

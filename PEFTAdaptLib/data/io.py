@@ -21,9 +21,9 @@ from .mgh import is_mgh, read_mgh, write_mgh
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 2D or 3D scalar image; refuse missing, corrupt, truncated, oversized, other-dimensional,
-    multi-component and non-finite files. Whether a single slice suits the model is the model card's question
-    (`cases.check_dimensions`)."""
+    """Read a 2D or 3D scalar image (a grey one saved as RGB taken as grey); refuse missing, corrupt, truncated,
+    oversized, other-dimensional, colour and non-finite files. Whether a single slice suits the model is the model
+    card's question (`cases.check_dimensions`)."""
     path = Path(path)
     if path.is_dir():  # a folder (a DICOM series too) is no image we read: say so, not "not found" or its suffix
         raise InputError(f"{path}: is a folder, not a{'n' * (what[0] in 'aeiou')} {what} file")
@@ -39,9 +39,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         raise InputError(f"{path}: {what} is {image.GetDimension()}D with size {image.GetSize()}; a 2D image or a 3D "
                          "volume is required")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"{path}: {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a single-channel volume is required"
-        )
+        image = grey_of(image, path, what)
     floating = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
     if floating and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise InputError(f"{path}: {what} contains NaN or infinite values; fix or mask them before use")
@@ -59,6 +57,20 @@ def _read_with_itk(path: Path, what: str) -> sitk.Image:
         return reader.Execute()
     except RuntimeError as exc:
         raise unreadable(path, what, exc) from None
+
+
+def grey_of(image: sitk.Image, path: Path, what: str) -> sitk.Image:
+    """A grey image saved in colour (RGB, or RGBA with a constant alpha, every colour channel equal: how radiographs
+    and screenshots are often exported) as its one channel; true colour is refused, since models take one channel."""
+    channels = image.GetNumberOfComponentsPerPixel()
+    array = sitk.GetArrayFromImage(image)  # (..., channels)
+    colour, alpha = array[..., :3], array[..., 3:]
+    if channels not in (3, 4) or alpha.min(initial=0) != alpha.max(initial=0) or (colour != colour[..., :1]).any():
+        raise InputError(f"{path}: {what} has {channels} channels per voxel (colour); a single-channel image is "
+                         "required: save it as greyscale")
+    grey = sitk.GetImageFromArray(colour[..., 0])
+    grey.CopyInformation(image)
+    return grey
 
 
 def write_image(image: sitk.Image, path: str | Path) -> Path:
