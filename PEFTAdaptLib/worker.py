@@ -272,7 +272,7 @@ class Run:
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
                                  lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
         start = ("the adapter it started from" if warm is not None else
-                 "the model's untrained new head, which cannot predict: resume the job" if untrained_start else
+                 "the model's untrained new head" if untrained_start else
                  "the source model")
         if not completed:  # the adapter holds the best state so far: say which, not the last audit's
             kept = "start" if summary["kept_start"] else "adapted"
