@@ -85,7 +85,7 @@ def test_corrupt_file_is_named(tmp_path):
                           str(corrupt), "cannot read")
 
 
-@pytest.mark.parametrize("option, value", [("--steps", "abc"), ("--patch-size", "32,32"), ("--method", "loraa")])
+@pytest.mark.parametrize("option, value", [("--steps", "abc"), ("--patch-size", "32,32,32,32"), ("--method", "loraa")])
 def test_a_mistyped_option_is_one_line_naming_it(tmp_path, option, value):
     """Found by a user-level check: these printed argparse's 13-line usage block."""
     assert_one_line_error(run("adapt", "--train", "a.nii.gz", "b.nii.gz", option, value, "--output", str(tmp_path)),
