@@ -135,6 +135,23 @@ def test_what_came_from_one_slice_on_a_thick_axis_is_held_out_or_trained_whole(s
         assert "within" not in held and not audited_slices & set(slice_of[trained.any(axis=(0, 1))])
 
 
+def test_a_block_of_thin_slices_on_a_coarser_model_grid_gives_up_a_slab_not_every_other_slice(tmp_path):
+    """The T2*'s sagittal slices are 0.5 mm; the spine model's 1 mm grid samples every other one. A block of adjacent
+    corrected slices is one run (a slab of it is held out), not 13 runs of one slice each, held out every few slices
+    between trained neighbours 0.5 mm away (found reviewing the image-grid hold-out)."""
+    image = shared("spine/t2s/t2s.nii.gz")
+    mask = write_slice_mask(image, "sagittal:" + ",".join(map(str, range(18, 31))), tmp_path / "mask.nii.gz")
+    case = load_case(image, SPINE_CARD, shared("spine/t2s/t2s_seg.nii.gz"), annotated_path=mask)
+    train, audit, held = hold_out_annotated(case)
+    axis = held["axis"]
+    slice_of = image_index(case, axis)
+    across = tuple(a for a in range(3) if a != axis)
+    audited = set(slice_of[annotated(audit.label[0]).any(axis=across)])
+    trained = set(slice_of[annotated(train.label[0]).any(axis=across)])
+    assert held["plane"] == "sagittal" and audited and trained
+    assert not any(min(audited) < t < max(audited) for t in trained)  # one slab: no trained slice inside it
+
+
 def test_the_held_out_slices_are_named_on_the_image_grid(tmp_path):
     """The real T2 is PSR: its axial slices walk along image axis 1. What the started event says was held out is
     the plane and the image's slice indices the user gave, not the model grid's."""

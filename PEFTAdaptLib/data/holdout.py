@@ -9,8 +9,8 @@ a cut slab's faces, where a cut slab would be predicted from padding instead).
 
 A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead, by the image
 slices they came from (on a model grid finer than a thick slice, one corrected slice is several model planes of one
-label: held out or trained on together, never split). Whole annotated slices (runs of adjacent annotated image slices
-along the axis the user annotated in) are held out — a quarter of the runs, at least one and never every run holding
+label: held out or trained on together, never split). Whole annotated slices (runs of annotated image slices,
+adjacent as the model grid samples the axis the user annotated in) are held out — a quarter of the runs, at least one and never every run holding
 foreground, spread evenly over those that do — when two or more hold foreground; the audit then measures what a
 correction is for, slices nobody trained on. With one such run, a quarter of its slices around its foreground is held
 out; with one slice, a strip of a quarter of its lines (along its first in-plane axis). The held-out voxels become
@@ -93,7 +93,10 @@ def hold_out_annotated(case: Case, share: float = SHARE) -> tuple[Case, Case, di
     source = source_voxels(grid, case.model_image)
     axis = int(np.argmin([len(np.unique(index[marked])) for index in source]))  # the axis the user annotated along
     slices = np.unique(source[axis][marked])
-    runs = np.split(slices, np.flatnonzero(np.diff(slices) > 1) + 1)
+    # adjacent as the model samples the image: on a model grid coarser than the image, every other image slice is
+    # sampled, and two annotated slices with only unsampled ones between them are one run
+    sampled = np.searchsorted(np.unique(source[axis]), slices)
+    runs = np.split(slices, np.flatnonzero(np.diff(sampled) > 1) + 1)
     with_structure = [run for run in runs if np.isin(run, source[axis][structure]).any()]
     plane, within = plane_of(grid, axis), None
     if len(with_structure) >= 2:
