@@ -7,11 +7,11 @@ or percentile schemes would shift a slab normalised alone), and the audit case i
 slab's voxels annotated, so the slab is predicted in its volume's context (a network's receptive field reaches past
 a cut slab's faces, where a cut slab would be predicted from padding instead).
 
-A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead, by the image
-slices they came from (on a model grid finer than a thick slice, one corrected slice is several model planes of one
-label: held out or trained on together, never split). Whole annotated slices (runs of annotated image slices,
-adjacent as the model grid samples the axis the user annotated in) are held out — a quarter of the runs, at least one and never every run holding
-foreground, spread evenly over those that do — when two or more hold foreground; the audit then measures what a
+A sparsely annotated volume (data/sparse.py) is not cut: its annotated voxels are divided instead, by the image slices
+they came from (on a model grid finer than a thick slice, one corrected slice is several model planes of one label: held
+out or trained on together, never split). Whole annotated slices (runs of annotated image slices, adjacent as the model
+grid samples the axis the user annotated in) are held out — a quarter of the runs, at least one and never every run
+holding foreground, spread evenly over those that do — when two or more hold foreground; the audit then measures what a
 correction is for, slices nobody trained on. With one such run, a quarter of its slices around its foreground is held
 out; with one slice, a strip of a quarter of its lines (along its first in-plane axis). The held-out voxels become
 unannotated in the training case, so they never reach the loss; the audit case is the whole volume with only the
