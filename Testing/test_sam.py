@@ -279,3 +279,13 @@ def test_the_trainable_line_says_how_much_is_adapter_and_how_much_new_head(headl
     adapter = 3 * 2 * (2 * 48 + 2 * 48)  # rank 2 on the q and v rows of 3 blocks
     assert (f"trainable: {head + adapter:,} of {total:,} parameters ({100 * (head + adapter) / total:.2f} %): "
             f"{adapter:,} adapter ({100 * adapter / total:.2f} %) + {head:,} new head trained in full") in result.stdout
+
+
+def test_a_patch_size_other_than_a_vits_own_is_refused_before_a_job(headless, tmp_path):
+    """Found verifying the 2D fixes: `--patch-size 48` on a ViT (position embeddings for its own size only) made a
+    job whose worker failed in a RuntimeError ("The size of tensor a (9) must match …")."""
+    folder, _, files, _ = headless
+    result = run("adapt", "--model", str(folder), "--train", *map(str, files[3]), "--method", "lora-qv",
+                 "--patch-size", "48", "--steps", "2", "--output", str(tmp_path / "job"))
+    assert_one_line_error(result, "takes inputs of its own size only (64×64")
+    assert not (tmp_path / "job").exists()

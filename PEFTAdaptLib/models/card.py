@@ -107,6 +107,10 @@ class ModelCard:
             requested = list(requested) * self.spatial_dims
         if len(requested) != self.spatial_dims:
             raise InputError(f"{where} has {len(requested)} entries; model '{self.id}' is {self.spatial_dims}D")
+        if self.extra.get(FIXED_INPUT_SIZE) and tuple(requested) != tuple(self.patch_size):
+            raise InputError(f"{where}: model '{self.id}' takes inputs of its own size only "
+                             f"({'×'.join(map(str, self.patch_size))}: a ViT's position embeddings); leave the patch "
+                             "size out")
         step = self.divisible_by
         if step > 1 and any(edge % step or edge < 2 * step for edge in requested):
             raise InputError(f"{where}: model '{self.id}' trains on edges that are multiples of {step} and at least "
