@@ -138,9 +138,10 @@ def test_what_came_from_one_slice_on_a_thick_axis_is_held_out_or_trained_whole(s
 def test_a_block_of_thin_slices_on_a_coarser_model_grid_gives_up_a_slab_not_every_other_slice(tmp_path):
     """The T2*'s sagittal slices are 0.5 mm; the spine model's 1 mm grid samples every other one. A block of adjacent
     corrected slices is one run (a slab of it is held out), not 13 runs of one slice each, held out every few slices
-    between trained neighbours 0.5 mm away (found reviewing the image-grid hold-out)."""
+    between trained neighbours 0.5 mm away (found reviewing the image-grid hold-out). Its 20 slices outnumber the
+    volume's 9 axial ones: still the sagittal slices are divided (the axial ones were, all annotated in part)."""
     image = shared("spine/t2s/t2s.nii.gz")
-    mask = write_slice_mask(image, "sagittal:" + ",".join(map(str, range(18, 31))), tmp_path / "mask.nii.gz")
+    mask = write_slice_mask(image, "sagittal:" + ",".join(map(str, range(14, 34))), tmp_path / "mask.nii.gz")
     case = load_case(image, SPINE_CARD, shared("spine/t2s/t2s_seg.nii.gz"), annotated_path=mask)
     train, audit, held = hold_out_annotated(case)
     axis = held["axis"]

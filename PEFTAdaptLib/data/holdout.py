@@ -91,7 +91,9 @@ def hold_out_annotated(case: Case, share: float = SHARE) -> tuple[Case, Case, di
                               "an audit volume")
     grid = user_grid(case.image, case.model_image.GetDimension())
     source = source_voxels(grid, case.model_image)
-    axis = int(np.argmin([len(np.unique(index[marked])) for index in source]))  # the axis the user annotated along
+    # the axis the user annotated along: the one whose slices are annotated in the smallest share (20 sagittal
+    # slices of a volume of 9 axial ones are 20 of 49 sagittal slices, and all 9 axial ones)
+    axis = int(np.argmin([len(np.unique(index[marked])) / len(np.unique(index)) for index in source]))
     slices = np.unique(source[axis][marked])
     # adjacent as the model samples the image: on a model grid coarser than the image, every other image slice is
     # sampled, and two annotated slices with only unsampled ones between them are one run
