@@ -163,8 +163,8 @@ class Run:
             images = [resolve_input(self.job_dir, p) for p in spec.images]
             label = resolve_input(self.job_dir, spec.label) if labelled and spec.label else None
             annotated = resolve_input(self.job_dir, spec.annotated) if label and spec.annotated else None
-            case = load_case(images, model.card, label, model.locate, annotated)
-            cases.append(replace(case, name=spec.name) if spec.name else case)  # the user's name, not the job's copy
+            # named as the user's file, not the job's copy of it, in its messages too
+            cases.append(load_case(images, model.card, label, model.locate, annotated, spec.name or None))
         return cases
 
     def predict_inputs(self, spec: JobSpec) -> list[list[Path]]:

@@ -153,6 +153,15 @@ def test_a_block_of_thin_slices_on_a_coarser_model_grid_gives_up_a_slab_not_ever
     assert not any(min(audited) < t < max(audited) for t in trained)  # one slab: no trained slice inside it
 
 
+def test_a_slice_between_the_model_grids_samples_is_refused_under_the_users_name(tmp_path):
+    """A 0.5 mm sagittal slice of the T2* that the 1 mm model grid steps over is refused asking for more slices;
+    the worker's message named its job copy ("support0_image0") instead of the case (found verifying the fixes)."""
+    image = shared("spine/t2s/t2s.nii.gz")
+    mask = write_slice_mask(image, "sagittal:20", tmp_path / "mask.nii.gz")
+    with pytest.raises(InputError, match=r"^my t2s: no annotated voxel reaches the model's grid"):
+        load_case(image, SPINE_CARD, shared("spine/t2s/t2s_seg.nii.gz"), annotated_path=mask, name="my t2s")
+
+
 def test_the_held_out_slices_are_named_on_the_image_grid(tmp_path):
     """The real T2 is PSR: its axial slices walk along image axis 1. What the started event says was held out is
     the plane and the image's slice indices the user gave, not the model grid's."""

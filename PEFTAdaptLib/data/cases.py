@@ -90,10 +90,11 @@ def read_case_files(
 
 def load_case(
     image_paths: str | Path | Sequence[str | Path], card: ModelCard, label_path: str | Path | None = None, locate=None,
-    annotated_path: str | Path | None = None,
+    annotated_path: str | Path | None = None, name: str | None = None,
 ) -> Case:
-    """Read a case from files onto the model's grid (`annotated_path`: the mask of the label's annotated voxels)."""
+    """Read a case from files onto the model's grid (`annotated_path`: the mask of the label's annotated voxels;
+    `name`: what its messages call it, by default its first file's)."""
     paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
     channels, label = read_case_files(paths, card, label_path)
     annotated = read_annotated(annotated_path, channels[0], paths[0]) if annotated_path is not None else None
-    return prepare_case(Path(paths[0]).name.split(".")[0], channels, card, label, locate, annotated)
+    return prepare_case(name or Path(paths[0]).name.split(".")[0], channels, card, label, locate, annotated)
