@@ -111,7 +111,7 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
     _check_folder(job_dir, overwrite)
     if is_running(job_dir):
         raise InputError(f"{job_dir}: a worker is running this job; cancel it before replacing it")
-    check_inputs(request)
+    request = check_inputs(request)
     lock = _lock(job_dir)
     try:
         _check_folder(job_dir, overwrite)  # again: another request may have written a job here meanwhile
@@ -139,9 +139,10 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
 ROLES = ("support", "audit", "source", "predict")
 
 
-def check_inputs(request: JobSpec) -> None:
+def check_inputs(request: JobSpec) -> JobSpec:
     """Read every input as the worker will (model card known, files named as the user gave them), so that a bad
-    file is refused in one line before a job folder exists."""
+    file is refused in one line before a job folder exists. Returns the request with its patch size written out per
+    axis (`--patch-size 64` and a panel's 64 make the same job)."""
     from ..data.cases import read_case_files
     from ..data.io import volume_digest
     from ..data.sparse import read_annotated
@@ -152,7 +153,9 @@ def check_inputs(request: JobSpec) -> None:
         raise ModelError(f"{request.model}: a TorchScript model predicts (`peftadapt predict`) but cannot be adapted: "
                          "the adaptation methods add their units to an eager network's layers; give the model's MONAI "
                          "bundle or nnU-Net folder instead")
-    card.training_patch(request.train.patch_size)
+    if request.train.patch_size:
+        request = replace(request, train=replace(request.train,
+                                                 patch_size=list(card.training_patch(request.train.patch_size))))
     if request.task == "predict" and not request.adapter and card.extra.get(TRAINED_IN_FULL):
         raise InputError(f"model '{card.id}' has an untrained part ({', '.join(card.extra[TRAINED_IN_FULL])}) that "
                          "an adaptation trains: adapt it first, then predict with its adapter")
@@ -177,6 +180,7 @@ def check_inputs(request: JobSpec) -> None:
                                      "another, or none (the job then holds out a slab of each training volume)")
                 if role == "support":
                     trained.setdefault(digest, case.images[0])
+    return request
 
 
 def _same_file(a: str, b: str) -> bool:
