@@ -211,13 +211,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def check_output_file(path: Path, inputs: Sequence[Path] = ()) -> None:
     """Before any work: a label map path of a type we write, whose folder can be made and written, and neither it
     nor a file written beside it (`uncertainty.companion_paths`) one of the inputs."""
-    from .data.formats import LABEL_SUFFIX, image_suffix
+    from .data.formats import LABEL_MAP_SUFFIXES, LABEL_SUFFIX, image_suffix
     from .jobs.files import check_writable
     from .uncertainty import companion_paths
 
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the output file, e.g. {path / 'segmentation.nii.gz'}")
-    suffix = image_suffix(path)
+    suffix = image_suffix(path, LABEL_MAP_SUFFIXES)
     if suffix in LABEL_SUFFIX:  # DICOM: a label map is no DICOM image (DICOM SEG is a format of its own)
         raise InputError(f"--output {path}: a label map cannot be written as {suffix}; write the label as "
                          f"{LABEL_SUFFIX[suffix]} or .nii.gz")

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,22 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_torchs_advi
     assert message.startswith(f"{bundle / 'models' / 'model.pt'}: refused to load") and "\n" not in message
     assert "GLOBAL posix.system" in message or "GLOBAL nt.system" in message
     assert "weights_only" not in message and not marker.exists()
+
+
+def test_a_torchscript_archive_given_as_weights_is_one_line_before_torch_reads_it(tmp_path):
+    """Found verifying the model-folder fixes: a TorchScript archive named model.pt was refused in torch's paragraph
+    (with its advice to retry with weights_only=False) after a warning; it is a program, said in one line."""
+    from PEFTAdaptLib.models.safe_load import load_checkpoint
+
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(tmp_path / "model.pt"))
+    with warnings.catch_warnings(record=True) as warned, pytest.raises(ModelError) as refused:
+        warnings.simplefilter("always")
+        load_checkpoint(tmp_path / "model.pt")
+    message = str(refused.value)
+    assert "a TorchScript program, not a weights file" in message and "\n" not in message
+    assert "weights_only" not in message and not warned
+    torch.save({"weight": torch.ones(2)}, tmp_path / "weights.pt")  # plain weights still load
+    assert torch.equal(load_checkpoint(tmp_path / "weights.pt")["weight"], torch.ones(2))
 
 
 @pytest.fixture

@@ -206,6 +206,11 @@ def test_predict_refuses_a_dicom_output_before_any_work(model, files, tmp_path):
                               str(output), "--device", "cpu"),
                           f"--output {output}: a label map cannot be written as .dcm", ".nrrd or .nii.gz")
     assert not list(tmp_path.iterdir())
+    # an unknown suffix lists what a label map is written as: not .dcm, which would then be refused (found verifying)
+    result = run("predict", "--model", str(model), "--image", str(files[6]["dcm"]), "--output",
+                 str(tmp_path / "seg.dicom"))
+    assert_one_line_error(result, "seg.dicom: unsupported file type; use one of .nii.gz")
+    assert ".dcm" not in result.stderr
 
 
 def test_a_single_slice_volume_has_no_slices_to_rank_as_a_2d_image_has_none(model, files, tmp_path):

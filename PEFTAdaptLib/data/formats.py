@@ -1,6 +1,7 @@
 """Image file types by name (no image library needed: the job client and the panels use it before torch exists)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
@@ -12,16 +13,19 @@ MGH_SUFFIXES = (".mgz", ".mgh")  # FreeSurfer's, read and written through nibabe
 CHECKED_AGAINST_HEADER = (".nii.gz", ".nii", *MGH_SUFFIXES)
 #: inputs whose label is written in another format: a label map is no DICOM image (DICOM SEG is a format of its own)
 LABEL_SUFFIX = {".dcm": ".nrrd"}
+#: what a label map is written as
+LABEL_MAP_SUFFIXES = tuple(s for s in SUFFIXES if s not in LABEL_SUFFIX)
 #: predictions whose float maps (uncertainty, disagreement) are written in another format: PNG holds integers only
 MAP_SUFFIX = {".png": ".nrrd"}
 
 
-def image_suffix(path: str | Path) -> str:
-    """The image suffix of `path` (lower case), or an error naming the file and the types we read."""
+def image_suffix(path: str | Path, offered: Sequence[str] = SUFFIXES) -> str:
+    """The image suffix of `path` (lower case), or an error naming the file and the types it may have (`offered`:
+    those we read, or those a label map is written as)."""
     name = str(path).lower()
     suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
     if suffix is None:
-        raise InputError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+        raise InputError(f"{path}: unsupported file type; use one of {', '.join(offered)}")
     return suffix
 
 

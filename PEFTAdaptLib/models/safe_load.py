@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,16 @@ def _refused(path: Path, exc: Exception) -> ModelError:
     )
 
 
+def is_torchscript_archive(path: Path) -> bool:
+    """A zip holding TorchScript's constants (how torch itself tells its archives from weights), read without
+    unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> Any:
     """Unpickle `path` with torch's weights-only unpickler (plus `allowed_globals`, harmless types only)."""
     import torch
@@ -77,6 +88,9 @@ def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> An
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weights file is missing")
+    if is_torchscript_archive(path):  # torch would refuse it in a paragraph, after a warning
+        raise ModelError(f"{path}: a TorchScript program, not a weights file: it runs code, so PEFTAdapt loads it "
+                         "only as a TorchScript model the user trusts (`peftadapt trust`; docs/models.md)")
     allowed = list(allowed_globals)
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     try:
