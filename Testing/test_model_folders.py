@@ -113,13 +113,6 @@ BUNDLE_MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("case", BUNDLE_MALFORMED, ids=list(BUNDLE_MALFORMED))
-def test_a_malformed_bundle_field_is_one_line_naming_file_and_field(bundle, case):
-    file_of, change, field = BUNDLE_MALFORMED[case]
-    edit_json(file_of(bundle), change)
-    refused(bundle, file_of(bundle).name, field)
-
-
 def test_a_single_pixdim_is_isotropic_spacing_as_in_monai(bundle):
     edit_json(config_of(bundle), lambda c: transform(c, "Spacingd").update(pixdim=1.5))
     assert model_card(bundle).spacing == (1.5, 1.5, 1.5)
@@ -313,11 +306,12 @@ BUNDLE_VALUES = {
     "num_channels negative": (metadata_of, lambda m: m["network_data_format"]["inputs"]["image"].update(
         num_channels=-2), "num_channels' should be a whole number from 1"),
 }
+BUNDLE_CASES = {**BUNDLE_MALFORMED, **BUNDLE_VALUES}
 
 
-@pytest.mark.parametrize("case", BUNDLE_VALUES, ids=list(BUNDLE_VALUES))
-def test_an_odd_bundle_value_is_refused_before_any_job(bundle, case):
-    file_of, change, field = BUNDLE_VALUES[case]
+@pytest.mark.parametrize("case", BUNDLE_CASES, ids=list(BUNDLE_CASES))
+def test_a_malformed_bundle_field_or_an_odd_value_is_one_line_naming_file_and_field_before_any_job(bundle, case):
+    file_of, change, field = BUNDLE_CASES[case]
     edit_json(file_of(bundle), change)
     refused(bundle, file_of(bundle).name, field)
 
