@@ -22,7 +22,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from conftest import shared
-from test_model_loaders import _write_bundle
+from test_model_loaders import _RunsCode, _write_bundle
 from PEFTAdaptLib.adapters import LoRAConfig, add_units, iter_units, load_adapters, save_adapters, unit_class_for
 from PEFTAdaptLib.adapters.base import base_layer_names
 from PEFTAdaptLib.cli import main
@@ -279,20 +279,12 @@ def test_the_builtin_model_needs_no_trust_because_its_files_are_pinned():
 # --- 3: weight pickles and adapters are data -------------------------------------------------------------------------
 
 
-class RunsWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_torchs_advice(tmp_path):
     """torch's refusal text advises re-running with `weights_only=False`, which would run the payload; the refusal
     is one line naming the file and the global the pickle asked for."""
     marker, bundle = tmp_path / "pwned", tmp_path / "evil_pickle"
     _write_bundle(bundle)
-    torch.save({"state_dict": RunsWhenUnpickled(marker)}, bundle / "models" / "model.pt")
+    torch.save({"state_dict": _RunsCode(marker)}, bundle / "models" / "model.pt")
     with pytest.raises(ModelError) as refused:
         load_model(bundle)
     message = str(refused.value)
