@@ -46,8 +46,6 @@ def same_volume_audit(held: Sequence[dict] = ()) -> str:
             f"gain is shown on those volumes only: {ASK_FOR_SUBJECTS}")
 
 
-#: the caveat of an audit on held-out slabs of dense training volumes
-SAME_VOLUME_AUDIT = same_volume_audit()
 #: adapter metadata, present when the audit was slabs of the training scans or one volume: the digests of the training
 #: and audit volumes (`volume_digest`), the only ones the audit's gain speaks for
 AUDIT_COVERS = "audit_covers"

@@ -24,7 +24,7 @@ from PEFTAdaptLib.selection import AuditCounts, SelectionRule
 from PEFTAdaptLib.training import audit_counts
 from PEFTAdaptLib.uncertainty import Uncertainty
 from PEFTAdaptLib.vouch import (
-    AUDIT_COVERS, SAME_VOLUME_AUDIT, audit_covers_of, cut_from_one_scan, one_volume_caveat, same_scan_caveat,
+    AUDIT_COVERS, audit_covers_of, cut_from_one_scan, one_volume_caveat, same_scan_caveat, same_volume_audit,
     volume_digest, volume_warning,
 )
 
@@ -167,7 +167,7 @@ def test_one_thin_annotated_volume_adapts_with_a_held_out_audit_and_reports_the_
     assert validation["kept"] in ("start", "adapted") and ("gain" in validation or validation["kept"] == "start")
     assert state.message.startswith(("no reliable gain", "adapted state"))
     # an adapted state judged on a slab of its own training volume comes with that caveat (not when none was kept)
-    caveats = [e for e in job.events if e["event"] == "warning" and e["message"] == SAME_VOLUME_AUDIT]
+    caveats = [e for e in job.events if e["event"] == "warning" and e["message"] == same_volume_audit()]
     assert len(caveats) == (validation["kept"] == "adapted")
     config = json.loads((job.adapter_folder / "adapter.json").read_text())
     saved = config["metadata"]
