@@ -59,11 +59,17 @@ def _random_state_from_json(state: list) -> tuple:
 class PatchSampler:
     """Random patches, half centred on foreground, via MONAI's RandCropByPosNegLabeld (seeded). A case smaller than
     the patch is padded (image with its minimum, the normalised background; label with background). Patches are
-    centred on annotated voxels only, so a sparsely annotated case gives patches its loss can use."""
+    centred on annotated voxels only, so a sparsely annotated case gives patches its loss can use.
 
-    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int):
-        self.cases = [(pad_to_size(c.array, patch_size, float(c.array.min())), pad_to_size(c.label, patch_size, 0))
-                      for c in cases]
+    The cases are held as tensors on `device`, once: MONAI crops a NumPy array by first copying all of it into a
+    tensor, at every draw, and on a GPU the patches are cut there instead of being copied over at every step."""
+
+    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int,
+                 device: torch.device | str = "cpu"):
+        padded = [(pad_to_size(c.array, patch_size, float(c.array.min())), pad_to_size(c.label, patch_size, 0))
+                  for c in cases]
+        self.cases = [(torch.as_tensor(array, device=device), torch.as_tensor(label, device=device))
+                      for array, label in padded]
         self.rng = np.random.default_rng(seed)
         self.crop = RandCropByPosNegLabeld(
             keys=("image", "label"), label_key="label", spatial_size=list(patch_size),
@@ -72,7 +78,7 @@ class PatchSampler:
         )
         self.crop.set_random_state(seed=seed)
         # foreground/background voxel indices once per case, not at every draw (it dominated a GPU step)
-        self.indices = [map_binary_to_indices(foreground(label), annotated(label)) for _, label in self.cases]
+        self.indices = [map_binary_to_indices(foreground(label), annotated(label)) for _, label in padded]
 
     def state_dict(self) -> dict:
         return {"chooser": self.rng.bit_generator.state,
@@ -86,8 +92,8 @@ class PatchSampler:
         index = int(self.rng.integers(len(self.cases)))
         (array, label), (fg, bg) = self.cases[index], self.indices[index]
         samples = self.crop({"image": array, "label": label, "fg": fg, "bg": bg})
-        image = torch.stack([torch.as_tensor(np.asarray(s["image"])) for s in samples])
-        label = torch.stack([torch.as_tensor(np.asarray(s["label"])) for s in samples])
+        image = torch.stack([torch.as_tensor(s["image"]).as_subclass(torch.Tensor) for s in samples])
+        label = torch.stack([torch.as_tensor(s["label"]).as_subclass(torch.Tensor) for s in samples])
         return image.float(), label.long()
 
 
@@ -129,9 +135,9 @@ class SupervisedObjective:
     """Dice + cross-entropy on random, augmented patches of the annotated voxels of the support volumes."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int,
-                 augmentation: AugmentationConfig | None = None):
-        self.sampler = PatchSampler(cases, patch_size, count, pos_fraction, seed)
-        self.augment = Augmentation(augmentation or AugmentationConfig(), seed)
+                 augmentation: AugmentationConfig | None = None, device: torch.device | str = "cpu"):
+        self.sampler = PatchSampler(cases, patch_size, count, pos_fraction, seed, device)
+        self.augment = Augmentation(augmentation or AugmentationConfig(), seed, device)
         self.loss_fn = MaskedDiceCE()
 
     def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor:
@@ -373,9 +379,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        broken = [n for n, p in self.network.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if broken:
-            raise self._diverged(f"parameter {broken[0]} is no longer finite")
+        trained = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in trained]).tolist()  # one wait for a GPU, not one each
+        if not all(finite):
+            raise self._diverged(f"parameter {trained[finite.index(False)][0]} is no longer finite")
         return float(loss.detach())
 
     def prepare(self) -> None:
@@ -444,7 +451,7 @@ def supervised_trainer(network: nn.Module, card: ModelCard, support: Sequence[Ca
                        hooks: Sequence[TrainingHook] = ()) -> Trainer:
     """A trainer on annotated support volumes, audited by Dice on annotated audit volumes."""
     objective = SupervisedObjective(support, card.patch_size, config.patches_per_step, config.pos_fraction,
-                                    config.seed, AugmentationConfig.from_card(card.extra))
+                                    config.seed, AugmentationConfig.from_card(card.extra), config.device)
     context = TrainingContext(network, card, audit, config.device, on_event or (lambda event: None))
     return Trainer(objective, AuditScorer(audit, card, config.device), context, config, hooks)
 

@@ -204,6 +204,15 @@ def test_the_factored_backward_never_forms_the_dense_weight_gradient(monkeypatch
         assert bool(formed) == (not on), (on, formed)
 
 
+def test_the_cost_rule_is_calibrated_on_the_cpu_and_elsewhere_takes_the_dense_path():
+    """A wide 3×3×3 convolution takes the factored and product forms on the CPU; on a GPU the dense weight gradient
+    was the faster (bench/gpu_check.py on an H100), and the CPU's constants say nothing of another device."""
+    wide = nn.Conv3d(64, 64, 3)
+    for device, expected in (("cpu", True), ("cuda", False), ("meta", False)):
+        assert lowrank.factored_is_cheaper(wide, 4, torch.device(device)) is expected, device
+        assert lowrank.product_is_cheaper(wide, 4, torch.device(device)) is expected, device
+
+
 def test_training_with_gates_and_a_save_load_resume_matches_the_dense_path(monkeypatch, tmp_path):
     """AdamW steps on a small network with LoRA, ConvLoRA, BitFit and a gated SALT unit; halfway the units are
     saved, loaded into a fresh network and training resumes there: both paths end at the same weights."""

@@ -54,6 +54,28 @@ def test_few_step_adaptation_lowers_the_training_loss(deepbet):
     assert summary["history"][0][0] == 0 and summary["history"][-1][0] == 8
 
 
+def test_the_sampler_cuts_the_patches_monai_cuts_from_the_case_arrays():
+    """The sampler holds each case once as a tensor (MONAI copied a NumPy case whole at every draw); the patches, and
+    so every seeded run and its resume, are those MONAI cuts from the arrays themselves."""
+    from monai.transforms import RandCropByPosNegLabeld
+
+    from PEFTAdaptLib.data.cases import Case
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((1, 24, 20, 16), np.uint8)
+    label[0, 6:14, 5:12, 4:9] = 1
+    case = Case("toy", None, None, rng.normal(size=(1, 24, 20, 16)).astype(np.float32), label)
+    sampler = PatchSampler([case], (8, 8, 8), 3, 0.5, seed=4)
+    reference = RandCropByPosNegLabeld(("image", "label"), "label", [8, 8, 8], pos=0.5, neg=0.5, num_samples=3)
+    reference.set_random_state(seed=4)
+    for _ in range(3):
+        image, patch_label = sampler()
+        expected = reference({"image": case.array, "label": case.label})
+        assert torch.equal(image, torch.stack([torch.as_tensor(np.asarray(s["image"])) for s in expected]))
+        assert torch.equal(patch_label, torch.stack([torch.as_tensor(np.asarray(s["label"])) for s in expected]).long())
+        assert type(image) is torch.Tensor and image.device.type == "cpu"
+
+
 def test_demo_writes_a_reloadable_adapter_and_a_prediction_on_the_input_grid(tmp_path):
     from PEFTAdaptLib.demo import format_table, run_demo
     from PEFTAdaptLib.models.deepbet import load_deepbet

@@ -5,12 +5,13 @@ network and a synthetic head volume (runs where only torch, MONAI and SimpleITK 
     python bench/gpu_check.py --steps 1 --patch 64 --roi 64 --devices cpu   # a quick run of the script itself
 
 Training runs through the product's trainer (`supervised_trainer`: patches, augmentation, Dice + CE, AdamW; bf16
-autocast on CUDA). Prints Markdown tables: train step and inference time per device (and the GPU's utilisation
-over the steps, where pynvml reports it), and how far the GPU's bf16 outputs are from the CPU's fp32 outputs (max
-probability difference, Dice between the two masks); then, per device and adapter (LoRA r4, SALT), one
-forward+backward on the same patches with the dense weight-gradient path and with the cost rules' choice (the
-factored / product form), against the frozen network's forward+backward (the floor), and how far the two paths'
-gradients are apart.
+autocast on CUDA). Prints Markdown tables: train step and inference time per device, the step's patches and
+augmentation alone, the step against the frozen network's forward+backward (and the GPU's utilisation over the
+steps, where pynvml reports it); how far the GPU's bf16 outputs are from the CPU's fp32 outputs (max probability
+difference, Dice between the two masks) and its training patches from the CPU's (same seed); then, per device and
+adapter (LoRA r4, SALT), one forward+backward on the same patches with the dense weight-gradient path and with the
+cost rules' choice (the factored / product form), against the frozen network's forward+backward (the floor), and
+how far the two paths' gradients are apart.
 """
 from __future__ import annotations
 
@@ -24,14 +25,17 @@ import SimpleITK as sitk
 import torch
 
 from PEFTAdaptLib.adapters import LoRAConfig, SALTConfig, apply_adapter, iter_units, lowrank
+from PEFTAdaptLib.data.augment import AugmentationConfig
 from PEFTAdaptLib.data.cases import prepare_case
 from PEFTAdaptLib.inference import predict_probabilities
 from PEFTAdaptLib.metrics import dice
 from PEFTAdaptLib.models.deepbet import CARD, deepbet_weights_path
 from PEFTAdaptLib.models.linknet3d import load_from_torchscript
-from PEFTAdaptLib.training import TrainConfig, Trainer, supervised_trainer
+from PEFTAdaptLib.training import SupervisedObjective, TrainConfig, Trainer, supervised_trainer
 
 ADAPTERS = {"LoRA r4": LoRAConfig(r=4, alpha=4), "SALT": SALTConfig(ratio=0.1, lora_rank=4)}
+TRAINED = "LoRA r4"  # the adapter the training row trains
+PATCH_DRAWS = 4  # augmented batches compared between the devices
 
 
 def synthetic_head(seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
@@ -126,12 +130,16 @@ def main() -> None:
     image, label = synthetic_head()
     case = prepare_case("synthetic", [image], card, label)
     base = load_from_torchscript(str(args.weights or deepbet_weights_path()))
-    rows, outputs, paths = [], {}, []
+    rows, outputs, paths, patches = [], {}, [], {}
     for device in args.devices:
         network = copy.deepcopy(base)
-        apply_adapter(network, ADAPTERS["LoRA r4"], "lora")
+        apply_adapter(network, ADAPTERS[TRAINED], "lora")
         config = TrainConfig(steps=args.steps, lr=1e-3, patches_per_step=2, audit_every=10**9, seed=0, device=device)
         trainer = supervised_trainer(network, card, [case], [case], config)
+        objective = SupervisedObjective([case], card.patch_size, config.patches_per_step, config.pos_fraction,
+                                        config.seed, AugmentationConfig.from_card(card.extra), device)  # own draws
+        patches[device] = [objective.augment(*objective.sampler()) for _ in range(PATCH_DRAWS)]
+        data = timed(lambda: objective.augment(*objective.sampler()), args.steps)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         losses: list[float] = []
@@ -145,13 +153,16 @@ def main() -> None:
         network.eval()
         outputs[device] = predict_probabilities(copy.deepcopy(base).to(device), case.array, card, device)
         infer = timed(lambda: predict_probabilities(network, case.array, card, device), 2)
-        rows.append((device, step, infer, peak, busy, float(np.mean(losses[-3:]))))
+        floor = next(frozen for where, name, frozen, *_ in paths if where == device and name == TRAINED)
+        rows.append((device, step, data, step / floor, infer, peak, busy, float(np.mean(losses[-3:]))))
     patch = f"{args.patch}³ ×2"
-    print(f"| device | train step (s, {patch}, LoRA r4) | GPU utilisation in steps (%) | inference (s, {args.roi}³) "
+    print(f"| device | train step (s, {patch}, {TRAINED}) | of which patches + augmentation (s) "
+          f"| step / frozen fwd+bwd | GPU utilisation in steps (%) | inference (s, {args.roi}³) "
           "| peak GPU memory (GiB) | loss, last steps |")
-    print("|---|---|---|---|---|---|")
-    for device, step, infer, peak, busy, loss in rows:
-        print(f"| {device} | {step:.3f} | {busy:.0f} | {infer:.3f} | {peak:.2f} | {loss:.3f} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for device, step, data, ratio, infer, peak, busy, loss in rows:
+        print(f"| {device} | {step:.3f} | {data:.3f} | {ratio:.2f} | {busy:.0f} | {infer:.3f} | {peak:.2f} "
+              f"| {loss:.3f} |")
     print("\n| device | adapter | frozen fwd+bwd (s) | dense path (s) | cost rule (s) | dense / frozen "
           "| cost rule / frozen | gradients, max relative difference |")
     print("|---|---|---|---|---|---|---|---|")
@@ -162,6 +173,12 @@ def main() -> None:
         diff = float(np.abs(outputs["cuda"] - outputs["cpu"]).max())
         agreement = dice(outputs["cuda"].argmax(0) == 1, outputs["cpu"].argmax(0) == 1)
         print(f"\nbase model, GPU bf16 autocast vs CPU fp32: max |Δp| = {diff:.4f}, Dice of the masks = {agreement:.5f}")
+        pairs = [(a.detach().cpu(), b) for draw_a, draw_b in zip(patches["cuda"], patches["cpu"])
+                 for a, b in zip(draw_a, draw_b)]
+        image_gap = max(float((a - b).abs().max()) for a, b in pairs[::2])
+        label_gap = max(float((a != b).float().mean()) for a, b in pairs[1::2])
+        print(f"training patches, {PATCH_DRAWS} draws cut and augmented on the GPU vs the CPU (same seed): "
+              f"max |Δ image| = {image_gap:.1e}, labels differing in {100 * label_gap:.3f} % of voxels at most")
     if "cuda" in outputs:
         print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
 

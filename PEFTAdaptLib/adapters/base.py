@@ -255,10 +255,10 @@ class AdaptedLayer(nn.Module):
         factorable = self._factorable(weight, factors)
         basis = self._basis(weight, factors) if factorable else None
         rank = sum(p.shape[1] for p, _ in factors.values())
-        if basis is not None and product_is_cheaper(self.base, rank):
+        if basis is not None and product_is_cheaper(self.base, rank, x.device):
             rest = [pair for unit, pair in factors.items() if unit is not basis]
             y = product_forward(self.base, x, bias, basis.whole(), rest)
-        elif factorable and factored_is_cheaper(self.base, rank):
+        elif factorable and factored_is_cheaper(self.base, rank, x.device):
             y = factored_forward(self.base, x, weight, bias, list(factors.values()))
         else:
             params["weight"] = fold(weight, factors.values())

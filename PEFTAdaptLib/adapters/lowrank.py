@@ -43,7 +43,9 @@ CHANNEL_BLOCK = 16
 FACTORED_MIN_BLOCKS = 4
 #: ... and each weight row sums at least this many terms (C_in·kᵈ): below, the dense gradient is cheap and the
 #: extra passes over the activations dominate (1×1 convolutions, thin transposed outputs). Both constants come
-#: from `python bench/adapters.py --layers` on CPU (docs/benchmarks.md); a GPU may want others
+#: from `python bench/adapters.py --layers` on CPU (docs/benchmarks.md). Off the CPU the rules take the dense path:
+#: on a GPU at these layer sizes the factored passes' extra kernels cost more than the dense weight gradient
+#: (`bench/gpu_check.py`)
 FACTORED_MIN_REDUCTION = 256
 #: the product form (a singular-value unit's basis, `product_forward`) is taken where its multiply-adds are fewer
 #: (`product_is_cheaper`) and each weight row sums at least this many terms: below, its two extra passes over the
@@ -63,22 +65,26 @@ def fold(weight: torch.Tensor, factors: Sequence[Factors]) -> torch.Tensor:
     return weight
 
 
-def factored_is_cheaper(layer: nn.Module, rank: int) -> bool:
+def factored_is_cheaper(layer: nn.Module, rank: int, device: torch.device) -> bool:
     """The cost rule: channel blocks of the dense weight gradient against the factors', and its reduction length."""
     if FORCE is not None:
         return FORCE == "factored"
+    if device.type != "cpu":
+        return False
     rows, cols = layer.weight.shape[0], layer.weight[0].numel()
     blocks = lambda channels: -(-channels // CHANNEL_BLOCK)  # noqa: E731
     return blocks(rows) >= FACTORED_MIN_BLOCKS * blocks(rank) and cols >= FACTORED_MIN_REDUCTION
 
 
-def product_is_cheaper(layer: nn.Module, channels: int) -> bool:
+def product_is_cheaper(layer: nn.Module, channels: int, device: torch.device) -> bool:
     """The cost rule of the product form, in multiply-adds per output position and group: the projection onto
     `channels` filters, the mix back to the rows and ∂L/∂P, against the dense path's forward and weight gradient
     (both take the input gradient with the composed weight). It excludes 1×1 convolutions and Linear layers that
     do not narrow (the basis is as wide as the layer) and keeps 3×3×3 convolutions, whose rows sum 27× more terms."""
     if FORCE is not None:
         return FORCE == "factored"
+    if device.type != "cpu":
+        return False
     cols = layer.weight[0].numel()
     rows = layer.weight.shape[0] // getattr(layer, "groups", 1)
     return channels * (cols + 2 * rows) <= 2 * rows * cols and cols >= PRODUCT_MIN_REDUCTION

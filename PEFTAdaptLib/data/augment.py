@@ -38,9 +38,11 @@ class AugmentationConfig:
 
 class Augmentation:
     """Applies the configured MONAI transforms to each (image, label) patch of a batch. Every patch reseeds the
-    transforms (and their inner randomisers) from one generator, whose state is all a checkpoint needs."""
+    transforms (and their inner randomisers) from one generator, whose state is all a checkpoint needs. The affine
+    grid is made on `device`, where the patches are; noise and bias fields are drawn by MONAI's NumPy generators
+    (on the host when a transform fires), so a GPU run draws the augmentations a CPU run draws."""
 
-    def __init__(self, config: AugmentationConfig, seed: int):
+    def __init__(self, config: AugmentationConfig, seed: int, device: torch.device | str = "cpu"):
         from monai.transforms import (
             RandAdjustContrastd, RandAffined, RandBiasFieldd, RandGaussianNoised, RandScaleIntensityd,
             RandShiftIntensityd,
@@ -53,7 +55,7 @@ class Augmentation:
                 angle = math.radians(config.rotate_degrees)
                 self.transforms.append(RandAffined(("image", "label"), prob=p, rotate_range=(angle,) * 3,
                                                    scale_range=(config.scale,) * 3, mode=("bilinear", "nearest"),
-                                                   padding_mode="border"))
+                                                   padding_mode="border", device=torch.device(device)))
             if config.gamma != (1.0, 1.0):
                 self.transforms.append(RandAdjustContrastd("image", prob=p, gamma=config.gamma))
             if config.bias_field:

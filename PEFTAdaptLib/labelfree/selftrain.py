@@ -168,10 +168,9 @@ class LabelFreeStart:
     def _batches(self):
         if self.source:
             sampler = PatchSampler(self.source, self.card.patch_size, self.config.patches_per_step, 0.5,
-                                   self.config.seed)
+                                   self.config.seed, self.device)
             while True:
-                image, label = sampler()
-                yield image.to(self.device), label.to(self.device)
+                yield sampler()
         while True:
             yield self.targets().to(self.device), None
 
