@@ -63,9 +63,12 @@ def rank_slices(uncertainty: np.ndarray, prediction: np.ndarray, image: sitk.Ima
         scores = weighted.sum(axis=others)
         extent = image_extent(content.any(axis=others))
         taken = np.flatnonzero(corrected.all(axis=others)) if corrected is not None else ()
+        # the plane's slices laid out contiguously, once: every slice is ranked, and cutting each from the volume
+        # across its strides took seconds a volume
+        along, holds = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (weighted, content))
         slices = []
         for index, reason in ranked(scores, taken, extent):
-            at = focus(np.take(weighted, index, axis=axis), np.take(content, index, axis=axis), reason)
+            at = focus(along[index], holds[index], reason)
             at.insert(axis, index)
             slices.append({"index": index, "score": float(scores[index]), "reason": reason, "at": at})
         planes[plane] = {"axis": axis, "extent": list(extent), "slices": slices}
