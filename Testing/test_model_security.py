@@ -309,6 +309,21 @@ def test_a_torchscript_archive_given_as_weights_is_one_line_before_torch_reads_i
     assert torch.equal(load_checkpoint(tmp_path / "weights.pt")["weight"], torch.ones(2))
 
 
+@pytest.mark.parametrize("kept", [0.5, 0.01])
+def test_a_truncated_checkpoint_is_said_to_be_damaged_in_one_line(tmp_path, kept):
+    """Found checking model folders: a cut-short .pth said only '([Errno 22] Invalid argument)' (or torch's paragraph
+    on miniz internals, shorter still)."""
+    from PEFTAdaptLib.models.safe_load import load_checkpoint
+
+    torch.save({"weight": torch.randn(100, 100)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "model.pth").write_bytes(data[:int(len(data) * kept)])
+    with pytest.raises(ModelError) as refused:
+        load_checkpoint(tmp_path / "model.pth")
+    assert str(refused.value) == (f"{tmp_path / 'model.pth'}: damaged or incomplete — a PyTorch archive whose zip "
+                                  "directory cannot be read; copy or download the file again")
+
+
 @pytest.fixture
 def bundle(tmp_path) -> Path:
     """A small real MONAI bundle (test_model_loaders' UNet) that segments the spine T2 volume in seconds."""

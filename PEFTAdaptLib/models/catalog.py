@@ -70,7 +70,8 @@ def validate(instance, schema: dict, where: str = "entry") -> list[str]:
     if "enum" in schema and instance not in schema["enum"]:
         problems.append(f"{where}: should be one of {', '.join(map(str, schema['enum']))}")
     if isinstance(instance, str) and "pattern" in schema and not re.search(schema["pattern"], instance):
-        problems.append(f"{where}: '{instance}' does not match {schema['pattern']}")
+        problems.append(f"{where}: '{instance}' should be {schema['title']}" if "title" in schema
+                        else f"{where}: '{instance}' does not match {schema['pattern']}")
     if isinstance(instance, (int, float)) and not isinstance(instance, bool):
         if "minimum" in schema and instance < schema["minimum"]:
             problems.append(f"{where}: below {schema['minimum']}")

@@ -81,6 +81,18 @@ def is_torchscript_archive(path: Path) -> bool:
         return False
 
 
+def is_damaged_archive(path: Path) -> bool:
+    """Starts as a zip (torch's archive format) but its directory cannot be read: cut short or altered in transit."""
+    with open(path, "rb") as file:
+        if file.read(4) != b"PK\x03\x04":
+            return False
+    try:
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError):
+        return True
+    return False
+
+
 def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> Any:
     """Unpickle `path` with torch's weights-only unpickler (plus `allowed_globals`, harmless types only)."""
     import torch
@@ -88,6 +100,9 @@ def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> An
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weights file is missing")
+    if is_damaged_archive(path):  # torch says "Invalid argument", or a paragraph about miniz
+        raise ModelError(f"{path}: damaged or incomplete — a PyTorch archive whose zip directory cannot be read; copy "
+                         "or download the file again")
     if is_torchscript_archive(path):  # torch would refuse it in a paragraph, after a warning
         raise ModelError(f"{path}: a TorchScript program, not a weights file: it runs code, so PEFTAdapt loads it "
                          "only as a TorchScript model the user trusts (`peftadapt trust`; docs/models.md)")
