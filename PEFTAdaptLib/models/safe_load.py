@@ -101,8 +101,8 @@ def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> An
     if not path.is_file():
         raise ModelError(f"{path}: weights file is missing")
     if is_damaged_archive(path):  # torch says "Invalid argument", or a paragraph about miniz
-        raise ModelError(f"{path}: damaged or incomplete — a PyTorch archive whose zip directory cannot be read; copy "
-                         "or download the file again")
+        raise ModelError(f"{path}: damaged or incomplete — a PyTorch archive whose zip directory cannot be read; "
+                         "copy or download the file again")
     if is_torchscript_archive(path):  # torch would refuse it in a paragraph, after a warning
         raise ModelError(f"{path}: a TorchScript program, not a weights file: it runs code, so PEFTAdapt loads it "
                          "only as a TorchScript model the user trusts (`peftadapt trust`; docs/models.md)")
