@@ -83,9 +83,12 @@ def is_torchscript_archive(path: Path) -> bool:
 
 def is_damaged_archive(path: Path) -> bool:
     """Starts as a zip (torch's archive format) but its directory cannot be read: cut short or altered in transit."""
-    with open(path, "rb") as file:
-        if file.read(4) != b"PK\x03\x04":
-            return False
+    try:
+        with open(path, "rb") as file:
+            if file.read(4) != b"PK\x03\x04":
+                return False
+    except OSError:  # unreadable: the loader says so
+        return False
     try:
         zipfile.ZipFile(path).close()
     except (zipfile.BadZipFile, OSError):
