@@ -29,6 +29,8 @@ from .uncertainty import base_model
 
 Event = dict
 EventCallback = Callable[[Event], None]
+#: the share of a GPU's free memory the training cases may take there (the rest is the network's and its batch's)
+CASES_SHARE_OF_GPU = 0.25
 
 
 @dataclass
@@ -61,14 +63,16 @@ class PatchSampler:
     the patch is padded (image with its minimum, the normalised background; label with background). Patches are
     centred on annotated voxels only, so a sparsely annotated case gives patches its loss can use.
 
-    The cases are held as tensors on `device`, once: MONAI crops a NumPy array by first copying all of it into a
-    tensor, at every draw, and on a GPU the patches are cut there instead of being copied over at every step."""
+    The cases are held as tensors, once (MONAI crops a NumPy array by first copying all of it into a tensor, at
+    every draw), on the GPU that trains when they fit beside the network (`case_device`): the patches are then cut
+    there instead of being copied over at every step. Patches come on `self.device`, where the cases are held."""
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int,
                  device: torch.device | str = "cpu"):
         padded = [(pad_to_size(c.array, patch_size, float(c.array.min())), pad_to_size(c.label, patch_size, 0))
                   for c in cases]
-        self.cases = [(torch.as_tensor(array, device=device), torch.as_tensor(label, device=device))
+        self.device = case_device(sum(array.nbytes + label.nbytes for array, label in padded), torch.device(device))
+        self.cases = [(torch.as_tensor(array, device=self.device), torch.as_tensor(label, device=self.device))
                       for array, label in padded]
         self.rng = np.random.default_rng(seed)
         self.crop = RandCropByPosNegLabeld(
@@ -95,6 +99,16 @@ class PatchSampler:
         image = torch.stack([torch.as_tensor(s["image"]).as_subclass(torch.Tensor) for s in samples])
         label = torch.stack([torch.as_tensor(s["label"]).as_subclass(torch.Tensor) for s in samples])
         return image.float(), label.long()
+
+
+def case_device(nbytes: int, device: torch.device) -> torch.device:
+    """Where the sampler holds `nbytes` of cases for training on `device`: on the GPU when they take at most
+    `CASES_SHARE_OF_GPU` of its free memory, else in host memory, as on other devices (many large volumes must not
+    starve the network of GPU memory; MONAI's augmentations are checked on CUDA and the CPU only)."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= CASES_SHARE_OF_GPU * free else torch.device("cpu")
 
 
 def autocast(device: torch.device):
@@ -137,7 +151,7 @@ class SupervisedObjective:
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], count: int, pos_fraction: float, seed: int,
                  augmentation: AugmentationConfig | None = None, device: torch.device | str = "cpu"):
         self.sampler = PatchSampler(cases, patch_size, count, pos_fraction, seed, device)
-        self.augment = Augmentation(augmentation or AugmentationConfig(), seed, device)
+        self.augment = Augmentation(augmentation or AugmentationConfig(), seed, self.sampler.device)
         self.loss_fn = MaskedDiceCE()
 
     def loss(self, network: nn.Module, device: torch.device) -> torch.Tensor:

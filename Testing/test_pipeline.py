@@ -76,6 +76,18 @@ def test_the_sampler_cuts_the_patches_monai_cuts_from_the_case_arrays():
         assert type(image) is torch.Tensor and image.device.type == "cpu"
 
 
+def test_training_cases_are_held_on_the_gpu_only_where_they_fit_beside_the_network(monkeypatch):
+    """Many large volumes stay in host memory (their patches are copied over) rather than starve the network of GPU
+    memory. CUDA cannot exist here: its free-memory query is faked; CPU and MPS training hold them on the host."""
+    from PEFTAdaptLib.training import CASES_SHARE_OF_GPU, case_device
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4000, 8000))
+    gpu, host = torch.device("cuda"), torch.device("cpu")
+    assert case_device(int(4000 * CASES_SHARE_OF_GPU), gpu) == gpu
+    assert case_device(int(4000 * CASES_SHARE_OF_GPU) + 1, gpu) == host
+    assert case_device(1, host) == host and case_device(1, torch.device("mps")) == host
+
+
 def test_demo_writes_a_reloadable_adapter_and_a_prediction_on_the_input_grid(tmp_path):
     from PEFTAdaptLib.demo import format_table, run_demo
     from PEFTAdaptLib.models.deepbet import load_deepbet

@@ -39,7 +39,7 @@ class AugmentationConfig:
 class Augmentation:
     """Applies the configured MONAI transforms to each (image, label) patch of a batch. Every patch reseeds the
     transforms (and their inner randomisers) from one generator, whose state is all a checkpoint needs. The affine
-    grid is made on `device`, where the patches are; noise and bias fields are drawn by MONAI's NumPy generators
+    grid is made on `device`, where the patches are cut; noise and bias fields are drawn by MONAI's NumPy generators
     (on the host when a transform fires), so a GPU run draws the augmentations a CPU run draws."""
 
     def __init__(self, config: AugmentationConfig, seed: int, device: torch.device | str = "cpu"):

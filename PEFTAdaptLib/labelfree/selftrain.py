@@ -170,7 +170,8 @@ class LabelFreeStart:
             sampler = PatchSampler(self.source, self.card.patch_size, self.config.patches_per_step, 0.5,
                                    self.config.seed, self.device)
             while True:
-                yield sampler()
+                image, label = sampler()
+                yield image.to(self.device), label.to(self.device)
         while True:
             yield self.targets().to(self.device), None
 
