@@ -71,29 +71,23 @@ def _refused(path: Path, exc: Exception) -> ModelError:
     )
 
 
-def is_torchscript_archive(path: Path) -> bool:
-    """A zip holding TorchScript's constants (how torch itself tells its archives from weights), read without
-    unpickling anything."""
+def archive_members(path: Path) -> list[str]:
+    """The member names of a zip (torch's archive format), read without unpickling anything; [] for a file that is
+    no zip. One that starts as a zip but whose directory cannot be read (cut short or altered in transit) is refused
+    here in one line: torch says "Invalid argument", or a paragraph about miniz."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def is_damaged_archive(path: Path) -> bool:
-    """Starts as a zip (torch's archive format) but its directory cannot be read: cut short or altered in transit."""
-    try:
-        with open(path, "rb") as file:
-            if file.read(4) != b"PK\x03\x04":
-                return False
-    except OSError:  # unreadable: the loader says so
-        return False
-    try:
-        zipfile.ZipFile(path).close()
-    except (zipfile.BadZipFile, OSError):
-        return True
-    return False
+        try:
+            with open(path, "rb") as file:
+                starts_as_zip = file.read(4) == b"PK\x03\x04"
+        except OSError:  # unreadable: the loader says so
+            return []
+        if starts_as_zip:
+            raise ModelError(f"{path}: damaged or incomplete — a PyTorch archive whose zip directory cannot be read; "
+                             "copy or download the file again") from None
+        return []
 
 
 def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> Any:
@@ -103,10 +97,9 @@ def load_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = ()) -> An
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weights file is missing")
-    if is_damaged_archive(path):  # torch says "Invalid argument", or a paragraph about miniz
-        raise ModelError(f"{path}: damaged or incomplete — a PyTorch archive whose zip directory cannot be read; "
-                         "copy or download the file again")
-    if is_torchscript_archive(path):  # torch would refuse it in a paragraph, after a warning
+    # TorchScript's constants mark its archives (as torch itself tells them from weights); torch would refuse one in
+    # a paragraph, after a warning
+    if any(name.endswith("/constants.pkl") for name in archive_members(path)):
         raise ModelError(f"{path}: a TorchScript program, not a weights file: it runs code, so PEFTAdapt loads it "
                          "only as a TorchScript model the user trusts (`peftadapt trust`; docs/models.md)")
     allowed = list(allowed_globals)
