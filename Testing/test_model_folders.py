@@ -269,6 +269,29 @@ def test_a_registry_path_outside_its_folder_is_refused(tmp_path, monkeypatch, me
     assert "(?!" not in problems[0]
 
 
+def test_one_invalid_registry_entry_hides_neither_the_others_nor_its_own_reason(tmp_path, monkeypatch, meshnet):
+    # found at stop 35's verification: one bad entry dropped the whole registry, and `--model <its id>` then said
+    # only "unknown model"
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(meshnet, models / "gwm")
+    good, bad = _record(id="gwm", path="gwm"), _record(id="gwm-old", path="../gwm")
+    (models / "registry.json").write_text(json.dumps([bad, good]))
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(models))
+    rows, problems = list_models()
+    assert {row.id: row.status for row in rows}["gwm"] == "available" and "gwm-old" not in {row.id for row in rows}
+    assert len(problems) == 1 and "registry.json: invalid registry entry (entry 0.path:" in problems[0]
+    assert model_card("gwm").id == "gwm"
+    with pytest.raises(ModelError, match=r"model 'gwm-old' .*invalid registry entry \(entry 0.path: '../gwm' should "
+                                         r"be a relative path") as refusal:
+        model_card("gwm-old")
+    assert "unknown model" not in str(refusal.value) and "\n" not in str(refusal.value)
+    # a folder its invalid entry describes is not listed bare instead, without the entry's checksums
+    (models / "registry.json").write_text(json.dumps([_record(id="gwm", path="gwm", license=3)]))
+    rows, problems = list_models()
+    assert "gwm" not in {row.id for row in rows} and "entry 0.license" in problems[0]
+
+
 def test_a_registry_path_linking_out_and_a_checksum_key_outside_are_refused(tmp_path, monkeypatch, meshnet):
     models = tmp_path / "models"
     models.mkdir()

@@ -253,7 +253,8 @@ def torchscript_file(path: Path) -> Path:
     return weights
 
 
-def _read_registry(path: Path) -> list[dict]:
+def _read_registry(path: Path) -> list[tuple[dict, str]]:
+    """Each record with '' or the one line that refuses it: one invalid entry never hides the others."""
     try:
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -262,11 +263,11 @@ def _read_registry(path: Path) -> list[dict]:
     if not records:
         raise ModelError(f"{path}: holds no registry entry (an empty list); describe the model or delete the file")
     schema = registry_schema()
+    checked = []
     for index, record in enumerate(records):
         problems = validate(record, schema, f"entry {index}")
-        if problems:
-            raise ModelError(f"{path}: invalid registry entry ({'; '.join(problems[:3])})")
-    return records
+        checked.append((record, f"{path}: invalid registry entry ({'; '.join(problems[:3])})" if problems else ""))
+    return checked
 
 
 def _from_record(record: dict, registry: Path, path: Path | None = None) -> CatalogEntry:
@@ -278,11 +279,25 @@ def _from_record(record: dict, registry: Path, path: Path | None = None) -> Cata
     return CatalogEntry(record["id"], record["format"], path, record, registry)
 
 
-def scan(folder: Path | None = None) -> tuple[dict[str, CatalogEntry], list[str]]:
-    """(entries by id, problems found while scanning: unreadable registries, duplicate ids)."""
+@dataclass
+class Catalog:
+    entries: dict[str, CatalogEntry] = field(default_factory=dict)
+    #: problems found while scanning (unreadable registries, invalid entries, duplicate ids), one line each
+    problems: list[str] = field(default_factory=list)
+    #: why an entry was skipped, by the id it gave, so that `--model <id>` says why rather than "unknown"
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def refuse(self, record, problem: str) -> None:
+        self.problems.append(problem)
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            self.refused.setdefault(record["id"], problem)
+
+
+def scan(folder: Path | None = None) -> Catalog:
+    """The entries of the model folder by id, and what was skipped there and why."""
     folder = models_dir() if folder is None else folder
-    entries: dict[str, CatalogEntry] = {}
-    problems: list[str] = []
+    catalog = Catalog()
+    entries, problems = catalog.entries, catalog.problems
 
     def add(entry: CatalogEntry) -> None:
         if entry.id in entries and entries[entry.id].path != entry.path:
@@ -291,7 +306,7 @@ def scan(folder: Path | None = None) -> tuple[dict[str, CatalogEntry], list[str]
             entries[entry.id] = entry
 
     if not folder.is_dir():
-        return entries, problems
+        return catalog
     registries = [folder / REGISTRY_FILE] + sorted(folder.glob(f"*/{REGISTRY_FILE}"))
     described: set[Path] = set()
     for registry in registries:
@@ -303,11 +318,16 @@ def scan(folder: Path | None = None) -> tuple[dict[str, CatalogEntry], list[str]
             problems.append(str(exc))
             described.add(registry.parent)
             continue
-        for record in records:
+        for record, problem in records:
+            if problem:
+                catalog.refuse(record, problem)
+                if isinstance(record, dict) and isinstance(record.get("path"), str):  # not listed bare instead
+                    described.add((registry.parent / record["path"]).resolve())
+                continue
             try:
                 entry = _from_record(record, registry)
             except ModelError as exc:
-                problems.append(f"{registry}: entry '{record['id']}' skipped: {exc}")
+                catalog.refuse(record, f"{registry}: entry '{record['id']}' skipped: {exc}")
                 continue
             described.add(entry.path.resolve())
             add(entry)
@@ -315,7 +335,7 @@ def scan(folder: Path | None = None) -> tuple[dict[str, CatalogEntry], list[str]
         model_format = detect_format(sub)
         if model_format is not None:
             add(CatalogEntry(sub.name, model_format, sub))
-    return entries, problems
+    return catalog
 
 
 def entry_for_path(path: Path) -> CatalogEntry:
@@ -326,5 +346,8 @@ def entry_for_path(path: Path) -> CatalogEntry:
                          "MeshNet model.json + model.pth, SAM sam.json + checkpoint); see docs/models.md")
     registry = path / REGISTRY_FILE if path.is_dir() else None
     if registry is not None and registry.is_file():
-        return _from_record(_read_registry(registry)[0], registry, path)
+        record, problem = _read_registry(registry)[0]
+        if problem:
+            raise ModelError(problem)
+        return _from_record(record, registry, path)
     return CatalogEntry(path.stem if path.is_file() else path.name, model_format, path)

@@ -50,8 +50,9 @@ def list_models(folder: Path | None = None) -> tuple[list[ModelListing], list[st
     from .catalog import scan
 
     rows = [ModelListing(model_id, "builtin", entry.card, entry.availability()) for model_id, entry in BUILTIN.items()]
-    entries, problems = scan(folder)
-    for model_id, entry in entries.items():
+    catalog = scan(folder)
+    problems = catalog.problems
+    for model_id, entry in catalog.entries.items():
         if model_id in BUILTIN:
             problems.append(f"{entry.path}: model id '{model_id}' is a built-in model's; rename the folder or entry")
             continue
@@ -71,9 +72,11 @@ def _entry(key: str, folder: Path | None):
     path = Path(key).expanduser()
     if path.exists():
         return entry_for_path(path)
-    entries, _ = scan(folder)
-    if key in entries:
-        return entries[key]
+    catalog = scan(folder)
+    if key in catalog.entries:
+        return catalog.entries[key]
+    if key in catalog.refused:
+        raise ModelError(f"model '{key}' cannot be used: {catalog.refused[key]}")
     raise ModelError(f"unknown model '{key}' (not a built-in id, not in the model folder, not an existing path); "
                      "`peftadapt models` lists the available ones")
 
