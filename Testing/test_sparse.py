@@ -162,6 +162,27 @@ def test_a_slice_between_the_model_grids_samples_is_refused_under_the_users_name
         load_case(image, SPINE_CARD, shared("spine/t2s/t2s_seg.nii.gz"), annotated_path=mask, name="my t2s")
 
 
+def test_a_slice_between_the_model_grids_samples_is_refused_before_a_job_folder_exists(tmp_path):
+    """The worker refused such a slice after the job folder was made (left as found at stop 35): the request is now
+    refused in one line naming the mask, and nothing is written; a slice the grid reaches makes the job. The bundle's
+    1.5 mm grid steps over every third 0.5 mm sagittal slice of the T2* (21 is one, 20 is not)."""
+    from test_model_loaders import _write_bundle
+
+    _write_bundle(tmp_path / "model")
+    image, label = shared("spine/t2s/t2s.nii.gz"), shared("spine/t2s/t2s_seg.nii.gz")
+    client = JobClient(tmp_path / "work")
+
+    def request(index: int) -> JobSpec:
+        mask = write_slice_mask(image, f"sagittal:{index}", tmp_path / f"mask{index}.nii.gz")
+        return JobSpec(model=str(tmp_path / "model"), method=make_method("bitfit"),
+                       support=[CaseSpec([str(image)], str(label), annotated=str(mask))])
+
+    with pytest.raises(InputError, match=r"^\S*mask21.nii.gz: no annotated voxel reaches the model's grid"):
+        client.create(request(21), tmp_path / "job")
+    assert not (tmp_path / "job").exists()
+    assert (client.create(request(20), tmp_path / "job") / "job.json").is_file()
+
+
 def test_the_held_out_slices_are_named_on_the_image_grid(tmp_path):
     """The real T2 is PSR: its axial slices walk along image axis 1. What the started event says was held out is
     the plane and the image's slice indices the user gave, not the model grid's."""

@@ -58,13 +58,26 @@ def prepare_case(
             lookup[info.value] = index
         label_array = lookup[np.clip(values, 0, len(lookup) - 1)][None]
         if annotated is not None:
-            mask = to_array(onto_grid(user_grid(annotated, card.spatial_dims), model_image, is_label=True),
-                            np.uint8) > 0
-            if not mask.any():
-                raise NeedsAnnotation(f"{name}: no annotated voxel reaches the model's grid (its slices fall between the "
-                                 "model's samples); annotate more slices")
-            label_array = with_unannotated(label_array, mask[None])
+            label_array = with_unannotated(label_array, annotated_on_grid(annotated, model_image, card, name)[None])
     return Case(name, channels[0], model_image, array, label_array, label)
+
+
+def annotated_on_grid(annotated: sitk.Image, model_image: sitk.Image, card: ModelCard, name: str) -> np.ndarray:
+    """The annotated-voxel mask on the model's grid; refused when none of its voxels reaches that grid."""
+    mask = to_array(onto_grid(user_grid(annotated, card.spatial_dims), model_image, is_label=True), np.uint8) > 0
+    if not mask.any():
+        raise NeedsAnnotation(f"{name}: no annotated voxel reaches the model's grid (its slices fall between the "
+                              "model's samples); annotate more slices")
+    return mask
+
+
+def check_annotated_reaches_grid(annotated: sitk.Image, card: ModelCard, where: str) -> None:
+    """Before a job exists: the worker's refusal of a mask whose slices all fall between the model's samples. The
+    mask lies on the image's grid, so it gives the model's grid as the image would; a model that frames the head
+    (`fit_to_roi`) places its grid with its locator, so the worker checks those."""
+    if not card.fit_to_roi:
+        grid = to_model_space(user_grid(annotated, card.spatial_dims), card.spacing, card.orientation, what=where)
+        annotated_on_grid(annotated, grid, card, where)
 
 
 def read_case_files(

@@ -143,7 +143,7 @@ def check_inputs(request: JobSpec) -> JobSpec:
     """Read every input as the worker will (model card known, files named as the user gave them), so that a bad
     file is refused in one line before a job folder exists. Returns the request with its patch size written out per
     axis (`--patch-size 64` and a panel's 64 make the same job)."""
-    from ..data.cases import read_case_files
+    from ..data.cases import check_annotated_reaches_grid, read_case_files
     from ..data.io import volume_digest
     from ..data.sparse import read_annotated
     from ..models.registry import model_card
@@ -171,7 +171,8 @@ def check_inputs(request: JobSpec) -> JobSpec:
                 raise InputError(f"{case.label}: the label is the image file itself; give the label map")
             channels, _ = read_case_files(case.images, card, case.label if labelled[role] else None)
             if case.annotated and labelled[role]:
-                read_annotated(case.annotated, channels[0], case.images[0])
+                check_annotated_reaches_grid(read_annotated(case.annotated, channels[0], case.images[0]), card,
+                                             case.annotated)
             if role in ("support", "audit") and labelled[role]:
                 digest = volume_digest(channels[0])
                 if role == "audit" and digest in trained:
