@@ -14,7 +14,8 @@ from conftest import shared
 from PEFTAdaptLib import cli
 from PEFTAdaptLib.data.cases import load_case, prepare_case
 from PEFTAdaptLib.data.holdout import hold_out
-from PEFTAdaptLib.data.transforms import normalize_intensity, to_array
+from PEFTAdaptLib.data.normalize import normalize_intensity
+from PEFTAdaptLib.data.transforms import to_array
 from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.inference import predict_probabilities
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec

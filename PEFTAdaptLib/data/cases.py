@@ -13,7 +13,8 @@ from ..models.card import ModelCard
 from .io import read_image, read_label, same_geometry
 from .planar import check_dimensions, user_grid
 from .sparse import read_annotated, with_unannotated
-from .transforms import normalize_intensity, onto_grid, to_array, to_model_space
+from .normalize import normalize_intensity
+from .transforms import onto_grid, to_array, to_model_space
 
 
 @dataclass

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import PEFTAdaptError
 from .limits import check_voxel_count
 
 
@@ -89,43 +88,6 @@ def onto_grid(image: sitk.Image, reference: sitk.Image, is_label: bool = False) 
 def probabilities_onto_grid(probs: np.ndarray, model_space: sitk.Image, reference: sitk.Image) -> np.ndarray:
     """Resample per-class probabilities (C, x, y, z) or (C, x, y) from the model grid onto the user's image grid."""
     return np.stack([to_array(onto_grid(from_array(p, model_space), reference)) for p in probs])
-
-
-def normalize_intensity(array: np.ndarray, scheme: dict) -> np.ndarray:
-    """Intensity normalisation named by a model card.
-
-    - `zscore`: (x - mean) / std over the volume (or over voxels > `nonzero` if given);
-    - `clip_scale`: clip to [lower, upper] (e.g. CT HU) then scale to [0, 1] (or [out_min, out_max]; `clip`: false
-      scales without clipping, as MONAI's ScaleIntensityRanged does by default);
-    - `ct_zscore`: clip to [lower, upper] then (x - mean) / std with dataset-wide values (nnU-Net's CTNormalization);
-    - `minmax`: scale the volume's own [min, max] to [0, 1] (brainchop's MeshNet input);
-    - `percentile_zscore`: clip to percentiles [p_low, p_high], scale to [0, 1], z-score, then `scale`·z + `shift`
-      (deepbet's own normalisation: percentiles 0.5/99.5, scale 0.226, shift 0.449);
-    - `none`.
-    """
-    name = scheme.get("name", "none")
-    x = array.astype(np.float32, copy=True)
-    if name == "none":
-        return x
-    if name == "zscore":
-        region = x[x > scheme["nonzero"]] if "nonzero" in scheme else x
-        return (x - region.mean()) / max(float(region.std()), 1e-8)
-    if name == "clip_scale":
-        lo, hi = scheme["lower"], scheme["upper"]
-        out_lo, out_hi = scheme.get("out_min", 0.0), scheme.get("out_max", 1.0)
-        x = np.clip(x, lo, hi) if scheme.get("clip", True) else x
-        return (x - lo) / (hi - lo) * (out_hi - out_lo) + out_lo
-    if name == "ct_zscore":
-        return (np.clip(x, scheme["lower"], scheme["upper"]) - scheme["mean"]) / max(scheme["std"], 1e-8)
-    if name == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-        return (x - lo) / max(hi - lo, 1e-8)
-    if name == "percentile_zscore":
-        lo, hi = np.percentile(x, [scheme.get("p_low", 0.5), scheme.get("p_high", 99.5)])
-        x = np.clip((x - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
-        x = (x - x.mean()) / max(float(x.std()), 1e-8)
-        return scheme.get("scale", 1.0) * x + scheme.get("shift", 0.0)
-    raise PEFTAdaptError(f"unknown intensity normalisation '{name}' in the model card")
 
 
 def pad_to_size(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:

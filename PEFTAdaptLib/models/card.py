@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.normalize import NORMALIZATIONS, NUMBERS
 from ..errors import InputError, ModelError
 from ..jsonfile import read_json
 from . import description as desc
@@ -16,13 +17,6 @@ FIXED_INPUT_SIZE = "fixed_input_size"
 TRAINED_IN_FULL = "trained_in_full"
 #: `extra` key: the network is a TorchScript program (it predicts; adaptation jobs need an eager network)
 TORCHSCRIPT = "torchscript"
-#: intensity normalisations `data.transforms.normalize` applies, and the numeric settings each requires
-NORMALIZATIONS = {"none": (), "zscore": (), "minmax": (), "percentile_zscore": (), "clip_scale": ("lower", "upper"),
-                  "ct_zscore": ("lower", "upper", "mean", "std")}
-#: numeric settings a normalisation may carry (`clip` is a switch)
-NORMALIZATION_NUMBERS = ("lower", "upper", "out_min", "out_max", "mean", "std", "p_low", "p_high", "scale", "shift",
-                         "nonzero")
-
 
 @dataclass
 class LabelInfo:
@@ -87,10 +81,10 @@ class ModelCard:
         name = scheme.get("name", "none")
         if name not in NORMALIZATIONS:
             raise desc.refusal(where, "normalization.name", f"one of {', '.join(NORMALIZATIONS)}", name)
-        missing = [key for key in NORMALIZATIONS[name] if key not in scheme]
+        missing = [key for key in NORMALIZATIONS[name].required if key not in scheme]
         if missing:
             raise ModelError(f"{where}: normalisation '{name}' needs '{missing[0]}'")
-        for key in NORMALIZATION_NUMBERS:
+        for key in NUMBERS:
             if key in scheme:
                 desc.number(scheme[key], where, f"normalization.{key}")
         if "lower" in scheme and "upper" in scheme and scheme["lower"] >= scheme["upper"]:
