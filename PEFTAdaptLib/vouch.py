@@ -37,13 +37,13 @@ HELD_OUT = {"slab": "a held-out slab", "slices": "held-out corrected slices",
             "within": "a held-out strip of a corrected slice"}
 
 
-def same_volume_audit(held: Sequence[dict] = ()) -> str:
+def same_volume_audit(held: Sequence[dict] = (), shown: str = "gain") -> str:
     """Said when the state kept was judged on parts of the training volumes only (`held`: the `audit_held_out`
     records, worded by what they held out): their gain need not carry over to other subjects (docs/benchmarks.md shows
-    it did not, more than once)."""
+    it did not, more than once). `shown`: what the audit measured, its "Dice" where no source model compares."""
     kinds = dict.fromkeys("within" if "within" in r else "slices" if "slices" in r else "slab" for r in held)
     return (f"the audit was {' and '.join(HELD_OUT[k] for k in kinds or ['slab'])} of the training volume(s), so its "
-            f"gain is shown on those volumes only: {ASK_FOR_SUBJECTS}")
+            f"{shown} is shown on those volumes only: {ASK_FOR_SUBJECTS}")
 
 
 #: adapter metadata, present when the audit was slabs of the training scans or one volume: the digests of the training
@@ -90,23 +90,23 @@ def outside_cover(image: sitk.Image, covers: list[str] | None) -> list[str]:
     return ["the adapter's audit covers only the volume(s) it was trained and audited on, and this is another volume"]
 
 
-def same_scan_caveat(support: list[Case], audit: list[Case]) -> str | None:
+def same_scan_caveat(support: list[Case], audit: list[Case], shown: str = "gain") -> str | None:
     """What to say when an audit volume was cut from the scan of a training volume (a neighbouring slab): its gain,
     like a held-out slab's, is shown on that scan only. None when every audit volume is a scan of its own."""
     pairs = [(a.name, s.name) for a in audit for s in support if cut_from_one_scan(s.image, a.image)]
     if not pairs:
         return None
     named = ", ".join(f"{a} from {s}" for a, s in pairs)
-    return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the gain is shown on "
+    return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the {shown} is shown on "
             f"those scans only: {ASK_FOR_SUBJECTS}")
 
 
-def one_volume_caveat(audit: list[Case]) -> str | None:
+def one_volume_caveat(audit: list[Case], shown: str = "gain") -> str | None:
     """What to say when the audit is a single volume: a gain on one subject's scan (or one 2D image) gives no measure
     of how it varies between subjects, so it is shown on that volume only. None with two or more audit volumes."""
     if len(audit) != 1:
         return None
-    return f"the audit is one volume ({audit[0].name}), so its gain is shown on that volume only: {ASK_FOR_SUBJECTS}"
+    return f"the audit is one volume ({audit[0].name}), so its {shown} is shown on that volume only: {ASK_FOR_SUBJECTS}"
 
 
 def cut_from_one_scan(a: sitk.Image, b: sitk.Image) -> bool:

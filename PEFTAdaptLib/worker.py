@@ -206,13 +206,15 @@ class Run:
             check_patch_fits(patch_size, cases.support, model.card.divisible_by)
         # an audit on slabs of the training scans, or on one volume, vouches for those volumes only (`trained_on`); the
         # caveat says so
+        untrained_start = not spec.warm_start and bool(model.card.extra.get(TRAINED_IN_FULL))  # a new head: no source
+        shown = "Dice" if untrained_start else "gain"
         held_out, trained_on, audit_caveat = [], [], None
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
             trained_on = [volume_digest(case.image) for case in cases.support]
             cases.support, cases.audit, held_out = split_for_audit(cases.support)
-            audit_caveat = same_volume_audit(held_out)
-        elif labelled and (audit_caveat := (same_scan_caveat(cases.support, cases.audit)
-                                            or one_volume_caveat(cases.audit))):
+            audit_caveat = same_volume_audit(held_out, shown)
+        elif labelled and (audit_caveat := (same_scan_caveat(cases.support, cases.audit, shown)
+                                            or one_volume_caveat(cases.audit, shown))):
             trained_on = [volume_digest(case.image) for case in cases.support + cases.audit]
         predict_inputs = self.predict_inputs(spec)
         card = replace(model.card, patch_size=patch_size)
@@ -228,7 +230,6 @@ class Run:
                                              spec.train.patches_per_step, spec.train.seed, device, cases, self.emit))
             if card.extra.get(TRAINED_IN_FULL):  # a new head: trained in full whatever the method
                 plan.info["trained_in_full"] = train_in_full(model.network, card.extra[TRAINED_IN_FULL])
-        untrained_start = warm is None and bool(card.extra.get(TRAINED_IN_FULL))  # a new head: no source model
         config = TrainConfig(steps=spec.train.steps, lr=spec.lr, patches_per_step=spec.train.patches_per_step,
                              audit_every=spec.train.audit_every, seed=spec.train.seed, device=device,
                              start_is_candidate=not untrained_start)

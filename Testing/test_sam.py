@@ -252,6 +252,10 @@ def test_a_new_heads_untrained_start_is_never_kept_the_best_trained_state_is(hea
     assert "there is no source model to compare it with, as the model's head is new" in result.stdout
     assert "audit Dice: kept" in result.stdout and "start" not in result.stdout.split("audit Dice:")[1].split("\n")[0]
     assert "wrote " in result.stdout and list((job / "predictions").glob("p6_seg.png"))
+    # the one-volume caveat speaks of the audit's Dice, not of a gain over a source there is none of
+    warnings = " ".join(e["message"] for e in read_events(job)[0] if e["event"] == "warning")
+    assert "the audit is one volume (p4), so its Dice is shown on that volume only" in warnings
+    assert "gain" not in warnings + result.stdout + result.stderr
 
 
 def test_predict_refuses_an_adapter_that_holds_the_untrained_head(headless, tmp_path):
