@@ -72,13 +72,14 @@ def annotated_on_grid(annotated: sitk.Image, model_image: sitk.Image, card: Mode
     return mask
 
 
-def check_annotated_reaches_grid(annotated: sitk.Image, card: ModelCard, where: str) -> None:
+def check_annotated_reaches_grid(annotated: sitk.Image, card: ModelCard, mask_path: str, image_path: str) -> None:
     """Before a job exists: the worker's refusal of a mask whose slices all fall between the model's samples. The
     mask lies on the image's grid, so it gives the model's grid as the image would; a model that frames the head
     (`fit_to_roi`) places its grid with its locator, so the worker checks those."""
     if not card.fit_to_roi:
-        grid = to_model_space(user_grid(annotated, card.spatial_dims), card.spacing, card.orientation, what=where)
-        annotated_on_grid(annotated, grid, card, where)
+        grid = to_model_space(user_grid(annotated, card.spatial_dims), card.spacing, card.orientation,
+                              what=image_path)
+        annotated_on_grid(annotated, grid, card, mask_path)
 
 
 def read_case_files(

@@ -172,7 +172,7 @@ def check_inputs(request: JobSpec) -> JobSpec:
             channels, _ = read_case_files(case.images, card, case.label if labelled[role] else None)
             if case.annotated and labelled[role]:
                 check_annotated_reaches_grid(read_annotated(case.annotated, channels[0], case.images[0]), card,
-                                             case.annotated)
+                                             case.annotated, case.images[0])
             if role in ("support", "audit") and labelled[role]:
                 digest = volume_digest(channels[0])
                 if role == "audit" and digest in trained:
