@@ -187,6 +187,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for card in self.logic.sceneLogic.modelCards():
             self.ui.modelComboBox.addItem(card["title"], card["id"])
+        unlisted = self.logic.sceneLogic.unlistedModels()
+        self.ui.unlistedModelsLabel.text = "\n".join([_("Not offered from the model folder:")] + unlisted)
+        self.ui.unlistedModelsLabel.visible = bool(unlisted)
         for name in method_names():
             self.ui.methodComboBox.addItem(method_class(name).label, name)
         for table in (self.ui.trainingTable, self.ui.auditTable):

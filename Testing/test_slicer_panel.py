@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -139,6 +140,33 @@ def test_combo_boxes_keep_the_models_methods_and_devices_and_follow_the_paramete
     ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("sea-peft"))
     assert p.rank == 0  # not offered by sea-peft: dropped
     assert "Model default: 1 %" in ui.budgetCountLabel.text and "21,262 of 2,126,258" in ui.budgetCountLabel.text
+
+
+def test_models_of_the_model_folder_that_cannot_be_offered_are_said_under_the_model_choice(fake, tmp_path):
+    """A model placed in the model folder and missing from the list said nothing in the panel (`peftadapt models`
+    gave the reason): the panel now says which and why, under the model choice, and shows nothing when all are
+    offered."""
+    widget = fake.createWidget()
+    try:
+        assert widget.ui.unlistedModelsLabel.visible is False
+    finally:
+        widget.cleanup()
+    models = tmp_path / "models"
+    shutil.copytree(shared(MESHNET), models / "gwm")
+    (models / "gwm" / "model.json").write_text("{")  # cut short
+    (models / "registry.json").write_text(json.dumps([{"id": "old", "version": "1", "title": "t", "format": "meshnet",
+                                                       "license": "MIT", "source": "s", "path": "../elsewhere"}]))
+    widget = fake.createWidget()
+    try:
+        label, models_offered = widget.ui.unlistedModelsLabel, widget.ui.modelComboBox
+        assert label.visible is True and models_offered.findData("gwm") < 0
+        lines = label.text.splitlines()
+        assert lines[0] == "Not offered from the model folder:" and len(lines) == 3
+        assert lines[1].startswith("gwm: ") and "model.json" in lines[1]
+        assert "registry.json: invalid registry entry (entry 0.path: '../elsewhere'" in lines[2]
+    finally:
+        widget.cleanup()
+    assert not fake.slotErrors, fake.slotErrors
 
 
 def test_a_request_takes_only_what_the_method_offers(fake, panel):

@@ -385,10 +385,14 @@ def test_adapt_correct_readapt_and_download_in_the_browser(browser, bad_files, t
         server.stop()
 
 
-def test_the_panel_s_buttons_are_on_it_named_and_every_message_shows(browser, tmp_path):
+def test_the_panel_s_buttons_are_on_it_named_and_every_message_shows(browser, tmp_path, monkeypatch):
     """Found by a user-level check: at 1600 px the run row ran off the panel behind the views (the correction buttons
     could not be clicked), icon-only buttons had no name, a closed message line stayed closed for every later
-    message, and the run text lost its line breaks."""
+    message, and the run text lost its line breaks. A model folder's model that cannot be offered is said under the
+    model choice."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "registry.json").write_text("[]")
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(tmp_path / "models"))
     server = AppServer(tmp_path / "work")
     try:
         for width, height in ((1600, 1000), (700, 900)):
@@ -402,6 +406,10 @@ def test_the_panel_s_buttons_are_on_it_named_and_every_message_shows(browser, tm
             page.wait_for_timeout(500)
             assert unnamed_buttons(page) == []
         assert page.evaluate("() => getComputedStyle(document.querySelector('#run-text')).whiteSpace") == "pre-line"
+        unlisted = page.locator("#unlisted-models")
+        assert unlisted.is_visible() and unlisted.inner_text().splitlines() == [
+            "Not offered from the model folder:", f"{tmp_path / 'models' / 'registry.json'}: holds no registry entry "
+            "(an empty list); describe the model or delete the file"]
 
         page.fill("#steps", "0")
         mouse_click(page, "#start")

@@ -20,6 +20,10 @@ BRATS_IMAGE, BRATS_MASK = "brats/brats_2013_pat0006_1/T1c_subtrMeanDivStd.nii.gz
 
 @pytest.fixture
 def app(tmp_path, monkeypatch):
+    return new_app(tmp_path, monkeypatch)
+
+
+def new_app(tmp_path, monkeypatch):
     """The real app object on its own trame server (not started: nothing is served)."""
     if not os.environ.get("DISPLAY"):
         monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
@@ -31,6 +35,17 @@ def app(tmp_path, monkeypatch):
     app = WebApp(get_server(f"test-{tmp_path.name}", client_type="vue3"), tmp_path / "work")
     assert app.state.message == ""  # built without a control failing
     return app
+
+
+def test_models_of_the_model_folder_that_cannot_be_offered_are_said(tmp_path, monkeypatch):
+    """As in the Slicer panel: a model placed in the model folder and not offered is said, with why."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "registry.json").write_text("[]")
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(models))
+    app = new_app(tmp_path, monkeypatch)
+    assert app.state.unlisted_models == [f"{models / 'registry.json'}: holds no registry entry (an empty list); "
+                                         "describe the model or delete the file"]
 
 
 def test_files_become_nodes_or_one_line_naming_the_file(app, tmp_path):

@@ -192,6 +192,7 @@ class SceneLogic:
         self.client = client
         self._folderCards: dict[str, dict] = {}
         self._listedCards: list[dict] | None = None
+        self._unlisted: list[str] = []
         #: this job request's exported files → (node, what the user calls it), while `_submit` builds it
         self._exports: dict[str, tuple] = {}
         #: a job input file (resolved path) → the scene node it was exported from or loaded into: reopening a job
@@ -203,13 +204,24 @@ class SceneLogic:
         """Built-in models, the available ones of the user's model folder (PEFTADAPT_MODELS), and folders loaded with
         "Load from folder…" in this session. Reads JSON only: works before torch is installed."""
         if self._listedCards is None:  # scanned once: the panel asks on every parameter change
-            from ..models.registry import list_models
-
-            rows, _ = list_models()
-            self._listedCards = [{**row.card.to_dict(), "path": row.path} for row in rows
-                                 if row.card is not None and (row.status == "available" or row.format == "builtin")]
+            self._scanModels()
         known = {card["id"] for card in self._listedCards}
         return self._listedCards + [card for card in self._folderCards.values() if card["id"] not in known]
+
+    def unlistedModels(self) -> list[str]:
+        """Why models of the user's model folder are not offered, one line each: a model placed there and missing from
+        the list would otherwise say nothing (`peftadapt models` prints the same)."""
+        if self._listedCards is None:
+            self._scanModels()
+        return self._unlisted
+
+    def _scanModels(self) -> None:
+        from ..models.registry import list_models
+
+        rows, problems = list_models()
+        listed = [row for row in rows if row.card is not None and (row.status == "available" or row.format == "builtin")]
+        self._listedCards = [{**row.card.to_dict(), "path": row.path} for row in listed]
+        self._unlisted = [f"{row.id}: {row.status}" for row in rows if row not in listed] + problems
 
     def card(self, modelId: str) -> dict:
         for card in self.modelCards():

@@ -140,7 +140,7 @@ class WebApp:
         state.update({
             "trame__title": "PEFTAdapt", "busy": False, "message": "", "message_kind": "info",
             "models": [{"title": c.get("title") or c["id"], "value": c["id"]} for c in cards],
-            "model_id": cards[0]["id"] if cards else None,
+            "model_id": cards[0]["id"] if cards else None, "unlisted_models": self.session.logic.unlistedModels(),
             "methods": [{"title": f"{n} — {method_class(n).label}", "value": n} for n in method_names()],
             "method": DEFAULT_METHOD, "devices": list(DEVICES),
             **{key: [dict(EMPTY_PAIR)] for key in PAIR_LISTS}, "audit_advice": audit_advice(0),

@@ -81,6 +81,9 @@ def _panel(app) -> None:
             v3.VSelect(label="Foundation model", items=("models",), v_model=("model_id", None), id="model",
                        **SELECT)
             html.Div("{{ model_description }}", classes="text-caption my-1")
+            with html.Div(v_show=("unlisted_models.length",), id="unlisted-models", classes="text-caption my-1"):
+                html.Div("Not offered from the model folder:")
+                html.Div("{{ line }}", v_for="line in unlisted_models", key="line")
             with html.Div(classes="d-flex align-center", v_if=("has_data_folder",)):
                 v3.VTextField(label="Model folder (in the data folder)", v_model=("model_folder", ""),
                               id="model-folder", **FIELD)
