@@ -97,8 +97,8 @@ def same_scan_caveat(support: list[Case], audit: list[Case], shown: str = "gain"
     if not pairs:
         return None
     named = ", ".join(f"{a} from {s}" for a, s in pairs)
-    return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the {shown} is shown on "
-            f"those scans only: {ASK_FOR_SUBJECTS}")
+    return (f"the audit volume(s) were cut from the scan(s) of training volume(s) ({named}), so the {shown} is shown "
+            f"on those scans only: {ASK_FOR_SUBJECTS}")
 
 
 def one_volume_caveat(audit: list[Case], shown: str = "gain") -> str | None:

@@ -219,7 +219,8 @@ class SceneLogic:
         from ..models.registry import list_models
 
         rows, problems = list_models()
-        listed = [row for row in rows if row.card is not None and (row.status == "available" or row.format == "builtin")]
+        listed = [row for row in rows
+                  if row.card is not None and (row.status == "available" or row.format == "builtin")]
         self._listedCards = [{**row.card.to_dict(), "path": row.path} for row in listed]
         self._unlisted = [f"{row.id}: {row.status}" for row in rows if row not in listed] + problems
 
