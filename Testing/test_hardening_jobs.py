@@ -27,6 +27,7 @@ from conftest import shared
 from PEFTAdaptLib import cli
 from PEFTAdaptLib.adapters import LoRAConfig, add_units, iter_units, load_adapters, save_adapters, unit_class_for
 from PEFTAdaptLib.adapters.base import base_layer_names
+from PEFTAdaptLib.data.formats import distinct_names
 from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.jobs import Job, JobClient, JobSpec, SubprocessRunner, create_job, load_job
 from PEFTAdaptLib.jobs.events import EventLog
@@ -458,16 +459,30 @@ def test_a_resume_of_a_changed_job_is_refused_naming_the_fields_and_a_finished_j
     assert digest(job / "adapter") == adapter and (job / "job.json").read_text() == original
 
 
-def test_two_inputs_with_the_same_name_get_two_predictions(tmp_path):
+def test_inputs_of_one_file_name_are_named_after_the_folders_that_tell_them_apart(tmp_path):
+    """BraTS, FreeSurfer and most exports keep one file name per patient folder: the predictions and warnings were
+    `T1c_subtrMeanDivStd_seg` and `…_seg2`, which left the user to guess which patient each was."""
     request = JobSpec("deepbet-brain", task="predict", predict=[case(3, label=False), case(4, label=False)])
     assert request.predict[0].images[0].endswith("T1c_subtrMeanDivStd.nii.gz") and \
         request.predict[1].images[0].endswith("T1c_subtrMeanDivStd.nii.gz")
     create_job(tmp_path, request)
+    assert [c.name for c in load_job(tmp_path).predict] == ["brats_2013_pat0003_1_T1c_subtrMeanDivStd",
+                                                             "brats_2013_pat0004_1_T1c_subtrMeanDivStd"]
     assert run_job(tmp_path, echo=False) == EXIT_FINISHED
     paths = [e["path"] for e in events(tmp_path) if e["event"] == "prediction"]
-    assert paths == ["predictions/T1c_subtrMeanDivStd_seg.nii.gz", "predictions/T1c_subtrMeanDivStd_seg2.nii.gz"]
+    assert paths == ["predictions/brats_2013_pat0003_1_T1c_subtrMeanDivStd_seg.nii.gz",
+                     "predictions/brats_2013_pat0004_1_T1c_subtrMeanDivStd_seg.nii.gz"]
     first, second = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / p))) for p in paths)
     assert first.shape != second.shape or (first != second).any()  # two volumes, neither overwriting the other
+
+
+def test_a_name_is_the_file_name_told_apart_by_the_nearest_folder_that_differs():
+    names = distinct_names(["/d/bert/mri/norm.mgz", "/d/niivue/mri/norm.mgz", "/d/bert/mri/T1.mgz",
+                            "/a/x/t1.nii", "/b/x/t1.nii", "/a/y/t1.nii", "/a/y/t1.nii"])
+    assert names == {"/d/bert/mri/norm.mgz": "bert_norm", "/d/niivue/mri/norm.mgz": "niivue_norm",
+                     "/d/bert/mri/T1.mgz": "T1",  # a name of its own needs no folder
+                     # no one folder tells all three apart: their paths below the common folder do
+                     "/a/x/t1.nii": "a_x_t1", "/b/x/t1.nii": "b_x_t1", "/a/y/t1.nii": "a_y_t1"}
 
 
 # -- 8 and 11: a killed worker is reported, and resumes with the command printed -----------------------------------

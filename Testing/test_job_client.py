@@ -62,7 +62,7 @@ def test_a_job_folder_holds_copies_of_its_inputs_and_only_relative_paths(tmp_pat
     spec = load_job(folder)
     paths = [p for role in (spec.support, spec.audit, spec.predict) for c in role for p in c.images + [c.label] if p]
     assert all(not Path(p).is_absolute() and (folder / p).is_file() for p in paths)
-    assert spec.predict[0].name == "T1c_subtrMeanDivStd"
+    assert spec.predict[0].name == "brats_2013_pat0005_1_T1c_subtrMeanDivStd"  # told apart from pat3, pat4
     assert json.loads((folder / "job.json").read_text())["method"] == {
         "name": "lora", "rank": None, "budget": {"fraction": 0.02}}
 

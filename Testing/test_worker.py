@@ -201,7 +201,7 @@ def test_readapt_starts_from_the_previous_adapter_and_keeps_it_without_a_reliabl
     before = load_deepbet()
     load_adapters(before.network, uninterrupted / "adapter", before.base_fingerprint)
     _, old = predict_file(before, [brats(6, "T1c_subtrMeanDivStd.nii.gz")], tmp_path / "old.nii.gz")
-    new = sitk.ReadImage(str(tmp_path / "predictions" / "T1c_subtrMeanDivStd_seg.nii.gz"))
+    new = sitk.ReadImage(str(tmp_path / "predictions" / "brats_2013_pat0006_1_T1c_subtrMeanDivStd_seg.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(new), sitk.GetArrayFromImage(old))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import takewhile
 from pathlib import Path
 
 from ..errors import InputError
@@ -33,6 +34,30 @@ def stem(path: str | Path) -> str:
     """The file name without its image suffix (`t1.nii.gz` → `t1`)."""
     name = Path(path).name
     return name[: len(name) - len(image_suffix(name))]
+
+
+def distinct_names(paths: Sequence[str | Path]) -> dict[str, str]:
+    """Each file's `stem`, told apart from other files of that name by the nearest folder that differs between them
+    (`pat3/t1.nii.gz`, `pat4/t1.nii.gz` → `pat3_t1`, `pat4_t1`; `bert/mri/norm.mgz` → `bert_norm`), else by its
+    path below their common folder: a case's predictions and warnings are named after it."""
+    files = {str(p): Path(p).expanduser().absolute() for p in paths}
+    groups: dict[str, set[Path]] = {}
+    for file in files.values():
+        groups.setdefault(stem(file), set()).add(file)
+    names = {}
+    for given, file in files.items():
+        group, name = sorted(groups[stem(file)]), stem(file)
+        if len(group) > 1:
+            depth = next((d for d in range(min(len(g.parents) for g in group) - 1)
+                          if len({g.parents[d].name for g in group}) == len(group)), None)
+            if depth is not None:
+                name = f"{file.parents[depth].name}_{name}"
+            else:
+                common = Path(*[parts[0] for parts in takewhile(lambda parts: len(set(parts)) == 1,
+                                                                zip(*(g.parts for g in group)))])
+                name = "_".join(file.relative_to(common).parent.parts + (name,))
+        names[given] = name
+    return names
 
 
 def map_suffix(path: str | Path) -> str:

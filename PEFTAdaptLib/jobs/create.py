@@ -11,7 +11,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from ..data.formats import image_suffix, stem
+from ..data.formats import distinct_names, image_suffix
 from ..errors import InputError, ModelError
 from ..jsonfile import read_json
 from ..models.card import TRAINED_IN_FULL, refuse_untrained_head
@@ -43,11 +43,11 @@ def _stage_file(source: str, job_dir: Path, name: str) -> str:
     return target.relative_to(job_dir).as_posix()
 
 
-def _stage_case(case: CaseSpec, job_dir: Path, prefix: str) -> CaseSpec:
+def _stage_case(case: CaseSpec, job_dir: Path, prefix: str, name: str) -> CaseSpec:
     images = [_stage_file(p, job_dir, f"{prefix}_image{c}") for c, p in enumerate(case.images)]
     label = _stage_file(case.label, job_dir, f"{prefix}_label") if case.label else None
     annotated = _stage_file(case.annotated, job_dir, f"{prefix}_annotated") if case.annotated else None
-    return CaseSpec(images, label, case.name or stem(case.images[0]), annotated)
+    return CaseSpec(images, label, name, annotated)
 
 
 def _adapter_folder(source: str) -> Path:
@@ -120,8 +120,10 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
                 remove(child)  # links removed, never followed
         (job_dir / INPUTS_DIR).mkdir()
         try:
-            roles = {role: [_stage_case(c, job_dir, f"{role}{i}") for i, c in enumerate(getattr(request, role))]
-                     for role in ROLES}
+            # a case the front-end did not name is named after its file, told apart from others of that file name
+            names = distinct_names([c.images[0] for role in ROLES for c in getattr(request, role) if not c.name])
+            roles = {role: [_stage_case(c, job_dir, f"{role}{i}", c.name or names[c.images[0]])
+                            for i, c in enumerate(getattr(request, role))] for role in ROLES}
             staged = replace(
                 request, **roles,
                 warm_start=_stage_adapter(request.warm_start, job_dir, "warm_start") if request.warm_start else None,
