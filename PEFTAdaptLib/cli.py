@@ -44,6 +44,8 @@ class TqdmProgress:
     def __call__(self, events: list[dict]) -> None:
         from tqdm import tqdm
 
+        from .jobs.runstate import PHASES
+
         for event in events:
             if event["event"] in ("audit", "agreement"):
                 key = "dice" if event["event"] == "audit" else "agreement"
@@ -60,6 +62,12 @@ class TqdmProgress:
                     self.postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
                 self.bar.set_postfix(self.postfix)
                 self.bar.update(1)
+            if event["event"] == "phase" and self.bar is not None:  # after the last step: no time left to count down
+                what = f"predicting {event['volumes']} volume(s)" if "volumes" in event else PHASES.get(
+                    event["phase"], event["phase"])
+                self.bar.set_description(f"{self.description} ({what})")
+                self.postfix.pop("left", None)
+                self.bar.set_postfix(self.postfix)
             if event["event"] == "validation" and self.bar is not None and event.get("dice") is not None:
                 self.postfix["audit_dice"] = f"{event['dice']:.3f}"  # the kept state's, as the summary says
                 self.bar.set_postfix(self.postfix)

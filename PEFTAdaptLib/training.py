@@ -436,6 +436,8 @@ class Trainer:
             self.seconds = seconds_before + elapsed
             self.emit({"event": "step", "step": self.step, "steps": config.steps, "loss": self.losses[-1],
                        "eta_s": elapsed / (self.step - first) * (config.steps - self.step)})
+            if self.step == config.steps:  # the final sweep, the last audits and the verdict take a while yet
+                self.emit({"event": "phase", "phase": "choosing", "step": self.step})
             for hook in self.hooks:
                 hook.after_step(self.step, self.context)
             if self.step % config.audit_every == 0 or self.step == config.steps:

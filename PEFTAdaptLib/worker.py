@@ -340,6 +340,8 @@ class Run:
         (`checked`: audit_change), or outside the volumes a held-out-slab audit covers (`covers`; vouch.py); returns
         False when cancelled in between."""
         model.network.eval()
+        if spec.predict:
+            self.emit({"event": "phase", "phase": "predicting", "volumes": len(spec.predict)})
         names: set[str] = set()
         uses = Counter(c.name for c in spec.predict)
         for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):

@@ -120,3 +120,36 @@ def test_the_progress_bar_ends_on_the_kept_states_audit_and_the_workers_time_est
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "audit_dice=0.897" in last and "left=0:00" in last
     assert "left=1:15" in err and "step/s" not in err
+
+
+def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choosing_then_predicting(tmp_path):
+    """The final audits, SEA-PEFT's final sweep and the predictions come after the last step: the bar stood at 100 %
+    with 0:00 left, and the panels said "Training, step N/N", for as long as they took (minutes for deepbet on a CPU)."""
+    from PEFTAdaptLib.jobs import RunState, read_events
+
+    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    files = {}
+    for name, (a, b) in {"upper": (100, 140), "middle": (60, 100), "farther": (20, 60)}.items():
+        image = scan[:, :, a:b]
+        label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+        label.CopyInformation(image)
+        files[name] = (tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz")
+        sitk.WriteImage(image, str(files[name][0]))
+        sitk.WriteImage(label, str(files[name][1]))
+    result = run("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "bitfit", "--train",
+                 *map(str, files["upper"]), "--audit", *map(str, files["middle"]), "--predict", str(files["farther"][0]),
+                 "--steps", "2", "--audit-every", "1", "--patches-per-step", "1", "--device", "cpu",
+                 "--output", str(tmp_path / "job"))
+    assert result.returncode == 0, result.stderr
+    assert "adapting (choosing the state to keep)" in result.stderr
+    assert "adapting (predicting 1 volume(s))" in result.stderr
+
+    log = read_events(tmp_path / "job")[0]
+    kinds = [e["event"] if e["event"] != "phase" else e["phase"] for e in log]
+    last_step = max(i for i, kind in enumerate(kinds) if kind == "step")
+    assert kinds[last_step + 1] == "choosing" and kinds.index("choosing") < kinds.index("validation")
+    assert kinds.index("validation") < kinds.index("predicting") < kinds.index("prediction")
+    state = RunState()
+    for event in log[:last_step + 2]:
+        state.update(event)
+    assert state.describe().startswith("Choosing the state to keep, step 2/2") and "left" not in state.describe()

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 TERMINAL = ("finished", "failed", "cancelled")
 #: a run cancelled before its worker wrote a checkpoint (while it started): what the job list and the run both say
 CANCELLED_EARLY = "cancelled before the first checkpoint; nothing was kept"
+#: what a phase the worker announces (`phase` events) is called where a word does not say enough
+PHASES = {"choosing": "choosing the state to keep"}
 
 
 @dataclass
@@ -97,6 +99,8 @@ class RunState:
             self.kept = event.get("kept", self.kept)
             self.gain, self.gain_low = event.get("gain"), event.get("gain_low")
             self.classes = event.get("classes") or self.classes
+        elif kind == "phase" and event.get("phase"):
+            self.phase = event["phase"]
         elif kind == "checkpoint":
             self.checkpoint = event.get("path") or "checkpoint"
         elif kind == "warning" and event.get("message"):
@@ -148,7 +152,7 @@ class RunState:
         if self.outcome == "finished":
             checks = "".join(f"\nCheck: {warning}" for warning in self.warnings)
             return "Finished" + (f" — {self.message}" if self.message else "") + checks
-        parts = [self.phase.capitalize()]
+        parts = [PHASES.get(self.phase, self.phase).capitalize()]
         if self.steps:
             parts.append(f"step {self.step}/{self.steps}")
         if self.eta_s is not None and self.phase == "training":
