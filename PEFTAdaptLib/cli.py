@@ -32,6 +32,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"peftadapt: error: {message} (see: {self.prog} --help)\n")
 
 
+BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
 class TqdmProgress:
     """Worker events → a tqdm bar (loss, audit Dice or agreement)."""
 
@@ -50,11 +53,15 @@ class TqdmProgress:
             if event["event"] in ("audit", "agreement"):
                 key = "dice" if event["event"] == "audit" else "agreement"
                 self.score = (f"audit_{key}" if key == "dice" else key, event[key])
+            if event["event"] == "step" and self.bar is None:  # in bursts: the worker's own estimate, not tqdm's rate
+                self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr,
+                                initial=event["step"] - 1, bar_format=BAR)
+            if event["event"] == "started" and event.get("task") == "predict" and self.bar is None:
+                self.bar = tqdm(total=event["steps"], desc=self.description, unit="volume", file=sys.stderr,
+                                bar_format=BAR)
+            if event["event"] == "prediction" and self.bar is not None and self.bar.unit == "volume":
+                self.bar.update(1)
             if event["event"] == "step":
-                if self.bar is None:  # events come in bursts: the worker's own estimate, not tqdm's rate
-                    self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr,
-                                    initial=event["step"] - 1,
-                                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
                 self.postfix = {"loss": f"{event['loss']:.3f}"}
                 if self.score is not None:
                     self.postfix[self.score[0]] = f"{self.score[1]:.3f}"
@@ -62,7 +69,7 @@ class TqdmProgress:
                     self.postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
                 self.bar.set_postfix(self.postfix)
                 self.bar.update(1)
-            if event["event"] == "phase" and self.bar is not None:  # after the last step: no time left to count down
+            if event["event"] == "phase" and self.bar is not None and self.bar.unit == "step":  # no time to count down
                 what = f"predicting {event['volumes']} volume(s)" if "volumes" in event else PHASES.get(
                     event["phase"], event["phase"])
                 self.bar.set_description(f"{self.description} ({what})")
@@ -237,31 +244,51 @@ def check_output_file(path: Path, inputs: Sequence[Path] = ()) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """A predict job, like every front-end's (the audit's naming of volumes it cannot vouch for included), in a
-    private scratch folder; its label map and uncertainty files are then written where --output says."""
+    private scratch folder; its label maps and uncertainty files are then written where --output says: the file
+    for one --image, the folder for several (each named as an adapt job names its predictions)."""
+    from .data.formats import distinct_names, prediction_name
     from .jobs import CaseSpec, JobClient, JobSpec, TrainSpec
+    from .jobs.client import EXIT_CANCELLED, EXIT_FAILED
 
     output = Path(args.output).expanduser().absolute()
-    images = [Path(p).expanduser().absolute() for p in args.image.split(",")]
-    check_output_file(output, images)  # before torch and the model are loaded
+    given = [[Path(p).expanduser().absolute() for p in image.split(",")] for image in args.image]
+    names = distinct_names([str(images[0]) for images in given])
+    cases = [CaseSpec([str(p) for p in images], None, names[str(images[0])]) for images in given]
+    if len(cases) == 1:
+        targets = [output]
+    elif output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: is a file; with several --image give the folder to write their "
+                         "segmentations in")
+    else:
+        taken: set[str] = set()
+        targets = [output / prediction_name(case.name, case.images[0], taken) for case in cases]
+    for target in targets:  # before torch and the model are loaded
+        check_output_file(target, [p for images in given for p in images])
     adapter = str(Path(args.adapter).expanduser().absolute()) if args.adapter else None
-    request = JobSpec(model=args.model, task="predict", adapter=adapter,
-                      predict=[CaseSpec([str(p) for p in images], None)],
+    request = JobSpec(model=args.model, task="predict", adapter=adapter, predict=cases,
                       train=TrainSpec(**({"device": args.device} if args.device else {})))
     with tempfile.TemporaryDirectory(prefix="peftadapt-predict-") as scratch:
         job = JobClient(scratch).submit(request, Path(scratch) / "job")
         follow(job, "segmenting")
         if job.state.message:  # the worker read the job's copies, in a scratch folder gone once this command ends
             job.state.message = _with_users_paths(job.state.message, job, request)
-        if job.state.outcome != "finished":
-            return report(job)
-        for path in deliver(job.prediction_paths()[0], output):
-            print(f"wrote {path}")
-    return 0
+        for prediction, target in zip(job.prediction_paths(), targets):  # those written before a failure or cancel
+            for path in deliver(prediction, target):
+                print(f"wrote {path}")
+        state = job.state
+    if state.outcome == "finished":
+        return 0
+    if state.outcome == "cancelled":
+        print(f"peftadapt: cancelled: {len(state.predictions)} of {len(cases)} volume(s) segmented",
+              file=sys.stderr)
+        return EXIT_CANCELLED
+    print(f"peftadapt: error: {state.message or 'the worker failed'}", file=sys.stderr)
+    return state.exit_code or EXIT_FAILED
 
 
 def _with_users_paths(message: str, job, request) -> str:
-    """`message` with the job's copies of the image and adapter named as the user gave them."""
-    copies = list(zip(job.spec.predict[0].images, request.predict[0].images))
+    """`message` with the job's copies of the images and adapter named as the user gave them."""
+    copies = [pair for copy, case in zip(job.spec.predict, request.predict) for pair in zip(copy.images, case.images)]
     if request.adapter:
         copies.append((job.spec.adapter, request.adapter))
     for copy, given in copies:
@@ -423,10 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
     predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
-    predict.add_argument("--image", required=True, help="input volume (NIfTI/NRRD/MHA); channels comma-separated")
+    predict.add_argument("--image", required=True, action="append",
+                         help="input volume (NIfTI/NRRD/MHA/MGZ…); channels comma-separated; repeatable")
     predict.add_argument("--output", required=True,
                          help="output label map path (.nii.gz, .nrrd, .mha, .mgz, .png…; not .dcm); its uncertainty "
-                              "map and slice ranking are written beside it (<name>_uncertainty…, <name>_slices.json)")
+                              "map and slice ranking are written beside it (<name>_uncertainty…, <name>_slices.json). "
+                              "With several --image: a folder, where each is written as <name>_seg in its input's "
+                              "format, <name> told apart by its folder where file names repeat")
     predict.add_argument("--device", choices=DEVICES, help=f"default: {defaults.device}")
     predict.set_defaults(func=cmd_predict)
 

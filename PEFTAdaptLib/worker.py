@@ -23,7 +23,7 @@ from .adapters import count_trainable, load_adapters, save_adapters, train_in_fu
 from .checkpoint import check_same_job, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data.augment import AugmentationConfig
 from .data.cases import Case, load_case
-from .data.formats import label_suffix
+from .data.formats import prediction_name
 from .data.holdout import split_for_audit
 from .data.io import read_image, same_geometry, write_image
 from .data.sparse import read_annotated
@@ -350,7 +350,7 @@ class Run:
             case = load_case(images, model.card, locate=model.locate)
             label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device,
                                                           self.corrected_voxels(spec, case.image))
-            path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / output_name(case_spec, names)
+            path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / prediction_name(case_spec.name, case_spec.images[0], names)
             for written in (path, *companion_paths(path).values()):
                 remove(written)  # an earlier prediction, or a link planted since the start: never written through
             write_image(label, path)
@@ -389,18 +389,6 @@ def check_patch_fits(patch: Sequence[int], support: Sequence[Case], step: int) -
         raise InputError(f"train.patch_size: {list(patch)} is larger than every training volume along every axis "
                          f"(the largest is {'×'.join(map(str, largest))} voxels on the model's grid): it would train "
                          f"on padding at many times the cost; give at most {enough}")
-
-
-def output_name(case: CaseSpec, taken: set[str]) -> str:
-    """`<case name>_seg<input suffix>`, made unique among this job's predictions."""
-    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in case.name) or "prediction"
-    suffix = label_suffix(case.images[0])
-    name, index = f"{base}_seg", 1
-    while name in taken:
-        index += 1
-        name = f"{base}_seg{index}"
-    taken.add(name)
-    return name + suffix
 
 
 def main(argv=None) -> int:

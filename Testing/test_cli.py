@@ -153,3 +153,61 @@ def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choo
     for event in log[:last_step + 2]:
         state.update(event)
     assert state.describe().startswith("Choosing the state to keep, step 2/2") and "left" not in state.describe()
+
+
+def _slabs_in_folders(tmp_path: Path, *folders: str) -> list[Path]:
+    """A 40-slice slab of meshnet/t1_crop saved as `<folder>/t1.nii.gz` in each folder (one file name, as a
+    patient folder layout has it), each slab of its own slices."""
+    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    paths = []
+    for index, folder in enumerate(folders):
+        path = tmp_path / folder / "t1.nii.gz"
+        path.parent.mkdir(parents=True)
+        sitk.WriteImage(scan[:, :, 20 + 40 * index:60 + 40 * index], str(path))
+        paths.append(path)
+    return paths
+
+
+def test_predict_segments_several_volumes_into_a_folder_named_after_their_own_folders(tmp_path):
+    """A clinician segments their cohort with the adapted model: `predict` took one --image, so each volume was a
+    command of its own, loading the model again."""
+    images = _slabs_in_folders(tmp_path, "pat1/anat", "pat2/anat")
+    model = str(shared("meshnet/model5_gw_ae"))
+    result = run("predict", "--model", model, "--image", str(images[0]), "--image", str(images[1]),
+                 "--output", str(tmp_path / "out"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    written = [Path(line.removeprefix("wrote ")) for line in result.stdout.splitlines()]
+    assert [p.name for p in written if "_seg" in p.name] == ["pat1_t1_seg.nii.gz", "pat2_t1_seg.nii.gz"]
+    assert all(p.parent == tmp_path / "out" and p.is_file() for p in written) and len(written) == 6  # + their maps
+    for image, name in zip(images, ("pat1", "pat2")):
+        segmentation = sitk.ReadImage(str(tmp_path / "out" / f"{name}_t1_seg.nii.gz"))
+        assert segmentation.GetOrigin() == sitk.ReadImage(str(image)).GetOrigin()  # each of its own volume
+
+    (tmp_path / "taken.nii.gz").write_text("")
+    refused = run("predict", "--model", model, "--image", str(images[0]), "--image", str(images[1]),
+                  "--output", str(tmp_path / "taken.nii.gz"))
+    assert_one_line_error(refused, "taken.nii.gz: is a file; with several --image give the folder")
+
+
+def test_a_cancelled_predict_keeps_the_volumes_it_segmented_and_offers_no_resume_of_its_scratch_job(tmp_path):
+    """It told the user to `adapt --resume` a scratch folder that the command had just deleted."""
+    import os
+    import signal
+    import time
+
+    images = _slabs_in_folders(tmp_path, "a", "b", "c", "d")
+    command = [str(PEFTADAPT), "predict", "--model", str(shared("meshnet/model5_gw_ae")), "--device", "cpu",
+               "--output", str(tmp_path / "out")] + [arg for image in images for arg in ("--image", str(image))]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(tmp_path)})  # its scratch job folder: watched here
+    deadline = time.monotonic() + 300
+    while not any('"event": "prediction"' in log.read_text() for log in tmp_path.glob("peftadapt-predict-*/job/"
+                                                                                       "events.jsonl")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 4, err  # cancelled
+    segmented = [line.removeprefix("wrote ") for line in out.splitlines() if "_seg" in line]
+    assert 1 <= len(segmented) < 4 and all(Path(p).is_file() for p in segmented)
+    assert f"peftadapt: cancelled: {len(segmented)} of 4 volume(s) segmented" in err and "resume" not in err

@@ -260,12 +260,11 @@ def test_a_label_written_as_mgh_keeps_the_inputs_affine(tmp_path, suffix):
 
 
 def test_a_prediction_of_an_mgz_input_is_an_mgz_with_its_affine(deepbet, tmp_path):
-    from PEFTAdaptLib.jobs import CaseSpec
+    from PEFTAdaptLib.data.formats import prediction_name
     from PEFTAdaptLib.pipeline import predict_file
-    from PEFTAdaptLib.worker import output_name
 
     assert ".mgz" in SUPPORTED_SUFFIXES and ".mgh" in SUPPORTED_SUFFIXES
-    name = output_name(CaseSpec([str(shared(NORM_MGZ))], name="norm"), set())
+    name = prediction_name("norm", shared(NORM_MGZ), set())
     assert name == "norm_seg.mgz"
     path, _ = predict_file(deepbet, [shared(NORM_MGZ)], tmp_path / name)
     written, source = nib.load(str(path)), nib.load(str(shared(NORM_MGZ)))

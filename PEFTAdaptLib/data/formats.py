@@ -60,6 +60,17 @@ def distinct_names(paths: Sequence[str | Path]) -> dict[str, str]:
     return names
 
 
+def prediction_name(name: str, image: str | Path, taken: set[str]) -> str:
+    """`<case name>_seg<the input's label suffix>`, made unique among `taken` (the names given already)."""
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "prediction"
+    unique, index = f"{base}_seg", 1
+    while unique in taken:
+        index += 1
+        unique = f"{base}_seg{index}"
+    taken.add(unique)
+    return unique + label_suffix(image)
+
+
 def map_suffix(path: str | Path) -> str:
     """The suffix a float map beside the segmentation `path` is written with (the segmentation's own, PNG's as NRRD)."""
     suffix = image_suffix(path)
