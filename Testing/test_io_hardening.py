@@ -157,6 +157,18 @@ def test_a_constant_image_is_refused_before_training(tmp_path):
     assert not (tmp_path / "job").exists()
 
 
+def test_a_binary_mask_saved_as_0_and_255_is_refused_with_the_value_to_save(tmp_path):
+    """Many tools save a mask as 0/255: the refusal listed the model's classes and left the user to guess why."""
+    path = tmp_path / "mask255.nii.gz"
+    label = nib.load(str(shared(SPINE_T2_LABEL)))
+    nib.save(nib.Nifti1Image((np.asanyarray(label.dataobj) > 0.5).astype(np.uint8) * 255, label.affine), str(path))
+    line = cli_error("adapt", "--model", str(shared("meshnet/mindgrab")), "--train", str(shared(SPINE_T2)), str(path),
+                     "--output", str(tmp_path / "job"))
+    assert line == (f"peftadapt: error: {path}: label values [255] are not classes of this model (known: [0, 1]); "
+                    "a binary mask: save its foreground as 1")
+    assert not (tmp_path / "job").exists()
+
+
 def test_a_slice_saved_with_its_volumes_3d_affine_names_the_singular_direction(tmp_path):
     """Found by a user-level check: ITK prints the direction matrix over several lines after its message, and the
     error line ended on the matrix's last row ("cannot read image …: 1 -0")."""

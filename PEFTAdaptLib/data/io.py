@@ -118,8 +118,12 @@ def read_label(path: str | Path, image: sitk.Image, image_path: str | Path, allo
     if unknown:
         many = len(unknown) > 8  # an image given as the label: its list would fill the screen
         shown = ", ".join(map(str, unknown[:8])) + (f", … ({len(unknown)} values)" if many else "")
+        foreground = sorted(allowed_values - {0})
+        binary = len(foreground) == 1 and unknown == [int(v) for v in values if v != 0]  # e.g. a 0/255 mask
+        hint = ("; is it an image rather than a label map?" if many else
+                f"; a binary mask: save its foreground as {foreground[0]}" if binary else "")
         raise InputError(f"{path}: label values [{shown}] are not classes of this model (known: "
-                         f"{sorted(allowed_values)})" + ("; is it an image rather than a label map?" if many else ""))
+                         f"{sorted(allowed_values)}){hint}")
     if not (values != 0).any():
         raise InputError(f"{path}: label is empty (no foreground voxel); annotate at least one structure")
     return sitk.Cast(label, sitk.sitkUInt8)
