@@ -195,6 +195,19 @@ def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
                                    "ESH/decoder agreement never rose above step 0's: the source model is kept")
 
 
+def test_a_model_whose_encoder_stages_are_unknown_is_refused_saying_which_the_method_reads(tmp_path):
+    """On MeshNet (a stack of dilated convolutions), the job failed telling the user to "name the encoder stage to
+    attach to", which no front-end lets them do."""
+    from test_cli import assert_one_line_error, run
+
+    result = run("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "label-free", "--target",
+                 str(shared("meshnet/t1_crop.nii.gz")), "--steps", "2", "--output", str(tmp_path / "job"))
+    assert_one_line_error(result, "method 'label-free' cannot adapt model 'model5_gw_ae'",
+                          "it reads those of deepbet's LinkNet3d, MONAI's UNet and BasicUNet",
+                          "choose a method that trains on annotated volumes")
+    assert "name the encoder stage" not in result.stderr
+
+
 def test_a_cancelled_label_free_job_names_agreement_not_an_audit_and_resumes_exactly(tmp_path):
     """Cancelled after its step-2 agreement (a real job, as a user's cancel file stops it): the message says which
     state the adapter holds by the score that chose it, the ESH/decoder agreement; no audit exists. `--resume`

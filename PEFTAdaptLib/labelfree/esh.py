@@ -55,7 +55,8 @@ def choose_stage(network: nn.Module, stage: str | None = None, index: int = DEFA
         return stage
     stages = find_encoder_stages(network)
     if not stages:
-        raise PEFTAdaptError("early segmentation head: unknown architecture; name the encoder stage to attach to")
+        raise PEFTAdaptError("early segmentation head: no encoder stage it knows in this network; it reads those of "
+                             "deepbet's LinkNet3d, MONAI's UNet and BasicUNet")
     return stages[min(index, len(stages) - 1)]
 
 

@@ -24,6 +24,8 @@ from ..adapters import (
 )
 from ..adapters.base import BATCH_NORM_TYPES, NORM_TYPES, base_layer_names
 from ..data.cases import Case
+from ..errors import PEFTAdaptError
+from ..methods.base import MethodError
 from ..metrics import dice
 from ..models.card import ModelCard
 from ..training import PatchSampler, Score, TrainingContext, audit_dice, autocast
@@ -213,7 +215,11 @@ def build_label_free(network: nn.Module, card: ModelCard, targets: Sequence[Case
     """Attach the adapters to the stages the ESH reads and build the objective, the scorer and the start hook."""
     device = torch.device(config.device)
     network.to(device).eval()
-    stage = choose_stage(network, config.stage, config.stage_index)
+    try:
+        stage = choose_stage(network, config.stage, config.stage_index)
+    except PEFTAdaptError as exc:  # a model the method cannot adapt: said as the other methods say it
+        raise MethodError(f"method 'label-free' cannot adapt model '{card.id}': {exc}; choose a method that "
+                          "trains on annotated volumes") from None
     adapted_stages = stages_up_to(network, stage)
     attach_adapters(network, adapted_stages, config)
     tap = FeatureTap(network, stage)
