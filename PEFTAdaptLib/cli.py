@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -20,7 +21,7 @@ EXIT_INTERNAL_ERROR = 1
 CLI_TRACEBACK = "cli-traceback.txt"
 #: `adapt` options that describe the job, which a resume therefore refuses (it continues the job as written)
 JOB_OPTIONS = ("train", "annotated", "slices", "target", "audit", "source", "predict", "method", "rank", "budget",
-               "model")
+               "model", "readapt")
 #: `adapt` options that set the TrainSpec field of the same name (unset: TrainSpec's default)
 TRAIN_OPTIONS = ("steps", "lr", "patch_size", "patches_per_step", "audit_every", "checkpoint_every", "seed", "device")
 
@@ -214,6 +215,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             option = "--" + (given[0] if given else "overwrite").replace("_", "-")
             raise InputError(f"--resume continues the job in {folder} as its job.json says; drop {option}")
         job = client.resume(folder, device=None if args.device in (None, "auto") else args.device)
+    elif args.readapt:
+        with tempfile.TemporaryDirectory() as scratch:
+            job = client.submit(readapt_request(args, client, Path(scratch)), folder, overwrite=args.overwrite)
     else:
         if not args.train and not args.target:
             raise InputError("adapt needs --train IMAGE LABEL (or --target IMAGE for label-free methods)")
@@ -221,6 +225,29 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             job = client.submit(adapt_request(args, Path(scratch)), folder, overwrite=args.overwrite)
     follow(job, "adapting")
     return report(job)
+
+
+#: what a re-adapt round takes from the job it continues
+READAPT_KEEPS = ("model", "audit", "target", "source", "method", "rank", "budget")
+
+
+def readapt_request(args: argparse.Namespace, client, scratch: Path):
+    """The next round of the job in --readapt (its adapter, model, method, audit and training cases) with the
+    corrected --train cases added: the request the panels' Re-adapt makes."""
+    from .jobs import load_job
+
+    previous = Path(args.readapt).expanduser().absolute()
+    kept = next((o for o in READAPT_KEEPS if getattr(args, o) not in (None, [])), None)
+    if kept:
+        raise InputError(f"--readapt continues the job in {previous} with its model, method and audit; drop --{kept}")
+    if not args.train:
+        raise InputError("--readapt needs the corrected case(s): --train IMAGE LABEL (with --slices or --annotated "
+                         "for the slices you corrected)")
+    corrected = [_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train)]
+    train = replace(load_job(previous).train,
+                    **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
+    predict = {"predict": [_case(v, labelled=False) for v in args.predict]} if args.predict else {}
+    return client.readapt_request(previous, corrected, train=train, **predict)
 
 
 def check_output_file(path: Path, inputs: Sequence[Path] = ()) -> None:
@@ -501,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--predict", action="append", metavar="IMAGE", help="segment this volume afterwards (repeatable)")
     adapt.add_argument("--output", required=True, help="job folder: job.json, events.jsonl, checkpoint/, adapter/, predictions/")
     adapt.add_argument("--resume", action="store_true", help="continue the job in --output from its last checkpoint")
+    adapt.add_argument("--readapt", metavar="JOB",
+                       help="a new round after the finished job in JOB: from its adapter, with its model, method, "
+                            "audit and training cases, plus the corrected --train cases; the audit judges the round "
+                            "against that adapter")
     adapt.add_argument("--overwrite", action="store_true", help="replace an earlier (not running) job in --output")
     adapt.set_defaults(func=cmd_adapt)
 

@@ -211,3 +211,49 @@ def test_a_cancelled_predict_keeps_the_volumes_it_segmented_and_offers_no_resume
     segmented = [line.removeprefix("wrote ") for line in out.splitlines() if "_seg" in line]
     assert 1 <= len(segmented) < 4 and all(Path(p).is_file() for p in segmented)
     assert f"peftadapt: cancelled: {len(segmented)} of 4 volume(s) segmented" in err and "resume" not in err
+
+
+def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_cases(tmp_path):
+    """The panels re-adapt from the last adapter with the corrected volumes; the command line could only start
+    again from the source model, so a correction loop run from a script lost every earlier round."""
+    import json
+
+    first, corrected = _slabs_in_folders(tmp_path, "first", "corrected")
+    masks = []
+    for image in (first, corrected):
+        scan = sitk.ReadImage(str(image))
+        mask = sitk.Cast(scan > float(np.percentile(sitk.GetArrayViewFromImage(scan), 70)), sitk.sitkUInt8)
+        mask.CopyInformation(scan)
+        masks.append(image.with_name("mask.nii.gz"))
+        sitk.WriteImage(mask, str(masks[-1]))
+    common = ("--steps", "2", "--audit-every", "1", "--patches-per-step", "1", "--patch-size", "32", "--device", "cpu")
+    done = run("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "bitfit", "--train", str(first),
+               str(masks[0]), "--predict", str(corrected), *common, "--output", str(tmp_path / "round1"))
+    assert done.returncode == 0, done.stderr
+
+    again = run("adapt", "--readapt", str(tmp_path / "round1"), "--train", str(corrected), str(masks[1]), "--slices",
+                "axial:10,30", "--steps", "3", "--output", str(tmp_path / "round2"))
+    assert again.returncode == 0, again.stderr
+    before, after = (json.loads((tmp_path / r / "job.json").read_text()) for r in ("round1", "round2"))
+    assert after["warm_start"] == "inputs/warm_start" and after["method"] == before["method"]
+    assert after["model"] == before["model"] and after["audit"] == before["audit"] == []
+    # the first round's case and the correction, named as that round named the volume it predicted
+    assert [c["name"] for c in after["support"]] == ["first_t1", "corrected_t1"]
+    assert after["support"][1]["annotated"] and after["train"] == {**before["train"], "steps": 3}
+    assert [c["name"] for c in after["predict"]] == ["corrected_t1"]  # the first round's predictions, made again
+    adapter = tmp_path / "round1" / "adapter" / "adapter.safetensors"
+    assert (tmp_path / "round2" / "inputs" / "warm_start" / "adapter.safetensors").read_bytes() == adapter.read_bytes()
+    assert "result: adapted state" in again.stdout or "the adapter it started from is kept" in again.stdout
+    from PEFTAdaptLib.jobs import read_events
+
+    started = next(e for e in read_events(tmp_path / "round2")[0] if e["event"] == "started")
+    assert started["warm_start"] and started["steps"] == 3
+
+    for option in (("--method", "lora"), ("--audit", str(first), str(masks[0]))):
+        refused = run("adapt", "--readapt", str(tmp_path / "round1"), "--train", str(corrected), str(masks[1]),
+                      *option, "--output", str(tmp_path / "round3"))
+        assert_one_line_error(refused, f"--readapt continues the job in {tmp_path / 'round1'} with its model, "
+                                       f"method and audit; drop {option[0]}")
+    refused = run("adapt", "--resume", "--readapt", str(tmp_path / "round1"), "--output", str(tmp_path / "round2"))
+    assert_one_line_error(refused, "drop --readapt")
+    assert not (tmp_path / "round3").exists()

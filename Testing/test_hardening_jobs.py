@@ -483,6 +483,10 @@ def test_a_name_is_the_file_name_told_apart_by_the_nearest_folder_that_differs()
                      "/d/bert/mri/T1.mgz": "T1",  # a name of its own needs no folder
                      # no one folder tells all three apart: their paths below the common folder do
                      "/a/x/t1.nii": "a_x_t1", "/b/x/t1.nii": "b_x_t1", "/a/y/t1.nii": "a_y_t1"}
+    # a name a front-end gave another case (a re-adapt's earlier cases keep theirs) is not given again
+    assert distinct_names(["/d/bert/mri/norm.mgz"], taken={"norm"}) == {"/d/bert/mri/norm.mgz": "mri_norm"}
+    assert distinct_names(["/d/bert/norm.mgz"], taken={"niivue_norm"}) == {"/d/bert/norm.mgz": "bert_norm"}
+    assert distinct_names(["/d/bert/norm.mgz"], taken={"normal"}) == {"/d/bert/norm.mgz": "norm"}
 
 
 # -- 8 and 11: a killed worker is reported, and resumes with the command printed -----------------------------------

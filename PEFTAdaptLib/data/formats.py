@@ -1,7 +1,7 @@
 """Image file types by name (no image library needed: the job client and the panels use it before torch exists)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from itertools import takewhile
 from pathlib import Path
 
@@ -36,10 +36,11 @@ def stem(path: str | Path) -> str:
     return name[: len(name) - len(image_suffix(name))]
 
 
-def distinct_names(paths: Sequence[str | Path]) -> dict[str, str]:
+def distinct_names(paths: Sequence[str | Path], taken: Collection[str] = ()) -> dict[str, str]:
     """Each file's `stem`, told apart from other files of that name by the nearest folder that differs between them
-    (`pat3/t1.nii.gz`, `pat4/t1.nii.gz` → `pat3_t1`, `pat4_t1`; `bert/mri/norm.mgz` → `bert_norm`), else by its
-    path below their common folder: a case's predictions and warnings are named after it."""
+    (`pat3/t1.nii.gz`, `pat4/t1.nii.gz` → `pat3_t1`, `pat4_t1`; `bert/mri/norm.mgz` → `bert_norm`), else by its path
+    below their common folder: a case's predictions and warnings are named after it. A stem that a name `taken`
+    already holds, alone or so told apart (a re-adapt's earlier cases), is told apart by its nearest folder too."""
     files = {str(p): Path(p).expanduser().absolute() for p in paths}
     groups: dict[str, set[Path]] = {}
     for file in files.values():
@@ -47,7 +48,7 @@ def distinct_names(paths: Sequence[str | Path]) -> dict[str, str]:
     names = {}
     for given, file in files.items():
         group, name = sorted(groups[stem(file)]), stem(file)
-        if len(group) > 1:
+        if len(group) > 1 or any(t == name or t.endswith(f"_{name}") for t in taken):
             depth = next((d for d in range(min(len(g.parents) for g in group) - 1)
                           if len({g.parents[d].name for g in group}) == len(group)), None)
             if depth is not None:

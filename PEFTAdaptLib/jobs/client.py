@@ -211,9 +211,9 @@ class JobClient:
         found = lambda path: str(resolve_input(previous, path)) if path else None  # noqa: E731
         absolute = lambda cases: [replace(c, images=[found(p) for p in c.images], label=found(c.label),  # noqa: E731
                                           annotated=found(c.annotated)) for c in cases]
-        return replace(spec, support=absolute(spec.support) + list(corrected), audit=absolute(spec.audit),
-                       source=absolute(spec.source), predict=absolute(spec.predict),
-                       warm_start=str(previous / ADAPTER_DIR), **changes)
+        return replace(replace(spec, support=absolute(spec.support) + list(corrected), audit=absolute(spec.audit),
+                               source=absolute(spec.source), predict=absolute(spec.predict),
+                               warm_start=str(previous / ADAPTER_DIR)), **changes)
 
     def readapt(self, previous: str | Path, corrected: Sequence[CaseSpec], folder: str | Path | None = None,
                 **changes) -> Job:

@@ -121,7 +121,8 @@ def create_job(job_dir: str | Path, request: JobSpec, overwrite: bool = False) -
         (job_dir / INPUTS_DIR).mkdir()
         try:
             # a case the front-end did not name is named after its file, told apart from others of that file name
-            names = distinct_names([c.images[0] for role in ROLES for c in getattr(request, role) if not c.name])
+            cases = [c for role in ROLES for c in getattr(request, role)]
+            names = distinct_names([c.images[0] for c in cases if not c.name], {c.name for c in cases if c.name})
             roles = {role: [_stage_case(c, job_dir, f"{role}{i}", c.name or names[c.images[0]])
                             for i, c in enumerate(getattr(request, role))] for role in ROLES}
             staged = replace(
