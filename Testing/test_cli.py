@@ -249,6 +249,16 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
     started = next(e for e in read_events(tmp_path / "round2")[0] if e["event"] == "started")
     assert started["warm_start"] and started["steps"] == 3
 
+    # the job folder stands for its adapter, in predict as in the Slicer panel's adapter check
+    predicted = run("predict", "--model", str(shared("meshnet/model5_gw_ae")), "--adapter", str(tmp_path / "round2"),
+                    "--image", str(first), "--output", str(tmp_path / "seg.nii.gz"))
+    assert predicted.returncode == 0 and (tmp_path / "seg.nii.gz").is_file(), predicted.stderr
+    from PEFTAdaptLib.jobs import JobClient
+    from PEFTAdaptLib.mrml.logic import SceneLogic
+
+    checked = SceneLogic(None, JobClient(tmp_path)).checkAdapter("model5_gw_ae", str(tmp_path / "round2"))
+    assert checked["metadata"]["model"] == "model5_gw_ae"
+
     for option in (("--method", "lora"), ("--audit", str(first), str(masks[0]))):
         refused = run("adapt", "--readapt", str(tmp_path / "round1"), "--train", str(corrected), str(masks[1]),
                       *option, "--output", str(tmp_path / "round3"))

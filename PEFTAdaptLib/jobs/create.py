@@ -50,8 +50,11 @@ def _stage_case(case: CaseSpec, job_dir: Path, prefix: str, name: str) -> CaseSp
     return CaseSpec(images, label, name, annotated)
 
 
-def _adapter_folder(source: str) -> Path:
+def adapter_folder(source: str | Path) -> Path:
+    """The adapter folder `source` names: itself, or the `adapter/` of the job folder it is (the folder users know)."""
     folder = Path(source).expanduser()
+    if not (folder / ADAPTER_FILES[0]).is_file() and (folder / JOB_FILE).is_file():
+        folder = folder / ADAPTER_DIR
     missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
     if missing:
         raise InputError(f"{folder}: not an adapter folder ({' and '.join(missing)} missing)")
@@ -59,7 +62,7 @@ def _adapter_folder(source: str) -> Path:
 
 
 def _stage_adapter(source: str, job_dir: Path, name: str) -> str:
-    folder = _adapter_folder(source)
+    folder = adapter_folder(source)
     target = job_dir / INPUTS_DIR / name
     target.mkdir()
     for file in ADAPTER_FILES:
@@ -163,7 +166,7 @@ def check_inputs(request: JobSpec) -> JobSpec:
         raise InputError(f"model '{card.id}' has an untrained part ({', '.join(card.extra[TRAINED_IN_FULL])}) that "
                          "an adaptation trains: adapt it first, then predict with its adapter")
     for source in filter(None, (request.adapter, request.warm_start)):
-        folder = _adapter_folder(source)
+        folder = adapter_folder(source)
         refuse_untrained_head(read_json(folder / ADAPTER_FILES[0], "adapter config", ModelError), folder)
     labelled = {"support": request.task == "adapt" and request.method.needs_labels, "audit": True, "source": True,
                 "predict": False}

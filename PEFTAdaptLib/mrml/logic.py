@@ -301,11 +301,10 @@ class SceneLogic:
     def checkAdapter(self, modelId: str, folder: str) -> dict:
         from ..adapters.io import read_adapter_config
         from ..errors import PEFTAdaptError
+        from ..jobs.create import adapter_folder
 
-        if not (Path(folder) / "adapter.safetensors").is_file():
-            raise SceneError(f"{folder}: not an adapter folder (adapter.json + adapter.safetensors)")
         try:
-            config = read_adapter_config(folder)
+            config = read_adapter_config(adapter_folder(folder))
         except PEFTAdaptError as exc:
             raise SceneError(str(exc)) from None
         trained_on = config.get("metadata", {}).get("model")
