@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="segment a volume with a model (and optionally an adapter)")
     predict.add_argument("--model", default=DEFAULT_MODEL, help="model id (see `peftadapt models`) or model folder path")
-    predict.add_argument("--adapter", help="adapter folder written by `peftadapt adapt`")
+    predict.add_argument("--adapter", help="the job folder of `peftadapt adapt`, or its adapter/ folder")
     predict.add_argument("--image", required=True, action="append",
                          help="input volume (NIfTI/NRRD/MHA/MGZ…); channels comma-separated; repeatable")
     predict.add_argument("--output", required=True,
