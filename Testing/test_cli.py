@@ -266,4 +266,20 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
                                        f"method and audit; drop {option[0]}")
     refused = run("adapt", "--resume", "--readapt", str(tmp_path / "round1"), "--output", str(tmp_path / "round2"))
     assert_one_line_error(refused, "drop --readapt")
+
+    # the corrected volume is the earlier round's audit volume: refused, saying what a re-adapt can do instead (it
+    # said "give another audit, or none", which --readapt does not take)
+    import shutil
+
+    from PEFTAdaptLib.jobs import CaseSpec, JobSpec, create_job
+    from PEFTAdaptLib.methods import make_method
+
+    audited = create_job(tmp_path / "audited", JobSpec(
+        model=str(shared("meshnet/model5_gw_ae")), support=[CaseSpec([str(first)], str(masks[0]))],
+        audit=[CaseSpec([str(corrected)], str(masks[1]))], method=make_method("bitfit")))
+    shutil.copytree(tmp_path / "round1" / "adapter", audited / "adapter")  # as if it had run
+    refused = run("adapt", "--readapt", str(audited), "--train", str(corrected), str(masks[1]), "--output",
+                  str(tmp_path / "round3"))
+    assert_one_line_error(refused, "this audit volume is the training volume", "a re-adapt keeps the audit of the "
+                          "job it continues: correct another volume, or start a new job with another audit")
     assert not (tmp_path / "round3").exists()

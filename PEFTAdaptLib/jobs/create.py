@@ -182,9 +182,12 @@ def check_inputs(request: JobSpec) -> JobSpec:
             if role in ("support", "audit") and labelled[role]:
                 digest = volume_digest(channels[0])
                 if role == "audit" and digest in trained:
+                    remedy = ("a re-adapt keeps the audit of the job it continues: correct another volume, or start "
+                              "a new job with another audit" if request.warm_start else
+                              "give another, or none (the job then holds out a slab of each training volume)")
                     raise InputError(f"{case.images[0]}: this audit volume is the training volume {trained[digest]} "
-                                     "(the same voxels): an audit must be a volume the job does not train on; give "
-                                     "another, or none (the job then holds out a slab of each training volume)")
+                                     "(the same voxels): an audit must be a volume the job does not train on; "
+                                     + remedy)
                 if role == "support":
                     trained.setdefault(digest, case.images[0])
     return request
