@@ -605,11 +605,12 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.saveAdapter(self._parameterNode.adapterFolder, folder)
 
     def onLoadAdapter(self) -> None:
-        folder = qt.QFileDialog.getExistingDirectory(None, _("Adapter folder (adapter.json + adapter.safetensors)"))
+        folder = qt.QFileDialog.getExistingDirectory(
+            None, _("Adapter folder (adapter.json + adapter.safetensors), or the adaptation job's folder"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("Not a usable adapter."), waitCursor=True):
-                self.logic.sceneLogic.checkAdapter(self._parameterNode.modelId, folder)
-                self._parameterNode.adapterFolder = folder
+                self._parameterNode.adapterFolder = self.logic.sceneLogic.checkAdapter(
+                    self._parameterNode.modelId, folder)
 
 
 class PEFTAdaptUnsupportedWidget(ScriptedLoadableModuleWidget):

@@ -606,8 +606,11 @@ def test_a_torchscript_model_folder_loads_only_after_the_user_trusts_the_named_f
     assert "a TorchScript test model" in panel.ui.modelDescriptionLabel.text
 
 
-def test_the_run_shows_trainable_parameters_rank_and_budget_choice_and_takes_the_adapter(fake, panel):
+def test_the_run_shows_trainable_parameters_rank_and_budget_choice_and_takes_the_adapter(fake, panel, deepbet,
+                                                                                        tmp_path):
     """The worker's protocol written into the job folder as the worker writes it; the panel shows RunState."""
+    from PEFTAdaptLib.adapters import LoRAConfig, add_units, save_adapters, unit_class_for
+    from PEFTAdaptLib.adapters.base import base_layer_names
     from PEFTAdaptLib.jobs.events import EventLog
 
     run, process = start_waiting_run(fake, panel)
@@ -627,7 +630,16 @@ def test_the_run_shows_trainable_parameters_rank_and_budget_choice_and_takes_the
     assert ui.statusLabel.text == "Training, step 20/40, about 0 min 30 s left, loss 0.250"
     assert "best 0.950 (zero-shot 0.910)" in ui.bestDiceLabel.text
     assert "[audit] step=20, dice=0.95" in ui.logTextEdit.toPlainText()
-    (run.jobDir / "adapter").mkdir()
+    # after the last step: the final audits and sweep, then the predictions (it said "Training, … 0 s left")
+    log({"event": "step", "step": 40, "steps": 40, "loss": 0.2, "eta_s": 0})
+    log({"event": "phase", "phase": "choosing", "step": 40})
+    panel._pollTimer._fire()
+    assert ui.statusLabel.text == "Choosing the state to keep, step 40/40, loss 0.200"
+    assert ui.progressBar.format == "choosing %v/%m"
+    config = LoRAConfig(r=1, alpha=1)  # a real adapter of the run's model, as the worker leaves it
+    add_units(deepbet.network, config, unit_class_for(config), "lora",
+              layers=base_layer_names(deepbet.network, unit_class_for(config).layer_types)[:2])
+    save_adapters(deepbet.network, run.jobDir / "adapter", deepbet.base_fingerprint, {"model": "deepbet-brain"})
     log({"event": "finished", "adapter": "adapter", "best_dice": 0.95, "exit_code": 0})
     log.close()
     panel._pollTimer._fire()
@@ -635,6 +647,15 @@ def test_the_run_shows_trainable_parameters_rank_and_budget_choice_and_takes_the
     assert panel._parameterNode.adapterFolder == str(run.jobDir / "adapter")
     assert ui.readaptButton.enabled and not fake.dialogs
     process.kill()
+
+    # Load adapter takes the job's folder for its adapter; Save adapter then copies the adapter, not the job's inputs
+    panel._parameterNode.adapterFolder = ""
+    fake.folderAnswers.append(str(run.jobDir))
+    ui.loadAdapterButton.click()
+    assert panel._parameterNode.adapterFolder == str(run.jobDir / "adapter") and not fake.dialogs
+    fake.folderAnswers.append(str(tmp_path / "saved"))
+    ui.saveAdapterButton.click()
+    assert sorted(f.name for f in (tmp_path / "saved").iterdir()) == ["adapter.json", "adapter.safetensors"]
 
 
 def test_a_failed_run_is_reported_once_and_the_panel_can_start_again(fake, panel):

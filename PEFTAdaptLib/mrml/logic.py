@@ -298,19 +298,22 @@ class SceneLogic:
         total = self.card(modelId).get("extra", {}).get("parameters")
         return int(total * percent / 100) if total else None
 
-    def checkAdapter(self, modelId: str, folder: str) -> dict:
+    def checkAdapter(self, modelId: str, folder: str) -> str:
+        """The adapter folder `folder` holds (itself, or an adapt job's `adapter/`), checked to be one for `modelId`:
+        the panel keeps this folder, so that *Save adapter* copies the adapter and never a job's inputs."""
         from ..adapters.io import read_adapter_config
         from ..errors import PEFTAdaptError
         from ..jobs.create import adapter_folder
 
         try:
-            config = read_adapter_config(adapter_folder(folder))
+            adapter = adapter_folder(folder)
+            config = read_adapter_config(adapter)
         except PEFTAdaptError as exc:
             raise SceneError(str(exc)) from None
         trained_on = config.get("metadata", {}).get("model")
         if trained_on != modelId:
             raise SceneError(f"{folder}: this adapter was trained for model '{trained_on}', not '{modelId}'")
-        return config
+        return str(adapter)
 
     # -- jobs ------------------------------------------------------------------------------------------------------
     def _exportCase(self, folder: Path, name: str, what: str, volume, segmentation=None, labels=None) -> CaseSpec:
