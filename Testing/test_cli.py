@@ -1,8 +1,13 @@
 """The `peftadapt` console script: help, model list, and one-line errors naming the bad file (exit code ≠ 0)."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +15,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import shared
+from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, RunState, create_job, read_events
+from PEFTAdaptLib.methods import make_method
+from PEFTAdaptLib.mrml.logic import SceneLogic
+
+MESHNET = "meshnet/model5_gw_ae"
 
 # the console script pip installed beside this interpreter (the venv need not be activated)
 PEFTADAPT = Path(sys.executable).with_name("peftadapt.exe" if sys.platform == "win32" else "peftadapt")
@@ -122,24 +132,30 @@ def test_the_progress_bar_ends_on_the_kept_states_audit_and_the_workers_time_est
     assert "left=1:15" in err and "step/s" not in err
 
 
+def _slabs_in_folders(tmp_path: Path, *folders: str) -> list[tuple[Path, Path]]:
+    """A 40-slice slab of meshnet/t1_crop saved as `<folder>/t1.nii.gz` in each folder (one file name, as a
+    patient folder layout has it), each slab of its own slices, with a mask of its brightest 30 % (`mask.nii.gz`)."""
+    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    pairs = []
+    for index, folder in enumerate(folders):
+        image = scan[:, :, 20 + 40 * index:60 + 40 * index]
+        mask = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+        mask.CopyInformation(image)
+        path = tmp_path / folder / "t1.nii.gz"
+        path.parent.mkdir(parents=True)
+        sitk.WriteImage(image, str(path))
+        sitk.WriteImage(mask, str(path.with_name("mask.nii.gz")))
+        pairs.append((path, path.with_name("mask.nii.gz")))
+    return pairs
+
+
 def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choosing_then_predicting(tmp_path):
     """The final audits, SEA-PEFT's final sweep and the predictions come after the last step: the bar stood at 100 %
-    with 0:00 left, and the panels said "Training, step N/N", for as long as they took (minutes for deepbet on a CPU)."""
-    from PEFTAdaptLib.jobs import RunState, read_events
-
-    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
-    files = {}
-    for name, (a, b) in {"upper": (100, 140), "middle": (60, 100), "farther": (20, 60)}.items():
-        image = scan[:, :, a:b]
-        label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
-        label.CopyInformation(image)
-        files[name] = (tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz")
-        sitk.WriteImage(image, str(files[name][0]))
-        sitk.WriteImage(label, str(files[name][1]))
-    result = run("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "bitfit", "--train",
-                 *map(str, files["upper"]), "--audit", *map(str, files["middle"]), "--predict", str(files["farther"][0]),
-                 "--steps", "2", "--audit-every", "1", "--patches-per-step", "1", "--device", "cpu",
-                 "--output", str(tmp_path / "job"))
+    with 0:00 left, and the panels said "Training, step N/N", for as long as they took."""
+    farther, middle, upper = _slabs_in_folders(tmp_path, "farther", "middle", "upper")
+    result = run("adapt", "--model", str(shared(MESHNET)), "--method", "bitfit", "--train", *map(str, upper),
+                 "--audit", *map(str, middle), "--predict", str(farther[0]), "--steps", "2", "--audit-every", "1",
+                 "--patches-per-step", "1", "--device", "cpu", "--output", str(tmp_path / "job"))
     assert result.returncode == 0, result.stderr
     assert "adapting (choosing the state to keep)" in result.stderr
     assert "adapting (predicting 1 volume(s))" in result.stderr
@@ -155,24 +171,11 @@ def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choo
     assert state.describe().startswith("Choosing the state to keep, step 2/2") and "left" not in state.describe()
 
 
-def _slabs_in_folders(tmp_path: Path, *folders: str) -> list[Path]:
-    """A 40-slice slab of meshnet/t1_crop saved as `<folder>/t1.nii.gz` in each folder (one file name, as a
-    patient folder layout has it), each slab of its own slices."""
-    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
-    paths = []
-    for index, folder in enumerate(folders):
-        path = tmp_path / folder / "t1.nii.gz"
-        path.parent.mkdir(parents=True)
-        sitk.WriteImage(scan[:, :, 20 + 40 * index:60 + 40 * index], str(path))
-        paths.append(path)
-    return paths
-
-
 def test_predict_segments_several_volumes_into_a_folder_named_after_their_own_folders(tmp_path):
     """A clinician segments their cohort with the adapted model: `predict` took one --image, so each volume was a
     command of its own, loading the model again."""
-    images = _slabs_in_folders(tmp_path, "pat1/anat", "pat2/anat")
-    model = str(shared("meshnet/model5_gw_ae"))
+    images = [image for image, _ in _slabs_in_folders(tmp_path, "pat1/anat", "pat2/anat")]
+    model = str(shared(MESHNET))
     result = run("predict", "--model", model, "--image", str(images[0]), "--image", str(images[1]),
                  "--output", str(tmp_path / "out"), "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -191,12 +194,8 @@ def test_predict_segments_several_volumes_into_a_folder_named_after_their_own_fo
 
 def test_a_cancelled_predict_keeps_the_volumes_it_segmented_and_offers_no_resume_of_its_scratch_job(tmp_path):
     """It told the user to `adapt --resume` a scratch folder that the command had just deleted."""
-    import os
-    import signal
-    import time
-
-    images = _slabs_in_folders(tmp_path, "a", "b", "c", "d")
-    command = [str(PEFTADAPT), "predict", "--model", str(shared("meshnet/model5_gw_ae")), "--device", "cpu",
+    images = [image for image, _ in _slabs_in_folders(tmp_path, "a", "b", "c", "d")]
+    command = [str(PEFTADAPT), "predict", "--model", str(shared(MESHNET)), "--device", "cpu",
                "--output", str(tmp_path / "out")] + [arg for image in images for arg in ("--image", str(image))]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "TMPDIR": str(tmp_path)})  # its scratch job folder: watched here
@@ -216,18 +215,10 @@ def test_a_cancelled_predict_keeps_the_volumes_it_segmented_and_offers_no_resume
 def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_cases(tmp_path):
     """The panels re-adapt from the last adapter with the corrected volumes; the command line could only start
     again from the source model, so a correction loop run from a script lost every earlier round."""
-    import json
-
-    first, corrected = _slabs_in_folders(tmp_path, "first", "corrected")
-    masks = []
-    for image in (first, corrected):
-        scan = sitk.ReadImage(str(image))
-        mask = sitk.Cast(scan > float(np.percentile(sitk.GetArrayViewFromImage(scan), 70)), sitk.sitkUInt8)
-        mask.CopyInformation(scan)
-        masks.append(image.with_name("mask.nii.gz"))
-        sitk.WriteImage(mask, str(masks[-1]))
+    (first, first_mask), (corrected, corrected_mask) = _slabs_in_folders(tmp_path, "first", "corrected")
+    masks = [first_mask, corrected_mask]
     common = ("--steps", "2", "--audit-every", "1", "--patches-per-step", "1", "--patch-size", "32", "--device", "cpu")
-    done = run("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "bitfit", "--train", str(first),
+    done = run("adapt", "--model", str(shared(MESHNET)), "--method", "bitfit", "--train", str(first),
                str(masks[0]), "--predict", str(corrected), *common, "--output", str(tmp_path / "round1"))
     assert done.returncode == 0, done.stderr
 
@@ -244,18 +235,13 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
     adapter = tmp_path / "round1" / "adapter" / "adapter.safetensors"
     assert (tmp_path / "round2" / "inputs" / "warm_start" / "adapter.safetensors").read_bytes() == adapter.read_bytes()
     assert "result: adapted state" in again.stdout or "the adapter it started from is kept" in again.stdout
-    from PEFTAdaptLib.jobs import read_events
-
     started = next(e for e in read_events(tmp_path / "round2")[0] if e["event"] == "started")
     assert started["warm_start"] and started["steps"] == 3
 
     # the job folder stands for its adapter, in predict as in the Slicer panel's adapter check
-    predicted = run("predict", "--model", str(shared("meshnet/model5_gw_ae")), "--adapter", str(tmp_path / "round2"),
+    predicted = run("predict", "--model", str(shared(MESHNET)), "--adapter", str(tmp_path / "round2"),
                     "--image", str(first), "--output", str(tmp_path / "seg.nii.gz"))
     assert predicted.returncode == 0 and (tmp_path / "seg.nii.gz").is_file(), predicted.stderr
-    from PEFTAdaptLib.jobs import JobClient
-    from PEFTAdaptLib.mrml.logic import SceneLogic
-
     # the panel keeps the adapter folder itself: its Save adapter copies that, never the job's inputs
     checked = SceneLogic(None, JobClient(tmp_path)).checkAdapter("model5_gw_ae", str(tmp_path / "round2"))
     assert checked == str(tmp_path / "round2" / "adapter")
@@ -270,13 +256,8 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
 
     # the corrected volume is the earlier round's audit volume: refused, saying what a re-adapt can do instead (it
     # said "give another audit, or none", which --readapt does not take)
-    import shutil
-
-    from PEFTAdaptLib.jobs import CaseSpec, JobSpec, create_job
-    from PEFTAdaptLib.methods import make_method
-
     audited = create_job(tmp_path / "audited", JobSpec(
-        model=str(shared("meshnet/model5_gw_ae")), support=[CaseSpec([str(first)], str(masks[0]))],
+        model=str(shared(MESHNET)), support=[CaseSpec([str(first)], str(masks[0]))],
         audit=[CaseSpec([str(corrected)], str(masks[1]))], method=make_method("bitfit")))
     shutil.copytree(tmp_path / "round1" / "adapter", audited / "adapter")  # as if it had run
     refused = run("adapt", "--readapt", str(audited), "--train", str(corrected), str(masks[1]), "--output",
