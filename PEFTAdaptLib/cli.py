@@ -234,8 +234,6 @@ READAPT_KEEPS = ("model", "audit", "target", "source", "method", "rank", "budget
 def readapt_request(args: argparse.Namespace, client, scratch: Path):
     """The next round of the job in --readapt (its adapter, model, method, audit and training cases) with the
     corrected --train cases added: the request the panels' Re-adapt makes."""
-    from .jobs import load_job
-
     previous = Path(args.readapt).expanduser().absolute()
     kept = next((o for o in READAPT_KEEPS if getattr(args, o) not in (None, [])), None)
     if kept:
@@ -244,10 +242,10 @@ def readapt_request(args: argparse.Namespace, client, scratch: Path):
         raise InputError("--readapt needs the corrected case(s): --train IMAGE LABEL (with --slices or --annotated "
                          "for the slices you corrected)")
     corrected = [_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train)]
-    train = replace(load_job(previous).train,
-                    **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
     predict = {"predict": [_case(v, labelled=False) for v in args.predict]} if args.predict else {}
-    return client.readapt_request(previous, corrected, train=train, **predict)
+    request = client.readapt_request(previous, corrected, **predict)
+    return replace(request, train=replace(request.train, **{k: getattr(args, k) for k in TRAIN_OPTIONS
+                                                             if getattr(args, k) is not None}))
 
 
 def check_output_file(path: Path, inputs: Sequence[Path] = ()) -> None:

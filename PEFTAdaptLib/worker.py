@@ -350,7 +350,8 @@ class Run:
             case = load_case(images, model.card, locate=model.locate)
             label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device,
                                                           self.corrected_voxels(spec, case.image))
-            path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / prediction_name(case_spec.name, case_spec.images[0], names)
+            path = job_subfolder(self.job_dir / PREDICTIONS_DIR) / prediction_name(case_spec.name,
+                                                                                   case_spec.images[0], names)
             for written in (path, *companion_paths(path).values()):
                 remove(written)  # an earlier prediction, or a link planted since the start: never written through
             write_image(label, path)
