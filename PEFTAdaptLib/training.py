@@ -427,6 +427,8 @@ class Trainer:
         if self.optimizer is None:
             return True
         session_start, seconds_before, first = time.monotonic(), self.seconds, self.step
+        if self.step >= config.steps:  # resumed after its last step: what is left is the choosing
+            self._choosing()
         while self.step < config.steps:
             if should_stop is not None and should_stop():
                 return False
@@ -436,8 +438,8 @@ class Trainer:
             self.seconds = seconds_before + elapsed
             self.emit({"event": "step", "step": self.step, "steps": config.steps, "loss": self.losses[-1],
                        "eta_s": elapsed / (self.step - first) * (config.steps - self.step)})
-            if self.step == config.steps:  # the final sweep, the last audits and the verdict take a while yet
-                self.emit({"event": "phase", "phase": "choosing", "step": self.step})
+            if self.step == config.steps:
+                self._choosing()
             for hook in self.hooks:
                 hook.after_step(self.step, self.context)
             if self.step % config.audit_every == 0 or self.step == config.steps:
@@ -445,6 +447,10 @@ class Trainer:
             if on_checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
                 on_checkpoint(self)
         return True
+
+    def _choosing(self) -> None:
+        """Said after the last step: the final sweep, the last audits and the verdict take a while yet."""
+        self.emit({"event": "phase", "phase": "choosing", "step": self.step})
 
     def restore_best(self) -> None:
         """Leave the network at the best audited state; hooks that report the units they switched on say which ones

@@ -166,6 +166,20 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted
         assert np.allclose(ours[key].numpy(), reference[key].numpy(), atol=1e-5), key
 
 
+def test_a_job_killed_after_its_last_checkpoint_resumes_saying_it_chooses_the_state_to_keep(tmp_path, uninterrupted):
+    job = tmp_path / "job"
+    shutil.copytree(uninterrupted, job)
+    logged = (job / "events.jsonl").read_text().splitlines(keepends=True)
+    last_checkpoint = max(i for i, line in enumerate(logged) if '"event": "checkpoint"' in line)
+    (job / "events.jsonl").write_text("".join(logged[:last_checkpoint + 1]))  # killed before the verdict
+    resumed = launch(job, "--resume")
+    assert resumed.wait(timeout=600) == EXIT_FINISHED
+    session = events(job)[last_checkpoint + 1:]
+    kinds = [e.get("phase", e["event"]) for e in session]
+    assert session[0]["event"] == "started" and session[0]["resumed_from_step"] == 6
+    assert "step" not in kinds and kinds.index("choosing") < kinds.index("validation")
+
+
 def test_two_jobs_run_side_by_side_and_one_job_takes_one_worker(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     write_job(first, spec(steps=3))
