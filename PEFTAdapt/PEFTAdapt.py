@@ -195,7 +195,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for table in (self.ui.trainingTable, self.ui.auditTable):
             table.setHorizontalHeaderLabels([_("Volume"), _("Segmentation")])
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
-        self.ui.jobsTable.setHorizontalHeaderLabels([_("Job"), _("Method"), _("State"), _("Step"), _("Best Dice")])
+        self.ui.jobsTable.setHorizontalHeaderLabels([_("Job"), _("Method"), _("State"), _("Step"), _("Audit Dice")])
         self.plotWidget = self._addPlotWidget(self.ui.plotContainer)
         self.allocationPlotWidget = self._addPlotWidget(self.ui.allocationPlotContainer)
 
@@ -390,8 +390,7 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setRowCount(len(self._jobs))
         for row, info in enumerate(self._jobs):
             step = f"{info.step}/{info.steps}" if info.steps else ""
-            dice = f"{info.best_dice:.3f}" if info.best_dice is not None else ""
-            for column, text in enumerate((info.folder.name, info.method, info.state, step, dice)):
+            for column, text in enumerate((info.folder.name, info.method, info.state, step, info.dice_text)):
                 item = qt.QTableWidgetItem(text)
                 item.setToolTip(info.message)
                 table.setItem(row, column, item)

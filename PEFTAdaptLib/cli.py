@@ -390,7 +390,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     infos = JobClient(args.work).jobs()
     for info in infos:
         progress = f"step {info.step}/{info.steps}" if info.steps else ""
-        dice = f", best audit Dice {info.best_dice:.3f}" if info.best_dice is not None else ""
+        dice = f", audit Dice {info.dice_text}" if info.dice is not None else ""
         print(f"{info.folder.name}: {info.task} {info.method} on {info.model} — {info.state} {progress}{dice}")
         if info.message and info.state in ("failed", "interrupted", "invalid"):
             print(f"    {info.message}")

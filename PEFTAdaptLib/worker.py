@@ -283,6 +283,7 @@ class Run:
                     f"{summary['best_score']:.4f}), {words['best']}")
             self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
                        "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "kept": kept,
+                       f"best_{scorer.key}": summary["best_score"],
                        "message": f"cancelled at step {trainer.step}; {held}", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
         outcome = self.outcome(summary, start, len(trainer.history), scorer.event, compared=not untrained_start)

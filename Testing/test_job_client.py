@@ -190,6 +190,29 @@ def test_a_job_whose_worker_died_is_listed_as_interrupted(tmp_path):
     assert info.state == "interrupted" and "resume" in info.message and "step 7" in info.message
 
 
+def test_a_finished_job_is_listed_with_the_dice_of_the_state_it_kept_not_a_better_audit_it_did_not_keep(tmp_path):
+    """Found by a user-level check: a SEA-PEFT job that kept the source (audit 0.972 → 0.9735, no reliable gain) was
+    listed by `peftadapt jobs`, the Slicer panel and the browser app with 'best audit Dice 0.974'."""
+    from PEFTAdaptLib.jobs.events import EventLog
+
+    client = JobClient(tmp_path)
+    folder = client.create(request())
+    log = EventLog(folder, echo=False)
+    for event in ({"event": "started", "steps": 4}, {"event": "audit", "step": 0, "dice": 0.9721},
+                  {"event": "audit", "step": 4, "dice": 0.9735}):
+        log(event)
+    [info] = client.jobs()
+    assert (info.dice, info.kept, info.dice_text) == (0.9735, "", "0.974 (last audit)")  # while it runs
+    log({"event": "validation", "step": 4, "dice": 0.9721, "kept": "start"})
+    log({"event": "finished", "best_dice": 0.9721, "best_step": 0, "kept": "start", "exit_code": 0})
+    log.close()
+    [info] = client.jobs()
+    assert (info.dice, info.kept, info.dice_text) == (0.9721, "start", "0.972 (start kept)")
+    listed = subprocess.run([sys.executable, "-m", "PEFTAdaptLib.cli", "jobs", "--work", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "audit Dice 0.972 (start kept)" in listed and "0.974" not in listed
+
+
 def test_a_damaged_status_file_lists_the_job_as_invalid_and_stops_a_worker_in_one_line(tmp_path):
     """Found by a user-level check: a garbage status.json blanked the job's task, method and model in the list, and
     a status.json that is a folder crashed the worker (IsADirectoryError, traceback) instead of being refused."""

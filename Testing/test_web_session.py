@@ -130,24 +130,29 @@ def test_a_segmentation_loaded_before_its_volume_is_shown_leaves_the_image_visib
 
 def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_candidates(app):
     from PEFTAdaptLib.mrml.monitor import AdaptationMonitor
+    from PEFTAdaptLib.mrml.monitor import NOT_KEPT
     from PEFTAdaptLib.web.charts import allocation, dice_figure
 
     class Run:  # what the charts read of a SceneRun: its monitor and the steps it was asked for
         def __init__(self, name, dice):
             self.monitor = AdaptationMonitor(app.slicer.scene, name)
-            self.state = type("State", (), {"steps": 4})()
+            self.state = type("State", (), {"steps": 4, "kept": ""})()
             for step, value in dice:
                 self.monitor.handle({"event": "audit", "step": step, "dice": value})
 
     first, second = Run("r1", [(0, 0.90), (2, 0.93), (4, 0.94)]), Run("r2", [(0, 0.94), (2, 0.95)])
     first.monitor.handle({"event": "audit", "step": 6, "dice": 0.96, "gain": 0.06, "gain_low": 0.04,
                           "gain_high": 0.07})
-    for unit, state, cost in (("a::lora", "active_new", 96), ("b::salt", "inactive", 62), ("c::bitfit", "demoting", 8)):
+    for unit, state, cost in (("a::lora", "active_guard", 96), ("b::salt", "inactive", 62),
+                              ("c::bitfit", "demoting", 8), ("d::dense", "promoting", 40),
+                              ("e::dense", "inactive_guard", 40)):
         first.monitor.handle({"event": "unit_state", "step": 0, "unit": unit, "site": unit[0], "family": unit[3:],
-                              "cost": cost, "state": state, "utility": 0.5})
+                              "cost": cost, "state": state, "utility": 0.5, "rank": 2 if unit == "a::lora" else 0})
     first.monitor.handle({"event": "allocation", "step": 0, "active_units": 2, "budget_used": 104})
     first.monitor.handle({"event": "validation", "step": 6, "dice": 0.955, "kept": "adapted"})
+    assert dice_figure([])["layout"]["yaxis"]["range"] == [0, 1]  # before any audit, not plotly's empty -1..4
     figure = dice_figure([first, second])
+    assert "range" not in figure["layout"]["yaxis"]  # with audits, their own range: a gain of 0.005 stays visible
     curves = {trace["name"]: trace for trace in figure["data"]}
     assert curves["round 1"]["x"] == [0, 2, 4, 6] and curves["round 2"]["x"] == [6, 8]
     # the state the round delivers is its own mark, not one more audit on the curve
@@ -159,8 +164,18 @@ def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_c
     assert bars["arrayminus"][:3] == bars["array"][:3] == [0, 0, 0]
     assert (bars["arrayminus"][3], bars["array"][3]) == (pytest.approx(0.02), pytest.approx(0.01))
     chart, rows = allocation([first, second])  # round 2 allocated nothing: round 1's allocation is shown
-    assert [(row["unit"], row["family"]) for row in rows] == [("a", "lora"), ("c", "bitfit")]
+    # the units whose gates are on, as the bars count them (a unit waiting to join or just switched off holds none)
+    assert [(row["unit"], row["adapter"], row["state"]) for row in rows] == [("a", "lora r2", "new"),
+                                                                           ("c", "bitfit", "leaving")]
     assert chart["data"][0]["x"] == ["a", "c"] and chart["data"][0]["y"] == [96, 8]
+    # the one allocation round (step 0) holds to the run's last step: a line, with a marker on the round only
+    assert (chart["data"][1]["x"], chart["data"][1]["y"], chart["data"][1]["marker"]["size"]) == ([0, 4], [2, 2], [7, 0])
+    assert "not kept" not in chart["layout"]["title"]["text"]
+    # a run that kept its start trained these units but delivers none of them: both front-ends' views say so
+    first.monitor.handle({"event": "validation", "step": 6, "dice": 0.90, "kept": "start"})
+    first.state.kept = "start"
+    chart, _ = allocation([first, second])
+    assert NOT_KEPT in chart["layout"]["title"]["text"] and NOT_KEPT in first.monitor.layers_chart.GetTitle()
 
 
 def test_a_killed_job_is_listed_interrupted_and_resumes_from_the_jobs_list(app):

@@ -108,6 +108,8 @@ def test_cancel_keeps_a_loadable_checkpoint_and_reports_cancelled(tmp_path):
     # it says which state its adapter holds (the command line printed the last audit's Dice as "kept")
     metadata = json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]
     assert last["kept"] == "start" and metadata["best_step"] == 0 and metadata["final"] is False
+    first_audit = next(e for e in events(tmp_path) if e["event"] == "audit")
+    assert last["best_dice"] == first_audit["dice"]  # the held state's Dice: what the jobs lists show
     assert last["message"] == (f"cancelled at step {last['step']}; no state passed the selection rule so far: the "
                                "adapter is the source model")
     checkpoint = latest_checkpoint(tmp_path)

@@ -128,10 +128,21 @@ class JobInfo:
     state: str  # starting, running, finished, failed, cancelled, interrupted, invalid
     step: int
     steps: int
-    best_dice: float | None
+    dice: float | None  # the audit Dice of the state its adapter holds once it ended; of the last audit while it runs
     message: str
     updated: float
     exit_code: int | None = None  # the worker's, once it ended
+    kept: str = ""  # once it ended: "adapted", or "start" (no state passed the selection rule)
+
+    @property
+    def dice_text(self) -> str:
+        """The Dice a jobs list shows, saying whose: never a best audit the selection rule did not keep."""
+        if self.dice is None:
+            return ""
+        if self.kept:
+            return f"{self.dice:.3f} ({'adapted' if self.kept == 'adapted' else 'start kept'})"
+        # one that ended with no kept Dice on record (label-free; a job of an earlier version): its last Dice as such
+        return f"{self.dice:.3f}" + ("" if self.state in ("finished", "cancelled") else " (last audit)")
 
     @property
     def resumable(self) -> bool:
@@ -256,8 +267,8 @@ def job_info(folder: Path) -> JobInfo:
             message = (f"{worker} stopped at step {status.get('step', 0)} without finishing; resume with "
                        f"`peftadapt adapt --resume --output {folder}`")
     return JobInfo(folder, task, model, method, state, int(status.get("step", 0)), int(status.get("steps", 0)),
-                   status.get("best_dice"), message, status.get("updated", folder.stat().st_mtime),
-                   status.get("exit_code"))
+                   status.get("kept_dice", status.get("last_dice")), message,
+                   status.get("updated", folder.stat().st_mtime), status.get("exit_code"), status.get("kept", ""))
 
 
 def _read_status(folder: Path) -> dict:

@@ -62,7 +62,8 @@ class EventLog:
                 status[key] = event[key]
         if kind in ("audit", "validation") and "dice" in event:
             status["last_dice"] = event["dice"]
-            status["best_dice"] = max(event["dice"], status.get("best_dice", -1.0))
+        if kind in ("finished", "cancelled") and "best_dice" in event:  # the adapter's state, not the best audit seen
+            status["kept_dice"], status["kept"] = event["best_dice"], event.get("kept", "")
         if "agreement" in event:  # label-free: ESH/decoder agreement in place of a Dice audit
             status["last_agreement"] = event["agreement"]
             status["best_agreement"] = max(event["agreement"], status.get("best_agreement", -1.0))

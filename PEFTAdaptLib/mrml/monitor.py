@@ -17,6 +17,11 @@ AGREEMENT_COLUMNS = ("step", "agreement")
 UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delta_dice", "state")
 LAYER_COLUMNS = ("layer", "active_parameters")
 TIMELINE_COLUMNS = ("step", "active_units", "budget_used")
+LAYERS_TITLE = "Active adapter parameters per layer"
+#: SEA-PEFT's controller states (seapeft/controller.py) of a unit whose gate is on, in words a panel shows
+ON_STATES = {"active": "on", "active_guard": "new", "demoting": "leaving"}
+#: said by the allocation views of a run that kept its start: its units were trained, but the adapter is not them
+NOT_KEPT = "trained, not kept (the run kept its start)"
 
 
 def _new_table(scene, name: str, columns: Sequence[str], string_columns: Sequence[str] = ()):
@@ -77,7 +82,7 @@ class AdaptationMonitor:
                                              "agreement", (0.8, 0.2, 0.6))
         self.chart.AddAndObservePlotSeriesNodeID(self.agreement_series.GetID())
         self.layers_chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} parameters per layer")
-        self.layers_chart.SetTitle("Active adapter parameters per layer")
+        self.layers_chart.SetTitle(LAYERS_TITLE)
         layers = self._series(self.layers_table, "active parameters", "layer", "active_parameters", (0.9, 0.5, 0.1))
         layers.SetPlotType(layers.PlotTypeBar)
         layers.SetLabelColumnName("layer")
@@ -118,6 +123,8 @@ class AdaptationMonitor:
             self._update_layers()
         elif kind == "kept_allocation":  # the restored state's units (their unit_state events came first)
             self._update_layers()
+        if kind == "validation" and event.get("kept") == "start":
+            self.layers_chart.SetTitle(f"{LAYERS_TITLE}: {NOT_KEPT}")
 
     def _update_unit(self, event: dict) -> None:
         """One row per unit; an event updates only the fields it carries."""
@@ -144,7 +151,7 @@ class AdaptationMonitor:
         """Active parameters per site, from the units' latest states (bar chart of the allocation)."""
         per_layer: dict[str, int] = {}
         for unit in self._units.values():
-            if unit["state"].startswith("active") or unit["state"] == "demoting":
+            if unit["state"] in ON_STATES:
                 per_layer[unit["site"]] = per_layer.get(unit["site"], 0) + int(unit["parameters"])
         table = self.layers_table.GetTable()
         table.SetNumberOfRows(0)

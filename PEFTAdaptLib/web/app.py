@@ -450,8 +450,7 @@ class WebApp:
     # -- jobs of the work folder -----------------------------------------------------------------------------------
     def refresh_jobs_now(self) -> None:
         self.state.jobs = [{"name": info.folder.name, "method": info.method, "state": info.state,
-                            "best_dice": f"{info.best_dice:.3f}" if info.best_dice is not None else "",
-                            "message": info.message, "resumable": info.resumable}
+                            "dice": info.dice_text, "message": info.message, "resumable": info.resumable}
                            for info in self.session.logic.adaptationJobs()]
 
     @reports_errors

@@ -4,6 +4,7 @@ and the allocation of the adapter units. The tables are the ones the Slicer modu
 from __future__ import annotations
 
 from ..mrml.logic import SceneRun
+from ..mrml.monitor import NOT_KEPT, ON_STATES
 
 ROUND_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 _MARGINS = {"l": 50, "r": 10, "t": 36, "b": 40}
@@ -48,7 +49,18 @@ def dice_figure(runs: list[SceneRun]) -> dict:
     return {"data": data, "layout": {
         **_STYLE, "title": {"text": "Audit Dice (held-out volumes)", "font": {"size": 14}}, "margin": _MARGINS,
         "xaxis": {**_AXIS, "title": {"text": "training step (rounds one after another)"}, "rangemode": "tozero"},
-        "yaxis": {**_AXIS, "title": {"text": "Dice"}}, "legend": {"orientation": "h", "y": -0.3}}}
+        "yaxis": {**_AXIS, "title": {"text": "Dice"}, **({} if data else {"range": [0, 1]})},  # plotly's empty: -1..4
+        "legend": {"orientation": "h", "y": -0.3}}}
+
+
+def _held_to_the_end(timeline: list[dict], steps: int) -> dict:
+    """The allocation rounds' active-unit counts (a marker each), the last one held to the run's last step: one round
+    is a line, not a lone point."""
+    x, y = [row["step"] for row in timeline], [row["active_units"] for row in timeline]
+    sizes = [7] * len(x)
+    if x and steps > x[-1]:
+        x, y, sizes = x + [steps], y + [y[-1]], sizes + [0]
+    return {"x": x, "y": y, "marker": {"color": "#2ca02c", "size": sizes}}
 
 
 def allocation(runs: list[SceneRun]) -> tuple[dict, list[dict]]:
@@ -63,21 +75,22 @@ def allocation(runs: list[SceneRun]) -> tuple[dict, list[dict]]:
                                                            "method)", "font": {"size": 13}}, "margin": _MARGINS,
                                        "xaxis": {"visible": False}, "yaxis": {"visible": False}}}, []
     layers = table_rows(run.monitor.layers_table)
+    not_kept = run.state.kept == "start"
     timeline = table_rows(run.monitor.timeline_table)
     figure = {"data": [
         {"type": "bar", "name": "active parameters", "x": [row["layer"] for row in layers],
          "y": [row["active_parameters"] for row in layers], "marker": {"color": "#ff7f0e"}},
         {"type": "scatter", "mode": "lines+markers", "name": "active units", "xaxis": "x2", "yaxis": "y2",
-         "x": [row["step"] for row in timeline], "y": [row["active_units"] for row in timeline],
-         "marker": {"color": "#2ca02c"}},
+         "line": {"shape": "hv", "color": "#2ca02c"}, **_held_to_the_end(timeline, run.state.steps)},
     ], "layout": {
-        **_STYLE, "title": {"text": "Adapter allocation", "font": {"size": 14}}, "margin": {**_MARGINS, "b": 90},
+        **_STYLE, "title": {"text": "Adapter allocation" + (f"<br><sub>{NOT_KEPT}</sub>" if not_kept else ""),
+                            "font": {"size": 14}}, "margin": {**_MARGINS, "t": _MARGINS["t"] + 20 * not_kept, "b": 90},
         "showlegend": False,
         "xaxis": {**_AXIS, "domain": [0, 0.58], "tickfont": {"size": 8}, "title": {"text": "layer"}},
         "yaxis": {**_AXIS, "title": {"text": "active parameters"}},
         "xaxis2": {**_AXIS, "domain": [0.7, 1], "anchor": "y2", "title": {"text": "step"}},
-        "yaxis2": {**_AXIS, "anchor": "x2", "title": {"text": "active units"}}}}
-    rows = [{"unit": row["unit"].split("::")[0], "family": row["family"], "rank": int(row["rank"]),
-             "parameters": int(row["parameters"]), "state": row["state"]}
-            for row in units if row["state"] and row["state"] != "inactive"]  # candidates never chosen: left out
+        "yaxis2": {**_AXIS, "anchor": "x2", "title": {"text": "active units"}, "rangemode": "tozero"}}}
+    rows = [{"unit": row["unit"].split("::")[0], "parameters": int(row["parameters"]), "state": ON_STATES[row["state"]],
+             "adapter": row["family"] + (f" r{int(row['rank'])}" if row["rank"] else "")}
+            for row in units if row["state"] in ON_STATES]  # as the bars: the units the adapter holds
     return figure, sorted(rows, key=lambda row: -row["parameters"])

@@ -14,10 +14,20 @@ CHARTS_HEIGHT = 300
 SELECT = {"density": "compact", "hide_details": True, "variant": "outlined", "item_title": "title",
           "item_value": "value"}
 FIELD = {"density": "compact", "hide_details": "auto", "variant": "outlined"}
-UNIT_HEADERS = [{"title": title, "key": key} for title, key in (
-    ("unit", "unit"), ("family", "family"), ("rank", "rank"), ("parameters", "parameters"), ("state", "state"))]
-JOB_HEADERS = [{"title": title, "key": key} for title, key in (
-    ("job", "name"), ("method", "method"), ("state", "state"), ("best Dice", "best_dice"), ("", "open"))]
+
+
+def _narrow_headers(columns: tuple[tuple[str, str], ...], nowrap: bool) -> list[dict]:
+    """Headers of a table in a narrow pane: tight cells; the first column (a long name) breaks at any character."""
+    tight = "padding: 0 6px"
+    return [{"title": title, "key": key, "nowrap": nowrap and index > 0, "headerProps": {"style": tight},
+             "cellProps": {"style": tight + ("; overflow-wrap: anywhere" if index == 0 else "")}}
+            for index, (title, key) in enumerate(columns)]
+
+
+UNIT_HEADERS = _narrow_headers((("layer", "unit"), ("parameters", "parameters"), ("adapter", "adapter"),
+                                ("state", "state")), nowrap=True)
+JOB_HEADERS = _narrow_headers((("job", "name"), ("method", "method"), ("state", "state"), ("audit Dice", "dice"),
+                               ("", "open")), nowrap=False)
 
 
 def build(app, layout_manager) -> VAppLayout:
@@ -214,14 +224,14 @@ def _download(app, handler, args: str) -> str:
 
 def _charts() -> None:
     with html.Div(style="display: flex; overflow: hidden; border-top: 1px solid #444;"):
-        with html.Div(style="flex: 1 1 50%; min-width: 0;", id="dice-chart"):
+        with html.Div(style="flex: 1 1 42%; min-width: 0;", id="dice-chart"):
             plotly.Figure(state_variable_name="dice_chart", display_mode_bar=False, responsive=True,
                           style="width: 100%; height: 100%;")
-        with html.Div(style="flex: 1 1 50%; min-width: 0; display: flex;", id="allocation"):
-            with html.Div(style="flex: 1 1 55%; min-width: 0;", id="allocation-chart"):
+        with html.Div(style="flex: 1 1 58%; min-width: 0; display: flex;", id="allocation"):
+            with html.Div(style="flex: 1 1 45%; min-width: 0;", id="allocation-chart"):
                 plotly.Figure(state_variable_name="allocation_chart", display_mode_bar=False, responsive=True,
                               style="width: 100%; height: 100%;")
-            with html.Div(style=f"flex: 1 1 45%; min-width: 0; height: {CHARTS_HEIGHT}px; overflow-y: auto;"):
+            with html.Div(style=f"flex: 1 1 55%; min-width: 0; height: {CHARTS_HEIGHT}px; overflow-y: auto;"):
                 v3.VDataTable(headers=("unit_headers", UNIT_HEADERS), items=("units", []), density="compact",
                               items_per_page=-1, id="units", hide_default_footer=True,
                               classes="text-caption")
