@@ -275,16 +275,15 @@ class Run:
         start = ("the adapter it started from" if warm is not None else
                  "the model's untrained new head" if untrained_start else
                  "the source model")
+        cancelled = {"event": "cancelled", "reason": "cancel requested", "step": trainer.step, "adapter": ADAPTER_DIR,
+                     "best_step": summary["best_step"], f"best_{scorer.key}": summary["best_score"],
+                     "kept": "start" if summary["kept_start"] else "adapted", "exit_code": EXIT_CANCELLED}
         if not completed:  # the adapter holds the best state so far: say which, not the last audit's
-            kept = "start" if summary["kept_start"] else "adapted"
             words = CHOSEN_BY[scorer.event]
-            held = (f"{words['none']} so far: the adapter is {start}" if kept == "start" else
+            held = (f"{words['none']} so far: the adapter is {start}" if summary["kept_start"] else
                     f"the adapter is the state of step {summary['best_step']} ({words['score']} "
                     f"{summary['best_score']:.4f}), {words['best']}")
-            self.emit({"event": "cancelled", "reason": "cancel requested", "step": trainer.step,
-                       "adapter": ADAPTER_DIR, "best_step": summary["best_step"], "kept": kept,
-                       f"best_{scorer.key}": summary["best_score"],
-                       "message": f"cancelled at step {trainer.step}; {held}", "exit_code": EXIT_CANCELLED})
+            self.emit({**cancelled, "message": f"cancelled at step {trainer.step}; {held}"})
             return EXIT_CANCELLED
         outcome = self.outcome(summary, start, len(trainer.history), scorer.event, compared=not untrained_start)
         final = scorer(model.network)
@@ -296,7 +295,11 @@ class Run:
             self.emit({"event": "warning", "message": "no trained state was kept, so no prediction was written: the "
                                                       "model's new head is untrained"})
         else:
-            self.write_predictions(spec, predict_inputs, model, device, checked, covers)
+            done = self.write_predictions(spec, predict_inputs, model, device, checked, covers)
+            if done < len(predict_inputs):  # the adapter is final; a resume segments every volume again
+                self.emit({**cancelled, "message": f"cancelled while segmenting, {done} of {len(predict_inputs)} "
+                                                  f"volume(s) done; the training had finished: {outcome['message']}"})
+                return EXIT_CANCELLED
         self.emit({"event": "finished", "adapter": str(adapter.relative_to(self.job_dir)),
                    f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                    "trainable": count_trainable(model.network), "seconds": summary["seconds"], **outcome,
@@ -329,17 +332,17 @@ class Run:
             checked, covers = audit_change_of(config, folder, model.card), audit_covers_of(config, folder)
         self.emit({"event": "started", "task": "predict", "model": model.card.id, "device": device,
                    "steps": len(inputs), "adapter": spec.adapter, "pid": os.getpid()})
-        if not self.write_predictions(spec, inputs, model, device, checked, covers):
+        if self.write_predictions(spec, inputs, model, device, checked, covers) < len(inputs):
             self.emit({"event": "cancelled", "reason": "cancel requested", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED
         self.emit({"event": "finished", "exit_code": EXIT_FINISHED})
         return EXIT_FINISHED
 
     def write_predictions(self, spec: JobSpec, inputs: list[list[Path]], model: FoundationModel, device: str,
-                          checked: dict[int, float] | None = None, covers: list[str] | None = None) -> bool:
+                          checked: dict[int, float] | None = None, covers: list[str] | None = None) -> int:
         """Segment every predict case, naming each one the audit cannot vouch for: changed more than on the audit
         (`checked`: audit_change), or outside the volumes a held-out-slab audit covers (`covers`; vouch.py); returns
-        False when cancelled in between."""
+        how many it segmented: fewer than asked when cancelled in between."""
         model.network.eval()
         if spec.predict:
             self.emit({"event": "phase", "phase": "predicting", "volumes": len(spec.predict)})
@@ -347,7 +350,7 @@ class Run:
         uses = Counter(c.name for c in spec.predict)
         for index, (case_spec, images) in enumerate(zip(spec.predict, inputs)):
             if self.should_stop():
-                return False
+                return index
             case = load_case(images, model.card, locate=model.locate)
             label, uncertainty = predict_with_uncertainty(model.network, case, model.card, device,
                                                           self.corrected_voxels(spec, case.image))
@@ -365,7 +368,7 @@ class Run:
             message = volume_warning(shown, case.image, uncertainty, model.card, checked, covers)
             if message:
                 self.emit({"event": "warning", "message": message})
-        return True
+        return len(inputs)
 
     def corrected_voxels(self, spec: JobSpec, image) -> np.ndarray | None:
         """The annotated voxels of the sparse training cases that are this very volume (same grid, same voxels),

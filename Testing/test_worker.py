@@ -182,6 +182,24 @@ def test_a_job_killed_after_its_last_checkpoint_resumes_saying_it_chooses_the_st
     assert "step" not in kinds and kinds.index("choosing") < kinds.index("validation")
 
 
+def test_a_cancel_after_the_last_step_stops_the_predictions_and_says_so_keeping_the_final_adapter(tmp_path):
+    """Found by a user-level check: a Ctrl-C while the job chose its state skipped the prediction it was asked for,
+    and the job still said `finished`, exit 0, with nothing segmented."""
+    job = spec(steps=2)
+    job.predict = [case(5, label=False)]
+    write_job(tmp_path, job)
+    process = launch(tmp_path)
+    wait_for(tmp_path, lambda seen: any(e.get("phase") == "choosing" for e in seen))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == EXIT_CANCELLED
+    last = events(tmp_path)[-1]
+    assert last["event"] == "cancelled" and last["message"].startswith("cancelled while segmenting, 0 of 1 volume(s)")
+    validation = next(e for e in events(tmp_path) if e["event"] == "validation")
+    assert last["kept"] == validation["kept"] and last["best_dice"] == validation["dice"]
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]["final"] is True
+    assert not (tmp_path / "predictions").exists() or not any((tmp_path / "predictions").iterdir())
+
+
 def test_two_jobs_run_side_by_side_and_one_job_takes_one_worker(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     write_job(first, spec(steps=3))
