@@ -149,6 +149,13 @@ def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, fl
     return checked
 
 
+def holds_the_source(config: dict) -> bool:
+    """An adapter (its loaded `config`) its run saved at step 0 without a warm start: no state passed the selection
+    rule, so it is the source model itself, and a segmentation with it is the source model's."""
+    metadata = config.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("best_step") == 0 and not metadata.get("warm_start")
+
+
 def audit_covers_of(config: dict, folder: Path) -> list[str] | None:
     """The `AUDIT_COVERS` record an adapter (its loaded `config`) was saved with, if any."""
     metadata = config.get("metadata")

@@ -46,8 +46,8 @@ from .training import (
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
-    AUDIT_CHANGE, AUDIT_COVERS, audit_change_of, audit_covers_of, one_volume_caveat, same_scan_caveat,
-    same_volume_audit, volume_digest, volume_warning,
+    AUDIT_CHANGE, AUDIT_COVERS, audit_change_of, audit_covers_of, holds_the_source, one_volume_caveat,
+    same_scan_caveat, same_volume_audit, volume_digest, volume_warning,
 )
 
 TRACEBACK_FILE = "traceback.txt"
@@ -325,13 +325,19 @@ class Run:
     def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:
         inputs = self.predict_inputs(spec)
         checked = covers = None
+        source = False
         if spec.adapter:
             folder = resolve_input(self.job_dir, spec.adapter)
             config = load_adapters(model.network, folder, model.base_fingerprint)
             refuse_untrained_head(config, folder)
             checked, covers = audit_change_of(config, folder, model.card), audit_covers_of(config, folder)
+            source = holds_the_source(config)
         self.emit({"event": "started", "task": "predict", "model": model.card.id, "device": device,
                    "steps": len(inputs), "adapter": spec.adapter, "pid": os.getpid()})
+        if source:
+            self.emit({"event": "warning", "message": "the adapter is the source model itself: the run that made it "
+                                                      "found no reliable gain and kept its start, so these are the "
+                                                      "source model's segmentations"})
         if self.write_predictions(spec, inputs, model, device, checked, covers) < len(inputs):
             self.emit({"event": "cancelled", "reason": "cancel requested", "exit_code": EXIT_CANCELLED})
             return EXIT_CANCELLED

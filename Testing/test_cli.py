@@ -149,6 +149,20 @@ def _slabs_in_folders(tmp_path: Path, *folders: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def test_predict_with_an_adapter_whose_run_kept_the_source_says_the_segmentation_is_the_source_models(tmp_path):
+    """Found by a user-level check: `predict --adapter` with the adapter of a run that found no reliable gain wrote
+    the source model's segmentation (and an all-zero disagreement map) as if it were an adapted one."""
+    middle, upper = _slabs_in_folders(tmp_path, "middle", "upper")
+    adapted = run("adapt", "--model", str(shared(MESHNET)), "--method", "bitfit", "--train", *map(str, upper),
+                  "--audit", *map(str, middle), "--steps", "2", "--lr", "1e-12", "--patch-size", "32",
+                  "--output", str(tmp_path / "job"))
+    assert adapted.returncode == 0 and "the source model is kept" in adapted.stdout, adapted.stderr
+    predicted = run("predict", "--model", str(shared(MESHNET)), "--adapter", str(tmp_path / "job"), "--image",
+                    str(middle[0]), "--output", str(tmp_path / "seg.nii.gz"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert "peftadapt: warning: the adapter is the source model itself" in predicted.stderr
+
+
 def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choosing_then_predicting(tmp_path):
     """The final audits, SEA-PEFT's final sweep and the predictions come after the last step: the bar stood at 100 %
     with 0:00 left, and the panels said "Training, step N/N", for as long as they took."""
@@ -242,6 +256,7 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
     predicted = run("predict", "--model", str(shared(MESHNET)), "--adapter", str(tmp_path / "round2"),
                     "--image", str(first), "--output", str(tmp_path / "seg.nii.gz"))
     assert predicted.returncode == 0 and (tmp_path / "seg.nii.gz").is_file(), predicted.stderr
+    assert "source model itself" not in predicted.stderr  # a re-adapt's start is the earlier round's adapter
     # the panel keeps the adapter folder itself: its Save adapter copies that, never the job's inputs
     checked = SceneLogic(None, JobClient(tmp_path)).checkAdapter("model5_gw_ae", str(tmp_path / "round2"))
     assert checked == str(tmp_path / "round2" / "adapter")

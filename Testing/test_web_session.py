@@ -169,7 +169,8 @@ def test_dice_chart_rounds_continue_the_step_axis_and_units_leave_out_unchosen_c
                                                                            ("c", "bitfit", "leaving")]
     assert chart["data"][0]["x"] == ["a", "c"] and chart["data"][0]["y"] == [96, 8]
     # the one allocation round (step 0) holds to the run's last step: a line, with a marker on the round only
-    assert (chart["data"][1]["x"], chart["data"][1]["y"], chart["data"][1]["marker"]["size"]) == ([0, 4], [2, 2], [7, 0])
+    timeline = chart["data"][1]
+    assert (timeline["x"], timeline["y"], timeline["marker"]["size"]) == ([0, 4], [2, 2], [7, 0])
     assert "not kept" not in chart["layout"]["title"]["text"]
     # a run that kept its start trained these units but delivers none of them: both front-ends' views say so
     first.monitor.handle({"event": "validation", "step": 6, "dice": 0.90, "kept": "start"})
@@ -204,6 +205,8 @@ def test_a_killed_job_is_listed_interrupted_and_resumes_from_the_jobs_list(app):
     assert row["state"] == "interrupted" and row["resumable"] and "stopped at step" in row["message"]
     app.open_job_folder(job.folder, resume=True)
     assert app.session.running and app.state.message == f"resumed {job.folder.name}"
+    # a job with no volume to segment shows its training volume (the views stayed black)
+    assert app.state.shown_volume == app.state.pairs[0]["volume"] is not None
     while app.session.running:
         assert time.monotonic() < deadline, "the resumed job did not finish"
         app.session.poll()

@@ -489,8 +489,10 @@ class WebApp:
         state.audit_every = str(request.auditEvery)
         self._publish_nodes()
         self._publish_run()
-        if request.targetVolumes:
-            state.shown_volume = request.targetVolumes[0].GetID()
+        # the first volume to segment; with none, a training volume (the views stayed black)
+        shown = [*request.targetVolumes, *(volume for volume, _ in request.trainingPairs)]
+        if shown:
+            state.shown_volume = shown[0].GetID()
         self._show_results()
         self.refresh_jobs_now()
         self.say(f"{'resumed' if resume else 'opened'} {folder.name}")
