@@ -27,6 +27,8 @@ from .uncertainty import Uncertainty
 
 #: adapter metadata: per class index, the largest change the adapter made on an audit case (training.audit_change)
 AUDIT_CHANGE = "audit_change"
+#: adapter metadata: true when the adapter is the source model itself (holds_the_source)
+SOURCE_KEPT = "source_kept"
 
 #: what every caveat below asks of the user: a gain shown on one subject's volumes says nothing of its spread between
 #: subjects
@@ -150,10 +152,10 @@ def audit_change_of(config: dict, folder: Path, card: ModelCard) -> dict[int, fl
 
 
 def holds_the_source(config: dict) -> bool:
-    """An adapter (its loaded `config`) its run saved at step 0 without a warm start: no state passed the selection
-    rule, so it is the source model itself, and a segmentation with it is the source model's."""
+    """Whether an adapter (its loaded `config`) is the source model itself: its run kept its start, and started from
+    the source (not an earlier adapter, nor AdaBN statistics); a segmentation with it is the source model's."""
     metadata = config.get("metadata")
-    return isinstance(metadata, dict) and metadata.get("best_step") == 0 and not metadata.get("warm_start")
+    return isinstance(metadata, dict) and metadata.get(SOURCE_KEPT) is True
 
 
 def audit_covers_of(config: dict, folder: Path) -> list[str] | None:

@@ -38,6 +38,7 @@ from .jobs.lock import JobLock, JobLocked
 from .jobs.runner import STOP_SIGNALS
 from .jobs.spec import JOB_FILE, CaseSpec, JobSpec, load_job, resolve_input
 from .methods import BuildContext, Cases, Plan
+from .methods.base import SOURCE_START
 from .models.card import TRAINED_IN_FULL, holds_untrained_head, refuse_untrained_head
 from .models.foundation import FoundationModel
 from .models.registry import load_model
@@ -46,8 +47,8 @@ from .training import (
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
-    AUDIT_CHANGE, AUDIT_COVERS, audit_change_of, audit_covers_of, holds_the_source, one_volume_caveat,
-    same_scan_caveat, same_volume_audit, volume_digest, volume_warning,
+    AUDIT_CHANGE, AUDIT_COVERS, SOURCE_KEPT, audit_change_of, audit_covers_of, holds_the_source,
+    one_volume_caveat, same_scan_caveat, same_volume_audit, volume_digest, volume_warning,
 )
 
 TRACEBACK_FILE = "traceback.txt"
@@ -266,15 +267,15 @@ class Run:
         # what the audit vouches for: the earlier round's record when its adapter is kept, the training (and audit)
         # volumes when a state judged on slabs of their scans or on one volume is kept, nothing more to say otherwise
         covers = warm_covers if summary["kept_start"] else trained_on if audit_caveat else None
+        start = ("the adapter it started from" if warm is not None else
+                 "the model's untrained new head" if untrained_start else plan.start)
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                          "steps": config.steps, "final": completed,
+                         SOURCE_KEPT: summary["kept_start"] and start == SOURCE_START,
                          **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {}),
                          **({AUDIT_COVERS: covers} if covers is not None else {})})
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
                                  lambda folder: save_adapters(model.network, folder, model.base_fingerprint, metadata))
-        start = ("the adapter it started from" if warm is not None else
-                 "the model's untrained new head" if untrained_start else
-                 "the source model")
         cancelled = {"event": "cancelled", "reason": "cancel requested", "step": trainer.step, "adapter": ADAPTER_DIR,
                      "best_step": summary["best_step"], f"best_{scorer.key}": summary["best_score"],
                      "kept": "start" if summary["kept_start"] else "adapted", "exit_code": EXIT_CANCELLED}

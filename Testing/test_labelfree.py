@@ -20,7 +20,9 @@ from PEFTAdaptLib.labelfree import (
     ESH_SOURCE_CONFIDENT, FeatureTap, LabelFreeConfig, build_head, build_label_free, choose_stage,
     find_encoder_stages, self_training_loss,
 )
-from PEFTAdaptLib.methods import make_method
+from PEFTAdaptLib.methods import BuildContext, Cases, make_method
+from PEFTAdaptLib.methods.base import SOURCE_START
+from PEFTAdaptLib.methods.label_free import ADABN_START
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 from PEFTAdaptLib.training import TrainConfig, Trainer, TrainingContext
 from PEFTAdaptLib.worker import EXIT_CANCELLED, EXIT_FINISHED, run_job
@@ -92,6 +94,18 @@ def test_esh_attaches_to_deepbet_and_adapters_stay_upstream_of_it(deepbet):
     kinds = {type(r.unit) for r in records}
     assert kinds == {ConvLoRAUnit, NormAffineUnit}  # instance norm: norm-affine, no AdaBN
     assert all(r.layer.split(".")[0] in ("init", "down0") for r in records)
+
+
+def test_a_label_free_start_with_adabn_statistics_is_not_called_the_source_model(spine_t2):
+    """AdaBN re-estimates batch-norm statistics on the target before the step-0 score: a run that keeps its start
+    keeps that, not the source model (its messages said "the source model is kept"; its adapter would have been
+    taken for the source model itself)."""
+    torch.manual_seed(0)
+    for network, start in ((small_unet(), SOURCE_START),
+                           (BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4), norm="batch"), ADABN_START)):
+        plan = make_method("label-free").build(BuildContext(network, SPINE_CARD, 0, 1e-3, 2, 1, 0, "cpu",
+                                                            Cases([spine_t2], [])))
+        assert (plan.start, plan.info["adabn"]) == (start, start == ADABN_START)
 
 
 def unit_state(network) -> dict:
@@ -186,6 +200,8 @@ def test_worker_label_free_job_on_an_unlabelled_volume(tmp_path):
     finished = events[-1]
     assert finished["best_agreement"] == max(e["agreement"] for e in agreement)
     assert metadata["final"] is True
+    # instance norm (no AdaBN): the start is the source model, so a kept start is the source itself
+    assert metadata["adabn"] is False and metadata["source_kept"] == (finished["kept"] == "start")
     # one loop, one checkpoint format: a label-free job resumes like any other
     assert any(e["event"] == "checkpoint" for e in events) and (tmp_path / "checkpoint").is_dir()
     # selection was by agreement, and there was no audit: the result says so

@@ -158,13 +158,14 @@ def set_units_active(network: nn.Module, active: bool) -> None:
 
 class LabelFreeStart:
     """Before the step-0 score: fit the ESH on the unadapted network (units off) — on labelled source-like cases if
-    given, else on the decoder's confident target voxels — then re-estimate AdaBN statistics on target patches.
-    The head's weights are this hook's state, so a resumed job scores against the same head."""
+    given, else on the decoder's confident target voxels — then, with AdaBN units (`adabn`), re-estimate their
+    statistics on target patches. The head's weights are this hook's state, so a resumed job scores against the same
+    head."""
 
     def __init__(self, head: EarlySegmentationHead, tap: FeatureTap, targets: TargetPatches, source: Sequence[Case],
-                 card: ModelCard, config: LabelFreeConfig, device: torch.device):
+                 card: ModelCard, config: LabelFreeConfig, device: torch.device, adabn: bool):
         self.head, self.tap, self.targets, self.source = head, tap, targets, list(source)
-        self.card, self.config, self.device = card, config, device
+        self.card, self.config, self.device, self.adabn = card, config, device, adabn
         self.esh_source = ESH_SOURCE_LABELLED if self.source else ESH_SOURCE_CONFIDENT
 
     def _batches(self):
@@ -187,7 +188,7 @@ class LabelFreeStart:
             set_units_active(network, True)
         context.emit({"event": "esh", "stage": self.tap.stage, "source": self.esh_source, "steps": config.esh_steps,
                       **summary})
-        if any(isinstance(r.unit, AdaBNUnit) for r in iter_units(network)):
+        if self.adabn:
             estimate_adabn(network, (self.targets().to(self.device) for _ in range(config.adabn_batches)))
 
     def after_step(self, step: int, context: TrainingContext) -> None:
@@ -227,8 +228,9 @@ def build_label_free(network: nn.Module, card: ModelCard, targets: Sequence[Case
     held_patches = TargetPatches(targets, card.patch_size, 1, config.seed + HELD_SEED_OFFSET)  # not a training draw
     held = [held_patches().to(device) for _ in range(config.held_patches)]
     head = build_head(network, tap, held[0], card.num_classes)
-    start = LabelFreeStart(head, tap, sampler, source, card, config, device)
+    adabn = any(isinstance(r.unit, AdaBNUnit) for r in iter_units(network))
+    start = LabelFreeStart(head, tap, sampler, source, card, config, device, adabn)
     info = {"esh_stage": stage, "adapted_stages": adapted_stages, "esh_source": start.esh_source,
-            "factorisation": config.factorisation}
+            "factorisation": config.factorisation, "adabn": adabn}
     return LabelFreeParts(SelfTrainingObjective(head, tap, sampler),
                           AgreementScorer(head, tap, held, card, reference, str(device)), start, info)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # the worker's side only
 ENTRY_POINT_GROUP = "peftadapt.methods"
 #: the learning rate of a method that does not set its own (tuned for low-rank factors that start at zero)
 DEFAULT_LR = 2e-3
+#: what a run starts from, in words, when its method changes nothing before training (adapters start as identity)
+SOURCE_START = "the source model"
 
 
 class MethodError(InputError):
@@ -70,7 +72,8 @@ class BuildContext:
 @dataclass
 class Plan:
     """What `build` returns: training hooks, optional objective/scorer (default: supervised patches, audit Dice),
-    the rank and budget used, and `info` for the `started` event (e.g. `rank_reason`: how the rank was chosen)."""
+    the rank and budget used, `info` for the `started` event (e.g. `rank_reason`: how the rank was chosen), and
+    `start`: what the run starts from, in words (a method that changes the model before training says how)."""
 
     hooks: list = field(default_factory=list)
     objective: Any = None
@@ -78,6 +81,7 @@ class Plan:
     rank: int | None = None
     budget: int | None = None
     info: dict = field(default_factory=dict)
+    start: str = SOURCE_START
 
 
 @dataclass

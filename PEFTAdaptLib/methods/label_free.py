@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import BuildContext, Cases, MethodConfig, MethodError, Plan, register_method
+from .base import SOURCE_START, BuildContext, Cases, MethodConfig, MethodError, Plan, register_method
 
 #: ESH training steps: the run's steps, at most this many (the head is small; it converges quickly)
 MAX_ESH_STEPS = 60
 NORMS = ("auto", "adabn", "affine", "none")
+#: the step-0 state with AdaBN units: their statistics are re-estimated on the target before the first score
+ADABN_START = "the source model with its batch-norm statistics re-estimated on the target (AdaBN)"
 
 
 @register_method
@@ -54,4 +56,5 @@ class LabelFree(MethodConfig):
         parts = build_label_free(context.network, context.card, cases.support, config, cases.source, cases.audit)
         reason = f"rank {rank}: " + ("given" if self.rank else "the method's default (the paper's)")
         return Plan(hooks=[parts.start], objective=parts.objective, scorer=parts.scorer, rank=rank,
-                    info={**parts.info, "rank_reason": reason})
+                    info={**parts.info, "rank_reason": reason},
+                    start=ADABN_START if parts.info["adabn"] else SOURCE_START)
