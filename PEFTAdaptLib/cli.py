@@ -21,7 +21,7 @@ EXIT_INTERNAL_ERROR = 1
 CLI_TRACEBACK = "cli-traceback.txt"
 #: `adapt` options that describe the job, which a resume therefore refuses (it continues the job as written)
 JOB_OPTIONS = ("train", "annotated", "slices", "target", "audit", "source", "predict", "method", "rank", "budget",
-               "model", "readapt")
+               "model", "readapt", "label_map")
 #: `adapt` options that set the TrainSpec field of the same name (unset: TrainSpec's default)
 TRAIN_OPTIONS = ("steps", "lr", "patch_size", "patches_per_step", "audit_every", "checkpoint_every", "seed", "device")
 
@@ -100,13 +100,34 @@ def follow(job, description: str):
         progress.close()
 
 
-def _case(values: Sequence[str], labelled: bool = True, annotated: str | None = None):
+def _case(values: Sequence[str], labelled: bool = True, annotated: str | None = None,
+          relabel: "LabelMapper | None" = None):
     from .jobs import CaseSpec
 
     image, label = (values if labelled else (values, None))
-    return CaseSpec([str(Path(p).expanduser().resolve()) for p in image.split(",")],
-                    str(Path(label).expanduser().resolve()) if label else None,
+    images = [str(Path(p).expanduser().resolve()) for p in image.split(",")]
+    label = str(Path(label).expanduser().resolve()) if label else None
+    return CaseSpec(images, relabel(label, images[0]) if label and relabel else label,
                     annotated=str(Path(annotated).expanduser().resolve()) if annotated else None)
+
+
+class LabelMapper:
+    """--label-map: each label file given, written into `scratch` in the model's numbering (`data/labelmap.py`)."""
+
+    def __init__(self, map_path: str, model: str, scratch: Path):
+        from .data.labelmap import describe_label_map, read_label_map
+        from .models.registry import model_card
+
+        card = model_card(model)
+        self.map_path, self.scratch, self.count = map_path, scratch, 0
+        self.runs = read_label_map(Path(map_path).expanduser(), card)
+        self.description = f"label map {map_path}: {describe_label_map(self.runs, card)}"
+
+    def __call__(self, label: str, image: str) -> str:
+        from .data.labelmap import relabel
+
+        self.count += 1
+        return str(relabel(label, image, self.runs, self.map_path, self.scratch / f"label{self.count}.nii.gz"))
 
 
 class SparseOption(argparse.Action):
@@ -158,16 +179,21 @@ def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
         print(f"peftadapt: budget {args.budget!r} understood as {budget.describe()}", file=sys.stderr)
     fields = {"rank": args.rank, "budget": budget}
     method = make_method(args.method or DEFAULT_METHOD, **{k: v for k, v in fields.items() if v is not None})
-    return JobSpec(
-        model=args.model or DEFAULT_MODEL,
-        support=[_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train or [])]
-        + [_case(v, labelled=False) for v in args.target or []],
-        audit=[_case(v) for v in args.audit or []],
-        source=[_case(v) for v in args.source or []],
+    model = args.model or DEFAULT_MODEL
+    relabel = LabelMapper(args.label_map, model, scratch) if args.label_map else None
+    request = JobSpec(
+        model=model,
+        support=[_case(v, annotated=_annotated(args, i, scratch), relabel=relabel)
+                 for i, v in enumerate(args.train or [])] + [_case(v, labelled=False) for v in args.target or []],
+        audit=[_case(v, relabel=relabel) for v in args.audit or []],
+        source=[_case(v, relabel=relabel) for v in args.source or []],
         predict=[_case(v, labelled=False) for v in args.predict or []],
         method=method,
         train=TrainSpec(**{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}),
     )
+    if relabel:  # said once every label file is mapped: a refused one is the only line
+        print(f"peftadapt: {relabel.description}", file=sys.stderr)
+    return request
 
 
 def report(job) -> int:
@@ -234,6 +260,8 @@ READAPT_KEEPS = ("model", "audit", "target", "source", "method", "rank", "budget
 def readapt_request(args: argparse.Namespace, client, scratch: Path):
     """The next round of the job in --readapt (its adapter, model, method, audit and training cases) with the
     corrected --train cases added: the request the panels' Re-adapt makes."""
+    from .jobs import load_job
+
     previous = Path(args.readapt).expanduser().absolute()
     kept = next((o for o in READAPT_KEEPS if getattr(args, o) not in (None, [])), None)
     if kept:
@@ -241,9 +269,13 @@ def readapt_request(args: argparse.Namespace, client, scratch: Path):
     if not args.train:
         raise InputError("--readapt needs the corrected case(s): --train IMAGE LABEL (with --slices or --annotated "
                          "for the slices you corrected)")
-    corrected = [_case(v, annotated=_annotated(args, i, scratch)) for i, v in enumerate(args.train)]
+    # the corrections only: the earlier round's cases are in the model's numbering already
+    relabel = LabelMapper(args.label_map, load_job(previous).model, scratch) if args.label_map else None
+    corrected = [_case(v, annotated=_annotated(args, i, scratch), relabel=relabel) for i, v in enumerate(args.train)]
     predict = {"predict": [_case(v, labelled=False) for v in args.predict]} if args.predict else {}
     request = client.readapt_request(previous, corrected, **predict)
+    if relabel:
+        print(f"peftadapt: {relabel.description}", file=sys.stderr)
     return replace(request, train=replace(request.train, **{k: getattr(args, k) for k in TRAIN_OPTIONS
                                                              if getattr(args, k) is not None}))
 
@@ -502,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--audit", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
                        help="a held-out annotated case whose Dice decides whether the adapted model is better "
                             "(repeatable; for label-free, evaluation only)")
+    adapt.add_argument("--label-map", metavar="MAP.json",
+                       help="the labels given are in another numbering (e.g. FreeSurfer's aseg): MAP.json maps the "
+                            'model\'s class names to their values, e.g. {"White Matter": [2, 41], "Grey Matter": '
+                            "[3, 42]}; a value it does not list is background")
     adapt.add_argument("--target", action="append", metavar="IMAGE",
                        help="an unannotated target volume (repeatable; label-free)")
     adapt.add_argument("--source", nargs=2, action="append", metavar=("IMAGE", "LABEL"),

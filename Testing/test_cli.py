@@ -149,6 +149,55 @@ def _slabs_in_folders(tmp_path: Path, *folders: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def test_labels_in_another_numbering_are_mapped_onto_the_models_classes_by_a_label_map(tmp_path):
+    """FreeSurfer's aseg numbers white matter 2/41 and cortex 3/42 (parcels 1000-2999): a user had to rewrite every
+    label file in the model's numbering by hand (`peftadapt adapt` refused them, asking whether they were images)."""
+    middle, upper = _slabs_in_folders(tmp_path, "middle", "upper")
+    for image, mask in (middle, upper):  # the mask's left half white matter (2), right half left cortex (3, 1035)
+        inside = sitk.GetArrayFromImage(sitk.ReadImage(str(mask))) > 0
+        aseg = np.where(inside, 2, 24).astype(np.int16)  # 24: CSF, no class of the model
+        half = aseg.shape[2] // 2
+        aseg[:, :, half:][inside[:, :, half:]] = 3
+        aseg[:, :, half:half + 10][inside[:, :, half:half + 10]] = 1035
+        written = sitk.GetImageFromArray(aseg)
+        written.CopyInformation(sitk.ReadImage(str(image)))
+        sitk.WriteImage(written, str(mask.with_name("aseg.nii.gz")))
+    label_map = tmp_path / "gw.json"
+    label_map.write_text(json.dumps({"white matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"]}))
+    refused = run("adapt", "--model", str(shared(MESHNET)), "--train", str(upper[0]),
+                  str(upper[1].with_name("aseg.nii.gz")), "--output", str(tmp_path / "refused"))
+    assert_one_line_error(refused, "label values [3, 24, 1035] are not classes of this model (known: [0, 1, 2]); "
+                                   "labels in another numbering (the command line's --label-map maps them")
+    adapted = run("adapt", "--model", str(shared(MESHNET)), "--method", "bitfit", "--label-map", str(label_map),
+                  "--train", str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--audit", str(middle[0]),
+                  str(middle[1].with_name("aseg.nii.gz")), "--steps", "1", "--patch-size", "32",
+                  "--output", str(tmp_path / "job"))
+    assert adapted.returncode == 0, adapted.stderr
+    assert (f"peftadapt: label map {label_map}: White Matter ← 2, 41; Grey Matter ← 3, 42, 1000-2999; any other "
+            "value → background") in adapted.stderr
+    job = json.loads((tmp_path / "job" / "job.json").read_text())
+    for case, (_, given) in zip(job["support"] + job["audit"], (upper, middle)):
+        aseg = sitk.GetArrayFromImage(sitk.ReadImage(str(given.with_name("aseg.nii.gz"))))
+        held = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "job" / case["label"])))
+        assert np.array_equal(held, np.select([aseg == 2, np.isin(aseg, (3, 1035))], [1, 2], 0))
+
+    for entries, said in (({"White": [2]}, "'White' is not a class of model 'model5_gw_ae' (its classes: "
+                                           "background, White Matter, Grey Matter)"),
+                          ({"White Matter": [2, "1000-2999"], "Grey Matter": ["1030-1040"]},
+                           "value 1030 is listed for two classes"),
+                          ({"White Matter": ["2-"]}, "'White Matter' must list the values that stand for it")):
+        label_map.write_text(json.dumps(entries))
+        assert_one_line_error(run("adapt", "--model", str(shared(MESHNET)), "--label-map", str(label_map), "--train",
+                                  str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--output",
+                                  str(tmp_path / "refused")), f"{label_map}: {said}")
+    label_map.write_text(json.dumps({"White Matter": [41]}))  # a value none of the voxels holds
+    assert_one_line_error(run("adapt", "--model", str(shared(MESHNET)), "--label-map", str(label_map), "--train",
+                              str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--output",
+                              str(tmp_path / "refused")),
+                          f"{upper[1].with_name('aseg.nii.gz')}: no voxel holds a value that {label_map} gives a class")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_predict_with_an_adapter_whose_run_kept_the_source_says_the_segmentation_is_the_source_models(tmp_path):
     """Found by a user-level check: `predict --adapter` with the adapter of a run that found no reliable gain wrote
     the source model's segmentation (and an all-zero disagreement map) as if it were an adapted one."""

@@ -98,9 +98,8 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool
     )
 
 
-def read_label(path: str | Path, image: sitk.Image, image_path: str | Path, allowed_values: set[int]) -> sitk.Image:
-    """Read a label map and check it lies on the image's grid, holds known integer values and is not empty."""
-    label = read_image(path, what="label")
+def check_on_grid(label: sitk.Image, path: str | Path, image: sitk.Image, image_path: str | Path) -> None:
+    """A label drawn on its image's grid: the same size and geometry, or one line naming both files."""
     if label.GetSize() != image.GetSize():
         raise InputError(
             f"{path}: label size {label.GetSize()} differs from image {image_path} size {image.GetSize()}; "
@@ -111,17 +110,28 @@ def read_label(path: str | Path, image: sitk.Image, image_path: str | Path, allo
             f"{path}: label geometry (spacing/origin/direction) differs from image {image_path}; resample the label "
             "onto the image grid"
         )
-    values = np.unique(sitk.GetArrayViewFromImage(label))
+
+
+def check_integer(values: np.ndarray, path: str | Path) -> None:
     if not np.allclose(values, np.round(values)):
         raise InputError(f"{path}: label holds non-integer values; a label map of integer classes is required")
+
+
+def read_label(path: str | Path, image: sitk.Image, image_path: str | Path, allowed_values: set[int]) -> sitk.Image:
+    """Read a label map and check it lies on the image's grid, holds known integer values and is not empty."""
+    label = read_image(path, what="label")
+    check_on_grid(label, path, image, image_path)
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    check_integer(values, path)
     unknown = sorted(set(int(v) for v in values) - set(allowed_values))
     if unknown:
         many = len(unknown) > 8  # an image given as the label: its list would fill the screen
         shown = ", ".join(map(str, unknown[:8])) + (f", … ({len(unknown)} values)" if many else "")
         foreground = sorted(allowed_values - {0})
         binary = len(foreground) == 1 and unknown == [int(v) for v in values if v != 0]  # e.g. a 0/255 mask
-        hint = ("; is it an image rather than a label map?" if many else
-                f"; a binary mask: save its foreground as {foreground[0]}" if binary else "")
+        numbering = "labels in another numbering (the command line's --label-map maps them onto the model's classes)"
+        hint = (f"; is it an image rather than a label map, or {numbering}?" if many else
+                f"; a binary mask: save its foreground as {foreground[0]}" if binary else f"; {numbering}?")
         raise InputError(f"{path}: label values [{shown}] are not classes of this model (known: "
                          f"{sorted(allowed_values)}){hint}")
     if not (values != 0).any():

@@ -1,0 +1,90 @@
+"""Label files in another numbering (FreeSurfer's aseg, another model's classes) mapped onto a model's classes by a
+map the user writes, before a job is made: the job then holds labels in the model's own numbering.
+
+The map is a JSON object from the model's class names (or class numbers) to the values that stand for each class in
+the user's files, e.g. `{"White Matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"]}` (a string is a run of values, both ends
+included); a value it does not list is background.
+It is untrusted input: anything else is one line naming the file and the entry.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..models.card import ModelCard
+from .io import check_integer, check_on_grid, read_image, write_image
+
+
+#: a run of values in a map entry, e.g. FreeSurfer's cortical parcels "1000-2999" (both ends included)
+RANGE = re.compile(r"(\d+)-(\d+)")
+
+
+def read_label_map(path: str | Path, card: ModelCard) -> list[tuple[int, int, int]]:
+    """The map file as (first value, last value, class of the model) runs; refused in one line when it is not such
+    a map for this model."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the label map ({exc}); it is a JSON object such as "
+                         '{"White Matter": [2, 41]}') from None
+    if not isinstance(entries, dict) or not entries:
+        raise InputError(f'{path}: a label map is a JSON object from class names to values, e.g. {{"White Matter": '
+                         "[2, 41]}")
+    classes = {label.name.casefold(): label.value for label in card.labels}
+    classes.update({str(label.value): label.value for label in card.labels})
+    runs = []
+    for name, values in entries.items():
+        if name.casefold() not in classes:
+            raise InputError(f"{path}: '{name}' is not a class of model '{card.id}' (its classes: "
+                             f"{', '.join(label.name for label in card.labels)})")
+        parsed = [_run(v) for v in values] if isinstance(values, list) else []
+        if not parsed or None in parsed:
+            raise InputError(f"{path}: '{name}' must list the values that stand for it: whole numbers from 0, or "
+                             'runs such as "1000-2999", e.g. [3, 42, "1000-2999"]')
+        runs += [(low, high, classes[name.casefold()]) for low, high in parsed]
+    runs.sort()
+    for index, (low, _, cls) in enumerate(runs):  # an earlier run (starting no later) reaching this one's start
+        if any(high >= low and other != cls for _, high, other in runs[:index]):
+            raise InputError(f"{path}: value {low} is listed for two classes")
+    return runs
+
+
+def _run(value) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value, value
+    match = RANGE.fullmatch(value) if isinstance(value, str) else None
+    return (int(match[1]), int(match[2])) if match and int(match[1]) <= int(match[2]) else None
+
+
+def describe_label_map(runs: list[tuple[int, int, int]], card: ModelCard) -> str:
+    """What the map does, in one line: each class and its values, then the rest."""
+    names = {label.value: label.name for label in card.labels}
+    said = lambda low, high: str(low) if low == high else f"{low}-{high}"  # noqa: E731
+    parts = [f"{names[c]} ← {', '.join(said(low, high) for low, high, k in runs if k == c)}"
+             for c in sorted({c for _, _, c in runs})]
+    return "; ".join(parts) + "; any other value → background"
+
+
+def relabel(path: str | Path, image_path: str | Path, runs: list[tuple[int, int, int]], map_path: str | Path,
+            output: Path) -> Path:
+    """The label file at `path` in the model's numbering, written to `output` on the same grid; checked here, where
+    the user's file names can still be said: on its image's grid, and with a voxel the map gives a foreground class
+    (else the job would have no structure to learn)."""
+    label = read_image(path, what="label")
+    check_on_grid(label, path, read_image(image_path), image_path)
+    values = sitk.GetArrayViewFromImage(label)
+    check_integer(values, path)
+    mapped = np.zeros(values.shape, np.uint8)
+    for low, high, cls in runs:
+        mapped[(values >= low) & (values <= high)] = cls
+    if not mapped.any():
+        raise InputError(f"{path}: no voxel holds a value that {map_path} gives a class other than background")
+    image = sitk.GetImageFromArray(mapped)
+    image.CopyInformation(label)
+    return write_image(image, output)
