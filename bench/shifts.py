@@ -17,11 +17,13 @@ under `bench/.cache/cases/<shift>/`, a source model folder the CLI loads, and wh
 - `spine-site`: the same spine source → subject B's T2w (another site, the source's contrast): support = its first 8
   slices (the job holds out an audit slab), test = its last 8.
 - `meshnet-gw`: brainchop's real pretrained MeshNet grey/white model on FreeSurfer's conformed brains: adapt on
-  `niivue`, test on `bert`. Labels mapped from FreeSurfer's segmentation (`FREESURFER_GW`): white matter = cerebral
-  and cerebellar white matter, corpus callosum, white-matter hypointensities; grey matter = cerebral and cerebellar
-  cortex and the deep grey nuclei (thalamus, caudate, putamen, pallidum, hippocampus, amygdala, accumbens, ventral
-  diencephalon); the rest (ventricles, brainstem, CSF, vessels, choroid plexus) background. No audit volume: the
-  job holds out a slab of niivue. `.mgz` in, `.mgz` out, as a FreeSurfer user would run it.
+  `niivue`, test on `bert`. Labels mapped from FreeSurfer's segmentation by `freesurfer_gw.json` through the
+  product's label map (what `peftadapt adapt --label-map` does): white matter = cerebral and cerebellar white
+  matter, corpus callosum, white-matter hypointensities; grey matter = cerebral and cerebellar cortex (with the
+  cortical parcels, 1000 and up) and the deep grey nuclei (thalamus, caudate, putamen, pallidum, hippocampus,
+  amygdala, accumbens, ventral diencephalon); the rest (ventricles, brainstem, CSF, vessels, choroid plexus)
+  background. No audit volume: the job holds out a slab of niivue. `.mgz` in, `.mgz` out, as a FreeSurfer user
+  would run it.
 - `deepbet`: the real pretrained deepbet brain-extraction network on its demo shift (T2-like contrast, bias field,
   noise, motion: `PEFTAdaptLib.demo_data.shifted_case`): support seed 1, audit seed 2, test seeds 3 and 4.
 
@@ -168,29 +170,21 @@ def brats_shift(task: str, supports: int) -> Shift:
 
 
 # -- FreeSurfer brains and MeshNet ----------------------------------------------------------------------------------
-FREESURFER_GW = {  # MeshNet model5_gw_ae's classes from FreeSurfer labels (aseg numbering; cortex parcels ≥ 1000)
-    1: (2, 41, 7, 46, 77, 251, 252, 253, 254, 255),
-    2: (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58, 28, 60),
-}
+#: MeshNet model5_gw_ae's classes from FreeSurfer's numbering (aseg; cortical parcels of aparc / aparc.a2009s from
+#: 1000): the map a user gives `peftadapt adapt --label-map`
+FREESURFER_GW = Path(__file__).with_name("freesurfer_gw.json")
 
 
 def freesurfer_case(shift: str, subject: str, segmentation: str) -> CaseFiles:
-    """`norm.mgz` and its grey/white label as `.mgz` files (FreeSurfer's own format; SimpleITK cannot read them)."""
-    import nibabel as nib
-    import numpy as np
+    """FreeSurfer's `norm.mgz` and its grey/white label, mapped from `segmentation` by the product's label map
+    (`.mgz`, FreeSurfer's own format; SimpleITK cannot read it)."""
+    from PEFTAdaptLib.data.labelmap import read_label_map, relabel
+    from PEFTAdaptLib.models.registry import model_card
 
-    folder = CASES / shift
-    folder.mkdir(parents=True, exist_ok=True)
-    image_path, label_path = folder / f"{subject}_norm.mgz", folder / f"{subject}_norm_label.mgz"
+    image_path, label_path = data(f"freesurfer/{subject}/norm.mgz"), CASES / shift / f"{subject}_norm_label.mgz"
     if not label_path.is_file():
-        norm = nib.load(str(data(f"freesurfer/{subject}/norm.mgz")))
-        labels = np.asanyarray(nib.load(str(data(f"freesurfer/{subject}/{segmentation}"))).dataobj)
-        mapped = np.zeros(labels.shape, np.uint8)
-        for value, names in FREESURFER_GW.items():
-            mapped[np.isin(labels, names)] = value
-        mapped[labels >= 1000] = 2  # cortical parcels (aparc / aparc.a2009s)
-        nib.save(norm, str(image_path))
-        nib.save(nib.MGHImage(mapped, norm.affine), str(label_path))
+        runs = read_label_map(FREESURFER_GW, model_card(data("meshnet/model5_gw_ae")))
+        relabel(data(f"freesurfer/{subject}/{segmentation}"), image_path, runs, FREESURFER_GW, label_path)
     return CaseFiles(f"{subject}_norm", str(image_path), str(label_path))
 
 
