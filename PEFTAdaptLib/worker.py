@@ -222,9 +222,10 @@ class Run:
         total = model.num_parameters()
         torch.manual_seed(spec.train.seed)  # adapter initialisation is part of the seeded run
         warm = resolve_input(self.job_dir, spec.warm_start) if spec.warm_start else None
-        warm_covers = None
+        warm_covers, warm_is_source = None, False
         if warm is not None:  # the units (and gates) of the earlier round, trained further as they are
-            warm_covers = audit_covers_of(load_adapters(model.network, warm, model.base_fingerprint), warm)
+            warm_config = load_adapters(model.network, warm, model.base_fingerprint)
+            warm_covers, warm_is_source = audit_covers_of(warm_config, warm), holds_the_source(warm_config)
             plan = Plan(info={"warm_start": spec.warm_start})
         else:
             plan = method.build(BuildContext(model.network, card, total, spec.lr, spec.train.steps,
@@ -271,7 +272,7 @@ class Run:
                  "the model's untrained new head" if untrained_start else plan.start)
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
                          "steps": config.steps, "final": completed,
-                         SOURCE_KEPT: summary["kept_start"] and start == SOURCE_START,
+                         SOURCE_KEPT: summary["kept_start"] and (start == SOURCE_START or warm_is_source),
                          **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {}),
                          **({AUDIT_COVERS: covers} if covers is not None else {})})
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,

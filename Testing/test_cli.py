@@ -210,6 +210,11 @@ def test_predict_with_an_adapter_whose_run_kept_the_source_says_the_segmentation
                     str(middle[0]), "--output", str(tmp_path / "seg.nii.gz"))
     assert predicted.returncode == 0, predicted.stderr
     assert "peftadapt: warning: the adapter is the source model itself" in predicted.stderr
+    # a re-adapt that keeps the adapter it started from, which was the source itself, is the source itself too
+    again = run("adapt", "--readapt", str(tmp_path / "job"), "--train", *map(str, upper), "--slices", "axial:10",
+                "--steps", "1", "--lr", "1e-12", "--patch-size", "32", "--output", str(tmp_path / "round2"))
+    assert again.returncode == 0 and "the adapter it started from is kept" in again.stdout, again.stderr
+    assert json.loads((tmp_path / "round2" / "adapter" / "adapter.json").read_text())["metadata"]["source_kept"]
 
 
 def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choosing_then_predicting(tmp_path):
