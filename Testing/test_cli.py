@@ -310,7 +310,9 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
     predicted = run("predict", "--model", str(shared(MESHNET)), "--adapter", str(tmp_path / "round2"),
                     "--image", str(first), "--output", str(tmp_path / "seg.nii.gz"))
     assert predicted.returncode == 0 and (tmp_path / "seg.nii.gz").is_file(), predicted.stderr
-    assert "source model itself" not in predicted.stderr  # a re-adapt's start is the earlier round's adapter
+    # a re-adapt's start is the earlier round's adapter: the source itself only when that adapter was
+    kept = json.loads((tmp_path / "round2" / "adapter" / "adapter.json").read_text())["metadata"]
+    assert ("the adapter is the source model itself" in predicted.stderr) == kept["source_kept"]
     # the panel keeps the adapter folder itself: its Save adapter copies that, never the job's inputs
     checked = SceneLogic(None, JobClient(tmp_path)).checkAdapter("model5_gw_ae", str(tmp_path / "round2"))
     assert checked == str(tmp_path / "round2" / "adapter")
