@@ -2,8 +2,8 @@
 map the user writes, before a job is made: the job then holds labels in the model's own numbering.
 
 The map is a JSON object from the model's class names (or class numbers) to the values that stand for each class in
-the user's files, e.g. `{"White Matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"]}` (a string is a run of values, both ends
-included); a value it does not list is background.
+the user's files, e.g. `{"White Matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"]}` (a string is a run of
+values, both ends included); a value it does not list is background.
 It is untrusted input: anything else is one line naming the file and the entry.
 """
 from __future__ import annotations
