@@ -163,7 +163,7 @@ def test_labels_in_another_numbering_are_mapped_onto_the_models_classes_by_a_lab
         written.CopyInformation(sitk.ReadImage(str(image)))
         sitk.WriteImage(written, str(mask.with_name("aseg.nii.gz")))
     label_map = tmp_path / "gw.json"
-    label_map.write_text(json.dumps({"white matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"]}))
+    label_map.write_text(json.dumps({"white matter": 2, "Grey Matter": [3, 42, "1000-2999"]}))  # one value: no list
     refused = run("adapt", "--model", str(shared(MESHNET)), "--train", str(upper[0]),
                   str(upper[1].with_name("aseg.nii.gz")), "--output", str(tmp_path / "refused"))
     assert_one_line_error(refused, "label values [3, 24, 1035] are not classes of this model (known: [0, 1, 2]); "
@@ -173,7 +173,7 @@ def test_labels_in_another_numbering_are_mapped_onto_the_models_classes_by_a_lab
                   str(middle[1].with_name("aseg.nii.gz")), "--steps", "1", "--patch-size", "32",
                   "--output", str(tmp_path / "job"))
     assert adapted.returncode == 0, adapted.stderr
-    assert (f"peftadapt: label map {label_map}: White Matter ← 2, 41; Grey Matter ← 3, 42, 1000-2999; any other "
+    assert (f"peftadapt: label map {label_map}: White Matter ← 2; Grey Matter ← 3, 42, 1000-2999; any other "
             "value → background") in adapted.stderr
     job = json.loads((tmp_path / "job" / "job.json").read_text())
     for case, (_, given) in zip(job["support"] + job["audit"], (upper, middle)):
@@ -185,7 +185,8 @@ def test_labels_in_another_numbering_are_mapped_onto_the_models_classes_by_a_lab
                                            "background, White Matter, Grey Matter)"),
                           ({"White Matter": [2, "1000-2999"], "Grey Matter": ["1030-1040"]},
                            "value 1030 is listed for two classes"),
-                          ({"White Matter": ["2-"]}, "'White Matter' must list the values that stand for it")):
+                          ({"White Matter": ["2-"]}, "'White Matter' must give the values that stand for it"),
+                          ({"White Matter": 2.5}, "'White Matter' must give the values that stand for it")):
         label_map.write_text(json.dumps(entries))
         assert_one_line_error(run("adapt", "--model", str(shared(MESHNET)), "--label-map", str(label_map), "--train",
                                   str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--output",

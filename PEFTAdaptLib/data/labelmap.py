@@ -2,8 +2,8 @@
 map the user writes, before a job is made: the job then holds labels in the model's own numbering.
 
 The map is a JSON object from the model's class names (or class numbers) to the values that stand for each class in
-the user's files, e.g. `{"White Matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"]}` (a string is a run of
-values, both ends included); a value it does not list is background.
+the user's files, e.g. `{"White Matter": [2, 41], "Grey Matter": [3, 42, "1000-2999"], "Brain-Stem": 16}` (a
+string is a run of values, both ends included; one value needs no list); a value it does not list is background.
 It is untrusted input: anything else is one line naming the file and the entry.
 """
 from __future__ import annotations
@@ -43,10 +43,10 @@ def read_label_map(path: str | Path, card: ModelCard) -> list[tuple[int, int, in
         if name.casefold() not in classes:
             raise InputError(f"{path}: '{name}' is not a class of model '{card.id}' (its classes: "
                              f"{', '.join(label.name for label in card.labels)})")
-        parsed = [_run(v) for v in values] if isinstance(values, list) else []
+        parsed = [_run(v) for v in (values if isinstance(values, list) else [values])]
         if not parsed or None in parsed:
-            raise InputError(f"{path}: '{name}' must list the values that stand for it: whole numbers from 0, or "
-                             'runs such as "1000-2999", e.g. [3, 42, "1000-2999"]')
+            raise InputError(f"{path}: '{name}' must give the values that stand for it: whole numbers from 0, or "
+                             'runs such as "1000-2999", e.g. [3, 42, "1000-2999"] or 16')
         runs += [(low, high, classes[name.casefold()]) for low, high in parsed]
     runs.sort()
     for index, (low, _, cls) in enumerate(runs):  # an earlier run (starting no later) reaching this one's start
