@@ -44,19 +44,21 @@ class TqdmProgress:
         self.bar = None
         self.score: tuple[str, float] | None = None
         self.postfix: dict[str, str] = {}
+        self.in_phase = False  # the bar says a phase other than training
 
     def __call__(self, events: list[dict]) -> None:
         from tqdm import tqdm
 
-        from .jobs.runstate import PHASES
+        from .jobs.runstate import phase_words
 
         for event in events:
             if event["event"] in ("audit", "agreement"):
                 key = "dice" if event["event"] == "audit" else "agreement"
                 self.score = (f"audit_{key}" if key == "dice" else key, event[key])
-            if event["event"] == "step" and self.bar is None:  # in bursts: the worker's own estimate, not tqdm's rate
+            # shown from the start (the start's audit can take minutes before a step), else from the first step seen
+            if event["event"] in ("started", "step") and event.get("task", "adapt") == "adapt" and self.bar is None:
                 self.bar = tqdm(total=event["steps"], desc=self.description, unit="step", file=sys.stderr,
-                                initial=event["step"] - 1, bar_format=BAR)
+                                initial=event.get("resumed_from_step", event.get("step", 1) - 1), bar_format=BAR)
             if event["event"] == "started" and event.get("task") == "predict" and self.bar is None:
                 self.bar = tqdm(total=event["steps"], desc=self.description, unit="volume", file=sys.stderr,
                                 bar_format=BAR)
@@ -70,10 +72,15 @@ class TqdmProgress:
                     self.postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
                 self.bar.set_postfix(self.postfix)
                 self.bar.update(1)
+            if event["event"] == "step" and self.in_phase:  # the start's audit is over
+                self.in_phase = False
+                self.bar.set_description(self.description)
+            if event["event"] == "phase" and self.bar is None:  # before the job's start: e.g. its first allocation
+                tqdm.write(f"{self.description}: {phase_words(event)}", file=sys.stderr)
             if event["event"] == "phase" and self.bar is not None and self.bar.unit == "step":  # no time to count down
-                what = f"predicting {event['volumes']} volume(s)" if "volumes" in event else PHASES.get(
-                    event["phase"], event["phase"])
+                what = f"predicting {event['volumes']} volume(s)" if "volumes" in event else phase_words(event)
                 self.bar.set_description(f"{self.description} ({what})")
+                self.in_phase = True
                 self.postfix.pop("left", None)
                 self.bar.set_postfix(self.postfix)
             if event["event"] == "validation" and self.bar is not None and event.get("dice") is not None:

@@ -423,6 +423,7 @@ class Trainer:
         config = self.config
         self.prepare()
         if not self.history:
+            self.emit({"event": "phase", "phase": "auditing", "step": self.step})
             self.audit()
         if self.optimizer is None:
             return True
@@ -442,15 +443,17 @@ class Trainer:
                 self._choosing()
             for hook in self.hooks:
                 hook.after_step(self.step, self.context)
+            if self.step == config.steps:
+                self._choosing("auditing the last step's state")
             if self.step % config.audit_every == 0 or self.step == config.steps:
                 self.audit()
             if on_checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
                 on_checkpoint(self)
         return True
 
-    def _choosing(self) -> None:
+    def _choosing(self, detail: str = "") -> None:
         """Said after the last step: the final sweep, the last audits and the verdict take a while yet."""
-        self.emit({"event": "phase", "phase": "choosing", "step": self.step})
+        self.emit({"event": "phase", "phase": "choosing", "step": self.step, **({"detail": detail} if detail else {})})
 
     def restore_best(self) -> None:
         """Leave the network at the best audited state; hooks that report the units they switched on say which ones
@@ -460,6 +463,14 @@ class Trainer:
         for hook in self.hooks:
             if hasattr(hook, "on_restore"):
                 hook.on_restore(self.step, self.best_step, self.context)
+
+    def kept_score(self) -> Score:
+        """The score of the state `restore_best` left: the start's is the step-0 audit's (the same state, scored
+        again for nothing)."""
+        if self.best_step == 0 and self.baseline is not None:
+            return self.baseline
+        self._choosing(f"scoring the kept state (step {self.best_step})")
+        return self.scorer(self.network)
 
     def summary(self) -> dict:
         """The run's outcome; `kept_start` says the starting state was kept (no state passed the rule)."""

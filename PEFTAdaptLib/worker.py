@@ -260,19 +260,27 @@ class Run:
             folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, metadata, spec)
             self.emit({"event": "checkpoint", "step": t.step, "path": str(folder.relative_to(self.job_dir))})
 
+        # a cancel while the state to keep was chosen (no step to stop between) is honoured here: resumed, the job
+        # goes on from its last step's checkpoint
         completed = trainer.run(self.should_stop, checkpoint_now, spec.train.checkpoint_every)
+        completed = completed and not self.should_stop()
         checkpoint_now(trainer)
         summary = trainer.summary()
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
-        checked = audit_change(model.network, cases.audit, card, device) if completed and cases.audit else None
+        start = ("the adapter it started from" if warm is not None else
+                 "the model's untrained new head" if untrained_start else plan.start)
+        source_kept = summary["kept_start"] and (start == SOURCE_START or warm_is_source)
+        checked = None
+        if completed and cases.audit:  # the source itself changes no audit case: nothing to measure
+            if not source_kept:
+                self.emit({"event": "phase", "phase": "choosing", "step": trainer.step,
+                           "detail": "measuring how much the kept state changes the audit volumes"})
+            checked = {} if source_kept else audit_change(model.network, cases.audit, card, device)
         # what the audit vouches for: the earlier round's record when its adapter is kept, the training (and audit)
         # volumes when a state judged on slabs of their scans or on one volume is kept, nothing more to say otherwise
         covers = warm_covers if summary["kept_start"] else trained_on if audit_caveat else None
-        start = ("the adapter it started from" if warm is not None else
-                 "the model's untrained new head" if untrained_start else plan.start)
         metadata.update({f"best_{scorer.key}": summary["best_score"], "best_step": summary["best_step"],
-                         "steps": config.steps, "final": completed,
-                         SOURCE_KEPT: summary["kept_start"] and (start == SOURCE_START or warm_is_source),
+                         "steps": config.steps, "final": completed, SOURCE_KEPT: source_kept,
                          **({AUDIT_CHANGE: {str(i): d for i, d in checked.items()}} if checked is not None else {}),
                          **({AUDIT_COVERS: covers} if covers is not None else {})})
         adapter = replace_folder(self.job_dir, ADAPTER_DIR,
@@ -285,10 +293,12 @@ class Run:
             held = (f"{words['none']} so far: the adapter is {start}" if summary["kept_start"] else
                     f"the adapter is the state of step {summary['best_step']} ({words['score']} "
                     f"{summary['best_score']:.4f}), {words['best']}")
-            self.emit({**cancelled, "message": f"cancelled at step {trainer.step}; {held}"})
+            when = ("while choosing the state to keep, after the last step" if trainer.step >= config.steps else
+                    f"at step {trainer.step}")
+            self.emit({**cancelled, "message": f"cancelled {when}; {held}"})
             return EXIT_CANCELLED
         outcome = self.outcome(summary, start, len(trainer.history), scorer.event, compared=not untrained_start)
-        final = scorer(model.network)
+        final = trainer.kept_score()
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
         if audit_caveat and outcome["kept"] == "adapted":

@@ -227,6 +227,9 @@ def test_after_the_last_step_the_command_line_and_the_panels_say_the_job_is_choo
                  "--patches-per-step", "1", "--device", "cpu", "--output", str(tmp_path / "job"))
     assert result.returncode == 0, result.stderr
     assert "adapting (choosing the state to keep)" in result.stderr
+    # the bar is there from the start, saying what takes long before the first step and within the choosing
+    assert "adapting (auditing the starting model)" in result.stderr
+    assert "adapting (choosing the state to keep: auditing the last step's state)" in result.stderr
     assert "adapting (predicting 1 volume(s))" in result.stderr
 
     log = read_events(tmp_path / "job")[0]

@@ -18,6 +18,7 @@ from conftest import shared
 from PEFTAdaptLib.adapters import UNIT_TYPES, freeze_base, iter_units, load_adapters, save_adapters
 from PEFTAdaptLib.data.cases import prepare_case
 from PEFTAdaptLib.errors import PEFTAdaptError
+from PEFTAdaptLib.jobs.runstate import RunState
 from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 from PEFTAdaptLib.seapeft import SeaPeftConfig, SeaPeftHook, build_pool, build_sea_peft, site_kinds
 from PEFTAdaptLib.seapeft.audit import AuditBuffer
@@ -402,12 +403,40 @@ def test_the_allocation_summary_names_the_kept_state_not_the_last_allocation(pla
     assert state.trainable == parameters
     assert state.allocation_summary.startswith(f"{len(active)} active adapter units, {parameters:,} of ")
 
+    # what a front-end says while the first allocation and the choosing take minutes (found on a whole-brain audit:
+    # 7 minutes of "choosing the state to keep" with nothing more, and 2 before the first step with nothing at all)
+    phases = [(e["phase"], e.get("detail", "")) for e in job.events if e["event"] == "phase"]
+    fresh = sum(1 for e in job.events if e["event"] == "unit_audit" and e["step"] == 0)
+    assert phases[0] == ("allocating", f"estimating the gain of {fresh} candidate units")
+    assert [e["event"] for e in job.events].index("started") > [e.get("phase") for e in job.events].index("allocating")
+    assert phases[1] == ("auditing", "")
+    judged = [detail for phase, detail in phases if detail.startswith("auditing unit set")]
+    assert judged and judged == [f"auditing unit set {i} of {len(judged)}" for i in range(1, len(judged) + 1)]
+    best_step = next(e for e in job.events if e["event"] == "finished")["best_step"]
+    assert phases[-3:] == [("choosing", "auditing the last step's state"),
+                           ("choosing", "measuring how much the kept state changes the audit volumes"),
+                           ("choosing", f"scoring the kept state (step {best_step})")]  # no volume to segment
+    seen = RunState()
+    first_judged = next(i for i, e in enumerate(job.events) if e.get("detail", "").startswith("auditing unit"))
+    for event in job.events[:first_judged + 1]:
+        seen.update(event)
+    assert seen.describe().startswith(f"Choosing the state to keep: auditing unit set 1 of {len(judged)}, step 45/45")
+
 
 def test_when_the_source_model_is_kept_no_allocation_is_shown_as_delivered(planar, tmp_path):
     job = _planar_job(planar, tmp_path, steps=2, lr=1e-6)  # too small a step for any reliable gain
     state = job.state
     assert state.kept == "start" and state.active_units is not None  # units were allocated, and none kept
     assert state.allocation_summary == "" and state.trainable_text.endswith(", trained but not kept")
+    # the kept start is the source itself: its audit score and its (nil) change on the audit are known, not redone
+    details = [e.get("detail", "") for e in job.events if e["event"] == "phase"]
+    assert not any(d.startswith(("measuring", "scoring")) for d in details)
+    first = next(e for e in job.events if e["event"] == "audit")
+    validation = next(e for e in job.events if e["event"] == "validation")
+    assert (validation["dice"], validation["cases"], validation["classes"]) == (first["dice"], first["cases"],
+                                                                                 first["classes"])
+    metadata = json.loads((job.adapter_folder / "adapter.json").read_text())["metadata"]
+    assert metadata["audit_change"] == {} and metadata["source_kept"] is True
 
 
 # -- the final sweep's choice ----------------------------------------------------------------------------------------

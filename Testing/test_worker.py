@@ -182,9 +182,9 @@ def test_a_job_killed_after_its_last_checkpoint_resumes_saying_it_chooses_the_st
     assert "step" not in kinds and kinds.index("choosing") < kinds.index("validation")
 
 
-def test_a_cancel_after_the_last_step_stops_the_predictions_and_says_so_keeping_the_final_adapter(tmp_path):
-    """Found by a user-level check: a Ctrl-C while the job chose its state skipped the prediction it was asked for,
-    and the job still said `finished`, exit 0, with nothing segmented."""
+def test_a_cancel_while_the_job_chooses_its_state_stops_there_and_a_resume_finishes_the_job(tmp_path):
+    """Found by a user-level check: a cancel while the job chose the state to keep (the final audits, minutes on a
+    whole-brain audit) waited for them and the verdict, and without predictions to stop the job finished anyway."""
     job = spec(steps=2)
     job.predict = [case(5, label=False)]
     write_job(tmp_path, job)
@@ -192,12 +192,39 @@ def test_a_cancel_after_the_last_step_stops_the_predictions_and_says_so_keeping_
     wait_for(tmp_path, lambda seen: any(e.get("phase") == "choosing" for e in seen))
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == EXIT_CANCELLED
+    log = events(tmp_path)
+    assert log[-1]["event"] == "cancelled" and log[-1]["step"] == 2
+    assert log[-1]["message"].startswith("cancelled while choosing the state to keep, after the last step; ")
+    assert not any(e["event"] in ("validation", "prediction") for e in log)
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]["final"] is False
+
+    assert launch(tmp_path, "--resume").wait(timeout=600) == EXIT_FINISHED  # from the last step's checkpoint
+    session = events(tmp_path)[len(log):]
+    assert not any(e["event"] == "step" for e in session)
+    assert [e["event"] for e in session if e["event"] in ("validation", "prediction", "finished")] == [
+        "validation", "prediction", "finished"]
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]["final"] is True
+
+
+def test_a_cancel_while_segmenting_stops_the_predictions_and_says_so_keeping_the_final_adapter(tmp_path):
+    """Found by a user-level check: a Ctrl-C after the last step skipped the predictions it was asked for, and the
+    job still said `finished`, exit 0, with nothing segmented."""
+    job = spec(steps=2)
+    job.predict = [case(n, label=False) for n in (5, 6, 3)]
+    write_job(tmp_path, job)
+    process = launch(tmp_path)
+    wait_for(tmp_path, lambda seen: any(e["event"] == "prediction" for e in seen))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == EXIT_CANCELLED
     last = events(tmp_path)[-1]
-    assert last["event"] == "cancelled" and last["message"].startswith("cancelled while segmenting, 0 of 1 volume(s)")
+    done = len([e for e in events(tmp_path) if e["event"] == "prediction"])
+    assert last["event"] == "cancelled" and 1 <= done < 3
+    assert last["message"].startswith(f"cancelled while segmenting, {done} of 3 volume(s) done; the training had "
+                                      "finished")
     validation = next(e for e in events(tmp_path) if e["event"] == "validation")
     assert last["kept"] == validation["kept"] and last["best_dice"] == validation["dice"]
     assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["metadata"]["final"] is True
-    assert not (tmp_path / "predictions").exists() or not any((tmp_path / "predictions").iterdir())
+    assert len(list((tmp_path / "predictions").glob("*_seg.nii.gz"))) == done
 
 
 def test_two_jobs_run_side_by_side_and_one_job_takes_one_worker(tmp_path):

@@ -8,12 +8,20 @@ TERMINAL = ("finished", "failed", "cancelled")
 #: a run cancelled before its worker wrote a checkpoint (while it started): what the job list and the run both say
 CANCELLED_EARLY = "cancelled before the first checkpoint; nothing was kept"
 #: what a phase the worker announces (`phase` events) is called where a word does not say enough
-PHASES = {"choosing": "choosing the state to keep"}
+PHASES = {"choosing": "choosing the state to keep", "auditing": "auditing the starting model",
+          "allocating": "choosing the first adapter units"}
+
+
+def phase_words(event: dict) -> str:
+    """A `phase` event in words, with what the worker is doing in it (its `detail`) when a phase takes long."""
+    words = PHASES.get(event["phase"], event["phase"])
+    return f"{words}: {event['detail']}" if event.get("detail") else words
 
 
 @dataclass
 class RunState:
     phase: str = "starting"
+    detail: str = ""  # what the worker is doing within a long phase, e.g. "auditing unit set 2 of 4"
     task: str = "adapt"
     method: str = ""
     rank: int | None = None
@@ -72,6 +80,8 @@ class RunState:
 
     def update(self, event: dict) -> None:
         kind = event.get("event", "")
+        if kind in ("started", "step", "phase", "prediction", *TERMINAL):
+            self.detail = event.get("detail", "") if kind == "phase" else ""
         if kind == "started":
             self.reopen()  # a resumed session: the earlier one's outcome is not this one's
             self.phase = "training" if event.get("task", "adapt") == "adapt" else "predicting"
@@ -152,7 +162,7 @@ class RunState:
         if self.outcome == "finished":
             checks = "".join(f"\nCheck: {warning}" for warning in self.warnings)
             return "Finished" + (f" — {self.message}" if self.message else "") + checks
-        parts = [PHASES.get(self.phase, self.phase).capitalize()]
+        parts = [phase_words({"phase": self.phase, "detail": self.detail}).capitalize()]
         if self.steps:
             parts.append(f"step {self.step}/{self.steps}")
         if self.eta_s is not None and self.phase == "training":

@@ -79,6 +79,8 @@ class SeaPeftHook:
     # -- loop --------------------------------------------------------------------------------------------------------
     def on_start(self, context) -> None:
         self._ensure_buffer(context)
+        context.emit({"event": "phase", "phase": "allocating", "step": 0,
+                      "detail": f"estimating the gain of {len(self.allocator.fresh())} candidate units"})
         self._estimate(0, context)
         start = time.monotonic()
         flips = self.allocator.start(self._prior())
@@ -191,7 +193,9 @@ class SeaPeftHook:
         best = scored[0]
         if context.judge is not None:
             judged = scored[:JUDGED_CANDIDATES] + [c for c in scored[JUDGED_CANDIDATES:] if c["label"] == "current"]
-            for candidate in judged:
+            for index, candidate in enumerate(judged, 1):
+                context.emit({"event": "phase", "phase": "choosing", "step": step,
+                              "detail": f"auditing unit set {index} of {len(judged)}"})
                 self._sync_gates(candidate["units"])
                 score, verdict = context.judge()
                 candidate.update(score=score, audit_dice=score.value, reliable=verdict is None or verdict.reliable)
