@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 
 import pytest
 
@@ -89,6 +90,18 @@ def test_the_data_folder_lists_image_files_by_relative_path():
     files = access.data_files(shared("spine"))
     assert "t2/t2.nii.gz" in files and "t2/t2_seg-manual.nii.gz" in files
     assert all(not f.startswith("/") and not f.endswith(("LICENSE", ".json", ".txt")) for f in files)
+
+
+def test_the_data_folder_lists_as_label_maps_only_the_json_files_that_are_label_maps(tmp_path):
+    """Its JSON files are often something else: the shared data's MeshNet folders hold model.json and colormap.json."""
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "aseg-to-gw.json").write_text('{"White Matter": [2, 41], "Grey Matter": "1000-2999"}')
+    shutil.copy(shared("meshnet/model18cls/colormap.json"), tmp_path / "colormap.json")
+    shutil.copy(shared("meshnet/model18cls/model.json"), tmp_path / "model.json")
+    (tmp_path / "t1.nii.gz").write_bytes(b"")
+    assert access.data_files(tmp_path, label_maps=True) == ["maps/aseg-to-gw.json"]
+    assert access.data_files(tmp_path) == ["t1.nii.gz"]
+    assert access.upload_name("folder/aseg-to-gw.json") == "aseg-to-gw.json"  # uploaded, it is read as a map later
 
 
 def test_the_server_off_loopback_refuses_a_request_without_its_token(tmp_path, monkeypatch):

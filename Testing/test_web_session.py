@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from conftest import shared
 
-from PEFTAdaptLib.data.io import same_geometry  # noqa: E402
+from PEFTAdaptLib.data.io import read_image, same_geometry  # noqa: E402
 from PEFTAdaptLib.errors import InputError  # noqa: E402
 
 SPINE_IMAGE, SPINE_LABEL = "spine/t2/t2.nii.gz", "spine/t2/t2_seg-manual.nii.gz"
@@ -76,6 +76,68 @@ def test_files_become_nodes_or_one_line_naming_the_file(app, tmp_path):
         assert expected in text and "\n" not in text
         assert str(tmp_path) not in text or "mine" not in text  # named as the user knows the file
     assert app.slicer.scene.GetNumberOfNodes() == nodes  # nothing half-loaded
+
+
+def test_labels_in_another_numbering_load_through_a_label_map_uploaded_or_in_the_data_folder(app, tmp_path):
+    """Found by a user-level check: a FreeSurfer user's aseg (values 2/41…) was refused by the browser app with no way
+    round it; the command line's --label-map had no counterpart there."""
+    volume = app.session.load_volume(shared(BRATS_IMAGE), app.state.model_id, "pat0006/T1c.nii.gz")
+    mask = sitk.ReadImage(str(shared(BRATS_MASK)))
+    inside = sitk.GetArrayFromImage(mask) > 0
+    numbered = np.where(inside, 41, 24).astype(np.int16)  # 24: a structure the model has no class for
+    numbered[:, :, :120][inside[:, :, :120]] = 2
+    aseg = sitk.GetImageFromArray(numbered)
+    aseg.CopyInformation(mask)
+    content = sitk.WriteImage(aseg, str(tmp_path / "aseg.nii.gz")) or (tmp_path / "aseg.nii.gz").read_bytes()
+    app.state.load_as, app.state.label_of = "label", volume.GetID()
+    app.upload([{"name": "aseg.nii.gz", "content": content}])
+    assert app.state.message_kind == "error" and "label values [2, 24, 41]" in app.state.message
+
+    app.upload([{"name": "to-brain.json", "content": b'{"brain": [2, 41]}'}])
+    assert app.state.label_map == "uploaded to-brain.json" and "uploaded to-brain.json" in app.state.label_maps
+    app.upload([{"name": "aseg.nii.gz", "content": content}])
+    assert app.state.message_kind == "info", app.state.message
+    assert app.state.message.endswith("its labels mapped onto the model's classes by uploaded to-brain.json")
+    segmentation = app.session.segmentations()[-1]
+    name, data = app.session.segmentation_file(segmentation, "nii.gz", app.state.model_id)
+    loaded = sitk.GetArrayFromImage(sitk.ReadImage(str(app.session.work_dir / "downloads" / name)))
+    assert np.array_equal(loaded, inside.astype(loaded.dtype))
+
+    data = tmp_path / "data"  # a map in the data folder is listed and named as the user knows it when it is wrong
+    data.mkdir()
+    (data / "wrong.json").write_text('{"white matter": [2]}')
+    app.session.data_dir, app.state.label_map = data, "wrong.json"
+    app.upload([{"name": "aseg.nii.gz", "content": content}])
+    assert app.state.message == ("wrong.json: 'white matter' is not a class of model 'deepbet-brain' (its classes: "
+                                 "background, brain)")
+
+
+def test_freesurfer_volumes_load_as_the_engine_reads_them_and_a_model_folder_loaded_again_is_listed_once(app, tmp_path):
+    """Found by a user-level check: the browser app refused FreeSurfer's .mgz ("could not read volume": MRML without
+    Slicer's readers has none for it), though it offers to upload one and a job reads it; and a model folder loaded
+    twice was listed, and shown selected, twice."""
+    from PEFTAdaptLib.mrml.scene_io import write_volume
+
+    norm, aseg = shared("freesurfer/bert/norm.mgz"), shared("freesurfer/bert/aseg.mgz")
+    volume = app.session.load_volume(norm, app.state.model_id, "bert/norm.mgz")
+    engine = read_image(norm)
+    shown = sitk.ReadImage(str(write_volume(volume, tmp_path / "shown.nrrd")))  # left-handed: Slicer reverses an axis
+    shown = sitk.Resample(shown, engine, sitk.Transform(), sitk.sitkNearestNeighbor)
+    assert np.array_equal(sitk.GetArrayViewFromImage(shown), sitk.GetArrayViewFromImage(engine))
+    label_map = tmp_path / "brain.json"
+    label_map.write_text('{"brain": ["1-5000"]}')
+    segmentation = app.session.load_label(aseg, volume, app.state.model_id, "bert/aseg.mgz", (label_map, "brain.json"))
+    name, _ = app.session.segmentation_file(segmentation, "nii.gz", app.state.model_id)
+    written = sitk.ReadImage(str(app.session.work_dir / "downloads" / name))
+    assert same_geometry(written, engine)  # the segmentation lies on the grid a job reads
+    expected = sitk.GetArrayFromImage(read_image(aseg, what="label")) > 0
+    assert np.array_equal(sitk.GetArrayViewFromImage(written) > 0, expected)
+    assert expected.sum() > 10 ** 6
+
+    app.session.data_dir, app.state.model_folder = shared("meshnet").parent, "meshnet/model5_gw_ae"
+    app.load_model_folder()
+    app.load_model_folder()
+    assert [m["value"] for m in app.state.models].count("model5_gw_ae") == 1 and app.state.model_id == "model5_gw_ae"
 
 
 def test_downloads_are_on_the_volumes_grid(app):

@@ -1,12 +1,15 @@
 """MRML nodes ⇄ files: volumes and segmentations out to a job folder, predictions back in as segmentation nodes."""
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import slicer
 import vtk
+
+from ..data.mgh import is_mgh
 
 
 class SceneError(Exception):
@@ -83,17 +86,40 @@ def _read_volume_node(scene, path: Path, name: str, class_name: str, what: str, 
     new = node is None
     if new:
         node = scene.AddNewNodeByClass(class_name, name)
+    if not (_read_as_the_engine_does(scene, node, path) if is_mgh(path) else _read_into(scene, node, path)):
+        if new:
+            remove_node(scene, node)
+        raise SceneError(f"could not read {what} {path}")
+    return node
+
+
+def _read_into(scene, node, path: Path) -> bool:
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     scene.AddNode(storage)
     try:
         storage.SetFileName(str(path))
-        if not storage.ReadData(node):
-            if new:
-                remove_node(scene, node)
-            raise SceneError(f"could not read {what} {path}")
+        return bool(storage.ReadData(node))
     finally:
         scene.RemoveNode(storage)
-    return node
+
+
+def _read_as_the_engine_does(scene, node, path: Path) -> bool:
+    """FreeSurfer's MGH/MGZ, which MRML without Slicer's own readers (slicer-core) cannot read: read as the engine
+    reads it (nibabel, `data/mgh.py`), so the node shows the voxels and geometry a job trains on, through a
+    transient NRRD file."""
+    import SimpleITK as sitk
+
+    from ..data.io import read_image
+    from ..errors import InputError
+
+    try:
+        image = read_image(path)
+    except InputError:
+        return False
+    with tempfile.TemporaryDirectory(prefix="peftadapt-") as folder:
+        converted = Path(folder) / "volume.nrrd"
+        sitk.WriteImage(image, str(converted))
+        return _read_into(scene, node, converted)
 
 
 def write_segmentation_as_labelmap(

@@ -17,14 +17,17 @@ import secrets
 from pathlib import Path
 
 from ..data.formats import image_suffix
+from ..data.labelmap import is_label_map_file
 from ..errors import InputError
 
 TOKEN_ENV = "PEFTADAPT_WEB_TOKEN"
 TOKEN_COOKIE = "peftadapt_token"
 #: a larger upload is refused before its bytes are sent (the page checks the size) and again on arrival
 MAX_UPLOAD_BYTES = 1 << 30
-#: header and data in one file: a detached header (.nhdr, .mhd) would need a second upload beside it
-UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mgz", ".mgh")
+#: a label map (labels in another numbering, data/labelmap.py)
+LABEL_MAP_SUFFIX = ".json"
+#: header and data in one file (a detached header, .nhdr or .mhd, would need a second upload beside it), or a label map
+UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mgz", ".mgh", LABEL_MAP_SUFFIX)
 #: the data-folder picker lists at most this many files (a folder of a whole archive stays usable)
 MAX_LISTED_FILES = 5000
 
@@ -97,9 +100,23 @@ def inside(root: Path, relative: str, what: str = "file") -> Path:
     return path
 
 
+def is_label_map(name: str) -> bool:
+    return name.lower().endswith(LABEL_MAP_SUFFIX)
+
+
+def _is_image(name: str) -> bool:
+    try:
+        image_suffix(name)
+    except InputError:
+        return False
+    return True
+
+
 def upload_name(name: str) -> str:
-    """The file name an upload is saved under: no folders, an image type read in one file."""
+    """The file name an upload is saved under: no folders, an image type read in one file, or a label map."""
     base = Path(name.replace("\\", "/")).name
+    if is_label_map(base):
+        return base
     try:
         suffix = image_suffix(base or name)
     except InputError:  # its list names every type read, some of which an upload refuses
@@ -129,15 +146,14 @@ def new_subfolder(folder: Path) -> Path:
     return target
 
 
-def data_files(root: Path) -> list[str]:
-    """Image files under the data folder, as paths relative to it (hidden folders skipped)."""
+def data_files(root: Path, label_maps: bool = False) -> list[str]:
+    """Image files (or label maps) under the data folder, as paths relative to it (hidden folders skipped)."""
     found = []
     for folder, subfolders, files in os.walk(root, followlinks=False):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in sorted(files):
-            try:
-                image_suffix(name)
-            except InputError:
+            wanted = is_label_map(name) and is_label_map_file(Path(folder) / name) if label_maps else _is_image(name)
+            if not wanted:
                 continue
             found.append((Path(folder) / name).relative_to(root).as_posix())
             if len(found) >= MAX_LISTED_FILES:

@@ -133,6 +133,7 @@ class WebApp:
             view.set_visible_in_3d(True)  # the 3D view shows the three slices, as Slicer's does with the eye on
             _image_below_segmentations(view)
         self.session = PanelSession(self.slicer.scene, work_dir, data_dir)
+        self.uploaded_maps: dict[str, Path] = {}  # label maps uploaded, by the name the list shows
         self._editor_logic = SegmentEditorLogic(server, self.slicer)
 
         cards = self.session.logic.modelCards()
@@ -146,6 +147,7 @@ class WebApp:
             **{key: [dict(EMPTY_PAIR)] for key in PAIR_LISTS}, "audit_advice": audit_advice(0),
             "has_data_folder": data_dir is not None,
             "data_files": access.data_files(Path(data_dir)) if data_dir else [],
+            "label_maps": access.data_files(Path(data_dir), label_maps=True) if data_dir else [], "label_map": None,
             "dice_chart": charts.dice_figure([]), "allocation_chart": charts.allocation([])[0], "units": [],
             "run_phase": "", "run_text": "", "run_progress": 0, "running": False, "can_readapt": False,
             "has_adapter": False, "trainable_text": "", "allocation_text": "", "jobs": [],
@@ -262,17 +264,30 @@ class WebApp:
     def _load(self, path: Path, shown_as: str) -> None:
         """A file as a volume, or as a label map of the chosen volume; the new node fills the first empty slot."""
         state = self.state
+        mapped = ""
         if state.load_as == "label":
             volume = self.session.node(state.label_of)
-            node = self.session.load_label(path, volume, state.model_id, shown_as)
+            node = self.session.load_label(path, volume, state.model_id, shown_as, self._label_map())
             self._place_segmentation(volume.GetID(), node.GetID())
+            mapped = f", its labels mapped onto the model's classes by {state.label_map}" if state.label_map else ""
         else:
             node = self.session.load_volume(path, state.model_id, shown_as)
             self._place_volume(node.GetID())
             state.shown_volume = node.GetID()
             state.label_of = node.GetID()
         self._publish_nodes()
-        self.say(f"loaded {shown_as} as '{node.GetName()}'")
+        self.say(f"loaded {shown_as} as '{node.GetName()}'{mapped}")
+
+    def _label_map(self) -> tuple[Path, str] | None:
+        """The label map chosen for the next label files (uploaded, or a file of the data folder) and its name."""
+        name = self.state.label_map
+        if not name:
+            return None
+        if name in self.uploaded_maps:
+            return self.uploaded_maps[name], name
+        if self.session.data_dir is None:
+            raise InputError(f"{name}: no such label map; upload it again")
+        return access.inside(self.session.data_dir, name), name
 
     def _place_volume(self, volume_id: str) -> None:
         """Volumes fill the panel in the order a user brings them: the empty training and audit pairs, then the
@@ -309,7 +324,15 @@ class WebApp:
     def upload(self, files) -> None:
         for item in files or []:
             path = self.session.upload(item.get("name", ""), item.get("content") or b"")
-            self._load(path, access.upload_name(item.get("name", "")))
+            name = access.upload_name(item.get("name", ""))
+            if access.is_label_map(name):  # chosen for the label files loaded next
+                name = f"uploaded {name}"
+                self.uploaded_maps[name] = path
+                self.state.label_maps = [n for n in self.state.label_maps if n != name] + [name]
+                self.state.label_map, self.state.load_as = name, "label"
+                self.say(f"{name}: label files loaded next are mapped by it onto the model's classes")
+            else:
+                self._load(path, name)
 
     @reports_errors
     async def load_demo(self) -> None:
@@ -335,7 +358,8 @@ class WebApp:
             raise InputError("start the server with --data DIR to load model folders from it")
         folder = access.inside(self.session.data_dir, self.state.model_folder or "", "model folder")
         card = self.session.logic.registerModelFolder(str(folder))
-        self.state.models = self.state.models + [{"title": card.get("title") or card["id"], "value": card["id"]}]
+        others = [entry for entry in self.state.models if entry["value"] != card["id"]]  # loaded again: one entry
+        self.state.models = others + [{"title": card.get("title") or card["id"], "value": card["id"]}]
         self.state.model_id = card["id"]
         self.say(f"model '{card['id']}' loaded from {self.state.model_folder}")
 

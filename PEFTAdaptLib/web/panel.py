@@ -203,6 +203,9 @@ def _data_section(app) -> None:
         v3.VBtn("Label map of…", value="label", size="small", id="load-as-label")
     v3.VSelect(label="…drawn on volume", items=("volumes",), v_model=("label_of", None), v_show="load_as === 'label'",
                id="label-of", classes="mt-2", **SELECT)
+    v3.VAutocomplete(label="…in another numbering: label map (.json)", items=("label_maps", []),
+                     v_model=("label_map", None), v_show="load_as === 'label'", clearable=True, id="label-map",
+                     classes="mt-2", density="compact", hide_details=True, variant="outlined")
     with html.Div(classes="d-flex align-center mt-2", v_if=("has_data_folder",)):
         v3.VAutocomplete(label="File in the data folder", items=("data_files", []), v_model=("data_pick", None),
                          id="data-pick", density="compact", hide_details=True, variant="outlined")
@@ -212,9 +215,9 @@ def _data_section(app) -> None:
              f"(message_kind = 'error', message = files.find(f => f.size > {MAX_UPLOAD_BYTES}).name + "
              f"': over the upload limit of {MAX_UPLOAD_BYTES >> 20} MiB') : "
              f"trigger('{app.server.controller.trigger_name(app.upload)}', [files]))([...$event.target.files])")
-    v3.VFileInput(label="Upload NIfTI / NRRD / MHA", multiple=True, change=check, id="upload", classes="mt-2",
-                  density="compact", hide_details=True, variant="outlined", prepend_icon="mdi-upload",
-                  accept=".nii,.nii.gz,.gz,.nrrd,.mha,.mgz,.mgh")
+    v3.VFileInput(label="Upload NIfTI / NRRD / MHA / MGZ, or a label map", multiple=True, change=check, id="upload",
+                  classes="mt-2", density="compact", hide_details=True, variant="outlined", prepend_icon="mdi-upload",
+                  accept=".nii,.nii.gz,.gz,.nrrd,.mha,.mgz,.mgh,.json")
 
 
 def _download(app, handler, args: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..data.formats import stem
 from ..data.io import read_image, read_label, write_image
+from ..data.labelmap import read_label_map, relabel
 from ..data.planar import check_dimensions
 from ..data.transforms import onto_grid
 from ..errors import InputError
@@ -73,9 +74,12 @@ class PanelSession:
         self.sources[node.GetID()] = path
         return node
 
-    def load_label(self, path: Path, volume, modelId: str, shown_as: str | None = None):
+    def load_label(self, path: Path, volume, modelId: str, shown_as: str | None = None,
+                   label_map: tuple[Path, str] | None = None):
         """A segmentation node from a label map drawn on `volume`, named and coloured by the model's classes; refused
-        (one line) when it is not on the volume's grid, holds values the model does not know, or is empty."""
+        (one line) when it is not on the volume's grid, holds values the model does not know, or is empty. A label
+        in another numbering (FreeSurfer's aseg…) comes with `label_map` (its file and the name the user knows it
+        by), which maps it onto the model's classes first, as the command line's --label-map does."""
         if volume is None:
             raise InputError(f"{shown_as or path.name}: choose the volume this label map belongs to")
         card = self.logic.card(modelId)
@@ -83,7 +87,10 @@ class PanelSession:
         if source is None:  # a node the scene made (a reopened job's input): its file is written once
             source = write_volume(volume, new_subfolder(self.work_dir / UPLOADS) / "volume.nrrd")
             self.sources[volume.GetID()] = source
-        with _named(path, shown_as):
+        with _named(path, shown_as), _named(*label_map or ("", None)):
+            if label_map is not None:
+                mapped = new_subfolder(self.work_dir / UPLOADS) / f"{stem(path.name)}_mapped.nii.gz"
+                path = relabel(path, source, read_label_map(label_map[0], card), label_map[0], mapped)
             read_label(path, read_image(source), source.name, {int(label["value"]) for label in card["labels"]})
         labels = labels_from_card(card["labels"])
         return import_prediction(self.scene, path, volume, labels, _node_name(shown_as or path.name))
