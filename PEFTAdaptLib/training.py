@@ -16,7 +16,7 @@ from monai.transforms import RandCropByPosNegLabeld
 from monai.transforms.utils import map_binary_to_indices
 from torch import nn
 
-from .adapters import freeze_base, iter_units, parameter_groups
+from .adapters import freeze_base, iter_units, parameter_groups, train_units
 from .data.augment import Augmentation, AugmentationConfig
 from .data.cases import Case
 from .data.sparse import UNANNOTATED, annotated, foreground, is_sparse
@@ -386,7 +386,7 @@ class Trainer:
         return score.value
 
     def _train_step(self) -> float:
-        self.network.train()
+        train_units(self.network)
         loss = self.objective.loss(self.network, self.device)
         if not torch.isfinite(loss):  # checked before the update: the parameters are still the last finite ones
             raise self._diverged(f"the loss is {float(loss.detach())}")

@@ -173,6 +173,26 @@ def test_monai_bundle_loads_with_its_card_and_segments_a_real_ct(tmp_path):
     _lora_is_identity_at_init(model.network, x)
 
 
+def test_a_batch_norm_model_trains_with_its_statistics_frozen_so_its_adapter_gives_what_the_job_gave(tmp_path):
+    """Found by reading the trainer: it put the whole network in training mode, so the frozen model's batch norms
+    moved their running statistics with every patch, and the job audited and segmented with those; the adapter holds
+    its units only, so `predict --adapter` (and a kept source) gave other segmentations than the job's."""
+    _write_bundle(tmp_path / "bundle")
+    crop = (slice(90, 154), slice(50, 114), slice(None))
+    sitk.WriteImage(_ct_crop(), str(tmp_path / "ct.nii.gz"))
+    label = sitk.ReadImage(str(shared(SPLEEN_CT.replace("_ct.nii.gz", "_ct_seg-manual.nii.gz"))))[crop]
+    sitk.WriteImage(label, str(tmp_path / "spleen.nii.gz"))
+    common = ["--model", str(tmp_path / "bundle"), "--device", "cpu"]
+    assert main(["adapt", *common, "--method", "lora", "--rank", "1", "--train", str(tmp_path / "ct.nii.gz"),
+                 str(tmp_path / "spleen.nii.gz"), "--steps", "4", "--audit-every", "2", "--patch-size", "32",
+                 "--predict", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "job")]) == 0
+    assert main(["predict", *common, "--adapter", str(tmp_path / "job"), "--image", str(tmp_path / "ct.nii.gz"),
+                 "--output", str(tmp_path / "again.nii.gz")]) == 0
+    job = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "job" / "predictions" / "ct_seg.nii.gz")))
+    again = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "again.nii.gz")))
+    assert np.array_equal(job, again)
+
+
 def test_torchscript_bundle_and_torchscript_card_adapt_in_weight_space(tmp_path, monkeypatch):
     folder = tmp_path / "bundle_ts"
     network = _write_bundle(folder)

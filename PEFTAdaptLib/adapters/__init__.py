@@ -8,7 +8,8 @@ from torch import nn
 from .adaptformer import AdaptFormerConfig, AdaptFormerUnit
 from .base import (
     AdaptedLayer, AdapterConfig, AdapterUnit, UNIT_TYPES, UnitRecord, add_units, count_base_parameters,
-    count_trainable, freeze_base, iter_units, merge_all, merge_and_unload, parameter_groups, trainable_parameters,
+    count_trainable, freeze_base, iter_units, merge_all, merge_and_unload, parameter_groups, train_units,
+    trainable_parameters,
     unmerge_all,
 )
 from .bitfit import BitFitConfig, BitFitUnit
@@ -45,5 +46,6 @@ __all__ = [
     "LoRAConfig", "LoRAUnit", "NormAffineConfig", "QKVLoRAConfig", "QKVLoRAUnit", "NormAffineUnit", "SALTConfig", "SALTUnit", "SVDConfig", "SVDUnit",
     "UNIT_TYPES", "UnitRecord", "add_units", "apply_adapter", "count_base_parameters", "count_trainable",
     "estimate_adabn", "fingerprint", "freeze_base", "iter_units", "load_adapters", "merge_all", "merge_and_unload",
-    "parameter_groups", "save_adapters", "train_in_full", "trainable_parameters", "unit_class_for", "unmerge_all",
+    "parameter_groups", "save_adapters", "train_in_full", "train_units", "trainable_parameters", "unit_class_for",
+    "unmerge_all",
 ]

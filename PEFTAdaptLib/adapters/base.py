@@ -382,6 +382,17 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(True)
 
 
+def train_units(model: nn.Module) -> None:
+    """Training mode for the adapter units, the frozen model's norms with running statistics (batch norms, instance
+    norms that track them) kept on those statistics as at inference: in training mode they would follow the training
+    patches, and the job would audit and segment with statistics that the adapter does not hold (a unit that holds
+    some, AdaBN's, keeps them as estimated)."""
+    model.train()
+    for module in model.modules():
+        if getattr(module, "running_mean", None) is not None:
+            module.eval()
+
+
 def trainable_parameters(model: nn.Module, active_only: bool = True) -> list[nn.Parameter]:
     return [p for r in iter_units(model) if r.active or not active_only for p in r.unit.parameters()]
 
