@@ -296,6 +296,7 @@ class Trainer:
         self.losses: list[float] = []
         self.best_score, self.best_step, self.best_state = -1.0, 0, self._unit_state()
         self.baseline: Score | None = None  # the state the run started from (step 0)
+        self.best_full: Score | None = None  # the best state's whole score, as audited in this session
         self.best_verdict: dict = {}
         self.flagged = False
         self.prepared = False
@@ -332,6 +333,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.losses = state["step"], [tuple(h) for h in state["history"]], state["losses"]
         self.best_score, self.best_step, self.best_state = state["best_score"], state["best_step"], state["best_state"]
+        self.best_full = None
         self.seconds = state["seconds"]
         saved = state["baseline"]
         self.baseline = None if saved is None else Score(
@@ -371,6 +373,7 @@ class Trainer:
         if self.baseline is None:
             self.baseline = score
             self.best_score, self.best_step, self.best_state = score.value, self.step, self._unit_state()
+            self.best_full = score
         else:
             verdict = self._verdict(score)
             accepted = verdict is None or verdict.reliable
@@ -381,6 +384,7 @@ class Trainer:
                     self.emit({"event": "warning", "step": self.step, "message": verdict.flag})
             if accepted and self._beats_best(score):
                 self.best_score, self.best_step, self.best_state = score.value, self.step, self._unit_state()
+                self.best_full = score
                 self.best_verdict = verdict.fields() if verdict is not None else {}
         self.emit({"event": self.scorer.event, "step": self.step, **fields})
         return score.value
@@ -465,10 +469,12 @@ class Trainer:
                 hook.on_restore(self.step, self.best_step, self.context)
 
     def kept_score(self) -> Score:
-        """The score of the state `restore_best` left: the start's is the step-0 audit's (the same state, scored
-        again for nothing)."""
+        """The score of the state `restore_best` left, as audited when it became the best (the start's travels in
+        the checkpoint); scored again only after a resume, which does not hold the others."""
         if self.best_step == 0 and self.baseline is not None:
             return self.baseline
+        if self.best_full is not None:
+            return self.best_full
         self._choosing(f"scoring the kept state (step {self.best_step})")
         return self.scorer(self.network)
 

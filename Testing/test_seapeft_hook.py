@@ -412,10 +412,14 @@ def test_the_allocation_summary_names_the_kept_state_not_the_last_allocation(pla
     assert phases[1] == ("auditing", "")
     judged = [detail for phase, detail in phases if detail.startswith("auditing unit set")]
     assert judged and judged == [f"auditing unit set {i} of {len(judged)}" for i in range(1, len(judged) + 1)]
+    assert phases[-2:] == [("choosing", "auditing the last step's state"),
+                           ("choosing", "measuring how much the kept state changes the audit volumes")]
+    # the kept state is not scored again: its audit is the one it was kept for
     best_step = next(e for e in job.events if e["event"] == "finished")["best_step"]
-    assert phases[-3:] == [("choosing", "auditing the last step's state"),
-                           ("choosing", "measuring how much the kept state changes the audit volumes"),
-                           ("choosing", f"scoring the kept state (step {best_step})")]  # no volume to segment
+    kept_audit = next(e for e in job.events if e["event"] == "audit" and e["step"] == best_step)
+    validation = next(e for e in job.events if e["event"] == "validation")
+    assert (validation["dice"], validation["cases"], validation["classes"]) == (
+        kept_audit["dice"], kept_audit["cases"], kept_audit["classes"])
     seen = RunState()
     first_judged = next(i for i, e in enumerate(job.events) if e.get("detail", "").startswith("auditing unit"))
     for event in job.events[:first_judged + 1]:
