@@ -269,6 +269,11 @@ class TrainingHook(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def phase_event(phase: str, step: int, detail: str = "") -> dict:
+    """A `phase` event (docs/worker.md): what a long stretch without steps is doing, and within it, `detail`."""
+    return {"event": "phase", "phase": phase, "step": step, **({"detail": detail} if detail else {})}
+
+
 class TrainingDiverged(PEFTAdaptError):
     """The loss or a trained parameter is no longer finite: the run stops before that state is audited or saved."""
 
@@ -427,7 +432,7 @@ class Trainer:
         config = self.config
         self.prepare()
         if not self.history:
-            self.emit({"event": "phase", "phase": "auditing", "step": self.step})
+            self.emit(phase_event("auditing", self.step))
             self.audit()
         if self.optimizer is None:
             return True
@@ -457,7 +462,7 @@ class Trainer:
 
     def _choosing(self, detail: str = "") -> None:
         """Said after the last step: the final sweep, the last audits and the verdict take a while yet."""
-        self.emit({"event": "phase", "phase": "choosing", "step": self.step, **({"detail": detail} if detail else {})})
+        self.emit(phase_event("choosing", self.step, detail))
 
     def restore_best(self) -> None:
         """Leave the network at the best audited state; hooks that report the units they switched on say which ones

@@ -44,6 +44,7 @@ from .models.foundation import FoundationModel
 from .models.registry import load_model
 from .training import (
     AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged, audit_change,
+    phase_event,
 )
 from .uncertainty import companion_paths, predict_with_uncertainty
 from .vouch import (
@@ -271,11 +272,12 @@ class Run:
                  "the model's untrained new head" if untrained_start else plan.start)
         source_kept = summary["kept_start"] and (start == SOURCE_START or warm_is_source)
         checked = None
-        if completed and cases.audit:  # the source itself changes no audit case: nothing to measure
-            if not source_kept:
-                self.emit({"event": "phase", "phase": "choosing", "step": trainer.step,
-                           "detail": "measuring how much the kept state changes the audit volumes"})
-            checked = {} if source_kept else audit_change(model.network, cases.audit, card, device)
+        if completed and cases.audit and source_kept:  # the source itself changes no audit case: nothing to measure
+            checked = {}
+        elif completed and cases.audit:
+            self.emit(phase_event("choosing", trainer.step, "measuring how much the kept state changes the audit "
+                                                            "volumes"))
+            checked = audit_change(model.network, cases.audit, card, device)
         # what the audit vouches for: the earlier round's record when its adapter is kept, the training (and audit)
         # volumes when a state judged on slabs of their scans or on one volume is kept, nothing more to say otherwise
         covers = warm_covers if summary["kept_start"] else trained_on if audit_caveat else None

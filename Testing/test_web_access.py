@@ -87,7 +87,7 @@ def test_an_upload_of_an_unknown_type_lists_only_the_types_an_upload_takes():
 
 
 def test_the_data_folder_lists_image_files_by_relative_path():
-    files = access.data_files(shared("spine"))
+    files, _ = access.data_files(shared("spine"))
     assert "t2/t2.nii.gz" in files and "t2/t2_seg-manual.nii.gz" in files
     assert all(not f.startswith("/") and not f.endswith(("LICENSE", ".json", ".txt")) for f in files)
 
@@ -99,8 +99,7 @@ def test_the_data_folder_lists_as_label_maps_only_the_json_files_that_are_label_
     shutil.copy(shared("meshnet/model18cls/colormap.json"), tmp_path / "colormap.json")
     shutil.copy(shared("meshnet/model18cls/model.json"), tmp_path / "model.json")
     (tmp_path / "t1.nii.gz").write_bytes(b"")
-    assert access.data_files(tmp_path, label_maps=True) == ["maps/aseg-to-gw.json"]
-    assert access.data_files(tmp_path) == ["t1.nii.gz"]
+    assert access.data_files(tmp_path) == (["t1.nii.gz"], ["maps/aseg-to-gw.json"])
     assert access.upload_name("folder/aseg-to-gw.json") == "aseg-to-gw.json"  # uploaded, it is read as a map later
 
 

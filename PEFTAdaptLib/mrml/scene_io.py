@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import SimpleITK as sitk
 import slicer
 import vtk
 
+from ..data.io import read_image
 from ..data.mgh import is_mgh
+from ..errors import InputError
 
 
 class SceneError(Exception):
@@ -107,11 +110,6 @@ def _read_as_the_engine_does(scene, node, path: Path) -> bool:
     """FreeSurfer's MGH/MGZ, which MRML without Slicer's own readers (slicer-core) cannot read: read as the engine
     reads it (nibabel, `data/mgh.py`), so the node shows the voxels and geometry a job trains on, through a
     transient NRRD file."""
-    import SimpleITK as sitk
-
-    from ..data.io import read_image
-    from ..errors import InputError
-
     try:
         image = read_image(path)
     except InputError:

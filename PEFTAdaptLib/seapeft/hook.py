@@ -27,6 +27,7 @@ from ..adapters.base import iter_units
 from ..adapters.shallow import shallow_layers
 from ..errors import PEFTAdaptError
 from ..models.card import FIXED_INPUT_SIZE
+from ..training import phase_event
 from .allocator import Allocator
 from .audit import AuditBuffer
 from .config import SeaPeftConfig
@@ -79,8 +80,8 @@ class SeaPeftHook:
     # -- loop --------------------------------------------------------------------------------------------------------
     def on_start(self, context) -> None:
         self._ensure_buffer(context)
-        context.emit({"event": "phase", "phase": "allocating", "step": 0,
-                      "detail": f"estimating the gain of {len(self.allocator.fresh())} candidate units"})
+        fresh = len(self.allocator.fresh())
+        context.emit(phase_event("allocating", 0, f"estimating the gain of {fresh} candidate units"))
         self._estimate(0, context)
         start = time.monotonic()
         flips = self.allocator.start(self._prior())
@@ -194,8 +195,7 @@ class SeaPeftHook:
         if context.judge is not None:
             judged = scored[:JUDGED_CANDIDATES] + [c for c in scored[JUDGED_CANDIDATES:] if c["label"] == "current"]
             for index, candidate in enumerate(judged, 1):
-                context.emit({"event": "phase", "phase": "choosing", "step": step,
-                              "detail": f"auditing unit set {index} of {len(judged)}"})
+                context.emit(phase_event("choosing", step, f"auditing unit set {index} of {len(judged)}"))
                 self._sync_gates(candidate["units"])
                 score, verdict = context.judge()
                 candidate.update(score=score, audit_dice=score.value, reliable=verdict is None or verdict.reliable)

@@ -146,16 +146,18 @@ def new_subfolder(folder: Path) -> Path:
     return target
 
 
-def data_files(root: Path, label_maps: bool = False) -> list[str]:
-    """Image files (or label maps) under the data folder, as paths relative to it (hidden folders skipped)."""
-    found = []
+def data_files(root: Path) -> tuple[list[str], list[str]]:
+    """The image files and the label maps under the data folder, as paths relative to it (hidden folders skipped), in
+    one walk: it ends once the images reach the listing's limit."""
+    images, label_maps = [], []
     for folder, subfolders, files in os.walk(root, followlinks=False):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in sorted(files):
-            wanted = is_label_map(name) and is_label_map_file(Path(folder) / name) if label_maps else _is_image(name)
-            if not wanted:
-                continue
-            found.append((Path(folder) / name).relative_to(root).as_posix())
-            if len(found) >= MAX_LISTED_FILES:
-                return found
-    return found
+            path = Path(folder) / name
+            if _is_image(name):
+                images.append(path.relative_to(root).as_posix())
+                if len(images) >= MAX_LISTED_FILES:
+                    return images, label_maps
+            elif is_label_map(name) and len(label_maps) < MAX_LISTED_FILES and is_label_map_file(path):
+                label_maps.append(path.relative_to(root).as_posix())
+    return images, label_maps

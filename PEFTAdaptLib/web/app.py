@@ -137,6 +137,7 @@ class WebApp:
         self._editor_logic = SegmentEditorLogic(server, self.slicer)
 
         cards = self.session.logic.modelCards()
+        data_files, label_maps = access.data_files(Path(data_dir)) if data_dir else ([], [])
         state = self.state
         state.update({
             "trame__title": "PEFTAdapt", "busy": False, "message": "", "message_kind": "info",
@@ -146,8 +147,7 @@ class WebApp:
             "method": DEFAULT_METHOD, "devices": list(DEVICES),
             **{key: [dict(EMPTY_PAIR)] for key in PAIR_LISTS}, "audit_advice": audit_advice(0),
             "has_data_folder": data_dir is not None,
-            "data_files": access.data_files(Path(data_dir)) if data_dir else [],
-            "label_maps": access.data_files(Path(data_dir), label_maps=True) if data_dir else [], "label_map": None,
+            "data_files": data_files, "label_maps": label_maps, "label_map": None,
             "dice_chart": charts.dice_figure([]), "allocation_chart": charts.allocation([])[0], "units": [],
             "run_phase": "", "run_text": "", "run_progress": 0, "running": False, "can_readapt": False,
             "has_adapter": False, "trainable_text": "", "allocation_text": "", "jobs": [],
