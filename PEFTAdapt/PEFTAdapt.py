@@ -96,7 +96,7 @@ if not UNSUPPORTED:
     from PEFTAdaptLib.methods import DEFAULT_METHOD, Budget, default_budget, method_class, method_names
     from PEFTAdaptLib.models.registry import DEFAULT_MODEL
     from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic, audit_advice
-    from PEFTAdaptLib.mrml.scene_io import SceneError, import_prediction, labels_from_card, write_volume
+    from PEFTAdaptLib.mrml.scene_io import SceneError, import_prediction, labels_from_card
 
     TRAIN_DEFAULTS = TrainSpec()
 
@@ -418,11 +418,14 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddPair(self, pairList: PairList) -> None:
         volume = self.ui.pairVolumeSelector.currentNode()
-        segmentation = self.ui.pairSegmentationSelector.currentNode()
-        if not volume or not segmentation:
-            slicer.util.warningDisplay(_("Select a volume and its segmentation first."))
+        annotation = self.ui.pairSegmentationSelector.currentNode()
+        if not volume or not annotation:
+            slicer.util.warningDisplay(_("Select a volume and its annotation first."))
             return
-        self.logic.addPair(self._parameterNode, pairList, volume, segmentation)
+        with slicer.util.tryWithErrorDisplay(_("Could not add the pair."), waitCursor=True):
+            segmentation = self.logic.addPair(self._parameterNode, pairList, volume, annotation,
+                                              self.ui.labelMapPathLineEdit.currentPath)
+            self.ui.pairSegmentationSelector.setCurrentNode(segmentation)
 
     def onRemovePair(self, pairList: PairList) -> None:
         row = self._pairTable(pairList).currentRow()
@@ -757,11 +760,17 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             setattr(p, pairList.volumes, [volume for volume, _segmentation in pairs])
             setattr(p, pairList.segmentations, [segmentation for _volume, segmentation in pairs])
 
-    @classmethod
-    def addPair(cls, p, pairList: PairList, volume, segmentation) -> None:
-        pairs = cls.pairs(p, pairList)
-        if (volume, segmentation) not in pairs:
-            cls.setPairs(p, pairList, pairs + [(volume, segmentation)])
+    def addPair(self, p, pairList: PairList, volume, annotation, labelMap: str = ""):
+        """Add (volume, annotation) to the list and return its segmentation: a label map volume annotation (a mask,
+        FreeSurfer's aseg…) becomes a segmentation in the model's classes first, through `labelMap` (the command
+        line's --label-map file) when its values are in another numbering."""
+        if annotation.IsA("vtkMRMLLabelMapVolumeNode"):
+            annotation = self.sceneLogic.segmentationFromLabelmap(annotation, volume, p.modelId,
+                                                                  Path(labelMap) if labelMap else None)
+        pairs = self.pairs(p, pairList)
+        if (volume, annotation) not in pairs:
+            self.setPairs(p, pairList, pairs + [(volume, annotation)])
+        return annotation
 
     @classmethod
     def removePair(cls, p, pairList: PairList, row: int) -> None:
@@ -1002,15 +1011,13 @@ class PEFTAdaptTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _syntheticCase(logic, np):
-        """A 64³ volume with a bright sphere and its segmentation, named after the default model's first class."""
+        """A 64³ volume with a bright sphere and its segmentation in the default model's classes, made from a label
+        map volume as the panel's "Add" makes it."""
         grid = np.mgrid[:64, :64, :64]
         sphere = ((grid - 32) ** 2).sum(axis=0) < 18 ** 2
         volume = slicer.util.addVolumeFromArray((sphere * 100.0 + 10.0).astype(np.float32), name="self-test volume")
-        labels = labels_from_card(logic.sceneLogic.card(DEFAULT_MODEL)["labels"])
         labelmap = slicer.util.addVolumeFromArray(sphere.astype(np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
-        with tempfile.TemporaryDirectory() as folder:
-            path = write_volume(labelmap, Path(folder) / "label.nrrd")
-            segmentation = import_prediction(slicer.mrmlScene, path, volume, labels, "self-test segmentation")
+        segmentation = logic.sceneLogic.segmentationFromLabelmap(labelmap, volume, DEFAULT_MODEL)
         slicer.mrmlScene.RemoveNode(labelmap)
         return volume, segmentation
 

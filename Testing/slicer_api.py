@@ -157,6 +157,8 @@ CLASSES: dict[str, Class] = {
         "setSectionResizeMode": None}),
     # -- CTK ----------------------------------------------------------------------------------------------------------
     "ctkCollapsibleButton": Class(ctk("Libs/Widgets/ctkCollapsibleButton.h"), "QAbstractButton", {"collapsed": None}),
+    "ctkPathLineEdit": Class(ctk("Libs/Widgets/ctkPathLineEdit.h"), "QWidget", {
+        "currentPath": None, "nameFilters": None, "currentPathChanged(QString)": None}),
     "ctkSliderWidget": Class(ctk("Libs/Widgets/ctkSliderWidget.h"), "QWidget", {
         "decimals": None, "singleStep": None, "minimum": None, "maximum": None, "value": None,
         "valueChanged(double)": None}),

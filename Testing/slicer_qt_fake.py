@@ -424,6 +424,23 @@ class ctkCollapsibleButton(QAbstractButton):
         self.collapsed = False
 
 
+class ctkPathLineEdit(QWidget):
+    def __init__(self, parent=None):
+        super().__init__()
+        self.nameFilters = []
+        self._path = ""
+
+    @property
+    def currentPath(self):
+        return self._path
+
+    @currentPath.setter
+    def currentPath(self, path):
+        if path != self._path:
+            self._path = path
+            self._emit("currentPathChanged(QString)", path)
+
+
 class ctkSliderWidget(QWidget, _BoundedValue):
     _number, _signal = float, "valueChanged(double)"
 
@@ -599,7 +616,7 @@ class qSlicerScriptedLoadableModuleWidget(qSlicerAbstractModuleWidget):
 #: the classes a .ui file may name, by name
 UI_CLASSES = {cls.__name__: cls for cls in (
     QWidget, QLabel, QPushButton, QCheckBox, QComboBox, QSpinBox, QProgressBar, QPlainTextEdit, QTableWidget,
-    ctkCollapsibleButton, ctkSliderWidget, qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView, qMRMLSegmentEditorWidget)}
+    ctkCollapsibleButton, ctkPathLineEdit, ctkSliderWidget, qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView, qMRMLSegmentEditorWidget)}
 LAYOUT_CLASSES = {cls.__name__: cls for cls in (QVBoxLayout, QHBoxLayout, QGridLayout)}
 
 

@@ -168,7 +168,8 @@ def test_labels_in_another_numbering_are_mapped_onto_the_models_classes_by_a_lab
                   str(upper[1].with_name("aseg.nii.gz")), "--output", str(tmp_path / "refused"))
     assert_one_line_error(refused, "label values [3, 24, 1035] are not classes of this model (known: [0, 1, 2]); "
                                    "labels in another numbering (a label map maps them onto the model's "
-                                   "classes: the command line's --label-map, the browser app's label map)")
+                                   "classes: the command line's --label-map, the label map of the browser app or "
+                                   "the Slicer panel)")
     adapted = run("adapt", "--model", str(shared(MESHNET)), "--method", "bitfit", "--label-map", str(label_map),
                   "--train", str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--audit", str(middle[0]),
                   str(middle[1].with_name("aseg.nii.gz")), "--steps", "1", "--patch-size", "32",

@@ -13,7 +13,9 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from conftest import shared
 from slicer_qt_fake import SlicerQtFake
@@ -1096,3 +1098,78 @@ def test_the_volume_selectors_offer_no_label_map_and_a_label_map_given_as_the_im
     with pytest.raises(SceneError, match=r"volume 'mask' \(training pair 1\) is a label map, not an image"):
         panel.logic.startAdaptation(p)
     assert panel.logic.sceneLogic.adaptationJobs() == []
+
+
+def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_models_classes_through_a_label_map(
+        fake, panel, tmp_path):
+    """Found by a user-level check: FreeSurfer's aseg, which Slicer loads as a label map volume, could not be an
+    annotation in the panel (its selector offered segmentations only, and an aseg made a segmentation holds dozens of
+    segments named by FreeSurfer's table, which match no class), while the command line and the browser app map it
+    with a label map."""
+    from PEFTAdaptLib.data.io import read_image
+    from PEFTAdaptLib.jobs import load_job
+    from PEFTAdaptLib.mrml.scene_io import read_labelmap, read_volume
+
+    ui, p = panel.ui, panel._parameterNode
+    panel.logic.sceneLogic.client.runner = WaitingRunner()
+    card = panel.logic.sceneLogic.registerModelFolder(str(shared("meshnet/model5_gw_ae")))
+    panel.logic.selectModel(p, card["id"])
+    norm, aseg_file = shared("freesurfer/bert/norm.mgz"), shared("freesurfer/bert/aseg.mgz")
+    volume = read_volume(fake.scene, norm, "norm")
+    aseg = read_labelmap(fake.scene, aseg_file, "aseg")
+    ui.pairVolumeSelector.setCurrentNode(volume)
+    ui.pairSegmentationSelector.setCurrentNode(aseg)
+    assert ui.pairSegmentationSelector.currentNode() is aseg  # offered beside the segmentations
+
+    def add(button=ui.addPairButton):
+        fake.dialogs.clear()
+        fake.slotErrors.clear()  # tryWithErrorDisplay shows the error and raises it (PythonQt prints it)
+        ui.pairSegmentationSelector.setCurrentNode(aseg)
+        button.click()
+        return [text for kind, text in fake.dialogs if kind == "error"]
+
+    [error] = add()  # aseg's own values: refused in one line naming the node, pointing to the label map
+    assert "label map volume 'aseg': label values [3, 4, 5, 7, 8, 10, 11, 12, … (42 values)] are not " in error
+    assert "the label map of the browser app or the Slicer panel" in error and "/tmp" not in error
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"Cortex": [3, 42]}')
+    ui.labelMapPathLineEdit.currentPath = str(wrong)
+    [error] = add()
+    assert f"{wrong}: 'Cortex' is not a class of model 'model5_gw_ae'" in error
+    assert ui.trainingTable.rowCount() == 0
+
+    ui.labelMapPathLineEdit.currentPath = str(ROOT / "bench" / "freesurfer_gw.json")
+    assert add() == [] and not fake.slotErrors
+    segmentation = ui.pairSegmentationSelector.currentNode()  # the new segmentation is shown as the pair's
+    assert segmentation.IsA("vtkMRMLSegmentationNode") and segmentation.GetName() == "aseg classes"
+    assert [ui.trainingTable.item(0, column).text() for column in (0, 1)] == ["norm", "aseg classes"]
+    names = segmentation.GetSegmentation()
+    assert sorted(names.GetNthSegment(i).GetName() for i in range(names.GetNumberOfSegments())) == [
+        "Grey Matter", "White Matter"]
+    segmentations = fake.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    assert add() == [] and ui.trainingTable.rowCount() == 1  # added again: the same segmentation, no copy
+    assert fake.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations
+
+    moved = fake.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    aseg.SetAndObserveTransformNodeID(moved.GetID())
+    [error] = add(ui.addAuditPairButton)
+    assert "label map volume 'aseg' and volume 'norm' are under different transforms" in error
+    aseg.SetAndObserveTransformNodeID(None)
+    fake.dialogs.clear()
+    fake.slotErrors.clear()
+
+    ui.applyButton.click()  # the job trains on the aseg in the model's numbering, as --label-map gives it
+    assert not fake.dialogs, fake.dialogs
+    [job] = panel.logic.sceneLogic.adaptationJobs()
+    held = read_image(job.folder / load_job(job.folder).support[0].label, what="label")
+    given = read_image(aseg_file, what="label")  # Slicer's node reverses an axis of this left-handed grid: resample
+    held = sitk.GetArrayFromImage(sitk.Resample(held, given, sitk.Transform(), sitk.sitkNearestNeighbor))
+    given = sitk.GetArrayFromImage(given)
+    gw = json.loads((ROOT / "bench" / "freesurfer_gw.json").read_text())
+    assert np.array_equal(held == 1, _in_runs(given, gw["White Matter"]))
+    assert np.array_equal(held == 2, _in_runs(given, gw["Grey Matter"]))
+
+
+def _in_runs(values, entries) -> "np.ndarray":
+    runs = [(int(a), int(b)) for a, b in (str(e).split("-") if "-" in str(e) else (e, e) for e in entries)]
+    return np.any([(values >= low) & (values <= high) for low, high in runs], axis=0)

@@ -130,7 +130,7 @@ def read_label(path: str | Path, image: sitk.Image, image_path: str | Path, allo
         foreground = sorted(allowed_values - {0})
         binary = len(foreground) == 1 and unknown == [int(v) for v in values if v != 0]  # e.g. a 0/255 mask
         numbering = ("labels in another numbering (a label map maps them onto the model's classes: the command "
-                     "line's --label-map, the browser app's label map)")
+                     "line's --label-map, the label map of the browser app or the Slicer panel)")
         hint = (f"; is it an image rather than a label map, or {numbering}?" if many else
                 f"; a binary mask: save its foreground as {foreground[0]}" if binary else f"; {numbering}?")
         raise InputError(f"{path}: label values [{shown}] are not classes of this model (known: "

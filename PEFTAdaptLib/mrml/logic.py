@@ -16,6 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..data.formats import stem
+from ..data.io import read_image, read_label
+from ..data.labelmap import read_label_map, relabel
 from ..errors import PEFTAdaptError
 from ..jobs import (
     ADAPTER_DIR, RESUMABLE, CaseSpec, Job, JobClient, JobSpec, RunState, TrainSpec, job_info, load_job,
@@ -26,7 +29,7 @@ from ..methods import DEFAULT_METHOD, Budget, make_method, method_class
 from .monitor import AdaptationMonitor
 from ..uncertainty import companion_paths
 from .scene_io import (
-    SceneError, import_overlay, import_prediction, labels_from_card, read_volume, show_voxel,
+    SceneError, import_overlay, import_prediction, labels_from_card, nodes_of_class, read_volume, show_voxel,
     write_segmentation_as_labelmap, write_volume,
 )
 
@@ -35,6 +38,9 @@ EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactl
 #: checked (JSON [[axis, index], …], IJK of its volume). A training pair whose segmentation started from a
 #: prediction trains on the slices that differ from it, and on the marked ones (sparse supervision, data/sparse.py)
 STARTED_FROM, CHECKED_SLICES = "PEFTAdapt.startedFrom", "PEFTAdapt.checkedSlices"
+#: segmentation-node attribute of a label map volume converted to the model's classes: [label map volume ID,
+#: volume ID, label map file]
+CONVERTED_FROM = "PEFTAdapt.convertedFrom"
 #: node reference of a result segmentation to its uncertainty overlay: the next result read into the segmentation
 #: reads its overlay into the same volume node
 UNCERTAINTY_ROLE = "PEFTAdapt.uncertainty"
@@ -258,7 +264,6 @@ class SceneLogic:
     def registerModelFolder(self, folder: str) -> dict:
         """A MONAI bundle, nnU-Net v2 folder, TorchScript + card or MeshNet folder; refused with the reason if its
         files are missing, corrupt or need a package that is not installed."""
-        from ..errors import PEFTAdaptError
         from ..models.catalog import entry_for_path
 
         try:
@@ -302,7 +307,6 @@ class SceneLogic:
         """The adapter folder `folder` holds (itself, or an adapt job's `adapter/`), checked to be one for `modelId`:
         the panel keeps this folder, so that *Save adapter* copies the adapter and never a job's inputs."""
         from ..adapters.io import read_adapter_config
-        from ..errors import PEFTAdaptError
         from ..jobs.create import adapter_folder
 
         try:
@@ -314,6 +318,47 @@ class SceneLogic:
         if trained_on != modelId:
             raise SceneError(f"{folder}: this adapter was trained for model '{trained_on}', not '{modelId}'")
         return str(adapter)
+
+    # -- annotations -----------------------------------------------------------------------------------------------
+    def importLabels(self, path: Path, volume, imageFile: Path, modelId: str, name: str,
+                     labelMap: Path | None = None, scratch: Path | None = None):
+        """A segmentation node in the model's classes (its names, colours, terminology) from a label file drawn on
+        `volume`, whose image is `imageFile`; refused in one line when it is off the volume's grid, holds values the
+        model does not know, or is empty. Labels in another numbering (FreeSurfer's aseg…) come with `labelMap`,
+        the command line's --label-map file, which maps them onto the model's classes first (written in
+        `scratch`)."""
+        card = self.card(modelId)
+        if labelMap is not None:
+            path = relabel(path, imageFile, read_label_map(labelMap, card), labelMap,
+                           Path(scratch) / f"{stem(Path(path).name)}_mapped.nii.gz")
+        read_label(path, read_image(imageFile), imageFile.name, {int(label["value"]) for label in card["labels"]})
+        return import_prediction(self.scene, path, volume, labels_from_card(card["labels"]), name)
+
+    def segmentationFromLabelmap(self, labelmapNode, volume, modelId: str, labelMap: Path | None = None):
+        """A label map volume node (aseg loaded in Slicer, a mask) of `volume` as a segmentation in the model's
+        classes, through `importLabels`; made once per label map volume and map file, so that adding it again
+        finds the segmentation, and what the user corrected in it, instead of a copy."""
+        if volume is None:
+            raise SceneError(f"label map volume '{labelmapNode.GetName()}': choose the volume it belongs to")
+        if labelmapNode.GetTransformNodeID() != volume.GetTransformNodeID():
+            raise SceneError(f"label map volume '{labelmapNode.GetName()}' and volume '{volume.GetName()}' are under "
+                             "different transforms: put them under the same one (Data module)")
+        source = json.dumps([labelmapNode.GetID(), volume.GetID(), str(labelMap or "")])
+        made = next((node for node in nodes_of_class(self.scene, "vtkMRMLSegmentationNode")
+                     if node.GetAttribute(CONVERTED_FROM) == source), None)
+        if made is not None:
+            return made
+        with tempfile.TemporaryDirectory(prefix="peftadapt-") as folder:
+            label = write_volume(labelmapNode, Path(folder) / f"labels{EXPORT_SUFFIX}")
+            image = write_volume(volume, Path(folder) / f"image{EXPORT_SUFFIX}")
+            try:
+                segmentation = self.importLabels(label, volume, image, modelId, f"{labelmapNode.GetName()} classes",
+                                                 labelMap, Path(folder))
+            except PEFTAdaptError as exc:  # the files are temporary: name the user's nodes
+                raise SceneError(str(exc).replace(str(label), f"label map volume '{labelmapNode.GetName()}'")
+                                 .replace(str(image), f"volume '{volume.GetName()}'")) from None
+        segmentation.SetAttribute(CONVERTED_FROM, source)
+        return segmentation
 
     # -- jobs ------------------------------------------------------------------------------------------------------
     def _exportCase(self, folder: Path, name: str, what: str, volume, segmentation=None, labels=None) -> CaseSpec:

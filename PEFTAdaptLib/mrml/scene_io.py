@@ -269,7 +269,7 @@ def import_overlay(scene, path: Path, name: str, reference_volume, node=None):
     display.SetWindowLevelMinMax(0.0, 1.0)
     display.SetThreshold(OVERLAY_THRESHOLD, 1.0)
     display.SetApplyThreshold(1)
-    for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
+    for composite in nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
         composite.SetForegroundVolumeID(node.GetID())
         composite.SetForegroundOpacity(OVERLAY_OPACITY)
     return node
@@ -283,11 +283,11 @@ def show_voxel(scene, volume, ijk) -> list[float]:
     local = matrix.MultiplyPoint([float(i) for i in ijk] + [1.0])[:3]
     world = [0.0, 0.0, 0.0]
     volume.TransformPointToWorld(local, world)
-    for slice_node in _nodes(scene, "vtkMRMLSliceNode"):
+    for slice_node in nodes_of_class(scene, "vtkMRMLSliceNode"):
         slice_node.JumpSliceByCentering(*world)
     return list(world)
 
 
-def _nodes(scene, class_name: str) -> list:
+def nodes_of_class(scene, class_name: str) -> list:
     collection = scene.GetNodesByClass(class_name)
     return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.formats import stem
-from ..data.io import read_image, read_label, write_image
-from ..data.labelmap import read_label_map, relabel
+from ..data.io import read_image, write_image
 from ..data.planar import check_dimensions
 from ..data.transforms import onto_grid
 from ..errors import InputError
@@ -21,7 +20,7 @@ from ..jobs.client import ADAPTER_DIR
 from ..jobs.create import ADAPTER_FILES
 from ..mrml.logic import AdaptationRequest, SceneLogic, SceneRun, SliceToCheck
 from ..mrml.scene_io import (
-    SceneError, import_prediction, labels_from_card, read_volume, write_segmentation, write_segmentation_as_labelmap,
+    SceneError, labels_from_card, nodes_of_class, read_volume, write_segmentation, write_segmentation_as_labelmap,
     write_volume,
 )
 from .access import new_subfolder, save_upload
@@ -54,9 +53,8 @@ class PanelSession:
         return self.scene.GetNodeByID(node_id) if node_id else None
 
     def nodes(self, class_name: str) -> list:
-        collection = self.scene.GetNodesByClass(class_name)
-        found = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-        return [n for n in found if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetHideFromEditors()]
+        return [n for n in nodes_of_class(self.scene, class_name)
+                if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetHideFromEditors()]
 
     def volumes(self) -> list:
         return self.nodes("vtkMRMLScalarVolumeNode")
@@ -82,18 +80,13 @@ class PanelSession:
         by), which maps it onto the model's classes first, as the command line's --label-map does."""
         if volume is None:
             raise InputError(f"{shown_as or path.name}: choose the volume this label map belongs to")
-        card = self.logic.card(modelId)
         source = self.sources.get(volume.GetID())
         if source is None:  # a node the scene made (a reopened job's input): its file is written once
             source = write_volume(volume, new_subfolder(self.work_dir / UPLOADS) / "volume.nrrd")
             self.sources[volume.GetID()] = source
         with _named(path, shown_as), _named(*label_map or ("", None)):
-            if label_map is not None:
-                mapped = new_subfolder(self.work_dir / UPLOADS) / f"{stem(path.name)}_mapped.nii.gz"
-                path = relabel(path, source, read_label_map(label_map[0], card), label_map[0], mapped)
-            read_label(path, read_image(source), source.name, {int(label["value"]) for label in card["labels"]})
-        labels = labels_from_card(card["labels"])
-        return import_prediction(self.scene, path, volume, labels, _node_name(shown_as or path.name))
+            return self.logic.importLabels(path, volume, source, modelId, _node_name(shown_as or path.name),
+                                           label_map and label_map[0], new_subfolder(self.work_dir / UPLOADS))
 
     def upload(self, name: str, content: bytes) -> Path:
         return save_upload(self.work_dir / UPLOADS, name, content)
