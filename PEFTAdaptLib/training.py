@@ -4,6 +4,7 @@ Dice on held-out volumes) and label-free self-training (docs/labelfree.md) are t
 same `Trainer`; SEA-PEFT's allocator is a hook. One loop means one checkpoint format and one best-state mechanism."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -239,9 +240,10 @@ class AuditScorer:
 
 @dataclass
 class TrainingContext:
-    """What a hook sees: the network being adapted, its card, the audit cases, the event sink, and the trainer's
+    """What a hook sees: the network being adapted, its card, the audit cases, the event sink, the trainer's
     `judge` (the network's audit score now, and the selection rule's verdict against the start) and `compare` (that
-    rule's verdict between any two audit scores)."""
+    rule's verdict between any two audit scores), and, while the last step concludes, `should_stop` (a cancel: a
+    hook doing long work then raises `StopRequested`)."""
 
     network: nn.Module
     card: ModelCard
@@ -250,6 +252,7 @@ class TrainingContext:
     emit: EventCallback
     judge: Callable[[], tuple["Score", Verdict | None]] | None = None
     compare: Callable[["Score", "Score"], Verdict | None] | None = None
+    should_stop: Callable[[], bool] = lambda: False  # noqa: E731
 
 
 class TrainingHook(Protocol):
@@ -272,6 +275,11 @@ class TrainingHook(Protocol):
 def phase_event(phase: str, step: int, detail: str = "") -> dict:
     """A `phase` event (docs/worker.md): what a long stretch without steps is doing, and within it, `detail`."""
     return {"event": "phase", "phase": phase, "step": step, **({"detail": detail} if detail else {})}
+
+
+class StopRequested(Exception):
+    """Raised by a hook that saw a cancel in the middle of long work (SEA-PEFT's final sweep): the trainer puts the
+    hooks back as they were before the step, and a resume does that work again."""
 
 
 class TrainingDiverged(PEFTAdaptError):
@@ -439,6 +447,8 @@ class Trainer:
         session_start, seconds_before, first = time.monotonic(), self.seconds, self.step
         if self.step >= config.steps:  # resumed after its last step: what is left is the choosing
             self._choosing()
+            if self.history[-1][0] < self.step:  # cancelled before the last step's hooks and audit were done
+                return self._conclude(should_stop)
         while self.step < config.steps:
             if should_stop is not None and should_stop():
                 return False
@@ -450,14 +460,37 @@ class Trainer:
                        "eta_s": elapsed / (self.step - first) * (config.steps - self.step)})
             if self.step == config.steps:
                 self._choosing()
-            for hook in self.hooks:
-                hook.after_step(self.step, self.context)
-            if self.step == config.steps:
-                self._choosing("auditing the last step's state")
-            if self.step % config.audit_every == 0 or self.step == config.steps:
-                self.audit()
+                if not self._conclude(should_stop):
+                    return False
+            else:
+                for hook in self.hooks:
+                    hook.after_step(self.step, self.context)
+                if self.step % config.audit_every == 0:
+                    self.audit()
             if on_checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
                 on_checkpoint(self)
+        return True
+
+    def _conclude(self, should_stop: Callable[[], bool] | None) -> bool:
+        """The last step's hooks (SEA-PEFT's final sweep: minutes on whole-brain audits) and audit. A cancel in
+        between puts the hooks back as they were before them and returns False: the checkpoint then holds the last
+        step's state without them, and a resume does them again, as the uninterrupted run did."""
+        stop = should_stop or (lambda: False)
+        before = [copy.deepcopy(hook.state_dict()) for hook in self.hooks]
+        self.context.should_stop = stop
+        try:
+            for hook in self.hooks:
+                hook.after_step(self.step, self.context)
+            if stop():
+                raise StopRequested
+            self._choosing("auditing the last step's state")
+            self.audit()
+        except StopRequested:
+            for hook, state in zip(self.hooks, before):
+                hook.load_state_dict(state)
+            return False
+        finally:
+            self.context.should_stop = lambda: False
         return True
 
     def _choosing(self, detail: str = "") -> None:

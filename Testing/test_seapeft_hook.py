@@ -268,7 +268,7 @@ def test_the_first_allocation_starts_from_the_shallow_recipe_one_unit_per_layer(
 
 
 # -- the hook in the trainer -----------------------------------------------------------------------------------------
-def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: Path | None = None):
+def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: Path | None = None, should_stop=None):
     support, audit = [spine_slab(0, 25)], [spine_slab(26, 51)]
     net = small_unet()
     torch.manual_seed(3)
@@ -284,7 +284,7 @@ def _run(steps: int, stop_at: int | None = None, state=None, events=None, tmp: P
         load_adapters(net, tmp)
         trainer.load_state_dict(state)
         trainer.config.steps = steps
-    trainer.run()
+    trainer.run(should_stop)
     return trainer, hook, events
 
 
@@ -327,6 +327,30 @@ def test_the_allocation_is_deterministic_resumes_from_a_checkpoint_and_reports_e
     assert resumed_hook.allocator.state_dict() == hook.allocator.state_dict()
     uninterrupted = [e for e in _stable(events) if e.get("step", 0) > 6]
     assert [e for e in _stable(tail) if e.get("step", 0) > 6] == uninterrupted
+
+
+def test_a_cancel_inside_the_final_sweep_stops_between_its_audits_and_a_resume_ends_as_the_uninterrupted_run(
+        tmp_path):
+    """Found by a user-level check: a cancel while SEA-PEFT's final sweep audited its unit sets (3.5 minutes on a
+    whole-brain MeshNet audit) waited for the whole sweep and the last step's audit."""
+    _, hook, events = _run(12)
+    judged = [e["detail"] for e in events if e.get("detail", "").startswith("auditing unit set")]
+    assert len(judged) >= 2
+
+    head = []  # a cancel once the first unit set is being audited
+    trainer, _, _ = _run(12, events=head, should_stop=lambda: "auditing unit set 1" in head[-1].get("detail", ""))
+    assert trainer.step == 12 and [e.get("detail") for e in head if e["event"] == "phase"][-1] == judged[0]
+    assert not [e for e in head if e["event"] in ("final_selection", "audit") and e["step"] == 12]
+    assert trainer.history[-1][0] < 12  # the last step's audit is not done either
+    save_adapters(trainer.network, tmp_path / "adapter")  # checkpointed like the worker does
+    torch.save(trainer.state_dict(), tmp_path / "state.pt")
+    tail = []
+    resumed, resumed_hook, _ = _run(12, state=torch.load(tmp_path / "state.pt", weights_only=True), events=tail,
+                                    tmp=tmp_path / "adapter")
+    assert resumed_hook.active_units() == hook.active_units()
+    assert resumed_hook.allocator.state_dict() == hook.allocator.state_dict()
+    last_step = [e for e in _stable(events) if e.get("step") == 12 and e["event"] != "step"]
+    assert [e for e in _stable(tail) if e.get("step") == 12] == last_step  # the sweep and the audit, done again
 
 
 # -- a real run through the worker -----------------------------------------------------------------------------------

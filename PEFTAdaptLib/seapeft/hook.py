@@ -27,7 +27,7 @@ from ..adapters.base import iter_units
 from ..adapters.shallow import shallow_layers
 from ..errors import PEFTAdaptError
 from ..models.card import FIXED_INPUT_SIZE
-from ..training import phase_event
+from ..training import StopRequested, phase_event
 from .allocator import Allocator
 from .audit import AuditBuffer
 from .config import SeaPeftConfig
@@ -195,6 +195,8 @@ class SeaPeftHook:
         if context.judge is not None:
             judged = scored[:JUDGED_CANDIDATES] + [c for c in scored[JUDGED_CANDIDATES:] if c["label"] == "current"]
             for index, candidate in enumerate(judged, 1):
+                if context.should_stop():  # each audit is a whole-volume prediction: a cancel does not wait for them
+                    raise StopRequested  # the trainer puts this hook back as it was before the step (gates included)
                 context.emit(phase_event("choosing", step, f"auditing unit set {index} of {len(judged)}"))
                 self._sync_gates(candidate["units"])
                 score, verdict = context.judge()
