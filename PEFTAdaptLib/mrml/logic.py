@@ -321,18 +321,18 @@ class SceneLogic:
 
     # -- annotations -----------------------------------------------------------------------------------------------
     def importLabels(self, path: Path, volume, imageFile: Path, modelId: str, name: str,
-                     labelMap: Path | None = None, scratch: Path | None = None):
+                     labelMap: Path | None = None):
         """A segmentation node in the model's classes (its names, colours, terminology) from a label file drawn on
         `volume`, whose image is `imageFile`; refused in one line when it is off the volume's grid, holds values the
         model does not know, or is empty. Labels in another numbering (FreeSurfer's aseg…) come with `labelMap`,
-        the command line's --label-map file, which maps them onto the model's classes first (written in
-        `scratch`)."""
+        the command line's --label-map file, which maps them onto the model's classes first."""
         card = self.card(modelId)
-        if labelMap is not None:
-            path = relabel(path, imageFile, read_label_map(labelMap, card), labelMap,
-                           Path(scratch) / f"{stem(Path(path).name)}_mapped.nii.gz")
-        read_label(path, read_image(imageFile), imageFile.name, {int(label["value"]) for label in card["labels"]})
-        return import_prediction(self.scene, path, volume, labels_from_card(card["labels"]), name)
+        with tempfile.TemporaryDirectory(prefix="peftadapt-") as scratch:
+            if labelMap is not None:
+                path = relabel(path, imageFile, read_label_map(labelMap, card), labelMap,
+                               Path(scratch) / f"{stem(Path(path).name)}_mapped.nii.gz")
+            read_label(path, read_image(imageFile), imageFile.name, {int(label["value"]) for label in card["labels"]})
+            return import_prediction(self.scene, path, volume, labels_from_card(card["labels"]), name)
 
     def segmentationFromLabelmap(self, labelmapNode, volume, modelId: str, labelMap: Path | None = None):
         """A label map volume node (aseg loaded in Slicer, a mask) of `volume` as a segmentation in the model's
@@ -353,7 +353,7 @@ class SceneLogic:
             image = write_volume(volume, Path(folder) / f"image{EXPORT_SUFFIX}")
             try:
                 segmentation = self.importLabels(label, volume, image, modelId, f"{labelmapNode.GetName()} classes",
-                                                 labelMap, Path(folder))
+                                                 labelMap)
             except PEFTAdaptError as exc:  # the files are temporary: name the user's nodes
                 raise SceneError(str(exc).replace(str(label), f"label map volume '{labelmapNode.GetName()}'")
                                  .replace(str(image), f"volume '{volume.GetName()}'")) from None

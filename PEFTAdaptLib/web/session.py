@@ -86,7 +86,7 @@ class PanelSession:
             self.sources[volume.GetID()] = source
         with _named(path, shown_as), _named(*label_map or ("", None)):
             return self.logic.importLabels(path, volume, source, modelId, _node_name(shown_as or path.name),
-                                           label_map and label_map[0], new_subfolder(self.work_dir / UPLOADS))
+                                           label_map and label_map[0])
 
     def upload(self, name: str, content: bytes) -> Path:
         return save_upload(self.work_dir / UPLOADS, name, content)
