@@ -375,7 +375,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.applyButton.text = _("Start")
             self.ui.applyButton.toolTip = problem or _("Start adaptation in a background process")
-        self.ui.segmentButton.enabled = bool(p and p.targetVolume) and not running
+        modelProblem = self.logic.modelProblem(p) if p else ""
+        self.ui.segmentButton.enabled = bool(p and p.targetVolume) and not running and not modelProblem
+        self.ui.segmentButton.toolTip = modelProblem
         self.ui.readaptButton.enabled = bool(p and p.adapterFolder and method_class(p.method).warm_startable) \
             and not running
         self.ui.nextSliceButton.enabled = self._checkedRun is not None and not running
@@ -679,8 +681,10 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         except SceneError as exc:
             return str(exc)
         labels = ", ".join(label["name"] for label in card["labels"] if label["value"] != 0)
-        return _("{description}\nModality: {modality} — labels: {labels} — license: {license}").format(
+        text = _("{description}\nModality: {modality} — labels: {labels} — license: {license}").format(
             description=card["description"], modality=card["modality"], labels=labels, license=card["license"])
+        problem = self.sceneLogic.channelProblem(modelId)
+        return f"{text}\n{problem[0].upper()}{problem[1:]}" if problem else text
 
     def budgetText(self, p) -> str:
         try:
@@ -691,12 +695,20 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             extra.get("parameters"))
         return text if p.budgetPercent else _("Model default: {budget}").format(budget=text)
 
-    def startProblem(self, p) -> str:
-        """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs."""
+    def modelProblem(self, p) -> str:
+        """Why the chosen model cannot run from the panel ("" when it can): unknown, or more channels per case than
+        the panel gives."""
         if not self.modelKnown(p.modelId):
             return self._restoreProblems.get((p.modelId, p.modelFolder)) or _(
                 "Unknown model '{model}': choose a model, or load its folder with Load model from folder…").format(
                 model=p.modelId)
+        return self.sceneLogic.channelProblem(p.modelId)
+
+    def startProblem(self, p) -> str:
+        """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs."""
+        problem = self.modelProblem(p)
+        if problem:
+            return problem
         if method_class(p.method).needs_labels:  # without audit pairs the job holds out a slab of each training pair
             if not p.trainingVolumes:
                 return _("Add at least one training pair (volume and segmentation)")

@@ -572,16 +572,16 @@ def test_an_older_slicer_loads_the_module_and_shows_what_to_install(tmp_path):
 # -- the panel's own features: trust confirmation, run information --------------------------------------------------
 
 
-def scripted_model(folder: Path) -> Path:
+def scripted_model(folder: Path, channels: int = 1) -> Path:
     import torch
     from torch import nn
 
     from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 
     folder.mkdir(parents=True)
-    torch.jit.save(torch.jit.script(nn.Conv3d(1, 2, 1)), str(folder / "model.ts"))
+    torch.jit.save(torch.jit.script(nn.Conv3d(channels, 2, 1)), str(folder / "model.ts"))
     ModelCard(id=folder.name, title="scripted model", description="a TorchScript test model", modality="MR",
-              input_channels=1, spacing=None, orientation="", normalization={"name": "zscore"},
+              input_channels=channels, spacing=None, orientation="", normalization={"name": "zscore"},
               patch_size=(16, 16, 16), inference_roi=(16, 16, 16),
               labels=[LabelInfo(0, "background"), LabelInfo(1, "cord")], license="test", source="test",
               ).save(folder / "model.card.json")
@@ -1173,3 +1173,29 @@ def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_m
 def _in_runs(values, entries) -> "np.ndarray":
     runs = [(int(a), int(b)) for a, b in (str(e).split("-") if "-" in str(e) else (e, e) for e in entries)]
     return np.any([(values >= low) & (values <= high) for low, high in runs], axis=0)
+
+
+def test_a_model_taking_several_channels_per_case_is_said_to_need_the_command_line_before_start(fake, panel, tmp_path):
+    """Found by a user-level check: a two-channel model (FLAIR and T1c) was offered like any other, and only Start
+    said, after exporting the nodes, that a case had one channel where the model needs two; the panel gives one volume
+    per case, and the command line gives several."""
+    from PEFTAdaptLib.models.trust import trust_file
+    from PEFTAdaptLib.mrml.scene_io import SceneError
+
+    ui, p = panel.ui, panel._parameterNode
+    network = scripted_model(tmp_path / "two-channels", channels=2)
+    trust_file(network)
+    card = panel.logic.sceneLogic.registerModelFolder(str(network.parent))
+    panel.logic.selectModel(p, card["id"])
+    add_training_data(fake, p)
+    p.targetVolume = p.trainingVolumes[0]
+    said = "model 'two-channels' takes 2 image channels per case (e.g. FLAIR and T1c), and this panel gives one volume"
+    assert f"\nM{said[1:]}" in ui.modelDescriptionLabel.text
+    assert "with the command line, the channels comma-separated" in ui.modelDescriptionLabel.text
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip.startswith(said)
+    assert not ui.segmentButton.enabled and ui.segmentButton.toolTip.startswith(said)
+    with pytest.raises(SceneError, match="takes 2 image channels per case"):  # past the buttons: before any export
+        panel.logic.sceneLogic.segment(card["id"], p.targetVolume)
+    assert list(panel.logic.sceneLogic.client.jobs()) == []
+    panel.logic.selectModel(p, "deepbet-brain")
+    assert ui.applyButton.enabled and ui.segmentButton.enabled and ui.segmentButton.toolTip == ""

@@ -491,3 +491,28 @@ while True:
         if worker is not None and worker.is_running():
             worker.kill()
             worker.wait(60)
+
+
+def test_a_model_taking_several_channels_per_case_is_said_to_need_the_command_line(app, tmp_path, monkeypatch):
+    """As in the Slicer panel: a two-channel model was offered like any other, and only Start said that each case had
+    one channel where the model needs two; the panel gives one volume per case, the command line several."""
+    import asyncio
+
+    from test_slicer_panel import scripted_model
+
+    from PEFTAdaptLib.models.trust import trust_file
+
+    monkeypatch.setenv("PEFTADAPT_HOME", str(tmp_path / "home"))  # the trust store
+    network = scripted_model(tmp_path / "two-channels", channels=2)
+    trust_file(network)
+    model_id = app.session.logic.registerModelFolder(str(network.parent))["id"]
+    app.state.model_id = model_id
+    app._on_model()
+    said = "model 'two-channels' takes 2 image channels per case (e.g. FLAIR and T1c), and this panel gives one volume"
+    assert said in app.state.model_description
+    volume = app.session.load_volume(shared(SPINE_IMAGE), model_id, "t2/t2.nii.gz")
+    segmentation = app.session.load_label(shared(SPINE_LABEL), volume, model_id, "t2/cord.nii.gz")
+    app.state.pairs = [{"volume": volume.GetID(), "segmentation": segmentation.GetID()}]
+    asyncio.run(app.start())
+    assert app.state.message_kind == "error" and app.state.message.startswith(said)
+    assert list(app.session.logic.client.jobs()) == []

@@ -299,6 +299,16 @@ class SceneLogic:
 
         return trust_file(Path(path))
 
+    def channelProblem(self, modelId: str) -> str:
+        """Why the panels cannot run this model ("" when they can): they take one volume per case, and a model that
+        takes several image channels per case (FLAIR and T1c…) needs them all; the command line gives them."""
+        channels = int(self.card(modelId).get("input_channels", 1))
+        if channels == 1:
+            return ""
+        return (f"model '{modelId}' takes {channels} image channels per case (e.g. FLAIR and T1c), and this panel "
+                "gives one volume per case: adapt and segment it with the command line, the channels comma-separated "
+                "in the model's order (peftadapt adapt --train FLAIR.nii.gz,T1c.nii.gz LABEL …)")
+
     def budgetParameters(self, modelId: str, percent: float) -> int | None:
         total = self.card(modelId).get("extra", {}).get("parameters")
         return int(total * percent / 100) if total else None
@@ -435,6 +445,9 @@ class SceneLogic:
         )
 
     def _submit(self, build, modelId: str, volumes: list, label: str, log=None, **run) -> SceneRun:
+        problem = self.channelProblem(modelId)
+        if problem:
+            raise SceneError(problem)
         folder = self.client.new_folder()
         export = folder.parent / f".{folder.name}.export"
         export.mkdir()

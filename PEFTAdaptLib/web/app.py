@@ -224,6 +224,9 @@ class WebApp:
         card = self.session.logic.card(model_id)
         labels = ", ".join(label["name"] for label in card["labels"] if int(label["value"]) != 0)
         self.state.model_description = f"{card.get('modality', '')}; labels: {labels}; license {card.get('license', '')}"
+        problem = self.session.logic.channelProblem(model_id)
+        if problem:
+            self.state.model_description += f" — {problem}"
         try:
             percent = float(self.state.budget_percent or 0)
         except (TypeError, ValueError):
