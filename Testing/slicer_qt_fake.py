@@ -616,7 +616,8 @@ class qSlicerScriptedLoadableModuleWidget(qSlicerAbstractModuleWidget):
 #: the classes a .ui file may name, by name
 UI_CLASSES = {cls.__name__: cls for cls in (
     QWidget, QLabel, QPushButton, QCheckBox, QComboBox, QSpinBox, QProgressBar, QPlainTextEdit, QTableWidget,
-    ctkCollapsibleButton, ctkPathLineEdit, ctkSliderWidget, qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView, qMRMLSegmentEditorWidget)}
+    ctkCollapsibleButton, ctkPathLineEdit, ctkSliderWidget, qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView,
+    qMRMLSegmentEditorWidget)}
 LAYOUT_CLASSES = {cls.__name__: cls for cls in (QVBoxLayout, QHBoxLayout, QGridLayout)}
 
 
