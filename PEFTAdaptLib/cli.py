@@ -64,17 +64,18 @@ class TqdmProgress:
                                 bar_format=BAR)
             if event["event"] == "prediction" and self.bar is not None and self.bar.unit == "volume":
                 self.bar.update(1)
-            if event["event"] == "step":
+            if event["event"] == "step":  # drawn once: the step's count, loss and words together
+                if self.in_phase:  # the start's audit is over
+                    self.in_phase = False
+                    self.bar.set_description(self.description, refresh=False)
                 self.postfix = {"loss": f"{event['loss']:.3f}"}
                 if self.score is not None:
                     self.postfix[self.score[0]] = f"{self.score[1]:.3f}"
                 if event.get("eta_s") is not None:
                     self.postfix["left"] = "{}:{:02d}".format(*divmod(int(event["eta_s"]), 60))
-                self.bar.set_postfix(self.postfix)
+                self.bar.set_postfix(self.postfix, refresh=False)
                 self.bar.update(1)
-            if event["event"] == "step" and self.in_phase:  # the start's audit is over
-                self.in_phase = False
-                self.bar.set_description(self.description)
+                self.bar.refresh()  # every step, as events come in bursts (update draws at most every 0.1 s)
             if event["event"] == "phase" and self.bar is None:  # before the job's start: e.g. its first allocation
                 tqdm.write(f"{self.description}: {phase_words(event)}", file=sys.stderr)
             if event["event"] == "phase" and self.bar is not None and self.bar.unit == "step":  # no time to count down

@@ -132,6 +132,21 @@ def test_the_progress_bar_ends_on_the_kept_states_audit_and_the_workers_time_est
     assert "left=1:15" in err and "step/s" not in err
 
 
+def test_the_bar_says_training_from_the_first_steps_loss_on(capsys):
+    """Found by a user-level check: the bar showed the first step's loss, and the step count at 0, beside
+    "auditing the starting model"; the phase's words went only at the next refresh."""
+    from PEFTAdaptLib.cli import TqdmProgress
+
+    progress = TqdmProgress("adapting")
+    progress([{"event": "started", "task": "adapt", "steps": 3, "resumed_from_step": 0},
+              {"event": "phase", "phase": "auditing", "step": 0}, {"event": "audit", "step": 0, "dice": 0.5},
+              {"event": "step", "step": 1, "steps": 3, "loss": 1.25, "eta_s": 4.0}])
+    progress.close()
+    shown = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any("auditing the starting model" in line for line in shown)
+    assert not [line for line in shown if "loss=1.250" in line and ("auditing" in line or " 0/3 " in line)], shown
+
+
 def _slabs_in_folders(tmp_path: Path, *folders: str) -> list[tuple[Path, Path]]:
     """A 40-slice slab of meshnet/t1_crop saved as `<folder>/t1.nii.gz` in each folder (one file name, as a
     patient folder layout has it), each slab of its own slices, with a mask of its brightest 30 % (`mask.nii.gz`)."""
