@@ -1108,7 +1108,7 @@ def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_m
     with a label map."""
     from PEFTAdaptLib.data.io import read_image
     from PEFTAdaptLib.jobs import load_job
-    from PEFTAdaptLib.mrml.scene_io import read_labelmap, read_volume
+    from PEFTAdaptLib.mrml.scene_io import labels_from_card, read_labelmap, read_volume, write_segmentation_as_labelmap
 
     ui, p = panel.ui, panel._parameterNode
     panel.logic.sceneLogic.client.runner = WaitingRunner()
@@ -1150,6 +1150,22 @@ def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_m
     assert add() == [] and ui.trainingTable.rowCount() == 1  # added again: the same segmentation, no copy
     assert fake.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations
 
+    # a label map volume on another grid (a box of the aseg): placed in the world as Slicer places it, and exported
+    # onto the volume's grid as a job exports it
+    box = read_image(aseg_file, what="label")[40:200, 30:190, 60:180]
+    sitk.WriteImage(box, str(tmp_path / "box.nii.gz"))
+    boxed = panel.logic.sceneLogic.segmentationFromLabelmap(read_labelmap(fake.scene, tmp_path / "box.nii.gz", "box"),
+                                                            volume, card["id"], ROOT / "bench" / "freesurfer_gw.json")
+    exported = read_image(write_segmentation_as_labelmap(boxed, volume, labels_from_card(card["labels"]),
+                                                         tmp_path / "boxed.nrrd"), what="label")
+    exported = sitk.Resample(exported, read_image(aseg_file), sitk.Transform(), sitk.sitkNearestNeighbor)
+    expected = np.zeros(read_image(aseg_file).GetSize()[::-1], np.uint8)
+    expected[60:180, 30:190, 40:200] = 1  # the box, in the array's (z, y, x) order
+    gw = json.loads((ROOT / "bench" / "freesurfer_gw.json").read_text())
+    given = sitk.GetArrayFromImage(read_image(aseg_file, what="label"))
+    assert np.array_equal(sitk.GetArrayFromImage(exported),
+                          expected * (_in_runs(given, gw["White Matter"]) + 2 * _in_runs(given, gw["Grey Matter"])))
+
     moved = fake.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
     aseg.SetAndObserveTransformNodeID(moved.GetID())
     [error] = add(ui.addAuditPairButton)
@@ -1165,7 +1181,6 @@ def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_m
     given = read_image(aseg_file, what="label")  # Slicer's node reverses an axis of this left-handed grid: resample
     held = sitk.GetArrayFromImage(sitk.Resample(held, given, sitk.Transform(), sitk.sitkNearestNeighbor))
     given = sitk.GetArrayFromImage(given)
-    gw = json.loads((ROOT / "bench" / "freesurfer_gw.json").read_text())
     assert np.array_equal(held == 1, _in_runs(given, gw["White Matter"]))
     assert np.array_equal(held == 2, _in_runs(given, gw["Grey Matter"]))
 

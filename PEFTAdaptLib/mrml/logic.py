@@ -333,9 +333,10 @@ class SceneLogic:
     def importLabels(self, path: Path, volume, imageFile: Path, modelId: str, name: str,
                      labelMap: Path | None = None):
         """A segmentation node in the model's classes (its names, colours, terminology) from a label file drawn on
-        `volume`, whose image is `imageFile`; refused in one line when it is off the volume's grid, holds values the
-        model does not know, or is empty. Labels in another numbering (FreeSurfer's aseg…) come with `labelMap`,
-        the command line's --label-map file, which maps them onto the model's classes first."""
+        `volume`; refused in one line when it is off the grid of `imageFile` (the volume's file; in Slicer, where the
+        segmentation places any grid in the world, the label's own), holds values the model does not know, or is
+        empty. Labels in another numbering (FreeSurfer's aseg…) come with `labelMap`, the command line's
+        --label-map file, which maps them onto the model's classes first."""
         card = self.card(modelId)
         with tempfile.TemporaryDirectory(prefix="peftadapt-") as scratch:
             if labelMap is not None:
@@ -360,13 +361,12 @@ class SceneLogic:
             return made
         with tempfile.TemporaryDirectory(prefix="peftadapt-") as folder:
             label = write_volume(labelmapNode, Path(folder) / f"labels{EXPORT_SUFFIX}")
-            image = write_volume(volume, Path(folder) / f"image{EXPORT_SUFFIX}")
-            try:
-                segmentation = self.importLabels(label, volume, image, modelId, f"{labelmapNode.GetName()} classes",
+            try:  # on its own grid, as Slicer imports a label map: a job exports the segmentation onto the volume's
+                segmentation = self.importLabels(label, volume, label, modelId, f"{labelmapNode.GetName()} classes",
                                                  labelMap)
-            except PEFTAdaptError as exc:  # the files are temporary: name the user's nodes
-                raise SceneError(str(exc).replace(str(label), f"label map volume '{labelmapNode.GetName()}'")
-                                 .replace(str(image), f"volume '{volume.GetName()}'")) from None
+            except PEFTAdaptError as exc:  # the file is temporary: name the user's node
+                raise SceneError(str(exc).replace(str(label), f"label map volume '{labelmapNode.GetName()}'")) \
+                    from None
         segmentation.SetAttribute(CONVERTED_FROM, source)
         return segmentation
 
