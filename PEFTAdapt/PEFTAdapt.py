@@ -778,7 +778,7 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         line's --label-map file) when its values are in another numbering."""
         if annotation.IsA("vtkMRMLLabelMapVolumeNode"):
             annotation = self.sceneLogic.segmentationFromLabelmap(annotation, volume, p.modelId,
-                                                                  Path(labelMap) if labelMap else None)
+                                                                  Path(labelMap).expanduser() if labelMap else None)
         pairs = self.pairs(p, pairList)
         if (volume, annotation) not in pairs:
             self.setPairs(p, pairList, pairs + [(volume, annotation)])
