@@ -226,6 +226,8 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodSelected)
         self.ui.rankComboBox.connect("currentIndexChanged(int)", self.onRankSelected)
+        self.ui.pairSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAnnotationSelected)
+        self.onAnnotationSelected(self.ui.pairSegmentationSelector.currentNode())
 
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
         self.initializeParameterNode()
@@ -417,6 +419,11 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rank = self.ui.rankComboBox.itemData(index)
         if self._parameterNode and rank is not None and rank != self._parameterNode.rank:
             self._parameterNode.rank = rank
+
+    def onAnnotationSelected(self, node) -> None:
+        """The label map field shows for a label map volume, the annotation it maps."""
+        labelmap = node is not None and node.IsA("vtkMRMLLabelMapVolumeNode")
+        self.ui.labelMapLabel.visible = self.ui.labelMapPathLineEdit.visible = labelmap
 
     def onAddPair(self, pairList: PairList) -> None:
         volume = self.ui.pairVolumeSelector.currentNode()

@@ -1117,9 +1117,11 @@ def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_m
     norm, aseg_file = shared("freesurfer/bert/norm.mgz"), shared("freesurfer/bert/aseg.mgz")
     volume = read_volume(fake.scene, norm, "norm")
     aseg = read_labelmap(fake.scene, aseg_file, "aseg")
+    assert not ui.labelMapPathLineEdit.visible  # shown for a label map volume only
     ui.pairVolumeSelector.setCurrentNode(volume)
     ui.pairSegmentationSelector.setCurrentNode(aseg)
     assert ui.pairSegmentationSelector.currentNode() is aseg  # offered beside the segmentations
+    assert ui.labelMapPathLineEdit.visible and ui.labelMapLabel.visible
 
     def add(button=ui.addPairButton):
         fake.dialogs.clear()
@@ -1141,6 +1143,7 @@ def test_a_label_map_volume_in_another_numbering_becomes_a_segmentation_in_the_m
     ui.labelMapPathLineEdit.currentPath = str(ROOT / "bench" / "freesurfer_gw.json")
     assert add() == [] and not fake.slotErrors
     segmentation = ui.pairSegmentationSelector.currentNode()  # the new segmentation is shown as the pair's
+    assert not ui.labelMapPathLineEdit.visible
     assert segmentation.IsA("vtkMRMLSegmentationNode") and segmentation.GetName() == "aseg classes"
     assert [ui.trainingTable.item(0, column).text() for column in (0, 1)] == ["norm", "aseg classes"]
     names = segmentation.GetSegmentation()
