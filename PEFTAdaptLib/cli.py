@@ -175,16 +175,18 @@ def _patch_size(text: str) -> list[int]:
     return sizes
 
 
-def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
+def adapt_request(args: argparse.Namespace, scratch: Path | None = None, said: list[str] | None = None):
     """The job request the arguments describe (validated: a bad combination fails here, naming the option); masks
-    made from slice lists are written into `scratch`."""
+    made from slice lists are written into `scratch`; how a budget or a label map was read goes into `said`, to be
+    printed once the job is made (a refused request gets its one line)."""
     from .jobs import JobSpec, TrainSpec
     from .methods import DEFAULT_METHOD, Budget, make_method
     from .models.registry import DEFAULT_MODEL
 
+    said = [] if said is None else said
     budget = Budget.parse(args.budget) if args.budget is not None else None
     if budget is not None:
-        print(f"peftadapt: budget {args.budget!r} understood as {budget.describe()}", file=sys.stderr)
+        said.append(f"budget {args.budget!r} understood as {budget.describe()}")
     fields = {"rank": args.rank, "budget": budget}
     method = make_method(args.method or DEFAULT_METHOD, **{k: v for k, v in fields.items() if v is not None})
     model = args.model or DEFAULT_MODEL
@@ -199,8 +201,8 @@ def adapt_request(args: argparse.Namespace, scratch: Path | None = None):
         method=method,
         train=TrainSpec(**{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}),
     )
-    if relabel:  # said once every label file is mapped: a refused one is the only line
-        print(f"peftadapt: {relabel.description}", file=sys.stderr)
+    if relabel:
+        said.append(relabel.description)
     return request
 
 
@@ -249,14 +251,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             option = "--" + (given[0] if given else "overwrite").replace("_", "-")
             raise InputError(f"--resume continues the job in {folder} as its job.json says; drop {option}")
         job = client.resume(folder, device=None if args.device in (None, "auto") else args.device)
-    elif args.readapt:
-        with tempfile.TemporaryDirectory() as scratch:
-            job = client.submit(readapt_request(args, client, Path(scratch)), folder, overwrite=args.overwrite)
     else:
-        if not args.train and not args.target:
+        if not (args.readapt or args.train or args.target):
             raise InputError("adapt needs --train IMAGE LABEL (or --target IMAGE for label-free methods)")
+        said = []
         with tempfile.TemporaryDirectory() as scratch:  # the job folder keeps its own copy of every input
-            job = client.submit(adapt_request(args, Path(scratch)), folder, overwrite=args.overwrite)
+            request = (readapt_request(args, client, Path(scratch), said) if args.readapt else
+                       adapt_request(args, Path(scratch), said))
+            job = client.submit(request, folder, overwrite=args.overwrite)
+        for line in said:
+            print(f"peftadapt: {line}", file=sys.stderr)
     follow(job, "adapting")
     return report(job)
 
@@ -265,9 +269,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 READAPT_KEEPS = ("model", "audit", "target", "source", "method", "rank", "budget")
 
 
-def readapt_request(args: argparse.Namespace, client, scratch: Path):
+def readapt_request(args: argparse.Namespace, client, scratch: Path, said: list[str]):
     """The next round of the job in --readapt (its adapter, model, method, audit and training cases) with the
-    corrected --train cases added: the request the panels' Re-adapt makes."""
+    corrected --train cases added: the request the panels' Re-adapt makes; `said` as in `adapt_request`."""
     from .jobs import load_job
 
     previous = Path(args.readapt).expanduser().absolute()
@@ -283,7 +287,7 @@ def readapt_request(args: argparse.Namespace, client, scratch: Path):
     predict = {"predict": [_case(v, labelled=False) for v in args.predict]} if args.predict else {}
     request = client.readapt_request(previous, corrected, **predict)
     if relabel:
-        print(f"peftadapt: {relabel.description}", file=sys.stderr)
+        said.append(relabel.description)
     return replace(request, train=replace(request.train, **{k: getattr(args, k) for k in TRAIN_OPTIONS
                                                              if getattr(args, k) is not None}))
 

@@ -185,6 +185,11 @@ def test_labels_in_another_numbering_are_mapped_onto_the_models_classes_by_a_lab
                                    "labels in another numbering (a label map maps them onto the model's "
                                    "classes: the command line's --label-map, the label map of the browser app or "
                                    "the Slicer panel)")
+    # a request refused after the labels were mapped (and the budget read) is one line, its error
+    later = run("adapt", "--model", str(shared(MESHNET)), "--budget", "1%", "--label-map", str(label_map), "--train",
+                str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--predict", str(tmp_path / "nowhere.nii.gz"),
+                "--output", str(tmp_path / "later"))
+    assert_one_line_error(later, "nowhere.nii.gz")
     adapted = run("adapt", "--model", str(shared(MESHNET)), "--method", "bitfit", "--label-map", str(label_map),
                   "--train", str(upper[0]), str(upper[1].with_name("aseg.nii.gz")), "--audit", str(middle[0]),
                   str(middle[1].with_name("aseg.nii.gz")), "--steps", "1", "--patch-size", "32",
