@@ -65,8 +65,26 @@ def test_segment_names_that_match_no_class_are_reported(tmp_path):
     volume = load_volume(scene, shared("spine/t2/t2.nii.gz"))
     segmentation = load_segmentation(scene, shared("spine/t2/t2_seg-manual.nii.gz"), volume, "two", "cord")
     segmentation.GetSegmentation().AddEmptySegment("", "oedema")
-    with pytest.raises(SceneError, match="'two'.*match no class"):
+    refused = r"'two': segments \['cord', 'oedema'\] match no class .*; rename or remove them$"
+    with pytest.raises(SceneError, match=refused):
         write_segmentation_as_labelmap(segmentation, volume, CORD, tmp_path / "x.nii.gz")
+
+
+def test_a_segmentation_of_many_foreign_segments_is_named_in_short_with_the_way_through_a_label_map(tmp_path):
+    """Found by a user-level check: a segmentation made from FreeSurfer's aseg (dozens of segments named by its
+    table) was refused listing every segment, with 'rename or remove them' as the only way."""
+    scene = new_scene()
+    volume = load_volume(scene, shared("spine/t2/t2.nii.gz"))
+    segmentation = load_segmentation(scene, shared("spine/t2/t2_seg-manual.nii.gz"), volume, "aseg", "spinal cord")
+    for i in range(40):
+        segmentation.GetSegmentation().AddEmptySegment("", f"Left-Structure-{i}")
+    with pytest.raises(SceneError) as refused:
+        write_segmentation_as_labelmap(segmentation, volume, CORD, tmp_path / "x.nii.gz")
+    message = str(refused.value)
+    assert message.startswith("segmentation 'aseg': segments ['Left-Structure-0', 'Left-Structure-1', ")
+    assert ", … (40 segments)] match no class of the model (spinal cord); labels in another numbering" in message
+    assert "the Slicer panel's Label map with the label map volume as the annotation" in message
+    assert "Left-Structure-39" not in message and "\n" not in message
 
 
 def test_monitor_turns_events_into_table_and_plot_rows():

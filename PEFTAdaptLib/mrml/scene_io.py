@@ -120,6 +120,10 @@ def _read_as_the_engine_does(scene, node, path: Path) -> bool:
         return _read_into(scene, node, converted)
 
 
+#: unmatched segments named in full; more are a label map in another numbering made a segmentation
+MANY_UNMATCHED = 4
+
+
 def write_segmentation_as_labelmap(
     segmentation_node, reference_volume, labels: Sequence[SegmentLabel], path: Path
 ) -> Path:
@@ -144,10 +148,13 @@ def write_segmentation_as_labelmap(
         assignment = {next(iter(segments)): foreground[0]}
     unmatched = sorted(set(segments.values()) - {segments[s] for s in assignment})
     if unmatched:
-        raise SceneError(
-            f"segmentation '{segmentation_node.GetName()}': segments {unmatched} match no class of the model "
-            f"({', '.join(l.name for l in foreground)}); rename or remove them"
-        )
+        many = len(unmatched) > MANY_UNMATCHED  # a label map in another numbering made a segmentation (aseg…)
+        shown = ", ".join(map(repr, unmatched[:MANY_UNMATCHED])) + (f", … ({len(unmatched)} segments)" if many else "")
+        hint = ("; labels in another numbering (FreeSurfer's aseg…) come in through a label map instead: the Slicer "
+                "panel's Label map with the label map volume as the annotation, the browser app's with the label "
+                "file" if many else "; rename or remove them")
+        raise SceneError(f"segmentation '{segmentation_node.GetName()}': segments [{shown}] match no class of the "
+                         f"model ({', '.join(l.name for l in foreground)}){hint}")
     # Slicer looks a segment's value up by its own name in the export colour table (GetLabelValuesFromColorNode): the
     # table holds each matched segment's name at its class's value, so 'Segment_1' or 'white matter' gets the value
     by_value: dict[int, set[str]] = {}
