@@ -149,7 +149,8 @@ def write_segmentation_as_labelmap(
     unmatched = sorted(set(segments.values()) - {segments[s] for s in assignment})
     if unmatched:
         many = len(unmatched) > MANY_UNMATCHED  # a label map in another numbering made a segmentation (aseg…)
-        shown = ", ".join(map(repr, unmatched[:MANY_UNMATCHED])) + (f", … ({len(unmatched)} segments)" if many else "")
+        shown = ", ".join(map(repr, unmatched[:MANY_UNMATCHED]))
+        shown += f", … ({len(unmatched)} segments)" if many else ""
         hint = ("; labels in another numbering (FreeSurfer's aseg…) come in through a label map instead: the Slicer "
                 "panel's Label map with the label map volume as the annotation, the browser app's with the label "
                 "file" if many else "; rename or remove them")
