@@ -238,12 +238,16 @@ class AuditScorer:
         return self.rule.judge(score.counts, baseline.counts)
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class TrainingContext:
     """What a hook sees: the network being adapted, its card, the audit cases, the event sink, the trainer's
     `judge` (the network's audit score now, and the selection rule's verdict against the start) and `compare` (that
-    rule's verdict between any two audit scores), and, while the last step concludes, `should_stop` (a cancel: a
-    hook doing long work then raises `StopRequested`)."""
+    rule's verdict between any two audit scores), and the run's `should_stop` (a cancel: a hook doing long work
+    then raises `StopRequested`)."""
 
     network: nn.Module
     card: ModelCard
@@ -252,7 +256,7 @@ class TrainingContext:
     emit: EventCallback
     judge: Callable[[], tuple["Score", Verdict | None]] | None = None
     compare: Callable[["Score", "Score"], Verdict | None] | None = None
-    should_stop: Callable[[], bool] = lambda: False  # noqa: E731
+    should_stop: Callable[[], bool] = _never
 
 
 class TrainingHook(Protocol):
@@ -438,6 +442,7 @@ class Trainer:
         """Train up to `config.steps`; returns False when stopped early (the state is then consistent to resume).
         With nothing trainable (e.g. statistics-only units) only the step-0 audit runs."""
         config = self.config
+        self.context.should_stop = should_stop or _never
         self.prepare()
         if not self.history:
             self.emit(phase_event("auditing", self.step))
@@ -448,9 +453,9 @@ class Trainer:
         if self.step >= config.steps:  # resumed after its last step: what is left is the choosing
             self._choosing()
             if self.history[-1][0] < self.step:  # cancelled before the last step's hooks and audit were done
-                return self._conclude(should_stop)
+                return self._conclude()
         while self.step < config.steps:
-            if should_stop is not None and should_stop():
+            if self.context.should_stop():
                 return False
             self.step += 1
             self.losses.append(self._train_step())
@@ -460,7 +465,7 @@ class Trainer:
                        "eta_s": elapsed / (self.step - first) * (config.steps - self.step)})
             if self.step == config.steps:
                 self._choosing()
-                if not self._conclude(should_stop):
+                if not self._conclude():
                     return False
             else:
                 for hook in self.hooks:
@@ -471,17 +476,15 @@ class Trainer:
                 on_checkpoint(self)
         return True
 
-    def _conclude(self, should_stop: Callable[[], bool] | None) -> bool:
+    def _conclude(self) -> bool:
         """The last step's hooks (SEA-PEFT's final sweep: minutes on whole-brain audits) and audit. A cancel in
         between puts the hooks back as they were before them and returns False: the checkpoint then holds the last
         step's state without them, and a resume does them again, as the uninterrupted run did."""
-        stop = should_stop or (lambda: False)
         before = [copy.deepcopy(hook.state_dict()) for hook in self.hooks]
-        self.context.should_stop = stop
         try:
             for hook in self.hooks:
                 hook.after_step(self.step, self.context)
-            if stop():
+            if self.context.should_stop():
                 raise StopRequested
             self._choosing("auditing the last step's state")
             self.audit()
@@ -489,8 +492,6 @@ class Trainer:
             for hook, state in zip(self.hooks, before):
                 hook.load_state_dict(state)
             return False
-        finally:
-            self.context.should_stop = lambda: False
         return True
 
     def _choosing(self, detail: str = "") -> None:
