@@ -377,8 +377,8 @@ class SceneLogic:
         if volume is None:
             raise SceneError(f"{what}: a volume is needed")
         if volume.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise SceneError(f"volume '{volume.GetName()}' ({what}) is a label map, not an image: choose the image; "
-                             "an annotation kept as a label map is converted to a segmentation in the Data module")
+            raise SceneError(f"volume '{volume.GetName()}' ({what}) is a label map, not an image: choose the image, "
+                             "and the label map volume as its annotation")
         image = write_volume(volume, folder / f"{name}_image{EXPORT_SUFFIX}")
         self._exports[str(image)] = volume, f"volume '{volume.GetName()}' ({what})"
         label = annotated = None
