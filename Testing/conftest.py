@@ -60,3 +60,11 @@ def thin(tmp_path_factory):
     sitk.WriteImage(image, str(folder / "thin.nii.gz"))
     sitk.WriteImage(label, str(folder / "thin_label.nii.gz"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def two_channel_bundle(tmp_path_factory) -> Path:
+    """A real two-channel (FLAIR, T1c) MONAI bundle, trained once per session (`two_channel_model.py`)."""
+    from two_channel_model import write_bundle
+
+    return write_bundle(tmp_path_factory.mktemp("two-channel") / "bundle")

@@ -13,7 +13,7 @@ from slicer_scene import load_segmentation, load_volume, new_scene
 
 from PEFTAdaptLib.jobs import JobClient  # noqa: E402
 from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic  # noqa: E402
-from PEFTAdaptLib.mrml.scene_io import labels_from_card, write_segmentation_as_labelmap  # noqa: E402
+from PEFTAdaptLib.mrml.scene_io import SceneError, labels_from_card, write_segmentation_as_labelmap  # noqa: E402
 
 
 def brats(case: int, name: str):
@@ -184,3 +184,49 @@ def test_label_free_adaptation_needs_only_the_target_volume(scene_logic):
     assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "brain"
     with pytest.raises(Exception, match="no training case"):
         scene_logic.startAdaptation(request(scene_logic, method="label-free", trainingPairs=[], targetVolumes=[]))
+
+
+def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as_such(scene_logic, two_channel_bundle,
+                                                                                      tmp_path):
+    """A BraTS-style model takes FLAIR and T1c per case: a case is a volume node per channel, in the model's order.
+    The job gets both files per case; the annotation and the results lie on the first channel's grid; a reopened job
+    gives the same nodes back as cases of two channels. One volume for such a model is refused before any job."""
+    from two_channel_model import brats_file, whole_tumour
+
+    model = scene_logic.registerModelFolder(str(two_channel_bundle))["id"]
+    assert scene_logic.channelNames(model) == ["FLAIR", "T1c"]
+    assert scene_logic.channelNames("deepbet-brain") == ["channel 1"]
+    scene = scene_logic.scene
+
+    def case(patient: int):
+        return tuple(load_volume(scene, brats_file(patient, channel), f"{channel} {patient}")
+                     for channel in ("FLAIR", "T1c"))
+
+    training, target = case(3), case(5)
+    segmentation = load_segmentation(scene, whole_tumour(3, tmp_path / "wt3.nii.gz"), training[0], "tumour 3",
+                                     "whole tumour")
+    settings = dict(modelId=model, method="lora", rank=2, steps=2, patchSize=32, device="cpu", seed=0, auditEvery=2)
+    jobs = tmp_path / "jobs"
+    with pytest.raises(SceneError, match=r"^training pair 1: 1 volume\(s\) given; the model takes 2 image channels per "
+                                         r"case \(FLAIR, T1c\)$"):
+        scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training[0], segmentation)], **settings))
+    with pytest.raises(SceneError, match=r"^volume to segment, T1c: a volume is needed$"):
+        scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training, segmentation)],
+                                                      targetVolumes=[(target[0], None)], **settings))
+    assert not jobs.exists() or not any(jobs.iterdir()), "a refused request leaves no job folder"
+
+    run = scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training, segmentation)],
+                                                        targetVolumes=[target], **settings))
+    assert run.wait(600).outcome == "finished", run.state.message
+    spec = run.job.spec
+    assert [len(c.images) for c in [*spec.support, *spec.predict]] == [2, 2]
+    for channel, path in zip(("FLAIR", "T1c"), spec.support[0].images):  # each channel's voxels, in the model's order
+        exported = sitk.GetArrayFromImage(sitk.ReadImage(str(run.jobDir / path)))
+        assert np.array_equal(exported, sitk.GetArrayFromImage(sitk.ReadImage(str(brats_file(3, channel)))))
+    [result] = run.importResults()
+    assert result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()) is target[0]
+    assert result.GetName().startswith("FLAIR 5 ")
+
+    reopened, request = scene_logic.openJob(run.jobDir)
+    assert request.trainingPairs == [(training, segmentation)]
+    assert request.targetVolumes == [target]

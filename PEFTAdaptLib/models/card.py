@@ -50,6 +50,9 @@ class ModelCard:
     extra: dict = field(default_factory=dict)
     #: 3: volumes; 2: 2D images and single slices of volumes (`data/planar.py`)
     spatial_dims: int = 3
+    #: what each input channel is, in the network's order (["FLAIR", "T1c"]): the panels label their channel
+    #: selectors with them; empty when the model's files do not say
+    channel_names: list[str] = field(default_factory=list)
     #: the file the card was read from, named in its errors (not part of the card: never saved)
     described_in: str = field(default="", compare=False, repr=False)
 
@@ -66,6 +69,9 @@ class ModelCard:
         self.inference_roi = desc.sizes(self.inference_roi, where, "inference_roi", lengths)
         self.input_channels = desc.integer(self.input_channels, where, "input_channels", minimum=1)
         self.divisible_by = desc.integer(self.divisible_by, where, "divisible_by", minimum=1)
+        if self.channel_names:
+            names = desc.sequence(self.channel_names, where, "channel_names", length=self.input_channels)
+            self.channel_names = [str(name) for name in names]
         if self.spatial_dims == 3:
             self.orientation = desc.axcodes(self.orientation, where, "orientation")
         self._check_normalization(where)

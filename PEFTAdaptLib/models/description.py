@@ -88,3 +88,9 @@ def class_index(key: Any, where: str | Path, field: str) -> int:
     if not (isinstance(key, str) and key.strip().isdigit()):
         raise refusal(where, f"{field} key", "a class index (0, 1, 2, …)", key)
     return int(key)
+
+
+def indexed_names(value: Any, where: str | Path, field: str) -> list[str]:
+    """The names of a mapping keyed by index ({"0": "FLAIR", "1": "T1c"}), in index order."""
+    names = mapping(value, where, field)
+    return [str(name) for _index, name in sorted((class_index(key, where, field), name) for key, name in names.items())]

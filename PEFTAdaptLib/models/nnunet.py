@@ -167,6 +167,7 @@ def nnunet_card(folder: Path, model_id: str | None = None) -> ModelCard:
         source=str(folder),
         divisible_by=divisible,
         extra={"format": "nnunet_v2", "configuration": name, "axis_order": order, "image_reader_writer": reader},
+        channel_names=desc.indexed_names(channels, dataset_path, "channel_names"),
         described_in=str(plans_path),
     )
 

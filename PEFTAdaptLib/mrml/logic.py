@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -47,11 +48,23 @@ UNCERTAINTY_ROLE = "PEFTAdapt.uncertainty"
 _TRAIN_DEFAULTS = TrainSpec()
 
 
+def channels_of(volume) -> tuple:
+    """A case's volume nodes, one per image channel in the model's order. A panel gives a single-channel case as its
+    volume node and a multi-channel one (FLAIR, T1c…) as a sequence of nodes; the first channel's grid is the case's:
+    its annotation is exported, and its results are placed, on that grid."""
+    return tuple(volume) if isinstance(volume, Sequence) else (volume,)
+
+
+def reference_of(volume):
+    """The volume node whose grid and name stand for the case (its first channel)."""
+    return channels_of(volume)[0]
+
+
 class SliceToCheck(NamedTuple):
     """A slice "Next slice to check" showed, and why it is ranked (`uncertainty.ranked`): "uncertain" (the model
     is least sure there) or "coverage" (far from every slice checked so far, where a confident miss would hide)."""
 
-    volume: object
+    volume: object  # the case's first channel
     axis: int  # IJK
     index: int
     reason: str
@@ -62,7 +75,8 @@ class AdaptationRequest:
     """What the panel holds: nodes and settings. Fields a method does not take are left out of its config."""
 
     modelId: str
-    trainingPairs: list  # (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
+    #: (vtkMRMLScalarVolumeNode, or one per channel (`channels_of`), vtkMRMLSegmentationNode)
+    trainingPairs: list
     #: held-out (volume, segmentation) pairs; volumes of two or more subjects other than the training ones let the
     #: audit vouch for other volumes (vouch.py), one volume vouches for itself only
     auditPairs: list = field(default_factory=list)
@@ -155,11 +169,12 @@ class SceneRun:
         if not paths or not self.volumes:
             return None
         ranking = json.loads(companion_paths(paths[0])["slices"].read_text())["planes"][plane]
+        volume = reference_of(self.volumes[0])
         for entry in ranking["slices"]:
             if (plane, entry["index"]) not in self.shownSlices:
                 self.shownSlices.add((plane, entry["index"]))
-                show_voxel(self.logic.scene, self.volumes[0], entry["at"])
-                return SliceToCheck(self.volumes[0], ranking["axis"], entry["index"], entry["reason"])
+                show_voxel(self.logic.scene, volume, entry["at"])
+                return SliceToCheck(volume, ranking["axis"], entry["index"], entry["reason"])
         return None
 
     def importResults(self, segmentationNode=None) -> list:
@@ -170,12 +185,14 @@ class SceneRun:
         result read into it reuses."""
         labels = labels_from_card(self.logic.card(self.modelId)["labels"])
         keep = segmentationNode is not None and bool(self.volumes) and (
-            segmentationNode in self.trainedOn or corrected_by_the_user(segmentationNode, self.volumes[0], labels))
+            segmentationNode in self.trainedOn or
+            corrected_by_the_user(segmentationNode, reference_of(self.volumes[0]), labels))
         if keep:  # a correction (or the segmentation the run trained on) stays as the user left it
             segmentationNode = None
         rounds = f" round {self.round}" if self.round > 1 else ""
         nodes = []
-        for volume, path in zip(self.volumes, self.job.prediction_paths()):
+        for case, path in zip(self.volumes, self.job.prediction_paths()):
+            volume = reference_of(case)
             name = f"{volume.GetName()} {self.label}{rounds}"
             node = import_prediction(self.logic.scene, path, volume, labels,
                                      self.logic.scene.GenerateUniqueName(name) if keep else name, segmentationNode)
@@ -299,15 +316,12 @@ class SceneLogic:
 
         return trust_file(Path(path))
 
-    def channelProblem(self, modelId: str) -> str:
-        """Why the panels cannot run this model ("" when they can): they take one volume per case, and a model that
-        takes several image channels per case (FLAIR and T1c…) needs them all; the command line gives them."""
-        channels = int(self.card(modelId).get("input_channels", 1))
-        if channels == 1:
-            return ""
-        return (f"model '{modelId}' takes {channels} image channels per case (e.g. FLAIR and T1c), and this panel "
-                "gives one volume per case: adapt and segment it with the command line, the channels comma-separated "
-                "in the model's order (peftadapt adapt --train FLAIR.nii.gz,T1c.nii.gz LABEL …)")
+    def channelNames(self, modelId: str) -> list[str]:
+        """What each image channel of a case is, in the model's order, as the panels label their volume selectors:
+        the model's own names (["FLAIR", "T1c"]), else "channel 1", "channel 2"…; one name for a single-channel
+        model."""
+        card = self.card(modelId)
+        return card.get("channel_names") or [f"channel {index + 1}" for index in range(card.get("input_channels", 1))]
 
     def budgetParameters(self, modelId: str, percent: float) -> int | None:
         total = self.card(modelId).get("extra", {}).get("parameters")
@@ -349,6 +363,7 @@ class SceneLogic:
         """A label map volume node (aseg loaded in Slicer, a mask) of `volume` as a segmentation in the model's
         classes, through `importLabels`; made once per label map volume and map file, so that adding it again
         finds the segmentation, and what the user corrected in it, instead of a copy."""
+        volume = reference_of(volume)
         if volume is None:
             raise SceneError(f"label map volume '{labelmapNode.GetName()}': choose the volume it belongs to")
         if labelmapNode.GetTransformNodeID() != volume.GetTransformNodeID():
@@ -371,26 +386,36 @@ class SceneLogic:
         return segmentation
 
     # -- jobs ------------------------------------------------------------------------------------------------------
-    def _exportCase(self, folder: Path, name: str, what: str, volume, segmentation=None, labels=None) -> CaseSpec:
-        """Write a case's nodes as the job's input files; `what` is the case as the panel lists it ("training pair
-        1"), which an error about the files names instead of the temporary file."""
-        if volume is None:
-            raise SceneError(f"{what}: a volume is needed")
-        if volume.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise SceneError(f"volume '{volume.GetName()}' ({what}) is a label map, not an image: choose the image, "
-                             "and the label map volume as its annotation")
-        image = write_volume(volume, folder / f"{name}_image{EXPORT_SUFFIX}")
-        self._exports[str(image)] = volume, f"volume '{volume.GetName()}' ({what})"
+    def _exportCase(self, folder: Path, name: str, what: str, channels: list[str], volume, segmentation=None,
+                    labels=None) -> CaseSpec:
+        """Write a case's nodes as the job's input files: its volume, or one volume per name of `channels` (the
+        model's, `channelNames`), and its segmentation on the first channel's grid. `what` is the case as the panel
+        lists it ("training pair 1"), which an error about the files names instead of the temporary file."""
+        volumes = channels_of(volume)
+        if len(volumes) != len(channels):
+            raise SceneError(f"{what}: {len(volumes)} volume(s) given; the model takes {len(channels)} image channels "
+                             f"per case ({', '.join(channels)})")
+        images = []
+        for index, (channel, node) in enumerate(zip(channels, volumes)):
+            which = f"{what}, {channel}" if len(channels) > 1 else what
+            if node is None:
+                raise SceneError(f"{which}: a volume is needed")
+            if node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise SceneError(f"volume '{node.GetName()}' ({which}) is a label map, not an image: choose the image, "
+                                 "and the label map volume as its annotation")
+            image = write_volume(node, folder / f"{name}_image{index or ''}{EXPORT_SUFFIX}")
+            self._exports[str(image)] = node, f"volume '{node.GetName()}' ({which})"
+            images.append(str(image))
         label = annotated = None
         if segmentation is not None:
-            label = write_segmentation_as_labelmap(segmentation, volume, labels,
+            label = write_segmentation_as_labelmap(segmentation, volumes[0], labels,
                                                    folder / f"{name}_label{EXPORT_SUFFIX}")
             self._exports[str(label)] = segmentation, f"segmentation '{segmentation.GetName()}' ({what})"
             annotated = self._correctedSlices(segmentation, label, folder / f"{name}_annotated{EXPORT_SUFFIX}")
             if annotated:
                 self._exports[str(annotated)] = None, f"the corrected slices of segmentation " \
                                                       f"'{segmentation.GetName()}' ({what})"
-        return CaseSpec([str(image)], str(label) if label else None, volume.GetName(),
+        return CaseSpec(images, str(label) if label else None, volumes[0].GetName(),
                         str(annotated) if annotated else None)
 
     @staticmethod
@@ -423,14 +448,15 @@ class SceneLogic:
         method = method_config(request.method, request.budgetPercent, request.rank)
         card = self.card(request.modelId)
         labels = labels_from_card(card["labels"])
+        channels = self.channelNames(request.modelId)
         for role, given in (("training", request.trainingPairs), ("audit", request.auditPairs)):
             if any(volume is None or segmentation is None for volume, segmentation in given):
                 raise SceneError(f"every {role} pair needs a volume and its segmentation")
-        pairs = [self._exportCase(exportFolder, f"train{i}", f"training pair {i + 1}", v, s, labels)
+        pairs = [self._exportCase(exportFolder, f"train{i}", f"training pair {i + 1}", channels, v, s, labels)
                  for i, (v, s) in enumerate(request.trainingPairs)]
-        audit = [self._exportCase(exportFolder, f"audit{i}", f"audit pair {i + 1}", v, s, labels)
+        audit = [self._exportCase(exportFolder, f"audit{i}", f"audit pair {i + 1}", channels, v, s, labels)
                  for i, (v, s) in enumerate(request.auditPairs)]
-        targets = [self._exportCase(exportFolder, f"target{i}", "volume to segment", v)
+        targets = [self._exportCase(exportFolder, f"target{i}", "volume to segment", channels, v)
                    for i, v in enumerate(request.targetVolumes)]
         # without labels the method adapts to the targets (labelled pairs, if any, are its source-like cases)
         support, source = (pairs, []) if method.needs_labels else (
@@ -445,9 +471,6 @@ class SceneLogic:
         )
 
     def _submit(self, build, modelId: str, volumes: list, label: str, log=None, **run) -> SceneRun:
-        problem = self.channelProblem(modelId)
-        if problem:
-            raise SceneError(problem)
         folder = self.client.new_folder()
         export = folder.parent / f".{folder.name}.export"
         export.mkdir()
@@ -497,10 +520,11 @@ class SceneLogic:
         """The next round after a finished run: warm start from its adapter, its training cases plus the corrected
         (volume, segmentation) pairs, the same audit cases and targets (so the rounds' Dice curves compare)."""
         labels = labels_from_card(self.card(previous.modelId)["labels"])
+        channels = self.channelNames(previous.modelId)
 
         def build(export: Path) -> JobSpec:
-            corrected = [self._exportCase(export, f"corrected{i}", f"corrected pair {i + 1}", volume, segmentation,
-                                          labels)
+            corrected = [self._exportCase(export, f"corrected{i}", f"corrected pair {i + 1}", channels, volume,
+                                          segmentation, labels)
                          for i, (volume, segmentation) in enumerate(correctedPairs)]
             return self.client.readapt_request(previous.jobDir, corrected)
 
@@ -528,6 +552,7 @@ class SceneLogic:
         modelId = next((card["id"] for card in self.modelCards() if spec.model in (card["id"], card.get("path"))),
                        None) or self.registerModelFolder(spec.model)["id"]
         labels = labels_from_card(self.card(modelId)["labels"])
+        channels = self.channelNames(modelId)
         loaded: dict[str, object] = {}  # file content → node: a file the job holds twice (training and target) once
 
         def node_for(path: str, make):
@@ -545,14 +570,16 @@ class SceneLogic:
             return node
 
         def load(case: CaseSpec, labelled: bool = True):
-            if len(case.images) != 1:
-                raise SceneError(f"{folder}: case '{case.name}' has {len(case.images)} channels; the panel shows "
-                                 "single-channel cases")
-            volume = node_for(case.images[0], lambda path: read_volume(self.scene, path, case.name or "volume"))
+            """The case's volume node (a tuple of them, one per channel), with its segmentation if `labelled`."""
+            name = case.name or "volume"
+            volumes = tuple(node_for(image, lambda path, channel=channel: read_volume(
+                                self.scene, path, f"{name} {channel}" if len(case.images) > 1 else name))
+                            for image, channel in zip(case.images, channels))
+            volume = volumes if len(volumes) > 1 else volumes[0]
             if not (labelled and case.label):
                 return volume
             return volume, node_for(case.label, lambda path: import_prediction(
-                self.scene, path, volume, labels, f"{volume.GetName()} segmentation"))
+                self.scene, path, volumes[0], labels, f"{volumes[0].GetName()} segmentation"))
 
         method = spec.method
         pairs = [load(c) for c in (spec.support if method.needs_labels else spec.source)]
@@ -573,13 +600,15 @@ class SceneLogic:
 
     def segment(self, modelId: str, volume, adapterFolder: str | None = None, device: str = _TRAIN_DEFAULTS.device,
                 log=None) -> SceneRun:
-        """Segment one volume with the model (+ adapter) in a background predict job; `importResults` when done."""
+        """Segment one volume (one per channel, `channels_of`) with the model (+ adapter) in a background predict
+        job; `importResults` when done."""
         if volume is None:
             raise SceneError("choose a volume to segment")
+        channels = self.channelNames(modelId)
 
         def build(export: Path) -> JobSpec:
             return JobSpec(model=self.modelReference(modelId), task="predict", adapter=adapterFolder,
-                           predict=[self._exportCase(export, "volume", "volume to segment", volume)],
+                           predict=[self._exportCase(export, "volume", "volume to segment", channels, volume)],
                            train=TrainSpec(device=device))
 
         return self._submit(build, modelId, [volume], "segmentation", log)
