@@ -362,3 +362,17 @@ def test_readapt_continues_a_finished_job_from_its_adapter_with_the_corrected_ca
     assert_one_line_error(refused, "this audit volume is the training volume", "a re-adapt keeps the audit of the "
                           "job it continues: correct another volume, or start a new job with another audit")
     assert not (tmp_path / "round3").exists()
+
+
+def test_a_case_short_of_channels_is_refused_naming_the_channels_the_model_takes(two_channel_bundle, tmp_path):
+    """The refusal said "needs 2": which two, and in which order, is what the user has to give next."""
+    from two_channel_model import brats_file, whole_tumour
+
+    from PEFTAdaptLib.models.registry import model_card
+
+    flair = str(brats_file(4, "FLAIR"))
+    result = run("adapt", "--model", str(two_channel_bundle), "--train", flair,
+                 str(whole_tumour(4, tmp_path / "wt.nii.gz")), "--output", str(tmp_path / "job"))
+    assert_one_line_error(result, f"{flair}: 1 image channel(s) given; model '{model_card(two_channel_bundle).id}' "
+                                  "needs 2 (FLAIR, T1c)")
+    assert not (tmp_path / "job").exists()

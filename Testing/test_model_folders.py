@@ -438,3 +438,29 @@ def test_adapting_a_torchscript_model_is_refused_before_the_job_folder_exists(tm
         with pytest.raises(ModelError, match="TorchScript model predicts .* but cannot be adapted"):
             create_job(tmp_path / "job", job)
         assert not (tmp_path / "job").exists()
+
+
+# --- channel names: what the panels label a case's volumes with ----------------------------------------------------
+
+
+def test_channel_names_come_from_the_model_files_or_the_registry_and_a_count_that_differs_is_refused(
+        tmp_path, monkeypatch, bundle, nnunet, meshnet):
+    """The registry's `inputs` ("one name per input channel") were documented and accepted but never read."""
+    assert model_card(nnunet).channel_names == ["CT"]  # dataset.json's channel_names
+    assert model_card(bundle).channel_names == ["image"]  # MONAI's spleen bundle names its one channel so
+    image_format = lambda m: m["network_data_format"]["inputs"]["image"]  # noqa: E731
+    edit_json(metadata_of(bundle), lambda m: image_format(m).pop("channel_def"))
+    assert model_card(bundle).channel_names == []
+    edit_json(metadata_of(bundle), lambda m: image_format(m).update(channel_def={"1": "T1c", "0": "FLAIR"}))
+    refused(bundle, "metadata.json: 'network_data_format#inputs#image#channel_def' names 2 channel(s) but "
+                    "'network_data_format#inputs#image#num_channels' is 1")
+
+    models = tmp_path / "models"
+    shutil.copytree(meshnet, models / "gwm")
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(models))
+    (models / "registry.json").write_text(json.dumps([_record(id="gwm", path="gwm", inputs=["T1w"])]))
+    assert model_card("gwm").channel_names == ["T1w"]
+    (models / "registry.json").write_text(json.dumps([_record(id="gwm", path="gwm", inputs=["T1w", "T2w"])]))
+    rows, _problems = list_models()
+    assert {row.id: row.status for row in rows}["gwm"] == \
+        f"{models / 'registry.json'}: 'inputs' of model 'gwm' names 2 channel(s); the model takes 1"

@@ -153,6 +153,12 @@ class CatalogEntry:
         for key in ("title", "description", "modality", "license", "source", "version"):
             if key in self.record:
                 setattr(card, key, str(self.record[key]))
+        if "inputs" in self.record:
+            names = self.record["inputs"]
+            if len(names) != card.input_channels:
+                raise ModelError(f"{self.registry}: 'inputs' of model '{self.id}' names {len(names)} channel(s); the "
+                                 f"model takes {card.input_channels}")
+            card.channel_names = [str(name) for name in names]
         return card
 
     def check(self) -> None:

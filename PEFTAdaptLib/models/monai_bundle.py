@@ -240,10 +240,15 @@ def _labels(metadata: dict, path: Path) -> list[LabelInfo]:
     return labels
 
 
-def _channel_names(input_info: dict, path: Path) -> list[str]:
+def _channel_names(input_info: dict, path: Path, channels_field: str) -> list[str]:
     """`network_data_format#inputs#image#channel_def` ({"0": "FLAIR", "1": "T1c"}, as MONAI's BraTS bundle writes
     it) in channel order; none when the bundle does not name its channels."""
-    return desc.indexed_names(input_info.get("channel_def", {}), path, "network_data_format#inputs#image#channel_def")
+    field = "network_data_format#inputs#image#channel_def"
+    names = desc.indexed_names(input_info.get("channel_def", {}), path, field)
+    count = input_info.get("num_channels", 1)
+    if names and len(names) != count:
+        raise ModelError(f"{path}: '{field}' names {len(names)} channel(s) but '{channels_field}' is {count}")
+    return names
 
 
 def _input(metadata: dict, path: Path) -> dict:
@@ -331,7 +336,7 @@ def bundle_card(folder: Path, model_id: str | None = None) -> ModelCard:
                **({FIXED_INPUT_SIZE: True} if isinstance(network_def, dict) and "img_size" in network_def else {}),
                **({TORCHSCRIPT: True} if weights is not None and weights.suffix == ".ts" else {})},
         spatial_dims=len(roi),
-        channel_names=_channel_names(input_info, metadata_path),
+        channel_names=_channel_names(input_info, metadata_path, channels_field),
         described_in=str(path),
     )
 
