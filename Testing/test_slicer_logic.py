@@ -189,8 +189,10 @@ def test_label_free_adaptation_needs_only_the_target_volume(scene_logic):
 def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as_such(scene_logic, two_channel_bundle,
                                                                                       tmp_path):
     """A BraTS-style model takes FLAIR and T1c per case: a case is a volume node per channel, in the model's order.
-    The job gets both files per case; the annotation and the results lie on the first channel's grid; a reopened job
-    gives the same nodes back as cases of two channels. One volume for such a model is refused before any job."""
+    The job gets both files per case, a channel on another grid resampled onto the first's (Slicer shows them in one
+    world); the annotation and the results lie on the first channel's grid; a reopened job gives the same nodes back
+    as cases of two channels. One volume for such a model, or channels under different transforms, are refused
+    before any job."""
     from two_channel_model import brats_file, whole_tumour
 
     model = scene_logic.registerModelFolder(str(two_channel_bundle))["id"]
@@ -202,7 +204,13 @@ def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as
         return tuple(load_volume(scene, brats_file(patient, channel), f"{channel} {patient}")
                      for channel in ("FLAIR", "T1c"))
 
-    training, target = case(3), case(5)
+    t1c = sitk.ReadImage(str(brats_file(5, "T1c")))  # the target's T1c at half the resolution, as scanned apart
+    coarse = sitk.Resample(t1c, [size // 2 for size in t1c.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                           t1c.GetOrigin(), [2 * spacing for spacing in t1c.GetSpacing()], t1c.GetDirection())
+    sitk.WriteImage(coarse, str(tmp_path / "t1c5_coarse.nii.gz"))
+    training = case(3)
+    target = (load_volume(scene, brats_file(5, "FLAIR"), "FLAIR 5"), load_volume(scene, tmp_path / "t1c5_coarse.nii.gz",
+                                                                                 "T1c 5"))
     segmentation = load_segmentation(scene, whole_tumour(3, tmp_path / "wt3.nii.gz"), training[0], "tumour 3",
                                      "whole tumour")
     settings = dict(modelId=model, method="lora", rank=2, steps=2, patchSize=32, device="cpu", seed=0, auditEvery=2)
@@ -213,6 +221,12 @@ def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as
     with pytest.raises(SceneError, match=r"^volume to segment, T1c: a volume is needed$"):
         scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training, segmentation)],
                                                       targetVolumes=[(target[0], None)], **settings))
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    training[1].SetAndObserveTransformNodeID(moved.GetID())
+    with pytest.raises(SceneError, match=r"^volumes 'FLAIR 3' and 'T1c 3' \(training pair 1\) are under different "
+                                         r"transforms"):
+        scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training, segmentation)], **settings))
+    training[1].SetAndObserveTransformNodeID(None)
     assert not jobs.exists() or not any(jobs.iterdir()), "a refused request leaves no job folder"
 
     run = scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training, segmentation)],
@@ -223,6 +237,10 @@ def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as
     for channel, path in zip(("FLAIR", "T1c"), spec.support[0].images):  # each channel's voxels, in the model's order
         exported = sitk.GetArrayFromImage(sitk.ReadImage(str(run.jobDir / path)))
         assert np.array_equal(exported, sitk.GetArrayFromImage(sitk.ReadImage(str(brats_file(3, channel)))))
+    flair5, t1c5 = (sitk.ReadImage(str(run.jobDir / path)) for path in spec.predict[0].images)
+    assert t1c5.GetSize() == flair5.GetSize() and np.allclose(t1c5.GetSpacing(), flair5.GetSpacing())
+    expected = sitk.Resample(coarse, flair5, sitk.Transform(), sitk.sitkLinear, 0.0)  # the coarse file onto FLAIR's
+    assert np.allclose(sitk.GetArrayFromImage(t1c5), sitk.GetArrayFromImage(expected), atol=1e-4)
     [result] = run.importResults()
     assert result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()) is target[0]
     assert result.GetName().startswith("FLAIR 5 ")

@@ -403,7 +403,12 @@ class SceneLogic:
             if node.IsA("vtkMRMLLabelMapVolumeNode"):
                 raise SceneError(f"volume '{node.GetName()}' ({which}) is a label map, not an image: choose the image, "
                                  "and the label map volume as its annotation")
+            if node.GetTransformNodeID() != volumes[0].GetTransformNodeID():
+                raise SceneError(f"volumes '{volumes[0].GetName()}' and '{node.GetName()}' ({what}) are under "
+                                 "different transforms: harden them, or put them under the same one (Data module)")
             image = write_volume(node, folder / f"{name}_image{index or ''}{EXPORT_SUFFIX}")
+            if images:
+                _onto_grid_of(image, Path(images[0]))
             self._exports[str(image)] = node, f"volume '{node.GetName()}' ({which})"
             images.append(str(image))
         label = annotated = None
@@ -612,6 +617,19 @@ class SceneLogic:
                            train=TrainSpec(device=device))
 
         return self._submit(build, modelId, [volume], "segmentation", log)
+
+
+def _onto_grid_of(path: Path, first: Path) -> None:
+    """A channel exported on another grid than the case's first channel, resampled onto that grid (linear): Slicer
+    shows the two in one world space, and the engine takes a case's channels on one grid."""
+    import SimpleITK as sitk
+
+    from ..data.io import same_geometry, write_image
+    from ..data.transforms import onto_grid
+
+    image, reference = sitk.ReadImage(str(path)), sitk.ReadImage(str(first))
+    if not same_geometry(image, reference):
+        write_image(onto_grid(image, reference), path)
 
 
 def _predictionOf(segmentation) -> Path | None:
