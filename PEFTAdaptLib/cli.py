@@ -468,7 +468,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{row.id}{default}: {card.title if card else row.path} [{row.format}]")
         if card is not None:
             labels = ", ".join(label.name for label in card.labels[1:])
-            print(f"    modality {card.modality}; labels {labels}; license {card.license}")
+            channels = f"; {card.channel_count()} image channels per case" if card.input_channels > 1 else ""
+            print(f"    modality {card.modality}{channels}; labels {labels}; license {card.license}")
         print(f"    status: {row.status}")
     print(f"model folder: {models_dir()} (set PEFTADAPT_MODELS to use another)")
     for problem in problems:

@@ -376,3 +376,12 @@ def test_a_case_short_of_channels_is_refused_naming_the_channels_the_model_takes
     assert_one_line_error(result, f"{flair}: 1 image channel(s) given; model '{model_card(two_channel_bundle).id}' "
                                   "needs 2 (FLAIR, T1c)")
     assert not (tmp_path / "job").exists()
+
+
+def test_models_says_how_many_image_channels_a_case_needs_and_which(two_channel_bundle, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    shutil.copytree(two_channel_bundle, models / "brats")
+    monkeypatch.setenv("PEFTADAPT_MODELS", str(models))
+    listed = run("models").stdout
+    assert "    modality MR; 2 (FLAIR, T1c) image channels per case; labels whole tumour;" in listed
+    assert "    modality MR (T1w); labels brain;" in listed  # a single-channel model's line as before

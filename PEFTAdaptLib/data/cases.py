@@ -41,7 +41,8 @@ def prepare_case(
     (nearest neighbour: a model voxel counts when the label value it takes came from an annotated voxel).
     """
     if len(channels) != card.input_channels:
-        raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs {_channels(card)}")
+        raise InputError(f"{name}: {len(channels)} image channel(s) given; model '{card.id}' needs "
+                         f"{card.channel_count()}")
     for channel in channels:
         check_dimensions(channel, card.spatial_dims, card.id, f"{name}: image")
     planes = [user_grid(c, card.spatial_dims) for c in channels]
@@ -61,11 +62,6 @@ def prepare_case(
         if annotated is not None:
             label_array = with_unannotated(label_array, annotated_on_grid(annotated, model_image, card, name)[None])
     return Case(name, channels[0], model_image, array, label_array, label)
-
-
-def _channels(card: ModelCard) -> str:
-    """The channels a model takes, as a refusal names them: "2 (FLAIR, T1c)"."""
-    return f"{card.input_channels}" + (f" ({', '.join(card.channel_names)})" if card.channel_names else "")
 
 
 def annotated_on_grid(annotated: sitk.Image, model_image: sitk.Image, card: ModelCard, name: str) -> np.ndarray:
@@ -93,7 +89,8 @@ def read_case_files(
     """Read a case's channels and label, checking them against each other and against what the model takes."""
     paths = list(image_paths)
     if len(paths) != card.input_channels:
-        raise InputError(f"{paths[0]}: {len(paths)} image channel(s) given; model '{card.id}' needs {_channels(card)}")
+        raise InputError(f"{paths[0]}: {len(paths)} image channel(s) given; model '{card.id}' needs "
+                         f"{card.channel_count()}")
     channels = [read_image(p) for p in paths]
     for path, channel in zip(paths, channels):
         check_dimensions(channel, card.spatial_dims, card.id, f"{path}: image")

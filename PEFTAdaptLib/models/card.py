@@ -117,6 +117,11 @@ class ModelCard:
                              f"{2 * step} voxels (its own patch: {list(self.patch_size)})")
         return tuple(requested)
 
+    def channel_count(self) -> str:
+        """The image channels a case needs, as messages name them: "2 (FLAIR, T1c)", or "2" unnamed."""
+        names = f" ({', '.join(self.channel_names)})" if self.channel_names else ""
+        return f"{self.input_channels}{names}"
+
     @property
     def num_classes(self) -> int:
         return len(self.labels)
