@@ -215,3 +215,39 @@ def test_the_kept_state_is_its_own_series_and_the_end_of_a_run_reads_as_the_comm
     cli.report(types.SimpleNamespace(state=state, adapter_folder=Path("/nonexistent"),
                                      prediction_paths=lambda: [], folder=None))
     assert capsys.readouterr().out.splitlines()[:2] == [state.dice_text, state.class_text]
+
+
+def test_a_label_map_volume_converted_again_after_its_map_file_changed_follows_the_new_map(tmp_path):
+    """Adding a label map volume again with the same map file reused its segmentation even when the file had been
+    edited since: the old mapping stayed, silently. The file's content now counts, not only its path."""
+    import json
+
+    from PEFTAdaptLib.jobs import JobClient
+    from PEFTAdaptLib.mrml.logic import SceneLogic
+    from PEFTAdaptLib.mrml.scene_io import labels_from_card, read_labelmap
+
+    scene = new_scene()
+    logic = SceneLogic(scene, JobClient(tmp_path / "jobs"))
+    volume = load_volume(scene, shared("brats/brats_2013_pat0003_1/T1c_subtrMeanDivStd.nii.gz"), "T1c 3")
+    mask = sitk.ReadImage(str(shared("brats/brats_2013_pat0003_1/brainmask.nii.gz")))
+    halves = sitk.GetArrayFromImage(mask).astype(np.uint8) * 7
+    halves[:, :, halves.shape[2] // 2:] *= 2  # 7 on one side of the brain, 14 on the other
+    labels = sitk.GetImageFromArray(halves)
+    labels.CopyInformation(mask)
+    sitk.WriteImage(labels, str(tmp_path / "halves.nii.gz"))
+    labelmap = read_labelmap(scene, tmp_path / "halves.nii.gz", "halves")
+    mapping = tmp_path / "map.json"
+
+    def converted(value: int):
+        mapping.write_text(json.dumps({"brain": [value]}))
+        node = logic.segmentationFromLabelmap(labelmap, volume, "deepbet-brain", mapping)
+        exported = write_segmentation_as_labelmap(node, volume, labels_from_card(logic.card("deepbet-brain")["labels"]),
+                                                  tmp_path / f"brain{value}.nrrd")
+        return node, sitk.GetArrayFromImage(sitk.ReadImage(str(exported))) > 0
+
+    first, left = converted(7)
+    again, same = converted(7)
+    assert again is first and np.array_equal(same, left)
+    moved, right = converted(14)
+    assert moved is not first
+    assert right.any() and not (right & left).any()

@@ -40,7 +40,7 @@ EXPORT_SUFFIX = ".nrrd"  # Slicer's own lossless format: geometry written exactl
 #: prediction trains on the slices that differ from it, and on the marked ones (sparse supervision, data/sparse.py)
 STARTED_FROM, CHECKED_SLICES = "PEFTAdapt.startedFrom", "PEFTAdapt.checkedSlices"
 #: segmentation-node attribute of a label map volume converted to the model's classes: [label map volume ID,
-#: volume ID, label map file]
+#: volume ID, label map file, its sha256]
 CONVERTED_FROM = "PEFTAdapt.convertedFrom"
 #: node reference of a result segmentation to its uncertainty overlay: the next result read into the segmentation
 #: reads its overlay into the same volume node
@@ -369,7 +369,11 @@ class SceneLogic:
         if labelmapNode.GetTransformNodeID() != volume.GetTransformNodeID():
             raise SceneError(f"label map volume '{labelmapNode.GetName()}' and volume '{volume.GetName()}' are under "
                              "different transforms: put them under the same one (Data module)")
-        source = json.dumps([labelmapNode.GetID(), volume.GetID(), str(labelMap or "")])
+        from ..models.safe_load import sha256_file
+
+        # the map by content too: an edited map file converts anew instead of finding the old mapping's result
+        source = json.dumps([labelmapNode.GetID(), volume.GetID(), str(labelMap or ""),
+                             sha256_file(Path(labelMap)) if labelMap else ""])
         made = next((node for node in nodes_of_class(self.scene, "vtkMRMLSegmentationNode")
                      if node.GetAttribute(CONVERTED_FROM) == source), None)
         if made is not None:
