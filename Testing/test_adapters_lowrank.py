@@ -29,6 +29,8 @@ LAYERS = {
     "conv2d_circular": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), (1, 4, 7, 7)),
     "conv3d_strided": (lambda: nn.Conv3d(4, 6, 3, stride=2, padding=1), (2, 4, 7, 7, 7)),
     "conv3d_grouped_dilated": (lambda: nn.Conv3d(6, 9, 3, padding=2, dilation=2, groups=3), (1, 6, 6, 6, 6)),
+    # nnU-Net's in-plane kernel on anisotropic data (ConvLoRA refused it: "needs a cubic kernel")
+    "conv3d_anisotropic": (lambda: nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1)), (2, 4, 3, 6, 6)),
     "convtranspose1d_grouped": (lambda: nn.ConvTranspose1d(6, 4, 3, stride=3, padding=1, output_padding=2,
                                                            groups=2, dilation=2), (3, 6, 5)),
     "convtranspose2d": (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2), (2, 4, 5, 5)),
@@ -165,14 +167,20 @@ def test_a_pissa_lora_beside_salt_moves_the_weight_off_salts_basis_and_takes_the
     assert_paths_agree(monkeypatch, net, x, "_FactoredLayerBackward")
 
 
-def test_convlora_factors_compose_the_papers_view_of_b_a():
-    """P Q in the (C_out, C_in·kᵈ) matricisation is exactly the reference's ΔW = (α/r)·view(B A)."""
-    net, _ = adapted_layer("conv3d_grouped_dilated", {"unit": ConvLoRAConfig(r=2, alpha=3)})
+@pytest.mark.parametrize("layer_name", ["conv3d_grouped_dilated", "conv3d_anisotropic"])
+def test_convlora_factors_compose_the_papers_view_of_b_a(layer_name):
+    """P Q in the (C_out, C_in·kᵈ) matricisation is exactly the reference's ΔW = (α/r)·view(B A), k the kernel's
+    first size (an anisotropic kernel's too), and the method counts the unit's parameters as it holds them."""
+    from PEFTAdaptLib.methods import make_method
+
+    net, _ = adapted_layer(layer_name, {"unit": ConvLoRAConfig(r=2, alpha=3)})
     layer = net[0]
     unit = layer.units["unit"]
     weight = layer.base.weight
     expected = weight + unit.scaling * (unit.lora_B @ unit.lora_A).view(weight.shape)
     assert torch.allclose(layer.effective_params()["weight"], expected, rtol=1e-13, atol=1e-14)
+    held = sum(p.numel() for p in unit.parameters())
+    assert make_method("convlora").unit_cost(tuple(weight.shape), 2) == held
 
 
 class _WeightGradients(TorchDispatchMode):

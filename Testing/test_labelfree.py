@@ -219,7 +219,7 @@ def test_a_model_whose_encoder_stages_are_unknown_is_refused_saying_which_the_me
     result = run("adapt", "--model", str(shared("meshnet/model5_gw_ae")), "--method", "label-free", "--target",
                  str(shared("meshnet/t1_crop.nii.gz")), "--steps", "2", "--output", str(tmp_path / "job"))
     assert_one_line_error(result, "method 'label-free' cannot adapt model 'model5_gw_ae'",
-                          "it reads those of deepbet's LinkNet3d, MONAI's UNet and BasicUNet",
+                          "it reads those of deepbet's LinkNet3d, nnU-Net's U-Nets, MONAI's UNet and BasicUNet",
                           "choose a method that trains on annotated volumes")
     assert "name the encoder stage" not in result.stderr
 
@@ -252,3 +252,33 @@ def test_a_cancelled_label_free_job_names_agreement_not_an_audit_and_resumes_exa
     assert not [e for e in resumed if e["event"] == "warning"]
     scores = lambda events: {e["step"]: e["agreement"] for e in events if e["event"] == "agreement"}  # noqa: E731
     assert scores(resumed) == scores(whole) and resumed[-1]["message"] == whole[-1]["message"]
+
+
+def test_label_free_adapts_an_nnunet_model_its_early_head_reading_the_encoder_in_the_volumes_axis_order(tmp_path):
+    """nnU-Net networks run in their own axis order (z, y, x) inside a fixed permutation: label-free adaptation found
+    no encoder stage in them, and its ConvLoRA refused their in-plane 1×3×3 kernels. The head now reads nnU-Net's
+    encoder stages with their features put back in the volume's axis order."""
+    from test_cli import run
+    from test_model_loaders import _ct_crop, _write_nnunet
+
+    from PEFTAdaptLib.models.registry import load_model
+
+    folder, _ = _write_nnunet(tmp_path / "model")
+    network = load_model(folder).network
+    assert find_encoder_stages(network) == [f"network.encoder.stages.{i}" for i in range(3)]
+    tap = FeatureTap(network, choose_stage(network))
+    x = torch.randn(1, 1, 48, 32, 16)  # (x, y, z); the second stage halves x and y only (nnU-Net's strides)
+    head = build_head(network, tap, x, num_classes=2)
+    assert tap.features.shape[2:] == (24, 16, 16) and head(tap.features, x.shape[2:]).shape == (1, 2, 48, 32, 16)
+
+    sitk.WriteImage(_ct_crop(), str(tmp_path / "ct.nii.gz"))
+    result = run("adapt", "--model", str(folder), "--method", "label-free", "--target", str(tmp_path / "ct.nii.gz"),
+                 "--steps", "2", "--output", str(tmp_path / "job"))
+    assert result.returncode == 0, result.stderr
+    started = next(e for e in read_events(tmp_path / "job")[0] if e["event"] == "started")
+    assert started["esh_stage"] == "network.encoder.stages.1"
+    units = json.loads((tmp_path / "job" / "adapter" / "adapter.json").read_text())["units"]
+    in_plane = network.get_submodule("network.encoder.stages.0.0.convs.0.conv")
+    assert tuple(in_plane.weight.shape[2:]) == (1, 3, 3)
+    assert any(unit["layer"] == "network.encoder.stages.0.0.convs.0.conv" and unit["kind"] == "convlora"
+               for unit in units)

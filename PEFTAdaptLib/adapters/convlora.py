@@ -1,7 +1,9 @@
 """ConvLoRA in the ConvLoRA paper's factorisation (Aleem et al., ISBI 2024): ΔW = view(B A) · α/r with
 A ∈ R^{(r·k) × (C_in·k^{d-1})}, B ∈ R^{(C_out·k) × (r·k)} — a rank ≤ r·k update in a (C_out·k) × (C_in·k^{d-1})
-matricisation (the paper's 2D code, generalised to d spatial dims). HF peft's factorisation (k^d conv to r channels,
-then 1×1) is `LoRAUnit` on a conv; `ConvLoRAConfig(factorisation="peft")` selects it through `unit_class_for`.
+matricisation (the paper's 2D code, generalised to d spatial dims). k is the kernel's first size and k^{d-1} the
+product of the others, so an anisotropic kernel (nnU-Net's 1×3×3) reshapes the same way. HF peft's factorisation
+(k^d conv to r channels, then 1×1) is `LoRAUnit` on a conv; `ConvLoRAConfig(factorisation="peft")` selects it
+through `unit_class_for`.
 """
 from __future__ import annotations
 
@@ -29,13 +31,10 @@ class ConvLoRAUnit(LowRankUnit):
 
     def __init__(self, layer: nn.Module, config: ConvLoRAConfig):
         super().__init__(layer, config)
-        c_out, c_in_per_group, *kernel = layer.weight.shape
-        if len(set(kernel)) != 1:
-            raise ValueError(f"ConvLoRA needs a cubic kernel, got {tuple(kernel)}")
-        k, d = kernel[0], len(kernel)
+        c_out, c_in_per_group, k, *others = layer.weight.shape
         self.scaling = config.alpha / config.r
         dtype = layer.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(config.r * k, c_in_per_group * k ** (d - 1), dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(config.r * k, c_in_per_group * math.prod(others), dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(c_out * k, config.r * k, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 

@@ -32,8 +32,9 @@ def _monai_unet_stages(network: nn.Module) -> list[str]:
 
 
 def find_encoder_stages(network: nn.Module) -> list[str]:
-    """Encoder stage module names, shallow to deep, for deepbet's LinkNet3d (`encoder_stages`), MONAI UNet and
-    MONAI BasicUNet; empty when the architecture is unknown (then a stage must be named)."""
+    """Encoder stage module names, shallow to deep, for the networks that declare them (`encoder_stages`: deepbet's
+    LinkNet3d, nnU-Net's U-Nets), MONAI UNet and MONAI BasicUNet; empty when the architecture is unknown (then a
+    stage must be named)."""
     declared = getattr(network, "encoder_stages", None)
     if declared:
         return list(declared)
@@ -56,7 +57,7 @@ def choose_stage(network: nn.Module, stage: str | None = None, index: int = DEFA
     stages = find_encoder_stages(network)
     if not stages:
         raise PEFTAdaptError("early segmentation head: no encoder stage it knows in this network; it reads those of "
-                             "deepbet's LinkNet3d, MONAI's UNet and BasicUNet")
+                             "deepbet's LinkNet3d, nnU-Net's U-Nets, MONAI's UNet and BasicUNet")
     return stages[min(index, len(stages) - 1)]
 
 
@@ -68,15 +69,17 @@ def stages_up_to(network: nn.Module, stage: str) -> list[str]:
 
 
 class FeatureTap:
-    """Keeps the latest output of one module (a forward hook), so one network forward feeds both outputs."""
+    """Keeps the latest output of one module (a forward hook), so one network forward feeds both outputs. A network
+    run in its own axis order (nnU-Net's, `AxisPermuted.to_our_axes`) gives the features in the input's order."""
 
     def __init__(self, network: nn.Module, stage: str):
         self.stage = stage
         self.features: torch.Tensor | None = None
+        self._in_our_axes = getattr(network, "to_our_axes", lambda features: features)
         self._handle = network.get_submodule(stage).register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
-        self.features = output
+        self.features = self._in_our_axes(output)
 
     def remove(self) -> None:
         self._handle.remove()

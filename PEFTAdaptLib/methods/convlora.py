@@ -1,10 +1,11 @@
-"""ConvLoRA in the ConvLoRA paper's factorisation (Aleem et al., ISBI 2024) on every cubic-kernel convolution."""
+"""ConvLoRA in the ConvLoRA paper's factorisation (Aleem et al., ISBI 2024) on every convolution."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .base import register_method
-from .fixed import RankedMethod, weight_shape
+from .fixed import RankedMethod
 
 
 @register_method
@@ -19,11 +20,6 @@ class ConvLoRA(RankedMethod):
 
         return ConvLoRAConfig(r=rank, alpha=rank)
 
-    def target_layers(self, network):
-        """Cubic kernels only: the factorisation reshapes along one kernel size."""
-        return [n for n in super().target_layers(network) if len(set(weight_shape(network, n)[2:])) == 1]
-
     def unit_cost(self, weight_shape, rank):
-        c_out, c_in, *kernel = weight_shape
-        k, d = kernel[0], len(kernel)
-        return rank * k * c_in * k ** (d - 1) + c_out * k * rank * k
+        c_out, c_in, k, *others = weight_shape
+        return rank * k * c_in * math.prod(others) + c_out * k * rank * k

@@ -18,3 +18,15 @@ class AxisPermuted(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x.permute(self.forward_dims).contiguous()).permute(self.backward_dims).contiguous()
+
+    def to_our_axes(self, features: torch.Tensor) -> torch.Tensor:
+        """An inner module's output (in the network's axis order) in ours, as a head on it reads the input."""
+        return features.permute(self.backward_dims)
+
+    @property
+    def encoder_stages(self) -> list[str]:
+        """The encoder stages of dynamic_network_architectures' U-Nets (`encoder.stages`), shallow to deep: where
+        label-free adaptation's early segmentation head reads."""
+        stages = getattr(getattr(self.network, "encoder", None), "stages", None)
+        return [f"network.encoder.stages.{index}" for index in range(len(stages))] \
+            if isinstance(stages, nn.Sequential) else []
