@@ -76,14 +76,27 @@ UNSUPPORTED = unsupportedReason()
 
 
 class PairList(NamedTuple):
-    """One of the panel's lists of (volume, segmentation) pairs: its two parameter-node fields."""
+    """One of the panel's lists of (case, segmentation) pairs: its parameter-node fields. A case's first image channel
+    is in `volumes` (the field of scenes saved before cases of several channels), its other channels in `channels`."""
 
     volumes: str
+    channels: str
     segmentations: str
 
 
-TRAINING_PAIRS = PairList("trainingVolumes", "trainingSegmentations")
-AUDIT_PAIRS = PairList("auditVolumes", "auditSegmentations")
+TRAINING_PAIRS = PairList("trainingVolumes", "trainingChannels", "trainingSegmentations")
+AUDIT_PAIRS = PairList("auditVolumes", "auditChannels", "auditSegmentations")
+
+
+class ChannelRow(NamedTuple):
+    """The labelled volume selectors of an image channel after the first: for the pair to add and the volume to
+    segment (the first channel's are in the .ui; a model of more channels adds rows)."""
+
+    pairLabel: "qt.QLabel"
+    pairSelector: "slicer.qMRMLNodeComboBox"
+    targetLabel: "qt.QLabel"
+    targetSelector: "slicer.qMRMLNodeComboBox"
+
 
 if not UNSUPPORTED:
     if engineFolder() not in sys.path:
@@ -95,7 +108,7 @@ if not UNSUPPORTED:
     from PEFTAdaptLib.jobs.spec import DEVICES, TrainSpec
     from PEFTAdaptLib.methods import DEFAULT_METHOD, Budget, default_budget, method_class, method_names
     from PEFTAdaptLib.models.registry import DEFAULT_MODEL
-    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic, audit_advice
+    from PEFTAdaptLib.mrml.logic import AdaptationRequest, SceneLogic, audit_advice, channels_of
     from PEFTAdaptLib.mrml.scene_io import SceneError, import_prediction, labels_from_card
 
     TRAIN_DEFAULTS = TrainSpec()
@@ -110,8 +123,12 @@ if not UNSUPPORTED:
         modelFolder: str = ""
         method: str = DEFAULT_METHOD
         trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
+        #: each training pair's volumes of the model's channels after the first (FLAIR, T1c: its T1c); none for a
+        #: single-channel model
+        trainingChannels: list[list[slicer.vtkMRMLScalarVolumeNode]]
         trainingSegmentations: list[slicer.vtkMRMLSegmentationNode]
         auditVolumes: list[slicer.vtkMRMLScalarVolumeNode]
+        auditChannels: list[list[slicer.vtkMRMLScalarVolumeNode]]
         auditSegmentations: list[slicer.vtkMRMLSegmentationNode]
         #: percent of the model's parameters; 0 takes the model's default budget
         budgetPercent: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
@@ -123,6 +140,8 @@ if not UNSUPPORTED:
         device: Annotated[str, Choice(list(DEVICES))] = TRAIN_DEFAULTS.device
         seed: Annotated[int, WithinRange(0, 2147483647)] = TRAIN_DEFAULTS.seed
         targetVolume: slicer.vtkMRMLScalarVolumeNode
+        #: the volume to segment's other channels, in the model's order
+        targetChannels: list[slicer.vtkMRMLScalarVolumeNode]
         outputSegmentation: slicer.vtkMRMLSegmentationNode
         useCorrectedForTraining: bool = True
         adapterFolder: str = ""
@@ -172,6 +191,8 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runIsSegmentation = False
         self._cancelRequested = False
         self._rankMethod = None  # the method whose ranks the rank combo box lists
+        self._channels = None  # the names of the image channels the volume selectors are shown for
+        self._channelRows = []  # a ChannelRow per channel after the first, made when a model first needs it
         self._jobs = []  # the JobInfo of each row of the jobs table
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(500)
@@ -323,6 +344,8 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.visible = bool(method.ranks)
         self.ui.budgetCountLabel.text = self.logic.budgetText(p) if method.takes_budget else ""
         self.ui.modelDescriptionLabel.text = self.logic.modelDescription(p.modelId)
+        self._showChannels(self.logic.channelNames(p.modelId))
+        self._showTargetChannels(p)
         for pairList in (TRAINING_PAIRS, AUDIT_PAIRS):
             self._refreshPairTable(pairList)
         self.ui.auditAdviceLabel.text = audit_advice(len(p.auditVolumes))
@@ -353,14 +376,68 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             comboBox.addItem(str(rank), rank)
         comboBox.blockSignals(wasBlocked)
 
+    def _showChannels(self, names: list) -> None:
+        """A volume selector per image channel of the model, for the pair to add and for the volume to segment, each
+        labelled with its channel ("FLAIR:"); a single-channel model shows the one selector of each, unlabelled."""
+        if names == self._channels:
+            return
+        self._channels = names
+        while len(self._channelRows) < len(names) - 1:
+            self._channelRows.append(self._addChannelRow(len(self._channelRows) + 1))
+        labels = [_("{channel}:").format(channel=name) for name in names]
+        for label in (self.ui.pairVolumeChannelLabel, self.ui.targetVolumeChannelLabel):
+            label.text, label.visible = labels[0], len(names) > 1
+        for index, row in enumerate(self._channelRows):
+            for widget in row:
+                widget.visible = index + 1 < len(names)
+            if index + 1 < len(names):
+                row.pairLabel.text = row.targetLabel.text = labels[index + 1]
+
+    def _addChannelRow(self, row: int) -> ChannelRow:
+        """The selectors of one more channel, in row `row` of the pair's and the target's volume grids; the target's
+        are mapped to the parameter node by hand (a list of nodes has no GUI connector)."""
+        pairLabel, targetLabel = qt.QLabel(), qt.QLabel()
+        pairSelector = self._addChannelSelector(self.ui.pairVolumesWidget, row, pairLabel, self.ui.pairVolumeSelector)
+        targetSelector = self._addChannelSelector(self.ui.targetVolumesWidget, row, targetLabel,
+                                                  self.ui.targetVolumeSelector)
+        targetSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTargetChannelSelected)
+        return ChannelRow(pairLabel, pairSelector, targetLabel, targetSelector)
+
+    @staticmethod
+    def _addChannelSelector(grid: "qt.QWidget", row: int, label: "qt.QLabel",
+                            first: "slicer.qMRMLNodeComboBox") -> "slicer.qMRMLNodeComboBox":
+        """A volume selector set up as the first channel's (`first`, from the .ui), with its label, in row `row` of
+        the grid of `first`."""
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes, selector.hideChildNodeTypes = first.nodeTypes, first.hideChildNodeTypes
+        selector.noneEnabled, selector.addEnabled, selector.removeEnabled = \
+            first.noneEnabled, first.addEnabled, first.removeEnabled
+        selector.toolTip = first.toolTip
+        selector.setMRMLScene(slicer.mrmlScene)
+        grid.layout().addWidget(label, row, 0)
+        grid.layout().addWidget(selector, row, 1)
+        return selector
+
+    def _shownChannelRows(self) -> list:
+        return self._channelRows[:len(self._channels) - 1]
+
+    def _showTargetChannels(self, p) -> None:
+        """The volume to segment's channels after the first, from the parameter node (the wrapper binds the first)."""
+        channels = list(p.targetChannels)
+        for index, row in enumerate(self._shownChannelRows()):
+            wasBlocked = row.targetSelector.blockSignals(True)
+            row.targetSelector.setCurrentNode(channels[index] if index < len(channels) else None)
+            row.targetSelector.blockSignals(wasBlocked)
+
     def _pairTable(self, pairList: PairList):
         return self.ui.trainingTable if pairList is TRAINING_PAIRS else self.ui.auditTable
 
     def _refreshPairTable(self, pairList: PairList) -> None:
         pairs, table = self.logic.pairs(self._parameterNode, pairList), self._pairTable(pairList)
         table.setRowCount(len(pairs))
-        for row, (volume, segmentation) in enumerate(pairs):
-            table.setItem(row, 0, qt.QTableWidgetItem(volume.GetName() if volume else ""))
+        for row, (case, segmentation) in enumerate(pairs):
+            names = ", ".join(volume.GetName() if volume else "" for volume in channels_of(case))
+            table.setItem(row, 0, qt.QTableWidgetItem(names))
             table.setItem(row, 1, qt.QTableWidgetItem(segmentation.GetName() if segmentation else ""))
 
     def _running(self) -> bool:
@@ -377,9 +454,9 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.applyButton.text = _("Start")
             self.ui.applyButton.toolTip = problem or _("Start adaptation in a background process")
-        modelProblem = self.logic.modelProblem(p) if p else ""
-        self.ui.segmentButton.enabled = bool(p and p.targetVolume) and not running and not modelProblem
-        self.ui.segmentButton.toolTip = modelProblem
+        segmentProblem = self.logic.segmentProblem(p) if p else _("No parameter node")
+        self.ui.segmentButton.enabled = not running and not segmentProblem
+        self.ui.segmentButton.toolTip = segmentProblem
         self.ui.readaptButton.enabled = bool(p and p.adapterFolder and method_class(p.method).warm_startable) \
             and not running
         self.ui.nextSliceButton.enabled = self._checkedRun is not None and not running
@@ -425,14 +502,25 @@ class PEFTAdaptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         labelmap = node is not None and node.IsA("vtkMRMLLabelMapVolumeNode")
         self.ui.labelMapLabel.visible = self.ui.labelMapPathLineEdit.visible = labelmap
 
+    def onTargetChannelSelected(self) -> None:
+        p = self._parameterNode
+        channels = [row.targetSelector.currentNode() for row in self._shownChannelRows()]
+        if p and channels != list(p.targetChannels):
+            p.targetChannels = channels
+
     def onAddPair(self, pairList: PairList) -> None:
-        volume = self.ui.pairVolumeSelector.currentNode()
+        volumes = [self.ui.pairVolumeSelector.currentNode()] + [
+            row.pairSelector.currentNode() for row in self._shownChannelRows()]
         annotation = self.ui.pairSegmentationSelector.currentNode()
-        if not volume or not annotation:
+        if not volumes[0] or not annotation:
             slicer.util.warningDisplay(_("Select a volume and its annotation first."))
             return
+        missing = self.logic.volumeToChoose(self._channels, volumes)
+        if missing:
+            slicer.util.warningDisplay(_("Select {volume} of the pair first.").format(volume=missing))
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not add the pair."), waitCursor=True):
-            segmentation = self.logic.addPair(self._parameterNode, pairList, volume, annotation,
+            segmentation = self.logic.addPair(self._parameterNode, pairList, volumes, annotation,
                                               self.ui.labelMapPathLineEdit.currentPath)
             self.ui.pairSegmentationSelector.setCurrentNode(segmentation)
 
@@ -688,10 +776,16 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         except SceneError as exc:
             return str(exc)
         labels = ", ".join(label["name"] for label in card["labels"] if label["value"] != 0)
-        text = _("{description}\nModality: {modality} — labels: {labels} — license: {license}").format(
+        return _("{description}\nModality: {modality} — labels: {labels} — license: {license}").format(
             description=card["description"], modality=card["modality"], labels=labels, license=card["license"])
-        problem = self.sceneLogic.channelProblem(modelId)
-        return f"{text}\n{problem[0].upper()}{problem[1:]}" if problem else text
+
+    def channelNames(self, modelId: str) -> list:
+        """The image channels of a case of the model, as the panel labels its volume selectors; an unknown model
+        (whose problem is said) takes one."""
+        try:
+            return self.sceneLogic.channelNames(modelId)
+        except SceneError:
+            return [""]
 
     def budgetText(self, p) -> str:
         try:
@@ -703,25 +797,37 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         return text if p.budgetPercent else _("Model default: {budget}").format(budget=text)
 
     def modelProblem(self, p) -> str:
-        """Why the chosen model cannot run from the panel ("" when it can): unknown, or more channels per case than
-        the panel gives."""
-        if not self.modelKnown(p.modelId):
-            return self._restoreProblems.get((p.modelId, p.modelFolder)) or _(
-                "Unknown model '{model}': choose a model, or load its folder with Load model from folder…").format(
-                model=p.modelId)
-        return self.sceneLogic.channelProblem(p.modelId)
+        """Why the chosen model cannot run from the panel ("" when it can): it is unknown."""
+        if self.modelKnown(p.modelId):
+            return ""
+        return self._restoreProblems.get((p.modelId, p.modelFolder)) or _(
+            "Unknown model '{model}': choose a model, or load its folder with Load model from folder…").format(
+            model=p.modelId)
 
     def startProblem(self, p) -> str:
-        """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs."""
+        """Why Start cannot run yet ("" when it can); the job builder checks everything else when it runs (a pair
+        of another channel count than the model's, left by another model, is refused there in one line)."""
         problem = self.modelProblem(p)
         if problem:
             return problem
         if method_class(p.method).needs_labels:  # without audit pairs the job holds out a slab of each training pair
-            if not p.trainingVolumes:
-                return _("Add at least one training pair (volume and segmentation)")
-        elif not p.targetVolume:
-            return _("Label-free: choose the volume to adapt to (Segment volume)")
-        return ""
+            return "" if p.trainingVolumes else _("Add at least one training pair (volume and segmentation)")
+        missing = self.volumeToChoose(self.channelNames(p.modelId), self.targetVolumes(p))
+        return _("Label-free: choose {volume} to adapt to (Segment volume)").format(volume=missing) if missing else ""
+
+    def segmentProblem(self, p) -> str:
+        """Why Segment cannot run yet ("" when it can): the model's problem, or a channel of the volume to segment."""
+        missing = self.volumeToChoose(self.channelNames(p.modelId), self.targetVolumes(p))
+        return self.modelProblem(p) or (_("Choose {volume} to segment").format(volume=missing) if missing else "")
+
+    @staticmethod
+    def volumeToChoose(names: list, volumes: list) -> str:
+        """The first volume not chosen among `volumes` (one per channel of `names`) as the panel asks for it: "the
+        T1c volume" for a model of several channels, "the volume" for one of a single channel; "" when each is."""
+        missing = [name for name, volume in zip(names, volumes) if volume is None]
+        if not missing:
+            return ""
+        return _("the {channel} volume").format(channel=missing[0]) if len(names) > 1 else _("the volume")
 
     def deviceDescription(self) -> str:
         """The installed PyTorch build, read from package metadata; the worker's `started` line in the log names
@@ -770,25 +876,52 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         return True
 
     @staticmethod
-    def pairs(p, pairList: PairList) -> list:
-        return list(zip(getattr(p, pairList.volumes), getattr(p, pairList.segmentations)))
+    def case(volumes: list):
+        """A case as the shared logic takes it (`channels_of`): its volume for a single channel, else a tuple of one
+        volume per channel, in the model's order."""
+        return tuple(volumes) if len(volumes) > 1 else volumes[0]
+
+    def targetVolumes(self, p) -> list:
+        """The volume to segment of each of the model's channels, as its selectors show them (None where none is
+        chosen; channels a model of more channels left are not the model's)."""
+        count = len(self.channelNames(p.modelId))
+        volumes = [p.targetVolume, *p.targetChannels][:count]
+        return volumes + [None] * (count - len(volumes))
+
+    def targetCase(self, p):
+        """The volume to segment as a case (`case`), or None when none of its channels is chosen."""
+        volumes = self.targetVolumes(p)
+        return self.case(volumes) if any(volume is not None for volume in volumes) else None
+
+    @classmethod
+    def pairs(cls, p, pairList: PairList) -> list:
+        """(case, segmentation) of each pair, its case as added (`case`): a pair listed without its other channels
+        (a scene saved before them, a script) is its first channel's volume."""
+        others = list(getattr(p, pairList.channels))
+        cases = [cls.case([volume, *(others[row] if row < len(others) else [])])
+                 for row, volume in enumerate(getattr(p, pairList.volumes))]
+        return list(zip(cases, getattr(p, pairList.segmentations)))
 
     @staticmethod
     def setPairs(p, pairList: PairList, pairs: list) -> None:
+        cases = [channels_of(case) for case, _segmentation in pairs]
         with slicer.util.NodeModify(p):
-            setattr(p, pairList.volumes, [volume for volume, _segmentation in pairs])
-            setattr(p, pairList.segmentations, [segmentation for _volume, segmentation in pairs])
+            setattr(p, pairList.volumes, [case[0] for case in cases])
+            setattr(p, pairList.channels, [list(case[1:]) for case in cases])
+            setattr(p, pairList.segmentations, [segmentation for _case, segmentation in pairs])
 
-    def addPair(self, p, pairList: PairList, volume, annotation, labelMap: str = ""):
-        """Add (volume, annotation) to the list and return its segmentation: a label map volume annotation (a mask,
-        FreeSurfer's aseg…) becomes a segmentation in the model's classes first, through `labelMap` (the command
-        line's --label-map file) when its values are in another numbering."""
+    def addPair(self, p, pairList: PairList, volumes: list, annotation, labelMap: str = ""):
+        """Add the case of `volumes` (one per channel of the model) with its annotation to the list, and return its
+        segmentation: a label map volume annotation (a mask, FreeSurfer's aseg…) becomes a segmentation in the
+        model's classes first, through `labelMap` (the command line's --label-map file) when its values are in
+        another numbering."""
+        case = self.case(volumes)
         if annotation.IsA("vtkMRMLLabelMapVolumeNode"):
-            annotation = self.sceneLogic.segmentationFromLabelmap(annotation, volume, p.modelId,
+            annotation = self.sceneLogic.segmentationFromLabelmap(annotation, case, p.modelId,
                                                                   Path(labelMap).expanduser() if labelMap else None)
         pairs = self.pairs(p, pairList)
-        if (volume, annotation) not in pairs:
-            self.setPairs(p, pairList, pairs + [(volume, annotation)])
+        if (case, annotation) not in pairs:
+            self.setPairs(p, pairList, pairs + [(case, annotation)])
         return annotation
 
     @classmethod
@@ -798,12 +931,12 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         cls.setPairs(p, pairList, pairs)
 
     # -- jobs -------------------------------------------------------------------------------------------------------
-    @classmethod
-    def request(cls, p, warmStart: bool = False):
+    def request(self, p, warmStart: bool = False):
+        target = self.targetCase(p)
         return AdaptationRequest(
             modelId=p.modelId,
-            trainingPairs=cls.pairs(p, TRAINING_PAIRS),
-            auditPairs=cls.pairs(p, AUDIT_PAIRS),
+            trainingPairs=self.pairs(p, TRAINING_PAIRS),
+            auditPairs=self.pairs(p, AUDIT_PAIRS),
             method=p.method,
             budgetPercent=p.budgetPercent or None,
             rank=p.rank or None,
@@ -812,7 +945,7 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             device=p.device,
             seed=p.seed,
             warmStartAdapter=p.adapterFolder if warmStart and p.adapterFolder else None,
-            targetVolumes=[p.targetVolume] if p.targetVolume else [],
+            targetVolumes=[target] if target is not None else [],
         )
 
     def _useDevice(self, device: str) -> None:
@@ -833,8 +966,9 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         corrections included, plus the corrected result when the box is ticked. The parameter node's pairs are left
         as they are, and the result comes into a new segmentation: the correction stays as the user made it. Without
         a previous run of this adapter (loaded from a folder, or a restored scene) the adapter warm-starts Start."""
-        corrected = [(p.targetVolume, p.outputSegmentation)] \
-            if p.useCorrectedForTraining and p.targetVolume and p.outputSegmentation else []
+        target = self.targetCase(p)
+        corrected = [(target, p.outputSegmentation)] \
+            if p.useCorrectedForTraining and target is not None and p.outputSegmentation else []
         self._useDevice(p.device)
         if previous is not None and str(previous.adapterFolder) == p.adapterFolder:
             return self.sceneLogic.startReadaptation(previous, corrected, log=log)
@@ -843,9 +977,11 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
         return self.sceneLogic.startAdaptation(request, log=log)
 
     def segment(self, p, log=None):
-        """Segment the target volume with the model (and adapter, if any) in a background predict job."""
+        """Segment the target volume (one per channel) with the model (and adapter, if any) in a background predict
+        job."""
         self._useDevice(p.device)
-        return self.sceneLogic.segment(p.modelId, p.targetVolume, p.adapterFolder or None, device=p.device, log=log)
+        return self.sceneLogic.segment(p.modelId, self.targetCase(p), p.adapterFolder or None, device=p.device,
+                                       log=log)
 
     def openJob(self, p, folder, resume: bool = False, log=None):
         """A job of the work folder back in the panel: its cases as nodes, its settings in the parameter node;
@@ -862,7 +998,8 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             p.rank = request.rank or 0
             p.steps, p.patchSize, p.seed = request.steps, request.patchSize or 0, request.seed
             p.device = request.device
-            p.targetVolume = request.targetVolumes[0] if request.targetVolumes else None
+            target = channels_of(request.targetVolumes[0]) if request.targetVolumes else (None,)
+            p.targetVolume, p.targetChannels = target[0], list(target[1:])
         return run
 
     @staticmethod

@@ -91,6 +91,7 @@ NAMES: dict[str, Name] = {
     "slicer.parameterNodeWrapper.WithinRange": Name(slicer("Base/Python/slicer/parameterNodeWrapper/validators.py")),
     "slicer.packaging": Name(slicer("Base/Python/slicer/packaging.py"), "slicer.packaging", since=(5, 12)),
     "slicer.qMRMLPlotWidget": Name(slicer("Libs/MRML/Widgets/qMRMLPlotWidget.h"), "qMRMLPlotWidget"),
+    "slicer.qMRMLNodeComboBox": Name(slicer("Libs/MRML/Widgets/qMRMLNodeComboBox.h"), "qMRMLNodeComboBox"),
     "slicer.qSlicerSegmentEditorEffectFactory": Name(
         slicer("Modules/Loadable/Segmentations/EditorEffects/qSlicerSegmentEditorEffectFactory.h"),
         "qSlicerSegmentEditorEffectFactory"),
@@ -124,9 +125,10 @@ CLASSES: dict[str, Class] = {
     "QBoxLayout": Class(qt("src/widgets/kernel/qboxlayout.h"), "QLayout", {"addStretch": None}),
     "QVBoxLayout": Class(qt("src/widgets/kernel/qboxlayout.h"), "QBoxLayout"),
     "QHBoxLayout": Class(qt("src/widgets/kernel/qboxlayout.h"), "QBoxLayout"),
-    "QGridLayout": Class(qt("src/widgets/kernel/qgridlayout.h"), "QLayout"),
+    "QGridLayout": Class(qt("src/widgets/kernel/qgridlayout.h"), "QLayout", {"addWidget": None}),
     "QWidget": Class(qt("src/widgets/kernel/qwidget.h"), "QObject", {
-        "enabled": None, "visible": None, "isHidden": None, "toolTip": None, "minimumSize": None}),
+        "enabled": None, "visible": None, "isHidden": None, "toolTip": None, "minimumSize": None,
+        "layout": "QLayout"}),
     "QFrame": Class(qt("src/widgets/widgets/qframe.h"), "QWidget"),
     "QLabel": Class(qt("src/widgets/widgets/qlabel.h"), "QFrame", {"text": None, "wordWrap": None}),
     "QAbstractButton": Class(qt("src/widgets/widgets/qabstractbutton.h"), "QWidget", {

@@ -8,7 +8,9 @@ The fake offers exactly the members listed in `slicer_api.py` (each named with i
 reproduces the behaviour of Slicer's source that the panel depends on — `ScriptedLoadableModuleLogic.__init__`
 calls `super().__init__()` without arguments; `tryWithErrorDisplay` shows the error and re-raises, and PythonQt
 prints an exception raised in a slot instead of propagating it; the combo-box connectors clear the combo box and
-fill it with their own items; a connector is chosen by the widget's exact class (`slicer_api.CONNECTORS`);
+fill it with their own items; a connector is chosen by the widget's exact class (`slicer_api.CONNECTORS`); the
+parameter node wrapper stores each field as Slicer's serializers do (lists of lists too; a node removed from the
+scene reads as None at its place in a list) and returns lists that refuse `+` like Slicer's `ObservedList`;
 `confirmOkCancelDisplay` returns True in testing mode. `test_slicer_conformance.py` checks that the fake has
 nothing the table lacks.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
-import json
 import sys
 import types
 import typing
@@ -154,7 +155,13 @@ class QHBoxLayout(QBoxLayout):
 
 
 class QGridLayout(QLayout):
-    pass
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._cells = {}  # widget → (row, column)
+
+    def addWidget(self, widget, row=0, column=0, *span):
+        super().addWidget(widget)
+        self._cells[widget] = (row, column)
 
 
 class QWidget(QObject):
@@ -168,6 +175,9 @@ class QWidget(QObject):
 
     def isHidden(self):
         return not self.visible
+
+    def layout(self):
+        return self._layout
 
 
 class QFrame(QWidget):
@@ -664,9 +674,12 @@ def loadUI(path):
                 setattr(widget, name, _property_value(prop))
         for layout in element.findall("layout"):
             assert layout.get("class") in LAYOUT_CLASSES, f"{path}: layout class {layout.get('class')}"
-            for item in layout.iter("widget"):
-                if item.get("name") not in widgets:
-                    build(item)
+            built = LAYOUT_CLASSES[layout.get("class")](widget)
+            for item in layout.findall("item"):
+                assert item.find("layout") is None, f"{path}: a layout in a layout is not faked"
+                if item.find("widget") is not None:
+                    cell = [int(item.get(key)) for key in ("row", "column") if item.get(key) is not None]
+                    built.addWidget(build(item.find("widget")), *cell)
         return widget
 
     root = build(tree.getroot().find("widget"))
@@ -851,9 +864,106 @@ def _connect_widget(wrapper, name, widget):
     return read, write, signal
 
 
+#: what a field without a class default holds until set (Slicer's `Serializer.default()`), by kind, from its type
+_SERIALIZER_DEFAULTS = {"list": lambda cls: [], "node": lambda cls: None, "enum": lambda cls: next(iter(cls)),
+                        **dict.fromkeys(("str", "int", "float", "bool"), lambda cls: cls())}
+
+
+class _ObservedList(list):
+    """A list read from the parameter node, as Slicer's `ObservedList`: its changes are written back, and `+` and `*`
+    are refused (they would make a list that is not written back)."""
+
+    def __init__(self, items, save):
+        super().__init__(items)
+        self._save = save
+
+    def __add__(self, other):
+        raise NotImplementedError("Adding an ObservedList is not supported. However, += is supported.")
+
+    def __mul__(self, other):
+        raise NotImplementedError("Multiplying an ObservedList is not supported. However, *= is supported.")
+
+    __radd__, __rmul__ = __add__, __mul__
+
+
+def _saving(change):
+    def changed(self, *args, **kwargs):
+        result = change(self, *args, **kwargs)
+        self._save(list(self))
+        return result
+    return changed
+
+
+for _change in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "remove", "pop",
+                "clear", "sort", "reverse"):
+    setattr(_ObservedList, _change, _saving(getattr(list, _change)))
+
+
+def _is_in(node, name, annotation):
+    return node.HasParameter(f"{name}.len" if _field(annotation)[0] == "list" else name)
+
+
+def _length(node, name):
+    """The length of the list stored as `name` (0 when none is)."""
+    return int(node.GetParameter(f"{name}.len")) if node.HasParameter(f"{name}.len") else 0
+
+
+def _write(node, name, annotation, value):
+    """Store a value as Slicer's serializer for its type does (serializers.py): validated, then a number, string,
+    bool or enum as a parameter; a node as the node reference `name` beside the parameter `name` (so that None is
+    stored too); a list as "<name>.len" and each item, of any type (a list too), under "<name>.<index>"."""
+    kind, cls, validators = _field(annotation)
+    for validator in validators:
+        validator.validate(value)
+    expected = {"node": cls, "enum": cls, "str": str, "bool": bool, "int": int, "float": (int, float)}.get(kind)
+    if expected is not None and not (value is None and kind == "node") and not isinstance(value, expected):
+        raise TypeError(f"Value must be of type '{cls}', is type '{type(value)}' value '{value}'")  # IsInstance
+    if kind == "list":
+        (item,) = typing.get_args(cls)
+        with slicer.util.NodeModify(node):
+            length = _length(node, name)
+            for index, element in enumerate(value):
+                _write(node, f"{name}.{index}", item, element)
+            node.SetParameter(f"{name}.len", str(len(value)))
+            for index in range(len(value), length):
+                _remove(node, f"{name}.{index}", item)
+    elif kind == "node":
+        node.SetParameter(name, "")
+        node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+    else:
+        node.SetParameter(name, value.name if kind == "enum" else str(value))
+
+
+def _read(node, name, annotation):
+    """A stored value; a node that left the scene reads as None (its reference went with it), in a list too."""
+    kind, cls, _validators = _field(annotation)
+    if kind == "list":
+        (item,) = typing.get_args(cls)
+        return _ObservedList([_read(node, f"{name}.{index}", item) for index in range(_length(node, name))],
+                             lambda value: _write(node, name, annotation, value))
+    if kind == "node":
+        return node.GetNodeReference(name)
+    text = node.GetParameter(name)
+    if kind == "enum":
+        return cls[text]
+    return text == "True" if kind == "bool" else cls(text)
+
+
+def _remove(node, name, annotation):
+    kind, cls, _validators = _field(annotation)
+    if kind == "list":
+        (item,) = typing.get_args(cls)
+        for index in range(_length(node, name)):
+            _remove(node, f"{name}.{index}", item)
+        name = f"{name}.len"
+    elif kind == "node":
+        node.RemoveNodeReferenceIDs(name)
+    node.UnsetParameter(name)
+
+
 class _Wrapper:
-    """A typed view of a vtkMRMLScriptedModuleNode: values as node parameters, nodes as node references (so a node
-    that leaves the scene leaves the parameter node too, as with Slicer's serializers)."""
+    """A typed view of a vtkMRMLScriptedModuleNode, stored as Slicer's serializers store it (`_write`), so that a
+    saved scene holds what Slicer's would, and a node that leaves the scene leaves the parameter node too."""
 
     _fields: dict
     _defaults: dict
@@ -862,43 +972,21 @@ class _Wrapper:
         object.__setattr__(self, "parameterNode", parameterNode)
         object.__setattr__(self, "_guis", {})
         object.__setattr__(self, "_updating", False)
-        for name, default in self._defaults.items():
-            if not parameterNode.HasParameter(name) and self._fields_kind(name) not in ("node", "list"):
-                self._write(name, default)
-
-    def _fields_kind(self, name):
-        return _field(self._fields[name])[0]
-
-    def _write(self, name, value):
-        kind, cls, validators = _field(self._fields[name])
-        node = self.parameterNode
-        if kind == "node":
-            node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
-        elif kind == "list":
-            node.RemoveNodeReferenceIDs(name)
-            for item in value:
-                node.AddNodeReferenceID(name, item.GetID())
-        else:
-            for validator in validators:
-                validator.validate(value)
-            node.SetParameter(name, json.dumps(value.name if kind == "enum" else value))
+        for name, annotation in self._fields.items():  # as Slicer's wrapper: every field is stored from the start
+            if not _is_in(parameterNode, name, annotation):
+                kind, cls, _validators = _field(annotation)
+                default = self._defaults[name] if name in self._defaults else _SERIALIZER_DEFAULTS[kind](cls)
+                _write(parameterNode, name, annotation, default)
 
     def __getattr__(self, name):
         if name not in self._fields:
             raise AttributeError(name)
-        kind, cls, _validators = _field(self._fields[name])
-        node = self.parameterNode
-        if kind == "node":
-            return node.GetNodeReference(name)
-        if kind == "list":
-            return [node.GetNthNodeReference(name, i) for i in range(node.GetNumberOfNodeReferences(name))]
-        value = json.loads(node.GetParameter(name))
-        return cls[value] if kind == "enum" else value
+        return _read(self.parameterNode, name, self._fields[name])
 
     def __setattr__(self, name, value):
         if name not in self._fields:
             raise AttributeError(f"parameter node has no field '{name}'")
-        self._write(name, value)
+        _write(self.parameterNode, name, self._fields[name], value)
 
     def connectGui(self, gui):
         mapping = {}
@@ -974,7 +1062,7 @@ def _module(name, **members):
 QT = _module("qt", **{cls.__name__: cls for cls in (
     QObject, QTimer, QLabel, QVBoxLayout, QWidget, QComboBox, QTableWidgetItem, QHeaderView, QFileDialog)})
 CTK = _module("ctk", ctkCollapsibleButton=ctkCollapsibleButton, ctkSliderWidget=ctkSliderWidget)
-SLICER_ATTRIBUTES = {"qMRMLPlotWidget": qMRMLPlotWidget,
+SLICER_ATTRIBUTES = {"qMRMLPlotWidget": qMRMLPlotWidget, "qMRMLNodeComboBox": qMRMLNodeComboBox,
                      "qSlicerSegmentEditorEffectFactory": qSlicerSegmentEditorEffectFactory}
 
 

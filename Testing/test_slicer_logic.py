@@ -215,7 +215,7 @@ def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as
                                      "whole tumour")
     settings = dict(modelId=model, method="lora", rank=2, steps=2, patchSize=32, device="cpu", seed=0, auditEvery=2)
     jobs = tmp_path / "jobs"
-    with pytest.raises(SceneError, match=r"^training pair 1: 1 volume\(s\) given; the model takes 2 image channels per "
+    with pytest.raises(SceneError, match=r"^training pair 1: 1 volume given; the model takes 2 image channels per "
                                          r"case \(FLAIR, T1c\)$"):
         scene_logic.startAdaptation(AdaptationRequest(trainingPairs=[(training[0], segmentation)], **settings))
     with pytest.raises(SceneError, match=r"^volume to segment, T1c: a volume is needed$"):

@@ -572,16 +572,16 @@ def test_an_older_slicer_loads_the_module_and_shows_what_to_install(tmp_path):
 # -- the panel's own features: trust confirmation, run information --------------------------------------------------
 
 
-def scripted_model(folder: Path, channels: int = 1) -> Path:
+def scripted_model(folder: Path) -> Path:
     import torch
     from torch import nn
 
     from PEFTAdaptLib.models.card import LabelInfo, ModelCard
 
     folder.mkdir(parents=True)
-    torch.jit.save(torch.jit.script(nn.Conv3d(channels, 2, 1)), str(folder / "model.ts"))
+    torch.jit.save(torch.jit.script(nn.Conv3d(1, 2, 1)), str(folder / "model.ts"))
     ModelCard(id=folder.name, title="scripted model", description="a TorchScript test model", modality="MR",
-              input_channels=channels, spacing=None, orientation="", normalization={"name": "zscore"},
+              input_channels=1, spacing=None, orientation="", normalization={"name": "zscore"},
               patch_size=(16, 16, 16), inference_roi=(16, 16, 16),
               labels=[LabelInfo(0, "background"), LabelInfo(1, "cord")], license="test", source="test",
               ).save(folder / "model.card.json")
@@ -1193,27 +1193,184 @@ def _in_runs(values, entries) -> "np.ndarray":
     return np.any([(values >= low) & (values <= high) for low, high in runs], axis=0)
 
 
-def test_a_model_taking_several_channels_per_case_is_said_to_need_the_command_line_before_start(fake, panel, tmp_path):
-    """Found by a user-level check: a two-channel model (FLAIR and T1c) was offered like any other, and only Start
-    said, after exporting the nodes, that a case had one channel where the model needs two; the panel gives one volume
-    per case, and the command line gives several."""
-    from PEFTAdaptLib.models.trust import trust_file
-    from PEFTAdaptLib.mrml.scene_io import SceneError
+# -- cases of several image channels (FLAIR, T1c…) -----------------------------------------------------------------
+
+
+def load_two_channel_model(fake, panel, bundle: Path) -> str:
+    fake.folderAnswers.append(str(bundle))
+    panel.ui.loadModelFolderButton.click()
+    assert not fake.dialogs, fake.dialogs
+    return panel._parameterNode.modelId
+
+
+def channel_selectors(grid) -> list:
+    """(label, selector) of each shown row of a grid of volume selectors (the pair's or the target's), top down."""
+    cells = grid.layout()._cells
+    rows = {}
+    for widget, (row, column) in cells.items():
+        if widget.visible:
+            rows.setdefault(row, [None, None])[column] = widget
+    return [(label.text if label is not None else None, selector) for label, selector in
+            (rows[row] for row in sorted(rows))]
+
+
+def two_channel_case(fake, patient: int) -> tuple:
+    from two_channel_model import brats_file
+
+    return tuple(load_volume(fake.scene, brats_file(patient, channel), f"{channel} {patient}")
+                 for channel in ("FLAIR", "T1c"))
+
+
+def test_a_two_channel_model_takes_a_volume_per_channel_trains_on_both_and_its_job_opens_with_them(
+        fake, panel, two_channel_bundle, tmp_path):
+    """The panel gave one volume per case and refused a model of several channels (FLAIR and T1c) as one for the
+    command line: it now shows a volume selector per channel, named as the model names them, for the pair to add and
+    for the volume to segment; a pair lists its volumes, the job gets both per case, the result lies on the first
+    channel's volume, and an opened job gives its pairs back with their channels."""
+    from two_channel_model import whole_tumour
 
     ui, p = panel.ui, panel._parameterNode
-    network = scripted_model(tmp_path / "two-channels", channels=2)
-    trust_file(network)
-    card = panel.logic.sceneLogic.registerModelFolder(str(network.parent))
-    panel.logic.selectModel(p, card["id"])
-    add_training_data(fake, p)
-    p.targetVolume = p.trainingVolumes[0]
-    said = "model 'two-channels' takes 2 image channels per case (e.g. FLAIR and T1c), and this panel gives one volume"
-    assert f"\nM{said[1:]}" in ui.modelDescriptionLabel.text
-    assert "with the command line, the channels comma-separated" in ui.modelDescriptionLabel.text
-    assert not ui.applyButton.enabled and ui.applyButton.toolTip.startswith(said)
-    assert not ui.segmentButton.enabled and ui.segmentButton.toolTip.startswith(said)
-    with pytest.raises(SceneError, match="takes 2 image channels per case"):  # past the buttons: before any export
-        panel.logic.sceneLogic.segment(card["id"], p.targetVolume)
-    assert list(panel.logic.sceneLogic.client.jobs()) == []
-    panel.logic.selectModel(p, "deepbet-brain")
-    assert ui.applyButton.enabled and ui.segmentButton.enabled and ui.segmentButton.toolTip == ""
+    assert [text for text, _selector in channel_selectors(ui.pairVolumesWidget)] == [None]  # one, unlabelled
+    model = load_two_channel_model(fake, panel, two_channel_bundle)
+    for grid, first in ((ui.pairVolumesWidget, ui.pairVolumeSelector),
+                        (ui.targetVolumesWidget, ui.targetVolumeSelector)):
+        shown = channel_selectors(grid)
+        assert [text for text, _selector in shown] == ["FLAIR:", "T1c:"] and shown[0][1] is first
+        assert shown[1][1].nodeTypes == first.nodeTypes and shown[1][1].hideChildNodeTypes == first.hideChildNodeTypes
+    [(_, flair_selector), (_, t1c_selector)] = channel_selectors(ui.pairVolumesWidget)
+    [_, (_, target_t1c_selector)] = channel_selectors(ui.targetVolumesWidget)
+
+    training, target = two_channel_case(fake, 3), two_channel_case(fake, 5)
+    tumour = load_segmentation(fake.scene, whole_tumour(3, tmp_path / "wt3.nii.gz"), training[0], "tumour 3",
+                               "whole tumour")
+    flair_selector.setCurrentNode(training[0])
+    ui.pairSegmentationSelector.setCurrentNode(tumour)
+    ui.addPairButton.click()  # its T1c not chosen: said, and nothing added
+    assert fake.dialogs == [("warning", "Select the T1c volume of the pair first.")]
+    assert ui.trainingTable.rowCount() == 0
+    fake.dialogs.clear()
+    t1c_selector.setCurrentNode(training[1])
+    ui.addPairButton.click()
+    assert not fake.dialogs, fake.dialogs
+    assert [ui.trainingTable.item(0, column).text() for column in (0, 1)] == ["FLAIR 3, T1c 3", "tumour 3"]
+    assert (list(p.trainingVolumes), [list(c) for c in p.trainingChannels]) == ([training[0]], [[training[1]]])
+    ui.targetVolumeSelector.setCurrentNode(target[0])
+    target_t1c_selector.setCurrentNode(target[1])
+    assert p.targetVolume is target[0] and list(p.targetChannels) == [target[1]]
+
+    p.method, p.rank, p.steps, p.patchSize, p.device, p.seed = "lora", 2, 2, 32, "cpu", 0
+    assert ui.applyButton.enabled and ui.segmentButton.enabled, (ui.applyButton.toolTip, ui.segmentButton.toolTip)
+    ui.applyButton.click()
+    assert not fake.dialogs, fake.dialogs
+    run = panel._run
+    poll_until_finished(panel)
+    assert not fake.dialogs, fake.dialogs
+    spec = run.job.spec
+    assert [len(case.images) for case in [*spec.support, *spec.predict]] == [2, 2]
+    result = p.outputSegmentation
+    assert result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()) is target[0]
+    assert result.GetName().startswith("FLAIR 5 ") and ui.segmentEditorWidget._source is target[0]
+
+    panel.parent.isEntered = True
+    fake.scene.Clear(0)  # a restarted Slicer: the job's files come back as cases of two volumes
+    p = panel._parameterNode
+    assert (list(p.trainingVolumes), list(p.trainingChannels)) == ([], [])
+    ui.refreshJobsButton.click()
+    ui.jobsTable.setCurrentCell(0, 0)
+    ui.openJobButton.click()
+    assert not fake.dialogs, fake.dialogs
+    assert p.modelId == model and [text for text, _ in channel_selectors(ui.pairVolumesWidget)] == ["FLAIR:", "T1c:"]
+    [[t1c]] = p.trainingChannels
+    assert (p.trainingVolumes[0].GetName(), t1c.GetName()) == ("FLAIR 3 FLAIR", "FLAIR 3 T1c")
+    assert ui.trainingTable.item(0, 0).text() == "FLAIR 3 FLAIR, FLAIR 3 T1c"
+    [opened_t1c] = p.targetChannels
+    assert (p.targetVolume.GetName(), opened_t1c.GetName()) == ("FLAIR 5 FLAIR", "FLAIR 5 T1c")
+    assert target_t1c_selector.currentNode() is opened_t1c and ui.segmentButton.enabled
+    poll_until_finished(panel, seconds=30)
+    assert not fake.dialogs, fake.dialogs
+
+
+def test_a_missing_channel_holds_segment_and_start_and_a_pair_of_another_channel_count_is_refused_at_start(
+        fake, panel, two_channel_bundle):
+    """Segment, and Start of a label-free run, wait for every channel of the volume to segment, naming the one
+    missing. A pair added for a model of another channel count stays listed as added, and Start refuses it in one
+    line before any job (the panel neither drops a channel nor makes one up)."""
+    ui, p = panel.ui, panel._parameterNode
+    model = load_two_channel_model(fake, panel, two_channel_bundle)
+    case = two_channel_case(fake, 3)
+    [_, (_, target_t1c_selector)] = channel_selectors(ui.targetVolumesWidget)
+    assert not ui.segmentButton.enabled and ui.segmentButton.toolTip == "Choose the FLAIR volume to segment"
+    ui.targetVolumeSelector.setCurrentNode(case[0])
+    p.method = "label-free"
+    assert not ui.segmentButton.enabled and ui.segmentButton.toolTip == "Choose the T1c volume to segment"
+    assert not ui.applyButton.enabled
+    assert ui.applyButton.toolTip == "Label-free: choose the T1c volume to adapt to (Segment volume)"
+    target_t1c_selector.setCurrentNode(case[1])
+    assert list(p.targetChannels) == [case[1]]
+    assert ui.segmentButton.enabled and ui.segmentButton.toolTip == "" and ui.applyButton.enabled
+
+    p.method = "lora"
+    tumour = fake.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tumour")
+    panel.logic.addPair(p, fake.module.TRAINING_PAIRS, list(case), tumour)
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("deepbet-brain"))  # one channel: the panel as before
+    assert [text for text, _selector in channel_selectors(ui.pairVolumesWidget)] == [None]
+    assert [text for text, _selector in channel_selectors(ui.targetVolumesWidget)] == [None]
+    assert ui.segmentButton.enabled and ui.trainingTable.item(0, 0).text() == "FLAIR 3, T1c 3"
+    assert panel.logic.request(p).targetVolumes == [case[0]]  # the one selector shown, not the hidden channel
+
+    def refused():
+        fake.dialogs.clear(), fake.slotErrors.clear()
+        assert ui.applyButton.enabled
+        ui.applyButton.click()
+        [(kind, text)] = fake.dialogs
+        assert kind == "error" and panel._run is None and panel.logic.sceneLogic.adaptationJobs() == []
+        fake.dialogs.clear(), fake.slotErrors.clear()
+        return text.split("\n\n", 1)[1]
+
+    assert refused() == "training pair 1: 2 volumes given; the model takes one volume per case"
+    single = load_volume(fake.scene, brats(4, "T1c_subtrMeanDivStd.nii.gz"), "T1c 4")
+    panel.logic.setPairs(p, fake.module.TRAINING_PAIRS, [(single, tumour)])
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData(model))
+    assert [text for text, _selector in channel_selectors(ui.targetVolumesWidget)] == ["FLAIR:", "T1c:"]
+    assert target_t1c_selector.currentNode() is case[1]  # the channel chosen before comes back with the model
+    assert refused() == "training pair 1: 1 volume given; the model takes 2 image channels per case (FLAIR, T1c)"
+
+
+def test_the_parameter_node_keeps_lists_of_lists_as_slicer_stores_them_through_a_saved_scene(fake):
+    """The channels of each pair are a list of lists of volumes, which Slicer's serializers store as "<name>.len" and
+    "<name>.<i>.<j>" node references; the fake stored lists as one reference role, which cannot nest, and dropped a
+    removed node from a list where Slicer reads None at its place."""
+    from slicer_scene import new_scene
+
+    logic = fake.module.PEFTAdaptLogic()
+    p = logic.getParameterNode()
+    volumes = [fake.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name) for name in ("a", "b", "c", "d")]
+    p.trainingVolumes, p.trainingChannels, p.trainingSegmentations = volumes[:2], [volumes[2:], []], [None, None]
+    node = p.parameterNode
+    assert [node.GetParameter(name) for name in ("trainingChannels.len", "trainingChannels.0.len",
+                                                 "trainingChannels.1.len")] == ["2", "2", "0"]
+    assert node.GetNodeReference("trainingChannels.0.1") is volumes[3]
+    with pytest.raises(NotImplementedError):  # Slicer's ObservedList: `+` makes a list that is not written back
+        p.trainingVolumes + []
+    p.trainingChannels[1].append(volumes[0])  # and its changes are written back
+    assert [list(channels) for channels in p.trainingChannels] == [volumes[2:], [volumes[0]]]
+
+    fake.scene.RemoveNode(volumes[2])  # read as None at its place, as in Slicer
+    assert [list(channels) for channels in p.trainingChannels] == [[None, volumes[3]], [volumes[0]]]
+    fake.scene.SetSaveToXMLString(1)
+    assert fake.scene.Commit()
+    restored = new_scene()
+    restored.SetLoadFromXMLString(1)
+    restored.SetSceneXMLString(fake.scene.GetSceneXMLString())
+    restored.Import()
+    node = restored.GetSingletonNode("PEFTAdapt", "vtkMRMLScriptedModuleNode")
+    p = fake.module.PEFTAdaptParameterNode(node)
+    assert [[v.GetName() if v else None for v in channels] for channels in p.trainingChannels] == [[None, "d"], ["a"]]
+    assert [v.GetName() for v in p.trainingVolumes] == ["a", "b"]
+
+    for name in [name for name in node.GetParameterNames() if name.startswith("trainingChannels")]:
+        node.RemoveNodeReferenceIDs(name)  # a scene saved before the channels were kept
+        node.UnsetParameter(name)
+    p = fake.module.PEFTAdaptParameterNode(node)
+    assert list(p.trainingChannels) == [] and logic.pairs(p, fake.module.TRAINING_PAIRS) == [
+        (volume, None) for volume in p.trainingVolumes]  # cases of one volume

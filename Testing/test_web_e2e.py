@@ -429,3 +429,69 @@ def test_the_panel_s_buttons_are_on_it_named_and_every_message_shows(browser, tm
         raise
     finally:
         server.stop()
+
+
+def field_label(page, select: str) -> str:
+    """A Vuetify field's label (Vuetify gives it the field's id, "-label" added)."""
+    return page.locator(f"{select}-label").text_content().strip()
+
+
+def input_classes(page, select: str) -> str:
+    """The classes of a Vuetify field's root (`v-input--error` while it shows an error)."""
+    return page.locator(select).locator(
+        "xpath=ancestor::div[contains(concat(' ', @class, ' '), ' v-input ')][1]").get_attribute("class")
+
+
+def test_a_two_channel_model_s_rows_take_a_volume_per_channel(browser, tmp_path, two_channel_bundle):
+    """A BraTS-style model (FLAIR, T1c) loaded from the data folder: each row, and each volume to segment, gets a
+    select per channel, named by it and filled in the model's order as the volumes load; a channel left empty shows
+    on its row, and Start names it (no job starts). The single-channel model's rows had no such select."""
+    from two_channel_model import brats_file, whole_tumour
+
+    data = tmp_path / "data"
+    shutil.copytree(two_channel_bundle, data / "brats-model")
+    for patient in (3, 5):
+        (data / f"pat{patient}").mkdir()
+        for channel in ("FLAIR", "T1c"):
+            shutil.copy(brats_file(patient, channel), data / f"pat{patient}" / f"{channel}.nii.gz")
+    whole_tumour(3, data / "pat3" / "tumour.nii.gz")
+    server = AppServer(tmp_path / "work", data)
+    try:
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(server.url)
+        page.wait_for_selector("#start", timeout=60_000)
+        assert field_label(page, "#pair-0-volume") == "Volume 1" and field_label(page, "#targets") == \
+            "Segment after adapting"
+        assert page.locator("[id^=pair-0-channel-]").count() == 0
+        open_section(page, "Model")
+        page.fill("#model-folder", "brats-model")
+        page.click("#load-model-folder")
+        wait_message(page, "loaded from brats-model")
+        page.wait_for_selector("#pair-0-channel-1")
+        for name in ("FLAIR", "T1c"):
+            load_from_data_folder(page, f"pat3/{name}.nii.gz")
+        load_from_data_folder(page, "pat3/tumour.nii.gz", as_label=True)
+        for select, label, volume in (("#pair-0-volume", "Volume 1 (FLAIR)", "pat3/FLAIR"),
+                                      ("#pair-0-channel-1", "Volume 1 (T1c)", "pat3/T1c"),
+                                      ("#pair-0-segmentation", "Segmentation 1", "pat3/tumour")):
+            assert field_label(page, select) == label and volume in selected(page, select), selected(page, select)
+        for select in ("#pair-0-channel-1", "#audit-0-channel-1"):  # filled, and an empty row: no error shown
+            assert "v-input--error" not in input_classes(page, select), select
+        page.click("#audit-0-remove")
+        load_from_data_folder(page, "pat5/FLAIR.nii.gz")
+        assert "pat5/FLAIR" in selected(page, "#targets")
+        assert field_label(page, "#targets") == "Segment after adapting (FLAIR)"
+        assert field_label(page, "#target-0-channel-1") == "T1c for pat5/FLAIR"
+        assert "v-input--error" in input_classes(page, "#target-0-channel-1")
+        page.click("#start")
+        assert "\n" not in wait_message(page, "volume to segment, T1c: a volume is needed").strip()
+        assert not (tmp_path / "work" / "jobs").exists() or not any((tmp_path / "work" / "jobs").iterdir())
+        load_from_data_folder(page, "pat5/T1c.nii.gz")
+        page.wait_for_function("() => !document.querySelector('#target-0-channel-1')"
+                               ".closest('.v-input').classList.contains('v-input--error')")
+        assert "pat5/T1c" in selected(page, "#target-0-channel-1")
+    except Exception:
+        print("".join(server.output[-60:]))
+        raise
+    finally:
+        server.stop()

@@ -493,26 +493,122 @@ while True:
             worker.wait(60)
 
 
-def test_a_model_taking_several_channels_per_case_is_said_to_need_the_command_line(app, tmp_path, monkeypatch):
-    """As in the Slicer panel: a two-channel model was offered like any other, and only Start said that each case had
-    one channel where the model needs two; the panel gives one volume per case, the command line several."""
+def _two_channel_model(app, bundle: Path) -> str:
+    """The two-channel (FLAIR, T1c) bundle loaded as a user loads a model folder; the server is not started, so the
+    change listener is called as the page's choice would call it."""
+    app.session.data_dir, app.state.model_folder = bundle.parent, bundle.name
+    app.load_model_folder()
+    app._on_model()
+    return app.state.model_id
+
+
+def _upload(app, path: Path, name: str, label: bool = False):
+    """A file uploaded as a volume (or a label map of the volume under "…drawn on volume"); its node."""
+    app.state.load_as = "label" if label else "volume"
+    app.upload([{"name": name, "content": path.read_bytes()}])
+    assert app.state.message_kind == "info", app.state.message
+    return (app.session.segmentations() if label else app.session.volumes())[-1]
+
+
+def _reference(segmentation):
+    return segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+
+
+def test_a_two_channel_model_adapts_on_cases_of_a_volume_per_channel_and_its_job_reopens_so(app, tmp_path, monkeypatch,
+                                                                                             two_channel_bundle):
+    """A BraTS-style model takes FLAIR and T1c per case (the panel said such a model needed the command line): each
+    row and the volume to segment take a volume per channel, uploads fill the channels in the model's order, labels lie
+    on the first channel, where the results come; re-adapt and the slices to check work on such cases, and the job
+    reopens (a restarted server) with its rows' channels."""
     import asyncio
 
-    from test_slicer_panel import scripted_model
+    from two_channel_model import brats_file, whole_tumour
 
-    from PEFTAdaptLib.models.trust import trust_file
-
-    monkeypatch.setenv("PEFTADAPT_HOME", str(tmp_path / "home"))  # the trust store
-    network = scripted_model(tmp_path / "two-channels", channels=2)
-    trust_file(network)
-    model_id = app.session.logic.registerModelFolder(str(network.parent))["id"]
-    app.state.model_id = model_id
-    app._on_model()
-    said = "model 'two-channels' takes 2 image channels per case (e.g. FLAIR and T1c), and this panel gives one volume"
-    assert said in app.state.model_description
-    volume = app.session.load_volume(shared(SPINE_IMAGE), model_id, "t2/t2.nii.gz")
-    segmentation = app.session.load_label(shared(SPINE_LABEL), volume, model_id, "t2/cord.nii.gz")
-    app.state.pairs = [{"volume": volume.GetID(), "segmentation": segmentation.GetID()}]
+    model = _two_channel_model(app, two_channel_bundle)
+    assert app.state.channel_names == ["FLAIR", "T1c"] and "a volume per channel: FLAIR, T1c" in \
+        app.state.model_description
+    assert app.state.pairs == app.state.audit_pairs == [{"volume": None, "channels": [None], "segmentation": None}]
+    flair, t1c = (_upload(app, brats_file(3, channel), f"pat3_{channel}.nii.gz") for channel in ("FLAIR", "T1c"))
+    assert app.state.label_of == flair.GetID()  # the case's first channel, not the volume loaded last
+    label = _upload(app, whole_tumour(3, tmp_path / "wt3.nii.gz"), "wt3.nii.gz", label=True)
+    assert app.state.pairs == [{"volume": flair.GetID(), "channels": [t1c.GetID()], "segmentation": label.GetID()}]
+    assert _reference(label) is flair
+    app.remove_pair("audit_pairs", 0)
+    target = _upload(app, brats_file(5, "FLAIR"), "pat5_FLAIR.nii.gz")
+    assert app.state.targets == [target.GetID()] and app.state.target_channels == {target.GetID(): [None]}
+    target_t1c = _upload(app, brats_file(5, "T1c"), "pat5_T1c.nii.gz")
+    assert app.state.target_channels == {target.GetID(): [target_t1c.GetID()]}
+    app.state.method = "lora"
+    app._on_method("lora")
+    app.state.update({"rank": 2, "budget_percent": "100", "steps": "2", "patch_size": "32", "device": "cpu",
+                      "audit_every": "2"})
     asyncio.run(app.start())
-    assert app.state.message_kind == "error" and app.state.message.startswith(said)
-    assert list(app.session.logic.client.jobs()) == []
+    _follow_to_the_end(app)
+    run = app.session.current.run
+    assert run.state.outcome == "finished", run.state.describe()
+    assert [len(case.images) for case in [*run.job.spec.support, *run.job.spec.predict]] == [2, 2]
+    [result] = app.session.current.results
+    assert _reference(result) is target and app.state.shown_volume == target.GetID()  # on the FLAIR volume
+
+    app.next_slice()
+    assert app.state.message.startswith(f"{target.GetName()}: slice "), app.state.message
+    app.mark_slice_checked()
+    assert app.state.message_kind == "info" and "marked as right" in app.state.message, app.state.message
+    asyncio.run(app.readapt())
+    _follow_to_the_end(app)
+    second = app.session.current.run
+    assert second.state.outcome == "finished", second.state.describe()
+    assert [len(case.images) for case in second.job.spec.support] == [2, 2]  # the corrected case: both channels
+
+    reopened = new_app(tmp_path / "restarted", monkeypatch)
+    reopened.open_job_folder(run.jobDir)
+    assert reopened.state.model_id == model and reopened.state.channel_names == ["FLAIR", "T1c"]
+    [row] = reopened.state.pairs
+    names = [reopened.session.node(i).GetName() for i in (row["volume"], *row["channels"])]
+    assert names == ["pat3_FLAIR FLAIR", "pat3_FLAIR T1c"] and row["segmentation"]
+    [shown] = reopened.state.targets
+    names = [reopened.session.node(i).GetName() for i in (shown, *reopened.state.target_channels[shown])]
+    assert names == ["pat5_FLAIR FLAIR", "pat5_FLAIR T1c"] and reopened.state.shown_volume == shown
+    [(case, _)] = reopened.request().trainingPairs
+    assert [node.GetID() for node in case] == [row["volume"], *row["channels"]]
+
+
+def test_a_missing_channel_is_refused_naming_it_and_rows_follow_the_model_s_channels(app, tmp_path, two_channel_bundle):
+    """Start with a case short of a channel says which, in one line, before any job folder; a label loaded on a case's
+    second channel is drawn on its first; choosing a model of another channel count adds or drops the rows' channel
+    slots (a single-channel model's rows give a volume per case, as before); what the page sends is checked."""
+    import asyncio
+
+    from two_channel_model import brats_file, whole_tumour
+
+    model = _two_channel_model(app, two_channel_bundle)
+    flair = _upload(app, brats_file(3, "FLAIR"), "pat3_FLAIR.nii.gz")
+    label = _upload(app, whole_tumour(3, tmp_path / "wt3.nii.gz"), "wt3.nii.gz", label=True)
+    app.state.update({"steps": "2", "audit_every": "2"})
+    asyncio.run(app.start())
+    assert (app.state.message, app.state.message_kind) == ("training pair 1, T1c: a volume is needed", "error")
+    assert not (app.session.work_dir / "jobs").exists() or not any((app.session.work_dir / "jobs").iterdir())
+
+    t1c = _upload(app, brats_file(3, "T1c"), "pat3_T1c.nii.gz")
+    app.state.label_of = t1c.GetID()  # "…drawn on volume": the T1c
+    again = _upload(app, tmp_path / "wt3.nii.gz", "wt3.nii.gz", label=True)
+    assert _reference(again) is flair and app.state.message.endswith("drawn on its case's first channel 'pat3_FLAIR'")
+    assert app.request().trainingPairs == [((flair, t1c), label)]
+
+    app.state.model_id = "deepbet-brain"
+    app._on_model()
+    assert app.state.channel_names == ["channel 1"] and app.state.pairs[0]["channels"] == []
+    assert app.request().trainingPairs == [(flair, label)]
+    app.state.model_id = model
+    app._on_model()
+    assert app.state.pairs[0] == {"volume": flair.GetID(), "channels": [None], "segmentation": label.GetID()}
+
+    app.state.pairs = [{**app.state.pairs[0], "channels": "T1c"}]  # the page is not trusted
+    assert app.request().trainingPairs == [((flair, None), label)]
+    app.state.targets = [flair.GetID()]  # the page's multi-select, and its change listener
+    app._fit_channels()
+    assert app.state.target_channels == {flair.GetID(): [None]}
+    app.set_target_channel(flair.GetID(), 0, t1c.GetID())  # the T1c select beside it
+    assert app.request().targetVolumes == [(flair, t1c)]
+    app.set_target_channel(flair.GetID(), 1, t1c.GetID())
+    assert app.state.message == f"no channel 1 of a volume to segment '{flair.GetID()}'"

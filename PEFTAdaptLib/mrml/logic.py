@@ -397,8 +397,10 @@ class SceneLogic:
         lists it ("training pair 1"), which an error about the files names instead of the temporary file."""
         volumes = channels_of(volume)
         if len(volumes) != len(channels):
-            raise SceneError(f"{what}: {len(volumes)} volume(s) given; the model takes {len(channels)} image channels "
-                             f"per case ({', '.join(channels)})")
+            takes = f"{len(channels)} image channels per case ({', '.join(channels)})" if len(channels) > 1 \
+                else "one volume per case"
+            given = f"{len(volumes)} volume{'s' if len(volumes) > 1 else ''}"
+            raise SceneError(f"{what}: {given} given; the model takes {takes}")
         images = []
         for index, (channel, node) in enumerate(zip(channels, volumes)):
             which = f"{what}, {channel}" if len(channels) > 1 else what

@@ -29,15 +29,15 @@ from ..errors import InputError, PEFTAdaptError
 from ..jobs.files import refuse_linked_folder
 from ..jobs.spec import DEVICES
 from ..methods import DEFAULT_METHOD, method_class, method_names
-from ..mrml.logic import AdaptationRequest, audit_advice
+from ..mrml.logic import AdaptationRequest, audit_advice, channels_of, reference_of
 from ..mrml.scene_io import SceneError
 from . import access, charts, panel
 from .session import JOBS, PanelSession, write_demo_files
 
 POLL_SECONDS = 0.5
-#: the panel's lists of {"volume", "segmentation"} node ids: training pairs, then audit pairs
+#: the panel's lists of {"volume", "channels", "segmentation"} node ids: training pairs, then audit pairs. "volume" is
+#: a case's first image channel (its only one for most models), "channels" the model's others (T1c after FLAIR…)
 PAIR_LISTS = ("pairs", "audit_pairs")
-EMPTY_PAIR = {"volume": None, "segmentation": None}
 log = logging.getLogger("peftadapt.web")
 
 
@@ -81,6 +81,12 @@ def _pair_list(key: str) -> str:
     if key not in PAIR_LISTS:
         raise InputError(f"no pair list '{key}'")
     return key
+
+
+def _ids(value, count: int) -> list:
+    """`count` node ids from a list the page sent (not trusted): anything but an id is an empty slot."""
+    given = value[:count] if isinstance(value, list) else []
+    return [item if isinstance(item, str) and item else None for item in given] + [None] * (count - len(given))
 
 
 def four_up() -> Layout:
@@ -145,7 +151,8 @@ class WebApp:
             "model_id": cards[0]["id"] if cards else None, "unlisted_models": self.session.logic.unlistedModels(),
             "methods": [{"title": f"{n} — {method_class(n).label}", "value": n} for n in method_names()],
             "method": DEFAULT_METHOD, "devices": list(DEVICES),
-            **{key: [dict(EMPTY_PAIR)] for key in PAIR_LISTS}, "audit_advice": audit_advice(0),
+            **{key: [{"volume": None, "channels": [], "segmentation": None}] for key in PAIR_LISTS},
+            "audit_advice": audit_advice(0), "channel_names": [], "target_channels": {},
             "has_data_folder": data_dir is not None,
             "data_files": data_files, "label_maps": label_maps, "label_map": None,
             "dice_chart": charts.dice_figure([]), "allocation_chart": charts.allocation([])[0], "units": [],
@@ -157,6 +164,7 @@ class WebApp:
         state.change("shown_volume")(self._on_shown_volume)
         state.change("edit_segmentation")(self._on_edit_segmentation)
         state.change("audit_pairs")(self._on_audit_pairs)
+        state.change("targets")(self._fit_channels)
         self._on_method(state.method)
         self._on_model()
         self._publish_nodes()
@@ -203,7 +211,7 @@ class WebApp:
         if current is None or not current.results:
             return
         self._publish_nodes()
-        result, volume_id = current.results[0], current.run.volumes[0].GetID()
+        result, volume_id = current.results[0], reference_of(current.run.volumes[0]).GetID()
         self.state.edit_segmentation = self.state.download_segmentation = result.GetID()
         if self.state.shown_volume == volume_id:
             self._on_shown_volume(volume_id)  # the same volume, a new segmentation over it
@@ -223,16 +231,63 @@ class WebApp:
             return
         card = self.session.logic.card(model_id)
         labels = ", ".join(label["name"] for label in card["labels"] if int(label["value"]) != 0)
-        self.state.model_description = f"{card.get('modality', '')}; labels: {labels}; license {card.get('license', '')}"
-        problem = self.session.logic.channelProblem(model_id)
-        if problem:
-            self.state.model_description += f" — {problem}"
+        names = self.session.logic.channelNames(model_id)
+        channels = f"; a volume per channel: {', '.join(names)}" if len(names) > 1 else ""
+        self.state.model_description = (f"{card.get('modality', '')}{channels}; labels: {labels}; "
+                                        f"license {card.get('license', '')}")
+        self.state.channel_names = names
+        self._fit_channels()
         try:
             percent = float(self.state.budget_percent or 0)
         except (TypeError, ValueError):
             percent = 0
         count = self.session.logic.budgetParameters(model_id, percent) if percent > 0 else None
         self.state.budget_text = f"= {count:,} trainable parameters" if count else ""
+
+    def _channel_count(self) -> int:
+        """The image channels a case of the chosen model takes (1 for most models)."""
+        return len(self.session.logic.channelNames(self.state.model_id)) if self.state.model_id else 1
+
+    def _target_channels(self) -> dict:
+        """Each volume to segment's other channels, by its first channel's id (a dict, whatever the page sent)."""
+        given = self.state.target_channels
+        return given if isinstance(given, dict) else {}
+
+    @reports_errors
+    def _fit_channels(self, **_) -> None:
+        """Every row, and every volume to segment, gets a slot per channel of the model: a model of another channel
+        count makes them appear empty or go."""
+        extra = self._channel_count() - 1
+        for key in PAIR_LISTS:
+            self.state[key] = [{**pair, "channels": _ids(pair.get("channels"), extra)} for pair in self.state[key]]
+        given = self._target_channels()
+        self.state.target_channels = {target: _ids(given.get(target), extra) for target in self.state.targets or []
+                                      if isinstance(target, str)}
+
+    def _row(self, volumes: list | tuple = (), segmentation: str | None = None) -> dict:
+        """A pair row of volume ids, one per channel of the model (the first in "volume"), and a segmentation id."""
+        ids = _ids(list(volumes), self._channel_count())
+        return {"volume": ids[0], "channels": ids[1:], "segmentation": segmentation}
+
+    def _case(self, volume_id, channel_ids):
+        """A case's volume node, or a tuple of them, one per channel of the model (a slot left empty is None: the
+        logic names the missing channel)."""
+        extra, node = self._channel_count() - 1, self.session.node
+        if not extra:
+            return node(volume_id)
+        return (node(volume_id), *(node(i) for i in _ids(channel_ids, extra)))
+
+    def _first_channel(self, volume_id):
+        """The first channel of the case a volume is another channel of (its labels are drawn there), else itself."""
+        extra = self._channel_count() - 1
+        if not volume_id or not extra:
+            return volume_id
+        for key in PAIR_LISTS:
+            for pair in self.state[key]:
+                if pair.get("volume") and volume_id in _ids(pair.get("channels"), extra):
+                    return pair["volume"]
+        return next((target for target, channels in self._target_channels().items()
+                     if volume_id in _ids(channels, extra)), volume_id)
 
     def _on_audit_pairs(self, audit_pairs, **_) -> None:
         self.state.audit_advice = audit_advice(sum(1 for pair in audit_pairs if pair.get("volume")))
@@ -265,19 +320,21 @@ class WebApp:
 
     # -- data in ---------------------------------------------------------------------------------------------------
     def _load(self, path: Path, shown_as: str) -> None:
-        """A file as a volume, or as a label map of the chosen volume; the new node fills the first empty slot."""
+        """A file as a volume, or as a label map of the chosen volume (drawn on its case's first channel); the new
+        node fills the first empty slot."""
         state = self.state
         mapped = ""
         if state.load_as == "label":
-            volume = self.session.node(state.label_of)
+            volume = self.session.node(self._first_channel(state.label_of))
             node = self.session.load_label(path, volume, state.model_id, shown_as, self._label_map())
             self._place_segmentation(volume.GetID(), node.GetID())
-            mapped = f", its labels mapped onto the model's classes by {state.label_map}" if state.label_map else ""
+            if volume.GetID() != state.label_of:
+                mapped = f", drawn on its case's first channel '{volume.GetName()}'"
+            mapped += f", its labels mapped onto the model's classes by {state.label_map}" if state.label_map else ""
         else:
             node = self.session.load_volume(path, state.model_id, shown_as)
-            self._place_volume(node.GetID())
+            state.label_of = self._place_volume(node.GetID())
             state.shown_volume = node.GetID()
-            state.label_of = node.GetID()
         self._publish_nodes()
         self.say(f"loaded {shown_as} as '{node.GetName()}'{mapped}")
 
@@ -292,19 +349,30 @@ class WebApp:
             raise InputError(f"{name}: no such label map; upload it again")
         return access.inside(self.session.data_dir, name), name
 
-    def _place_volume(self, volume_id: str) -> None:
-        """Volumes fill the panel in the order a user brings them: the empty training and audit pairs, then the
-        volume to segment (each can be changed afterwards; "Add pair" makes room for more)."""
-        state = self.state
+    def _place_volume(self, volume_id: str) -> str:
+        """Volumes fill the panel in the order a user brings them: the empty slots of the training and audit pairs
+        (a slot per channel of the model, in its order: FLAIR, then T1c…), then the volume to segment (each can be
+        changed afterwards; "Add pair" makes room for more). Returns the first channel of the case it joined."""
+        state, extra = self.state, self._channel_count() - 1
         for key in PAIR_LISTS:
-            pairs = [dict(p) for p in state[key]]
-            empty = next((p for p in pairs if not p["volume"]), None)
-            if empty is not None:
-                empty["volume"] = volume_id
-                state[key] = pairs
-                return
+            for index, pair in enumerate(state[key]):
+                slots = [pair.get("volume"), *_ids(pair.get("channels"), extra)]
+                empty = next((position for position, slot in enumerate(slots) if not slot), None)
+                if empty is not None:
+                    slots[empty] = volume_id
+                    state[key] = [*state[key][:index], {**pair, "volume": slots[0], "channels": slots[1:]},
+                                  *state[key][index + 1:]]
+                    return slots[0]
+        channels = self._target_channels()
+        for target in state.targets or []:
+            slots = _ids(channels.get(target), extra)
+            if None in slots:
+                slots[slots.index(None)] = volume_id
+                state.target_channels = {**channels, target: slots}
+                return target
         if not state.targets:
-            state.targets = [volume_id]
+            state.targets, state.target_channels = [volume_id], {volume_id: [None] * extra}
+        return volume_id
 
     def _place_segmentation(self, volume_id: str, segmentation_id: str) -> None:
         for key in PAIR_LISTS:
@@ -349,8 +417,9 @@ class WebApp:
             nodes[role] = (volume, self.session.load_label(label, volume, self.state.model_id, f"demo/{label.name}"))
         ids = {role: (v.GetID(), s.GetID()) for role, (v, s) in nodes.items()}
         for key, role in zip(PAIR_LISTS, ("support", "audit")):
-            self.state[key] = [{"volume": ids[role][0], "segmentation": ids[role][1]}]
+            self.state[key] = [self._row([ids[role][0]], ids[role][1])]
         self.state.targets = [ids["test"][0]]
+        self._fit_channels()
         self.state.shown_volume = ids["test"][0]
         self._publish_nodes()
         self.say("demo data loaded: one training pair, the audit pair and a test volume to segment")
@@ -369,16 +438,27 @@ class WebApp:
     @reports_errors
     def add_pair(self, key: str) -> None:
         key = _pair_list(key)
-        self.state[key] = self.state[key] + [dict(EMPTY_PAIR)]
+        self.state[key] = self.state[key] + [self._row()]
 
     @reports_errors
     def remove_pair(self, key: str, index: int) -> None:
         key = _pair_list(key)
         self.state[key] = [p for i, p in enumerate(self.state[key]) if i != index]
 
+    @reports_errors
+    def set_target_channel(self, target: str, index: int, volume_id: str | None) -> None:
+        """A volume to segment's other channel (T1c…), chosen beside it in the page (which names no state key)."""
+        channels = self._target_channels()
+        slots = channels.get(target) if isinstance(target, str) else None
+        if not isinstance(slots, list) or not isinstance(index, int) or not 0 <= index < len(slots):
+            raise InputError(f"no channel {index} of a volume to segment '{target}'")
+        slots = list(slots)
+        slots[index] = volume_id if isinstance(volume_id, str) and volume_id else None
+        self.state.target_channels = {**channels, target: slots}
+
     # -- runs ------------------------------------------------------------------------------------------------------
     def request(self) -> AdaptationRequest:
-        state, node = self.state, self.session.node
+        state = self.state
         if not state.model_id:
             raise InputError("choose a foundation model")
         return AdaptationRequest(
@@ -390,15 +470,18 @@ class WebApp:
             steps=_positive(state.steps, "steps"),
             patchSize=_positive(state.patch_size, "patch size") if str(state.patch_size or "").strip() else None,
             device=state.device,
-            targetVolumes=[node(t) for t in state.targets or []],
+            targetVolumes=[self._case(t, self._target_channels().get(t)) for t in state.targets or []],
             auditEvery=_positive(state.audit_every, "audit every"),
         )
 
     def _pairs(self, key: str) -> list:
-        """A pair list's (volume, segmentation) nodes; a row left empty is no pair (a half-filled one is refused
-        when the job is built)."""
-        return [(self.session.node(p.get("volume")), self.session.node(p.get("segmentation")))
-                for p in self.state[key] if p.get("volume") or p.get("segmentation")]
+        """A pair list's (volume, or a volume per channel, segmentation) nodes; a row left empty is no pair (a
+        half-filled one is refused when the job is built)."""
+        extra = self._channel_count() - 1
+        filled = [p for p in self.state[key]
+                  if p.get("volume") or p.get("segmentation") or any(_ids(p.get("channels"), extra))]
+        return [(self._case(p.get("volume"), p.get("channels")), self.session.node(p.get("segmentation")))
+                for p in filled]
 
     async def _starting(self, text: str) -> None:
         """Show that a start is under way before the nodes are exported (a second or two)."""
@@ -505,8 +588,10 @@ class WebApp:
         state = self.state
         state.model_id = request.modelId
         for key, pairs in zip(PAIR_LISTS, (request.trainingPairs, request.auditPairs)):
-            state[key] = [{"volume": v.GetID(), "segmentation": s.GetID()} for v, s in pairs]
-        state.targets = [v.GetID() for v in request.targetVolumes]
+            state[key] = [self._row([n.GetID() for n in channels_of(v)], s.GetID()) for v, s in pairs]
+        state.targets = [reference_of(v).GetID() for v in request.targetVolumes]
+        state.target_channels = {reference_of(v).GetID(): [n.GetID() for n in channels_of(v)[1:]]
+                                 for v in request.targetVolumes}
         state.method = request.method
         self._on_method(request.method)
         state.budget_percent = f"{request.budgetPercent:g}" if request.budgetPercent else state.budget_percent
@@ -514,12 +599,13 @@ class WebApp:
         state.steps, state.device = str(request.steps), request.device
         state.patch_size = str(request.patchSize or "")
         state.audit_every = str(request.auditEvery)
+        self._on_model()  # the model's channels name the rows' selects
         self._publish_nodes()
         self._publish_run()
         # the first volume to segment; with none, a training volume (the views stayed black)
         shown = [*request.targetVolumes, *(volume for volume, _ in request.trainingPairs)]
         if shown:
-            state.shown_volume = shown[0].GetID()
+            state.shown_volume = reference_of(shown[0]).GetID()
         self._show_results()
         self.refresh_jobs_now()
         self.say(f"{'resumed' if resume else 'opened'} {folder.name}")

@@ -56,21 +56,50 @@ def _app_bar(app) -> None:
         v3.VChip("{{ run_phase }}", v_show=("run_phase",), id="phase", size="small", classes="mx-2")
 
 
+#: a select's label naming the model's first channel, when it takes several ("Volume 1 (FLAIR)")
+FIRST_CHANNEL = "(channel_names.length > 1 ? ` (${channel_names[0]})` : '')"
+#: the model's channels after the first (none for most models), each with a select of its own beside the first's
+OTHER_CHANNELS = "(name, c) in channel_names.slice(1)"
+
+
 def _pairs_editor(app, key: str, prefix: str, add_text: str) -> None:
-    """The rows of one of the app's pair lists (`PAIR_LISTS`), each a volume and a segmentation; ids `<prefix>-<i>-…`
-    (the end-to-end test clicks them)."""
+    """The rows of one of the app's pair lists (`PAIR_LISTS`), each a volume per channel of the model and a
+    segmentation; ids `<prefix>-<i>-volume`, `<prefix>-<i>-channel-<c>` (the model's channel c, counted from 0),
+    `<prefix>-<i>-segmentation` (the end-to-end test clicks them). A channel left empty in a row shows as an error."""
+    select = {"items": ("volumes",), "classes": "mb-1", **SELECT}
     with html.Div(v_for=f"(pair, i) in {key}", key="i", classes="d-flex align-center mb-3"):
         with html.Div(style="flex: 1; min-width: 0;"):
-            for field, label in (("volume", "Volume"), ("segmentation", "Segmentation")):
-                v3.VSelect(label=(f"`{label} ${{i + 1}}`",), items=(f"{field}s",),
-                           model_value=(f"{key}[i].{field}",), id=(f"`{prefix}-${{i}}-{field}`",),
-                           update_modelValue=f"{key}[i].{field} = $event; flushState('{key}')",
-                           classes="mb-1", **SELECT)
+            v3.VSelect(label=(f"`Volume ${{i + 1}}` + {FIRST_CHANNEL}",), model_value=(f"{key}[i].volume",),
+                       id=(f"`{prefix}-${{i}}-volume`",),
+                       update_modelValue=f"{key}[i].volume = $event; flushState('{key}')", **select)
+            with html.Div(v_for=OTHER_CHANNELS, key="c"):  # a Vuetify widget has a key of its own
+                v3.VSelect(label=("`Volume ${i + 1} (${name})`",), model_value=(f"{key}[i].channels[c]",),
+                           id=(f"`{prefix}-${{i}}-channel-${{c + 1}}`",),
+                           error=(f"!!{key}[i].volume && !{key}[i].channels[c]",),
+                           update_modelValue=f"{key}[i].channels[c] = $event; flushState('{key}')", **select)
+            v3.VSelect(label=("`Segmentation ${i + 1}`",), model_value=(f"{key}[i].segmentation",),
+                       id=(f"`{prefix}-${{i}}-segmentation`",),
+                       update_modelValue=f"{key}[i].segmentation = $event; flushState('{key}')",
+                       **{**select, "items": ("segmentations",)})
         v3.VBtn(icon="mdi-close", size="small", variant="text", click=(app.remove_pair, f"['{key}', i]"),
                 id=(f"`{prefix}-${{i}}-remove`",),
                 raw_attrs=[f":aria-label=\"`{add_text.replace('Add', 'Remove', 1)} ${{i + 1}}`\""])
     v3.VBtn(add_text, prepend_icon="mdi-plus", size="small", variant="tonal", click=(app.add_pair, f"['{key}']"),
             id=f"add-{prefix}")
+
+
+def _targets_editor(app) -> None:
+    """The volumes to segment after adapting; with a model of several channels, each chosen volume (its first
+    channel) gets a select per other channel: ids `target-<j>-channel-<c>`."""
+    v3.VSelect(label=(f"'Segment after adapting' + {FIRST_CHANNEL}",), items=("volumes",), v_model=("targets", []),
+               multiple=True, chips=True, id="targets", classes="mt-3", **SELECT)
+    with html.Div(v_if=("channel_names.length > 1",)):
+        with html.Div(v_for="(target, j) in targets", key="target"), html.Div(v_for=OTHER_CHANNELS, key="c"):
+            v3.VSelect(items=("volumes",), classes="mt-1",
+                       label=("`${name} for ${(volumes.find(v => v.value === target) || {}).title}`",),
+                       model_value=("(target_channels[target] || [])[c]",), id=("`target-${j}-channel-${c + 1}`",),
+                       error=("!(target_channels[target] || [])[c]",),
+                       update_modelValue=(app.set_target_channel, "[target, c, $event]"), **SELECT)
 
 
 def _section(title: str, value: str):
@@ -105,8 +134,7 @@ def _panel(app) -> None:
                      "larger than their noise)", classes="text-caption mt-3 mb-1")
             _pairs_editor(app, "audit_pairs", "audit", "Add audit pair")
             html.Div("{{ audit_advice }}", v_show=("audit_advice",), id="audit-advice", classes="text-caption mt-1")
-            v3.VSelect(label="Segment after adapting", items=("volumes",), v_model=("targets", []), multiple=True,
-                       chips=True, id="targets", classes="mt-3", **SELECT)
+            _targets_editor(app)
         with _section("Method", "method"), v3.VExpansionPanelText():
             v3.VSelect(label="Method", items=("methods",), v_model=("method", None), id="method", **SELECT)
             with html.Div(classes="d-flex mt-2"):

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..jobs import JobClient, SubprocessRunner
 from ..jobs.client import ADAPTER_DIR
 from ..jobs.create import ADAPTER_FILES
-from ..mrml.logic import AdaptationRequest, SceneLogic, SceneRun, SliceToCheck
+from ..mrml.logic import AdaptationRequest, SceneLogic, SceneRun, SliceToCheck, reference_of
 from ..mrml.scene_io import (
     SceneError, labels_from_card, nodes_of_class, read_volume, write_segmentation, write_segmentation_as_labelmap,
     write_volume,
@@ -132,8 +132,9 @@ class PanelSession:
         last = self.current
         if last is None or last.shown is None:
             raise SceneError("show a slice with 'Next slice to check' first")
-        shown = last.shown
-        self.logic.markSlicesChecked(last.results[last.run.volumes.index(shown.volume)], shown.axis, [shown.index])
+        shown = last.shown  # on a case's first channel: the volumes of a multi-channel case are a tuple
+        case = [reference_of(volume) for volume in last.run.volumes].index(shown.volume)
+        self.logic.markSlicesChecked(last.results[case], shown.axis, [shown.index])
         return last.shown
 
     def cancel(self) -> None:
