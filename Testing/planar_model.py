@@ -44,45 +44,51 @@ def as_single_slice(image: sitk.Image, path: Path, origin=(-12.0, 30.0, 41.5), s
 
 def train_bundle(folder: Path, steps: int = 60, seed: int = 0) -> Path:
     """Train the 2D UNet on FLAIR slices of patients 4 and 5 and write it as a MONAI bundle."""
+    from PEFTAdaptLib.data.cases import prepare_case
+    from PEFTAdaptLib.models.monai_bundle import bundle_card
+
+    write_configs(folder, NETWORK, SPACING, ROI, PATCH, {
+        "name": "brats-2d-test", "version": "1", "license": "CC BY-NC-SA 3.0 data",
+        "network_data_format": {"inputs": {"image": {"modality": "MR", "num_channels": 1}},
+                                "outputs": {"pred": {"channel_def": {"0": "background", "1": "whole tumour"}}}}})
+    card = bundle_card(folder)
+    cases = [prepare_case(f"pat{p}", [image], card, label)
+             for p, (image, label) in ((p, brats_slice(p, "Flair")) for p in (4, 5))]
+    return train_weights(folder, NETWORK, cases, PATCH, 4, steps, seed)
+
+
+def train_weights(folder: Path, network: dict, cases: list, patch: list, batch: int, steps: int, seed: int) -> Path:
+    """Train the bundle's MONAI network (`network`: its `network_def`) on `cases` and write its weights."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
     from safetensors.torch import save_file
 
-    from PEFTAdaptLib.data.cases import prepare_case
-    from PEFTAdaptLib.models.monai_bundle import bundle_card
     from PEFTAdaptLib.training import PatchSampler
 
-    write_configs(folder)
-    card = bundle_card(folder)
     torch.manual_seed(seed)
-    network = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
-    cases = [prepare_case(f"pat{p}", [image], card, label)
-             for p, (image, label) in ((p, brats_slice(p, "Flair")) for p in (4, 5))]
-    sampler = PatchSampler(cases, PATCH, 4, 0.5, seed)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3)
+    model = UNet(**{k: v for k, v in network.items() if k != "_target_"})
+    sampler = PatchSampler(cases, patch, batch, 0.5, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     for _ in range(steps):
         image, label = sampler()
-        loss = loss_fn(network(image), label)
+        loss = loss_fn(model(image), label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     (folder / "models").mkdir(exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()},
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
               str(folder / "models" / "model.safetensors"))
     return folder
 
 
-def write_configs(folder: Path) -> None:
+def write_configs(folder: Path, network: dict, spacing: list, roi: list, patch: list, metadata: dict) -> None:
+    """A MONAI bundle's configs: the network, resampling to `spacing`, z-scoring per channel, its ROI and patch."""
     (folder / "configs").mkdir(parents=True, exist_ok=True)
-    inference = {"network_def": NETWORK, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ROI},
+    inference = {"network_def": network, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": roi},
                  "preprocessing": {"_target_": "Compose", "transforms": [
-                     {"_target_": "Spacingd", "keys": "image", "pixdim": SPACING},
-                     {"_target_": "NormalizeIntensityd", "keys": "image"}]}}
-    train = {"train": {"preprocessing": [{"_target_": "RandSpatialCropd", "keys": "image", "roi_size": PATCH}]}}
-    metadata = {"name": "brats-2d-test", "version": "1", "license": "CC BY-NC-SA 3.0 data",
-                "network_data_format": {"inputs": {"image": {"modality": "MR", "num_channels": 1}},
-                                        "outputs": {"pred": {"channel_def": {"0": "background",
-                                                                             "1": "whole tumour"}}}}}
+                     {"_target_": "Spacingd", "keys": "image", "pixdim": spacing},
+                     {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True}]}}
+    train = {"train": {"preprocessing": [{"_target_": "RandSpatialCropd", "keys": "image", "roi_size": patch}]}}
     for name, content in (("inference", inference), ("train", train), ("metadata", metadata)):
         (folder / "configs" / f"{name}.json").write_text(json.dumps(content))

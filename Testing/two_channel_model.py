@@ -3,11 +3,9 @@ trained for a few seconds on the FLAIR and T1c volumes of shared BraTS patient 4
 bundle that names its channels (`network_data_format#inputs#image#channel_def`, as MONAI's BraTS bundle does)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import SimpleITK as sitk
-import torch
 
 from conftest import shared
 
@@ -32,45 +30,17 @@ def whole_tumour(patient: int, path: Path) -> Path:
 
 
 def write_bundle(folder: Path, steps: int = 20, seed: int = 0) -> Path:
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
-    from safetensors.torch import save_file
+    from planar_model import train_weights, write_configs
 
     from PEFTAdaptLib.data.cases import load_case
     from PEFTAdaptLib.models.monai_bundle import bundle_card
-    from PEFTAdaptLib.training import PatchSampler
 
-    _write_configs(folder)
-    card = bundle_card(folder)
-    torch.manual_seed(seed)
-    network = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
-    case = load_case([brats_file(4, channel) for channel in CHANNELS], card, whole_tumour(4, folder / "wt4.nii.gz"))
-    sampler = PatchSampler([case], PATCH, 2, 0.5, seed)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    for _ in range(steps):
-        image, label = sampler()
-        loss = loss_fn(network(image), label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    (folder / "models").mkdir(exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()},
-              str(folder / "models" / "model.safetensors"))
-    return folder
-
-
-def _write_configs(folder: Path) -> None:
-    (folder / "configs").mkdir(parents=True, exist_ok=True)
-    inference = {"network_def": NETWORK, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ROI},
-                 "preprocessing": {"_target_": "Compose", "transforms": [
-                     {"_target_": "Spacingd", "keys": "image", "pixdim": SPACING},
-                     {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True}]}}
-    train = {"train": {"preprocessing": [{"_target_": "RandSpatialCropd", "keys": "image", "roi_size": PATCH}]}}
-    metadata = {"name": "brats-two-channel-test", "version": "1", "license": "CC BY-NC-SA 3.0 data",
-                "network_data_format": {
-                    "inputs": {"image": {"modality": "MR", "num_channels": len(CHANNELS),
-                                         "channel_def": {str(i): name for i, name in enumerate(CHANNELS)}}},
-                    "outputs": {"pred": {"channel_def": {"0": "background", "1": "whole tumour"}}}}}
-    for name, content in (("inference", inference), ("train", train), ("metadata", metadata)):
-        (folder / "configs" / f"{name}.json").write_text(json.dumps(content))
+    write_configs(folder, NETWORK, SPACING, ROI, PATCH, {
+        "name": "brats-two-channel-test", "version": "1", "license": "CC BY-NC-SA 3.0 data",
+        "network_data_format": {
+            "inputs": {"image": {"modality": "MR", "num_channels": len(CHANNELS),
+                                 "channel_def": {str(i): name for i, name in enumerate(CHANNELS)}}},
+            "outputs": {"pred": {"channel_def": {"0": "background", "1": "whole tumour"}}}}})
+    case = load_case([brats_file(4, channel) for channel in CHANNELS], bundle_card(folder),
+                     whole_tumour(4, folder / "wt4.nii.gz"))
+    return train_weights(folder, NETWORK, [case], PATCH, 2, steps, seed)
