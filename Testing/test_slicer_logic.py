@@ -248,3 +248,20 @@ def test_a_two_channel_model_adapts_on_cases_of_two_volumes_and_its_job_opens_as
     reopened, request = scene_logic.openJob(run.jobDir)
     assert request.trainingPairs == [(training, segmentation)]
     assert request.targetVolumes == [target]
+
+
+def test_a_case_of_several_channels_is_named_by_what_its_volumes_names_share(scene_logic, two_channel_bundle,
+                                                                             tmp_path):
+    """A job named a two-channel case after its first volume ("BraTS-001_flair"), so a reopened job's T1c node was
+    "BraTS-001_flair T1c"; the case is now the part the names share, and its channels are named after it."""
+    from two_channel_model import brats_file, whole_tumour
+
+    model = scene_logic.registerModelFolder(str(two_channel_bundle))["id"]
+    scene = scene_logic.scene
+    case, other = (tuple(load_volume(scene, brats_file(patient, channel), name.format(channel=channel))
+                         for channel in ("FLAIR", "T1c")) for patient, name in ((3, "BraTS-003_{channel}"),
+                                                                                 (5, "{channel} 5")))
+    segmentation = load_segmentation(scene, whole_tumour(3, tmp_path / "wt3.nii.gz"), case[0], "tumour", "whole tumour")
+    request = AdaptationRequest(modelId=model, trainingPairs=[(case, segmentation)], targetVolumes=[other])
+    spec = scene_logic.jobRequest(request, tmp_path)
+    assert [c.name for c in [*spec.support, *spec.predict]] == ["BraTS-003", "FLAIR 5"]  # "FLAIR 5", "T1c 5": the first

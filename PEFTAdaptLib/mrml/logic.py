@@ -8,6 +8,7 @@ its scene and a PythonSlicer runner; tests a slicer-core scene and this interpre
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -426,7 +427,7 @@ class SceneLogic:
             if annotated:
                 self._exports[str(annotated)] = None, f"the corrected slices of segmentation " \
                                                       f"'{segmentation.GetName()}' ({what})"
-        return CaseSpec(images, str(label) if label else None, volumes[0].GetName(),
+        return CaseSpec(images, str(label) if label else None, _caseName(volumes),
                         str(annotated) if annotated else None)
 
     @staticmethod
@@ -623,6 +624,14 @@ class SceneLogic:
                            train=TrainSpec(device=device))
 
         return self._submit(build, modelId, [volume], "segmentation", log)
+
+
+def _caseName(volumes) -> str:
+    """What a job calls a case (its messages, the nodes of a reopened job): its volume's name; for several channels
+    the start their names share ("BraTS-001" of "BraTS-001_flair" and "BraTS-001_t1c"), else the first's."""
+    names = [volume.GetName() for volume in volumes]
+    shared = os.path.commonprefix(names).rstrip(" _-.")
+    return shared if len(names) > 1 and len(shared) >= 3 else names[0]
 
 
 def _onto_grid_of(path: Path, first: Path) -> None:
