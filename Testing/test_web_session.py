@@ -412,6 +412,24 @@ def test_a_budget_above_100_percent_is_refused_in_percent(app):
     assert app.request().budgetPercent == 100
 
 
+def test_a_ranked_method_takes_its_rank_from_the_budget_unless_one_is_chosen(app):
+    """Found by a user-level check: choosing LoRA or ConvLoRA set the rank to 4 beside the budget's 1 %, so Start sent
+    both and the job failed ("rank 4 trains 135,100 parameters, more than the budget …"); Slicer's panel offers
+    "Automatic (from the budget)" first, and so does this one now."""
+    for method in ("lora", "convlora"):
+        app.state.method = method
+        app._on_method(method)
+        assert app.state.method_ranks[0] == {"title": "Automatic (from the budget)", "value": 0}
+        assert [item["value"] for item in app.state.method_ranks[1:]] == [1, 2, 4, 8, 16, 32]
+        request = app.request()
+        assert (request.rank, request.budgetPercent) == (None, 1.0)
+        app.state.rank = 2  # a rank the user picks is sent
+        assert app.request().rank == 2
+    app.state.method = "label-free"
+    app._on_method("label-free")
+    assert app.state.method_ranks[0] == {"title": "Default (2)", "value": 0} and app.request().rank is None
+
+
 def test_job_folders_that_are_links_are_not_listed_and_refused_by_open_and_resume(app, tmp_path):
     """Found by a user-level check: links in the jobs folder were listed with what they pointed to, and Open and
     Resume followed them (one to a job outside the work folder)."""

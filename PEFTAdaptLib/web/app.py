@@ -221,8 +221,11 @@ class WebApp:
     def _on_method(self, method, **_) -> None:
         cls = method_class(method)
         self.state.method_takes_budget = cls.takes_budget
-        self.state.method_ranks = list(cls.ranks)
-        self.state.rank = cls.default_rank if cls.ranks else None
+        # as in Slicer: the rank is the budget's unless the user picks one (a rank beside the budget must fit it)
+        chosen = "Automatic (from the budget)" if cls.takes_budget else f"Default ({cls.default_rank})"
+        self.state.method_ranks = [{"title": chosen, "value": 0}, *({"title": str(rank), "value": rank}
+                                                                     for rank in cls.ranks)] if cls.ranks else []
+        self.state.rank = 0
 
     @reports_errors
     def _on_model(self, **_) -> None:
