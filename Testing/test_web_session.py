@@ -583,10 +583,10 @@ def test_a_two_channel_model_adapts_on_cases_of_a_volume_per_channel_and_its_job
     assert reopened.state.model_id == model and reopened.state.channel_names == ["FLAIR", "T1c"]
     [row] = reopened.state.pairs
     names = [reopened.session.node(i).GetName() for i in (row["volume"], *row["channels"])]
-    assert names == ["pat3_FLAIR FLAIR", "pat3_FLAIR T1c"] and row["segmentation"]
+    assert names == ["pat3 FLAIR", "pat3 T1c"] and row["segmentation"]  # the case: what its files' names share
     [shown] = reopened.state.targets
     names = [reopened.session.node(i).GetName() for i in (shown, *reopened.state.target_channels[shown])]
-    assert names == ["pat5_FLAIR FLAIR", "pat5_FLAIR T1c"] and reopened.state.shown_volume == shown
+    assert names == ["pat5 FLAIR", "pat5 T1c"] and reopened.state.shown_volume == shown
     [(case, _)] = reopened.request().trainingPairs
     assert [node.GetID() for node in case] == [row["volume"], *row["channels"]]
 

@@ -228,15 +228,19 @@ def test_a_cancel_while_segmenting_stops_the_predictions_and_says_so_keeping_the
 
 
 def test_two_jobs_run_side_by_side_and_one_job_takes_one_worker(tmp_path):
+    """The first job is long and cancelled once the second worker was refused: with 3 steps it once finished before
+    that worker had started (a loaded CI machine), which then found nothing to lock."""
     first, second = tmp_path / "a", tmp_path / "b"
-    write_job(first, spec(steps=3))
+    write_job(first, spec(steps=200))
     write_job(second, spec(steps=3))
     a, b = launch(first), launch(second)
     wait_for(first, lambda seen: len(seen) > 0)
     intruder = launch(first)
     assert intruder.wait(timeout=120) == EXIT_LOCKED
-    assert a.wait(timeout=600) == EXIT_FINISHED and b.wait(timeout=600) == EXIT_FINISHED
-    assert events(first)[-1]["event"] == "finished" and events(second)[-1]["event"] == "finished"
+    assert b.wait(timeout=600) == EXIT_FINISHED and events(second)[-1]["event"] == "finished"
+    assert a.poll() is None, "the first job ran beside the second"
+    (first / "cancel").touch()
+    assert a.wait(timeout=300) == EXIT_CANCELLED and events(first)[-1]["event"] == "cancelled"
 
 
 def test_readapt_starts_from_the_previous_adapter_and_keeps_it_without_a_reliable_gain(tmp_path, uninterrupted):
