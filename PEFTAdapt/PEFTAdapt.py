@@ -812,13 +812,17 @@ class PEFTAdaptLogic(ScriptedLoadableModuleLogic):
             return problem
         if method_class(p.method).needs_labels:  # without audit pairs the job holds out a slab of each training pair
             return "" if p.trainingVolumes else _("Add at least one training pair (volume and segmentation)")
-        missing = self.volumeToChoose(self.channelNames(p.modelId), self.targetVolumes(p))
+        missing = self.targetToChoose(p)
         return _("Label-free: choose {volume} to adapt to (Segment volume)").format(volume=missing) if missing else ""
 
     def segmentProblem(self, p) -> str:
         """Why Segment cannot run yet ("" when it can): the model's problem, or a channel of the volume to segment."""
-        missing = self.volumeToChoose(self.channelNames(p.modelId), self.targetVolumes(p))
+        missing = self.targetToChoose(p)
         return self.modelProblem(p) or (_("Choose {volume} to segment").format(volume=missing) if missing else "")
+
+    def targetToChoose(self, p) -> str:
+        """The first channel of the volume to segment not chosen yet, as the panel asks for it ("" when each is)."""
+        return self.volumeToChoose(self.channelNames(p.modelId), self.targetVolumes(p))
 
     @staticmethod
     def volumeToChoose(names: list, volumes: list) -> str:

@@ -444,8 +444,8 @@ def input_classes(page, select: str) -> str:
 
 def test_a_two_channel_model_s_rows_take_a_volume_per_channel(browser, tmp_path, two_channel_bundle):
     """A BraTS-style model (FLAIR, T1c) loaded from the data folder: each row, and each volume to segment, gets a
-    select per channel, named by it and filled in the model's order as the volumes load; a channel left empty shows
-    on its row, and Start names it (no job starts). The single-channel model's rows had no such select."""
+    select per channel, named by it and filled in the model's order as the volumes load; a channel left empty in a row
+    that has another shows, and Start names it (no job starts). The single-channel model's rows had no such select."""
     from two_channel_model import brats_file, whole_tumour
 
     data = tmp_path / "data"
@@ -475,8 +475,11 @@ def test_a_two_channel_model_s_rows_take_a_volume_per_channel(browser, tmp_path,
                                       ("#pair-0-channel-1", "Volume 1 (T1c)", "pat3/T1c"),
                                       ("#pair-0-segmentation", "Segmentation 1", "pat3/tumour")):
             assert field_label(page, select) == label and volume in selected(page, select), selected(page, select)
-        for select in ("#pair-0-channel-1", "#audit-0-channel-1"):  # filled, and an empty row: no error shown
+        for select in ("#pair-0-channel-1", "#audit-0-volume", "#audit-0-channel-1"):  # filled; an empty row
             assert "v-input--error" not in input_classes(page, select), select
+        choose(page, "#audit-0-channel-1", "pat3/T1c")  # a row's T1c without its FLAIR: the FLAIR shows the error
+        page.wait_for_function("() => document.querySelector('#audit-0-volume')"
+                               ".closest('.v-input').classList.contains('v-input--error')")
         page.click("#audit-0-remove")
         load_from_data_folder(page, "pat5/FLAIR.nii.gz")
         assert "pat5/FLAIR" in selected(page, "#targets")

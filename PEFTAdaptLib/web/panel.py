@@ -65,12 +65,14 @@ OTHER_CHANNELS = "(name, c) in channel_names.slice(1)"
 def _pairs_editor(app, key: str, prefix: str, add_text: str) -> None:
     """The rows of one of the app's pair lists (`PAIR_LISTS`), each a volume per channel of the model and a
     segmentation; ids `<prefix>-<i>-volume`, `<prefix>-<i>-channel-<c>` (the model's channel c, counted from 0),
-    `<prefix>-<i>-segmentation` (the end-to-end test clicks them). A channel left empty in a row shows as an error."""
+    `<prefix>-<i>-segmentation` (the end-to-end test clicks them). A channel left empty in a row that has another
+    shows as an error."""
     select = {"items": ("volumes",), "classes": "mb-1", **SELECT}
     with html.Div(v_for=f"(pair, i) in {key}", key="i", classes="d-flex align-center mb-3"):
         with html.Div(style="flex: 1; min-width: 0;"):
             v3.VSelect(label=(f"`Volume ${{i + 1}}` + {FIRST_CHANNEL}",), model_value=(f"{key}[i].volume",),
                        id=(f"`{prefix}-${{i}}-volume`",),
+                       error=(f"!{key}[i].volume && ({key}[i].channels || []).some(Boolean)",),
                        update_modelValue=f"{key}[i].volume = $event; flushState('{key}')", **select)
             with html.Div(v_for=OTHER_CHANNELS, key="c"):  # a Vuetify widget has a key of its own
                 v3.VSelect(label=("`Volume ${i + 1} (${name})`",), model_value=(f"{key}[i].channels[c]",),
