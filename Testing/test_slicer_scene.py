@@ -118,6 +118,16 @@ def test_monitor_turns_events_into_table_and_plot_rows():
     assert series.GetTableNodeID() == monitor.dice_table.GetID() and series.GetYColumnName() == "dice"
 
 
+def test_the_panels_unit_states_are_the_controllers_gate_on_states():
+    """The panels spell SEA-PEFT's states of a unit whose gate is on (monitor.ON_STATES: the front-ends need no
+    torch, which the controller's package imports); a state renamed or added there must be named here too."""
+    from PEFTAdaptLib.mrml.monitor import ON_STATES
+    from PEFTAdaptLib.seapeft.controller import UnitState
+
+    gate_on = {UnitState(active=True, guard=guard, votes=votes).label for guard in (0, 1) for votes in (0, 1)}
+    assert set(ON_STATES) == gate_on
+
+
 def test_run_state_folds_events_for_the_panel():
     state = RunState()
     state.update({"event": "started", "steps": 50})

@@ -18,7 +18,8 @@ UNIT_COLUMNS = ("unit", "site", "family", "rank", "parameters", "utility", "delt
 LAYER_COLUMNS = ("layer", "active_parameters")
 TIMELINE_COLUMNS = ("step", "active_units", "budget_used")
 LAYERS_TITLE = "Active adapter parameters per layer"
-#: SEA-PEFT's controller states (seapeft/controller.py) of a unit whose gate is on, in words a panel shows
+#: SEA-PEFT's controller states (seapeft/controller.py) of a unit whose gate is on, in words a panel shows; spelled
+#: here because the front-ends need no torch, which that package imports (a test keeps the two equal)
 ON_STATES = {"active": "on", "active_guard": "new", "demoting": "leaving"}
 #: said by the allocation views of a run that kept its start: its units were trained, but the adapter is not them
 NOT_KEPT = "trained, not kept (the run kept its start)"
