@@ -467,9 +467,13 @@ def test_a_ctrl_c_of_the_server_leaves_its_job_training(tmp_path):
     from conftest import REPO
     from PEFTAdaptLib.jobs import read_events
 
+    # the server as a terminal starts it, Ctrl-C raising KeyboardInterrupt: a runner that starts the tests in the
+    # background (a shell without job control) leaves SIGINT ignored, and a child inherits that (the test failed so)
     script = f"""
+import signal
 import time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from trame.app import get_server
 from PEFTAdaptLib.web.app import WebApp
 from test_web_session import _job_spec
