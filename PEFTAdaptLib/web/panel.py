@@ -68,16 +68,17 @@ def _pairs_editor(app, key: str, prefix: str, add_text: str) -> None:
     `<prefix>-<i>-segmentation` (the end-to-end test clicks them). A channel left empty in a row that has another
     shows as an error."""
     select = {"items": ("volumes",), "classes": "mb-1", **SELECT}
+    started = f"({key}[i].volume || ({key}[i].channels || []).some(Boolean))"  # the row has a channel chosen
     with html.Div(v_for=f"(pair, i) in {key}", key="i", classes="d-flex align-center mb-3"):
         with html.Div(style="flex: 1; min-width: 0;"):
             v3.VSelect(label=(f"`Volume ${{i + 1}}` + {FIRST_CHANNEL}",), model_value=(f"{key}[i].volume",),
                        id=(f"`{prefix}-${{i}}-volume`",),
-                       error=(f"!{key}[i].volume && ({key}[i].channels || []).some(Boolean)",),
+                       error=(f"!{key}[i].volume && {started}",),
                        update_modelValue=f"{key}[i].volume = $event; flushState('{key}')", **select)
             with html.Div(v_for=OTHER_CHANNELS, key="c"):  # a Vuetify widget has a key of its own
                 v3.VSelect(label=("`Volume ${i + 1} (${name})`",), model_value=(f"{key}[i].channels[c]",),
                            id=(f"`{prefix}-${{i}}-channel-${{c + 1}}`",),
-                           error=(f"!!{key}[i].volume && !{key}[i].channels[c]",),
+                           error=(f"!{key}[i].channels[c] && {started}",),
                            update_modelValue=f"{key}[i].channels[c] = $event; flushState('{key}')", **select)
             v3.VSelect(label=("`Segmentation ${i + 1}`",), model_value=(f"{key}[i].segmentation",),
                        id=(f"`{prefix}-${{i}}-segmentation`",),
