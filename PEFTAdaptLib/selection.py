@@ -7,19 +7,29 @@ The noise is estimated from the audit volumes themselves. Each audit volume is c
 counts, and Dice is pooled over the slabs (defined even where a slab holds no foreground). The gain of a candidate
 over the baseline is the difference of the pooled Dice on the same slabs; resampling the slabs with replacement
 (a paired bootstrap) gives its distribution, and the gain counts as reliable when its lower confidence bound is
-above zero and the gain itself is at least `min_gain`. Classes absent from an audit case's reference are not
-averaged in: an empty prediction is never rewarded.
+above zero, an exact sign-flip test over the slabs agrees, and the gain itself is at least `min_gain`. Classes absent
+from an audit case's reference are not averaged in: an empty prediction is never rewarded.
+
+Why both tests: a percentile bootstrap over few slabs claims more than it can. With three slabs, a candidate that
+gains on each passes it, and under no effect at all that happens one time in eight, not one in twenty. The
+sign-flip test is exact at any number of slabs: with n of them its smallest p is 2^-n, so fewer than five can never
+show a gain at 95 %. A slab never splits the model planes copied from one acquired slice (a 7.5 mm slice on a 1 mm
+grid is seven planes of one label): copies are one observation.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import torch
 
 #: slabs per audit volume: the bootstrap's sampling units (fewer where the volume is thinner)
 UNITS = 16
+#: up to this many slabs in all, the sign-flip test enumerates every swap (2^n); above it, it samples them
+EXACT_UNITS = 12
 #: a flag is raised when the predicted foreground volume changes by more than this share while the gain is small
 VOLUME_CHANGE = 0.3
 #: a predicted volume is named for checking when the adapter changes a class there by more than this many times the
@@ -38,22 +48,22 @@ class AuditCounts:
 
     @staticmethod
     def measure(prediction: np.ndarray, reference: np.ndarray, classes: int, units: int = UNITS,
-                annotated: np.ndarray | None = None) -> np.ndarray:
+                annotated: np.ndarray | None = None, layers: np.ndarray | None = None) -> np.ndarray:
         """Counts of one case from its predicted and reference class-index volumes (x, y, z) or images (x, y; the
         slabs are bands of rows). With `annotated` (a sparse reference) only those voxels count, and the slabs divide
         the annotated planes; when they lie in one plane, the slabs run along the first axis instead (a single
-        slice still gives several units)."""
+        slice still gives several units). `layers` (data.transforms.acquired_slices) keeps the planes copied from
+        one acquired slice in one slab."""
         if annotated is None:
             annotated = np.ones(prediction.shape, bool)
         across = tuple(range(prediction.ndim - 1))  # (x, y) of a volume, x of a 2D image's rows
         planes = np.flatnonzero(annotated.any(axis=across))
         if len(planes) == 1:
             prediction, reference, annotated = (np.moveaxis(a, 0, -1) for a in (prediction, reference, annotated))
-            planes = np.flatnonzero(annotated.any(axis=across))
-        edges = np.linspace(0, len(planes), min(units, len(planes)) + 1).round().astype(int)
-        counts = np.zeros((len(edges) - 1, classes - 1, 3), dtype=np.int64)
-        for u, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-            where = planes[a:b]
+            planes, layers = np.flatnonzero(annotated.any(axis=across)), None
+        slabs = unit_planes(planes, layers, units)
+        counts = np.zeros((len(slabs), classes - 1, 3), dtype=np.int64)
+        for u, where in enumerate(slabs):
             p, r, m = prediction[..., where], reference[..., where], annotated[..., where]
             for c in range(1, classes):
                 pc, rc = (p == c) & m, (r == c) & m
@@ -81,6 +91,15 @@ class AuditCounts:
     @classmethod
     def from_state(cls, state: Sequence[torch.Tensor]) -> "AuditCounts":
         return cls([t.numpy() for t in state])
+
+
+def unit_planes(planes: np.ndarray, layers: np.ndarray | None, units: int = UNITS) -> list[np.ndarray]:
+    """The audit's sampling units: up to `units` runs of the annotated `planes`, each of whole acquired slices
+    (`layers`: per plane, the slice it was copied from; None: every plane its own)."""
+    groups = (np.split(planes, np.flatnonzero(np.diff(layers[planes]) != 0) + 1) if layers is not None
+              else np.split(planes, np.arange(1, len(planes))))
+    edges = np.linspace(0, len(groups), min(units, len(groups)) + 1).round().astype(int)
+    return [np.concatenate(groups[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def class_distance(adapted: np.ndarray, base: np.ndarray, classes: int,
@@ -119,12 +138,13 @@ class Verdict:
     low: float  # lower confidence bound of the gain
     high: float
     worst_case: float  # the largest drop of any one audit case (negative: a case got worse)
+    p_value: float  # of the sign-flip test: how often swapping the two states slab by slab gains as much
     reliable: bool
     flag: str = ""  # a warning worth showing even when the state is not chosen
 
     def fields(self) -> dict:
         return {"gain": self.gain, "gain_low": self.low, "gain_high": self.high, "worst_case": self.worst_case,
-                "reliable": self.reliable, **({"flag": self.flag} if self.flag else {})}
+                "p_value": self.p_value, "reliable": self.reliable, **({"flag": self.flag} if self.flag else {})}
 
 
 @dataclass
@@ -139,13 +159,35 @@ class SelectionRule:
         gain = candidate.dice() - baseline.dice()
         low, high = self._bounds(candidate, baseline)
         worst = min(c - b for c, b in zip(candidate.case_dice(), baseline.case_dice()))
-        reliable = low > 0 and gain >= self.min_gain and worst >= -self.case_margin
+        p = self._p_value(candidate, baseline)
+        reliable = low > 0 and p <= 1 - self.confidence and gain >= self.min_gain and worst >= -self.case_margin
         flag = ""
         volume, base_volume = candidate.foreground(), baseline.foreground()
         if base_volume and abs(volume / base_volume - 1) > VOLUME_CHANGE and gain < 4 * self.min_gain:
             flag = (f"predicted foreground changed by {100 * (volume / base_volume - 1):+.0f} % on the audit volumes "
                     f"for an audit gain of {100 * gain:+.1f} Dice points")
-        return Verdict(gain, low, high, worst, reliable, flag)
+        return Verdict(gain, low, high, worst, p, reliable, flag)
+
+    def fewest_units(self) -> int:
+        """Slabs an audit needs before any gain can pass the sign-flip test: with n its smallest p is 2^-n."""
+        return math.ceil(math.log2(1 / (1 - self.confidence)) - 1e-9)
+
+    def _p_value(self, candidate: AuditCounts, baseline: AuditCounts) -> float:
+        """One-sided p of the gain if the two states were exchangeable on every slab: the share of the ways of
+        swapping them slab by slab (every one for up to EXACT_UNITS slabs, else `resamples` random ones beside the
+        observed) whose gain is at least the observed one."""
+        n = sum(len(c) for c in candidate.cases)
+        if n <= EXACT_UNITS:
+            swaps = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1 == 1  # row 0: no swap, the observed gain
+        else:
+            rng = np.random.default_rng(self.seed)
+            swaps = np.vstack([np.zeros((1, n), bool), rng.random((self.resamples, n)) < 0.5])
+        gains, first = np.zeros(len(swaps)), 0
+        for c, b in zip(candidate.cases, baseline.cases):
+            swapped = swaps[:, first:first + len(c), None, None]
+            first += len(c)
+            gains += pooled_dice(np.where(swapped, b, c).sum(1)) - pooled_dice(np.where(swapped, c, b).sum(1))
+        return float(np.mean(gains >= gains[0] - 1e-12))
 
     def _bounds(self, candidate: AuditCounts, baseline: AuditCounts) -> tuple[float, float]:
         """Paired bootstrap over the slabs of every audit case (each case resampled within itself)."""

@@ -21,7 +21,7 @@ from .adapters import freeze_base, iter_units, parameter_groups, train_units
 from .data.augment import Augmentation, AugmentationConfig
 from .data.cases import Case
 from .data.sparse import UNANNOTATED, annotated, foreground, is_sparse
-from .data.transforms import pad_to_size
+from .data.transforms import acquired_slices, pad_to_size
 from .errors import PEFTAdaptError
 from .inference import predict_probabilities
 from .models.card import ModelCard
@@ -193,10 +193,15 @@ class Scorer(Protocol):
 def audit_counts(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> AuditCounts:
     """Per-slab overlap and volume counts of every audit case's prediction (whole volumes, model grid; of a sparse
     case, its annotated voxels only)."""
-    return AuditCounts([AuditCounts.measure(predict_probabilities(network, case.array, card, device).argmax(0),
-                                            case.label[0], card.num_classes,
-                                            annotated=annotated(case.label[0]) if is_sparse(case.label) else None)
+    return AuditCounts([case_counts(predict_probabilities(network, case.array, card, device).argmax(0), case, card)
                         for case in cases])
+
+
+def case_counts(prediction: np.ndarray, case: Case, card: ModelCard) -> np.ndarray:
+    """One audit case's per-slab counts of `prediction` (selection.AuditCounts.measure)."""
+    return AuditCounts.measure(prediction, case.label[0], card.num_classes,
+                               annotated=annotated(case.label[0]) if is_sparse(case.label) else None,
+                               layers=acquired_slices(case.image, case.model_image))
 
 
 def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:
@@ -236,6 +241,17 @@ class AuditScorer:
 
     def judge(self, score: Score, baseline: Score) -> Verdict:
         return self.rule.judge(score.counts, baseline.counts)
+
+    def too_few_units(self) -> str:
+        """Why no gain can pass the rule on these audit cases (too few slabs in all), or "" when one can."""
+        units = {case.name: len(case_counts(case.label[0], case, self.card)) for case in self.cases}
+        need = self.rule.fewest_units()
+        if sum(units.values()) >= need:
+            return ""
+        listed = ", ".join(f"{name}: {n}" for name, n in units.items())
+        return (f"the audit gives {sum(units.values())} independent slab(s) ({listed}; a slab never splits one "
+                f"acquired slice), and no gain can be shown at {self.rule.confidence:.0%} confidence on fewer than "
+                f"{need}: give a thicker audit volume or more audit volumes")
 
 
 def _never() -> bool:

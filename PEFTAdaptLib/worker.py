@@ -257,6 +257,13 @@ class Run:
                    # became of the earlier sessions' events
                    **({f"start_{scorer.key}": trainer.baseline.value} if trainer.baseline is not None else {})})
 
+        start = ("the adapter it started from" if warm is not None else
+                 "the model's untrained new head" if untrained_start else plan.start)
+        # an audit too thin for any gain to pass the rule: said before the training, and again with the outcome
+        too_few = scorer.too_few_units() if isinstance(scorer, AuditScorer) and not untrained_start else ""
+        if too_few:
+            self.emit({"event": "warning", "message": f"{too_few}; this run will keep {start}"})
+
         def checkpoint_now(t: Trainer) -> None:
             folder = save_checkpoint(self.job_dir, t, model.base_fingerprint, metadata, spec)
             self.emit({"event": "checkpoint", "step": t.step, "path": str(folder.relative_to(self.job_dir))})
@@ -268,8 +275,6 @@ class Run:
         checkpoint_now(trainer)
         summary = trainer.summary()
         trainer.restore_best()  # a cancelled job keeps its best state so far as its adapter too (`final: false`)
-        start = ("the adapter it started from" if warm is not None else
-                 "the model's untrained new head" if untrained_start else plan.start)
         source_kept = summary["kept_start"] and (start == SOURCE_START or warm_is_source)
         checked = None
         if completed and cases.audit and source_kept:  # the source itself changes no audit case: nothing to measure
@@ -299,7 +304,8 @@ class Run:
                     f"at step {trainer.step}")
             self.emit({**cancelled, "message": f"cancelled {when}; {held}"})
             return EXIT_CANCELLED
-        outcome = self.outcome(summary, start, len(trainer.history), scorer.event, compared=not untrained_start)
+        outcome = self.outcome(summary, start, len(trainer.history), scorer.event, compared=not untrained_start,
+                               why=too_few)
         final = trainer.kept_score()
         self.emit({"event": "validation", "step": config.steps, **final.fields, **summary["verdict"], **outcome,
                    "adapter": ADAPTER_DIR})
@@ -321,10 +327,11 @@ class Run:
         return EXIT_FINISHED
 
     @staticmethod
-    def outcome(summary: dict, start: str, audits: int, scored_by: str = "audit", compared: bool = True) -> dict:
+    def outcome(summary: dict, start: str, audits: int, scored_by: str = "audit", compared: bool = True,
+                why: str = "") -> dict:
         """What the run gives the user, in words: the adapted state, or the starting model (`start`) kept, as the
-        scorer (`scored_by`: its event, CHOSEN_BY) chose it. Not `compared`: the start was no candidate (an
-        untrained new head), so the best trained state is kept as is."""
+        scorer (`scored_by`: its event, CHOSEN_BY) chose it, and `why` no gain could be shown, when known. Not
+        `compared`: the start was no candidate (an untrained new head), so the best trained state is kept as is."""
         if not summary["kept_start"]:
             kept = f"adapted state of step {summary['best_step']} kept"
             if not compared:
@@ -333,7 +340,8 @@ class Run:
             return {"kept": "adapted", "message": kept}
         if audits < 2:
             return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['unscored']}: {start} is kept"}
-        return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['no_gain']}: {start} is kept"}
+        return {"kept": "start", "message": f"{CHOSEN_BY[scored_by]['no_gain']}: {start} is kept"
+                                           + (f"; {why}" if why else "")}
 
     # -- predict -------------------------------------------------------------------------------------------------
     def predict_task(self, spec: JobSpec, model: FoundationModel, device: str) -> int:

@@ -14,7 +14,7 @@ from PEFTAdaptLib import cli
 from PEFTAdaptLib.data.cases import load_case, prepare_case
 from PEFTAdaptLib.data.holdout import hold_out
 from PEFTAdaptLib.data.normalize import normalize_intensity
-from PEFTAdaptLib.data.transforms import to_array
+from PEFTAdaptLib.data.transforms import acquired_slices, onto_grid, to_array, to_model_space
 from PEFTAdaptLib.errors import InputError, ModelError
 from PEFTAdaptLib.inference import predict_probabilities
 from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
@@ -68,6 +68,48 @@ def test_a_real_gain_is_accepted_with_its_uncertainty(brain_audit):
     better[..., : depth // 2] = reference[..., : depth // 2]  # half of the volume corrected
     verdict = SelectionRule().judge(counts(better, reference), counts(prediction, reference))
     assert verdict.reliable and verdict.low > 0 and verdict.low <= verdict.gain <= verdict.high
+
+
+def slab_counts(gains: list[float]) -> tuple[AuditCounts, AuditCounts]:
+    """(candidate, baseline) counts of one audit case whose slabs each hold 1,000 reference voxels: the baseline
+    finds 700 of each, the candidate 700 + 1,000 × gain (no false positives)."""
+    base = np.array([[[700, 700, 1000]] for _ in gains])
+    better = np.array([[[700 + round(1000 * g), 700 + round(1000 * g), 1000]] for g in gains])
+    return AuditCounts([better]), AuditCounts([base])
+
+
+def test_a_gain_on_each_of_too_few_slabs_is_not_shown():
+    """Found on spinal cord T2*: an audit volume of three 7.5 mm slices passed the bootstrap for runs whose gain did
+    not carry over (test slabs 2-3 Dice points below the source). With three slabs, a gain on each is what the
+    bootstrap's bound needs, and it comes by chance one time in eight. The exact sign-flip test says so; with six
+    slabs the same gains are shown (one in 64)."""
+    rule = SelectionRule()
+    candidate, baseline = slab_counts([0.02, 0.03, 0.04])
+    verdict = rule.judge(candidate, baseline)
+    assert verdict.low > 0 and verdict.gain > rule.min_gain  # what the bootstrap alone accepted
+    assert verdict.p_value == pytest.approx(1 / 8) and not verdict.reliable
+    assert rule.fewest_units() == 5
+    candidate, baseline = slab_counts([0.02, 0.03, 0.04] * 2)
+    verdict = rule.judge(candidate, baseline)
+    assert verdict.p_value == pytest.approx(1 / 64) and verdict.reliable
+    mixed = rule.judge(*slab_counts([0.05, 0.04, 0.03, 0.03, 0.02, 0.02, 0.01, -0.03, 0.02, 0.03, 0.01, 0.04, 0.02,
+                                     0.03, 0.02, 0.03]))  # 16 slabs, sampled swaps: one loss is allowed
+    assert mixed.reliable and 0 < mixed.p_value < 0.01
+
+
+def test_planes_copied_from_one_acquired_slice_are_one_slab():
+    """A 3-slice T2* volume (7.5 mm slices) on a 1 mm model grid is 22 planes, 7 or 8 copies of each slice: three
+    observations, which the audit counted as 16 slabs."""
+    image = sitk.ReadImage(str(shared("spine/t2s/t2s.nii.gz")))[:, :, 3:6]
+    label = sitk.ReadImage(str(shared("spine/t2s/t2s_seg.nii.gz")))[:, :, 3:6]
+    model_image = to_model_space(image, [1.0, 1.0, 1.0])
+    reference = to_array(onto_grid(label, model_image, is_label=True), np.int64)
+    layers = acquired_slices(image, model_image)
+    assert reference.shape[-1] == 22 and sorted(set(layers.tolist())) == [0, 1, 2]
+    assert len(AuditCounts.measure(reference, reference, 2)) == 16
+    slabs = AuditCounts.measure(reference, reference, 2, layers=layers)
+    assert len(slabs) == 3 and slabs.sum(0).tolist() == AuditCounts.measure(reference, reference, 2).sum(0).tolist()
+    assert acquired_slices(image, to_model_space(image, [0.5, 0.5, 7.5])).tolist() == [0, 1, 2]
 
 
 def test_an_audit_case_that_gets_worse_vetoes_a_mean_gain(brain_audit):
@@ -350,3 +392,32 @@ def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking(
     assert volume_warning("bert", image, small, card, {1: 0.0}) is None  # below a point of Dice: not worth a warning
     assert class_distance(np.zeros((3, 3)), np.zeros((3, 3)), 2) == {}  # no class in either: nothing changed
 
+
+
+def test_an_audit_too_thin_to_show_a_gain_says_so_before_training_and_keeps_the_source(tmp_path):
+    """An audit volume of three 7 mm slices: MeshNet's 1 mm grid makes 21 planes of it, but they are three
+    observations, too few for any gain to pass the rule. The job says so before it trains, keeps the source and
+    says why when it ends."""
+    scan = sitk.ReadImage(str(shared("meshnet/t1_crop.nii.gz")))
+    thick = scan[:, :, 60:81:7]
+    thick.SetSpacing([*scan.GetSpacing()[:2], 7.0])
+    files = {}
+    for name, image in {"upper": scan[:, :, 100:140], "thick": thick}.items():
+        label = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(label, str(tmp_path / f"{name}_label.nii.gz"))
+        files[name] = CaseSpec([str(tmp_path / f"{name}.nii.gz")], str(tmp_path / f"{name}_label.nii.gz"), name=name)
+    request = JobSpec(model=str(shared(MESHNET)), support=[files["upper"]], audit=[files["thick"]],
+                      method=make_method("bitfit"),
+                      train=TrainSpec(steps=2, patches_per_step=1, audit_every=1, device="cpu"))
+    job = JobClient(tmp_path / "work").submit(request)
+    state = job.wait(timeout=900)
+    assert state.outcome == "finished", state.message
+    said = "the audit gives 3 independent slab(s) (thick: 3; a slab never splits one acquired slice)"
+    kinds = [e["event"] for e in job.events]
+    [warning] = [i for i, e in enumerate(job.events) if e["event"] == "warning" and said in e["message"]]
+    assert kinds.index("step") > warning and job.events[warning]["message"].endswith(
+        "this run will keep the source model")
+    validation = next(e for e in job.events if e["event"] == "validation")
+    assert validation["kept"] == "start" and said in state.message
+    assert all(e["p_value"] >= 1 / 8 for e in job.events if e["event"] == "audit" and "p_value" in e)

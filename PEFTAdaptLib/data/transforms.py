@@ -95,3 +95,18 @@ def pad_to_size(array: np.ndarray, size: Sequence[int], value: float) -> np.ndar
     training patch still trains, on the patch the model expects)."""
     pads = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(size, array.shape[1:])]
     return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array
+
+
+def acquired_slices(image: sitk.Image, model_image: sitk.Image) -> np.ndarray | None:
+    """Per plane along the model grid's last axis: the slice of `image` (along its axis closest to that one) the
+    plane's labels were taken from, as nearest-neighbour resampling takes them at the plane's centre. On a model grid
+    finer than the image's slices, consecutive planes share a slice: copies of one acquired slice, one observation.
+    None for a 2D image or grid."""
+    if image.GetDimension() != 3 or model_image.GetDimension() != 3:
+        return None
+    along = np.array(model_image.GetDirection()).reshape(3, 3)[:, 2]
+    axis = int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3).T @ along)))
+    nx, ny, nz = model_image.GetSize()
+    centres = (model_image.TransformContinuousIndexToPhysicalPoint(((nx - 1) / 2, (ny - 1) / 2, float(k)))
+               for k in range(nz))
+    return np.floor([image.TransformPhysicalPointToContinuousIndex(p)[axis] + 0.5 for p in centres]).astype(int)
