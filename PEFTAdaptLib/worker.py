@@ -42,6 +42,7 @@ from .methods.base import SOURCE_START
 from .models.card import TRAINED_IN_FULL, holds_untrained_head, refuse_untrained_head
 from .models.foundation import FoundationModel
 from .models.registry import load_model
+from .selection import SelectionRule
 from .training import (
     AuditScorer, SupervisedObjective, TrainConfig, Trainer, TrainingContext, TrainingDiverged, audit_change,
     phase_event,
@@ -213,7 +214,7 @@ class Run:
         held_out, trained_on, audit_caveat = [], [], None
         if labelled and not cases.audit:  # audit on held-out slabs of the support volumes
             trained_on = [volume_digest(case.image) for case in cases.support]
-            cases.support, cases.audit, held_out = split_for_audit(cases.support)
+            cases.support, cases.audit, held_out = split_for_audit(cases.support, SelectionRule().fewest_units())
             audit_caveat = same_volume_audit(held_out, shown)
         elif labelled and (audit_caveat := (same_scan_caveat(cases.support, cases.audit, shown)
                                             or one_volume_caveat(cases.audit, shown))):

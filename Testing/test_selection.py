@@ -4,6 +4,7 @@ slab of it, normalised as a whole; volumes smaller than the patch train."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -421,3 +422,23 @@ def test_an_audit_too_thin_to_show_a_gain_says_so_before_training_and_keeps_the_
     validation = next(e for e in job.events if e["event"] == "validation")
     assert validation["kept"] == "start" and said in state.message
     assert all(e["p_value"] >= 1 / 8 for e in job.events if e["event"] == "audit" and "p_value" in e)
+
+
+def test_a_held_out_slab_takes_whole_acquired_slices_and_enough_of_them_to_show_a_gain():
+    """On a 1 mm model grid a 7.5 mm slice is seven or eight planes with one label: a slab cut between them trained
+    on copies of the slices it audited. And a quarter of a 16-slice volume is 4 slices, too few for any gain to pass
+    the rule: the slab takes the 5 it needs when 5 or more are left to train on."""
+    card = replace(model_card(shared(MESHNET)), orientation="RAS")  # 1 mm, the slices' axis last
+    image, label = (sitk.ReadImage(str(shared(f"spine/t2s/{f}.nii.gz"))) for f in ("t2s", "t2s_seg"))
+    case = prepare_case("t2s", [image], card, label)
+    layers = acquired_slices(case.image, case.model_image)
+    parts, audit, (start, end) = hold_out(case, fewest=SelectionRule().fewest_units())
+    assert len(set(layers.tolist())) == 9 and case.array.shape[-1] > 60
+    held = set(layers[start:end].tolist())
+    assert len(held) == 2 and not held & set(layers[:start].tolist() + layers[end:].tolist())
+
+    b_t2w = "ivadomed/spine_unf01/sub-unf01_T2w"  # 16 slices of 1 mm
+    iso = prepare_case("B", [sitk.ReadImage(str(shared(f"{b_t2w}.nii.gz")))], card,
+                       sitk.ReadImage(str(shared(f"{b_t2w}_seg-manual.nii.gz"))))
+    slab = lambda fewest: np.subtract(*hold_out(iso, fewest=fewest)[2][::-1])  # noqa: E731
+    assert (slab(1), slab(SelectionRule().fewest_units())) == (4, 5)

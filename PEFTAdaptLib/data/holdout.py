@@ -1,8 +1,9 @@
 """An audit from the annotated volumes a user has, when they gave no separate audit volume.
 
 Each support volume gives up a slab along its last axis (a band of rows of a 2D image) (a quarter of it, centred on
-the middle of its foreground) as audit; training patches come from the parts on either side, so no audited voxel is
-ever trained on. The audit sees what inference sees: the volume was normalised as a whole before it is cut (min–max
+the middle of its foreground; of whole acquired slices, and at least the five an audit needs to show a gain where the
+volume keeps as many to train on) as audit; training patches come from the parts on either side, so no audited voxel
+is ever trained on. The audit sees what inference sees: the volume was normalised as a whole before it is cut (min–max
 or percentile schemes would shift a slab normalised alone), and the audit case is the whole volume with only the
 slab's voxels annotated, so the slab is predicted in its volume's context (a network's receptive field reaches past
 a cut slab's faces, where a cut slab would be predicted from padding instead).
@@ -29,24 +30,30 @@ from ..errors import InputError, NeedsAnnotation
 from .cases import Case
 from .planar import user_grid
 from .sparse import annotated, foreground, is_sparse, plane_of, with_unannotated
-from .transforms import onto_grid, to_array
+from .transforms import acquired_slices, onto_grid, to_array
 
 SHARE = 0.25  # of each support volume's depth held out
 
 
-def hold_out(case: Case, share: float = SHARE) -> tuple[list[Case], Case, tuple[int, int]]:
+def hold_out(case: Case, share: float = SHARE, fewest: int = 1) -> tuple[list[Case], Case, tuple[int, int]]:
     """(training parts, audit case, the slab's range on the model grid's last axis) of one annotated case; the audit
-    case is the whole volume, annotated on the slab only."""
+    case is the whole volume, annotated on the slab only. The slab is of whole acquired slices (the model planes
+    copied from one thick slice are held out or trained on together, never both), `share` of them but at least
+    `fewest` when as many are left to train on: the slabs an audit needs before any gain can be shown."""
     depth = case.array.shape[-1]
-    width = max(1, round(depth * share))
+    layers = acquired_slices(case.image, case.model_image)
+    edges = np.flatnonzero(np.diff(layers)) + 1 if layers is not None else np.arange(1, depth)
+    firsts, ends = np.r_[0, edges], np.r_[edges, depth]  # the planes of each acquired slice
+    slices = len(firsts)
+    width = max(1, round(slices * share), fewest if slices >= 2 * fewest else 1)
     label = case.label[0]
     foreground = np.nonzero(label.any(axis=tuple(range(label.ndim - 1))))[0]
     if len(foreground) < 2:
         raise InputError(f"{case.name}: too little annotated foreground to hold out an audit slab; give an audit "
                          "volume")
-    centre = int(np.median(foreground))
-    start = min(max(0, centre - width // 2), depth - width)
-    end = start + width
+    centre = int(np.searchsorted(firsts, int(np.median(foreground)), side="right")) - 1
+    first = min(max(0, centre - width // 2), slices - width)
+    start, end = int(firsts[first]), int(ends[first + width - 1])
     cut = lambda a, b, tag: replace(case, name=f"{case.name}_{tag}", array=case.array[..., a:b],  # noqa: E731
                                     label=case.label[..., a:b], label_image=None)
     parts = [cut(a, b, f"z{a}-{b}") for a, b in ((0, start), (end, depth)) if b - a > 0]
@@ -124,9 +131,9 @@ def hold_out_annotated(case: Case, share: float = SHARE) -> tuple[Case, Case, di
                           "slices": chosen.tolist(), **({"within": within} if within else {})}
 
 
-def split_for_audit(support: Sequence[Case]) -> tuple[list[Case], list[Case], list[dict]]:
-    """(training cases, audit cases, what was held out) from annotated support cases alone. A case that cannot
-    give up an audit trains whole when another one does."""
+def split_for_audit(support: Sequence[Case], fewest: int = 1) -> tuple[list[Case], list[Case], list[dict]]:
+    """(training cases, audit cases, what was held out) from annotated support cases alone (`fewest`: hold_out's).
+    A case that cannot give up an audit trains whole when another one does."""
     training, audit, held, refused = [], [], [], []
     for case in support:
         try:
@@ -134,7 +141,7 @@ def split_for_audit(support: Sequence[Case]) -> tuple[list[Case], list[Case], li
                 part, slab, where = hold_out_annotated(case)
                 parts = [part]
             else:
-                parts, slab, (start, end) = hold_out(case)
+                parts, slab, (start, end) = hold_out(case, fewest=fewest)
                 where = {"case": case.name, "slab": [start, end], "depth": case.array.shape[-1]}
         except InputError as exc:
             refused.append(exc)
