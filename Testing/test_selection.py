@@ -111,6 +111,9 @@ def test_planes_copied_from_one_acquired_slice_are_one_slab():
     slabs = AuditCounts.measure(reference, reference, 2, layers=layers)
     assert len(slabs) == 3 and slabs.sum(0).tolist() == AuditCounts.measure(reference, reference, 2).sum(0).tolist()
     assert acquired_slices(image, to_model_space(image, [0.5, 0.5, 7.5])).tolist() == [0, 1, 2]
+    # one corrected slice (a sparse audit) is still cut into bands of rows, as a single model plane is
+    one_slice = np.broadcast_to(layers == 1, reference.shape)
+    assert len(AuditCounts.measure(reference, reference, 2, annotated=one_slice, layers=layers)) == 16
 
 
 def test_an_audit_case_that_gets_worse_vetoes_a_mean_gain(brain_audit):
