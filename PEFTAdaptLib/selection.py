@@ -18,10 +18,9 @@ grid is seven planes of one label): copies are one observation.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import math
 
 import numpy as np
 import torch

@@ -250,8 +250,8 @@ class AuditScorer:
             return ""
         listed = ", ".join(f"{name}: {n}" for name, n in units.items())
         return (f"the audit gives {sum(units.values())} independent slab(s) ({listed}; a slab never splits one "
-                f"acquired slice), and no gain can be shown at {self.rule.confidence:.0%} confidence on fewer than "
-                f"{need}: give a thicker audit volume or more audit volumes")
+                f"acquired slice), and no gain can be shown at {100 * self.rule.confidence:.0f} % confidence on "
+                f"fewer than {need}: give more annotated slices to audit on (a thicker audit volume, or more of them)")
 
 
 def _never() -> bool:
