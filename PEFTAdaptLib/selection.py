@@ -47,18 +47,19 @@ class AuditCounts:
 
     @staticmethod
     def measure(prediction: np.ndarray, reference: np.ndarray, classes: int, units: int = UNITS,
-                annotated: np.ndarray | None = None, layers: np.ndarray | None = None) -> np.ndarray:
+                annotated: np.ndarray | None = None, layers: np.ndarray | None = None,
+                bands_below: int = 2) -> np.ndarray:
         """Counts of one case from its predicted and reference class-index volumes (x, y, z) or images (x, y; the
         slabs are bands of rows). With `annotated` (a sparse reference) only those voxels count, and the slabs divide
-        the annotated planes; when they lie in one slice, the slabs run along the first axis instead (a single
-        slice still gives several units). `layers` (data.transforms.acquired_slices) keeps the planes copied from
-        one acquired slice in one slab."""
+        the annotated planes. `layers` (data.transforms.acquired_slices) keeps the planes copied from one acquired
+        slice in one slab. When the slices are fewer than `bands_below`, the slabs run along the first axis instead,
+        through them (one corrected slice still gives several units)."""
         if annotated is None:
             annotated = np.ones(prediction.shape, bool)
         across = tuple(range(prediction.ndim - 1))  # (x, y) of a volume, x of a 2D image's rows
         planes = np.flatnonzero(annotated.any(axis=across))
         slabs = unit_planes(planes, layers, units)
-        if len(slabs) == 1:  # one slice: bands of it along the first axis
+        if len(slabs) < bands_below:  # bands along the first axis
             prediction, reference, annotated = (np.moveaxis(a, 0, -1) for a in (prediction, reference, annotated))
             slabs = unit_planes(np.flatnonzero(annotated.any(axis=across)), None, units)
         counts = np.zeros((len(slabs), classes - 1, 3), dtype=np.int64)

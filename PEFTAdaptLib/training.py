@@ -198,10 +198,14 @@ def audit_counts(network: nn.Module, cases: Sequence[Case], card: ModelCard, dev
 
 
 def case_counts(prediction: np.ndarray, case: Case, card: ModelCard) -> np.ndarray:
-    """One audit case's per-slab counts of `prediction` (selection.AuditCounts.measure)."""
+    """One audit case's per-slab counts of `prediction` (selection.AuditCounts.measure). The slabs are of whole
+    acquired slices; slices a user corrected, too few for a verdict, are cut into bands of rows instead, so that a
+    correction of a few slices can be judged. A volume's slices are not: an audit volume thinner than a verdict
+    needs shows no gain (docs/selection.md)."""
     return AuditCounts.measure(prediction, case.label[0], card.num_classes,
                                annotated=annotated(case.label[0]) if is_sparse(case.label) else None,
-                               layers=acquired_slices(case.image, case.model_image))
+                               layers=acquired_slices(case.image, case.model_image),
+                               bands_below=SelectionRule().fewest_units() if case.corrected else 1)
 
 
 def audit_dice(network: nn.Module, cases: Sequence[Case], card: ModelCard, device: str) -> float:

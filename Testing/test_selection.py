@@ -22,7 +22,7 @@ from PEFTAdaptLib.jobs import CaseSpec, JobClient, JobSpec, TrainSpec
 from PEFTAdaptLib.methods import make_method
 from PEFTAdaptLib.models.registry import load_model, model_card
 from PEFTAdaptLib.selection import AuditCounts, SelectionRule
-from PEFTAdaptLib.training import audit_counts
+from PEFTAdaptLib.training import audit_counts, case_counts
 from PEFTAdaptLib.uncertainty import Uncertainty
 from PEFTAdaptLib.vouch import (
     AUDIT_COVERS, audit_covers_of, cut_from_one_scan, one_volume_caveat, same_scan_caveat, same_volume_audit,
@@ -114,6 +114,24 @@ def test_planes_copied_from_one_acquired_slice_are_one_slab():
     # one corrected slice (a sparse audit) is still cut into bands of rows, as a single model plane is
     one_slice = np.broadcast_to(layers == 1, reference.shape)
     assert len(AuditCounts.measure(reference, reference, 2, annotated=one_slice, layers=layers)) == 16
+
+
+def test_a_few_corrected_slices_are_cut_into_bands_and_a_thin_audit_volume_is_not():
+    """Held-out corrected slices are what a correction round has to judge by: two or three of them, as slices, could
+    never show a gain, while one slice, cut into bands, could (a round that corrected more slices kept its start
+    where one that corrected fewer adapted). Slices a user corrected, too few for a verdict, are cut into bands;
+    an audit volume's slices are not: three slices of a volume are three slabs (a thin audit volume shows no gain)."""
+    card = replace(model_card(shared(MESHNET)), orientation="RAS")
+    image, label = (sitk.ReadImage(str(shared(f"spine/t2s/{f}.nii.gz"))) for f in ("t2s", "t2s_seg"))
+    marked = sitk.Image(label.GetSize(), sitk.sitkUInt8)
+    marked.CopyInformation(label)
+    for z in (1, 4, 7):  # three corrected slices
+        marked[:, :, z] = sitk.Image(label.GetSize()[:2], sitk.sitkUInt8) + 1
+    corrected = prepare_case("corrected", [image], card, label, annotated=marked)
+    volume = prepare_case("thin", [image[:, :, 3:6]], card, label[:, :, 3:6])
+    assert corrected.corrected and not volume.corrected
+    counts = lambda case: case_counts(case.label[0], case, card)  # noqa: E731
+    assert len(counts(corrected)) == 16 and len(counts(volume)) == 3
 
 
 def test_an_audit_case_that_gets_worse_vetoes_a_mean_gain(brain_audit):

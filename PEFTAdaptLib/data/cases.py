@@ -27,6 +27,9 @@ class Case:
     #: a sparse label does not count
     label: np.ndarray | None = None
     label_image: sitk.Image | None = None  # label on the user's grid (for evaluation)
+    #: the label is of slices a user annotated or corrected (sparse), not a whole volume: an audit of too few of them
+    #: for a verdict cuts them into bands of rows (selection.AuditCounts.measure)
+    corrected: bool = False
 
 
 def prepare_case(
@@ -61,7 +64,7 @@ def prepare_case(
         label_array = lookup[np.clip(values, 0, len(lookup) - 1)][None]
         if annotated is not None:
             label_array = with_unannotated(label_array, annotated_on_grid(annotated, model_image, card, name)[None])
-    return Case(name, channels[0], model_image, array, label_array, label)
+    return Case(name, channels[0], model_image, array, label_array, label, corrected=annotated is not None)
 
 
 def annotated_on_grid(annotated: sitk.Image, model_image: sitk.Image, card: ModelCard, name: str) -> np.ndarray:
