@@ -415,7 +415,6 @@ def test_a_target_changed_more_than_the_audit_vouched_for_is_named_for_checking(
     assert class_distance(np.zeros((3, 3)), np.zeros((3, 3)), 2) == {}  # no class in either: nothing changed
 
 
-
 def test_an_audit_too_thin_to_show_a_gain_says_so_before_training_and_keeps_the_source(tmp_path):
     """An audit volume of three 7 mm slices: MeshNet's 1 mm grid makes 21 planes of it, but they are three
     observations, too few for any gain to pass the rule. The job says so before it trains, keeps the source and
