@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .data.transforms import slice_runs
+
 #: slabs per audit volume: the bootstrap's sampling units (fewer where the volume is thinner)
 UNITS = 16
 #: up to this many slabs in all, the sign-flip test enumerates every swap (2^n); above it, it samples them
@@ -96,8 +98,7 @@ class AuditCounts:
 def unit_planes(planes: np.ndarray, layers: np.ndarray | None, units: int = UNITS) -> list[np.ndarray]:
     """The audit's sampling units: up to `units` runs of the annotated `planes`, each of whole acquired slices
     (`layers`: per plane, the slice it was copied from; None: every plane its own)."""
-    groups = (np.split(planes, np.flatnonzero(np.diff(layers[planes]) != 0) + 1) if layers is not None
-              else np.split(planes, np.arange(1, len(planes))))
+    groups = slice_runs(planes, layers)
     edges = np.linspace(0, len(groups), min(units, len(groups)) + 1).round().astype(int)
     return [np.concatenate(groups[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 

@@ -30,7 +30,7 @@ from ..errors import InputError, NeedsAnnotation
 from .cases import Case
 from .planar import user_grid
 from .sparse import annotated, foreground, is_sparse, plane_of, with_unannotated
-from .transforms import acquired_slices, onto_grid, to_array
+from .transforms import acquired_slices, onto_grid, slice_runs, to_array
 
 SHARE = 0.25  # of each support volume's depth held out
 
@@ -41,10 +41,9 @@ def hold_out(case: Case, share: float = SHARE, fewest: int = 1) -> tuple[list[Ca
     copied from one thick slice are held out or trained on together, never both), `share` of them but at least
     `fewest` when as many are left to train on: the slabs an audit needs before any gain can be shown."""
     depth = case.array.shape[-1]
-    layers = acquired_slices(case.image, case.model_image)
-    edges = np.flatnonzero(np.diff(layers)) + 1 if layers is not None else np.arange(1, depth)
-    firsts, ends = np.r_[0, edges], np.r_[edges, depth]  # the planes of each acquired slice
-    slices = len(firsts)
+    runs = slice_runs(np.arange(depth), acquired_slices(case.image, case.model_image))
+    firsts, ends = [int(r[0]) for r in runs], [int(r[-1]) + 1 for r in runs]  # the planes of each acquired slice
+    slices = len(runs)
     width = max(1, round(slices * share), fewest if slices >= 2 * fewest else 1)
     label = case.label[0]
     foreground = np.nonzero(label.any(axis=tuple(range(label.ndim - 1))))[0]
@@ -53,7 +52,7 @@ def hold_out(case: Case, share: float = SHARE, fewest: int = 1) -> tuple[list[Ca
                          "volume")
     centre = int(np.searchsorted(firsts, int(np.median(foreground)), side="right")) - 1
     first = min(max(0, centre - width // 2), slices - width)
-    start, end = int(firsts[first]), int(ends[first + width - 1])
+    start, end = firsts[first], ends[first + width - 1]
     cut = lambda a, b, tag: replace(case, name=f"{case.name}_{tag}", array=case.array[..., a:b],  # noqa: E731
                                     label=case.label[..., a:b], label_image=None)
     parts = [cut(a, b, f"z{a}-{b}") for a, b in ((0, start), (end, depth)) if b - a > 0]

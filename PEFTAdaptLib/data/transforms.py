@@ -110,3 +110,11 @@ def acquired_slices(image: sitk.Image, model_image: sitk.Image) -> np.ndarray | 
     centres = (model_image.TransformContinuousIndexToPhysicalPoint(((nx - 1) / 2, (ny - 1) / 2, float(k)))
                for k in range(nz))
     return np.floor([image.TransformPhysicalPointToContinuousIndex(p)[axis] + 0.5 for p in centres]).astype(int)
+
+
+def slice_runs(planes: np.ndarray, layers: np.ndarray | None) -> list[np.ndarray]:
+    """`planes` (indices along the model grid's last axis) in runs copied from one acquired slice each (`layers`:
+    acquired_slices; None: every plane its own)."""
+    if layers is None:
+        return np.split(planes, np.arange(1, len(planes)))
+    return np.split(planes, np.flatnonzero(np.diff(layers[planes]) != 0) + 1)
